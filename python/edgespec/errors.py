@@ -1,0 +1,21 @@
+"""Exceptions raised by edgespec. Every message names what was wrong and what was expected."""
+
+
+class EdgespecError(Exception):
+    """Base class for errors raised by edgespec."""
+
+
+class ModelFormatError(EdgespecError, ValueError):
+    """A checkpoint, config or tokenizer file is malformed or unsupported."""
+
+
+class ContextLengthError(EdgespecError, ValueError):
+    """A prompt (plus requested tokens) does not fit in the model's context."""
+
+
+class KernelError(EdgespecError, RuntimeError):
+    """A CUDA kernel rejected its inputs or failed on the device."""
+
+
+class DemoModelError(EdgespecError, RuntimeError):
+    """The demo model could not be fetched or verified."""

@@ -1,0 +1,57 @@
+"""Linear layers: one call interface for dense and quantized weights.
+
+Every projection in a model is a `Linear`-like object with `out_features`, `in_features` and
+`__call__(x)`. Dense weights live here; quantized variants (W4A16) implement the same
+interface in `edgespec.quant`, so the decoder never knows which one it holds.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias. x: [..., K]; weight: [N, K]; bias: [N] or None. Returns [..., N]."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x has {x.shape[-1]} input features but weight is {tuple(weight.shape)}")
+    return F.linear(x, weight, bias)
+
+
+class DenseLinear:
+    """A dense projection. weight: [N, K]; bias: [N] or None (same dtype/device as weight)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"DenseLinear: weight must be 2-D [N, K], got {tuple(weight.shape)}")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"DenseLinear: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+        self.weight = weight
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DenseLinear":
+        bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+        return DenseLinear(self.weight.to(device=device, dtype=dtype), bias)
+
+    @staticmethod
+    def fuse(parts: list["DenseLinear"]) -> "DenseLinear":
+        """Concatenate projections that read the same input (q|k|v, gate|up) into one."""
+        weight = torch.cat([p.weight for p in parts], dim=0)
+        biases = [p.bias for p in parts]
+        if all(b is None for b in biases):
+            bias = None
+        else:
+            bias = torch.cat([b if b is not None else torch.zeros(p.out_features, dtype=weight.dtype,
+                                                                   device=weight.device)
+                              for p, b in zip(parts, biases)])
+        return DenseLinear(weight, bias)
