@@ -55,3 +55,30 @@ class DenseLinear:
                                                                    device=weight.device)
                               for p, b in zip(parts, biases)])
         return DenseLinear(weight, bias)
+
+
+class ConcatLinear:
+    """Projections that read the same input but cannot be fused into one weight (mixed types):
+    called one by one, outputs concatenated along the last dim."""
+
+    def __init__(self, parts: list) -> None:
+        if len({p.in_features for p in parts}) != 1:
+            raise ValueError("ConcatLinear: parts must share in_features")
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def fuse_linears(parts: list):
+    """One projection computing [p(x) for p in parts] concatenated (q|k|v, gate|up).
+
+    Same-type parts fuse through their class's `fuse` (one GEMM instead of several); mixed types
+    fall back to ConcatLinear.
+    """
+    kind = type(parts[0])
+    if all(type(p) is kind for p in parts) and hasattr(kind, "fuse"):
+        return kind.fuse(parts)
+    return ConcatLinear(parts)

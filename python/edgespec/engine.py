@@ -1,0 +1,239 @@
+"""The engine: a loaded model, its tokenizer, one KV cache, and the one generate loop."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .errors import ContextLengthError
+from .generation import DecodingStrategy, GenerationConfig, PlainDecoding
+from .kv_cache import KVCache
+from .loading import IncrementalDetokenizer, LoadedModel, Tokenizer, load_model
+from .models.decoder import Decoder
+
+Prompt = str | Sequence[int] | Sequence[dict[str, str]]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0  # target forward passes after the prefill
+    extra: dict[str, Any] = field(default_factory=dict)  # strategy statistics (speculation, sparsity)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first new token comes out of the prefill; decode speed counts the ones after it.
+        n = self.new_tokens - 1
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+             "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4), "steps": self.steps}
+        d.update(self.extra)
+        return d
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    stats: GenerationStats
+
+
+@dataclass
+class StreamEvent:
+    """A piece of streamed output. The last event of a stream carries the whole `result`."""
+
+    text: str
+    token_ids: list[int]
+    result: GenerationResult | None = None
+
+
+StrategyFactory = Callable[[Decoder, KVCache], DecodingStrategy]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LLM:
+    """Generate text with one model. Not thread-safe by itself: one generation at a time
+    (a lock enforces it); the server queues requests in front of it."""
+
+    def __init__(self, loaded: LoadedModel, strategy: StrategyFactory | None = None, cache_slack: int = 0) -> None:
+        self.model: Decoder = loaded.model
+        self.tokenizer: Tokenizer | None = loaded.tokenizer
+        self.name = loaded.name
+        self._strategy_factory: StrategyFactory = strategy or PlainDecoding
+        # Speculative strategies write tree tokens past the committed length: keep room for them.
+        self.cache = self.model.new_cache(self.model.max_context + cache_slack)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model: str, device: str | None = None, dtype: torch.dtype | None = None,
+             max_context: int | None = None, progress: bool = False) -> "LLM":
+        """Load a model directory, GGUF file or 'demo' (see edgespec.loading.load_model)."""
+        return cls(load_model(model, device=device, dtype=dtype, max_context=max_context, progress=progress))
+
+    @property
+    def max_context(self) -> int:
+        return self.model.max_context
+
+    def set_strategy(self, strategy: StrategyFactory, cache_slack: int = 0) -> None:
+        """Switch the decoding strategy (e.g. speculative decoding with a draft)."""
+        with self._lock:
+            self._strategy_factory = strategy
+            if self.cache.max_len < self.model.max_context + cache_slack:
+                self.cache = self.model.new_cache(self.model.max_context + cache_slack)
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text (with the chat template when chat=True), chat messages
+        ([{"role", "content"}], always templated) or ids (validated against the vocabulary)."""
+        if isinstance(prompt, str):
+            tok = self._need_tokenizer()
+            if chat:
+                return tok.apply_chat_template([{"role": "user", "content": prompt}])
+            return tok.encode(prompt)
+        items = list(prompt)
+        if items and all(isinstance(m, dict) for m in items):
+            return self._need_tokenizer().apply_chat_template(items)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
+        vocab = self.model.config.vocab_size
+        bad = [i for i in items if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}")
+        return items
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model was loaded without a tokenizer: pass token ids")
+        return self.tokenizer
+
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, chat: bool = False,
+                 **settings: Any) -> GenerationResult:
+        """Generate a completion. settings are GenerationConfig fields (max_new_tokens, temperature, ...)."""
+        result = None
+        for event in self.stream(prompt, config, chat=chat, **settings):
+            result = event.result or result
+        assert result is not None
+        return result
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, chat: bool = False,
+               **settings: Any) -> Iterator[StreamEvent]:
+        """Like generate, but yields text as it is produced; the last event carries the result.
+        Closing the iterator early cancels the generation."""
+        config = (config or GenerationConfig(**settings)).validate()
+        prompt_ids = self.encode(prompt, chat=chat)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if len(prompt_ids) >= self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_context} "
+                f"(at least one position must remain for a new token)")
+        budget = min(config.max_new_tokens, self.max_context - len(prompt_ids))
+        with self._lock:
+            yield from self._run(prompt_ids, config, budget)
+
+    def _run(self, prompt_ids: list[int], config: GenerationConfig, budget: int) -> Iterator[StreamEvent]:
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        stop_ids = set(config.stop_token_ids)
+        if not config.ignore_eos and self.tokenizer is not None:
+            stop_ids |= self.tokenizer.stop_token_ids
+        stop_ids |= set() if config.ignore_eos else set(self.model.config.eos_token_ids)
+        text_out = _TextStopper(self.tokenizer, config.stop)
+        generated: list[int] = []
+        finish = "length"
+        if budget == 0:
+            yield StreamEvent("", [], GenerationResult("", [], finish, stats))
+            return
+        device = self.model.device
+        self.cache.length = 0
+        strategy = self._strategy_factory(self.model, self.cache)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            tokens = strategy.begin(prompt_ids, config, budget)
+            _synchronize(device)
+            stats.prefill_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            while True:
+                accepted: list[int] = []
+                for tok in tokens:
+                    if tok in stop_ids:
+                        finish = "stop"
+                        break
+                    accepted.append(tok)
+                    if len(generated) + len(accepted) >= budget:
+                        break
+                generated.extend(accepted)
+                delta, stopped = text_out.add(accepted)
+                if stopped:
+                    finish = "stop"
+                if delta or accepted:
+                    yield StreamEvent(delta, accepted)
+                if finish == "stop" or stopped or len(generated) >= budget:
+                    break
+                tokens = strategy.step()
+                stats.steps += 1
+            _synchronize(device)
+            stats.decode_s = time.perf_counter() - t0
+        tail = text_out.flush()
+        if tail:
+            yield StreamEvent(tail, [])
+        stats.new_tokens = len(generated)
+        stats.extra.update(getattr(strategy, "stats", lambda: {})())
+        yield StreamEvent("", [], GenerationResult(text_out.text, generated, finish, stats))
+
+
+class _TextStopper:
+    """Detokenises incrementally and applies stop strings: text that might be the start of a stop
+    string is held back until it is known not to be one."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.stop = list(stop)
+        self.full = ""      # all decoded text
+        self.emitted = 0    # characters of `full` already handed out
+        self.text = ""      # the final text (set by flush)
+
+    def add(self, ids: list[int]) -> tuple[str, bool]:
+        if self.detok is None:
+            return "", False
+        self.full += self.detok.add(ids)
+        for s in self.stop:
+            idx = self.full.find(s, max(0, self.emitted - len(s) + 1))
+            if idx != -1:
+                self.full = self.full[:idx]
+                return self._emit(len(self.full)), True
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.full)), 0, -1):
+                if self.full.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return self._emit(len(self.full) - hold), False
+
+    def flush(self) -> str:
+        """Release held-back text at the end of a generation that did not hit a stop string."""
+        self.text = self.full
+        return self._emit(len(self.full))
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta = self.full[self.emitted:upto]
+        self.emitted = upto
+        return delta

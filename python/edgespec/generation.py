@@ -1,0 +1,132 @@
+"""Generation settings and the plain (one token per target forward) decoding strategy.
+
+A decoding strategy turns a prompt into committed tokens: `begin(prompt_ids)` runs the prefill
+and returns the first token(s); each `step()` returns the next committed tokens (one for plain
+decoding, several for speculative decoding). The engine owns everything else (stop conditions,
+detokenisation, streaming, statistics), so there is one generate loop for every strategy.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from . import ops
+from .kv_cache import KVCache
+from .models.decoder import Decoder
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate. temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+    def validate(self) -> "GenerationConfig":
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        ops.validate_sampling(self.temperature, self.top_k, self.top_p)
+        if self.prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Sampler:
+    """Picks the next token from logits with the configured transform and a seeded generator."""
+
+    config: GenerationConfig
+    device: torch.device
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        seed = self.config.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(seed))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, V] logits -> [T, V] sampling distribution (only for temperature > 0)."""
+        c = self.config
+        return ops.logits_to_probs(logits, c.temperature, c.top_k, c.top_p)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, V] logits -> [T] int64 tokens."""
+        if self.config.greedy:
+            return ops.argmax(logits)
+        return ops.sample(self.probs(logits), self.generator)
+
+
+class DecodingStrategy(Protocol):
+    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]: ...
+
+    def step(self) -> list[int]: ...
+
+
+def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
+            capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """Run the prompt through the model in chunks of `chunk` tokens, filling cache slots [0, P).
+
+    ids: [P] int64 on the model's device. Returns the final hidden state of the last prompt token
+    [1, H] and, per captured layer, the list of per-chunk [chunk, H] streams (for draft heads).
+    """
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
+    hidden = None
+    for s in range(0, ids.numel(), chunk):
+        part = ids[s:s + chunk]
+        positions = torch.arange(s, s + part.numel(), device=ids.device)
+        out = model.forward(part, positions, cache, s, capture=capture)
+        for i in capture:
+            captured[i].append(out.captured[i])
+        hidden = out.hidden
+    cache.length = ids.numel()
+    return hidden[-1:], captured
+
+
+class PlainDecoding:
+    """One target forward per token: the baseline every speculative strategy must match."""
+
+    def __init__(self, model: Decoder, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampler: Sampler | None = None
+        self._last: int | None = None
+
+    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
+        self.sampler = Sampler(config, self.model.device)
+        ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.model.device)
+        hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk)
+        token = int(self.sampler(self.model.logits(hidden))[0])
+        self._last = token
+        return [token]
+
+    def step(self) -> list[int]:
+        pos = self.cache.length
+        dev = self.model.device
+        out = self.model.forward(torch.tensor([self._last], device=dev), torch.tensor([pos], device=dev),
+                                 self.cache, pos)
+        self.cache.length = pos + 1
+        token = int(self.sampler(self.model.logits(out.hidden))[0])
+        self._last = token
+        return [token]

@@ -1,0 +1,49 @@
+"""Preallocated KV cache for one sequence (batch 1, the latency case)."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions, allocated once.
+
+    k, v: [num_layers, max_len, num_kv_heads, head_dim]. Slot s of layer l holds the K/V of the
+    token written at slot s; `length` counts the committed slots [0, length). Speculative
+    verification writes tree tokens after `length` and `compact` keeps the accepted ones.
+    """
+
+    def __init__(self, num_layers: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (num_layers, max_len, num_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v: [T, Hkv, D] at slots [start, start + T) of `layer`."""
+        end = start + k.shape[0]
+        if end > self.max_len:
+            raise IndexError(f"KV cache overflow: writing slots [{start}, {end}) of a cache of {self.max_len}")
+        self.k[layer, start:end] = k
+        self.v[layer, start:end] = v
+
+    def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of slots [0, end) of `layer`: two [end, Hkv, D] views (no copy)."""
+        return self.k[layer, :end], self.v[layer, :end]
+
+    def compact(self, src_slots: torch.Tensor, dst_start: int) -> None:
+        """Move the K/V at `src_slots` ([n] int64, increasing) to slots [dst_start, dst_start + n) of
+        every layer: keeps the accepted path of a verified tree contiguous after the prefix."""
+        n = src_slots.numel()
+        if n == 0:
+            return
+        dst = torch.arange(dst_start, dst_start + n, device=src_slots.device)
+        if torch.equal(src_slots, dst):
+            return
+        # index_select copies before the write, so overlapping source/destination ranges are safe.
+        self.k[:, dst_start:dst_start + n] = self.k.index_select(1, src_slots)
+        self.v[:, dst_start:dst_start + n] = self.v.index_select(1, src_slots)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

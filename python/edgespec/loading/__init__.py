@@ -1,0 +1,97 @@
+"""Model loading: Hugging Face directories, GGUF files and the `demo` model, onto any device."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ContextLengthError, ModelFormatError
+from ..models.config import ModelConfig, config_from_hf
+from ..models.decoder import Decoder
+from .build import FFN_BUILDERS, build_decoder
+from .demo import demo_model_path
+from .gguf_file import GGUFSource
+from .hf_dir import HFDirectorySource, read_json
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+__all__ = ["FFN_BUILDERS", "GGUFSource", "HFDirectorySource", "IncrementalDetokenizer", "LoadedModel",
+           "Tokenizer", "build_decoder", "default_dtype", "load_model", "open_checkpoint", "resolve_device"]
+
+# Checkpoint kinds other issues add (GPTQ/AWQ directories, ...): detector(dir, config dict) -> source or None.
+SOURCE_DETECTORS: list[Any] = []
+
+
+@dataclass
+class LoadedModel:
+    model: Decoder
+    tokenizer: Tokenizer | None
+    name: str
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'cuda' when available and nothing was asked for, else 'cpu'; a clear error for an unusable request."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but torch sees no CUDA GPU (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported (use cpu or cuda)")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 halves the bytes streamed per token on GPU; CPUs without bf16 matmul units run fp32 faster.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def open_checkpoint(model: str | Path) -> tuple[Any, ModelConfig, str | Path, str | None]:
+    """(weight source, config, tokenizer directory, tokenizer gguf file) for a path or 'demo'."""
+    if str(model) == "demo":
+        model = demo_model_path()
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model {str(model)!r} not found: pass a model directory, a .gguf file or 'demo'")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelFormatError(f"{path}: a model file must be GGUF (.gguf); for Hugging Face models pass the directory")
+        src = GGUFSource(path)
+        return src, src.config, path.parent, path.name
+    cfg_dict = read_json(path / "config.json")
+    config = config_from_hf(cfg_dict, source=str(path / "config.json"))
+    for detect in SOURCE_DETECTORS:
+        src = detect(path, cfg_dict)
+        if src is not None:
+            return src, config, path, None
+    return HFDirectorySource(path), config, path, None
+
+
+def _generation_eos(path: Path) -> list[int]:
+    gen = path / "generation_config.json"
+    if not gen.exists():
+        return []
+    eos = read_json(gen).get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+
+
+def load_model(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               max_context: int | None = None, with_tokenizer: bool = True, progress: bool = False) -> LoadedModel:
+    """Load a model directory, GGUF file or 'demo' onto `device` (default: cuda if present, else cpu).
+
+    max_context: positions the KV cache holds (default: the config's max_position_embeddings).
+    """
+    dev = resolve_device(device)
+    source, config, tok_dir, tok_gguf = open_checkpoint(model)
+    context = int(max_context or config.max_position_embeddings)
+    if context <= 0:
+        raise ContextLengthError(f"max_context must be positive, got {context}")
+    decoder = build_decoder(config, source, dev, dtype or default_dtype(dev), context, progress=progress)
+    tokenizer = None
+    if with_tokenizer:
+        extra = list(config.eos_token_ids) + (_generation_eos(Path(tok_dir)) if tok_gguf is None else [])
+        tokenizer = Tokenizer.from_pretrained(tok_dir, gguf_file=tok_gguf, extra_stop_ids=extra)
+    return LoadedModel(decoder, tokenizer, str(model))

@@ -1,0 +1,81 @@
+"""Tokenizers and chat templates, through Hugging Face `transformers`/`tokenizers` (never hand-written)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import ModelFormatError
+
+
+class Tokenizer:
+    """Text <-> ids, the chat template and the stop tokens of one model."""
+
+    def __init__(self, hf: Any, stop_token_ids: Sequence[int], source: str) -> None:
+        self.hf = hf
+        self.source = source
+        ids = set(int(i) for i in stop_token_ids)
+        if hf.eos_token_id is not None:
+            ids.add(int(hf.eos_token_id))
+        self.stop_token_ids = frozenset(ids)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, gguf_file: str | None = None,
+                        extra_stop_ids: Sequence[int] = ()) -> "Tokenizer":
+        """Tokenizer of a model directory (tokenizer.json etc.) or of a GGUF file's metadata."""
+        from transformers import AutoTokenizer  # noqa: PLC0415 - heavy import, only when loading
+
+        source = str(Path(directory) / gguf_file) if gguf_file else str(directory)
+        # transformers logs a warning per GGUF field it ignores; they are not actionable here.
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            hf = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file, local_files_only=True)
+        except Exception as exc:  # transformers raises many types (OSError, ValueError, KeyError...)
+            raise ModelFormatError(f"{source}: cannot load a tokenizer ({type(exc).__name__}: {exc})") from None
+        return cls(hf, extra_stop_ids, source)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` ([{"role": ..., "content": ...}]) rendered with the model's template."""
+        if not self.has_chat_template:
+            raise ModelFormatError(f"{self.source}: the tokenizer has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be an object with string 'role' and 'content', got {m!r}")
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        # The template already contains the special tokens it needs.
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of ids into text deltas, correct across multi-byte characters and
+    tokenizers whose pieces depend on their neighbours, in O(new tokens) per call."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the window that is re-decoded for context
+        self._read = 0    # ids before this are already emitted as text
+
+    def add(self, new_ids: Sequence[int]) -> str:
+        self.ids.extend(int(i) for i in new_ids)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read])
+        after = decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""

@@ -1,0 +1,141 @@
+"""The one decoder: Llama, Qwen2, Qwen3 and MiniCPM/MiniCPM4, composed from ops (gpt-fast style).
+
+Architecture differences are data, not code paths: QKV bias (Qwen2), per-head QK RMSNorm (Qwen3),
+muP scalars (MiniCPM), RoPE scaling (Llama 3, LongRoPE, YaRN) and the FFN variant (gated MLP or a
+plug-in such as BlockFFN) all come from the ModelConfig and the weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .. import ops
+from ..kv_cache import KVCache
+from ..ops.rope import RopeTable, build_rope_table
+from .config import ModelConfig
+
+
+class Linear(Protocol):
+    """Anything with a projection's call interface (ops.DenseLinear or a quantized linear)."""
+
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class GatedMLP:
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one projection."""
+
+    def __init__(self, gate_up: Linear, down: Linear) -> None:
+        self.gate_up = gate_up
+        self.down = down
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H] -> [T, H]
+        return self.down(ops.silu_and_mul(self.gate_up(x)))
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor  # [H]
+    qkv: Linear              # H -> (Hq + 2 Hkv) * D
+    o: Linear                # Hq * D -> H
+    ffn_norm: torch.Tensor   # [H]
+    ffn: Callable[[torch.Tensor], torch.Tensor]
+    q_norm: torch.Tensor | None = None  # [D] (Qwen3)
+    k_norm: torch.Tensor | None = None  # [D] (Qwen3)
+
+
+@dataclass
+class ForwardOutput:
+    hidden: torch.Tensor  # [T, H] after the final norm
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, H] residual stream entering it
+
+
+class Decoder:
+    """A decoder-only transformer over a KVCache. Weights are plain tensors and Linear objects."""
+
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[Layer],
+                 final_norm: torch.Tensor, lm_head: Linear, max_context: int) -> None:
+        self.config = config
+        self.embed = embed            # [V, H]
+        self.layers = layers
+        self.final_norm = final_norm  # [H]
+        self.lm_head = lm_head        # H -> V
+        self.max_context = max_context
+        self.rope: RopeTable = build_rope_table(
+            config.head_dim, config.rope_theta, max_context, config.rope_scaling,
+            config.max_position_embeddings, device=embed.device)
+        self.attn_scale = config.head_dim ** -0.5
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_layers, max_len or self.max_context, cfg.num_kv_heads, cfg.head_dim,
+                       self.dtype, self.device)
+
+    def _attention(self, i: int, layer: Layer, h: torch.Tensor, positions: torch.Tensor,
+                   cache: KVCache, start: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.config
+        t = h.shape[0]
+        qkv = layer.qkv(h)  # [T, (Hq + 2 Hkv) * D]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(t, cfg.num_heads, cfg.head_dim)
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:
+            q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+            k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+        q, k = ops.apply_rope(q, k, positions, self.rope)
+        cache.write(i, start, k, v)
+        keys, values = cache.view(i, start + t)                                   # [S, Hkv, D]
+        out = ops.attention(q, keys, values, self.attn_scale, tree_mask)           # [T, Hq, D]
+        return layer.o(out.reshape(t, cfg.q_size))
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
+                tree_mask: torch.Tensor | None = None, capture: tuple[int, ...] = (),
+                check_ids: bool = False) -> ForwardOutput:
+        """Run T tokens through the model, writing their K/V at cache slots [start, start + T).
+
+        tokens: [T] int64; positions: [T] int64 RoPE positions (start + i for a chain; prefix length +
+        depth for tree tokens); tree_mask: None (causal) or packed int64 [T, ceil(T/64)];
+        capture: layer indices whose input residual stream to return (EAGLE-3 features; index
+        num_layers means the stream after the last layer, before the final norm).
+        Returns the final-normed hidden states [T, H] and the captured streams.
+        """
+        cfg = self.config
+        rs = cfg.residual_scale
+        captured: dict[int, torch.Tensor] = {}
+        residual = ops.embedding(tokens, self.embed, cfg.embedding_scale, check=check_ids)  # [T, H]
+        if 0 in capture:
+            captured[0] = residual
+        h = ops.rms_norm(residual, self.layers[0].attn_norm, cfg.rms_norm_eps)
+        for i, layer in enumerate(self.layers):
+            a = self._attention(i, layer, h, positions, cache, start, tree_mask)
+            if rs != 1.0:
+                a = a * rs
+            h, residual = ops.rms_norm(a, layer.ffn_norm, cfg.rms_norm_eps, residual=residual)
+            m = layer.ffn(h)
+            if rs != 1.0:
+                m = m * rs
+            last = i + 1 == len(self.layers)
+            next_norm = self.final_norm if last else self.layers[i + 1].attn_norm
+            h, residual = ops.rms_norm(m, next_norm, cfg.rms_norm_eps, residual=residual)
+            if i + 1 in capture:
+                captured[i + 1] = residual
+        return ForwardOutput(hidden=h, captured=captured)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head. hidden: [T, H] -> logits [T, V] fp32."""
+        if self.config.logit_scale != 1.0:
+            hidden = hidden * self.config.logit_scale
+        return self.lm_head(hidden).float()
