@@ -1,0 +1,49 @@
+"""Options shared by every subcommand that loads a model, and the loading they drive."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+from ..engine import LLM
+from ..generation import GenerationConfig
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Other features (speculative decoding, ...) add their options and an LLM configuration hook here:
+# (parser) -> None and (llm, args) -> None.
+MODEL_OPTION_HOOKS: list[Callable[[argparse.ArgumentParser], None]] = []
+LLM_SETUP_HOOKS: list[Callable[[LLM, argparse.Namespace], None]] = []
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a Hugging Face model directory, a .gguf file, or 'demo' (SmolLM2-135M-Instruct, fetched on first use)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's maximum)")
+    for hook in MODEL_OPTION_HOOKS:
+        hook(p)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop)).validate()
+
+
+def load_llm(args: argparse.Namespace) -> LLM:
+    device = None if args.device == "auto" else args.device
+    llm = LLM.load(args.model, device=device, dtype=DTYPES[args.dtype], max_context=args.max_context, progress=True)
+    for hook in LLM_SETUP_HOOKS:
+        hook(llm, args)
+    return llm
