@@ -1,5 +1,6 @@
 #include "common/checks.h"
 
+#include <algorithm>
 #include <string>
 
 namespace edgespec {
@@ -87,6 +88,25 @@ Status check_rows_contiguous(const TensorView& v, const char* name) {
     if (v.strides[i] < 0) {
       return Status::invalid(std::string(name) + ": negative stride in " + describe(v));
     }
+  }
+  return Status::success();
+}
+
+Status check_no_self_overlap(const TensorView& v, const char* name) {
+  int dims[kMaxRank];
+  int n = 0;
+  for (int i = 0; i < v.rank; ++i) {
+    if (v.shape[i] > 1) dims[n++] = i;
+  }
+  std::sort(dims, dims + n, [&](int a, int b) { return v.strides[a] < v.strides[b]; });
+  std::int64_t span = 0;  // largest offset reachable with the dims examined so far
+  for (int i = 0; i < n; ++i) {
+    const std::int64_t stride = v.strides[dims[i]];
+    if (stride <= span) {
+      return Status::invalid(std::string(name) + ": elements overlap in memory (" + describe(v) +
+                             "); outputs need distinct addresses");
+    }
+    span += (v.shape[dims[i]] - 1) * stride;
   }
   return Status::success();
 }

@@ -28,6 +28,9 @@ Status check_same_shape(const TensorView& v, const char* name, const TensorView&
 // The last dimension has stride 1 (rows of a kernel are read with contiguous, vector loads) and
 // every other stride is non-negative, so no two rows alias when the kernel writes.
 Status check_rows_contiguous(const TensorView& v, const char* name);
+// For outputs: no two elements share an address (otherwise threads race on them). Sufficient
+// test: with dims sorted by stride, each stride exceeds the span of the dims below it.
+Status check_no_self_overlap(const TensorView& v, const char* name);
 // Fully packed, row-major.
 Status check_contiguous(const TensorView& v, const char* name);
 // An output does not overlap an input (out-of-place kernels read inputs after writing outputs).

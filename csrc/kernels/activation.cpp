@@ -23,6 +23,7 @@ Status check_silu_and_mul(const SiluAndMulArgs& a) {
   EDGESPEC_RETURN_IF_ERROR(check_fits(width / 2, std::numeric_limits<int>::max(), "silu_and_mul: I"));
   EDGESPEC_RETURN_IF_ERROR(check_view(a.out, "out", 2));
   EDGESPEC_RETURN_IF_ERROR(check_rows_contiguous(a.out, "out"));
+  EDGESPEC_RETURN_IF_ERROR(check_no_self_overlap(a.out, "out"));
   EDGESPEC_RETURN_IF_ERROR(check_dtype(a.out, "out", x.dtype, "the dtype of x"));
   EDGESPEC_RETURN_IF_ERROR(check_size(a.out, "out", 0, x.size(0), "the rows of x"));
   EDGESPEC_RETURN_IF_ERROR(check_size(a.out, "out", 1, width / 2, "half the last dim of x"));

@@ -30,6 +30,7 @@ Status check_rms_norm(const RmsNormArgs& a) {
 
   EDGESPEC_RETURN_IF_ERROR(check_view(a.out, "out", 2));
   EDGESPEC_RETURN_IF_ERROR(check_rows_contiguous(a.out, "out"));
+  EDGESPEC_RETURN_IF_ERROR(check_no_self_overlap(a.out, "out"));
   EDGESPEC_RETURN_IF_ERROR(check_dtype(a.out, "out", x.dtype, "the dtype of x"));
   EDGESPEC_RETURN_IF_ERROR(check_same_shape(a.out, "out", x, "x"));
   EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", a.out, "out"));
@@ -49,6 +50,7 @@ Status check_rms_norm(const RmsNormArgs& a) {
     EDGESPEC_RETURN_IF_ERROR(check_same_shape(*view, name, x, "x"));
     EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *view, name));
   }
+  EDGESPEC_RETURN_IF_ERROR(check_no_self_overlap(*a.residual_out, "residual_out"));
   for (int i = 0; i < 3; ++i) {
     EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.residual_out, "residual_out", *ins[i], in_names[i]));
   }

@@ -62,6 +62,7 @@ Status check_rope(const RopeArgs& a) {
   const TensorView* ins[] = {&a.q, &a.k, &a.positions, &a.cos, &a.sin};
   const char* in_names[] = {"q", "k", "positions", "cos", "sin"};
   for (int o = 0; o < 2; ++o) {
+    EDGESPEC_RETURN_IF_ERROR(check_no_self_overlap(*outs[o], out_names[o]));
     for (int i = 0; i < 5; ++i) {
       EDGESPEC_RETURN_IF_ERROR(check_disjoint(*outs[o], out_names[o], *ins[i], in_names[i]));
     }
