@@ -1,0 +1,101 @@
+"""Shared benchmark plumbing: device description, timing, and the bench/results JSON format (STYLE.md).
+
+Import from a script in bench/python/ as `from benchlib import ...` (scripts put their own folder on
+sys.path when run directly).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name(device: torch.device | str) -> str:
+    """Human-readable device: the GPU's name, or 'CPU: <model> (<n> threads)'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_cpu(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of `repeats` calls after `warmup` calls (CPU, or GPU work that syncs itself)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
+    """Seconds per call measured with CUDA events, one pair per repeat, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def write_result(benchmark: str, device: torch.device | str, rows: list[dict[str, Any]], notes: str,
+                 **extra: Any) -> Path:
+    """Write bench/results/<benchmark>-<device-slug>.json in the STYLE.md format and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        if "baseline_ms" in row and "ours_ms" in row and row["ours_ms"]:
+            row.setdefault("speedup", round(row["baseline_ms"] / row["ours_ms"], 3))
+    doc = {"benchmark": benchmark, "device": device_name(device), "commit": git_commit(),
+           "date": datetime.date.today().isoformat(), "torch": torch.__version__, "notes": notes,
+           **extra, "rows": rows}
+    path = RESULTS_DIR / f"{benchmark}-{device_slug(device)}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
