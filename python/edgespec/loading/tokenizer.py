@@ -1,7 +1,10 @@
 """Tokenizers and chat templates, through Hugging Face `transformers`/`tokenizers` (never hand-written)."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,8 +31,14 @@ class Tokenizer:
         source = str(Path(directory) / gguf_file) if gguf_file else str(directory)
         # transformers logs a warning per GGUF field it ignores; they are not actionable here.
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        cached = _converted_cache(Path(source)) if gguf_file else None
         try:
-            hf = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file, local_files_only=True)
+            if cached is not None and (cached / "tokenizer_config.json").exists():
+                hf = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+            else:
+                hf = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file, local_files_only=True)
+                if cached is not None:
+                    _save_quietly(hf, cached)
         except Exception as exc:  # transformers raises many types (OSError, ValueError, KeyError...)
             raise ModelFormatError(f"{source}: cannot load a tokenizer ({type(exc).__name__}: {exc})") from None
         return cls(hf, extra_stop_ids, source)
@@ -58,6 +67,29 @@ class Tokenizer:
         text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         # The template already contains the special tokens it needs.
         return self.encode(text, add_special_tokens=False)
+
+
+def _converted_cache(gguf_path: Path) -> Path | None:
+    """Where the tokenizer converted from a GGUF file is kept: converting takes seconds, loading the
+    saved tokenizer.json a fraction of that. Keyed by the file's path, size and mtime."""
+    from .demo import cache_dir  # noqa: PLC0415
+
+    try:
+        st = gguf_path.stat()
+    except OSError:
+        return None
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    return cache_dir() / "tokenizers" / key
+
+
+def _save_quietly(hf: Any, directory: Path) -> None:
+    # The cache is an optimisation: a read-only or full disk must not stop the model from loading.
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    try:
+        hf.save_pretrained(str(tmp))
+        tmp.replace(directory)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class IncrementalDetokenizer:
