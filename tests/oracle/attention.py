@@ -81,6 +81,35 @@ def tree_visibility(parents: list[int]) -> torch.Tensor:
     return dense
 
 
+def tree_dense_visibility(tree: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """bool [T, S] from a tree's own bool [T, T] visibility (ancestors and self): every tree
+    token also sees the whole committed prefix [0, S - T)."""
+    t = tree.shape[0]
+    if tree.shape != (t, t) or seqlen < t:
+        raise ValueError(f"tree_dense_visibility: need a square [T, T] tree and S >= T, got "
+                         f"{tuple(tree.shape)} and S={seqlen}")
+    vis = torch.ones(t, seqlen, dtype=torch.bool)
+    vis[:, seqlen - t:] = tree.bool().cpu()
+    return vis
+
+
+def block_visibility(selected_blocks: list[list[int]], seqlen: int, block_size: int = 64,
+                     causal: bool = True) -> torch.Tensor:
+    """bool [T, S] for block-sparse attention (InfLLM-v2): new token i sees the slots of the key
+    blocks selected for it (block b = slots [b * block_size, (b + 1) * block_size)), e.g. top-k
+    blocks + sink + local window; with `causal`, never a slot after its own position.
+
+    For selections made per KV head, stack one matrix per head into [Hkv, T, S] and pass it as
+    attention_ref's dense_visibility.
+    """
+    t = len(selected_blocks)
+    vis = torch.zeros(t, seqlen, dtype=torch.bool)
+    for i, blocks in enumerate(selected_blocks):
+        for b in blocks:
+            vis[i, b * block_size:(b + 1) * block_size] = True
+    return vis & visibility(t, seqlen) if causal else vis
+
+
 def visibility(num_tokens: int, seqlen: int, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     """bool [T, S]: which cache slots each new token attends to."""
     prefix = seqlen - num_tokens
@@ -94,13 +123,15 @@ def visibility(num_tokens: int, seqlen: int, tree_mask: torch.Tensor | None = No
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  tree_mask: torch.Tensor | None = None, dense_visibility: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  tree_mask: torch.Tensor | None = None, dense_visibility: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Softmax attention in fp32, one query head at a time (bounded memory for T, S ~ 4K).
 
     q: [T, Hq, D]; k, v: [S, Hkv, D] (any float dtype, any device); tree_mask: packed int64
-    [T, ceil(T/64)] or None; dense_visibility: bool [T, S] overriding both (when the caller already
-    built it). Returns fp32 [T, Hq, D] on q's device. A row that sees no slot is NaN, like softmax
+    [T, ceil(T/64)] or None; dense_visibility: bool [T, S], or [Hkv, T, S] for a per-KV-head
+    (block-sparse) selection, overriding both (when the caller already built it).
+    dtype: the precision of every step (float64 for a tighter reference).
+    Returns [T, Hq, D] in `dtype` on q's device. A row that sees no slot is NaN, like softmax
     over an empty set.
     """
     t, hq, d = q.shape
@@ -108,12 +139,14 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     group = hq // hkv
     vis = dense_visibility if dense_visibility is not None else visibility(t, s, tree_mask)
     vis = vis.to(q.device)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    out = torch.empty(t, hq, d, dtype=torch.float32, device=q.device)
+    if vis.dim() == 2:
+        vis = vis.expand(hkv, t, s)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = torch.empty(t, hq, d, dtype=dtype, device=q.device)
     for h in range(hq):
         kv = h // group
         scores = (qf[:, h, :] @ kf[:, kv, :].T) * scale                  # [T, S]
-        scores = scores.masked_fill(~vis, float("-inf"))
+        scores = scores.masked_fill(~vis[kv], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[:, h, :] = probs @ vf[:, kv, :]                                # [T, D]
     return out
