@@ -52,9 +52,11 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tenso
     return torch.where(medium, smoothed, scaled)
 
 
-def _yarn(dim: int, theta: float, cfg: dict[str, Any], max_positions: int) -> tuple[torch.Tensor, float]:
+def _yarn(dim: int, theta: float, cfg: dict[str, Any], model_max_positions: int) -> tuple[torch.Tensor, float]:
     factor = float(cfg["factor"])
-    orig = int(cfg.get("original_max_position_embeddings") or max_positions)
+    # Without an explicit pretraining length the model's own max_position_embeddings is it (as in
+    # transformers), never the engine's context: the ramp must not move with --max-context.
+    orig = int(cfg.get("original_max_position_embeddings") or model_max_positions)
     beta_fast = float(cfg.get("beta_fast") or 32.0)
     beta_slow = float(cfg.get("beta_slow") or 1.0)
 
@@ -69,8 +71,10 @@ def _yarn(dim: int, theta: float, cfg: dict[str, Any], max_positions: int) -> tu
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if cfg.get("truncate", True):  # gpt-oss style configs disable the integer rounding
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
@@ -92,7 +96,8 @@ def _longrope(dim: int, theta: float, cfg: dict[str, Any], max_positions: int,
     inv_freq = _default_inv_freq(dim, theta) / factors
     attn = cfg.get("attention_factor")
     if attn is None:
-        scale = model_max_positions / orig
+        # An explicit `factor` wins over the length ratio, as in transformers.
+        scale = float(cfg.get("factor") or model_max_positions / orig)
         attn = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(orig))
     return inv_freq, float(attn)
 
@@ -129,7 +134,7 @@ def build_rope_table(
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(_default_inv_freq(rotary_dim, theta), scaling)
     elif kind == "yarn":
-        inv_freq, attn = _yarn(rotary_dim, theta, scaling, max_positions)
+        inv_freq, attn = _yarn(rotary_dim, theta, scaling, model_max_positions or max_positions)
     elif kind == "longrope":
         inv_freq, attn = _longrope(rotary_dim, theta, scaling, max_positions,
                                    model_max_positions or max_positions)
