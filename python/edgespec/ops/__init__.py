@@ -8,12 +8,14 @@ from .attention import attention, pack_tree_mask, tree_mask_words, unpack_tree_m
 from .backend import compiled_module, requested_backend, use_kernel
 from .embedding import embedding
 from .linear import ConcatLinear, DenseLinear, fuse_linears, linear
+from .moe import blockffn, blockffn_experts, blockffn_router
 from .norm import rms_norm
 from .rope import RopeTable, apply_rope, build_rope_table
 from .sampling import argmax, logits_to_probs, sample, validate_sampling
 
 __all__ = [
-    "ConcatLinear", "DenseLinear", "RopeTable", "fuse_linears", "apply_rope", "argmax", "attention", "build_rope_table",
+    "ConcatLinear", "DenseLinear", "RopeTable", "fuse_linears", "apply_rope", "argmax", "attention", "blockffn",
+    "blockffn_experts", "blockffn_router", "build_rope_table",
     "compiled_module", "embedding", "linear", "logits_to_probs", "pack_tree_mask", "requested_backend",
     "rms_norm", "sample", "silu_and_mul", "tree_mask_words", "unpack_tree_mask", "use_kernel",
     "validate_sampling",

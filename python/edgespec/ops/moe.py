@@ -1,0 +1,133 @@
+"""BlockFFN chunk-sparse mixture of experts: router and experts over the union of active experts.
+
+The layer (BlockFFN, arXiv:2507.08771), for the T tokens of one step:
+
+    w = RMSNorm_E(relu(x @ Wr.T)) * g       router weights [T, E]; no top-k, so any number of
+                                            experts can be active per token (w != 0)
+    y = sum_e w[:, e] * down_e(silu(up_e(x)))
+
+An expert is *active in the step* when at least one of the T tokens gives it a non-zero weight.
+Only those experts' up and down projections are read; inside them, a token that does not use the
+expert contributes zero through its zero weight. A speculative tree is one step, so trees cost the
+union of their tokens' experts, which is what BlockFFN's chunk-sparsity training makes small.
+
+Weight layout (the released "block_linear" checkpoints' layout, see models/blockffn.py):
+up [E * d, H] with expert e in rows [e*d, (e+1)*d); down [H, E * d] with expert e in columns
+[e*d, (e+1)*d). Both keep each weight row's reduction axis contiguous, which is what the torch
+path's slices and the kernels' vector loads need.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .norm import rms_norm
+
+
+def check_blockffn_weights(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor,
+                           up: torch.Tensor, down: torch.Tensor) -> tuple[int, int]:
+    """Validate the shapes of a BlockFFN call; returns (num_experts, expert_size)."""
+    if x.dim() != 2:
+        raise ValueError(f"blockffn: x must be 2-D [T, H], got shape {tuple(x.shape)}")
+    h = x.shape[1]
+    if router_weight.dim() != 2 or router_weight.shape[1] != h:
+        raise ValueError(f"blockffn: router_weight must be [E, {h}], got {tuple(router_weight.shape)}")
+    e = router_weight.shape[0]
+    if norm_weight.shape != (e,):
+        raise ValueError(f"blockffn: router norm weight must be [{e}] (one per expert), got {tuple(norm_weight.shape)}")
+    if up.dim() != 2 or up.shape[1] != h or up.shape[0] % e or up.shape[0] == 0:
+        raise ValueError(f"blockffn: up must be [E * d, {h}] with E = {e}, got {tuple(up.shape)}")
+    d = up.shape[0] // e
+    if down.shape != (h, e * d):
+        raise ValueError(f"blockffn: down must be [{h}, {e * d}] (H, E * d), got {tuple(down.shape)}")
+    for name, t in (("router_weight", router_weight), ("up", up), ("down", down)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"blockffn: {name} is {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}")
+    return e, d
+
+
+def blockffn_router(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """Router weights w = RMSNorm(relu(x @ router_weight.T)) * norm_weight.
+
+    x: [T, H]; router_weight: [E, H] (x's dtype); norm_weight: [E].
+    Returns [T, E] in x's dtype. w[t, e] == 0 exactly when expert e is inactive for token t
+    (a token whose logits are all negative gets an all-zero row, not NaN).
+    """
+    if router_weight.dim() != 2 or x.shape[-1] != router_weight.shape[1]:
+        raise ValueError(f"blockffn_router: x {tuple(x.shape)} and router_weight {tuple(router_weight.shape)} "
+                         f"must share the hidden size")
+    return rms_norm(F.relu(F.linear(x, router_weight)), norm_weight, eps)
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted expert indices -> maximal [start, stop) runs of consecutive experts."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def blockffn_experts(x: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Torch path of the expert part: y = sum over the step's active experts of w * down(silu(up(x))).
+
+    x: [T, H]; weights: [T, E] router weights (x's dtype); up: [E * d, H]; down: [H, E * d].
+    Returns [T, H] in x's dtype.
+
+    The active experts are grouped into runs of consecutive indices and each run is two matmuls
+    over *views* of the weights: only the active experts' bytes are read and nothing is copied.
+    (Gathering the active experts into a new tensor first reads them three times, and was slower
+    on CPU whenever more than a few experts were active.) Listing the runs needs the active set on
+    the host: one synchronisation on GPU; the CUDA kernels avoid it.
+    """
+    t = x.shape[0]
+    e = weights.shape[1]
+    d = up.shape[0] // e
+    active = (weights != 0).any(dim=0)                                   # [E]
+    runs = _runs(active.nonzero().flatten().tolist())
+    if not runs:
+        return x.new_zeros(t, down.shape[0])
+    parts = []
+    for a, b in runs:
+        n = b - a
+        hidden = F.silu(F.linear(x, up[a * d:b * d]))                   # [T, n*d]
+        # Scale each expert's block by its token's router weight (zero for tokens not using it).
+        hidden = (hidden.view(t, n, d) * weights[:, a:b, None]).view(t, n * d)
+        parts.append(F.linear(hidden, down[:, a * d:b * d]))             # [T, H]
+    if len(parts) == 1:
+        return parts[0]
+    # Several runs: sum their partial products in fp32 so the result has one final rounding.
+    return torch.stack(parts).float().sum(0).to(x.dtype)
+
+
+def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+             up: torch.Tensor, down: torch.Tensor, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole BlockFFN layer for one step of T tokens.
+
+    x: [T, H] fp32/bf16/fp16 (the ffn-normed hidden states); router_weight: [E, H];
+    norm_weight: [E] (router RMSNorm); up: [E * d, H]; down: [H, E * d] (all in x's dtype/device).
+    counters: optional int64 [2] on x's device, accumulated in place without a host sync:
+      counters[0] += (token, expert) pairs with a non-zero router weight,
+      counters[1] += experts active for at least one of the T tokens.
+    Returns [T, H] in x's dtype.
+    """
+    check_blockffn_weights(x, router_weight, norm_weight, up, down)
+    if counters is not None and (counters.shape != (2,) or counters.dtype != torch.int64
+                                 or counters.device != x.device):
+        raise ValueError(f"blockffn: counters must be int64 [2] on {x.device}, got {counters.dtype} "
+                         f"{tuple(counters.shape)} on {counters.device}")
+    if backend.use_kernel(x, router_weight, norm_weight, up, down, counters):
+        from . import _kernels
+
+        if _kernels.supports_blockffn(x, router_weight, norm_weight, up, down):
+            return _kernels.blockffn(x, router_weight, norm_weight, eps, up, down, counters)
+    weights = blockffn_router(x, router_weight, norm_weight, eps)        # [T, E]
+    if counters is not None:
+        active = weights != 0
+        counters[0] += active.sum()
+        counters[1] += active.any(dim=0).sum()
+    return blockffn_experts(x, weights, up, down)
