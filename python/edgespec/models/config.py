@@ -104,6 +104,17 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
             f"{source}: model_type {model_type!r} (architectures {archs}) is not supported; "
             f"supported model types: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
     arch = SUPPORTED_MODEL_TYPES[model_type]
+    # FFN variants read their own fields. Imported here, not at the top: models.blockffn registers
+    # its builder in loading.build, which imports this module.
+    from .blockffn import ffn_settings_from_hf  # noqa: PLC0415
+
+    ffn = ffn_settings_from_hf(d, source)
+    if ffn is not None and "intermediate_size" not in d:
+        # BlockFFN configs need not carry it; the experts' total width is its natural value.
+        d = {**d, "intermediate_size": ffn["num_experts"] * ffn["expert_size"]}
+    if d.get("attention_type", "vanilla") != "vanilla":
+        raise ModelFormatError(f"{source}: attention_type {d['attention_type']!r} is not supported "
+                               f"(only 'vanilla' multi-head/grouped-query attention)")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                            "intermediate_size") if k not in d]
     if missing:
@@ -136,6 +147,7 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_eos_list(d.get("eos_token_id")),
         sparse_config=d.get("sparse_config"),
+        ffn=ffn,
         source=source,
     )
     if arch == "minicpm":
