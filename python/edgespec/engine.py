@@ -169,6 +169,7 @@ class LLM:
             tokens = strategy.begin(prompt_ids, config, budget)
             _synchronize(device)
             stats.prefill_s = time.perf_counter() - t0
+            self.model.reset_stats()  # model statistics (BlockFFN sparsity) describe the decode steps
             t0 = time.perf_counter()
             while True:
                 accepted: list[int] = []
@@ -195,6 +196,7 @@ class LLM:
         if tail:
             yield StreamEvent(tail, [])
         stats.new_tokens = len(generated)
+        stats.extra.update(self.model.stats())
         stats.extra.update(getattr(strategy, "stats", lambda: {})())
         yield StreamEvent("", [], GenerationResult(text_out.text, generated, finish, stats))
 

@@ -7,7 +7,7 @@ plug-in such as BlockFFN) all come from the ModelConfig and the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -133,6 +133,18 @@ class Decoder:
             if i + 1 in capture:
                 captured[i + 1] = residual
         return ForwardOutput(hidden=h, captured=captured)
+
+    def reset_stats(self) -> None:
+        """Zero the step statistics kept by FFN variants (BlockFFN's sparsity counters)."""
+        for layer in self.layers:
+            if hasattr(layer.ffn, "reset_stats"):
+                layer.ffn.reset_stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Step statistics of the FFN variants since reset_stats(), merged over the layers by the
+        variant's own `merge_stats` (BlockFFN: token- and chunk-level sparsity); {} for a plain MLP."""
+        parts = [layer.ffn for layer in self.layers if hasattr(layer.ffn, "merge_stats")]
+        return type(parts[0]).merge_stats(parts) if parts else {}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head. hidden: [T, H] -> logits [T, V] fp32."""
