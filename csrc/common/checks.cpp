@@ -1,6 +1,6 @@
 #include "common/checks.h"
 
-#include <algorithm>
+#include <utility>
 #include <string>
 
 namespace edgespec {
@@ -98,7 +98,10 @@ Status check_no_self_overlap(const TensorView& v, const char* name) {
   for (int i = 0; i < v.rank; ++i) {
     if (v.shape[i] > 1) dims[n++] = i;
   }
-  std::sort(dims, dims + n, [&](int a, int b) { return v.strides[a] < v.strides[b]; });
+  // Insertion sort by stride: at most kMaxRank entries.
+  for (int i = 1; i < n; ++i) {
+    for (int j = i; j > 0 && v.strides[dims[j]] < v.strides[dims[j - 1]]; --j) std::swap(dims[j], dims[j - 1]);
+  }
   std::int64_t span = 0;  // largest offset reachable with the dims examined so far
   for (int i = 0; i < n; ++i) {
     const std::int64_t stride = v.strides[dims[i]];

@@ -4,6 +4,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/vec.cuh"
 #include "kernels/activation.h"
 
@@ -40,11 +41,8 @@ Status launch_silu_and_mul(const SiluAndMulParams<T>& p, cudaStream_t stream) {
   // The up half starts I elements after the gate half, so I itself must keep 16-byte alignment.
   const bool vectorized = p.inter % kWide == 0 && p.x_row_stride % kWide == 0 &&
                           p.out_row_stride % kWide == 0 && is_aligned(p.x, 16) && is_aligned(p.out, 16);
-  const int vec = vectorized ? kWide : 1;
-  const std::int64_t chunks = (p.inter / vec + kThreads - 1) / kThreads;
-  EDGESPEC_RETURN_IF_ERROR(check_fits(p.rows, 0x7fffffff, "silu_and_mul: number of rows"));
-  EDGESPEC_RETURN_IF_ERROR(check_fits(chunks, 65535, "silu_and_mul: I / (256 * vector width)"));
-  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(chunks));
+  dim3 grid;
+  EDGESPEC_RETURN_IF_ERROR(row_chunk_grid(p.rows, p.inter / (vectorized ? kWide : 1), kThreads, "silu_and_mul", &grid));
 
   return EDGESPEC_BOOL_SWITCH(vectorized, kVectorized, [&] {
     constexpr int kVec = kVectorized ? kWide : 1;

@@ -6,6 +6,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 #include "kernels/norm.h"
@@ -103,7 +104,7 @@ Status launch_rms_norm(const RmsNormParams<T>& p, cudaStream_t stream) {
   const int rows_per_block = static_cast<int>(
       std::min<std::int64_t>(std::max(1, kTargetThreads / threads_per_row), p.rows));
   const std::int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
-  EDGESPEC_RETURN_IF_ERROR(check_fits(blocks, 0x7fffffff, "rms_norm: number of row blocks"));
+  EDGESPEC_RETURN_IF_ERROR(check_fits(blocks, kMaxGridX, "rms_norm: number of row blocks"));
   const dim3 block(threads_per_row, rows_per_block);
   const dim3 grid(static_cast<unsigned>(blocks));
 

@@ -4,6 +4,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/vec.cuh"
 #include "kernels/rope.h"
 
@@ -85,10 +86,8 @@ Status launch_rope(const RopeParams<T, PosT>& p, cudaStream_t stream) {
   const int vec = vectorized ? kVecWidth<T> : 1;
   const std::int64_t items_per_head = p.rotary_half / vec + (p.head_dim - 2 * p.rotary_half) / vec;
   const std::int64_t items = static_cast<std::int64_t>(p.heads_q + p.heads_k) * items_per_head;
-  const std::int64_t chunks = (items + kThreads - 1) / kThreads;
-  EDGESPEC_RETURN_IF_ERROR(check_fits(p.tokens, 0x7fffffff, "rope: number of tokens"));
-  EDGESPEC_RETURN_IF_ERROR(check_fits(chunks, 65535, "rope: (heads_q + heads_k) * head_dim / 128"));
-  const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>(chunks));
+  dim3 grid;
+  EDGESPEC_RETURN_IF_ERROR(row_chunk_grid(p.tokens, items, kThreads, "rope", &grid));
 
   return EDGESPEC_BOOL_SWITCH(vectorized, kVectorized, [&] {
     constexpr int kVec = kVectorized ? kVecWidth<T> : 1;

@@ -1,0 +1,196 @@
+// edgespec._C: the only pybind11 translation unit.
+//
+// Thin by design: convert Python integers/tuples into TensorViews, call the checked entry points,
+// and turn a non-OK Status into edgespec._C.KernelError (a RuntimeError; edgespec/ops/_kernels.py
+// re-raises it as edgespec.errors.KernelError) whose message names the op, every argument's
+// dtype/shape/strides/device and the reason. Nothing here touches the GPU at import time: cudart
+// is linked statically and initialises itself on the first runtime call, so `import edgespec._C`
+// works on a machine without a driver.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/status.h"
+#include "common/tensor_view.h"
+#include "kernels/activation.h"
+#include "kernels/embedding.h"
+#include "kernels/norm.h"
+#include "kernels/rope.h"
+#include "kernels/sampling.h"
+
+#ifndef EDGESPEC_CUDA_ARCHS
+#error "EDGESPEC_CUDA_ARCHS must be defined by the build (the list the kernels were compiled for)"
+#endif
+
+namespace py = pybind11;
+using namespace edgespec;
+
+namespace {
+
+class KernelFailure : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+using NamedView = std::pair<const char*, const TensorView*>;
+
+void raise_if_error(const char* op, const Status& status, std::initializer_list<NamedView> args) {
+  if (status.ok()) return;
+  std::string msg = std::string(op) + ": " + status.message() + " (arguments:";
+  for (const auto& [name, view] : args) {
+    if (view != nullptr) msg += std::string(" ") + name + "=" + describe(*view) + ";";
+  }
+  msg.back() = ')';
+  throw KernelFailure(msg);
+}
+
+TensorView make_view(std::uint64_t data, const std::vector<std::int64_t>& shape,
+                     const std::vector<std::int64_t>& strides, DType dtype, int device) {
+  if (shape.size() > static_cast<std::size_t>(kMaxRank)) {
+    throw py::value_error("TensorView: rank " + std::to_string(shape.size()) + " exceeds the maximum of " +
+                          std::to_string(kMaxRank));
+  }
+  if (strides.size() != shape.size()) {
+    throw py::value_error("TensorView: " + std::to_string(shape.size()) + " sizes but " +
+                          std::to_string(strides.size()) + " strides");
+  }
+  TensorView v;
+  v.data = data;
+  v.rank = static_cast<int>(shape.size());
+  for (int i = 0; i < v.rank; ++i) {
+    v.shape[i] = shape[i];
+    v.strides[i] = strides[i];
+  }
+  v.dtype = dtype;
+  v.device = device;
+  return v;
+}
+
+cudaStream_t as_stream(std::uint64_t handle) {
+  return reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(handle));
+}
+
+const TensorView* opt(const std::optional<TensorView>& v) { return v ? &*v : nullptr; }
+
+py::list split_list(const std::string& text) {
+  py::list items;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t end = std::min(text.find(';', start), text.size());
+    if (end > start) items.append(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return items;
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["cuda"] = true;
+  info["architectures"] = split_list(EDGESPEC_CUDA_ARCHS);
+  py::list dtypes;
+  for (DType d : kCompiledFloatDtypes) dtypes.append(dtype_name(d));
+  info["dtypes"] = dtypes;
+  // Head dims of head-dim-specialised kernel instances (attention); no such family is built yet.
+  info["head_dims"] = py::list();
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+#ifdef EDGESPEC_HAS_SM90
+  info["sm90_kernels"] = true;
+#else
+  info["sm90_kernels"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "edgespec CUDA kernels. Call them through edgespec.ops, which validates and falls back.";
+  m.attr("HAS_CUDA") = true;
+  m.attr("MAX_RANK") = kMaxRank;
+  py::register_exception<KernelFailure>(m, "KernelError", PyExc_RuntimeError);
+
+  py::enum_<DType>(m, "DType")
+      .value("fp32", DType::kFloat32)
+      .value("fp16", DType::kFloat16)
+      .value("bf16", DType::kBFloat16)
+      .value("int32", DType::kInt32)
+      .value("int64", DType::kInt64);
+
+  py::class_<TensorView>(m, "TensorView",
+                         "A checked view of a CUDA tensor: address, shape, strides (elements), dtype, device.")
+      .def(py::init(&make_view), py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("dtype"),
+           py::arg("device"))
+      .def_property_readonly("data", [](const TensorView& v) { return v.data; })
+      .def_property_readonly("shape", [](const TensorView& v) {
+        return std::vector<std::int64_t>(v.shape, v.shape + v.rank);
+      })
+      .def_property_readonly("strides", [](const TensorView& v) {
+        return std::vector<std::int64_t>(v.strides, v.strides + v.rank);
+      })
+      .def_property_readonly("dtype", [](const TensorView& v) { return v.dtype; })
+      .def_property_readonly("device", [](const TensorView& v) { return v.device; })
+      .def("__repr__", [](const TensorView& v) { return "TensorView(" + describe(v) + ")"; });
+
+  m.def("build_info", &build_info, "What this extension was compiled for (never touches the GPU).");
+
+  m.def(
+      "rms_norm",
+      [](const TensorView& x, const TensorView& weight, const std::optional<TensorView>& residual,
+         const TensorView& out, const std::optional<TensorView>& residual_out, float eps, std::uint64_t stream) {
+        RmsNormArgs a{x, weight, opt(residual), out, opt(residual_out), eps};
+        raise_if_error("rms_norm", rms_norm(a, as_stream(stream)),
+                       {{"x", &x}, {"weight", &weight}, {"residual", opt(residual)}, {"out", &out},
+                        {"residual_out", opt(residual_out)}});
+      },
+      py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("out"), py::arg("residual_out"),
+      py::arg("eps"), py::arg("stream"),
+      "out = rms_norm(x [+ residual]) * weight; residual_out = x + residual. See csrc/kernels/norm.h.");
+
+  m.def(
+      "apply_rope",
+      [](const TensorView& q, const TensorView& k, const TensorView& positions, const TensorView& cos,
+         const TensorView& sin, const TensorView& q_out, const TensorView& k_out, std::uint64_t stream) {
+        RopeArgs a{q, k, positions, cos, sin, q_out, k_out};
+        raise_if_error("apply_rope", apply_rope(a, as_stream(stream)),
+                       {{"q", &q}, {"k", &k}, {"positions", &positions}, {"cos", &cos}, {"sin", &sin},
+                        {"q_out", &q_out}, {"k_out", &k_out}});
+      },
+      py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("q_out"),
+      py::arg("k_out"), py::arg("stream"), "Rotate-half RoPE, out of place. See csrc/kernels/rope.h.");
+
+  m.def(
+      "silu_and_mul",
+      [](const TensorView& x, const TensorView& out, std::uint64_t stream) {
+        raise_if_error("silu_and_mul", silu_and_mul(SiluAndMulArgs{x, out}, as_stream(stream)),
+                       {{"x", &x}, {"out", &out}});
+      },
+      py::arg("x"), py::arg("out"), py::arg("stream"),
+      "out = silu(x[:, :I]) * x[:, I:]. See csrc/kernels/activation.h.");
+
+  m.def(
+      "embedding",
+      [](const TensorView& ids, const TensorView& table, const TensorView& out, float scale, std::uint64_t stream) {
+        raise_if_error("embedding", embedding(EmbeddingArgs{ids, table, out, scale}, as_stream(stream)),
+                       {{"ids", &ids}, {"table", &table}, {"out", &out}});
+      },
+      py::arg("ids"), py::arg("table"), py::arg("out"), py::arg("scale"), py::arg("stream"),
+      "out = table[ids] * scale. See csrc/kernels/embedding.h.");
+
+  m.def(
+      "argmax",
+      [](const TensorView& logits, const TensorView& out, std::uint64_t stream) {
+        raise_if_error("argmax", argmax(ArgmaxArgs{logits, out}, as_stream(stream)),
+                       {{"logits", &logits}, {"out", &out}});
+      },
+      py::arg("logits"), py::arg("out"), py::arg("stream"),
+      "out[t] = argmax(logits[t]) (lowest index on ties, NaN wins). See csrc/kernels/sampling.h.");
+}
