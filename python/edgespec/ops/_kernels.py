@@ -1,0 +1,310 @@
+"""The Python side of the boundary to the compiled CUDA kernels (`edgespec._C`).
+
+Only the op modules of this package call in here, and only after `backend.use_kernel(...)` said
+yes. For every op there are three functions:
+
+* `<op>_rejection(...) -> str | None`: why the kernel cannot take these tensors (wrong dtype,
+  strides it cannot read, shapes that disagree, not on one CUDA device), or None when it can.
+  Device-independent reasons come first, so they are testable with CPU tensors.
+* `supports_<op>(...) -> bool`: the rejection is None. The op layer falls back to its torch path
+  otherwise.
+* `<op>(...)`: runs the kernel; raises ValueError naming the op if the inputs are rejected.
+
+Tensors cross as checked views (`_C.TensorView`: address, shape, strides in elements, dtype code,
+device index); C++ re-checks them and raises `_C.KernelError`, re-raised here as
+`edgespec.errors.KernelError` with the op, every argument's shape and the reason. Outputs are
+allocated here with torch (so the caching allocator and CUDA graphs see them) and every kernel
+launches on torch's current stream of the tensors' device, so graph capture records it.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from ..errors import KernelError
+from . import backend
+
+# Storage dtypes every float kernel is compiled for (csrc/common/dispatch.h, kCompiledFloatDtypes).
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+# argmax scans with int32 indices (csrc/kernels/sampling.cpp).
+MAX_VOCAB = 1 << 30
+
+
+# --- the boundary --------------------------------------------------------------------------------
+
+def _module() -> ModuleType:
+    module = backend.compiled_module()
+    if module is None:
+        raise RuntimeError("edgespec._C is not built: the CUDA kernels are unavailable (use the ops in edgespec.ops)")
+    return module
+
+
+@lru_cache(maxsize=1)
+def _dtype_codes() -> dict[torch.dtype, Any]:
+    codes = _module().DType
+    return {torch.float32: codes.fp32, torch.float16: codes.fp16, torch.bfloat16: codes.bf16,
+            torch.int32: codes.int32, torch.int64: codes.int64}
+
+
+def _view(t: torch.Tensor) -> Any:
+    """A `_C.TensorView` of a CUDA tensor; the tensor must outlive the launch (callers hold it)."""
+    return _module().TensorView(t.data_ptr(), t.shape, t.stride(), _dtype_codes()[t.dtype], t.device.index)
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here (tests poison it to prove every element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _run(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except _module().KernelError as exc:
+        raise KernelError(str(exc)) from exc
+
+
+def _require(op: str, reason: str | None) -> None:
+    if reason is not None:
+        raise ValueError(f"{op}: the CUDA kernel cannot take these inputs: {reason}")
+
+
+# --- shared checks -------------------------------------------------------------------------------
+
+def _shape(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` [..., H] as an [R, H] view (no copy), or None when its last dim is strided or its leading
+    dims do not fold into one row stride."""
+    if t.dim() == 0 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+        return None
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:  # leading dims not foldable without a copy
+        return None
+
+
+def _float_dtype(name: str, t: torch.Tensor) -> str | None:
+    if t.dtype not in FLOAT_DTYPES:
+        return f"{name} has dtype {t.dtype}; kernels are compiled for bfloat16, float16 and float32"
+    return None
+
+
+def _same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> str | None:
+    if t.dtype != ref.dtype:
+        return f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}"
+    return None
+
+
+def _last_dim_contiguous(name: str, t: torch.Tensor) -> str | None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return f"{name} {_shape(t)} has last-dim stride {t.stride(-1)}; the kernel reads rows with stride 1"
+    return None
+
+
+def _one_cuda_device(**tensors: torch.Tensor) -> str | None:
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if not t.is_cuda:
+            return f"{name} is on {t.device}, not a CUDA device"
+        if t.device != first.device:
+            return f"{name} is on {t.device} but {first_name} is on {first.device}"
+    return None
+
+
+def _first(*reasons: str | None) -> str | None:
+    return next((r for r in reasons if r is not None), None)
+
+
+# --- RMSNorm -------------------------------------------------------------------------------------
+
+def rms_norm_rejection(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> str | None:
+    reason = _first(_float_dtype("x", x), _same_dtype("weight", weight, "x", x))
+    if reason:
+        return reason
+    if x.dim() == 0 or x.shape[-1] < 1:
+        return f"x {_shape(x)} needs a last (hidden) dim of at least 1"
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1] or not weight.is_contiguous():
+        return f"weight {_shape(weight)} must be contiguous [{x.shape[-1]}] (x is {_shape(x)})"
+    if _rows(x) is None:
+        return f"x {_shape(x)} strides {x.stride()} cannot be read as rows without a copy"
+    if residual is None:
+        return _one_cuda_device(x=x, weight=weight)
+    reason = _same_dtype("residual", residual, "x", x)
+    if reason:
+        return reason
+    if residual.shape != x.shape:
+        return f"residual {_shape(residual)} does not match x {_shape(x)}"
+    if _rows(residual) is None:
+        return f"residual {_shape(residual)} strides {residual.stride()} cannot be read as rows without a copy"
+    return _one_cuda_device(x=x, weight=weight, residual=residual)
+
+
+def supports_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    return rms_norm_rejection(x, weight, residual) is None
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm kernel (csrc/kernels/norm.h); same contract as edgespec.ops.rms_norm.
+
+    x: [..., H] bf16/fp16/fp32, last dim contiguous, leading dims foldable into rows;
+    weight: [H] contiguous, x's dtype; residual: optional, x's shape and dtype.
+    Returns out [..., H] (contiguous), or (out, s) with s = x + residual (contiguous).
+    """
+    _require("rms_norm", rms_norm_rejection(x, weight, residual))
+    hidden = x.shape[-1]
+    out = _new_output(x.shape, x.dtype, x.device)
+    C = _module()
+    if residual is None:
+        _run(C.rms_norm, _view(_rows(x)), _view(weight), None, _view(out.view(-1, hidden)), None,
+             float(eps), _stream(x))
+        return out
+    s = _new_output(x.shape, x.dtype, x.device)
+    _run(C.rms_norm, _view(_rows(x)), _view(weight), _view(_rows(residual)), _view(out.view(-1, hidden)),
+         _view(s.view(-1, hidden)), float(eps), _stream(x))
+    return out, s
+
+
+# --- RoPE ----------------------------------------------------------------------------------------
+
+def rope_rejection(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, table: Any) -> str | None:
+    """`table` is an edgespec.ops.RopeTable (cos, sin: fp32 [P, R/2])."""
+    cos, sin = table.cos, table.sin
+    reason = _first(_float_dtype("q", q), _same_dtype("k", k, "q", q))
+    if reason:
+        return reason
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        return f"expected q [T, Hq, D] and k [T, Hk, D], got {_shape(q)} and {_shape(k)}"
+    if positions.dim() != 1 or positions.shape[0] != q.shape[0] or positions.dtype not in INDEX_DTYPES:
+        return f"positions must be int32/int64 [{q.shape[0]}], got {_shape(positions)}"
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.dim() != 2 or cos.shape != sin.shape:
+        return f"cos/sin must be float32 [P, R/2] of one shape, got {_shape(cos)} and {_shape(sin)}"
+    if not 1 <= cos.shape[1] <= q.shape[2] // 2:
+        return f"rotary dim {2 * cos.shape[1]} must be in [2, head dim {q.shape[2]}]"
+    reason = _first(*(_last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin))))
+    return reason or _one_cuda_device(q=q, k=k, positions=positions, cos=cos, sin=sin)
+
+
+def supports_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, table: Any) -> bool:
+    return rope_rejection(q, k, positions, table) is None
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, table: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE kernel (csrc/kernels/rope.h); same contract as edgespec.ops.apply_rope.
+
+    q: [T, Hq, D], k: [T, Hk, D] (one dtype, last dim contiguous; token/head strides free, so
+    views into a fused QKV output need no copy); positions: [T] int32/int64; table.cos/sin:
+    fp32 [P, R/2], R <= D. Returns new contiguous (q, k). A position outside [0, P) yields NaN in
+    that token's rotated dims (the kernel never reads outside the table).
+    """
+    _require("apply_rope", rope_rejection(q, k, positions, table))
+    q_out = _new_output(q.shape, q.dtype, q.device)
+    k_out = _new_output(k.shape, k.dtype, k.device)
+    _run(_module().apply_rope, _view(q), _view(k), _view(positions), _view(table.cos), _view(table.sin),
+         _view(q_out), _view(k_out), _stream(q))
+    return q_out, k_out
+
+
+# --- SiLU-and-mul --------------------------------------------------------------------------------
+
+def silu_and_mul_rejection(x: torch.Tensor) -> str | None:
+    reason = _float_dtype("x", x)
+    if reason:
+        return reason
+    if x.dim() == 0 or x.shape[-1] < 2 or x.shape[-1] % 2:
+        return f"x {_shape(x)} needs an even last dim >= 2 (gate | up)"
+    if _rows(x) is None:
+        return f"x {_shape(x)} strides {x.stride()} cannot be read as rows without a copy"
+    return _one_cuda_device(x=x)
+
+
+def supports_silu_and_mul(x: torch.Tensor) -> bool:
+    return silu_and_mul_rejection(x) is None
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU-and-mul kernel (csrc/kernels/activation.h): x [..., 2I] -> silu(x[..., :I]) * x[..., I:],
+    [..., I] contiguous in x's dtype."""
+    _require("silu_and_mul", silu_and_mul_rejection(x))
+    inter = x.shape[-1] // 2
+    out = _new_output((*x.shape[:-1], inter), x.dtype, x.device)
+    _run(_module().silu_and_mul, _view(_rows(x)), _view(out.view(-1, inter)), _stream(x))
+    return out
+
+
+# --- embedding -----------------------------------------------------------------------------------
+
+def embedding_rejection(ids: torch.Tensor, table: torch.Tensor) -> str | None:
+    if ids.dim() != 1 or ids.dtype not in INDEX_DTYPES:
+        return f"ids must be int32/int64 [T], got {_shape(ids)}"
+    reason = _float_dtype("table", table)
+    if reason:
+        return reason
+    if table.dim() != 2:
+        return f"table must be [V, H], got {_shape(table)}"
+    return _last_dim_contiguous("table", table) or _one_cuda_device(table=table, ids=ids)
+
+
+def supports_embedding(ids: torch.Tensor, table: torch.Tensor) -> bool:
+    return embedding_rejection(ids, table) is None
+
+
+def embedding(ids: torch.Tensor, table: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Embedding kernel (csrc/kernels/embedding.h): ids [T] int32/int64, table [V, H] ->
+    table[ids] * scale, [T, H] contiguous in table's dtype. An id outside [0, V) yields a NaN row
+    (never an out-of-bounds read); edgespec.ops.embedding range-checks first when check=True."""
+    _require("embedding", embedding_rejection(ids, table))
+    out = _new_output((ids.shape[0], table.shape[1]), table.dtype, table.device)
+    _run(_module().embedding, _view(ids), _view(table), _view(out), float(scale), _stream(table))
+    return out
+
+
+# --- argmax --------------------------------------------------------------------------------------
+
+def argmax_rejection(logits: torch.Tensor) -> str | None:
+    reason = _float_dtype("logits", logits)
+    if reason:
+        return reason
+    if logits.dim() != 2 or not 1 <= logits.shape[1] <= MAX_VOCAB:
+        return f"logits must be [T, V] with 1 <= V <= {MAX_VOCAB}, got {_shape(logits)}"
+    return _last_dim_contiguous("logits", logits) or _one_cuda_device(logits=logits)
+
+
+def supports_argmax(logits: torch.Tensor) -> bool:
+    return argmax_rejection(logits) is None
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax kernel (csrc/kernels/sampling.h): logits [T, V] -> int64 [T]; the lowest index wins
+    ties and a NaN counts as the largest value (so the first NaN wins), exactly as torch.argmax."""
+    _require("argmax", argmax_rejection(logits))
+    out = _new_output((logits.shape[0],), torch.int64, logits.device)
+    _run(_module().argmax, _view(logits), _view(out), _stream(logits))
+    return out
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+def attention_rejection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        tree_mask: torch.Tensor | None = None) -> str | None:
+    # The attention kernels (dense, tree-verify, block-sparse) land in a later change; until then
+    # every call takes the torch path.
+    return "attention kernels are not built yet"
+
+
+def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       tree_mask: torch.Tensor | None = None) -> bool:
+    return attention_rejection(q, k, v, tree_mask) is None
