@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ModelFormatError
+from .sparse import SparseConfig, parse_sparse_config
 
 # model_type -> architecture family handled by the one decoder.
 SUPPORTED_MODEL_TYPES = {
@@ -47,7 +48,7 @@ class ModelConfig:
     logit_scale: float = 1.0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    sparse_config: dict[str, Any] | None = None
+    sparse_config: SparseConfig | None = None  # InfLLM-v2 block-sparse attention (MiniCPM4), in tokens
     ffn: dict[str, Any] | None = None  # None: gated SiLU MLP; otherwise a variant's settings
     source: str = "<config>"
 
@@ -146,7 +147,7 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
         qk_norm=arch == "qwen3",
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_eos_list(d.get("eos_token_id")),
-        sparse_config=d.get("sparse_config"),
+        sparse_config=parse_sparse_config(d.get("sparse_config"), source),
         ffn=ffn,
         source=source,
     )

@@ -15,6 +15,7 @@ from .. import ops
 from ..kv_cache import KVCache
 from ..ops.rope import RopeTable, build_rope_table
 from .config import ModelConfig
+from .sparse import SparseAttention, for_config as sparse_for_config
 
 
 class Linear(Protocol):
@@ -69,6 +70,9 @@ class Decoder:
             config.head_dim, config.rope_theta, max_context, config.rope_scaling,
             config.max_position_embeddings, device=embed.device)
         self.attn_scale = config.head_dim ** -0.5
+        # InfLLM-v2 block-sparse attention (MiniCPM4 sparse_config): None for dense-only models.
+        self.sparse: SparseAttention | None = sparse_for_config(
+            config.sparse_config, config.num_layers, config.num_kv_heads, config.head_dim)
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +102,11 @@ class Decoder:
         q, k = ops.apply_rope(q, k, positions, self.rope)
         cache.write(i, start, k, v)
         keys, values = cache.view(i, start + t)                                   # [S, Hkv, D]
-        out = ops.attention(q, keys, values, self.attn_scale, tree_mask)           # [T, Hq, D]
+        out = None
+        if self.sparse is not None:  # None back when every query is below dense_len (or forced dense)
+            out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask)
+        if out is None:
+            out = ops.attention(q, keys, values, self.attn_scale, tree_mask)       # [T, Hq, D]
         return layer.o(out.reshape(t, cfg.q_size))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,

@@ -1,0 +1,214 @@
+"""InfLLM-v2 block-sparse attention: compressed keys, block scores, block selection, attention.
+
+The method and its exact geometry are documented in edgespec.models.sparse (all lengths in
+tokens). This module holds the op-layer torch path and the kernel hooks:
+
+* compress_keys: extend the compressed keys of one layer as the cache grows (in place).
+* block_scores / select_blocks: scores of the queries against the compressed keys, max-pooled onto
+  blocks, and the selected block set of each (query, KV head).
+* sparse_attention: attention of T new tokens over the selected blocks of the cache (chain or tree).
+
+Layout is the one of ops.attention: the cache holds slots [0, S), the T new tokens are the last T;
+for a tree the prefix [0, S - T) is committed and the tree tokens see each other through the tree
+mask only.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .attention import tree_mask_words, unpack_tree_mask
+
+# Upper bound on the elements of one query chunk's [Tc, Hq, max(S, C)] temporaries in the torch path.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class SparseSettings(Protocol):
+    """What the op needs from a sparse config (edgespec.models.sparse.SparseConfig provides it)."""
+
+    block_size: int
+    kernel_size: int
+    kernel_stride: int
+    init_blocks: int
+    topk: int
+
+    @property
+    def window_blocks(self) -> int: ...
+
+    @property
+    def pool_stride(self) -> int: ...
+
+    def num_kernels(self, length: int) -> int: ...
+
+
+def num_kernels(length: int, kernel_size: int, kernel_stride: int) -> int:
+    """Compressed keys complete within the first `length` tokens."""
+    return 0 if length < kernel_size else (length - kernel_size) // kernel_stride + 1
+
+
+def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len: int,
+                  kernel_size: int, kernel_stride: int) -> None:
+    """Write the compressed keys complete within [0, end_len) but not within [0, start_len).
+
+    keys: [>= end_len, Hkv, D] one layer of the cache; ck: [max_kernels, Hkv, D], same dtype and
+    device, updated in place: ck[j] = mean(keys[j*stride : j*stride + kernel_size]) (fp32 sum, one
+    rounding to ck's dtype).
+    """
+    if keys.dim() != 3 or ck.dim() != 3 or keys.shape[1:] != ck.shape[1:]:
+        raise ValueError(f"compress_keys: expected keys [S, Hkv, D] and ck [C, Hkv, D] with equal Hkv, D; "
+                         f"got {tuple(keys.shape)} and {tuple(ck.shape)}")
+    if not 0 <= start_len <= end_len <= keys.shape[0]:
+        raise ValueError(f"compress_keys: need 0 <= start_len ({start_len}) <= end_len ({end_len}) <= "
+                         f"{keys.shape[0]} cache slots")
+    first = num_kernels(start_len, kernel_size, kernel_stride)
+    last = num_kernels(end_len, kernel_size, kernel_stride)
+    if last > ck.shape[0]:
+        raise ValueError(f"compress_keys: {last} compressed keys do not fit the buffer of {ck.shape[0]}")
+    if last <= first:
+        return
+    if backend.use_kernel(keys, ck):
+        from . import _kernels
+
+        if _kernels.supports_compress_keys(keys, ck, kernel_size, kernel_stride):
+            _kernels.compress_keys(keys, ck, start_len, end_len, kernel_size, kernel_stride)
+            return
+    span = keys[first * kernel_stride:(last - 1) * kernel_stride + kernel_size]   # [L, Hkv, D]
+    windows = span.unfold(0, kernel_size, kernel_stride)                         # [last-first, Hkv, D, P]
+    ck[first:last] = windows.float().mean(dim=-1).to(ck.dtype)
+
+
+def block_scores(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: SparseSettings,
+                 scale: float, kv_limit: int, num_blocks: int) -> torch.Tensor:
+    """Block scores of each (query, KV head): fp32 [T, Hkv, num_blocks], -inf where no kernel is visible.
+
+    q: [T, Hq, D]; ck: [>= num_kernels(kv_limit), Hkv, D]; positions: [T] int64 absolute positions.
+    Query i sees the kernels complete within its context [0, positions[i] + 1) and within
+    [0, kv_limit); softmax over those of scale * q_h . ck_j per query head, summed over the query
+    heads of each KV head's group, max-pooled (kernel r + 1, stride r, padding 1; r = pool_stride).
+    """
+    t, hq, d = q.shape
+    hkv = ck.shape[1]
+    g = hq // hkv
+    avail = num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride)
+    ckf = ck[:avail].float()                                                      # [C, Hkv, D]
+    vis_len = torch.clamp(positions + 1, max=kv_limit)
+    n_vis = torch.clamp(torch.div(vis_len - cfg.kernel_size, cfg.kernel_stride, rounding_mode="floor") + 1, min=0)
+    hidden = torch.arange(avail, device=q.device) >= n_vis.unsqueeze(1)          # [T, C]
+    logits = torch.einsum("tkgd,ckd->tkgc", q.float().view(t, hkv, g, d), ckf) * scale
+    logits = logits.masked_fill(hidden[:, None, None, :], float("-inf"))
+    # A query with no visible kernel softmaxes an all -inf row: NaN, cleared right after.
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=2)             # [T, Hkv, C]
+    probs = probs.masked_fill(hidden[:, None, :], float("-inf"))
+    r = cfg.pool_stride
+    padded = torch.full((t, hkv, r * num_blocks), float("-inf"), device=q.device)
+    padded[..., :avail] = probs
+    pooled = F.max_pool1d(padded.view(t * hkv, 1, -1), kernel_size=r + 1, stride=r, padding=1)
+    return pooled.view(t, hkv, -1)[..., :num_blocks]
+
+
+def select_from_scores(scores: torch.Tensor, positions: torch.Tensor, cfg: SparseSettings,
+                       dense_len: int) -> torch.Tensor:
+    """Selected blocks: bool [T, Hkv, nB] from block scores fp32 [T, Hkv, nB] and positions [T].
+
+    Blocks past the query's own block are never selected. Queries whose context positions + 1 is
+    below dense_len select every block up to their own (dense attention).
+    """
+    t, hkv, nb = scores.shape
+    blk = torch.arange(nb, device=scores.device)
+    q_blk = torch.div(positions, cfg.block_size, rounding_mode="floor").unsqueeze(1)   # [T, 1]
+    causal = blk <= q_blk                                                               # [T, nB]
+    fixed = causal & ((blk < cfg.init_blocks) | (blk > q_blk - cfg.window_blocks))
+    cand = (causal & ~fixed).unsqueeze(1) & torch.isfinite(scores)                      # [T, Hkv, nB]
+    keyed = scores.masked_fill(~cand, float("-inf"))
+    k = min(cfg.topk, nb)
+    chosen = torch.zeros_like(cand)
+    if k > 0:
+        # A stable descending sort breaks ties towards the lower block index, like the kernel.
+        order = torch.sort(keyed, dim=-1, descending=True, stable=True).indices[..., :k]
+        chosen.scatter_(-1, order, torch.gather(cand, -1, order))
+    selected = chosen | fixed.unsqueeze(1)
+    dense = (positions + 1 < dense_len).view(t, 1, 1)
+    return torch.where(dense, causal.unsqueeze(1), selected)
+
+
+def select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: SparseSettings,
+                  scale: float, dense_len: int, kv_limit: int, num_blocks: int) -> torch.Tensor:
+    """Selected blocks bool [T, Hkv, num_blocks] of each (query, KV head) (torch path; see block_scores)."""
+    scores = block_scores(q, ck, positions, cfg, scale, kv_limit, num_blocks)
+    return select_from_scores(scores, positions, cfg, dense_len)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor,
+           cfg: SparseSettings, kv_limit: int, tree_mask: torch.Tensor | None) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"sparse_attention: expected q [T,Hq,D], k/v [S,Hkv,D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    if k.shape[2] != d or q.shape[1] % hkv:
+        raise ValueError(f"sparse_attention: q {tuple(q.shape)} does not fit k {tuple(k.shape)} "
+                         f"(equal head dim, query heads a multiple of KV heads)")
+    if ck.dim() != 3 or ck.shape[1:] != (hkv, d):
+        raise ValueError(f"sparse_attention: compressed keys must be [C, {hkv}, {d}], got {tuple(ck.shape)}")
+    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"sparse_attention: positions must be int [{t}], got {positions.dtype} {tuple(positions.shape)}")
+    if s < t:
+        raise ValueError(f"sparse_attention: {s} cache slots cannot hold the {t} new tokens")
+    if not 0 <= kv_limit <= s:
+        raise ValueError(f"sparse_attention: kv_limit={kv_limit} outside [0, {s}]")
+    if num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride) > ck.shape[0]:
+        raise ValueError(f"sparse_attention: {ck.shape[0]} compressed keys cannot cover kv_limit={kv_limit}")
+    if tree_mask is not None and (tree_mask.dtype != torch.int64 or tree_mask.shape != (t, tree_mask_words(t))):
+        raise ValueError(f"sparse_attention: tree mask must be int64 [{t}, {tree_mask_words(t)}], "
+                         f"got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
+                     positions: torch.Tensor, cfg: SparseSettings, dense_len: int, kv_limit: int,
+                     tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse attention of T new tokens over S cache slots (the new tokens are the last T).
+
+    q: [T, Hq, D]; k, v: [S, Hkv, D]; ck: compressed keys [>= num_kernels(kv_limit), Hkv, D] of
+    this layer (up to date for [0, kv_limit)); positions: [T] int absolute positions (S - T + i for
+    a chain, prefix + depth for tree tokens); dense_len: queries with positions + 1 < dense_len
+    attend densely; kv_limit: S for a chain, the committed prefix S - T for a tree; tree_mask: None
+    (causal) or packed int64 [T, ceil(T/64)] (ops.attention). Returns [T, Hq, D] in q's dtype.
+    """
+    _check(q, k, v, ck, positions, cfg, kv_limit, tree_mask)
+    positions = positions.long()
+    if backend.use_kernel(q, k, v, ck, positions, tree_mask):
+        from . import _kernels
+
+        if _kernels.supports_sparse_attention(q, k, v, ck, cfg, tree_mask):
+            return _kernels.sparse_attention(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask)
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    g = hq // hkv
+    nb = (s + cfg.block_size - 1) // cfg.block_size
+    prefix = s - t
+    slots = torch.arange(s, device=q.device)
+    tree = unpack_tree_mask(tree_mask, t) if tree_mask is not None else None     # [T, T] bool
+    width = max(s, num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride), 1)
+    chunk = max(1, _CHUNK_ELEMENTS // (hq * width))
+    out = torch.empty_like(q)
+    kk = k.transpose(0, 1).unsqueeze(0)                                           # [1, Hkv, S, D]
+    vv = v.transpose(0, 1).unsqueeze(0)
+    for a in range(0, t, chunk):
+        b = min(a + chunk, t)
+        pos = positions[a:b]
+        sel = select_blocks(q[a:b], ck, pos, cfg, scale, dense_len, kv_limit, nb)  # [Tc, Hkv, nB]
+        allowed = sel.repeat_interleave(cfg.block_size, dim=-1)[..., :s]         # [Tc, Hkv, S]
+        if tree is None:
+            allowed = allowed & (slots <= pos.unsqueeze(1)).unsqueeze(1)
+        else:
+            allowed = allowed & (slots < prefix)
+            allowed[..., prefix:] = tree[a:b].unsqueeze(1)
+        mask = allowed.unsqueeze(2).expand(b - a, hkv, g, s).reshape(b - a, hq, s)
+        o = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1).unsqueeze(0), kk, vv,                          # [1, Hq, Tc, D]
+            attn_mask=mask.transpose(0, 1).unsqueeze(0), scale=scale, enable_gqa=g > 1)
+        out[a:b] = o.squeeze(0).transpose(0, 1)
+    return out
