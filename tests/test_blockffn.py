@@ -17,41 +17,9 @@ from edgespec import LLM, ModelFormatError, ops
 from edgespec.loading import load_model
 from edgespec.models.blockffn import BlockFFN, ffn_settings_from_hf, write_random_blockffn
 from edgespec.models.config import config_from_hf
-from oracle.blockffn_ref import blockffn_ref, experts_ref, router_ref, sparsity_ref
+from oracle.blockffn_ref import blockffn_ref, router_ref, routed_case as make_case, sparsity_ref
 
 EPS = 1e-5
-
-
-def make_case(t: int, h: int, e: int, d: int, chunk_sparsity: float, seed: int = 0,
-              token_density: float = 0.5, dtype: torch.dtype = torch.float32):
-    """Random BlockFFN inputs whose router logits have an exactly known sign pattern.
-
-    round(chunk_sparsity * E) experts get negative logits for every token (inactive for the step);
-    every other expert is positive for a random subset of the tokens (each token with probability
-    token_density, at least one token). The router weight is solved from the wanted logits
-    (least squares through pinv(x), plus noise orthogonal to x's rows), so the pattern is exact
-    while the weights still look random. Needs t <= h.
-    Returns x [T, H], router [E, H], router norm [E], up [E*d, H], down [H, E*d], active bool [T, E].
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, h, generator=g, dtype=torch.float64)
-    n_off = round(chunk_sparsity * e)
-    off = torch.randperm(e, generator=g)[:n_off]
-    active = torch.rand(t, e, generator=g) < token_density
-    first = torch.randint(0, t, (e,), generator=g)
-    active[first, torch.arange(e)] = True          # every expert used by at least one token...
-    active[:, off] = False                         # ...except the step's inactive ones
-    magnitude = 0.5 + torch.rand(t, e, generator=g, dtype=torch.float64)
-    logits = torch.where(active, magnitude, -magnitude)
-    pinv = torch.linalg.pinv(x)                                                 # [H, T]
-    noise = torch.randn(e, h, generator=g, dtype=torch.float64) * 0.3
-    noise = noise - (noise @ pinv) @ x                                          # orthogonal to x's rows
-    router = (pinv @ logits).T + noise                                         # [E, H]
-    norm = 0.5 + torch.rand(e, generator=g, dtype=torch.float64)
-    up = torch.randn(e * d, h, generator=g, dtype=torch.float64) / h ** 0.5
-    down = torch.randn(h, e * d, generator=g, dtype=torch.float64) / (e * d) ** 0.5
-    cast = [v.to(dtype) for v in (x, router, norm, up, down)]
-    return (*cast, active)
 
 
 def run_op(x, router, norm, up, down):

@@ -64,3 +64,47 @@ def sparsity_ref(weights: torch.Tensor) -> tuple[float, float]:
     inactive_pairs = sum(1 for row in rows for v in row if v == 0.0)
     inactive_experts = sum(1 for j in range(e) if all(rows[i][j] == 0.0 for i in range(t)))
     return inactive_pairs / (t * e), inactive_experts / e
+
+
+def routed_router(t: int, h: int, e: int, chunk_sparsity: float, seed: int = 0, token_density: float = 0.5,
+                  dtype: torch.dtype = torch.float32):
+    """Random router inputs whose logits have an exactly known sign pattern.
+
+    round(chunk_sparsity * E) experts get negative logits for every token (inactive for the step);
+    every other expert is positive for a random subset of the tokens (each token with probability
+    token_density, at least one token). The router weight is solved from the wanted logits
+    (least squares through pinv(x), plus noise orthogonal to x's rows), so the pattern is exact
+    while the weights still look random. Needs t <= h.
+    Returns x [T, H], router weight [E, H], router norm weight [E], active bool [T, E].
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g, dtype=torch.float64)
+    off = torch.randperm(e, generator=g)[:round(chunk_sparsity * e)]
+    active = torch.rand(t, e, generator=g) < token_density
+    first = torch.randint(0, t, (e,), generator=g)
+    active[first, torch.arange(e)] = True          # every expert used by at least one token...
+    active[:, off] = False                         # ...except the step's inactive ones
+    magnitude = 0.5 + torch.rand(t, e, generator=g, dtype=torch.float64)
+    logits = torch.where(active, magnitude, -magnitude)
+    pinv = torch.linalg.pinv(x)                                                 # [H, T]
+    noise = torch.randn(e, h, generator=g, dtype=torch.float64) * 0.3
+    noise = noise - (noise @ pinv) @ x                                          # orthogonal to x's rows
+    router = (pinv @ logits).T + noise                                          # [E, H]
+    norm = 0.5 + torch.rand(e, generator=g, dtype=torch.float64)
+    return x.to(dtype), router.to(dtype), norm.to(dtype), active
+
+
+def random_experts(h: int, e: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Expert weights in the block_linear layout: up [E*d, H], down [H, E*d], unit-variance outputs."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    up = torch.randn(e * d, h, generator=g) / h ** 0.5
+    down = torch.randn(h, e * d, generator=g) / (e * d) ** 0.5
+    return up.to(dtype), down.to(dtype)
+
+
+def routed_case(t: int, h: int, e: int, d: int, chunk_sparsity: float, seed: int = 0,
+                token_density: float = 0.5, dtype: torch.dtype = torch.float32):
+    """routed_router + random_experts: x, router, norm, up, down, active (see those two)."""
+    x, router, norm, active = routed_router(t, h, e, chunk_sparsity, seed, token_density, dtype)
+    up, down = random_experts(h, e, d, seed, dtype)
+    return x, router, norm, up, down, active
