@@ -1,0 +1,349 @@
+"""The FastAPI application: OpenAI-compatible routes in front of one GenerationWorker.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both streamed as server-sent events or
+not), GET /v1/models, GET /health (never behind the API key, for load balancers and probes).
+
+Everything slow happens off the event loop: tokenisation and chat templates in the thread pool,
+generation on the worker thread. Requests are validated completely (types, unsupported parameters,
+context length, limits) before they are admitted, so a bad request never waits in the queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..engine import LLM, GenerationResult, StreamEvent
+from .errors import APIError, bad_request
+from .schemas import ChatCompletionRequest, CompletionRequest, parse
+from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
+
+logger = logging.getLogger("edgespec.server")
+
+
+@dataclass
+class ServerSettings:
+    """Limits and identity of one server. Sizes in bytes, times in seconds."""
+
+    model_name: str
+    api_key: str | None = None
+    max_queue: int = 64                   # admitted requests at once (running + waiting); more get 429
+    max_request_bytes: int = 4 << 20      # larger bodies get 413 before they are parsed
+    max_tokens_limit: int = 4096          # the largest max_tokens a request may ask for
+    completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    shutdown_timeout: float = 30.0        # grace for in-flight requests on SIGINT/SIGTERM
+
+    def validate(self) -> "ServerSettings":
+        for name in ("max_queue", "max_request_bytes", "max_tokens_limit", "completion_default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"server setting {name} must be at least 1, got {getattr(self, name)}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key must not be empty (omit it to disable authentication)")
+        return self
+
+
+def create_app(llm: LLM, settings: ServerSettings) -> FastAPI:
+    """The ASGI app serving `llm`. Its worker thread starts and stops with the app's lifespan and is
+    available as `app.state.worker` (the uvicorn runner drains it on shutdown)."""
+    settings.validate()
+    worker = GenerationWorker(llm, settings.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop)
+
+    # No /docs or /openapi.json: they would be unauthenticated and describe nothing a client needs.
+    app = FastAPI(title="edgespec", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.worker = worker
+    app.state.settings = settings
+    api = _API(llm, settings, worker)
+
+    app.add_exception_handler(APIError, _api_error_response)
+    app.add_exception_handler(StarletteHTTPException, _http_error_response)
+    app.add_exception_handler(RequestValidationError, _validation_error_response)
+    app.add_exception_handler(Exception, _internal_error_response)
+
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    return app
+
+
+async def _api_error_response(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error_response(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    err = APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))
+    return await _api_error_response(_, err)
+
+
+async def _validation_error_response(_: Request, exc: Exception) -> Response:
+    return await _api_error_response(_, bad_request(f"invalid request: {exc}"))
+
+
+async def _internal_error_response(_: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error", exc_info=exc)
+    err = APIError(500, f"internal server error: {type(exc).__name__}", type="server_error")
+    return await _api_error_response(_, err)
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read, so the next ASGI
+    message can only be the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _API:
+    """Route handlers sharing the engine, the settings and the worker."""
+
+    def __init__(self, llm: LLM, settings: ServerSettings, worker: GenerationWorker) -> None:
+        self.llm = llm
+        self.settings = settings
+        self.worker = worker
+        self.created = int(time.time())
+        self._key = settings.api_key.encode() if settings.api_key else None
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self._key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # compare_digest: the time taken does not depend on how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_request_bytes
+        too_large = APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise bad_request(f"invalid Content-Length header {declared[:40]!r}")
+            if int(declared) > limit:
+                raise too_large
+        body = bytearray()
+        async for chunk in request.stream():  # also bounds chunked bodies, which declare no length
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    async def _encode(self, prompt: Any, param: str) -> list[int]:
+        """Token ids of text, chat messages or ids, tokenised in the thread pool."""
+        import jinja2  # noqa: PLC0415 - only needed to recognise chat-template errors
+
+        try:
+            return await run_in_threadpool(self.llm.encode, prompt)
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+            raise bad_request(f"'{param}': {exc}", param=param) from None
+
+    def _max_new_tokens(self, requested: int | None, prompt_len: int, default: int, param: str) -> int:
+        context = self.llm.max_context
+        room = context - prompt_len
+        if room < 1:
+            raise bad_request(f"the prompt has {prompt_len} tokens but this model's context holds {context} "
+                              f"(at least one position must remain for a new token)", param=param,
+                              code="context_length_exceeded")
+        limit = self.settings.max_tokens_limit
+        if requested is None:
+            return min(default, room)
+        if requested > limit:
+            raise bad_request(f"'max_tokens' is {requested} but this server allows at most {limit}",
+                              param="max_tokens", code="invalid_value")
+        if requested > room:
+            raise bad_request(f"this model's context holds {context} tokens; the prompt has {prompt_len} and "
+                              f"max_tokens asks for {requested} more (at most {room} fit)", param="max_tokens",
+                              code="context_length_exceeded")
+        return requested
+
+    def _admit(self, prompt_ids: list[int], req: ChatCompletionRequest | CompletionRequest,
+               max_new_tokens: int) -> Job:
+        try:
+            config = req.generation_config(max_new_tokens, self.llm.model.config.vocab_size)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        job = Job(prompt_ids, config, asyncio.get_running_loop())
+        self.worker.submit(job)
+        return job
+
+    async def _final(self, job: Job) -> GenerationResult:
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Finished):
+                return event.result
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Cancelled):
+                raise APIError(503, f"the request was cancelled: {event.reason}", type="server_error",
+                               code="cancelled")
+
+    async def _complete(self, request: Request, job: Job) -> GenerationResult:
+        """Wait for a non-streamed job; a client that disconnects meanwhile cancels it."""
+        result = asyncio.ensure_future(self._final(job))
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if result.done():
+                return result.result()
+            raise APIError(499, "the client closed the connection", code="client_closed_request")
+        finally:
+            for task in (result, gone):
+                task.cancel()
+            self.worker.cancel(job, "the client went away")  # a no-op when the job has finished
+
+    async def _stream(self, job: Job, chunk: Callable[[str | None, str | None], dict[str, Any]],
+                      usage: Callable[[GenerationResult], dict[str, int]], include_usage: bool,
+                      opening: dict[str, Any] | None) -> AsyncIterator[bytes]:
+        """Server-sent events of one job: chunk(text, finish_reason) builds each event's JSON."""
+        try:
+            if opening is not None:
+                yield _sse(opening)
+            while True:
+                event = await job.events.get()
+                if isinstance(event, StreamEvent):
+                    if event.text:
+                        yield _sse(chunk(event.text, None))
+                    continue
+                if isinstance(event, Finished):
+                    yield _sse(chunk(None, event.result.finish_reason))
+                    if include_usage:
+                        last = chunk(None, None)
+                        last["choices"] = []
+                        last["usage"] = usage(event.result)
+                        yield _sse(last)
+                else:
+                    err = event.error if isinstance(event, Failed) else APIError(
+                        503, f"the request was cancelled: {event.reason}", type="server_error", code="cancelled")
+                    yield _sse(err.body())
+                yield _sse("[DONE]")
+                return
+        finally:
+            # Reached on normal completion and also when Starlette cancels the response because the
+            # client disconnected: free the slot and stop the generation.
+            self.worker.cancel(job, "the client went away")
+
+    def _usage(self, prompt_ids: list[int]) -> Callable[[GenerationResult], dict[str, int]]:
+        def usage(result: GenerationResult) -> dict[str, int]:
+            n = len(result.token_ids)
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+        return usage
+
+    async def _respond(self, request: Request, req: ChatCompletionRequest | CompletionRequest, job: Job,
+                       prompt_ids: list[int], chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": self.settings.model_name, "system_fingerprint": f"edgespec-{__version__}"}
+        usage = self._usage(prompt_ids)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+                if chat:
+                    choice = {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                              "finish_reason": finish}
+                else:
+                    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                out = {**base, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
+                if include_usage:
+                    out["usage"] = None
+                return out
+
+            opening = None
+            if chat:
+                opening = chunk("", None)
+                opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            # The background task runs however the response ends, even when the client left before
+            # the event generator started (its `finally` would then never run).
+            return StreamingResponse(self._stream(job, chunk, usage, include_usage, opening),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(self.worker.cancel, job, "the client went away"))
+        result = await self._complete(request, job)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                      "finish_reason": result.finish_reason}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+        return JSONResponse({**base, "choices": [choice], "usage": usage(result)})
+
+    # ---- routes --------------------------------------------------------------------------------
+
+    async def health(self) -> Response:
+        state = self.worker.snapshot()
+        status = "ok" if state["accepting"] else "shutting_down"
+        return JSONResponse({"status": status, "model": self.settings.model_name, "queue": state},
+                            status_code=200 if state["accepting"] else 503)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "edgespec",
+             "max_model_len": self.llm.max_context}]})
+
+    async def chat(self, request: Request) -> Response:
+        self._authorize(request)
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await self._read_body(request))
+        req.check_supported()
+        messages = req.chat_messages()
+        tok = self.llm.tokenizer
+        if tok is None or not tok.has_chat_template:
+            raise bad_request("this model has no chat template: use /v1/completions with a plain prompt",
+                              param="messages", code="chat_template_missing")
+        prompt_ids = await self._encode(messages, "messages")
+        n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids), self.settings.max_tokens_limit,
+                                 "messages")
+        job = self._admit(prompt_ids, req, n)
+        return await self._respond(request, req, job, prompt_ids, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req: CompletionRequest = parse(CompletionRequest, await self._read_body(request))
+        req.check_supported()
+        prompt = req.single_prompt()
+        if isinstance(prompt, str) and self.llm.tokenizer is None:
+            raise bad_request("this model was loaded without a tokenizer: send the prompt as token ids",
+                              param="prompt")
+        prompt_ids = await self._encode(prompt, "prompt")
+        n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids),
+                                 self.settings.completion_default_max_tokens, "prompt")
+        job = self._admit(prompt_ids, req, n)
+        return await self._respond(request, req, job, prompt_ids, chat=False)
+

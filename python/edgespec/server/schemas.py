@@ -1,0 +1,223 @@
+"""Request bodies of the OpenAI-compatible API, validated with pydantic, and their translation into
+a prompt plus a GenerationConfig.
+
+Field policy:
+* Known fields are type-checked strictly: JSON "5" is not an integer and 1 is not a boolean, so a
+  client bug comes back as a 400 that names the field instead of being silently coerced.
+* Unknown fields are accepted and ignored (extra="allow"). OpenAI keeps adding optional fields that
+  clients send by default (store, metadata, service_tier, parallel_tool_calls, ...) and that do not
+  change what this server generates; refusing them would break those clients.
+* Known fields that would change the output but are not implemented (n > 1, logprobs, tools,
+  penalties, logit_bias, best_of, echo, suffix, JSON response formats, beam search, min_p, ...) are
+  accepted only at their neutral value; anything else is a 400 naming the parameter.
+* Extensions beyond OpenAI, as in vLLM: top_k (0 or -1 = off), ignore_eos, stop_token_ids.
+* Defaults follow OpenAI: temperature 1, top_p 1; max_tokens 16 for /v1/completions and "up to the
+  server limit / remaining context" for chat. Temperatures in (0, 1e-5) are treated as greedy: the
+  sampling distribution is one-hot at such temperatures anyway, and fp32 overflows below ~1e-37.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..generation import GenerationConfig
+from .errors import APIError, bad_request, from_validation_error, unsupported
+
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_STOP_STRINGS = 4        # as OpenAI
+MAX_STOP_CHARS = 256        # the engine rescans each stop string every step; keep that bounded
+INT64_MIN, UINT64_END = -(2 ** 63), 2 ** 64  # the range torch.Generator.manual_seed accepts
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)
+    seed: int | None = Field(None, ge=INT64_MIN, lt=UINT64_END)
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Known but only accepted at their neutral value.
+    n: int | None = None
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    min_p: float | None = Field(None, allow_inf_nan=False)
+    min_tokens: int | None = None
+    use_beam_search: bool | None = None
+
+    def _check_neutral(self) -> None:
+        neutral: list[tuple[str, Any, Any]] = [
+            ("n", self.n, (None, 1)), ("presence_penalty", self.presence_penalty, (None, 0.0)),
+            ("frequency_penalty", self.frequency_penalty, (None, 0.0)),
+            ("repetition_penalty", self.repetition_penalty, (None, 1.0)), ("best_of", self.best_of, (None, 1)),
+            ("min_p", self.min_p, (None, 0.0)), ("min_tokens", self.min_tokens, (None, 0)),
+            ("use_beam_search", self.use_beam_search, (None, False)),
+        ]
+        for name, value, ok in neutral:
+            if value not in ok:
+                raise unsupported(name, f"only {ok[1]!r} is implemented, got {value!r}")
+        if self.logit_bias:
+            raise unsupported("logit_bias", "logit biases are not implemented")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "prompt_logprobs"):
+            if getattr(self, key, None) is not None:
+                raise unsupported(key, "constrained decoding and prompt log-probabilities are not implemented")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"'stop' holds at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
+        for s in stop:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise bad_request(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}",
+                                  param="stop")
+        return tuple(stop)
+
+    def generation_config(self, max_new_tokens: int, vocab_size: int) -> GenerationConfig:
+        """The GenerationConfig this request asks for (max_new_tokens already resolved by the caller)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if temperature < GREEDY_BELOW_TEMPERATURE:
+            temperature = 0.0
+        stop_ids = list(self.stop_token_ids or [])
+        bad = [i for i in stop_ids if not 0 <= i < vocab_size]
+        if bad:
+            raise bad_request(f"stop_token_ids: token id {bad[0]} is out of range for a vocabulary of {vocab_size}",
+                              param="stop_token_ids")
+        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=max(0, self.top_k or 0), top_p=1.0 if self.top_p is None else self.top_p,
+                                seed=self.seed, stop=self.stop_strings(), stop_token_ids=tuple(stop_ids),
+                                ignore_eos=self.ignore_eos).validate()
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    function_call: Union[str, dict[str, Any], None] = None
+    response_format: ResponseFormat | None = None
+
+    def check_supported(self) -> None:
+        self._check_neutral()
+        if self.logprobs or self.top_logprobs:
+            raise unsupported("logprobs" if self.logprobs else "top_logprobs", "log-probabilities are not returned")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise unsupported(name, "tool and function calling are not implemented")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                raise unsupported(name, "tool and function calling are not implemented")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise unsupported("response_format", f"only type 'text' is implemented, got {self.response_format.type!r}")
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise bad_request("'max_tokens' and 'max_completion_tokens' disagree; send one of them",
+                              param="max_completion_tokens")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """[{"role", "content"}] for the chat template: text parts joined, developer mapped to system."""
+        out = []
+        for i, m in enumerate(self.messages):
+            param = f"messages.{i}"
+            if m.role not in ("system", "developer", "user", "assistant"):
+                raise unsupported(f"{param}.role", f"roles are system, developer, user and assistant, got {m.role!r}")
+            if m.tool_calls:
+                raise unsupported(f"{param}.tool_calls", "tool and function calling are not implemented")
+            if m.content is None:
+                raise bad_request(f"'{param}.content' is required", param=f"{param}.content")
+            if isinstance(m.content, str):
+                text = m.content
+            else:
+                texts = []
+                for j, part in enumerate(m.content):
+                    if part.type != "text" or part.text is None:
+                        raise unsupported(f"{param}.content.{j}",
+                                          f"only text content parts are implemented, got type {part.type!r}")
+                    texts.append(part.text)
+                text = "\n".join(texts)
+            # Many chat templates only know "system"; OpenAI's newer "developer" role means the same.
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        return out
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        self._check_neutral()
+        if self.logprobs is not None:
+            raise unsupported("logprobs", "log-probabilities are not returned")
+        if self.echo:
+            raise unsupported("echo", "echoing the prompt is not implemented")
+        if self.suffix:
+            raise unsupported("suffix", "insertion (suffix) is not implemented")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of this request: text or token ids (a batch of several is a 400)."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise unsupported("prompt", f"one prompt per request is implemented, got a batch of {len(p)}")
+            p = p[0]
+        if (isinstance(p, str) and not p) or (isinstance(p, list) and not p):
+            raise bad_request("'prompt' is empty: at least one token is needed", param="prompt")
+        return p
+
+
+def parse(cls: type[_SamplingRequest], raw: bytes) -> Any:
+    """Validate a raw JSON body into `cls`; every failure is a 400 APIError."""
+    try:
+        return cls.model_validate_json(raw)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+__all__ = ["APIError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "parse"]

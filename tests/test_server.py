@@ -1,0 +1,479 @@
+"""The OpenAI-compatible server over real HTTP on loopback, with the `openai` client as the client.
+
+Most tests use a tiny random Llama with a small word-level tokenizer and chat template (fast, and its
+text is real words so streaming deltas are meaningful); a few use the demo model. Every server runs
+in a background thread of this process on 127.0.0.1 and a free port, so the library's own `generate`
+on the same LLM object is the reference for every output.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from conftest import write_tiny_hf_model  # noqa: E402
+
+from edgespec import LLM  # noqa: E402
+from edgespec.server import Job, ServerSettings, make_server  # noqa: E402
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+WORDS = ("the quick brown fox jumps over lazy dog hello world how are you today a an is was it of and to in "
+         "that for on with as at by from this be or not but what all were when we there can more if no out so "
+         "said up its about into than them only other new some could time these two may then do first any my "
+         "now such like our man me even most made after also did many before must through back years where "
+         "much your way well down should because each just those people mr too little state good very make "
+         "user assistant system").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} : {{ m['content'] }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant : {% endif %}")
+TINY_CONTEXT = 4096
+WAIT_S = 60.0  # upper bound for anything the tests wait on; a hang fails instead of blocking CI
+
+
+def write_tiny_chat_model(directory: Path, chat_template: bool = True, seed: int = 0) -> Path:
+    """A tiny random Llama (4096 context) with a word-level tokenizer whose vocabulary matches the
+    model's (unknown words map to <unk>), EOS = <|im_end|>, and optionally a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + [".", ",", "?", "!", ":"] + list(dict.fromkeys(WORDS)))}
+    write_tiny_hf_model(directory, "llama", seed=seed, vocab_size=len(vocab), max_position_embeddings=TINY_CONTEXT,
+                        eos_token_id=vocab["<|im_end|>"])
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|im_end|>",
+              "unk_token": "<unk>"}
+    if chat_template:
+        config["chat_template"] = CHAT_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(llm: LLM, **settings: Any) -> Iterator[str]:
+    """Serve `llm` on 127.0.0.1 in a background thread; yields the base URL; stops it afterwards."""
+    settings.setdefault("model_name", "tiny")
+    settings.setdefault("shutdown_timeout", 2.0)
+    server = make_server(llm, ServerSettings(**settings), host="127.0.0.1", port=free_port(), log_level="warning")
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "the server did not stop"
+
+
+def client(base: str, api_key: str = "unused") -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0, timeout=WAIT_S)
+
+
+def health(base: str) -> dict[str, Any]:
+    return httpx.get(f"{base}/health", timeout=WAIT_S).json()
+
+
+def wait_until(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def assert_openai_error(resp: httpx.Response, status: int | None = None) -> dict[str, Any]:
+    """The response is a 4xx in the OpenAI error format; returns its `error` object."""
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])
+    if status is not None:
+        assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    return err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # The engine's CPU ops are tiny here; with a shared, oversubscribed 2-core machine an OpenMP team
+    # of 2 spends more time waiting for a core than computing (measured: 15 ms vs 0.01 ms per call).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> LLM:
+    path = write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+    return LLM.load(str(path), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_llm) -> Iterator[str]:
+    with running_server(tiny_llm, max_tokens_limit=TINY_CONTEXT) as base:
+        yield base
+
+
+MESSAGES = [[{"role": "user", "content": "hello world, how are you today?"}],
+            [{"role": "system", "content": "you are a lazy dog."},
+             {"role": "user", "content": "what did the fox do?"},
+             {"role": "assistant", "content": "the fox jumps over the lazy dog."},
+             {"role": "user", "content": "and then?"}]]
+SAMPLING = {"greedy": dict(temperature=0.0),
+            "seeded": dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234)}
+
+
+def _api_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """openai-client keyword arguments for GenerationConfig-style settings (top_k is an extension)."""
+    out = {k: v for k, v in s.items() if k != "top_k"}
+    if "top_k" in s:
+        out["extra_body"] = {"top_k": s["top_k"]}
+    return out
+
+
+# ---- outputs equal the library's generate --------------------------------------------------------
+
+def test_health_and_models(tiny_server):
+    h = health(tiny_server)
+    assert h["status"] == "ok" and h["model"] == "tiny" and h["queue"]["capacity"] == 64
+    models = client(tiny_server).models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+@pytest.mark.parametrize("conversation", [0, 1])
+def test_chat_matches_library(tiny_server, tiny_llm, stream, sampling, conversation):
+    messages, settings = MESSAGES[conversation], SAMPLING[sampling]
+    ref = tiny_llm.generate(messages, max_new_tokens=40, **settings)
+    c = client(tiny_server)
+    kwargs = dict(model="tiny", messages=messages, max_tokens=40, **_api_settings(settings))
+    if stream:
+        chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        usage = chunks[-1].usage
+        assert finish == [ref.finish_reason]
+    else:
+        r = c.chat.completions.create(**kwargs)
+        assert r.object == "chat.completion" and r.model == "tiny" and r.choices[0].message.role == "assistant"
+        text, usage = r.choices[0].message.content, r.usage
+        assert r.choices[0].finish_reason == ref.finish_reason
+    assert text == ref.text
+    assert usage.prompt_tokens == len(tiny_llm.encode(messages))
+    assert usage.completion_tokens == len(ref.token_ids)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("prompt", ["text", "ids"])
+def test_completion_matches_library(tiny_server, tiny_llm, stream, prompt):
+    p = "the quick brown fox" if prompt == "text" else [7, 30, 31, 32, 33]
+    settings = SAMPLING["seeded"]
+    ref = tiny_llm.generate(p, max_new_tokens=25, **settings)
+    c = client(tiny_server)
+    kwargs = dict(model="tiny", prompt=p, max_tokens=25, **_api_settings(settings))
+    if stream:
+        chunks = list(c.completions.create(stream=True, **kwargs))
+        text = "".join(ch.choices[0].text for ch in chunks)
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason] == [ref.finish_reason]
+    else:
+        r = c.completions.create(**kwargs)
+        assert r.object == "text_completion" and r.choices[0].finish_reason == ref.finish_reason
+        assert r.usage.completion_tokens == len(ref.token_ids)
+        assert r.usage.prompt_tokens == len(tiny_llm.encode(p))
+        text = r.choices[0].text
+    assert text == ref.text
+
+
+def test_completion_default_max_tokens_and_stop_string(tiny_server, tiny_llm):
+    c = client(tiny_server)
+    r = c.completions.create(model="tiny", prompt="hello world", temperature=0)
+    ref = tiny_llm.generate("hello world", max_new_tokens=16)
+    assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids) <= 16
+    # A stop string taken from the middle of the unstopped output must cut it there.
+    long = tiny_llm.generate("hello world", max_new_tokens=60, ignore_eos=True).text.split()
+    assert len(long) > 10
+    stop = " ".join(long[5:7])
+    ref = tiny_llm.generate("hello world", max_new_tokens=60, stop=[stop], ignore_eos=True)
+    for stream in (False, True):
+        kwargs = dict(model="tiny", prompt="hello world", max_tokens=60, temperature=0, stop=[stop],
+                      extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(c.completions.create(stream=True, **kwargs))
+            text, finish = "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            r = c.completions.create(**kwargs)
+            text, finish = r.choices[0].text, r.choices[0].finish_reason
+        assert text == ref.text and stop not in text and finish == "stop" == ref.finish_reason
+
+
+def test_demo_model(demo_llm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ref_chat = demo_llm.generate(messages, max_new_tokens=12)
+    ref_completion = demo_llm.generate("The three primary colors are", max_new_tokens=12, temperature=0.8, seed=7)
+    with running_server(demo_llm, model_name="smollm2") as base:
+        c = client(base)
+        chunks = list(c.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
+                                                stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref_chat.text
+        r = c.completions.create(model="smollm2", prompt="The three primary colors are", max_tokens=12,
+                                 temperature=0.8, seed=7)
+        assert r.choices[0].text == ref_completion.text
+        assert r.usage.completion_tokens == len(ref_completion.token_ids)
+    assert ref_chat.text.strip()
+
+
+# ---- errors: OpenAI format, right status, and the server keeps serving ---------------------------
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+OK_MESSAGES = [{"role": "user", "content": "hello"}]
+ERROR_CASES = [
+    # (id, path, raw body, status, param, code)
+    ("invalid-json", COMP, b'{"prompt": "hi",', 400, None, "invalid_json"),
+    ("not-an-object", CHAT, b"[1, 2]", 400, None, "invalid_type"),
+    ("missing-messages", CHAT, {"max_tokens": 3}, 400, "messages", "missing_required_parameter"),
+    ("empty-messages", CHAT, {"messages": []}, 400, "messages", "invalid_value"),
+    ("max-tokens-string", COMP, {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", "invalid_type"),
+    ("temperature-bool", COMP, {"prompt": "hi", "temperature": True}, 400, "temperature", "invalid_type"),
+    ("temperature-high", COMP, {"prompt": "hi", "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ("top-p-zero", COMP, {"prompt": "hi", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ("content-int", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "invalid_type"),
+    ("prompt-object", COMP, {"prompt": {"text": "hi"}}, 400, "prompt", "invalid_type"),
+    ("n-2", CHAT, {"messages": OK_MESSAGES, "n": 2}, 400, "n", "unsupported_parameter"),
+    ("logprobs", CHAT, {"messages": OK_MESSAGES, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ("tools", CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools", "unsupported_parameter"),
+    ("json-mode", CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "json_object"}}, 400,
+     "response_format", "unsupported_parameter"),
+    ("image-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "messages.0.content.0", "unsupported_parameter"),
+    ("tool-role", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role",
+     "unsupported_parameter"),
+    ("best-of", COMP, {"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+    ("echo", COMP, {"prompt": "hi", "echo": True}, 400, "echo", "unsupported_parameter"),
+    ("penalty", COMP, {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+    ("batch-prompt", COMP, {"prompt": ["a", "b"]}, 400, "prompt", "unsupported_parameter"),
+    ("empty-prompt", COMP, {"prompt": ""}, 400, "prompt", None),
+    ("token-out-of-range", COMP, {"prompt": [1, 99999]}, 400, "prompt", None),
+    ("five-stops", COMP, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ("max-tokens-over-limit", COMP, {"prompt": "hi", "max_tokens": TINY_CONTEXT + 1}, 400, "max_tokens",
+     "invalid_value"),
+    ("prompt-too-long", COMP, {"prompt": "hello " * TINY_CONTEXT}, 400, "prompt", "context_length_exceeded"),
+    ("prompt-plus-max-tokens", COMP, {"prompt": "hello " * 4000, "max_tokens": 200}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ("stream-options-without-stream", COMP, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options", None),
+]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_error_responses(tiny_server, case):
+    _, path, body, status, param, code = case
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = httpx.post(tiny_server + path, content=raw, headers={"content-type": "application/json"}, timeout=WAIT_S)
+    err = assert_openai_error(resp, status)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    if code is not None:
+        assert err["code"] == code
+
+
+def test_errors_reach_the_openai_client_and_server_keeps_serving(tiny_server):
+    c = client(tiny_server)
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model="tiny", messages=OK_MESSAGES, n=3)
+    assert exc.value.code == "unsupported_parameter" and exc.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.completions.create(model="tiny", prompt="hello " * TINY_CONTEXT, max_tokens=5, stream=True)
+    assert exc.value.code == "context_length_exceeded"
+    big = httpx.post(f"{tiny_server}{COMP}", content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}', timeout=WAIT_S)
+    assert_openai_error(big, 413)
+    assert_openai_error(httpx.get(f"{tiny_server}/v1/nothing-here", timeout=WAIT_S), 404)
+    assert_openai_error(httpx.get(f"{tiny_server}{COMP}", timeout=WAIT_S), 405)
+    assert c.completions.create(model="tiny", prompt="hello", max_tokens=3).choices[0].text
+    assert health(tiny_server)["queue"]["failed"] == 0
+
+
+# ---- auth, and chat without a chat template ------------------------------------------------------
+
+def test_api_key_and_missing_chat_template(tmp_path):
+    path = write_tiny_chat_model(tmp_path / "no-template", chat_template=False)
+    llm = LLM.load(str(path), device="cpu", dtype=torch.float32)
+    with running_server(llm, api_key="s3cret-key") as base:
+        assert health(base)["status"] == "ok"  # probes need no key
+        for key in (None, "wrong-key", "s3cret-ke", "s3cret-key-and-more"):
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            err = assert_openai_error(httpx.get(f"{base}/v1/models", headers=headers, timeout=WAIT_S), 401)
+            assert err["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(base, "wrong-key").completions.create(model="tiny", prompt="hello", max_tokens=2)
+        good = client(base, "s3cret-key")
+        assert [m.id for m in good.models.list().data] == ["tiny"]
+        ref = llm.generate("hello world", max_new_tokens=5, temperature=0)
+        assert good.completions.create(model="tiny", prompt="hello world", max_tokens=5,
+                                       temperature=0).choices[0].text == ref.text
+        with pytest.raises(openai.BadRequestError) as exc:
+            good.chat.completions.create(model="tiny", messages=OK_MESSAGES)
+        assert exc.value.code == "chat_template_missing"
+
+
+# ---- concurrency, disconnects, queue limits ------------------------------------------------------
+
+def _long_stream(base: str, max_tokens: int = 3000):
+    return client(base).completions.create(model="tiny", prompt="hello", max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+
+
+def test_stream_disconnect_cancels_and_loop_stays_responsive(tiny_server):
+    before = health(tiny_server)["queue"]
+    stream = _long_stream(tiny_server)
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    # /health answers while the worker generates: generation does not block the event loop.
+    assert health(tiny_server)["queue"]["running"] is True
+    stream.close()
+    wait_until(lambda: health(tiny_server)["queue"]["cancelled"] == before["cancelled"] + 1, "the cancellation")
+    wait_until(lambda: not health(tiny_server)["queue"]["running"], "the worker to go idle")
+    assert health(tiny_server)["queue"]["admitted"] == 0
+
+
+def test_non_streaming_disconnect_cancels(tiny_server):
+    before = health(tiny_server)["queue"]
+    body = {"prompt": "hello", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{tiny_server}{COMP}", json=body, timeout=httpx.Timeout(WAIT_S, read=0.5))
+    wait_until(lambda: health(tiny_server)["queue"]["cancelled"] == before["cancelled"] + 1, "the cancellation")
+    wait_until(lambda: not health(tiny_server)["queue"]["running"], "the worker to go idle")
+
+
+def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(tiny_llm):
+    with running_server(tiny_llm, max_queue=1) as base:
+        stream = _long_stream(base)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as exc:
+            client(base).completions.create(model="tiny", prompt="hello", max_tokens=2)
+        assert exc.value.code == "queue_full"
+        raw = httpx.post(f"{base}{COMP}", json={"prompt": "hello", "max_tokens": 2}, timeout=WAIT_S)
+        assert_openai_error(raw, 429)
+        assert raw.headers["retry-after"] == "1"
+        stream.close()
+        wait_until(lambda: health(base)["queue"]["admitted"] == 0, "the slot to be freed")
+        assert client(base).completions.create(model="tiny", prompt="hello", max_tokens=2).choices[0].text
+        assert health(base)["queue"]["rejected"] == 2
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _live_jobs() -> int:
+    gc.collect()
+    return sum(type(o) is Job for o in gc.get_objects())  # type(): no __class__ lookups on lazy modules
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS is read from /proc")
+def test_concurrent_clients_with_random_disconnects(tiny_server, tiny_llm):
+    """32 clients, mixed chat/completion and streamed/whole, a third of them hanging up early: every
+    response that completes equals the library's output for its seed, and nothing leaks."""
+    variants = []
+    for i in range(8):
+        messages = [{"role": "user", "content": f"{WORDS[i]} {WORDS[i + 9]} {WORDS[2 * i + 20]} ?"}]
+        settings = dict(temperature=0.0) if i % 3 == 0 else dict(temperature=0.8, top_p=0.95, seed=100 + i)
+        chat = i % 2 == 0
+        prompt = messages if chat else messages[0]["content"]
+        ref = tiny_llm.generate(prompt, max_new_tokens=24, **settings)
+        variants.append((chat, prompt, settings, ref))
+    rng = random.Random(0)
+    plan = [(rng.randrange(len(variants)), rng.random() < 0.5, rng.random() < 0.33) for _ in range(32)]
+    results: list[Any] = [None] * len(plan)
+
+    def one(idx: int) -> None:
+        v, stream, hang_up = plan[idx]
+        chat, prompt, settings, ref = variants[v]
+        try:
+            c = client(tiny_server)
+            kwargs = dict(model="tiny", max_tokens=24, **_api_settings(settings))
+            if hang_up and not stream:
+                body = {"prompt": prompt, "max_tokens": 24, **settings}
+                with contextlib.suppress(httpx.TimeoutException):
+                    httpx.post(f"{tiny_server}{COMP}", json=body, timeout=httpx.Timeout(WAIT_S, read=0.05))
+                results[idx] = "hung up"
+                return
+            if chat:
+                create, extract = c.chat.completions.create, lambda ch: ch.choices[0].delta.content or ""
+                kwargs["messages"] = prompt
+            else:
+                create, extract = c.completions.create, lambda ch: ch.choices[0].text
+                kwargs["prompt"] = prompt
+            if stream:
+                with create(stream=True, **kwargs) as s:
+                    parts = []
+                    for n, chunk in enumerate(s):
+                        if hang_up and n == 2:
+                            results[idx] = "hung up"
+                            return
+                        parts.append(extract(chunk))
+                results[idx] = ("".join(parts), ref.text)
+            else:
+                r = create(**kwargs)
+                text = r.choices[0].message.content if chat else r.choices[0].text
+                assert r.usage.completion_tokens == len(ref.token_ids)
+                results[idx] = (text, ref.text)
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            results[idx] = exc
+
+    def run_all(indices) -> None:
+        threads = [threading.Thread(target=one, args=(i,)) for i in indices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S * 2)
+        assert not any(t.is_alive() for t in threads), "a client hung"
+
+    run_all(range(4))  # warm-up: thread pools and allocator caches settle before RSS is measured
+    rss0 = _rss_bytes()
+    run_all(range(len(plan)))
+    rss1 = _rss_bytes()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+    completed = [r for r in results if isinstance(r, tuple)]
+    assert len(completed) >= 16
+    for got, want in completed:
+        assert got == want
+    wait_until(lambda: health(tiny_server)["queue"]["admitted"] == 0, "every slot to be freed")
+    q = health(tiny_server)["queue"]
+    assert q["failed"] == 0 and q["waiting"] == 0 and not q["running"]
+    wait_until(lambda: _live_jobs() == 0, "every request's job to be released")
+    # A leak of even one KV cache per request (4.7 MB here) would exceed this over 32 requests.
+    assert rss1 - rss0 < 64 << 20, f"RSS grew by {(rss1 - rss0) >> 20} MiB"
