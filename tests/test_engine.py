@@ -1,0 +1,237 @@
+"""The engine's one generate/stream loop: determinism, seeded sampling, stop strings and stop
+tokens, length limits, context errors, prompt validation, cancellation and chat prompts.
+
+Most tests use a tiny random Llama with a character-level tokenizer (`write_char_tokenizer`):
+every printable character is one token, so a two-character stop string always spans two tokens,
+and generation costs about a millisecond per token. One test runs the demo model for a real
+chat template and real text.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_tiny_hf_model
+from edgespec import LLM, ContextLengthError
+from edgespec.loading import load_model
+
+CONTEXT = 64
+VOCAB = 211  # the tiny model's vocabulary (conftest.write_tiny_hf_model)
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def write_char_tokenizer(directory: Path, vocab_size: int = VOCAB) -> None:
+    """A character-level tokenizer (tokenizer.json + config with a chat template) for the tiny
+    models: ids 0-2 are <unk>, <s>, </s>; then the 95 printable ASCII characters and newline;
+    the remaining ids are two-letter pieces ("aa", "ab", ...) that only generation produces."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in string.printable[:95] + "\n":
+        vocab.setdefault(c, len(vocab))
+    letters = string.ascii_lowercase
+    for i in range(vocab_size - len(vocab)):
+        vocab[letters[i // 26] + letters[i % 26]] = len(vocab)
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()  # pieces are concatenated, not joined with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(directory)
+
+
+def write_tiny_chat_model(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Llama directory with the character tokenizer."""
+    write_tiny_hf_model(directory, "llama", seed=seed)
+    write_char_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    d = write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+    return LLM(load_model(d, device="cpu", dtype=torch.float32, max_context=CONTEXT))
+
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def greedy(llm: LLM):
+    """The unconstrained greedy continuation of PROMPT: (token ids, their text pieces, full text)."""
+    result = llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True)
+    pieces = [llm.tokenizer.decode([t]) for t in result.token_ids]
+    assert "".join(pieces) == result.text  # the character tokenizer decodes piece by piece
+    return result.token_ids, pieces, result.text
+
+
+def streamed(llm: LLM, prompt, **settings) -> tuple[str, object]:
+    """(concatenated streamed text, final result)."""
+    text, result = "", None
+    for event in llm.stream(prompt, **settings):
+        text += event.text
+        result = event.result or result
+    return text, result
+
+
+def test_greedy_is_deterministic(llm: LLM, greedy) -> None:
+    tokens, _, text = greedy
+    again = llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True)
+    assert again.token_ids == tokens and again.text == text
+    assert again.finish_reason == "length"
+    assert again.stats.new_tokens == 30 and again.stats.prompt_tokens == len(PROMPT)
+    assert len(set(tokens)) > 3, "degenerate continuation: the engine tests would prove little"
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(llm: LLM) -> None:
+    settings = dict(max_new_tokens=24, temperature=1.5, top_k=100, ignore_eos=True)
+    a = llm.generate(PROMPT, seed=7, **settings).token_ids
+    b = llm.generate(PROMPT, seed=7, **settings).token_ids
+    c = llm.generate(PROMPT, seed=8, **settings).token_ids
+    assert a == b
+    assert a != c
+
+
+def test_streamed_text_concatenates_to_the_result(llm: LLM, greedy) -> None:
+    text, result = streamed(llm, PROMPT, max_new_tokens=30, ignore_eos=True)
+    assert text == result.text == greedy[2]
+
+
+def _split_stop_string(greedy) -> tuple[str, int]:
+    """A two-character stop string made of the last character of token j and the first of token
+    j + 1 that does not occur earlier in the text. Returns (stop, j)."""
+    tokens, pieces, text = greedy
+    for j in range(2, len(pieces) - 1):
+        if not pieces[j] or not pieces[j + 1]:
+            continue
+        stop = pieces[j][-1] + pieces[j + 1][0]
+        boundary = len("".join(pieces[: j + 1]))
+        if text.find(stop) == boundary - 1:
+            return stop, j
+    pytest.fail(f"no usable stop string in {text!r}")
+
+
+def test_stop_string_split_across_tokens(llm: LLM, greedy) -> None:
+    tokens, pieces, text = greedy
+    stop, j = _split_stop_string(greedy)
+    streamed_text, result = streamed(llm, PROMPT, max_new_tokens=30, stop=[stop], ignore_eos=True)
+    expected = text[: text.find(stop)]
+    assert result.finish_reason == "stop"
+    assert result.text == expected and streamed_text == expected  # the stop string is never streamed
+    assert result.token_ids == tokens[: j + 2]  # generation ends at the token completing the stop string
+
+
+def test_stop_string_never_produced_runs_to_length(llm: LLM, greedy) -> None:
+    text, result = streamed(llm, PROMPT, max_new_tokens=30, stop=["\x7f never"], ignore_eos=True)
+    assert result.finish_reason == "length" and text == result.text == greedy[2]
+
+
+def test_stop_token_ids(llm: LLM, greedy) -> None:
+    tokens = greedy[0]
+    k = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
+    result = llm.generate(PROMPT, max_new_tokens=30, stop_token_ids=[tokens[k]], ignore_eos=True)
+    assert result.finish_reason == "stop"
+    assert result.token_ids == tokens[:k]  # the stop token itself is not part of the output
+
+
+def test_eos_stops_unless_ignored(llm: LLM, greedy, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = greedy[0]
+    k = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
+    monkeypatch.setattr(llm.model.config, "eos_token_ids", [tokens[k]])
+    stopped = llm.generate(PROMPT, max_new_tokens=30)
+    assert stopped.finish_reason == "stop" and stopped.token_ids == tokens[:k]
+    assert llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True).token_ids == tokens
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_max_new_tokens_gives_length(llm: LLM, greedy, n: int) -> None:
+    result = llm.generate(PROMPT, max_new_tokens=n, ignore_eos=True)
+    assert result.finish_reason == "length"
+    assert result.token_ids == greedy[0][:n]
+
+
+def test_context_budget_clamps_new_tokens(llm: LLM) -> None:
+    prompt = list(range(3, 3 + CONTEXT - 4))
+    result = llm.generate(prompt, max_new_tokens=100, ignore_eos=True)
+    assert result.finish_reason == "length" and len(result.token_ids) == 4
+    last = llm.generate(list(range(3, 3 + CONTEXT - 1)), max_new_tokens=100, ignore_eos=True)
+    assert len(last.token_ids) == 1
+
+
+def test_prompt_longer_than_context(llm: LLM) -> None:
+    with pytest.raises(ContextLengthError, match=rf"prompt has 70 tokens but the context holds {CONTEXT}"):
+        llm.generate(list(range(3, 73)), max_new_tokens=1)
+    with pytest.raises(ContextLengthError, match=rf"{CONTEXT} tokens but the context holds {CONTEXT}"):
+        llm.generate(list(range(3, 3 + CONTEXT)), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -1, 10**9])
+def test_out_of_range_prompt_ids(llm: LLM, bad: int) -> None:
+    with pytest.raises(ValueError, match=rf"token id {bad} is out of range for a vocabulary of {VOCAB}"):
+        llm.generate([5, bad, 6], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("prompt", [[], ""])
+def test_empty_prompt(llm: LLM, prompt) -> None:
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate(prompt, max_new_tokens=1)
+
+
+def test_prompt_of_the_wrong_type(llm: LLM) -> None:
+    with pytest.raises(TypeError, match="prompt must be"):
+        llm.generate([1.5, 2.0], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("settings,field", [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                                            ({"max_new_tokens": -1}, "max_new_tokens"),
+                                            ({"prefill_chunk": 0}, "prefill_chunk"), ({"stop": [""]}, "stop")])
+def test_bad_generation_settings(llm: LLM, settings: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        llm.generate(PROMPT, **settings)
+
+
+def test_closing_a_stream_early_releases_the_engine(llm: LLM, greedy) -> None:
+    stream = llm.stream(PROMPT, max_new_tokens=30, ignore_eos=True)
+    first = next(stream)
+    assert first.token_ids == greedy[0][:1] and first.result is None
+    stream.close()
+    assert not llm._lock.locked()
+    assert llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True).token_ids == greedy[0]
+
+
+def test_chat_messages_are_templated(llm: LLM) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = llm.encode(messages)
+    assert ids == llm.tokenizer.encode("<system>Be brief.\n<user>Hi\n<assistant>", add_special_tokens=False)
+    assert llm.encode("Hi", chat=True) == llm.tokenizer.encode("<user>Hi\n<assistant>", add_special_tokens=False)
+    assert llm.generate(messages, max_new_tokens=5, ignore_eos=True).token_ids == \
+        llm.generate(ids, max_new_tokens=5, ignore_eos=True).token_ids
+    with pytest.raises(ValueError, match="message 1"):
+        llm.encode([{"role": "user", "content": "Hi"}, {"role": "user", "content": 3}])
+
+
+def test_token_id_prompts_work_without_a_tokenizer(tmp_path: Path) -> None:
+    d = write_tiny_hf_model(tmp_path / "bare", "llama", seed=0)
+    bare = LLM(load_model(d, device="cpu", dtype=torch.float32, max_context=CONTEXT, with_tokenizer=False))
+    result = bare.generate([5, 6, 7], max_new_tokens=4, ignore_eos=True)
+    assert len(result.token_ids) == 4 and result.text == ""
+    with pytest.raises(ValueError, match="without a tokenizer"):
+        bare.generate("text", max_new_tokens=1)
+
+
+def test_demo_chat_with_a_stop_string(demo_llm: LLM) -> None:
+    """The real model and chat template: stop at the second word of the greedy answer."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    full = demo_llm.generate(messages, max_new_tokens=8)
+    words = full.text.split()
+    assert len(words) >= 3, full.text
+    stop = " " + words[1]
+    text, result = streamed(demo_llm, messages, max_new_tokens=8, stop=[stop])
+    assert result.finish_reason == "stop"
+    assert text == result.text == full.text[: full.text.find(stop)]
