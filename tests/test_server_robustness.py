@@ -1,0 +1,242 @@
+"""The server under hostile conditions: a fuzz of malformed requests, shutdown with requests in flight
+(in-process and as a real `edgespec serve` process receiving SIGTERM/SIGINT), CLI defaults."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from test_server import (TINY_CONTEXT, WAIT_S, assert_openai_error, client, free_port, health,  # noqa: F401
+                         one_torch_thread, openai, running_server, tiny_llm, tiny_server, wait_until,
+                         write_tiny_chat_model)
+
+from edgespec.server.schemas import ChatCompletionRequest, CompletionRequest
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 5 + 5 + 120  # upper bound of the tiny tokenizer's vocabulary; ids at or above it are out of range
+
+# ---- strategies: every body drawn here is wrong in at least one way ------------------------------
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 70), 2 ** 70),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+_json = st.recursive(_scalars, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                   st.dictionaries(st.text(max_size=6), c, max_size=3)),
+                     max_leaves=8)
+
+
+def _not(*types: type) -> st.SearchStrategy:
+    """Any JSON value (never null) whose Python type is none of `types`."""
+    return _json.filter(lambda v: v is not None and type(v) not in types)
+
+
+_bad_count = st.one_of(_not(int), st.integers(max_value=0), st.integers(min_value=TINY_CONTEXT))
+_bad_message = st.one_of(
+    _not(dict),
+    st.fixed_dictionaries({"role": st.text(max_size=10).filter(
+        lambda r: r not in ("system", "developer", "user", "assistant")), "content": st.text(max_size=10)}),
+    st.fixed_dictionaries({"role": st.just("user")}),                       # no content
+    st.fixed_dictionaries({"role": st.just("user"), "content": _not(str, list)}),
+    st.fixed_dictionaries({"role": st.just("user"), "content": st.lists(
+        st.fixed_dictionaries({"type": st.text(max_size=8).filter(lambda t: t != "text")}), min_size=1, max_size=2)}),
+)
+COMMON_BAD: dict[str, st.SearchStrategy] = {
+    "max_tokens": _bad_count,
+    "temperature": st.one_of(_not(int, float), st.floats(max_value=-1e-6), st.floats(min_value=2.001),
+                             st.sampled_from([float("nan"), float("inf")])),
+    "top_p": st.one_of(_not(int, float), st.floats(max_value=0.0), st.floats(min_value=1.001)),
+    "top_k": st.one_of(_not(int), st.integers(max_value=-2)),
+    "seed": st.one_of(_not(int), st.integers(min_value=2 ** 64), st.integers(max_value=-(2 ** 63) - 1)),
+    "stop": st.one_of(st.just(""), _not(str, list), st.lists(st.text(min_size=1, max_size=4), min_size=5, max_size=7),
+                      st.text(min_size=257, max_size=300), st.lists(_not(str), min_size=1, max_size=3)),
+    "n": st.one_of(st.integers(min_value=2), st.integers(max_value=0), _not(int)),
+    "stream": _not(bool),
+    "ignore_eos": _not(bool),
+    "presence_penalty": st.one_of(st.floats(allow_nan=False, allow_infinity=False).filter(bool), _not(int, float)),
+    "logit_bias": st.dictionaries(st.text(min_size=1, max_size=4), st.floats(-100, 100), min_size=1, max_size=2),
+    "best_of": st.integers(min_value=2),
+    "stop_token_ids": st.lists(st.one_of(st.integers(min_value=VOCAB), st.integers(max_value=-1)), min_size=1,
+                               max_size=3),
+    "stream_options": st.one_of(_not(dict), st.fixed_dictionaries({"include_usage": st.booleans()})),  # stream is false
+}
+CHAT_BAD = {**COMMON_BAD,
+            "messages": st.one_of(_not(list), st.just([]), st.lists(_bad_message, min_size=1, max_size=3)),
+            "max_completion_tokens": _bad_count,
+            "logprobs": st.one_of(st.just(True), _not(bool)),
+            "tools": st.lists(_json, min_size=1, max_size=2),
+            "tool_choice": st.one_of(st.text(max_size=8).filter(lambda t: t not in ("none", "auto")),
+                                     st.dictionaries(st.text(max_size=4), _json, max_size=2)),
+            "response_format": st.one_of(_not(dict), st.fixed_dictionaries(
+                {"type": st.text(max_size=10).filter(lambda t: t != "text")}))}
+COMP_BAD = {**COMMON_BAD,
+            "prompt": st.one_of(st.just(""), st.just([]), _not(str, list),
+                                st.lists(st.integers(min_value=VOCAB), min_size=1, max_size=3),
+                                st.lists(st.integers(max_value=-1), min_size=1, max_size=3),
+                                st.lists(st.text(max_size=5), min_size=2, max_size=4),       # a batch
+                                st.lists(st.one_of(st.booleans(), st.floats(), st.dictionaries(st.text(), st.none())),
+                                         min_size=1, max_size=3)),
+            "echo": st.just(True),
+            "suffix": st.text(min_size=1, max_size=8),
+            "logprobs": st.one_of(st.integers(), _not(int))}
+KNOWN_FIELDS = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+BASES = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 3,
+                                  "stream": False},
+         "/v1/completions": {"prompt": "hello world", "max_tokens": 3, "stream": False}}
+
+
+RAW_KINDS = ("not-json", "not-object", "no-prompt")
+
+
+@st.composite
+def malformed_request(draw, path: str, kind: str) -> bytes:
+    """A body for `path` that is wrong in one way. kind: a field name (a valid request with that
+    field made wrong, plus harmless unknown fields), or one of RAW_KINDS (not JSON, not an object,
+    an object without prompt/messages)."""
+    if kind == "not-json":
+        raw = draw(st.binary(max_size=40))
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            return raw
+        return json.dumps([parsed]).encode()  # valid JSON after all: make it a non-object
+    if kind == "not-object":
+        return json.dumps(draw(_json.filter(lambda v: not isinstance(v, dict)))).encode()
+    extras = draw(st.dictionaries(st.text(max_size=8).filter(lambda k: k not in KNOWN_FIELDS), _json, max_size=3))
+    if kind == "no-prompt":
+        return json.dumps(extras).encode()
+    bad = CHAT_BAD if path.endswith("chat/completions") else COMP_BAD
+    body = {**extras, **BASES[path], kind: draw(bad[kind])}
+    return json.dumps(body).encode()  # NaN/Infinity become non-standard JSON tokens: also invalid
+
+
+FUZZ_CASES = [(path, kind) for path in sorted(BASES)
+              for kind in RAW_KINDS + tuple(sorted(CHAT_BAD if path.endswith("chat/completions") else COMP_BAD))]
+
+
+def test_fuzz_malformed_requests_get_4xx_and_server_stays_healthy(tiny_server, tiny_llm):
+    """Every field of both endpoints (and bodies that are not requests at all) gets its own share of
+    examples, so rarely drawn fields are not left untested."""
+    http = httpx.Client(base_url=tiny_server, timeout=WAIT_S)
+    statuses: dict[int, int] = {}
+
+    def fuzz(path: str, kind: str) -> None:
+        @settings(max_examples=12, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+        @given(malformed_request(path, kind))
+        def check(raw: bytes) -> None:
+            resp = http.post(path, content=raw, headers={"content-type": "application/json"})
+            assert_openai_error(resp)
+            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+
+        check()
+
+    with http:
+        for path, kind in FUZZ_CASES:
+            fuzz(path, kind)
+    assert set(statuses) == {400} and sum(statuses.values()) >= 10 * len(FUZZ_CASES), statuses
+    q = health(tiny_server)
+    assert q["status"] == "ok" and q["queue"]["failed"] == 0 and q["queue"]["admitted"] == 0
+    ref = tiny_llm.generate("hello world", max_new_tokens=4, temperature=0)
+    r = client(tiny_server).completions.create(model="tiny", prompt="hello world", max_tokens=4, temperature=0)
+    assert r.choices[0].text == ref.text
+
+
+# ---- shutdown with requests in flight ------------------------------------------------------------
+
+def test_in_process_shutdown_cancels_cleanly_after_the_grace_period(tiny_llm):
+    """A stopping server gives in-flight requests `shutdown_timeout` seconds, then answers a waiting
+    non-streamed request with a 503 and ends a stream with an OpenAI error event."""
+    outcome: dict[str, Any] = {}
+    body = {"prompt": "hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
+
+    def whole(base: str) -> None:
+        outcome["whole"] = httpx.post(f"{base}/v1/completions", json=body, timeout=WAIT_S)
+
+    with running_server(tiny_llm, shutdown_timeout=0.3) as base:
+        stream = client(base).completions.create(model="tiny", prompt="hello", max_tokens=4000, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        waiter = threading.Thread(target=whole, args=(base,))
+        waiter.start()
+        wait_until(lambda: health(base)["queue"]["waiting"] == 1, "the second request to queue")
+        # Leaving the block stops the server while both requests are in flight.
+    with pytest.raises(openai.APIError, match="shutting down"):
+        for _ in it:
+            pass
+    waiter.join(WAIT_S)
+    resp = outcome["whole"]
+    assert resp.status_code == 503
+    err = resp.json()["error"]
+    assert err["code"] == "cancelled" and "shutting down" in err["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_process_shuts_down_gracefully_on_signal(tmp_path, sig):
+    """`edgespec serve` as a real process: serves with an API key from the environment; on the signal
+    a stream in flight ends cleanly (finished, or an OpenAI error event) and the process exits 0."""
+    model = write_tiny_chat_model(tmp_path / "model")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "EDGESPEC_API_KEY": "process-key"}
+    cmd = [sys.executable, "-m", "edgespec", "serve", "--model", str(model), "--port", str(port), "--device", "cpu",
+           "--dtype", "fp32", "--shutdown-timeout", "1", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, f"the server exited early: {proc.stdout.read()}"
+            try:
+                return httpx.get(f"{base}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, "the server process to start")
+        c = client(base, "process-key")
+        assert c.completions.create(model="m", prompt="hello world", max_tokens=3).usage.completion_tokens <= 3
+        stream = c.completions.create(model="m", prompt="hello", max_tokens=4000, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        proc.send_signal(sig)
+        try:
+            chunks = list(it)
+            assert chunks[-1].choices[0].finish_reason == "length"  # it finished within the grace period
+        except openai.APIError as exc:  # cancelled after the grace period: an error event, not a broken stream
+            assert "shutting down" in str(exc)
+        rc = proc.wait(timeout=WAIT_S)
+        output = proc.stdout.read()
+        assert rc == 0, output
+        assert "Traceback" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_defaults_to_loopback():
+    from edgespec.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert (args.host, args.port, args.max_queue) == ("127.0.0.1", 8000, 64)
+    assert args.func.__module__ == "edgespec.cli.serve"
+
+
+def test_server_settings_are_validated(tiny_llm):
+    from edgespec.server import ServerSettings, create_app
+
+    cases = [(dict(max_queue=0), "max_queue"), (dict(max_request_bytes=0), "max_request_bytes"),
+             (dict(shutdown_timeout=-1), "shutdown_timeout"), (dict(api_key=""), "API key")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            create_app(tiny_llm, ServerSettings(model_name="x", **bad))
