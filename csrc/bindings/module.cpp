@@ -28,7 +28,7 @@
 #include "kernels/sampling.h"
 
 #ifndef EDGESPEC_CUDA_ARCHS
-#error "EDGESPEC_CUDA_ARCHS must be defined by the build (the list the kernels were compiled for)"
+#error "EDGESPEC_CUDA_ARCHS must be defined by the build (comma-separated architectures the kernels target)"
 #endif
 
 namespace py = pybind11;
@@ -81,11 +81,11 @@ cudaStream_t as_stream(std::uint64_t handle) {
 
 const TensorView* opt(const std::optional<TensorView>& v) { return v ? &*v : nullptr; }
 
-py::list split_list(const std::string& text) {
+py::list split_list(const std::string& text, char sep) {
   py::list items;
   std::size_t start = 0;
   while (start <= text.size()) {
-    const std::size_t end = std::min(text.find(';', start), text.size());
+    const std::size_t end = std::min(text.find(sep, start), text.size());
     if (end > start) items.append(text.substr(start, end - start));
     start = end + 1;
   }
@@ -95,7 +95,7 @@ py::list split_list(const std::string& text) {
 py::dict build_info() {
   py::dict info;
   info["cuda"] = true;
-  info["architectures"] = split_list(EDGESPEC_CUDA_ARCHS);
+  info["architectures"] = split_list(EDGESPEC_CUDA_ARCHS, ',');
   py::list dtypes;
   for (DType d : kCompiledFloatDtypes) dtypes.append(dtype_name(d));
   info["dtypes"] = dtypes;
