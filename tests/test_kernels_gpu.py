@@ -292,7 +292,7 @@ def test_argmax(rows: int, vocab: int, dtype: torch.dtype) -> None:
     # Plant exact ties at the top of every row: the lowest index must win.
     top = logits.float().max(dim=1).values + 1.0
     cols = torch.randint(0, vocab, (rows, 3), generator=gen(rows), device="cuda")
-    logits.scatter_(1, cols, top.unsqueeze(1).expand(rows, 3).to(dtype))
+    logits.scatter_(1, cols, top.unsqueeze(1).expand(rows, 3).contiguous().to(dtype))
     got = ops.argmax(logits)
     assert got.dtype == torch.int64
     assert torch.equal(got, logits.argmax(dim=-1))
