@@ -11,6 +11,8 @@ Field policy:
   penalties, logit_bias, best_of, echo, suffix, JSON response formats, beam search, min_p, ...) are
   accepted only at their neutral value; anything else is a 400 naming the parameter.
 * Extensions beyond OpenAI, as in vLLM: top_k (0 or -1 = off), ignore_eos, stop_token_ids.
+* `model` may be any string (clients insist on sending one); responses name the served model.
+* /v1/completions takes one prompt: text, a list of token ids, or a one-element batch of either.
 * Defaults follow OpenAI: temperature 1, top_p 1; max_tokens 16 for /v1/completions and "up to the
   server limit / remaining context" for chat. Temperatures in (0, 1e-5) are treated as greedy: the
   sampling distribution is one-hot at such temperatures anyway, and fp32 overflows below ~1e-37.
