@@ -22,6 +22,8 @@
 #include "common/status.h"
 #include "common/tensor_view.h"
 #include "kernels/activation.h"
+#include "kernels/attention.h"
+#include "kernels/attention_plan.h"
 #include "kernels/embedding.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
@@ -99,8 +101,10 @@ py::dict build_info() {
   py::list dtypes;
   for (DType d : kCompiledFloatDtypes) dtypes.append(dtype_name(d));
   info["dtypes"] = dtypes;
-  // Head dims of head-dim-specialised kernel instances (attention); no such family is built yet.
-  info["head_dims"] = py::list();
+  // Head dims of head-dim-specialised kernel instances (attention).
+  py::list head_dims;
+  for (int d : kAttentionHeadDims) head_dims.append(d);
+  info["head_dims"] = head_dims;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 #ifdef EDGESPEC_HAS_SM90
   info["sm90_kernels"] = true;
@@ -193,4 +197,25 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("logits"), py::arg("out"), py::arg("stream"),
       "out[t] = argmax(logits[t]) (lowest index on ties, NaN wins). See csrc/kernels/sampling.h.");
+
+  m.attr("ATTENTION_MAX_TREE_TOKENS") = kAttentionMaxTreeTokens;
+  m.attr("ATTENTION_MAX_SPLITS") = kAttentionMaxSplits;
+  m.def(
+      "attention",
+      [](const TensorView& q, const TensorView& k, const TensorView& v, const std::optional<TensorView>& tree_mask,
+         const TensorView& out, const std::optional<TensorView>& partial_out,
+         const std::optional<TensorView>& partial_lse, float scale, int splits, std::uint64_t stream) {
+        AttentionArgs a{q, k, v, opt(tree_mask), out, opt(partial_out), opt(partial_lse), scale, splits};
+        raise_if_error("attention", attention(a, as_stream(stream)),
+                       {{"q", &q}, {"k", &k}, {"v", &v}, {"tree_mask", opt(tree_mask)}, {"out", &out},
+                        {"partial_out", opt(partial_out)}, {"partial_lse", opt(partial_lse)}});
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tree_mask"), py::arg("out"), py::arg("partial_out"),
+      py::arg("partial_lse"), py::arg("scale"), py::arg("splits"), py::arg("stream"),
+      "Causal or tree-masked GQA attention of the last T of S cache slots, split-KV when splits > 1. "
+      "See csrc/kernels/attention.h.");
+  m.def("attention_num_splits", &attention_num_splits, py::arg("tokens"), py::arg("seqlen"), py::arg("heads_q"),
+        py::arg("heads_kv"), py::arg("tree"), py::arg("num_sms"),
+        "Key-range splits the attention kernels use for this shape on a GPU with num_sms SMs (host only, "
+        "no GPU needed). See csrc/kernels/attention_plan.h.");
 }

@@ -4,6 +4,10 @@ set(EDGESPEC_INSTANCE_SOURCES
   csrc/instances/activation_bf16.cu
   csrc/instances/activation_fp16.cu
   csrc/instances/activation_fp32.cu
+  csrc/instances/attention_bf16_hd128.cu
+  csrc/instances/attention_bf16_hd64.cu
+  csrc/instances/attention_fp16_hd128.cu
+  csrc/instances/attention_fp16_hd64.cu
   csrc/instances/embedding_bf16.cu
   csrc/instances/embedding_fp16.cu
   csrc/instances/embedding_fp32.cu

@@ -1,0 +1,465 @@
+// Attention kernels and their launcher; see attention.h for the contract and attention_plan.h for
+// the choice of tile shape and splits. Included only by the generated instance files
+// csrc/instances/attention_<dtype>_hd<D>.cu.
+//
+// One block: kBlockM packed query rows (r = token * G + head-in-group) of one KV head, one split
+// of the key range. Prologue: the block's tree-mask rows (one 64-bit word per row per 64 tree
+// tokens, read once, coalesced) and its Q tile go to shared memory; each warp keeps its 16 rows
+// of Q as mma A fragments in registers for the whole kernel. Main loop, per tile of 64 keys:
+// cp.async brings the next K/V tile while the current one is used; S = Q.K^T with m16n8k16 mma;
+// scale, mask (only tiles that cross the causal diagonal or hold tree tokens pay for it), online
+// softmax in base 2; O += P.V with P re-packed from the S accumulators as A fragments (no shared
+// memory round trip). Epilogue: the warps' softmax states are merged through shared memory (the
+// decode shape has four warps on one row block) and the block writes either the normalised
+// output or, with splits, an fp32 partial output and its log-sum-exp for the combine kernel.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/checks.h"
+#include "common/launch.h"
+#include "common/mma.cuh"
+#include "common/vec.cuh"
+#include "kernels/attention.h"
+#include "kernels/attention_plan.h"
+
+namespace edgespec {
+
+namespace attention_detail {
+
+constexpr int kBlockN = kAttentionBlockN;
+constexpr int kCombineWarps = 4;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Shared-memory tiles (Q, K, V) are rows of kHeadDim 16-bit elements cut into 16-byte chunks;
+// chunk c of row r is stored at chunk position c ^ (r % 8). The 8 row addresses of one ldmatrix
+// matrix then fall in 8 different 16-byte bank groups (D = 64: 128-byte rows; D = 128: the XOR
+// keeps the low 3 bits of the chunk index distinct), so neither the cp.async writes nor the
+// ldmatrix reads conflict. Returns the element offset of chunk `chunk` of row `row`.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+template <int kHeadDim, int kWarpsM, int kWarpsN>
+struct Tile {
+  static constexpr int kWarps = kWarpsM * kWarpsN;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarpsM;
+  static constexpr int kWarpKeys = kBlockN / kWarpsN;  // keys of every tile that one warp scores
+  static constexpr int kChunks = kHeadDim / 8;          // 16-byte chunks per row
+  static constexpr int kKeyFrags = kWarpKeys / 8;       // n8 blocks of S per warp
+  static constexpr int kDimFrags = kHeadDim / 8;        // n8 blocks of O per warp
+  static constexpr int kDimSteps = kHeadDim / 16;       // k16 steps of Q.K^T
+  static constexpr int kKeySteps = kWarpKeys / 16;      // k16 steps of P.V
+  static constexpr int kTileElems = kBlockN * kHeadDim;  // one K or V tile
+  static constexpr int kStageElems = 2 * kTileElems;     // K tile, then V tile
+  // fp32 epilogue rows padded by 8 floats: the float2 stores of one fragment row then spread
+  // over all 32 banks instead of hitting the same 8.
+  static constexpr int kORow = kHeadDim + 8;
+  static constexpr int kPipeBytes = 2 * kStageElems * 2;  // two stages of 16-bit K and V
+  static constexpr int kEpilogueBytes = kWarpsN * kBlockM * kORow * 4;
+  static constexpr int kMainBytes = kPipeBytes > kEpilogueBytes ? kPipeBytes : kEpilogueBytes;
+  // Per-warp row max and row sum, then per-row 1/l and log-sum-exp.
+  static constexpr int kStatBytes = (2 * kWarpsN + 2) * kBlockM * 4;
+
+  static_assert(kBlockM * kHeadDim <= kStageElems, "the Q tile is staged in the second pipeline stage");
+  static_assert(kWarpKeys % 16 == 0, "a warp's key slice must be whole k16 steps of P.V");
+  static_assert((kBlockN * kChunks) % kThreads == 0, "every thread copies the same number of K/V chunks");
+};
+
+// Largest number of distinct tokens among kBlockM consecutive packed rows (their mask rows are
+// staged in shared memory): floor((kBlockM - 1) / G) + 2, at most T.
+inline int mask_tokens_per_block(int block_m, int group, int tokens) {
+  const int span = (block_m - 1) / group + 2;
+  return span < tokens ? span : tokens;
+}
+
+template <typename T, int kHeadDim, int kWarpsM, int kWarpsN, bool kTree>
+__global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
+    attention_kernel(const AttentionParams<T> p) {
+  using C = Tile<kHeadDim, kWarpsM, kWarpsN>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* const pipe = reinterpret_cast<T*>(smem);     // [2 stages][K | V][kBlockN][kHeadDim], swizzled
+  T* const q_tile = pipe + C::kStageElems;        // stage 1, until Q is in registers
+  float* const o_part = reinterpret_cast<float*>(smem);  // epilogue: [kWarpsN][kBlockM][kORow]
+  float* const stat_max = reinterpret_cast<float*>(smem + C::kMainBytes);  // [kWarpsN][kBlockM]
+  float* const stat_sum = stat_max + kWarpsN * C::kBlockM;                 // [kWarpsN][kBlockM]
+  float* const row_inv = stat_sum + kWarpsN * C::kBlockM;                  // [kBlockM]
+  float* const row_lse = row_inv + C::kBlockM;                             // [kBlockM]
+  std::uint64_t* const mask_rows = reinterpret_cast<std::uint64_t*>(row_lse + C::kBlockM);
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int wm = warp % kWarpsM;
+  const int wn = warp / kWarpsM;
+  const int group = p.group;
+  const int rows = p.tokens * group;
+  // Causal row tiles further down see more keys; launching them first shortens the tail.
+  const int tile_m = kTree ? static_cast<int>(blockIdx.x) : static_cast<int>(gridDim.x - 1 - blockIdx.x);
+  const int row0 = tile_m * C::kBlockM;
+  const int kv_head = blockIdx.y;
+  const int split = blockIdx.z;
+  const int prefix = p.seqlen - p.tokens;
+  const int tok_first = row0 / group;
+  const int tok_last = min((row0 + C::kBlockM - 1) / group, p.tokens - 1);
+
+  // This block's keys: its split's run of whole tiles, cut after the last slot any row here sees.
+  const int visible_end = kTree ? p.seqlen : prefix + tok_last + 1;
+  const int tiles_visible = (visible_end + kBlockN - 1) / kBlockN;
+  const int tiles_total = (p.seqlen + kBlockN - 1) / kBlockN;
+  const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
+  const int tile_begin = split * tiles_per_split;
+  const int tile_end = min(tile_begin + tiles_per_split, tiles_visible);
+  // Slots below full_end are visible to every row of the block: tiles entirely below it skip
+  // the mask (for a long prefix, all but the last one or two tiles).
+  const int full_end = kTree ? prefix : prefix + tok_first + 1;
+
+  if constexpr (kTree) {
+    const int words = (tok_last - tok_first + 1) * p.mask_words;
+    const std::uint64_t* src = p.tree_mask + static_cast<std::int64_t>(tok_first) * p.mask_words;
+    for (int i = tid; i < words; i += C::kThreads) mask_rows[i] = src[i];
+  }
+
+  for (int i = tid; i < C::kBlockM * C::kChunks; i += C::kThreads) {
+    const int r = i / C::kChunks;
+    const int c = i % C::kChunks;
+    const int row = row0 + r;
+    const bool valid = row < rows;
+    const T* src = p.q;
+    if (valid) {
+      const int tok = row / group;
+      const int head = kv_head * group + row % group;
+      src = p.q + tok * p.q_stride_t + head * p.q_stride_h + c * 8;
+    }
+    cp_async_16(q_tile + swizzle<kHeadDim>(r, c), src, valid);
+  }
+  cp_async_commit();
+
+  const T* const k_head = p.k + kv_head * p.k_stride_h;
+  const T* const v_head = p.v + kv_head * p.v_stride_h;
+  auto load_tile = [&](int tile, int stage) {
+    T* k_dst = pipe + stage * C::kStageElems;
+    T* v_dst = k_dst + C::kTileElems;
+    const int key0 = tile * kBlockN;
+#pragma unroll
+    for (int j = 0; j < kBlockN * C::kChunks / C::kThreads; ++j) {
+      const int i = tid + j * C::kThreads;
+      const int r = i / C::kChunks;
+      const int c = i % C::kChunks;
+      const int key = key0 + r;
+      const bool valid = key < p.seqlen;
+      const std::int64_t k_off = valid ? key * p.k_stride_s + c * 8 : 0;
+      const std::int64_t v_off = valid ? key * p.v_stride_s + c * 8 : 0;
+      cp_async_16(k_dst + swizzle<kHeadDim>(r, c), k_head + k_off, valid);
+      cp_async_16(v_dst + swizzle<kHeadDim>(r, c), v_head + v_off, valid);
+    }
+  };
+
+  if (tile_begin < tile_end) load_tile(tile_begin, 0);
+  cp_async_commit();
+  cp_async_wait<1>();  // the Q group, committed first, has landed
+  __syncthreads();
+
+  std::uint32_t q_frag[C::kDimSteps][4];
+#pragma unroll
+  for (int ks = 0; ks < C::kDimSteps; ++ks) {
+    ldmatrix_x4(q_frag[ks], q_tile + swizzle<kHeadDim>(wm * 16 + lane % 16, ks * 2 + lane / 16));
+  }
+  __syncthreads();  // stage 1 is overwritten by the first prefetch below
+
+  // This thread's fragment rows are lr0 and lr0 + 8 of the block; padding rows past the last
+  // token borrow its token (their Q is zero and they are never written).
+  const int lr0 = wm * 16 + lane / 4;
+  int row_tok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) row_tok[i] = min((row0 + lr0 + 8 * i) / group, p.tokens - 1);
+
+  float o_acc[C::kDimFrags][4];
+#pragma unroll
+  for (int d = 0; d < C::kDimFrags; ++d) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o_acc[d][e] = 0.f;
+  }
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this thread's columns only; reduced over the quad at the end
+
+  const int warp_key0 = wn * C::kWarpKeys;
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int stage = (tile - tile_begin) & 1;
+    if (tile + 1 < tile_end) load_tile(tile + 1, stage ^ 1);
+    cp_async_commit();   // possibly empty: keeps the group count uniform for wait<1>
+    cp_async_wait<1>();  // everything but the prefetch just issued: this tile is here
+    __syncthreads();
+    const T* const k_tile = pipe + stage * C::kStageElems;
+    const T* const v_tile = k_tile + C::kTileElems;
+
+    float s[C::kKeyFrags][4];
+#pragma unroll
+    for (int j = 0; j < C::kKeyFrags; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < C::kDimSteps; ++ks) {
+#pragma unroll
+      for (int kp = 0; kp < C::kKeyFrags / 2; ++kp) {
+        // Matrices: keys +0..7 | +0..7 | +8..15 | +8..15 of this pair of n8 blocks, dims
+        // low | high 8 of this k16 step: b[0..1] feed n-block 2kp, b[2..3] n-block 2kp + 1.
+        const int key = warp_key0 + kp * 16 + lane % 8 + (lane / 16) * 8;
+        std::uint32_t b[4];
+        ldmatrix_x4(b, k_tile + swizzle<kHeadDim>(key, ks * 2 + (lane / 8) % 2));
+        mma_16816<T>(s[2 * kp], q_frag[ks], b[0], b[1]);
+        mma_16816<T>(s[2 * kp + 1], q_frag[ks], b[2], b[3]);
+      }
+    }
+
+    const bool masked = (tile + 1) * kBlockN > full_end;
+    const int key_base = tile * kBlockN + warp_key0 + (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < C::kKeyFrags; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * p.scale_log2;
+        if (masked) {
+          const int key = key_base + j * 8 + (e & 1);
+          const int tok = row_tok[e / 2];
+          bool visible;
+          if constexpr (kTree) {
+            const int node = key - prefix;
+            visible = node < 0 ||
+                      (node < p.tokens &&
+                       ((mask_rows[(tok - tok_first) * p.mask_words + (node >> 6)] >> (node & 63)) & 1u));
+          } else {
+            visible = key <= prefix + tok;
+          }
+          if (!visible) x = -INFINITY;
+        }
+        s[j][e] = x;
+      }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = row_max[i];
+#pragma unroll
+      for (int j = 0; j < C::kKeyFrags; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+      // The four lanes of a quad hold the columns of the same two rows.
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+      // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float correction = exp2f(row_max[i] - base);
+      row_max[i] = mx;
+      row_sum[i] *= correction;
+#pragma unroll
+      for (int d = 0; d < C::kDimFrags; ++d) {
+        o_acc[d][2 * i] *= correction;
+        o_acc[d][2 * i + 1] *= correction;
+      }
+#pragma unroll
+      for (int j = 0; j < C::kKeyFrags; ++j) {
+        s[j][2 * i] = exp2f(s[j][2 * i] - base);
+        s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - base);
+        row_sum[i] += s[j][2 * i] + s[j][2 * i + 1];
+      }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < C::kKeySteps; ++kk) {
+      // The accumulators of n-blocks 2kk and 2kk + 1 are exactly an A fragment of k16.
+      const std::uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < C::kDimFrags / 2; ++dp) {
+        // Transposed matrices: keys +0..7 | +8..15 | +0..7 | +8..15, dims low | low | high | high
+        // 8 of this pair of n8 blocks: b[0..1] feed dim block 2dp, b[2..3] dim block 2dp + 1.
+        const int key = warp_key0 + kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+        std::uint32_t b[4];
+        ldmatrix_x4_trans(b, v_tile + swizzle<kHeadDim>(key, dp * 2 + lane / 16));
+        mma_16816<T>(o_acc[2 * dp], a, b[0], b[1]);
+        mma_16816<T>(o_acc[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // all warps are done with this stage before it is refilled
+  }
+
+  // ---- epilogue: merge the warps of each row block, normalise, write ----
+  cp_async_wait<0>();
+  __syncthreads();  // o_part aliases the pipeline
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_sum[i] += __shfl_xor_sync(kFullMask, row_sum[i], 1);
+    row_sum[i] += __shfl_xor_sync(kFullMask, row_sum[i], 2);
+  }
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      stat_max[wn * C::kBlockM + lr0 + 8 * i] = row_max[i];
+      stat_sum[wn * C::kBlockM + lr0 + 8 * i] = row_sum[i];
+    }
+  }
+#pragma unroll
+  for (int d = 0; d < C::kDimFrags; ++d) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float* dst = o_part + (wn * C::kBlockM + lr0 + 8 * i) * C::kORow + d * 8 + (lane % 4) * 2;
+      *reinterpret_cast<float2*>(dst) = make_float2(o_acc[d][2 * i], o_acc[d][2 * i + 1]);
+    }
+  }
+  __syncthreads();
+
+  for (int r = tid; r < C::kBlockM; r += C::kThreads) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarpsN; ++w) mx = fmaxf(mx, stat_max[w * C::kBlockM + r]);
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsN; ++w) {
+      const float factor = mx == -INFINITY ? 0.f : exp2f(stat_max[w * C::kBlockM + r] - mx);
+      stat_max[w * C::kBlockM + r] = factor;  // from here on: the warp's weight for this row
+      total += factor * stat_sum[w * C::kBlockM + r];
+    }
+    row_inv[r] = total > 0.f ? 1.f / total : 0.f;
+    row_lse[r] = total > 0.f ? mx + log2f(total) : -INFINITY;
+  }
+  __syncthreads();
+
+  const std::int64_t partial_rows = static_cast<std::int64_t>(p.tokens) * p.heads_q;
+  for (int i = tid; i < C::kBlockM * C::kChunks; i += C::kThreads) {
+    const int r = i / C::kChunks;
+    const int c = i % C::kChunks;
+    const int row = row0 + r;
+    if (row >= rows) continue;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < kWarpsN; ++w) {
+      const float factor = stat_max[w * C::kBlockM + r];
+      const float4* src = reinterpret_cast<const float4*>(o_part + (w * C::kBlockM + r) * C::kORow + c * 8);
+      const float4 lo = src[0], hi = src[1];
+      acc[0] += factor * lo.x;
+      acc[1] += factor * lo.y;
+      acc[2] += factor * lo.z;
+      acc[3] += factor * lo.w;
+      acc[4] += factor * hi.x;
+      acc[5] += factor * hi.y;
+      acc[6] += factor * hi.z;
+      acc[7] += factor * hi.w;
+    }
+    const float inv = row_inv[r];
+    const int tok = row / group;
+    const int head = kv_head * group + row % group;
+    if (p.partial_out == nullptr) {
+      Vec<T, 8> out;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(acc[e] * inv);
+      store_vec<T, 8>(p.out + tok * p.out_stride_t + head * p.out_stride_h + c * 8, out);
+    } else {
+      const std::int64_t prow = static_cast<std::int64_t>(split) * partial_rows +
+                                static_cast<std::int64_t>(tok) * p.heads_q + head;
+      float4* dst = reinterpret_cast<float4*>(p.partial_out + prow * kHeadDim + c * 8);
+      dst[0] = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+      dst[1] = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
+      if (c == 0) p.partial_lse[prow] = row_lse[r];
+    }
+  }
+}
+
+// Merges the splits of one (token, query head) row per warp: out = sum_z w_z O_z / sum_z w_z
+// with w_z = 2^(lse_z - max lse). Splits that saw no slot have lse -inf and weight 0.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kCombineWarps * 32) attention_combine_kernel(const AttentionParams<T> p) {
+  constexpr int kPerLane = kHeadDim / 32;  // consecutive dims per lane: 2 or 4 (one 8/16-byte load)
+  const int lane = threadIdx.x % 32;
+  const std::int64_t rows = static_cast<std::int64_t>(p.tokens) * p.heads_q;
+  const std::int64_t prow = static_cast<std::int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+  if (prow >= rows) return;
+
+  float mx = -INFINITY;
+  for (int z = lane; z < p.splits; z += 32) mx = fmaxf(mx, p.partial_lse[z * rows + prow]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, offset));
+
+  float acc[kPerLane];
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+  float total = 0.f;
+  if (mx != -INFINITY) {
+    for (int z = 0; z < p.splits; ++z) {
+      const float w = exp2f(p.partial_lse[z * rows + prow] - mx);
+      total += w;
+      const Vec<float, kPerLane> part =
+          load_vec<float, kPerLane>(p.partial_out + (z * rows + prow) * kHeadDim + lane * kPerLane);
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[e] += w * part.v[e];
+    }
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const std::int64_t tok = prow / p.heads_q;
+  const std::int64_t head = prow % p.heads_q;
+  Vec<T, kPerLane> out;
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) out.v[e] = from_float<T>(acc[e] * inv);
+  store_vec<T, kPerLane>(p.out + tok * p.out_stride_t + head * p.out_stride_h + lane * kPerLane, out);
+}
+
+template <typename T, int kHeadDim, int kWarpsM, int kWarpsN, bool kTree>
+Status launch_attention_tiles(const AttentionParams<T>& p, cudaStream_t stream) {
+  using C = Tile<kHeadDim, kWarpsM, kWarpsN>;
+  const std::int64_t rows = static_cast<std::int64_t>(p.tokens) * p.group;
+  const std::int64_t row_tiles = (rows + C::kBlockM - 1) / C::kBlockM;
+  EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, kMaxGridX, "attention: number of query row tiles"));
+  const int mask_bytes =
+      kTree ? mask_tokens_per_block(C::kBlockM, p.group, p.tokens) * p.mask_words * 8 : 0;
+  const int smem = C::kMainBytes + C::kStatBytes + mask_bytes;
+  auto* kernel = attention_kernel<T, kHeadDim, kWarpsM, kWarpsN, kTree>;
+  // Above 48 KB of dynamic shared memory a kernel must opt in (per kernel, not per launch, but
+  // the call is cheap, needs no synchronisation and is legal during stream capture).
+  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+      "attention: requesting dynamic shared memory for attention_kernel"));
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv),
+                  static_cast<unsigned>(p.splits));
+  kernel<<<grid, C::kThreads, smem, stream>>>(p);
+  EDGESPEC_CHECK_LAUNCH("attention_kernel");
+  return Status::success();
+}
+
+}  // namespace attention_detail
+
+template <typename T, int kHeadDim>
+Status launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
+  using namespace attention_detail;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "attention kernels are written for head dims 64 and 128");
+  if (p.tokens == 0 || p.heads_q == 0) return Status::success();
+  const bool tree = p.tree_mask != nullptr;
+  const AttentionTileShape shape = attention_tile_shape(p.tokens, p.group, tree);
+  Status status;
+  if (shape.warps_m == 1 && shape.warps_n == 4) {
+    status = tree ? launch_attention_tiles<T, kHeadDim, 1, 4, true>(p, stream)
+                  : launch_attention_tiles<T, kHeadDim, 1, 4, false>(p, stream);
+  } else if (shape.warps_m == 4 && shape.warps_n == 1) {
+    status = tree ? launch_attention_tiles<T, kHeadDim, 4, 1, true>(p, stream)
+                  : launch_attention_tiles<T, kHeadDim, 4, 1, false>(p, stream);
+  } else if (shape.warps_m == 8 && shape.warps_n == 1 && !tree) {
+    status = launch_attention_tiles<T, kHeadDim, 8, 1, false>(p, stream);
+  } else {
+    return Status::unsupported("attention: no kernel instance for a " + std::to_string(shape.warps_m) + "x" +
+                               std::to_string(shape.warps_n) + "-warp tile" + (tree ? " with a tree mask" : ""));
+  }
+  EDGESPEC_RETURN_IF_ERROR(status);
+  if (p.splits == 1) return Status::success();
+  const std::int64_t rows = static_cast<std::int64_t>(p.tokens) * p.heads_q;
+  const std::int64_t blocks = (rows + kCombineWarps - 1) / kCombineWarps;
+  EDGESPEC_RETURN_IF_ERROR(check_fits(blocks, kMaxGridX, "attention: number of combine blocks"));
+  attention_combine_kernel<T, kHeadDim><<<static_cast<unsigned>(blocks), kCombineWarps * 32, 0, stream>>>(p);
+  EDGESPEC_CHECK_LAUNCH("attention_combine_kernel");
+  return Status::success();
+}
+
+}  // namespace edgespec

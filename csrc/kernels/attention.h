@@ -1,0 +1,91 @@
+// Attention of T new tokens over a KV cache: causal prefill / chunked prefill, single-token decode
+// and tree verification, with grouped-query attention of any ratio. One kernel family.
+//
+// Computes, for new token t in [0, T) and query head h in [0, Hq), with G = Hq / Hkv and
+// kv = h / G (repeat-interleave order, as torch SDPA's enable_gqa):
+//   out[t, h] = softmax_j(scale * q[t, h] . k[j, kv]) @ v[:, kv]   over the visible slots j
+// where the T new tokens are the last T of the S cache slots (prefix P = S - T) and
+//   causal: token t sees slots [0, P + t];
+//   tree:   token t sees [0, P) plus slot P + j whenever bit j % 64 of word j / 64 of row t of
+//           the bit-packed mask int64 [T, ceil(T / 64)] is set (its ancestors and itself).
+// Scores, the softmax and the P.V accumulation are fp32 (tensor-core mma with fp32 accumulate);
+// P is rounded to the storage type before its product with V, as in FlashAttention. A row that
+// sees no slot at all (only possible with a malformed tree mask) is written as zeros.
+//
+// Preconditions (checked by attention() below):
+//   q [T, Hq, D], out [T, Hq, D], k, v [S, Hkv, D] of one dtype in {bf16, fp16}; D in {64, 128};
+//   1 <= T <= S; Hq % Hkv == 0; last dim stride 1, every other stride a multiple of 8 elements and
+//   every base address 16-byte aligned (16-byte cp.async / vector accesses); out does not overlap
+//   an input; tree_mask int64 [T, ceil(T / 64)] contiguous with T <= kAttentionMaxTreeTokens;
+//   with splits > 1, partial_out fp32 [splits, T * Hq, D] and partial_lse fp32 [splits, T * Hq],
+//   both contiguous (scratch: their contents on entry do not matter).
+//
+// Launch shape (attention.cuh): packed query rows r = t * G + g (the G query heads sharing one KV
+// head are adjacent rows of one tile, so every K/V tile loaded to shared memory serves all of
+// them) are cut into tiles of kBlockM rows; grid = (row tiles, Hkv, splits); each block streams its
+// split's share of the K/V tiles of kAttentionBlockN keys through a two-stage cp.async pipeline.
+// With splits > 1 each block writes an fp32 partial output and log-sum-exp and a second kernel
+// merges the splits (flash-decoding). Tile shapes and split counts: attention_plan.h.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/status.h"
+#include "common/tensor_view.h"
+
+namespace edgespec {
+
+// Head dims with compiled instances (csrc/instances/attention_<dtype>_hd<D>.cu); build_info() lists them.
+constexpr int kAttentionHeadDims[] = {64, 128};
+// Tree masks are staged in shared memory per block; larger trees fall back to the torch path.
+constexpr int kAttentionMaxTreeTokens = 1024;
+// Keys per shared-memory K/V tile (and the granularity of the split-KV partition).
+constexpr int kAttentionBlockN = 64;
+// Upper bound on splits accepted from a caller (grid.z; the combine kernel loops over them).
+constexpr int kAttentionMaxSplits = 1024;
+
+template <typename T>
+struct AttentionParams {
+  const T* q = nullptr;  // [T, Hq, D]
+  std::int64_t q_stride_t = 0, q_stride_h = 0;
+  const T* k = nullptr;  // [S, Hkv, D]
+  std::int64_t k_stride_s = 0, k_stride_h = 0;
+  const T* v = nullptr;  // [S, Hkv, D]
+  std::int64_t v_stride_s = 0, v_stride_h = 0;
+  const std::uint64_t* tree_mask = nullptr;  // [T, mask_words] or nullptr (causal)
+  int mask_words = 0;
+  T* out = nullptr;  // [T, Hq, D]
+  std::int64_t out_stride_t = 0, out_stride_h = 0;
+  float* partial_out = nullptr;  // [splits, T * Hq, D], required iff splits > 1
+  float* partial_lse = nullptr;  // [splits, T * Hq] (log2 units)
+  int tokens = 0;    // T
+  int seqlen = 0;    // S
+  int heads_q = 0;   // Hq
+  int heads_kv = 0;  // Hkv
+  int group = 0;     // Hq / Hkv
+  int splits = 1;
+  float scale_log2 = 0.f;  // scale * log2(e): the softmax runs in base 2 (exp2 is one MUFU op)
+};
+
+// Instantiated per (dtype, head dim) in csrc/instances/attention_<dtype>_hd<D>.cu.
+template <typename T, int kHeadDim>
+Status launch_attention(const AttentionParams<T>& p, cudaStream_t stream);
+
+struct AttentionArgs {
+  TensorView q;                             // [T, Hq, D]
+  TensorView k;                             // [S, Hkv, D]
+  TensorView v;                             // [S, Hkv, D]
+  const TensorView* tree_mask = nullptr;    // int64 [T, ceil(T/64)] or nullptr (causal)
+  TensorView out;                           // [T, Hq, D]
+  const TensorView* partial_out = nullptr;  // fp32 [splits, T*Hq, D], given iff splits > 1
+  const TensorView* partial_lse = nullptr;  // fp32 [splits, T*Hq], given iff splits > 1
+  float scale = 0.f;
+  int splits = 1;  // attention_num_splits() picks it; any value in [1, kAttentionMaxSplits] is correct
+};
+
+// Checks the views, selects their device and launches on `stream`.
+Status attention(const AttentionArgs& args, cudaStream_t stream);
+
+}  // namespace edgespec

@@ -1,0 +1,80 @@
+// Host-only tile and split heuristics of the attention family (attention.h). Shared by the
+// launcher, the Python binding (which sizes the split-KV scratch) and bench/cpp/bench_attention.
+//
+// Tile shapes. Query rows are packed (token, query head of the group); a warp owns 16 rows (one
+// m16n8k16 row block) and the block streams K/V tiles of kAttentionBlockN = 64 keys.
+//   * rows <= 16 (decode, and trees/chunks with T * G <= 16): one row block, and the four warps
+//     split each 64-key tile between them (16 keys each) with private softmax states merged at
+//     the end. A decode step is memory-bound; what matters is that one block keeps many K/V bytes
+//     in flight and that the G heads of a group share every load, not that the mma rows are full.
+//   * otherwise 4 warps x 16 rows (64-row tiles, 128 threads): tree verification and short
+//     chunks, where few row tiles exist and splits supply the parallelism.
+//   * causal with more than 128 packed rows: 8 warps x 16 rows (128-row tiles, 256 threads), so
+//     each K/V tile loaded to shared memory serves twice the rows (prefill is compute-bound and
+//     the K/V smem traffic per FLOP halves).
+//
+// Splits (flash-decoding). Blocks before splitting: row tiles x Hkv. When that is below about two
+// blocks per SM (both 128-thread shapes fit two or more per SM on A100/H100), the key range is
+// cut into `splits` equal runs of tiles, each block writes an fp32 partial output plus its
+// log-sum-exp and a combine kernel merges them. A split keeps at least kMinTilesPerSplit tiles
+// (128 keys) so the partial traffic (2 x splits x Hq x D x 4 bytes) stays small against the K/V
+// bytes (S x Hkv x D x 4), and at most kMaxAutoSplits splits are made.
+//
+// Tuning history: first version, written without access to a GPU; the constants above are
+// first estimates from the roofline (decode: K/V bytes / DRAM bandwidth; tree: 4 x T x Hq x S x D
+// FLOPs at mma.sync rate). Retune on a lent H100/H200/A100 with bench/python/bench_attention.py
+// and record what changed and why here.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/attention.h"
+
+namespace edgespec {
+
+struct AttentionTileShape {
+  int warps_m = 4;  // warps along the packed query rows (16 rows each)
+  int warps_n = 1;  // warps sharing one row block, each on its own slice of every K/V tile
+
+  int block_m() const { return 16 * warps_m; }
+  int threads() const { return 32 * warps_m * warps_n; }
+};
+
+namespace attention_plan_detail {
+constexpr int kMinTilesPerSplit = 2;
+constexpr int kMaxAutoSplits = 128;
+constexpr int kTargetBlocksPerSm = 2;
+}  // namespace attention_plan_detail
+
+inline AttentionTileShape attention_tile_shape(std::int64_t tokens, int group, bool tree) {
+  const std::int64_t rows = tokens * group;
+  if (rows <= 16) return {1, 4};
+  if (!tree && rows > 128) return {8, 1};
+  return {4, 1};
+}
+
+inline std::int64_t attention_ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+// Number of key-range splits for a call; 1 means no partials and no combine kernel.
+// num_sms <= 0 (unknown) disables splitting.
+inline int attention_num_splits(std::int64_t tokens, std::int64_t seqlen, int heads_q, int heads_kv,
+                                bool tree, int num_sms) {
+  using namespace attention_plan_detail;
+  if (num_sms <= 0 || heads_kv <= 0 || heads_q % heads_kv != 0 || tokens <= 0 || seqlen <= 0) return 1;
+  const int group = heads_q / heads_kv;
+  const AttentionTileShape shape = attention_tile_shape(tokens, group, tree);
+  const std::int64_t row_tiles = attention_ceil_div(tokens * group, shape.block_m());
+  const std::int64_t blocks = row_tiles * heads_kv;
+  const std::int64_t target = std::int64_t{kTargetBlocksPerSm} * num_sms;
+  if (blocks >= target) return 1;
+  const std::int64_t tiles = attention_ceil_div(seqlen, kAttentionBlockN);
+  std::int64_t splits = attention_ceil_div(target, blocks);
+  splits = std::min<std::int64_t>({splits, attention_ceil_div(tiles, kMinTilesPerSplit), kMaxAutoSplits});
+  splits = std::max<std::int64_t>(splits, 1);
+  // Equal runs of whole tiles; recount so that no split of the full key range is empty.
+  const std::int64_t per_split = attention_ceil_div(tiles, splits);
+  return static_cast<int>(attention_ceil_div(tiles, per_split));
+}
+
+}  // namespace edgespec
