@@ -298,13 +298,97 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 # --- attention -----------------------------------------------------------------------------------
 
+# csrc/kernels/attention.h: 16-bit tensor-core kernels specialised for these head dims; tree masks
+# are staged in shared memory up to this many tree tokens.
+ATTENTION_DTYPES = (torch.bfloat16, torch.float16)
+ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_MAX_TREE_TOKENS = 1024
+
+
+def _chunk_rejection(name: str, t: torch.Tensor) -> str | None:
+    """The kernels move rows in 16-byte chunks: last dim contiguous, every other stride (of a dim
+    longer than 1) a multiple of 8 elements, 16-byte aligned base address."""
+    reason = _last_dim_contiguous(name, t)
+    if reason:
+        return reason
+    if any(size > 1 and stride % 8 for size, stride in zip(t.shape[:-1], t.stride()[:-1])):
+        return f"{name} {_shape(t)} has strides {t.stride()}; the kernel needs multiples of 8 elements"
+    if t.data_ptr() % 16:
+        return f"{name} {_shape(t)} starts at an address that is not 16-byte aligned"
+    return None
+
+
 def attention_rejection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         tree_mask: torch.Tensor | None = None) -> str | None:
-    # The attention kernels (dense, tree-verify, block-sparse) land in a later change; until then
-    # every call takes the torch path.
-    return "attention kernels are not built yet"
+    """Why the attention kernels cannot take these tensors, or None. A query whose strides are not
+    chunk-aligned is not a reason: `attention` copies it (K/V are cache views and are never copied)."""
+    if q.dtype not in ATTENTION_DTYPES:
+        return f"q has dtype {q.dtype}; the attention kernels are compiled for bfloat16 and float16"
+    reason = _first(_same_dtype("k", k, "q", q), _same_dtype("v", v, "q", q))
+    if reason:
+        return reason
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        return f"expected q [T, Hq, D] and k, v [S, Hkv, D], got {_shape(q)}, {_shape(k)}, {_shape(v)}"
+    t, hq, d = q.shape
+    s, hkv, dk = k.shape
+    if d not in ATTENTION_HEAD_DIMS or dk != d:
+        return f"head dim {d} (q) / {dk} (k) has no attention kernel (compiled for {ATTENTION_HEAD_DIMS})"
+    if hkv < 1 or hq % hkv or s < t:
+        return f"q {_shape(q)} and k {_shape(k)} do not form T <= S new tokens with Hq a multiple of Hkv"
+    if tree_mask is not None:
+        if tree_mask.dtype != torch.int64 or tuple(tree_mask.shape) != (t, (t + 63) // 64):
+            return f"tree_mask must be int64 [{t}, {(t + 63) // 64}], got {_shape(tree_mask)}"
+        if t > ATTENTION_MAX_TREE_TOKENS:
+            return f"tree of {t} tokens is above the kernel's limit of {ATTENTION_MAX_TREE_TOKENS}"
+    reason = _first(_last_dim_contiguous("q", q), _chunk_rejection("k", k), _chunk_rejection("v", v))
+    if reason:
+        return reason
+    tensors = {"q": q, "k": k, "v": v} | ({"tree_mask": tree_mask} if tree_mask is not None else {})
+    return _one_cuda_device(**tensors)
 
 
 def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        tree_mask: torch.Tensor | None = None) -> bool:
     return attention_rejection(q, k, v, tree_mask) is None
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    # Queried once per device, on first use (never at import).
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def attention_splits(tokens: int, seqlen: int, heads_q: int, heads_kv: int, tree: bool,
+                     device: torch.device) -> int:
+    """How many key-range splits the kernels use for this shape on `device` (csrc/kernels/attention_plan.h)."""
+    return _module().attention_num_splits(tokens, seqlen, heads_q, heads_kv, tree, _sm_count(device.index or 0))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              tree_mask: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+    """Attention kernels (csrc/kernels/attention.h); same contract as edgespec.ops.attention.
+
+    q: [T, Hq, D] bf16/fp16, D in (64, 128), last dim contiguous; k, v: [S, Hkv, D] with S >= T
+    (the new tokens are the last T slots), chunk-aligned strides (a KVCache layer view is);
+    tree_mask: None (causal) or packed int64 [T, ceil(T/64)]; splits: key-range splits (None: the
+    plan for this GPU; any value in [1, 1024] gives the same result up to rounding).
+    Returns [T, Hq, D] contiguous in q's dtype. With splits > 1 two fp32 scratch tensors,
+    [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results.
+    """
+    _require("attention", attention_rejection(q, k, v, tree_mask))
+    if _chunk_rejection("q", q) is not None:
+        q = q.contiguous()
+    if tree_mask is not None and not tree_mask.is_contiguous():
+        tree_mask = tree_mask.contiguous()
+    t, hq, d = q.shape
+    if splits is None:
+        splits = attention_splits(t, k.shape[0], hq, k.shape[1], tree_mask is not None, q.device)
+    out = _new_output(q.shape, q.dtype, q.device)
+    partial_out = partial_lse = None
+    if splits > 1:
+        partial_out = _new_output((splits, t * hq, d), torch.float32, q.device)
+        partial_lse = _new_output((splits, t * hq), torch.float32, q.device)
+    _run(_module().attention, _view(q), _view(k), _view(v), None if tree_mask is None else _view(tree_mask),
+         _view(out), None if partial_out is None else _view(partial_out),
+         None if partial_lse is None else _view(partial_lse), float(scale), int(splits), _stream(q))
+    return out
