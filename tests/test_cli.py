@@ -1,0 +1,132 @@
+"""`python -m edgespec generate|chat` in a subprocess: streamed text equal to the Python API's
+output for the same settings, the --stats JSON line, stdin-driven chat, and one-line errors with
+exit code 1 (never a traceback)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgespec
+from edgespec import LLM
+from edgespec.loading import load_model
+from test_engine import write_tiny_chat_model
+
+REPO_PYTHON = Path(__file__).resolve().parents[1] / "python"
+STATS_KEYS = {"prefill_tokens_per_s", "decode_tokens_per_s", "new_tokens", "prompt_tokens"}
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for the subprocess: when edgespec is imported from this checkout rather
+    than installed, put the checkout's python/ directory on PYTHONPATH."""
+    env = dict(os.environ)
+    if Path(edgespec.__file__).resolve().is_relative_to(REPO_PYTHON):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_PYTHON), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_cli(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgespec", *args], input=stdin, capture_output=True, text=True,
+                          env=cli_env(), timeout=timeout)
+
+
+def split_replies(stdout: str) -> list[tuple[str, dict]]:
+    """stdout of --stats runs -> [(reply text, stats dict)]: each reply is its streamed text, a
+    newline, then one JSON line."""
+    replies, text = [], []
+    for line in stdout.split("\n"):
+        if line.startswith("{") and line.endswith("}"):
+            replies.append(("\n".join(text), json.loads(line)))
+            text = []
+        else:
+            text.append(line)
+    assert text == [""], f"output after the last stats line: {text!r}"
+    return replies
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_chat_model(tmp_path_factory.mktemp("cli-tiny"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_dir: Path) -> LLM:
+    # The CLI's defaults: the model's own context, no ignore_eos.
+    return LLM(load_model(tiny_dir, device="cpu", dtype=torch.float32))
+
+
+def test_generate_streams_the_api_text_and_stats(tiny_dir: Path, tiny_llm: LLM) -> None:
+    proc = run_cli("generate", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "fp32",
+                   "--max-new-tokens", "12", "--stats", "The quick brown fox")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [(text, stats)] = split_replies(proc.stdout)
+    expected = tiny_llm.generate("The quick brown fox", max_new_tokens=12)
+    assert text == expected.text
+    assert STATS_KEYS <= stats.keys()
+    assert stats["new_tokens"] == len(expected.token_ids) and stats["prompt_tokens"] == len("The quick brown fox")
+    assert stats["decode_tokens_per_s"] > 0 and stats["prefill_tokens_per_s"] > 0
+    assert f"{stats['new_tokens']} new tokens, {expected.finish_reason}]" in proc.stderr
+
+
+def test_generate_reads_the_prompt_from_stdin(tiny_dir: Path, tiny_llm: LLM) -> None:
+    proc = run_cli("generate", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "fp32",
+                   "--max-new-tokens", "5", "--temperature", "0.9", "--seed", "3", stdin="Hello there")
+    assert proc.returncode == 0, proc.stderr
+    expected = tiny_llm.generate("Hello there", max_new_tokens=5, temperature=0.9, seed=3)
+    assert proc.stdout == expected.text + "\n"
+
+
+def test_chat_reads_turns_from_stdin(tiny_dir: Path, tiny_llm: LLM) -> None:
+    proc = run_cli("chat", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "6",
+                   "--system", "Be brief.", "--stats", stdin="hi\nhow are you\n\nnever read\n")
+    assert proc.returncode == 0, proc.stderr
+    replies = split_replies(proc.stdout)
+    assert len(replies) == 2  # the empty line ends the conversation
+    messages = [{"role": "system", "content": "Be brief."}]
+    for (text, stats), user in zip(replies, ["hi", "how are you"]):
+        messages.append({"role": "user", "content": user})
+        expected = tiny_llm.generate(messages, max_new_tokens=6)
+        assert text == expected.text
+        assert stats["new_tokens"] == len(expected.token_ids)
+        messages.append({"role": "assistant", "content": expected.text})
+    # The second turn's prompt contains the whole conversation so far.
+    assert replies[1][1]["prompt_tokens"] == len(tiny_llm.encode(messages[:-1]))
+
+
+@pytest.mark.slow
+def test_generate_demo_gguf_chat(demo_gguf: Path, demo_llm: LLM) -> None:
+    prompt = "What is the capital of France?"
+    proc = run_cli("generate", "--model", str(demo_gguf), "--device", "cpu", "--dtype", "fp32", "--max-context",
+                   "2048", "--max-new-tokens", "8", "--chat", "--stats", prompt)
+    assert proc.returncode == 0, proc.stderr
+    [(text, stats)] = split_replies(proc.stdout)
+    assert text == demo_llm.generate(prompt, chat=True, max_new_tokens=8).text
+    assert STATS_KEYS <= stats.keys()
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgespec: error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_model_path_is_a_one_line_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    proc = run_cli("generate", "--model", str(missing), "--device", "cpu", "hi")
+    _assert_one_line_error(proc, str(missing), "not found")
+    assert proc.stdout == ""
+
+
+def test_unsupported_model_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    proc = run_cli("chat", "--model", str(tmp_path), "--device", "cpu", stdin="hi\n")
+    _assert_one_line_error(proc, "model_type 'gpt2'", "not supported")
