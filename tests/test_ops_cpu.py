@@ -104,6 +104,19 @@ def test_linear_dense_fused_and_concat(dtype: torch.dtype, tokens: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden,inter", [(1, 111, 99), (19, 576, 1536)])
+def test_gated_mlp(dtype: torch.dtype, tokens: int, hidden: int, inter: int) -> None:
+    from edgespec.models.decoder import GatedMLP
+
+    x = randn(tokens, hidden, seed=12, dtype=dtype)
+    gate, up = randn(inter, hidden, seed=13, dtype=dtype) / 8, randn(inter, hidden, seed=14, dtype=dtype) / 8
+    down = randn(hidden, inter, seed=15, dtype=dtype) / 16
+    mlp = GatedMLP(ops.fuse_linears([ops.DenseLinear(gate), ops.DenseLinear(up)]), ops.DenseLinear(down))
+    assert_matches_oracle(mlp(x), ref.gated_mlp(x, gate, up, down), ref.gated_mlp(x, gate, up, down, dtype=dtype),
+                          "gated MLP")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_embedding_with_scale(dtype: torch.dtype) -> None:
     table = randn(211, 111, seed=10, dtype=dtype)
     ids = torch.tensor([0, 210, 17, 17, 99, 1])
@@ -421,3 +434,21 @@ def test_bad_sampling_settings(temperature: float, top_k: int, top_p: float, fie
 def test_logits_to_probs_rejects_greedy_temperature() -> None:
     with pytest.raises(ValueError, match="temperature > 0"):
         ops.logits_to_probs(randn(2, 10, seed=71), temperature=0.0)
+
+
+def test_oracle_never_imports_edgespec() -> None:
+    """The oracle is the independent side of every comparison: no module of it may import edgespec."""
+    import ast
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent / "oracle").glob("*.py"))
+    assert len(files) >= 4
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n == "edgespec" or n.startswith("edgespec.") for n in names), f"{f.name} imports {names}"
