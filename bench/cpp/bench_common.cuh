@@ -1,0 +1,130 @@
+// Plumbing shared by the C++ benchmark binaries: exit codes, opening the device, comma-separated
+// options, and the CUDA-event timer that measures back-to-back kernel calls.
+//
+// Timing method: each sample queues a kernel that spins until the host has enqueued the whole
+// batch of calls (a flag in mapped pinned memory), then records events around the batch. The GPU
+// therefore runs the calls back to back and the events measure GPU time, not the host's launch
+// rate (a decode-size kernel runs in about the time it takes to launch it).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <ctime>
+#include <string>
+#include <vector>
+
+namespace edgespec::bench {
+
+constexpr int kExitOk = 0;
+constexpr int kExitFailed = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitNoDevice = 77;  // automake/CTest "skipped"
+
+inline std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> parts;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t end = std::min(text.find(',', start), text.size());
+    if (end > start) parts.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return parts;
+}
+
+// "2026-11-23" (UTC), for the JSON results.
+inline std::string utc_date() {
+  char date[16];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+  return date;
+}
+
+// Selects device `index` and fills `prop`. Returns kExitOk, or the exit status after printing why
+// (kExitNoDevice when no GPU is visible: the caller should exit with it, nothing was run).
+inline int open_device(const char* program, long long index, cudaDeviceProp* prop) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    std::printf("%s: no CUDA device available (%s); nothing to benchmark\n", program,
+                err != cudaSuccess ? cudaGetErrorString(err) : "cudaGetDeviceCount returned 0");
+    return kExitNoDevice;
+  }
+  if (index >= count) {
+    std::fprintf(stderr, "%s: --device %lld but only %d device(s)\n", program, index, count);
+    return kExitUsage;
+  }
+  if (cudaSetDevice(static_cast<int>(index)) != cudaSuccess ||
+      cudaGetDeviceProperties(prop, static_cast<int>(index)) != cudaSuccess) {
+    std::fprintf(stderr, "%s: cannot open device %lld\n", program, index);
+    return kExitFailed;
+  }
+  return kExitOk;
+}
+
+// Spins until the host sets *go, or about a second passes (a host-side failure cannot hang the GPU).
+// static: each benchmark binary is one translation unit with its own copy.
+static __global__ void hold_stream(const volatile int* go) {
+  const long long start = clock64();
+  while (*go == 0 && clock64() - start < 2000000000ll) {
+  }
+}
+
+class BatchTimer {
+ public:
+  BatchTimer() = default;
+  BatchTimer(const BatchTimer&) = delete;
+  BatchTimer& operator=(const BatchTimer&) = delete;
+  ~BatchTimer() {
+    if (go_ != nullptr) cudaFreeHost(const_cast<int*>(go_));
+  }
+
+  // Median per-call milliseconds of `call(i)` (returns "" or an error) over `repeats` samples of
+  // `batch` back-to-back calls on `stream`, after `warmup` calls; i counts every call made.
+  template <typename Call>
+  std::string median_ms(cudaStream_t stream, long long warmup, long long repeats, long long batch, Call&& call,
+                        double* out) {
+    if (go_ == nullptr) {
+      void* flag = nullptr;
+      const cudaError_t e = cudaHostAlloc(&flag, sizeof(int), cudaHostAllocMapped);
+      if (e != cudaSuccess) return std::string("cudaHostAlloc: ") + cudaGetErrorString(e);
+      go_ = static_cast<volatile int*>(flag);
+    }
+    long long i = 0;
+    for (long long w = 0; w < warmup; ++w) {
+      const std::string err = call(i++);
+      if (!err.empty()) return err;
+    }
+    cudaEvent_t start, stop;
+    if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
+      return "cudaEventCreate failed";
+    }
+    std::vector<double> samples;
+    std::string err;
+    for (long long s = 0; s < repeats && err.empty(); ++s) {
+      *go_ = 0;
+      hold_stream<<<1, 1, 0, stream>>>(go_);
+      cudaEventRecord(start, stream);
+      for (long long b = 0; b < batch && err.empty(); ++b) err = call(i++);
+      cudaEventRecord(stop, stream);
+      *go_ = 1;
+      float ms = 0;
+      const cudaError_t e = cudaEventSynchronize(stop);
+      if (err.empty() && e != cudaSuccess) err = std::string("cudaEventSynchronize: ") + cudaGetErrorString(e);
+      if (err.empty()) cudaEventElapsedTime(&ms, start, stop);
+      samples.push_back(ms / batch);
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    if (!err.empty()) return err;
+    std::nth_element(samples.begin(), samples.begin() + samples.size() / 2, samples.end());
+    *out = samples[samples.size() / 2];
+    return "";
+  }
+
+ private:
+  volatile int* go_ = nullptr;  // mapped pinned flag read by hold_stream
+};
+
+}  // namespace edgespec::bench

@@ -1,0 +1,307 @@
+"""Attention kernels (csrc/kernels/attention.h) vs torch SDPA, Llama-3.1-8B and MiniCPM4-8B shapes.
+
+Phases, each at several contexts (`context` = committed prefix, or the prompt for prefill):
+  decode   T = 1 new token over S = context + 1 slots          (split-KV flash-decoding)
+  prefill  T = context new tokens, causal, empty prefix         (tiled flash attention)
+  tree     T = 64 tree tokens over S = context + 64 slots, random tree mask (tree verification)
+
+The baseline is torch.nn.functional.scaled_dot_product_attention with the fastest backend that
+runs the case (cuDNN, flash, memory-efficient; math only when none of them does), given its own
+preferred [1, H, S, D] layout and native GQA (`enable_gqa`) where the backend supports it,
+otherwise K/V expanded to Hq heads beforehand (named in the row). Both sides are verified against
+each other before timing, captured in a CUDA graph (so host-side launch cost is not timed) that
+runs the call on `copies` different input sets (together more than 3x the L2 cache, so K/V come
+from DRAM as in a real model), and timed with CUDA events: median over --repeats replays, divided
+by the number of calls. The DRAM bandwidth is measured in the same run (device-to-device copy of
+1 GiB) and decode rows report the fraction of it they reach. Tree rows report the time of a
+decode step at the same context and their ratio to it.
+
+    python bench/python/bench_attention.py [--models llama3-8b,minicpm4-8b] [--phases decode,prefill,tree]
+        [--dtype bf16|fp16] [--repeats 20] [--quick] [--list]
+
+Writes bench/results/attention-<device-slug>.json (format: /work/shared/STYLE.md, via benchlib).
+Exits 77 (nothing measured) without a CUDA GPU or without the compiled extension.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the oracle's random trees
+
+from benchlib import median, time_cuda, write_result  # noqa: E402
+
+from edgespec import ops  # noqa: E402
+from oracle.attention import random_tree, tree_visibility  # noqa: E402
+
+# name -> (query heads, KV heads, head dim)
+MODELS = {"llama3-8b": (32, 8, 128), "minicpm4-8b": (32, 2, 128)}
+CONTEXTS = {"decode": [4096, 8192, 16384, 32768, 65536, 131072],
+            "prefill": [4096, 8192, 16384, 32768],
+            "tree": [4096, 8192, 16384, 32768]}
+QUICK_CONTEXTS = {"decode": [4096, 32768], "prefill": [4096], "tree": [4096, 32768]}
+TREE_TOKENS = 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+EXIT_SKIPPED = 77
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    phase: str
+    context: int
+
+    @property
+    def heads(self) -> tuple[int, int, int]:
+        return MODELS[self.model]
+
+    @property
+    def tokens(self) -> int:
+        return {"decode": 1, "prefill": self.context, "tree": TREE_TOKENS}[self.phase]
+
+    @property
+    def seqlen(self) -> int:
+        return self.context if self.phase == "prefill" else self.context + self.tokens
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.phase} {self.context // 1024}K"
+
+
+def cases(models: list[str], phases: list[str], quick: bool) -> list[Case]:
+    table = QUICK_CONTEXTS if quick else CONTEXTS
+    return [Case(m, ph, ctx) for m in models for ph in phases for ctx in table[ph]]
+
+
+def visible_pairs(case: Case, tree: torch.Tensor | None) -> int:
+    t, s = case.tokens, case.seqlen
+    prefix = s - t
+    if case.phase == "tree":
+        return t * prefix + int(tree.sum())
+    return t * prefix + t * (t + 1) // 2
+
+
+def graph_ms(calls: list[Callable[[], object]], repeats: int) -> tuple[float, str]:
+    """Per-call milliseconds of `calls` (one per rotated input set) replayed as one CUDA graph;
+    eager back-to-back calls if capture fails (then host launch cost may be included)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph requires
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        run, mode = graph.replay, "cuda graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+
+        def run() -> None:
+            for call in calls:
+                call()
+        mode = "eager"
+    return median(time_cuda(run, repeats, warmup=2)) * 1e3 / len(calls), mode
+
+
+def measure_dram_tbps(device: torch.device) -> float:
+    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time, in TB/s."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median(time_cuda(lambda: dst.copy_(src), 20, warmup=3)) * 1e3
+    return 2 * n / (ms * 1e-3) / 1e12
+
+
+class Inputs:
+    """`copies` input sets for one case: ours in the KV-cache layout [S, Hkv, D] (views of a
+    [1, S_max, Hkv, D] layer as the engine passes them), the baseline's in SDPA's [1, H, S, D]."""
+
+    def __init__(self, case: Case, dtype: torch.dtype, device: torch.device, l2_bytes: int, seed: int) -> None:
+        hq, hkv, d = case.heads
+        t, s = case.tokens, case.seqlen
+        g = torch.Generator(device=device).manual_seed(seed)
+        per_copy = (2 * s * hkv * d + 2 * t * hq * d) * torch.finfo(dtype).bits // 8
+        self.copies = max(1, min(64, math.ceil(3 * l2_bytes / per_copy)))
+        self.q, self.k, self.v = [], [], []
+        for _ in range(self.copies):
+            self.q.append(torch.randn(t, hq, d, generator=g, device=device).to(dtype))
+            self.k.append(torch.randn(s, hkv, d, generator=g, device=device).to(dtype))
+            self.v.append(torch.randn(s, hkv, d, generator=g, device=device).to(dtype))
+        self.tree = None
+        self.packed = None
+        self.dense_mask = None
+        if case.phase == "tree":
+            self.tree = tree_visibility(random_tree(t, torch.Generator().manual_seed(seed)))
+            self.packed = ops.pack_tree_mask(self.tree).to(device)
+            self.dense_mask = torch.ones(t, s, dtype=torch.bool, device=device)
+            self.dense_mask[:, s - t:] = self.tree.to(device)
+        self.bytes_per_call = per_copy + (self.packed.numel() * 8 if self.packed is not None else 0)
+
+    def sdpa_layout(self, i: int, expand: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = self.q[i].transpose(0, 1).unsqueeze(0).contiguous()  # [1, Hq, T, D]
+        k = self.k[i].transpose(0, 1).unsqueeze(0)                # [1, Hkv, S, D]
+        v = self.v[i].transpose(0, 1).unsqueeze(0)
+        if expand > 1:
+            k, v = k.repeat_interleave(expand, dim=1), v.repeat_interleave(expand, dim=1)
+        return q, k.contiguous(), v.contiguous()
+
+
+def sdpa_variants(case: Case, inputs: Inputs, scale: float):
+    """Yield (name, calls, reference output of copy 0) for each SDPA backend that runs this case."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hq, hkv, _ = case.heads
+    causal = case.phase == "prefill"
+    mask = inputs.dense_mask
+    backends = [("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    found = False
+    for label, backend in backends:
+        for expand in (1, hq // hkv):
+            if expand > 1 and hq == hkv:
+                continue
+            try:
+                tensors = [inputs.sdpa_layout(i, expand) for i in range(inputs.copies)]
+            except torch.OutOfMemoryError:
+                break
+
+            def make(i: int, backend=backend, tensors=tensors, expand=expand) -> Callable[[], torch.Tensor]:
+                q, k, v = tensors[i]
+
+                def call() -> torch.Tensor:
+                    with sdpa_kernel([backend]):
+                        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                              scale=scale, enable_gqa=expand == 1 and hq != hkv)
+                return call
+            calls = [make(i) for i in range(inputs.copies)]
+            try:
+                out = calls[0]()
+                torch.cuda.synchronize()
+            except (RuntimeError, torch.OutOfMemoryError):
+                continue
+            found = True
+            name = f"torch SDPA ({label})" if expand == 1 else f"torch SDPA ({label}, K/V expanded)"
+            yield name, calls, out.squeeze(0).transpose(0, 1)
+            break  # native GQA worked: the expanded variant only adds traffic
+    scores_bytes = hq * case.tokens * case.seqlen * 4
+    if not found and scores_bytes < (4 << 30):
+        tensors = [inputs.sdpa_layout(i, 1) for i in range(inputs.copies)]
+
+        def make_math(i: int) -> Callable[[], torch.Tensor]:
+            q, k, v = tensors[i]
+
+            def call() -> torch.Tensor:
+                with sdpa_kernel([SDPBackend.MATH]):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                          enable_gqa=hq != hkv)
+            return call
+        calls = [make_math(i) for i in range(inputs.copies)]
+        yield "torch SDPA (math)", calls, calls[0]().squeeze(0).transpose(0, 1)
+
+
+def run_case(case: Case, dtype: torch.dtype, device: torch.device, repeats: int, l2_bytes: int,
+             dram_tbps: float) -> dict:
+    from edgespec.ops import _kernels
+
+    hq, hkv, d = case.heads
+    scale = d ** -0.5
+    inputs = Inputs(case, dtype, device, l2_bytes, seed=zlib.crc32(case.name.encode()))
+    mask = inputs.packed
+    if not _kernels.supports_attention(inputs.q[0], inputs.k[0], inputs.v[0], mask):
+        reason = _kernels.attention_rejection(inputs.q[0], inputs.k[0], inputs.v[0], mask)
+        return {"case": case.name, "error": f"kernel rejected the case: {reason}"}
+    ours_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, mask)
+                  for i in range(inputs.copies)]
+    ours_out = ours_calls[0]()
+    ours_ms, mode = graph_ms(ours_calls, repeats)
+
+    best = None
+    for name, calls, out in sdpa_variants(case, inputs, scale):
+        diff = (out.float() - ours_out.float()).abs().max().item()
+        ms, _ = graph_ms(calls, repeats)
+        if best is None or ms < best[1]:
+            best = (name, ms, diff)
+        del calls, out
+    row = {"case": case.name, "phase": case.phase, "tokens": case.tokens, "seqlen": case.seqlen,
+           "heads_q": hq, "heads_kv": hkv, "head_dim": d,
+           "splits": _kernels.attention_splits(case.tokens, case.seqlen, hq, hkv, mask is not None, device),
+           "ours_ms": round(ours_ms, 5), "timing": mode, "copies": inputs.copies}
+    if best is not None:
+        row.update(baseline=best[0], baseline_ms=round(best[1], 5), max_abs_diff_vs_baseline=round(best[2], 5),
+                   verified=best[2] <= (2e-2 if dtype == torch.bfloat16 else 4e-3))
+    else:
+        row.update(baseline="torch SDPA (none of its backends ran this case)")
+    row["tbps"] = round(inputs.bytes_per_call / (ours_ms * 1e-3) / 1e12, 3)
+    row["tflops"] = round(4 * d * hq * visible_pairs(case, inputs.tree) / (ours_ms * 1e-3) / 1e12, 2)
+    if case.phase == "decode":
+        row["pct_measured_bw"] = round(100 * row["tbps"] / dram_tbps, 1)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--phases", default="decode,prefill,tree")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="a few contexts per phase (smoke run)")
+    ap.add_argument("--list", action="store_true", help="print the cases and exit (needs no GPU)")
+    args = ap.parse_args()
+    models = args.models.split(",")
+    phases = args.phases.split(",")
+    unknown = [m for m in models if m not in MODELS] + [p for p in phases if p not in CONTEXTS]
+    if unknown:
+        ap.error(f"unknown model/phase {unknown}; models: {list(MODELS)}, phases: {list(CONTEXTS)}")
+    todo = cases(models, phases, args.quick)
+    if args.list:
+        for c in todo:
+            print(f"{c.name}: T={c.tokens} S={c.seqlen} heads={c.heads}")
+        return 0
+    if not torch.cuda.is_available() or ops.compiled_module() is None:
+        print("bench_attention: needs a CUDA GPU and edgespec built with its CUDA extension; nothing measured")
+        return EXIT_SKIPPED
+    device = torch.device("cuda")
+    dtype = DTYPES[args.dtype]
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    dram_tbps = measure_dram_tbps(device)
+    print(f"{torch.cuda.get_device_name(device)}: measured DRAM copy bandwidth {dram_tbps:.2f} TB/s")
+    rows = []
+    for case in todo:
+        row = run_case(case, dtype, device, args.repeats, l2_bytes, dram_tbps)
+        rows.append(row)
+        print({k: row[k] for k in ("case", "ours_ms", "baseline", "baseline_ms", "speedup", "tbps", "tflops")
+               if k in row} if "error" not in row else row, flush=True)
+        torch.cuda.empty_cache()
+    decode = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["ours_ms"] for r in rows if r.get("phase") == "decode"}
+    for r in rows:
+        if r.get("phase") == "tree":
+            key = (r["case"].split()[0], r["seqlen"] - r["tokens"])
+            if key in decode:
+                r["decode_ms_same_context"] = decode[key]
+                r["tree_over_decode"] = round(r["ours_ms"] / decode[key], 3)
+    notes = (f"{args.dtype}; ours = edgespec attention kernels via edgespec.ops._kernels.attention (KV-cache layout "
+             f"[S, Hkv, D]); baseline = fastest torch SDPA backend that runs the case, native GQA where supported, "
+             f"[1, H, S, D] layout; CUDA events around CUDA-graph replays of `copies` calls on distinct inputs "
+             f"(> 3x L2), median of {args.repeats} replays / copies; tree = {TREE_TOKENS} random-tree tokens; "
+             f"context = committed prefix (prompt length for prefill)")
+    path = write_result("attention", device, rows, notes, dtype=args.dtype, measured_dram_tbps=round(dram_tbps, 3))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
