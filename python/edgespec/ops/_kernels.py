@@ -392,3 +392,119 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
          _view(out), None if partial_out is None else _view(partial_out),
          None if partial_lse is None else _view(partial_lse), float(scale), int(splits), _stream(q))
     return out
+
+
+# --- InfLLM-v2 block selection (sparse attention) -----------------------------------------------
+
+# csrc/kernels/sparse_attention.h: kSparseMaxHeadDim, kSparseMaxGroup, kSparseMaxBlocks, kSparseScoreChunk.
+SPARSE_MAX_HEAD_DIM = 256
+SPARSE_MAX_GROUP = 64
+SPARSE_MAX_BLOCKS = 4096
+SPARSE_SCORE_CHUNK = 32
+
+
+def _num_kernels(length: int, kernel_size: int, kernel_stride: int) -> int:
+    return 0 if length < kernel_size else (length - kernel_size) // kernel_stride + 1
+
+
+@lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_ints(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Lengths the kernels read on the device. A caller capturing a CUDA graph passes its own
+    persistent int32 device tensor (and refreshes it before each replay); plain ints are copied."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype != torch.int32 or values.device != device or not values.is_contiguous():
+            raise ValueError(f"device-side lengths must be a contiguous int32 tensor on {device}, got {_shape(values)} "
+                             f"on {values.device}")
+        return values
+    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def compress_keys_rejection(keys: torch.Tensor, ck: torch.Tensor, kernel_size: int, kernel_stride: int) -> str | None:
+    reason = _first(_float_dtype("keys", keys), _same_dtype("ck", ck, "keys", keys))
+    if reason:
+        return reason
+    if keys.dim() != 3 or ck.dim() != 3 or keys.shape[1:] != ck.shape[1:]:
+        return f"expected keys [S, Hkv, D] and ck [C, Hkv, D], got {_shape(keys)} and {_shape(ck)}"
+    if not 1 <= kernel_stride <= kernel_size:
+        return f"kernel_size {kernel_size} and kernel_stride {kernel_stride} need kernel_size >= kernel_stride >= 1"
+    reason = _first(_last_dim_contiguous("keys", keys), _last_dim_contiguous("ck", ck))
+    return reason or _one_cuda_device(keys=keys, ck=ck)
+
+
+def supports_compress_keys(keys: torch.Tensor, ck: torch.Tensor, kernel_size: int, kernel_stride: int) -> bool:
+    return compress_keys_rejection(keys, ck, kernel_size, kernel_stride) is None
+
+
+def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len: int, kernel_size: int,
+                  kernel_stride: int, lengths: torch.Tensor | None = None) -> None:
+    """Compressed-key kernel (csrc/kernels/sparse_attention.h); same contract as
+    edgespec.ops.compress_keys: ck[j] = mean(keys[j*stride : j*stride + kernel_size]) for the kernels
+    complete within [0, end_len) but not within [0, start_len), in place. `lengths` (int32 [2] on
+    the device) replaces (start_len, end_len) on the device side; the host values then only bound
+    the launch (graph capture)."""
+    _require("compress_keys", compress_keys_rejection(keys, ck, kernel_size, kernel_stride))
+    new = _num_kernels(end_len, kernel_size, kernel_stride) - _num_kernels(start_len, kernel_size, kernel_stride)
+    if new <= 0:
+        return
+    lengths = _device_ints([start_len, end_len] if lengths is None else lengths, keys.device)
+    _run(_module().sparse_compress_keys, _view(keys), _view(ck), _view(lengths), int(kernel_size),
+         int(kernel_stride), int(new), _stream(keys))
+
+
+def sparse_select_rejection(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: Any,
+                            num_blocks: int) -> str | None:
+    """`cfg` has block_size, kernel_size, kernel_stride (an edgespec SparseConfig)."""
+    reason = _first(_float_dtype("q", q), _same_dtype("ck", ck, "q", q))
+    if reason:
+        return reason
+    if q.dim() != 3 or ck.dim() != 3 or ck.shape[2] != q.shape[2] or q.shape[1] % ck.shape[1]:
+        return f"expected q [T, Hq, D] and ck [C, Hkv, D] with Hq % Hkv == 0, got {_shape(q)} and {_shape(ck)}"
+    if q.shape[1] // ck.shape[1] > SPARSE_MAX_GROUP or q.shape[2] > SPARSE_MAX_HEAD_DIM:
+        return (f"q {_shape(q)} with {ck.shape[1]} KV heads: the kernels take up to {SPARSE_MAX_GROUP} query heads "
+                f"per KV head and head dims up to {SPARSE_MAX_HEAD_DIM}")
+    if not 1 <= num_blocks <= SPARSE_MAX_BLOCKS:
+        return f"{num_blocks} blocks of {cfg.block_size} tokens; the kernels select among at most {SPARSE_MAX_BLOCKS}"
+    if positions.dim() != 1 or positions.dtype != torch.int64:
+        return f"positions must be int64 [T], got {_shape(positions)}"
+    reason = _first(_last_dim_contiguous("q", q), _last_dim_contiguous("ck", ck))
+    return reason or _one_cuda_device(q=q, ck=ck, positions=positions)
+
+
+def supports_sparse_select(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: Any, num_blocks: int) -> bool:
+    return sparse_select_rejection(q, ck, positions, cfg, num_blocks) is None
+
+
+def _score_plan(tokens: int, heads_kv: int, readable: int, device: torch.device) -> tuple[int, int]:
+    """(splits, kernels_per_split) of the score kernels: enough blocks for about two per SM."""
+    chunks = max(1, -(-readable // SPARSE_SCORE_CHUNK))
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    splits = min(chunks, max(1, -(-target // max(1, tokens * heads_kv))), 65535)
+    per_split = -(-chunks // splits) * SPARSE_SCORE_CHUNK
+    return max(1, -(-readable // per_split)), per_split
+
+
+def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: Any, scale: float,
+                         dense_len: int, kv_limit: int | torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Block-selection kernels (csrc/kernels/sparse_attention.h): the InfLLM-v2 selection of
+    edgespec.ops.select_blocks as a bit-packed mask int64 [T, Hkv, ceil(num_blocks / 64)] (bit b % 64
+    of word b // 64 set iff block b is selected). kv_limit: an int, or an int32 [1] device tensor
+    (graph capture)."""
+    _require("sparse_select_blocks", sparse_select_rejection(q, ck, positions, cfg, num_blocks))
+    t, hq, _ = q.shape
+    hkv = ck.shape[1]
+    readable = min(ck.shape[0], _num_kernels(num_blocks * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
+    splits, per_split = _score_plan(t, hkv, readable, q.device)
+    partial = _new_output((splits, t, hq, 2), torch.float32, q.device)
+    scores = _new_output((t, hkv, splits * per_split), torch.float32, q.device)
+    mask = _new_output((t, hkv, (num_blocks + 63) // 64), torch.int64, q.device)
+    limit = _device_ints(kv_limit if isinstance(kv_limit, torch.Tensor) else [kv_limit], q.device)
+    _run(_module().sparse_select_blocks, _view(q), _view(ck), _view(positions.contiguous()), _view(limit),
+         _view(partial), _view(scores), _view(mask), int(num_blocks), int(cfg.block_size), int(cfg.kernel_size),
+         int(cfg.kernel_stride), int(cfg.init_blocks), int(cfg.window_blocks), int(cfg.topk), int(dense_len),
+         int(per_split), float(scale), _stream(q))
+    return mask
+

@@ -11,6 +11,11 @@ tokens). This module holds the op-layer torch path and the kernel hooks:
 Layout is the one of ops.attention: the cache holds slots [0, S), the T new tokens are the last T;
 for a tree the prefix [0, S - T) is committed and the tree tokens see each other through the tree
 mask only.
+
+Kernel paths (CUDA tensors, `_C` built): compress_keys and the block scores + selection run in
+csrc/kernels/sparse_attention.h (selection comes back as a bit-packed block mask). The attention
+over the selected blocks still runs as masked torch SDPA, a query chunk at a time; it moves to the
+attention kernel family once that takes a per-(token, KV head) block mask.
 """
 from __future__ import annotations
 
@@ -136,7 +141,15 @@ def select_from_scores(scores: torch.Tensor, positions: torch.Tensor, cfg: Spars
 
 def select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: SparseSettings,
                   scale: float, dense_len: int, kv_limit: int, num_blocks: int) -> torch.Tensor:
-    """Selected blocks bool [T, Hkv, num_blocks] of each (query, KV head) (torch path; see block_scores)."""
+    """Selected blocks bool [T, Hkv, num_blocks] of each (query, KV head) (see block_scores and
+    select_from_scores). positions: [T] int64. CUDA tensors take the selection kernels."""
+    if backend.use_kernel(q, ck, positions):
+        from . import _kernels
+
+        if _kernels.supports_sparse_select(q, ck, positions, cfg, num_blocks):
+            words = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, num_blocks)
+            t, hkv, w = words.shape
+            return unpack_tree_mask(words.view(t * hkv, w), num_blocks).view(t, hkv, num_blocks)
     scores = block_scores(q, ck, positions, cfg, scale, kv_limit, num_blocks)
     return select_from_scores(scores, positions, cfg, dense_len)
 
@@ -179,11 +192,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     _check(q, k, v, ck, positions, cfg, kv_limit, tree_mask)
     positions = positions.long()
-    if backend.use_kernel(q, k, v, ck, positions, tree_mask):
-        from . import _kernels
-
-        if _kernels.supports_sparse_attention(q, k, v, ck, cfg, tree_mask):
-            return _kernels.sparse_attention(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask)
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     g = hq // hkv
