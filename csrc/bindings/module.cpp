@@ -28,6 +28,7 @@
 #include "kernels/norm.h"
 #include "kernels/rope.h"
 #include "kernels/sampling.h"
+#include "kernels/sparse_attention.h"
 
 #ifndef EDGESPEC_CUDA_ARCHS
 #error "EDGESPEC_CUDA_ARCHS must be defined by the build (comma-separated architectures the kernels target)"
@@ -218,4 +219,36 @@ PYBIND11_MODULE(_C, m) {
         py::arg("heads_kv"), py::arg("tree"), py::arg("num_sms"),
         "Key-range splits the attention kernels use for this shape on a GPU with num_sms SMs (host only, "
         "no GPU needed). See csrc/kernels/attention_plan.h.");
+
+  m.def(
+      "sparse_compress_keys",
+      [](const TensorView& k, const TensorView& ck, const TensorView& range, int kernel_size, int kernel_stride,
+         int max_new_kernels, std::uint64_t stream) {
+        SparseCompressArgs a{k, ck, range, kernel_size, kernel_stride, max_new_kernels};
+        raise_if_error("sparse_compress_keys", sparse_compress_keys(a, as_stream(stream)),
+                       {{"k", &k}, {"ck", &ck}, {"range", &range}});
+      },
+      py::arg("k"), py::arg("ck"), py::arg("range"), py::arg("kernel_size"), py::arg("kernel_stride"),
+      py::arg("max_new_kernels"), py::arg("stream"),
+      "InfLLM-v2 compressed keys for the token range read from `range` on the device. See "
+      "csrc/kernels/sparse_attention.h.");
+
+  m.def(
+      "sparse_select_blocks",
+      [](const TensorView& q, const TensorView& ck, const TensorView& positions, const TensorView& kv_limit,
+         const TensorView& partial, const TensorView& scores, const TensorView& block_mask, int num_blocks,
+         int block_size, int kernel_size, int kernel_stride, int init_blocks, int window_blocks, int topk,
+         int dense_len, int kernels_per_split, float scale, std::uint64_t stream) {
+        SparseSelectArgs a{q, ck, positions, kv_limit, partial, scores, block_mask, num_blocks, block_size,
+                           kernel_size, kernel_stride, init_blocks, window_blocks, topk, dense_len,
+                           kernels_per_split, scale};
+        raise_if_error("sparse_select_blocks", sparse_select_blocks(a, as_stream(stream)),
+                       {{"q", &q}, {"ck", &ck}, {"positions", &positions}, {"kv_limit", &kv_limit},
+                        {"partial", &partial}, {"scores", &scores}, {"block_mask", &block_mask}});
+      },
+      py::arg("q"), py::arg("ck"), py::arg("positions"), py::arg("kv_limit"), py::arg("partial"), py::arg("scores"),
+      py::arg("block_mask"), py::arg("num_blocks"), py::arg("block_size"), py::arg("kernel_size"),
+      py::arg("kernel_stride"), py::arg("init_blocks"), py::arg("window_blocks"), py::arg("topk"),
+      py::arg("dense_len"), py::arg("kernels_per_split"), py::arg("scale"), py::arg("stream"),
+      "InfLLM-v2 block scores and selection -> bit-packed block mask. See csrc/kernels/sparse_attention.h.");
 }

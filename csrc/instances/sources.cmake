@@ -20,4 +20,10 @@ set(EDGESPEC_INSTANCE_SOURCES
   csrc/instances/sampling_bf16.cu
   csrc/instances/sampling_fp16.cu
   csrc/instances/sampling_fp32.cu
+  csrc/instances/sparse_compress_bf16.cu
+  csrc/instances/sparse_compress_fp16.cu
+  csrc/instances/sparse_compress_fp32.cu
+  csrc/instances/sparse_scores_bf16.cu
+  csrc/instances/sparse_scores_fp16.cu
+  csrc/instances/sparse_scores_fp32.cu
 )

@@ -407,11 +407,6 @@ def _num_kernels(length: int, kernel_size: int, kernel_stride: int) -> int:
     return 0 if length < kernel_size else (length - kernel_size) // kernel_stride + 1
 
 
-@lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _device_ints(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Lengths the kernels read on the device. A caller capturing a CUDA graph passes its own
     persistent int32 device tensor (and refreshes it before each replay); plain ints are copied."""
@@ -481,7 +476,7 @@ def supports_sparse_select(q: torch.Tensor, ck: torch.Tensor, positions: torch.T
 def _score_plan(tokens: int, heads_kv: int, readable: int, device: torch.device) -> tuple[int, int]:
     """(splits, kernels_per_split) of the score kernels: enough blocks for about two per SM."""
     chunks = max(1, -(-readable // SPARSE_SCORE_CHUNK))
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * _sm_count(device.index or 0)
     splits = min(chunks, max(1, -(-target // max(1, tokens * heads_kv))), 65535)
     per_split = -(-chunks // splits) * SPARSE_SCORE_CHUNK
     return max(1, -(-readable // per_split)), per_split
