@@ -20,10 +20,21 @@
 // (128 keys) so the partial traffic (2 x splits x Hq x D x 4 bytes) stays small against the K/V
 // bytes (S x Hkv x D x 4), and at most kMaxAutoSplits splits are made.
 //
+// Roofline of the targets (H100, ~3.0 TB/s measured copy, bf16, 32K context):
+//   decode, Llama-3.1-8B (8 KV heads, D 128): K/V = 32K x 8 x 128 x 2 x 2 B = 134 MB -> ~45 us.
+//   tree of 64 tokens, same shape: 4 x 64 x 32 heads x 32K x 128 = 34 GFLOP, i.e. ~100 us at the
+//   ~350 TFLOP/s that mma.sync flash kernels reach on H100 (~2.2x decode), ~55 us at FA3-class
+//   wgmma rates. So "tree <= 1.3x decode" at T = 64 needs the Hopper (wgmma) path for Llama
+//   shapes; for MiniCPM4 (2 KV heads: 4x fewer K/V bytes, the same FLOPs) it is out of reach of
+//   the hardware (>= 3x even at the dense-bf16 peak). Trees of 16 or fewer tokens (CPM.cu's W4A16
+//   default is 12) stay under the decode time with mma.sync. Prefill is compute-bound the same
+//   way: parity with cuDNN/FA3-backed SDPA on Hopper needs wgmma; on A100/Ada mma.sync is the
+//   right instruction.
+//
 // Tuning history: first version, written without access to a GPU; the constants above are
-// first estimates from the roofline (decode: K/V bytes / DRAM bandwidth; tree: 4 x T x Hq x S x D
-// FLOPs at mma.sync rate). Retune on a lent H100/H200/A100 with bench/python/bench_attention.py
-// and record what changed and why here.
+// first estimates from the roofline. Retune on a lent H100/H200/A100 with
+// bench/python/bench_attention.py (and bench/cpp/bench_attention) and record what changed and why
+// here.
 #pragma once
 
 #include <algorithm>
