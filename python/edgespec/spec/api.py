@@ -1,0 +1,135 @@
+"""Turning speculative decoding on and off for an LLM, with per-precision default tree shapes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..ops.linear import DenseLinear
+from .decoding import cache_slack, speculative_factory
+from .draft_model import ModelDrafter, check_same_vocabulary
+from .drafter import Drafter
+from .eagle import CONFIG_KEY, EagleDrafter, is_eagle_head, load_eagle_head
+from .frspec import load_vocab
+from .tree import TreeSettings
+
+if TYPE_CHECKING:
+    from ..engine import LLM
+    from ..models.decoder import Decoder
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# The EAGLE head trained for the demo model (SmolLM2-135M-Instruct) with `edgespec train-draft`.
+DEMO_HEAD = DATA_DIR / "smollm2-135m-instruct-eagle"
+
+# Tree shapes per target kind (tree_size, depth, topk). Verifying T tokens costs about one
+# decode step while the weights dominate: on a GPU with bf16 weights that holds for hundreds of
+# tokens (EAGLE-2's reference 60 / 6 / 10), with 4-bit weights for a few dozen; on a CPU the
+# matmuls of a 135M model grow with T sooner, and the draft's own steps are a larger share.
+# See bench/results/spec-*.json for the measurements behind the CPU entry.
+DEFAULT_SETTINGS = {
+    "cpu": TreeSettings(tree_size=12, depth=5, topk=4),
+    "cuda": TreeSettings(tree_size=60, depth=6, topk=10),
+    "cuda-quantized": TreeSettings(tree_size=24, depth=5, topk=8),
+}
+
+
+def _is_quantized(model: "Decoder") -> bool:
+    return not isinstance(model.layers[0].qkv, DenseLinear)
+
+
+def default_settings(model: "Decoder") -> TreeSettings:
+    """The default tree shape for a target on its device and precision (DEFAULT_SETTINGS)."""
+    if model.device.type != "cuda":
+        return DEFAULT_SETTINGS["cpu"]
+    return DEFAULT_SETTINGS["cuda-quantized" if _is_quantized(model) else "cuda"]
+
+
+def _head_frspec(path: Path) -> Path | None:
+    """The FR-Spec vocabulary a head's config names (edgespec_draft.frspec_vocab), if any."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8")).get(CONFIG_KEY) or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    name = meta.get("frspec_vocab") if isinstance(meta, dict) else None
+    return (path / name) if name else None
+
+
+def load_drafter(draft: Any, llm: "LLM", frspec_vocab: str | Path | None = None) -> Drafter:
+    """A drafter for llm's model from `draft`: a Drafter, an EAGLE-1/2/3 head directory, or a
+    standalone draft model (directory, .gguf or 'demo') that shares the target's tokenizer.
+
+    frspec_vocab: None uses the vocabulary the head's config names (if any), "none" the full draft
+    vocabulary, otherwise an FR-Spec vocabulary file restricting the draft LM head.
+    """
+    target = llm.model
+    default_vocab = None
+    if hasattr(draft, "expand") and hasattr(draft, "advance"):
+        drafter = draft
+    else:
+        path = str(draft)
+        if path != "demo" and not Path(path).exists():
+            raise FileNotFoundError(f"draft {path!r} not found: pass an EAGLE head directory, a draft model "
+                                    f"(directory or .gguf) or 'demo'")
+        if path != "demo" and Path(path).is_dir() and is_eagle_head(path):
+            head = load_eagle_head(path, target)
+            drafter = EagleDrafter(head, name=f"eagle{'3' if head.kind == 'eagle3' else ''}:{Path(path).name}")
+            default_vocab = _head_frspec(Path(path))
+        else:
+            from ..loading import load_model  # noqa: PLC0415 - avoid an import cycle at package import
+
+            loaded = load_model(path, device=target.device, dtype=target.dtype, max_context=target.max_context)
+            check_same_vocabulary(target, loaded.model, llm.tokenizer, loaded.tokenizer, where=f"draft model {path}")
+            drafter = ModelDrafter(loaded.model, name=f"model:{Path(path).name}")
+    vocab = default_vocab if frspec_vocab is None else (None if str(frspec_vocab).lower() == "none" else frspec_vocab)
+    if vocab is not None:
+        ids = load_vocab(vocab, target.config.vocab_size)
+        drafter.lm_head = drafter.lm_head.restrict(ids, where=str(vocab))
+        drafter.name += f"+frspec{ids.numel()}"
+    return drafter
+
+
+def enable_speculation(llm: "LLM", draft: Any = "auto", tree_size: int | None = None, depth: int | None = None,
+                       topk: int | None = None, frspec_vocab: str | Path | None = None) -> TreeSettings | None:
+    """Install speculative decoding on `llm` (its generate/stream then draft and verify trees).
+
+    draft: "auto" (the head shipped for the model: the demo model only; otherwise speculation
+    stays off), None (off), a Drafter, an EAGLE head directory or a draft model path.
+    tree_size/depth/topk: the tree shape (defaults: default_settings for the target).
+    frspec_vocab: see load_drafter.
+    Returns the settings in use, or None when speculation is off.
+    """
+    if draft == "auto":
+        draft = DEMO_HEAD if llm.name == "demo" and DEMO_HEAD.is_dir() else None
+    if draft is None:
+        disable_speculation(llm)
+        return None
+    base = default_settings(llm.model)
+    settings = TreeSettings(tree_size=base.tree_size if tree_size is None else tree_size,
+                            depth=base.depth if depth is None else depth,
+                            topk=base.topk if topk is None else topk).validate()
+    if settings.tree_size + 1 > llm.max_context:
+        raise ValueError(f"tree_size {settings.tree_size} does not fit a context of {llm.max_context}")
+    drafter = load_drafter(draft, llm, frspec_vocab)
+    llm.set_strategy(speculative_factory(drafter, settings), cache_slack=cache_slack(settings))
+    return settings
+
+
+def disable_speculation(llm: "LLM") -> None:
+    """Back to plain decoding (one target forward per token)."""
+    from ..generation import PlainDecoding  # noqa: PLC0415
+
+    llm.set_strategy(PlainDecoding)
+
+
+def speculation_info(llm: "LLM") -> dict[str, Any] | None:
+    """{"draft", "tree_size", "depth", "topk"} of the installed speculative strategy, or None."""
+    factory = llm._strategy_factory
+    drafter = getattr(factory, "drafter", None)
+    if drafter is None:
+        return None
+    s: TreeSettings = factory.settings
+    return {"draft": drafter.name, "tree_size": s.tree_size, "depth": s.depth, "topk": s.topk}
+

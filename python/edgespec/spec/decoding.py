@@ -1,0 +1,129 @@
+"""The speculative decoding strategy: draft a tree, verify it in one target pass, accept, commit.
+
+One step, with n committed tokens in the target's cache and the root r (the last committed token,
+not yet run through the target) at position n:
+
+    draft:   the drafter grows an EAGLE-2 tree of up to tree_size tokens below r
+    verify:  one target forward over [r, tree...] at cache slots [n, n+T), positions n + depth,
+             with the bit-packed tree mask                          -> logits [T, V]
+    accept:  greedy (longest path of argmax matches) or lossless rejection sampling -> path, bonus
+    commit:  the K/V of the path move to slots [n, n+len(path)) (KVCache.compact); the drafter
+             catches up on the accepted tokens and the bonus, which becomes the next root.
+
+Each step returns the accepted draft tokens plus the bonus: at least one token per target forward,
+exactly the tokens plain decoding would produce (greedy) or with the same distribution (sampling).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from ..generation import GenerationConfig, Sampler, prefill
+from ..kv_cache import KVCache
+from ..models.decoder import Decoder
+from .accept import accept_greedy, accept_sampling
+from .drafter import Drafter, TargetStates
+from .tree import DraftTree, TreeSettings, build_tree
+
+
+def cache_slack(settings: TreeSettings) -> int:
+    """Cache slots a step may write past the committed length (the target verifies tree_size + 1
+    tokens; the drafter's recomputed rounds hold at most topk * (depth - 1) rows)."""
+    return max(settings.tree_size + 1, settings.topk * settings.depth) + 1
+
+
+class SpeculativeDecoding:
+    """A DecodingStrategy (see edgespec.generation) that drafts with `drafter` and verifies trees."""
+
+    def __init__(self, model: Decoder, cache: KVCache, drafter: Drafter, settings: TreeSettings) -> None:
+        self.model = model
+        self.cache = cache
+        self.drafter = drafter
+        self.settings = settings.validate()
+        self.sampler: Sampler | None = None
+        self._root = -1
+        self._root_logits: torch.Tensor | None = None  # [Vd] draft logits after the root
+        self._root_state: torch.Tensor | None = None   # [1, Hs]
+        self._budget = 0
+        self._produced = 0
+        self.accept_lengths: Counter[int] = Counter()  # tokens committed per target forward -> steps
+        self.tree_sizes: list[int] = []
+
+    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
+        dev = self.model.device
+        need = self.model.max_context + cache_slack(self.settings)
+        if self.cache.max_len < need:
+            raise ValueError(f"speculative decoding needs a KV cache of {need} slots, this one has "
+                             f"{self.cache.max_len}: install it with LLM.set_strategy(..., cache_slack=...)")
+        self.sampler = Sampler(config, dev)
+        self._budget = max_new_tokens
+        self.drafter.reset(need)
+        ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
+        hidden, captured = prefill(self.model, self.cache, ids, config.prefill_chunk, capture=self.drafter.capture)
+        first = int(self.sampler(self.model.logits(hidden))[0])
+        target = TargetStates({i: torch.cat(parts) for i, parts in captured.items()})
+        self._root_logits, self._root_state = self.drafter.prefill(ids, first, target)
+        self._root = first
+        self._produced = 1
+        return [first]
+
+    def step(self) -> list[int]:
+        model, cache = self.model, self.cache
+        dev = model.device
+        n = cache.length
+        # Nodes at depth d sit at position n + d: stay inside the context, and drafting deeper than
+        # the tokens still wanted is wasted work.
+        max_depth = min(model.max_context - 1 - n, self._budget - self._produced - 1)
+        tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
+                          self.drafter.lm_head.token_map, max_depth=max(max_depth, 0))
+        tokens = torch.tensor(tree.tokens, dtype=torch.int64, device=dev)
+        mask = tree.packed_mask(dev) if tree.size > 1 else None
+        out = model.forward(tokens, tree.positions(n, dev), cache, n, tree_mask=mask, capture=self.drafter.capture)
+        logits = model.logits(out.hidden)                                    # [T, V] fp32
+        path, bonus = self._accept(tree, logits)
+        path_t = torch.tensor(path, dtype=torch.int64, device=dev)
+        cache.compact(path_t + n, n)
+        cache.length = n + len(path)
+        committed = [tree.tokens[i] for i in path[1:]] + [bonus]
+        target = TargetStates(out.captured).rows(path_t)
+        self._root_logits, self._root_state = self.drafter.advance(
+            torch.tensor(committed, dtype=torch.int64, device=dev), target)
+        self._root = bonus
+        self._produced += len(committed)
+        self.accept_lengths[len(committed)] += 1
+        self.tree_sizes.append(tree.size - 1)
+        return committed
+
+    def _accept(self, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        assert self.sampler is not None
+        if self.sampler.config.greedy:
+            return accept_greedy(tree, logits)
+        return accept_sampling(tree, self.sampler.probs(logits), self.sampler.generator)
+
+    def stats(self) -> dict[str, Any]:
+        """Speculation statistics merged into GenerationStats (and `--stats`' JSON line)."""
+        steps = sum(self.accept_lengths.values())
+        tokens = sum(k * v for k, v in self.accept_lengths.items())
+        s = self.settings
+        return {
+            "draft": self.drafter.name,
+            "tree_size": s.tree_size, "depth": s.depth, "topk": s.topk,
+            # Tokens committed per target forward (verification steps), the bonus token included.
+            "mean_accepted_length": round(tokens / steps, 3) if steps else 0.0,
+            "acceptance_histogram": {str(k): self.accept_lengths[k] for k in sorted(self.accept_lengths)},
+            "mean_tree_size": round(sum(self.tree_sizes) / len(self.tree_sizes), 2) if self.tree_sizes else 0.0,
+        }
+
+
+def speculative_factory(drafter: Drafter, settings: TreeSettings):
+    """A strategy factory for LLM.set_strategy: (model, cache) -> SpeculativeDecoding."""
+    settings.validate()
+
+    def make(model: Decoder, cache: KVCache) -> SpeculativeDecoding:
+        return SpeculativeDecoding(model, cache, drafter, settings)
+
+    make.drafter = drafter      # type: ignore[attr-defined]  (introspection: which draft is installed)
+    make.settings = settings    # type: ignore[attr-defined]
+    return make

@@ -1,0 +1,78 @@
+"""A standalone small model as the drafter (same tokenizer as the target), chain or tree."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ModelFormatError
+from ..generation import prefill
+from ..kv_cache import KVCache
+from ..models.decoder import Decoder
+from .drafter import TargetStates
+from .frspec import DraftLMHead, dense_weight
+from .tree import ExpandBatch
+
+
+def check_same_vocabulary(target: Decoder, draft: Decoder, target_tok: Any = None, draft_tok: Any = None,
+                          where: str = "draft model") -> None:
+    """Raise ModelFormatError unless draft and target share a vocabulary (size, and the token
+    strings when both tokenizers are known), since draft ids are fed to the target as they are."""
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise ModelFormatError(f"{where}: its vocabulary has {dv} tokens but the target's has {tv}; "
+                               f"a draft model must use the target's tokenizer")
+    if target_tok is not None and draft_tok is not None:
+        n = min(len(target_tok.hf), len(draft_tok.hf), tv)
+        a = target_tok.hf.convert_ids_to_tokens(list(range(n)))
+        b = draft_tok.hf.convert_ids_to_tokens(list(range(n)))
+        if a != b:
+            i = next(i for i in range(n) if a[i] != b[i])
+            raise ModelFormatError(f"{where}: token {i} is {b[i]!r} in the draft's tokenizer but {a[i]!r} in the "
+                                   f"target's; a draft model must use the target's tokenizer")
+
+
+class ModelDrafter:
+    """Drafter protocol over a Decoder with its own KV cache; it also processes the root token,
+    so its committed length is one more than the target's."""
+
+    def __init__(self, model: Decoder, name: str = "model", prefill_chunk: int = 512) -> None:
+        self.model = model
+        self.name = name
+        self.capture: tuple[int, ...] = ()
+        self.prefill_chunk = prefill_chunk
+        w, b = dense_weight(model.lm_head)
+        self.lm_head = DraftLMHead(w, b, model.config.logit_scale)
+        self.cache: KVCache | None = None
+        self._committed = 0
+
+    @property
+    def committed(self) -> int:
+        return self._committed
+
+    def reset(self, max_len: int) -> None:
+        if self.cache is None or self.cache.max_len < max_len:
+            self.cache = self.model.new_cache(max_len)
+        self._committed = 0
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden[-1:])[0]
+
+    def prefill(self, prompt: torch.Tensor, first_token: int, target: TargetStates) -> tuple[torch.Tensor, None]:
+        ids = torch.cat([prompt, torch.tensor([first_token], dtype=torch.int64, device=prompt.device)])
+        hidden, _ = prefill(self.model, self.cache, ids, self.prefill_chunk)
+        self._committed = ids.numel()
+        return self._logits(hidden), None
+
+    def advance(self, tokens: torch.Tensor, target: TargetStates) -> tuple[torch.Tensor, None]:
+        start = self._committed
+        positions = torch.arange(start, start + tokens.numel(), device=tokens.device)
+        out = self.model.forward(tokens, positions, self.cache, start)
+        self._committed += tokens.numel()
+        return self._logits(out.hidden), None
+
+    def expand(self, batch: ExpandBatch) -> tuple[torch.Tensor, None]:
+        start = self._committed + batch.slot_offset
+        positions = batch.depths + (self._committed - 1)
+        out = self.model.forward(batch.tokens, positions, self.cache, start, tree_mask=batch.tree_mask)
+        return self.lm_head(out.hidden[-batch.new:]), None

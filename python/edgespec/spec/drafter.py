@@ -1,0 +1,64 @@
+"""The drafter interface shared by EAGLE heads and standalone draft models.
+
+A drafter keeps its own KV cache in step with the target's. Its committed length L counts the
+cache slots it has filled from committed tokens; draft-tree nodes of depth d then sit at RoPE
+position L + d - 1 and are written after L. EAGLE heads consume (token x[i+1], target feature
+f[i]) pairs at position i, so L equals the target's committed length; a standalone model has
+also processed the root token itself, so L is one more. Either way, `prefill`/`advance` end at
+the root and return the draft distribution for the token after it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .frspec import DraftLMHead
+from .tree import ExpandBatch
+
+
+@dataclass
+class TargetStates:
+    """What the target computed at the positions a drafter is catching up on.
+
+    captured: layer index -> [a, H] residual stream entering that layer (index num_layers: the
+              stream after the last layer, before the final norm), for the layers in
+              `Drafter.capture`, one row per position in order.
+    """
+
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def rows(self, index: torch.Tensor) -> "TargetStates":
+        """The states at `index` ([a] int64 row indices)."""
+        return TargetStates({k: v.index_select(0, index) for k, v in self.captured.items()})
+
+
+class Drafter(Protocol):
+    """Proposes draft tokens; see the module docstring for positions and cache slots."""
+
+    name: str
+    capture: tuple[int, ...]  # target layers whose input streams the drafter reads
+    lm_head: DraftLMHead      # its vocabulary (token_map: target ids) and output projection
+
+    @property
+    def committed(self) -> int: ...
+
+    def reset(self, max_len: int) -> None:
+        """Prepare for a new sequence whose committed length plus a draft tree fits in `max_len`."""
+
+    def prefill(self, prompt: torch.Tensor, first_token: int,
+                target: TargetStates) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Process the prompt ([P] int64) and the first generated token.
+
+        target: the target's states at the P prompt positions. Returns the draft logits [Vd] fp32 for
+        the token after `first_token` and the draft state [1, Hs] its children consume (or None).
+        """
+
+    def advance(self, tokens: torch.Tensor, target: TargetStates) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Commit `tokens` ([a] int64: the accepted draft tokens and the bonus token, which is the new
+        root). target: the target's states at the a positions before them (the old root and the
+        accepted nodes). Returns like prefill."""
+
+    def expand(self, batch: ExpandBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One draft round: logits [batch.new, Vd] fp32 and states [batch.new, Hs] (or None)."""

@@ -1,0 +1,269 @@
+"""Draft trees: EAGLE-2 dynamic construction, RoPE positions, parent arrays and bit-packed masks.
+
+A tree's node 0 is the *root*: the last committed token, which the target has not processed yet.
+Every other node is a draft token; its parent is the token before it. Nodes are stored in
+creation order, so a parent always precedes its children (`parents[i] < i`) and siblings appear
+in decreasing draft score. The target verifies the whole tree in one forward pass: node i sits at
+RoPE position `prefix + depth[i]` and attends to the committed prefix plus its own ancestors.
+
+EAGLE-2 construction (Li et al., 2024): depth 1 holds the top-k tokens of the draft's distribution
+after the root; at each further depth the k nodes with the highest *cumulative* draft log-prob
+are expanded (each proposes its top-k tokens), and at the end all candidates are reranked
+globally and the best `tree_size` are kept. Because a child's cumulative log-prob never exceeds
+its parent's and parents are created first, a stable descending sort keeps every selected node's
+ancestors selected too, so the kept set is always a tree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import ops
+
+
+_WORD = (1 << 64) - 1
+
+
+def _signed64(word: int) -> int:
+    """An unsigned 64-bit pattern as the int64 with the same bits (bit 63 is the sign bit)."""
+    return word - (1 << 64) if word >> 63 else word
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    """Shape of the draft tree grown at every step.
+
+    tree_size: draft tokens verified per step (the root is extra: the target processes
+               tree_size + 1 tokens). Values above 64 need more than one mask word per row.
+    depth:     deepest draft token (draft rounds per step: depth - 1 after the catch-up pass).
+    topk:      tokens proposed per expanded node and nodes expanded per depth (1 = a chain).
+    """
+
+    tree_size: int
+    depth: int
+    topk: int
+
+    def validate(self) -> "TreeSettings":
+        for name in ("tree_size", "depth", "topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculation setting {name} must be a positive integer, got {value!r}")
+        return self
+
+
+@dataclass
+class DraftTree:
+    """A verified-in-one-pass token tree (see the module docstring).
+
+    tokens:  [N] target token ids, node 0 = root
+    parents: [N] parent node of each node, -1 for the root, parents[i] < i
+    depths:  [N] distance from the root (root 0)
+    scores:  [N] cumulative draft log-probability (root 0.0); informative only
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    scores: list[float]
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens)
+        if not n or len(self.parents) != n or len(self.depths) != n or len(self.scores) != n:
+            raise ValueError(f"DraftTree: tokens, parents, depths and scores must have the same non-zero length, "
+                             f"got {n}, {len(self.parents)}, {len(self.depths)}, {len(self.scores)}")
+        if self.parents[0] != -1 or self.depths[0] != 0:
+            raise ValueError("DraftTree: node 0 must be the root (parent -1, depth 0)")
+        for i in range(1, n):
+            p = self.parents[i]
+            if not 0 <= p < i:
+                raise ValueError(f"DraftTree: node {i} has parent {p}; parents must precede their children")
+            if self.depths[i] != self.depths[p] + 1:
+                raise ValueError(f"DraftTree: node {i} has depth {self.depths[i]} but its parent has {self.depths[p]}")
+        self.children: list[list[int]] = [[] for _ in range(n)]
+        for i in range(1, n):
+            self.children[self.parents[i]].append(i)
+
+    @classmethod
+    def from_parents(cls, tokens: list[int], parents: list[int]) -> "DraftTree":
+        """A tree from tokens and parents alone (depths derived, scores 0)."""
+        depths: list[int] = []
+        for i, p in enumerate(parents):
+            depths.append(0 if p < 0 else depths[p] + 1 if p < i else -1)
+        return cls(list(tokens), list(parents), depths, [0.0] * len(tokens))
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def ancestor_bits(self) -> list[int]:
+        """Row i of the visibility matrix as a Python int: bit j set iff node j is i or an ancestor of i."""
+        bits: list[int] = []
+        for i, p in enumerate(self.parents):
+            bits.append((bits[p] if p >= 0 else 0) | (1 << i))
+        return bits
+
+    def packed_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tree mask as ops.attention takes it: int64 [N, ceil(N/64)], bit j % 64 of word j // 64
+        of row i set iff node j is visible to node i (itself and its ancestors)."""
+        words = ops.tree_mask_words(self.size)
+        rows = [[_signed64((b >> (64 * w)) & _WORD) for w in range(words)] for b in self.ancestor_bits()]
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+
+    def visibility(self) -> torch.Tensor:
+        """bool [N, N]: row i is True at i and at every ancestor of i."""
+        return ops.unpack_tree_mask(self.packed_mask(), self.size)
+
+    def positions(self, start: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """RoPE positions int64 [N]: the root at `start`, a node at depth d at start + d."""
+        return torch.tensor(self.depths, dtype=torch.int64, device=device) + start
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, both included."""
+        path = [node]
+        while self.parents[path[-1]] >= 0:
+            path.append(self.parents[path[-1]])
+        return path[::-1]
+
+
+@dataclass
+class ExpandBatch:
+    """One draft round over the expanded nodes of a growing tree.
+
+    tokens:     [E] int64 target ids of the nodes run through the draft this round
+    states:     [E, Hs] the draft state each node consumes (its parent's draft output), or None
+                for drafters without one (a standalone model)
+    depths:     [E] int64 tree depth of each node (>= 1)
+    slot_offset: the rows are written at draft-cache slots [committed + slot_offset, ... + E)
+    tree_mask:  packed int64 [E, ceil(E/64)] visibility among the E rows (they also see the whole
+                committed prefix), or None when the rows form a chain (causal)
+    new:        outputs are needed only for the last `new` rows (the frontier being expanded)
+    """
+
+    tokens: torch.Tensor
+    states: torch.Tensor | None
+    depths: torch.Tensor
+    slot_offset: int
+    tree_mask: torch.Tensor | None
+    new: int
+
+
+# (batch) -> (draft logits [new, Vd] float, draft states [new, Hs] or None)
+ExpandFn = Callable[[ExpandBatch], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, ties broken towards the lower index (deterministic,
+    unlike torch.topk, and parent-before-child because parents have lower indices)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k]
+
+
+def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Tensor | None,
+               expand: ExpandFn, settings: TreeSettings, token_map: torch.Tensor | None = None,
+               max_depth: int | None = None) -> DraftTree:
+    """Grow an EAGLE-2 dynamic tree below `root_token`.
+
+    root_logits: [Vd] float draft logits for the token after the root (from the catch-up pass).
+    root_state:  [1, Hs] the draft state the depth-1 nodes consume, or None.
+    expand:      runs one draft round (ExpandBatch) and returns logits/states of its new rows.
+    token_map:   [Vd] int64 target id of each draft-vocabulary column (FR-Spec, EAGLE-3 d2t), or
+                 None when the draft vocabulary is the target's.
+    max_depth:   caps settings.depth (the end of the context or of the token budget).
+    Returns the tree with at most settings.tree_size draft nodes; 0 draft nodes when max_depth is 0.
+
+    The expanded nodes of earlier rounds are run through the draft again each round (when topk > 1)
+    because the attention op sees every earlier cache slot as prefix: recomputing them under one
+    tree mask is how the draft's own attention excludes the other branches. For a chain
+    (topk == 1) every earlier node is an ancestor, so only the new node runs, causally.
+    """
+    settings.validate()
+    depth_limit = settings.depth if max_depth is None else min(settings.depth, max_depth)
+    if depth_limit <= 0:
+        return DraftTree([root_token], [-1], [0], [0.0])
+    device = root_logits.device
+    vocab = root_logits.shape[-1]
+    k = min(settings.topk, vocab)
+
+    def to_target(ids: torch.Tensor) -> torch.Tensor:
+        return ids if token_map is None else token_map[ids]
+
+    def top_children(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Log-probs are clamped to <= 0 so a child's cumulative score never exceeds its parent's.
+        lp = torch.log_softmax(logits.float(), dim=-1).clamp(max=0.0)
+        top = torch.topk(lp, k, dim=-1)  # sorted: siblings are created in score order
+        return top.values, top.indices
+
+    values, ids = top_children(root_logits.reshape(1, vocab))
+    cand_tokens = [to_target(ids[0])]                                  # per depth: [n_d]
+    cand_scores = [values[0]]                                          # per depth: [n_d]
+    cand_parents = [torch.full((k,), -1, dtype=torch.int64, device=device)]  # global candidate index
+    total = k
+    frontier = torch.arange(k, device=device)                         # global indices of nodes to expand
+    frontier_local = torch.arange(k, device=device)                   # their index within their depth
+    frontier_states = None if root_state is None else root_state.expand(k, -1)
+    # The expanded nodes, in draft-cache order (for the recompute scheme).
+    exp_tokens: list[torch.Tensor] = []
+    exp_states: list[torch.Tensor] = []
+    exp_depths: list[torch.Tensor] = []
+    exp_vis: torch.Tensor | None = None        # bool [E, E] visibility among expanded nodes
+    exp_index_of_cand: dict[int, torch.Tensor] = {}  # depth -> [n_d] expanded index of candidates (-1: not expanded)
+    for depth in range(1, depth_limit):
+        kf = frontier.numel()
+        base = sum(t.numel() for t in exp_tokens)  # rows already expanded
+        tokens_d = cand_tokens[depth - 1][frontier_local]
+        exp_tokens.append(tokens_d)
+        if frontier_states is not None:
+            exp_states.append(frontier_states)
+        exp_depths.append(torch.full((kf,), depth, dtype=torch.int64, device=device))
+        # Visibility of the new rows: their parent's row (an expanded node one depth up) plus themselves.
+        new_vis = torch.zeros(kf, base + kf, dtype=torch.bool, device=device)
+        if depth > 1:
+            parent_local = cand_parents[depth - 1][frontier_local] - _depth_base(cand_tokens, depth - 1)
+            parent_rows = exp_index_of_cand[depth - 1][parent_local]
+            new_vis[:, :base] = exp_vis[parent_rows]
+        new_vis[:, base:] = torch.eye(kf, dtype=torch.bool, device=device)
+        if exp_vis is None:
+            exp_vis = new_vis
+        else:
+            exp_vis = torch.cat([torch.nn.functional.pad(exp_vis, (0, kf)), new_vis], dim=0)
+        index = torch.full((cand_tokens[depth - 1].numel(),), -1, dtype=torch.int64, device=device)
+        index[frontier_local] = torch.arange(base, base + kf, device=device)
+        exp_index_of_cand[depth] = index
+        if k == 1:
+            batch = ExpandBatch(tokens_d, frontier_states, exp_depths[-1], base, None, kf)
+        else:
+            batch = ExpandBatch(torch.cat(exp_tokens), torch.cat(exp_states) if exp_states else None,
+                                torch.cat(exp_depths), 0, ops.pack_tree_mask(exp_vis), kf)
+        logits, states = expand(batch)                                  # [kf, Vd], [kf, Hs]
+        values, ids = top_children(logits)                              # [kf, k]
+        scores = cand_scores[depth - 1][frontier_local].unsqueeze(1) + values   # [kf, k]
+        cand_tokens.append(to_target(ids).reshape(-1))
+        cand_scores.append(scores.reshape(-1))
+        cand_parents.append(frontier.repeat_interleave(k))
+        chosen = _stable_top(scores.reshape(-1), k)                      # local indices at depth + 1
+        frontier_local = chosen
+        frontier = chosen + total
+        total += kf * k
+        frontier_states = None if states is None else states[chosen // k]
+    all_scores = torch.cat(cand_scores)
+    keep = torch.sort(_stable_top(all_scores, settings.tree_size)).values  # creation order = topological
+    tokens = torch.cat(cand_tokens)[keep].tolist()
+    parents_global = torch.cat(cand_parents)[keep].tolist()
+    scores_kept = all_scores[keep].tolist()
+    node_of = {g: i + 1 for i, g in enumerate(keep.tolist())}
+    parents = [-1] + [0 if p < 0 else node_of[p] for p in parents_global]
+    depths = [0]
+    for p in parents[1:]:
+        depths.append(depths[p] + 1)
+    return DraftTree([root_token] + tokens, parents, depths, [0.0] + scores_kept)
+
+
+def _depth_base(cand_tokens: list[torch.Tensor], depth: int) -> int:
+    """Global candidate index of the first candidate at `depth` (1-based)."""
+    return sum(t.numel() for t in cand_tokens[:depth - 1])
