@@ -85,9 +85,20 @@ class LLM:
 
     @classmethod
     def load(cls, model: str, device: str | None = None, dtype: torch.dtype | None = None,
-             max_context: int | None = None, progress: bool = False) -> "LLM":
-        """Load a model directory, GGUF file or 'demo' (see edgespec.loading.load_model)."""
-        return cls(load_model(model, device=device, dtype=dtype, max_context=max_context, progress=progress))
+             max_context: int | None = None, progress: bool = False, draft: Any = "auto",
+             **speculation: Any) -> "LLM":
+        """Load a model directory, GGUF file or 'demo' (see edgespec.loading.load_model).
+
+        draft: speculative decoding (edgespec.spec.enable_speculation): "auto" uses the draft head
+        shipped for the model (the demo model has one), None turns it off, or an EAGLE head
+        directory / draft model path; speculation: tree_size, depth, topk, frspec_vocab.
+        """
+        llm = cls(load_model(model, device=device, dtype=dtype, max_context=max_context, progress=progress))
+        if draft is not None or speculation:
+            from .spec import enable_speculation  # noqa: PLC0415 - speculation is optional machinery
+
+            enable_speculation(llm, draft, **speculation)
+        return llm
 
     @property
     def max_context(self) -> int:
