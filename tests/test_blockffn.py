@@ -267,3 +267,70 @@ def test_plain_mlp_models_report_no_sparsity(tiny_model_dir) -> None:
                    max_context=32).model
     m.reset_stats()
     assert m.stats() == {}
+
+
+# ---- kernel boundary (device-independent checks run on CPU tensors) ---------------------------
+
+def test_kernel_rejections_name_the_problem() -> None:
+    from edgespec.ops import _kernels
+
+    x, router, norm, up, down, _ = make_case(4, 64, 6, 32, 0.5, dtype=torch.bfloat16)
+    reject = _kernels.blockffn_rejection
+    assert "bfloat16 or float16" in reject(x.float(), router, norm, up, down)
+    assert "router_weight has dtype" in reject(x, router.half(), norm, up, down)
+    assert "1 <= T <= 128" in reject(torch.zeros(129, 64, dtype=torch.bfloat16), router, norm, up, down)
+    x2, router2, norm2, up2, down2, _ = make_case(4, 80, 6, 32, 0.5, dtype=torch.bfloat16)
+    assert "not a multiple of 32" in reject(x2, router2, norm2, up2, down2)
+    x3, router3, norm3, up3, down3, _ = make_case(4, 64, 6, 16, 0.5, dtype=torch.bfloat16)
+    assert "d a multiple of 32" in reject(x3, router3, norm3, up3, down3)
+    assert "must be contiguous" in reject(x, router, norm, up, down.T.contiguous().T)
+    assert "16-byte aligned rows" in reject(torch.zeros(4, 72, dtype=torch.bfloat16)[:, 4:68], router, norm, up, down)
+    assert "not a CUDA device" in reject(x, router, norm, up, down)  # everything else is acceptable
+    assert not _kernels.supports_blockffn(x, router, norm, up, down)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 17, 64, 128])
+def test_kernel_split_factors_respect_the_launch_limits(tokens: int) -> None:
+    from edgespec.ops import _kernels
+
+    for hidden, experts, expert_size in [(32, 1, 32), (576, 36, 64), (2560, 80, 128), (4096, 1024, 32)]:
+        for sms in (1, 46, 132):
+            router, up, down = _kernels.blockffn_splits(tokens, hidden, experts, expert_size, sms)
+            assert 1 <= router <= min(8, hidden // 32)
+            assert 1 <= up <= hidden // 32
+            assert 1 <= down <= 16
+            if tokens > 64:
+                assert up == 1  # partial sums of [T, E*d] per split would dwarf the weights read
+
+
+_C = ops.compiled_module()
+
+
+@pytest.mark.skipif(_C is None, reason="edgespec._C was not built (no CUDA compiler)")
+def test_blockffn_rechecks_in_cpp() -> None:
+    """The C++ entry point re-checks every view before any CUDA call (fake addresses, no GPU needed)."""
+    def view(shape: tuple[int, ...], dtype: str = "bf16", slot: int = 0):
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        return _C.TensorView((slot + 1) << 24, shape, strides, getattr(_C.DType, dtype), 0)
+
+    t, h, e, d = 4, 64, 6, 32
+    good = dict(x=view((t, h)), router=view((e, h), slot=1), router_norm=view((e,), slot=2),
+                up=view((e * d, h), slot=3), down=view((h, e * d), slot=4), out=view((t, h), slot=5),
+                weights=view((t, e), "fp32", 6), active=view((e + 1,), "int32", 7), hidden=view((t, e * d), slot=8),
+                partial=view((_C.blockffn_partial_floats(t, h, e, d, 1, 1, 1),), "fp32", 9),
+                sync=view((_C.blockffn_sync_words(h, e, d),), "int32", 10), counters=None,
+                router_splits=1, up_splits=1, down_splits=1, eps=1e-5, stream=0)
+
+    def message(**change) -> str:
+        with pytest.raises(RuntimeError) as info:
+            _C.blockffn(**{**good, **change})
+        return str(info.value)
+
+    assert "down: dim 1 has size 160, expected 192" in message(down=view((h, e * d - 32), slot=4))
+    assert "x: 200 tokens" in message(x=view((200, h)))
+    assert "hidden overlaps up" in message(hidden=view((t, e * d), slot=3))
+    assert "sync: dim 0 has size 3" in message(sync=view((3,), "int32", 10))
+    assert "x: expected dtype in {bf16, fp16}" in message(x=view((t, h), "fp32"))
+    assert message(router_splits=2).startswith("blockffn: invalid argument: partial: needs")

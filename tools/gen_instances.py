@@ -30,6 +30,7 @@ FAMILIES = {
     "activation": ("kernels/activation.cuh", "launch_silu_and_mul", "SiluAndMulParams", False),
     "embedding": ("kernels/embedding.cuh", "launch_embedding", "EmbeddingParams", True),
     "sampling": ("kernels/sampling.cuh", "launch_argmax", "ArgmaxParams", False),
+    "moe": ("kernels/moe.cuh", "launch_blockffn", "BlockFFNParams", False),
     "sparse_compress": ("kernels/sparse_attention.cuh", "launch_sparse_compress_keys", "SparseCompressParams", False),
     "sparse_scores": ("kernels/sparse_attention.cuh", "launch_sparse_scores", "SparseScoreParams", False),
 }

@@ -20,6 +20,7 @@ Before timing each case, ours is checked against the dense masked computation.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from benchlib import median, time_cpu, time_cuda, write_result  # noqa: E402
 
 from edgespec import ops  # noqa: E402
+from edgespec.ops.moe import BlockFFNScratch  # noqa: E402
 from edgespec.loading import default_dtype, resolve_device  # noqa: E402
 from oracle.blockffn_ref import routed_router, sparsity_ref  # noqa: E402
 
@@ -102,10 +104,11 @@ def main() -> None:
                     raise SystemExit(f"{shape} T={t} {sparsity:.0%}: ours differs from the dense reference "
                                      f"by {err:.3g} (max |y| {scale:.3g})")
                 it_ours, it_dense = iter(range(1 << 30)), iter(range(1 << 30))
+                scratch = BlockFFNScratch()  # as a model layer holds it: no per-call memset of the counters
 
                 def ours() -> torch.Tensor:
                     up, down = layers[next(it_ours) % copies]
-                    return ops.blockffn(x, router, norm, EPS, up, down)
+                    return ops.blockffn(x, router, norm, EPS, up, down, scratch=scratch)
 
                 def dense() -> torch.Tensor:
                     up, down = layers[next(it_dense) % copies]
@@ -113,6 +116,17 @@ def main() -> None:
 
                 ours_ms = median(timer(ours, repeats)) * 1e3
                 dense_ms = median(timer(dense, repeats)) * 1e3
+                extra = {}
+                if impl == "cuda kernels":
+                    # The torch union path on the same device, for reference (it syncs once per call).
+                    previous = os.environ.get("EDGESPEC_BACKEND")
+                    os.environ["EDGESPEC_BACKEND"] = "torch"
+                    try:
+                        extra["torch_path_ms"] = round(median(timer(ours, repeats)) * 1e3, 4)
+                    finally:
+                        os.environ.pop("EDGESPEC_BACKEND")
+                        if previous is not None:
+                            os.environ["EDGESPEC_BACKEND"] = previous
                 active_bytes = (e - round(sparsity * e)) * d * h * 2 * x.element_size()
                 rows.append({
                     "case": f"{shape} T={t} {round(sparsity * 100)}%", "impl": impl, "ours_ms": round(ours_ms, 4),
@@ -121,7 +135,7 @@ def main() -> None:
                     "chunk_sparsity": round(cls, 4), "token_sparsity": round(tls, 4),
                     "active_experts": e - round(sparsity * e),
                     "gbps": round(active_bytes / (ours_ms * 1e-3) / 1e9, 1),
-                    "max_abs_err": float(f"{err:.3g}")})
+                    "max_abs_err": float(f"{err:.3g}"), **extra})
                 print(f"{rows[-1]['case']:28s} ours {ours_ms:8.3f} ms  dense {dense_ms:8.3f} ms  "
                       f"{rows[-1]['pct_of_dense']:5.1f}% of dense  (TLS {tls:.2f}, CLS {cls:.2f}, {impl})")
     notes = (f"FFN layer only, {dtype_name}. ours = edgespec.ops.blockffn ({', '.join(sorted(impls))}): router + union "

@@ -25,6 +25,7 @@
 #include "kernels/attention.h"
 #include "kernels/attention_plan.h"
 #include "kernels/embedding.h"
+#include "kernels/moe.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
 #include "kernels/sampling.h"
@@ -251,4 +252,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("kernel_stride"), py::arg("init_blocks"), py::arg("window_blocks"), py::arg("topk"),
       py::arg("dense_len"), py::arg("kernels_per_split"), py::arg("scale"), py::arg("stream"),
       "InfLLM-v2 block scores and selection -> bit-packed block mask. See csrc/kernels/sparse_attention.h.");
+
+  m.def(
+      "blockffn",
+      [](const TensorView& x, const TensorView& router, const TensorView& router_norm, const TensorView& up,
+         const TensorView& down, const TensorView& out, const TensorView& weights, const TensorView& active,
+         const TensorView& hidden, const TensorView& partial, const TensorView& sync,
+         const std::optional<TensorView>& counters, int router_splits, int up_splits, int down_splits, float eps,
+         std::uint64_t stream) {
+        BlockFFNArgs a{x, router, router_norm, up, down, out, weights, active, hidden, partial, sync,
+                       opt(counters), router_splits, up_splits, down_splits, eps};
+        raise_if_error("blockffn", blockffn(a, as_stream(stream)),
+                       {{"x", &x}, {"router", &router}, {"router_norm", &router_norm}, {"up", &up}, {"down", &down},
+                        {"out", &out}, {"weights", &weights}, {"active", &active}, {"hidden", &hidden},
+                        {"partial", &partial}, {"sync", &sync}, {"counters", opt(counters)}});
+      },
+      py::arg("x"), py::arg("router"), py::arg("router_norm"), py::arg("up"), py::arg("down"), py::arg("out"),
+      py::arg("weights"), py::arg("active"), py::arg("hidden"), py::arg("partial"), py::arg("sync"),
+      py::arg("counters"), py::arg("router_splits"), py::arg("up_splits"), py::arg("down_splits"), py::arg("eps"),
+      py::arg("stream"),
+      "BlockFFN step over the union of active experts (router, gathered up, gathered down). See csrc/kernels/moe.h.");
+  m.def("blockffn_sync_words", &blockffn_sync_words, py::arg("hidden"), py::arg("experts"), py::arg("expert_size"),
+        "int32 arrival counters blockffn needs (zero on entry, left zero).");
+  m.def("blockffn_partial_floats", &blockffn_partial_floats, py::arg("tokens"), py::arg("hidden"), py::arg("experts"),
+        py::arg("expert_size"), py::arg("router_splits"), py::arg("up_splits"), py::arg("down_splits"),
+        "fp32 split-K scratch blockffn needs.");
 }

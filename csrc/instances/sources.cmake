@@ -11,6 +11,9 @@ set(EDGESPEC_INSTANCE_SOURCES
   csrc/instances/embedding_bf16.cu
   csrc/instances/embedding_fp16.cu
   csrc/instances/embedding_fp32.cu
+  csrc/instances/moe_bf16.cu
+  csrc/instances/moe_fp16.cu
+  csrc/instances/moe_fp32.cu
   csrc/instances/norm_bf16.cu
   csrc/instances/norm_fp16.cu
   csrc/instances/norm_fp32.cu

@@ -91,7 +91,7 @@ def routed_router(t: int, h: int, e: int, chunk_sparsity: float, seed: int = 0, 
     noise = noise - (noise @ pinv) @ x                                          # orthogonal to x's rows
     router = (pinv @ logits).T + noise                                          # [E, H]
     norm = 0.5 + torch.rand(e, generator=g, dtype=torch.float64)
-    return x.to(dtype), router.to(dtype), norm.to(dtype), active
+    return x.to(dtype), router.to(dtype).contiguous(), norm.to(dtype), active
 
 
 def random_experts(h: int, e: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -93,6 +93,7 @@ class BlockFFN:
         # [active (token, expert) pairs, active experts summed over steps]; device-side so that
         # counting never synchronises (the kernels add to it directly).
         self.counters = torch.zeros(2, dtype=torch.int64, device=up.device)
+        self.scratch = ops.moe.BlockFFNScratch()  # the kernel path's per-layer device state
         self.steps = 0
         self.tokens = 0
 
@@ -101,7 +102,8 @@ class BlockFFN:
         return self.up.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H] -> [T, H]
-        y = ops.blockffn(x, self.router_weight, self.router_norm, self.eps, self.up, self.down, self.counters)
+        y = ops.blockffn(x, self.router_weight, self.router_norm, self.eps, self.up, self.down, self.counters,
+                         self.scratch)
         self.steps += 1
         self.tokens += x.shape[0]
         return y

@@ -503,3 +503,114 @@ def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Ten
          int(per_split), float(scale), _stream(q))
     return mask
 
+
+# --- BlockFFN (chunk-sparse MoE) ------------------------------------------------------------------
+
+# csrc/kernels/moe.h: tensor-core kernels (mma.m16n8k16), so 16-bit storage only; the launch shapes
+# cover up to 128 tokens (one speculative tree) and 1024 experts; K runs in 32-element chunks.
+MOE_DTYPES = (torch.bfloat16, torch.float16)
+MOE_MAX_TOKENS = 128
+MOE_MAX_EXPERTS = 1024
+MOE_CHUNK = 32
+MOE_BLOCK_ROWS = 64  # weight rows per block (csrc/kernels/moe.h kMoeBlockRows)
+
+
+def _aligned_contiguous(name: str, t: torch.Tensor) -> str | None:
+    if not t.is_contiguous():
+        return f"{name} {_shape(t)} must be contiguous (strides {t.stride()})"
+    if t.data_ptr() % 16:
+        return f"{name} {_shape(t)} starts at an address that is not 16-byte aligned"
+    return None
+
+
+def blockffn_rejection(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor,
+                       up: torch.Tensor, down: torch.Tensor) -> str | None:
+    """Why csrc/kernels/moe.h cannot run this BlockFFN step, or None (shapes as edgespec.ops.blockffn)."""
+    if x.dtype not in MOE_DTYPES:
+        return f"x has dtype {x.dtype}; the BlockFFN kernels take bfloat16 or float16 (tensor cores)"
+    reason = _first(*(_same_dtype(n, t, "x", x) for n, t in
+                      (("router_weight", router_weight), ("norm_weight", norm_weight), ("up", up), ("down", down))))
+    if reason:
+        return reason
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MOE_MAX_TOKENS:
+        return f"x must be [T, H] with 1 <= T <= {MOE_MAX_TOKENS}, got {_shape(x)}"
+    t, h = x.shape
+    if h % MOE_CHUNK:
+        return f"hidden size {h} is not a multiple of {MOE_CHUNK}"
+    e = router_weight.shape[0] if router_weight.dim() == 2 else 0
+    if router_weight.shape != (e, h) or not 1 <= e <= MOE_MAX_EXPERTS:
+        return f"router_weight must be [E, {h}] with 1 <= E <= {MOE_MAX_EXPERTS}, got {_shape(router_weight)}"
+    if norm_weight.shape != (e,):
+        return f"norm_weight must be [{e}], got {_shape(norm_weight)}"
+    if up.dim() != 2 or up.shape[1] != h or up.shape[0] % e or (up.shape[0] // e) % MOE_CHUNK:
+        return f"up must be [E * d, {h}] with E = {e} and d a multiple of {MOE_CHUNK}, got {_shape(up)}"
+    if down.shape != (h, up.shape[0]):
+        return f"down must be [{h}, {up.shape[0]}], got {_shape(down)}"
+    reason = _first(*(_aligned_contiguous(n, v) for n, v in
+                      (("router_weight", router_weight), ("norm_weight", norm_weight), ("up", up), ("down", down))))
+    if reason:
+        return reason
+    if _last_dim_contiguous("x", x) or (t > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
+        return f"x {_shape(x)} strides {x.stride()} must have contiguous, 16-byte aligned rows"
+    return _one_cuda_device(x=x, router_weight=router_weight, norm_weight=norm_weight, up=up, down=down)
+
+
+def supports_blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor,
+                      up: torch.Tensor, down: torch.Tensor) -> bool:
+    return blockffn_rejection(x, router_weight, norm_weight, up, down) is None
+
+
+def blockffn_sync_words(hidden: int, experts: int, expert_size: int) -> int:
+    """int32 arrival counters the kernels need (zero on entry; the kernels leave them zero)."""
+    return int(_module().blockffn_sync_words(hidden, experts, expert_size))
+
+
+def blockffn_splits(tokens: int, hidden: int, experts: int, expert_size: int, sms: int) -> tuple[int, int, int]:
+    """Split-K factors (router, up, down) for the launch shapes of csrc/kernels/moe.cuh.
+
+    Untuned heuristic (written without a GPU): give each GEMM a few blocks per SM so the weight
+    stream has enough loads in flight, assuming about a third of the up tiles are active, and split
+    less as T grows (more token tiles per block; partial sums cost T * N * 4 bytes per split).
+    """
+    chunks = hidden // MOE_CHUNK
+    cap = 8 if tokens <= 16 else 4 if tokens <= 32 else 2 if tokens <= 64 else 1
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    router = max(1, min(8, chunks, 2 * sms // ceil(experts, MOE_BLOCK_ROWS)))
+    up = max(1, min(cap, chunks, round(8 * sms / ceil(experts * expert_size, MOE_BLOCK_ROWS))))
+    down = max(1, min(2 * cap, round(4 * sms / ceil(hidden, MOE_BLOCK_ROWS))))
+    return router, up, down
+
+
+def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+             up: torch.Tensor, down: torch.Tensor, counters: torch.Tensor | None = None,
+             sync: torch.Tensor | None = None) -> torch.Tensor:
+    """BlockFFN step kernels (csrc/kernels/moe.h); same contract as edgespec.ops.blockffn.
+
+    x: [T, H] bf16/fp16; router_weight [E, H]; norm_weight [E]; up [E * d, H]; down [H, E * d];
+    counters: optional int64 [2] (+= active pairs, += active experts); sync: int32
+    [blockffn_sync_words(H, E, d)] of zeros that the kernels leave zero (a layer keeps one so that
+    no memset runs per step), allocated here when None. Returns [T, H] contiguous in x's dtype.
+    No host synchronisation: the active set stays on the device.
+    """
+    _require("blockffn", blockffn_rejection(x, router_weight, norm_weight, up, down))
+    t, h = x.shape
+    e = router_weight.shape[0]
+    d = up.shape[0] // e
+    words = blockffn_sync_words(h, e, d)
+    if sync is None:
+        sync = torch.zeros(words, dtype=torch.int32, device=x.device)
+    elif sync.shape != (words,) or sync.dtype != torch.int32 or sync.device != x.device:
+        raise ValueError(f"blockffn: sync must be int32 [{words}] on {x.device}, got {_shape(sync)} on {sync.device}")
+    if counters is not None and (counters.shape != (2,) or counters.dtype != torch.int64 or counters.device != x.device):
+        raise ValueError(f"blockffn: counters must be int64 [2] on {x.device}, got {_shape(counters)}")
+    splits = blockffn_splits(t, h, e, d, _sm_count(x.device.index))
+    out = _new_output((t, h), x.dtype, x.device)
+    # Scratch comes from _new_output too, so the poisoned-output tests also prove it is written before read.
+    weights = _new_output((t, e), torch.float32, x.device)
+    active = _new_output((e + 1,), torch.int32, x.device)
+    hidden = _new_output((t, e * d), x.dtype, x.device)
+    partial = _new_output((_module().blockffn_partial_floats(t, h, e, d, *splits),), torch.float32, x.device)
+    _run(_module().blockffn, _view(x), _view(router_weight), _view(norm_weight), _view(up), _view(down), _view(out),
+         _view(weights), _view(active), _view(hidden), _view(partial), _view(sync),
+         None if counters is None else _view(counters), *splits, float(eps), _stream(x))
+    return out

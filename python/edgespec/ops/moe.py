@@ -104,8 +104,23 @@ def blockffn_experts(x: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, d
     return torch.stack(parts).float().sum(0).to(x.dtype)
 
 
+class BlockFFNScratch:
+    """Device state the kernel path keeps between calls of one layer: the int32 arrival counters
+    that its kernels need zeroed and leave zeroed, so no memset runs per step. Give each layer (or
+    each stream that runs layers concurrently) its own; the torch path needs none."""
+
+    def __init__(self) -> None:
+        self.sync: torch.Tensor | None = None
+
+    def sync_for(self, device: torch.device, words: int) -> torch.Tensor:
+        if self.sync is None or self.sync.device != device or self.sync.numel() != words:
+            self.sync = torch.zeros(words, dtype=torch.int32, device=device)
+        return self.sync
+
+
 def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-             up: torch.Tensor, down: torch.Tensor, counters: torch.Tensor | None = None) -> torch.Tensor:
+             up: torch.Tensor, down: torch.Tensor, counters: torch.Tensor | None = None,
+             scratch: BlockFFNScratch | None = None) -> torch.Tensor:
     """The whole BlockFFN layer for one step of T tokens.
 
     x: [T, H] fp32/bf16/fp16 (the ffn-normed hidden states); router_weight: [E, H];
@@ -113,7 +128,11 @@ def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Te
     counters: optional int64 [2] on x's device, accumulated in place without a host sync:
       counters[0] += (token, expert) pairs with a non-zero router weight,
       counters[1] += experts active for at least one of the T tokens.
+    scratch: the calling layer's BlockFFNScratch (kernel path; a fresh one per call when None).
     Returns [T, H] in x's dtype.
+
+    Kernel path (CUDA bf16/fp16, csrc/kernels/moe.h): three launches, no host synchronisation,
+    CUDA-graph capturable. Torch path: blockffn_router + blockffn_experts (one host sync).
     """
     check_blockffn_weights(x, router_weight, norm_weight, up, down)
     if counters is not None and (counters.shape != (2,) or counters.dtype != torch.int64
@@ -124,7 +143,9 @@ def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Te
         from . import _kernels
 
         if _kernels.supports_blockffn(x, router_weight, norm_weight, up, down):
-            return _kernels.blockffn(x, router_weight, norm_weight, eps, up, down, counters)
+            e, d = router_weight.shape[0], up.shape[0] // router_weight.shape[0]
+            sync = (scratch or BlockFFNScratch()).sync_for(x.device, _kernels.blockffn_sync_words(x.shape[1], e, d))
+            return _kernels.blockffn(x, router_weight, norm_weight, eps, up, down, counters, sync)
     weights = blockffn_router(x, router_weight, norm_weight, eps)        # [T, E]
     if counters is not None:
         active = weights != 0
