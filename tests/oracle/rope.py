@@ -88,7 +88,8 @@ def inv_freq_and_attention_factor(rotary_dim: int, theta: float, scaling: dict[s
         if scaling.get("attention_factor") is not None:
             attn = float(scaling["attention_factor"])
         elif scaling.get("mscale") and scaling.get("mscale_all_dim"):
-            attn = _yarn_mscale(factor, float(scaling["mscale"])) / _yarn_mscale(factor, float(scaling["mscale_all_dim"]))
+            attn = (_yarn_mscale(factor, float(scaling["mscale"]))
+                    / _yarn_mscale(factor, float(scaling["mscale_all_dim"])))
         else:
             attn = _yarn_mscale(factor)
     elif kind == "longrope":
