@@ -369,9 +369,9 @@ def test_stream_disconnect_cancels_and_loop_stays_responsive(tiny_server):
 
 def test_non_streaming_disconnect_cancels(tiny_server):
     before = health(tiny_server)["queue"]
-    body = {"prompt": "hello", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    body = {"prompt": "hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{tiny_server}{COMP}", json=body, timeout=httpx.Timeout(WAIT_S, read=0.5))
+        httpx.post(f"{tiny_server}{COMP}", json=body, timeout=httpx.Timeout(WAIT_S, read=0.3))
     wait_until(lambda: health(tiny_server)["queue"]["cancelled"] == before["cancelled"] + 1, "the cancellation")
     wait_until(lambda: not health(tiny_server)["queue"]["running"], "the worker to go idle")
 

@@ -152,31 +152,52 @@ def test_fuzz_malformed_requests_get_4xx_and_server_stays_healthy(tiny_server, t
 
 # ---- shutdown with requests in flight ------------------------------------------------------------
 
-def test_in_process_shutdown_cancels_cleanly_after_the_grace_period(tiny_llm):
-    """A stopping server gives in-flight requests `shutdown_timeout` seconds, then answers a waiting
-    non-streamed request with a 503 and ends a stream with an OpenAI error event."""
-    outcome: dict[str, Any] = {}
-    body = {"prompt": "hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
+def _in_flight_at_shutdown(llm, grace_s: float, stream_tokens: int,
+                           whole_tokens: int) -> tuple[list[Any] | Exception, httpx.Response]:
+    """Stop a server while a stream runs and a non-streamed request waits behind it; returns what the
+    stream's client read (its chunks, or the exception it raised) and the waiting request's response.
+    The stream must be long enough to still run when the second request arrives."""
+    outcome: dict[str, httpx.Response] = {}
+    body = {"prompt": "hello world", "max_tokens": whole_tokens, "temperature": 0, "ignore_eos": True}
 
     def whole(base: str) -> None:
         outcome["whole"] = httpx.post(f"{base}/v1/completions", json=body, timeout=WAIT_S)
 
-    with running_server(tiny_llm, shutdown_timeout=0.3) as base:
-        stream = client(base).completions.create(model="tiny", prompt="hello", max_tokens=4000, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True})
+    with running_server(llm, shutdown_timeout=grace_s) as base:
+        stream = client(base).completions.create(model="tiny", prompt="hello", max_tokens=stream_tokens,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
         it = iter(stream)
-        next(it)
+        chunks: list[Any] | Exception = [next(it)]
         waiter = threading.Thread(target=whole, args=(base,))
         waiter.start()
         wait_until(lambda: health(base)["queue"]["waiting"] == 1, "the second request to queue")
         # Leaving the block stops the server while both requests are in flight.
-    with pytest.raises(openai.APIError, match="shutting down"):
-        for _ in it:
-            pass
+    try:
+        chunks += list(it)
+    except openai.APIError as exc:
+        chunks = exc
     waiter.join(WAIT_S)
-    resp = outcome["whole"]
-    assert resp.status_code == 503
-    err = resp.json()["error"]
+    return chunks, outcome["whole"]
+
+
+def test_shutdown_lets_in_flight_requests_finish_within_the_grace_period(tiny_llm):
+    chunks, whole = _in_flight_at_shutdown(tiny_llm, grace_s=WAIT_S, stream_tokens=2000, whole_tokens=20)
+    assert not isinstance(chunks, Exception), chunks
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks) == tiny_llm.generate(
+        "hello", max_new_tokens=2000, temperature=0, ignore_eos=True).text
+    assert whole.status_code == 200
+    assert whole.json()["choices"][0]["text"] == tiny_llm.generate(
+        "hello world", max_new_tokens=20, temperature=0, ignore_eos=True).text
+
+
+def test_shutdown_cancels_cleanly_after_the_grace_period(tiny_llm):
+    """With no grace left, a waiting non-streamed request gets a 503 and a stream ends with an
+    OpenAI error event (which the openai client raises), not a broken connection."""
+    chunks, whole = _in_flight_at_shutdown(tiny_llm, grace_s=0.0, stream_tokens=4000, whole_tokens=4000)
+    assert isinstance(chunks, openai.APIError) and "shutting down" in str(chunks)
+    assert whole.status_code == 503
+    err = whole.json()["error"]
     assert err["code"] == "cancelled" and "shutting down" in err["message"]
 
 

@@ -24,7 +24,7 @@ from typing import Any, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..generation import GenerationConfig
-from .errors import APIError, bad_request, from_validation_error, unsupported
+from .errors import bad_request, from_validation_error, unsupported
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_STOP_STRINGS = 4        # as OpenAI
@@ -222,4 +222,4 @@ def parse(cls: type[_SamplingRequest], raw: bytes) -> Any:
         raise from_validation_error(exc) from None
 
 
-__all__ = ["APIError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "parse"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "parse"]
