@@ -107,7 +107,11 @@ class IncrementalDetokenizer:
         decode = self.tokenizer.decode
         before = decode(self.ids[self._prefix:self._read])
         after = decode(self.ids[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        # A trailing U+FFFD usually means a multi-byte character is still incomplete: wait for the
+        # next token. Bytes that never form a character (random output) are released after
+        # MAX_HELD tokens so the re-decoded window, and the cost per call, stays bounded.
+        complete = not after.endswith("\ufffd") or len(self.ids) - self._read >= self.MAX_HELD
+        if len(after) > len(before) and complete:
             self._prefix, self._read = self._read, len(self.ids)
             return after[len(before):]
         return ""

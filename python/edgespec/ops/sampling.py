@@ -42,7 +42,10 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     """
     if temperature <= 0:
         raise ValueError("logits_to_probs needs temperature > 0; use argmax for greedy decoding")
-    x = logits.float() / temperature
+    # Shift by the row max before dividing: with a tiny temperature the quotient then goes to -inf
+    # (a one-hot distribution) instead of overflowing to inf and producing NaN in the softmax.
+    x = logits.float()
+    x = (x - x.amax(dim=-1, keepdim=True)) / temperature
     vocab = x.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
