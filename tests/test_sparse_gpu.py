@@ -278,3 +278,83 @@ def test_kernel_entry_points_reject_bad_inputs():
     bad = SimpleNamespace(block_size=40, kernel_size=32, kernel_stride=16, init_blocks=1, window_blocks=2, topk=4)
     with pytest.raises(KernelError, match="block_size"):
         K.sparse_select_blocks(q, ck, pos, bad, 1.0, 0, 102, 3)
+
+
+def _random_selection(positions, hkv, nb, block, gen):
+    """Per (token, KV head): block 0, the token's own block and a random tenth of the others before it."""
+    out = []
+    for pos in positions:
+        own = pos // block
+        rows = []
+        for _ in range(hkv):
+            picks = (torch.rand(own, generator=gen) < 0.1).nonzero().flatten().tolist()
+            rows.append(sorted({0, own, *picks}))
+        out.append(rows)
+    words = torch.zeros(len(positions), hkv, (nb + 63) // 64, dtype=torch.int64)
+    for i, rows in enumerate(out):
+        for g, blocks in enumerate(rows):
+            for b in blocks:
+                words[i, g, b // 64] |= torch.tensor(1, dtype=torch.int64) << (b % 64)
+    return out, words
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq, hkv, dim, s, t, tree", [
+    (32, 2, 128, 9_000, 1, False),   # MiniCPM4-8B decode
+    (32, 2, 128, 5_000, 77, False),  # a prefill chunk
+    (16, 4, 64, 4_099, 5, False),    # GQA 4, a partial last block
+    (8, 8, 64, 3_001, 19, True),     # GQA 1, tree verification over a sparse prefix
+])
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_attention_kernel_with_block_mask_matches_oracle(dtype, hq, hkv, dim, s, t, tree, splits, monkeypatch):
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(s + t)
+    q, k, v = _random_case(hq, hkv, dim, s, t, dtype, seed=s)
+    prefix = s - t
+    if tree:
+        from test_sparse_cpu import _random_tree
+
+        vis, depth = _random_tree(t, gen)
+        positions = [prefix + d for d in depth]
+        packed = ops.pack_tree_mask(vis).cuda()
+    else:
+        vis, positions, packed = None, list(range(prefix, s)), None
+    nb = (s + 63) // 64
+    blocks, words = _random_selection(positions, hkv, nb, 64, gen)
+    K = _kernels()
+    real = K._new_output
+    monkeypatch.setattr(K, "_new_output", lambda *a: real(*a).fill_(float("nan")))
+    scale = dim ** -0.5
+    out = K.attention(q, k, v, scale, packed, splits=splits, block_mask=words.cuda())
+    ref = sparse_ref.attend_blocks(q.cpu(), k.cpu(), v.cpu(), positions, scale, 64, blocks, vis)
+    # PyTorch's own error at this precision, with the same mask, sets the tolerance.
+    allowed = torch.zeros(t, hq, s, dtype=torch.bool)
+    for i in range(t):
+        for h in range(hq):
+            for b in blocks[i][h // (hq // hkv)]:
+                allowed[i, h, b * 64:(b + 1) * 64] = True
+        if vis is None:
+            allowed[i, :, positions[i] + 1:] = False
+        else:
+            allowed[i, :, prefix:] = vis[i]
+    torch_out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                               attn_mask=allowed.transpose(0, 1)[None].cuda(), scale=scale,
+                                               enable_gqa=hq != hkv)[0].transpose(0, 1)
+    torch_err = (torch_out.double().cpu() - ref).abs().max().item()
+    err = (out.double().cpu() - ref).abs().max().item()
+    assert not torch.isnan(out).any()
+    assert err <= 2 * torch_err + 1e-3, f"kernel error {err} vs torch {torch_err}"
+
+
+def test_op_layer_takes_the_block_sparse_attention_kernel(monkeypatch):
+    cfg = parse_sparse_config(SMALL)
+    K = _kernels()
+    calls = []
+    real = K.attention
+    monkeypatch.setattr(K, "attention", lambda *a, **kw: calls.append(kw.get("block_mask")) or real(*a, **kw))
+    q, k, v = _random_case(16, 2, 128, 2_000, 3, torch.bfloat16, seed=2)
+    ck = torch.zeros(cfg.num_kernels(2_000), 2, 128, device="cuda", dtype=torch.bfloat16)
+    ops.compress_keys(k, ck, 0, 2_000, cfg.kernel_size, cfg.kernel_stride)
+    ops.sparse_attention(q, k, v, 0.1, ck, torch.arange(1_997, 2_000, device="cuda"), cfg, dense_len=512, kv_limit=2_000)
+    assert len(calls) == 1 and calls[0] is not None and calls[0].shape == (3, 2, 1)

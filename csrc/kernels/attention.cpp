@@ -95,6 +95,22 @@ Status check_attention(const AttentionArgs& a) {
     }
   }
 
+  if (a.block_mask != nullptr) {
+    const TensorView& m = *a.block_mask;
+    EDGESPEC_RETURN_IF_ERROR(check_view(m, "block_mask", 3));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(m, "block_mask", DType::kInt64, "bit-packed, 64 key blocks per word"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(m, "block_mask", 0, tokens, "one row per new token"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(m, "block_mask", 1, heads_kv, "one row per KV head"));
+    EDGESPEC_RETURN_IF_ERROR(check_contiguous(m, "block_mask"));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(q, "q", m, "block_mask"));
+    const std::int64_t tiles = (seqlen + kAttentionBlockN - 1) / kAttentionBlockN;
+    if (m.size(2) * 64 < tiles || m.size(2) > kAttentionMaxBlockWords) {
+      return Status::invalid("block_mask: " + std::to_string(m.size(2)) + " words per row cannot cover the " +
+                             std::to_string(tiles) + " key blocks of k within the limit of " +
+                             std::to_string(kAttentionMaxBlockWords) + " words");
+    }
+  }
+
   if (a.splits < 1 || a.splits > kAttentionMaxSplits) {
     return Status::invalid("splits must be in [1, " + std::to_string(kAttentionMaxSplits) + "], got " +
                            std::to_string(a.splits));
@@ -149,6 +165,10 @@ AttentionParams<T> make_params(const AttentionArgs& a) {
   if (a.tree_mask != nullptr) {
     p.tree_mask = a.tree_mask->ptr<const std::uint64_t>();
     p.mask_words = static_cast<int>(a.tree_mask->size(1));
+  }
+  if (a.block_mask != nullptr) {
+    p.block_mask = a.block_mask->ptr<const std::uint64_t>();
+    p.block_words = static_cast<int>(a.block_mask->size(2));
   }
   p.out = a.out.ptr<T>();
   p.out_stride_t = a.out.stride(0);

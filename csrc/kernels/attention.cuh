@@ -7,11 +7,15 @@
 // tokens, read once, coalesced) and its Q tile go to shared memory; each warp keeps its 16 rows
 // of Q as mma A fragments in registers for the whole kernel. Main loop, per tile of 64 keys:
 // cp.async brings the next K/V tile while the current one is used; S = Q.K^T with m16n8k16 mma;
-// scale, mask (only tiles that cross the causal diagonal or hold tree tokens pay for it), online
+// scale, mask (only tiles that cross the causal diagonal, hold tree tokens or, block-sparse, are
+// not selected by every token of the block pay for it), online
 // softmax in base 2; O += P.V with P re-packed from the S accumulators as A fragments (no shared
 // memory round trip). Epilogue: the warps' softmax states are merged through shared memory (the
 // decode shape has four warps on one row block) and the block writes either the normalised
 // output or, with splits, an fp32 partial output and its log-sum-exp for the combine kernel.
+// Block-sparse (InfLLM-v2 block mask): the block visits only the union of the tiles its tokens
+// selected (a bitset in shared memory; splits share that union out by rank), and masks each row's
+// keys outside its own token's selection.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -73,9 +77,40 @@ struct Tile {
 
 // Largest number of distinct tokens among kBlockM consecutive packed rows (their mask rows are
 // staged in shared memory): floor((kBlockM - 1) / G) + 2, at most T.
-inline int mask_tokens_per_block(int block_m, int group, int tokens) {
+__host__ __device__ inline int mask_tokens_per_block(int block_m, int group, int tokens) {
   const int span = (block_m - 1) / group + 2;
   return span < tokens ? span : tokens;
+}
+
+// Block-sparse helpers over a bitset of 64-key tiles (bit t % 64 of word t / 64 is tile t).
+__device__ __forceinline__ std::uint64_t bits_below(int n) {
+  return n <= 0 ? 0ull : (n >= 64 ? ~0ull : (1ull << n) - 1);
+}
+
+// First set tile after `after`, or -1.
+__device__ __forceinline__ int next_set_tile(const std::uint64_t* words, int nwords, int after) {
+  int w = (after + 1) >> 6;
+  if (w >= nwords) return -1;
+  std::uint64_t x = words[w] & ~bits_below((after + 1) & 63);
+  while (x == 0) {
+    if (++w >= nwords) return -1;
+    x = words[w];
+  }
+  return w * 64 + __ffsll(static_cast<long long>(x)) - 1;
+}
+
+// The set tile of rank n (0-based), or -1.
+__device__ __forceinline__ int nth_set_tile(const std::uint64_t* words, int nwords, int n) {
+  for (int w = 0; w < nwords; ++w) {
+    std::uint64_t x = words[w];
+    const int c = __popcll(x);
+    if (n < c) {
+      for (int i = 0; i < n; ++i) x &= x - 1;  // drop the n lowest set bits
+      return w * 64 + __ffsll(static_cast<long long>(x)) - 1;
+    }
+    n -= c;
+  }
+  return -1;
 }
 
 template <typename T, int kHeadDim, int kWarpsM, int kWarpsN, bool kTree>
@@ -91,6 +126,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   float* const row_inv = stat_sum + kWarpsN * C::kBlockM;                  // [kBlockM]
   float* const row_lse = row_inv + C::kBlockM;                             // [kBlockM]
   std::uint64_t* const mask_rows = reinterpret_cast<std::uint64_t*>(row_lse + C::kBlockM);
+  // Block-sparse: the selected-tile words of the block's tokens, then their union and intersection.
+  const int span_tokens = mask_tokens_per_block(C::kBlockM, p.group, p.tokens);
+  std::uint64_t* const sel_rows = mask_rows + (kTree ? span_tokens * p.mask_words : 0);
+  std::uint64_t* const sel_any = sel_rows + span_tokens * p.block_words;
+  std::uint64_t* const sel_all = sel_any + p.block_words;
 
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -115,6 +155,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
   const int tile_begin = split * tiles_per_split;
   const int tile_end = min(tile_begin + tiles_per_split, tiles_visible);
+  const bool sparse = p.block_mask != nullptr;
+  // The tiles this block visits: [tile_first, ...) in order, tile_count of them (sparse: the set
+  // tiles of sel_any, the splits sharing them out by rank).
+  int tile_first = tile_begin;
+  int tile_count = max(tile_end - tile_begin, 0);
   // Slots below full_end are visible to every row of the block: tiles entirely below it skip
   // the mask (for a long prefix, all but the last one or two tiles).
   const int full_end = kTree ? prefix : prefix + tok_first + 1;
@@ -123,6 +168,35 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     const int words = (tok_last - tok_first + 1) * p.mask_words;
     const std::uint64_t* src = p.tree_mask + static_cast<std::int64_t>(tok_first) * p.mask_words;
     for (int i = tid; i < words; i += C::kThreads) mask_rows[i] = src[i];
+  }
+
+  if (sparse) {
+    const int span = tok_last - tok_first + 1;
+    const int bw = p.block_words;
+    for (int i = tid; i < span * bw; i += C::kThreads) {
+      const std::int64_t tok = tok_first + i / bw;
+      sel_rows[i] = p.block_mask[(tok * p.heads_kv + kv_head) * bw + i % bw];
+    }
+    __syncthreads();
+    // Tiles holding tree slots are always visited (the tree mask decides there); tiles past what
+    // the block can see never are.
+    const int tree_tile = kTree ? prefix / kBlockN : tiles_total;
+    for (int w = tid; w < bw; w += C::kThreads) {
+      std::uint64_t any = 0, all = ~0ull;
+      for (int u = 0; u < span; ++u) {
+        any |= sel_rows[u * bw + w];
+        all &= sel_rows[u * bw + w];
+      }
+      any |= ~bits_below(tree_tile - w * 64);
+      sel_any[w] = any & bits_below(tiles_visible - w * 64);
+      sel_all[w] = all;
+    }
+    __syncthreads();
+    int total = 0;
+    for (int w = 0; w < bw; ++w) total += __popcll(sel_any[w]);
+    const int per_split = (total + p.splits - 1) / p.splits;
+    tile_count = max(min(per_split, total - split * per_split), 0);
+    tile_first = tile_count > 0 ? nth_set_tile(sel_any, bw, split * per_split) : 0;
   }
 
   for (int i = tid; i < C::kBlockM * C::kChunks; i += C::kThreads) {
@@ -160,7 +234,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     }
   };
 
-  if (tile_begin < tile_end) load_tile(tile_begin, 0);
+  if (tile_count > 0) load_tile(tile_first, 0);
   cp_async_commit();
   cp_async_wait<1>();  // the Q group, committed first, has landed
   __syncthreads();
@@ -189,9 +263,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   float row_sum[2] = {0.f, 0.f};  // this thread's columns only; reduced over the quad at the end
 
   const int warp_key0 = wn * C::kWarpKeys;
-  for (int tile = tile_begin; tile < tile_end; ++tile) {
-    const int stage = (tile - tile_begin) & 1;
-    if (tile + 1 < tile_end) load_tile(tile + 1, stage ^ 1);
+  int tile = tile_first;
+  for (int it = 0; it < tile_count; ++it) {
+    const int stage = it & 1;
+    const int next = it + 1 < tile_count ? (sparse ? next_set_tile(sel_any, p.block_words, tile) : tile + 1) : -1;
+    if (next >= 0) load_tile(next, stage ^ 1);
     cp_async_commit();   // possibly empty: keeps the group count uniform for wait<1>
     cp_async_wait<1>();  // everything but the prefetch just issued: this tile is here
     __syncthreads();
@@ -218,7 +294,15 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       }
     }
 
-    const bool masked = (tile + 1) * kBlockN > full_end;
+    // Sparse: a tile not selected by every token of the block is masked row by row.
+    const bool masked = (tile + 1) * kBlockN > full_end || (sparse && !((sel_all[tile >> 6] >> (tile & 63)) & 1u));
+    bool row_sel[2] = {true, true};
+    if (sparse) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        row_sel[i] = (sel_rows[(row_tok[i] - tok_first) * p.block_words + (tile >> 6)] >> (tile & 63)) & 1u;
+      }
+    }
     const int key_base = tile * kBlockN + warp_key0 + (lane % 4) * 2;
 #pragma unroll
     for (int j = 0; j < C::kKeyFrags; ++j) {
@@ -231,11 +315,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
           bool visible;
           if constexpr (kTree) {
             const int node = key - prefix;
-            visible = node < 0 ||
-                      (node < p.tokens &&
-                       ((mask_rows[(tok - tok_first) * p.mask_words + (node >> 6)] >> (node & 63)) & 1u));
+            visible = node < 0 ? row_sel[e / 2]
+                               : (node < p.tokens &&
+                                  ((mask_rows[(tok - tok_first) * p.mask_words + (node >> 6)] >> (node & 63)) & 1u));
           } else {
-            visible = key <= prefix + tok;
+            visible = key <= prefix + tok && row_sel[e / 2];
           }
           if (!visible) x = -INFINITY;
         }
@@ -287,6 +371,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       }
     }
     __syncthreads();  // all warps are done with this stage before it is refilled
+    tile = next;
   }
 
   // ---- epilogue: merge the warps of each row block, normalise, write ----
@@ -414,9 +499,11 @@ Status launch_attention_tiles(const AttentionParams<T>& p, cudaStream_t stream) 
   const std::int64_t rows = static_cast<std::int64_t>(p.tokens) * p.group;
   const std::int64_t row_tiles = (rows + C::kBlockM - 1) / C::kBlockM;
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, kMaxGridX, "attention: number of query row tiles"));
-  const int mask_bytes =
-      kTree ? mask_tokens_per_block(C::kBlockM, p.group, p.tokens) * p.mask_words * 8 : 0;
-  const int smem = C::kMainBytes + C::kStatBytes + mask_bytes;
+  const int span_tokens = mask_tokens_per_block(C::kBlockM, p.group, p.tokens);
+  const int mask_bytes = kTree ? span_tokens * p.mask_words * 8 : 0;
+  // Block-sparse: the tokens' selected-tile rows plus their union and intersection words.
+  const int sel_bytes = p.block_mask != nullptr ? (span_tokens + 2) * p.block_words * 8 : 0;
+  const int smem = C::kMainBytes + C::kStatBytes + mask_bytes + sel_bytes;
   auto* kernel = attention_kernel<T, kHeadDim, kWarpsM, kWarpsN, kTree>;
   // Above 48 KB of dynamic shared memory a kernel must opt in (per kernel, not per launch, but
   // the call is cheap, needs no synchronisation and is legal during stream capture).

@@ -8,6 +8,10 @@
 //   causal: token t sees slots [0, P + t];
 //   tree:   token t sees [0, P) plus slot P + j whenever bit j % 64 of word j / 64 of row t of
 //           the bit-packed mask int64 [T, ceil(T / 64)] is set (its ancestors and itself).
+//   block-sparse (InfLLM-v2, either of the above plus a block mask int64 [T, Hkv, W]): a slot j
+//           below P + t (causal) or below P (tree) is also required to lie in a selected 64-key
+//           block: bit (j / 64) % 64 of word j / 4096 of block_mask[t, kv] set. Tree slots are
+//           governed by the tree mask alone. (edgespec/ops/sparse_attention.py builds the mask.)
 // Scores, the softmax and the P.V accumulation are fp32 (tensor-core mma with fp32 accumulate);
 // P is rounded to the storage type before its product with V, as in FlashAttention. A row that
 // sees no slot at all (only possible with a malformed tree mask) is written as zeros.
@@ -17,6 +21,7 @@
 //   1 <= T <= S; Hq % Hkv == 0; last dim stride 1, every other stride a multiple of 8 elements and
 //   every base address 16-byte aligned (16-byte cp.async / vector accesses); out does not overlap
 //   an input; tree_mask int64 [T, ceil(T / 64)] contiguous with T <= kAttentionMaxTreeTokens;
+//   block_mask int64 [T, Hkv, W] contiguous with ceil(S / 64) <= 64 W <= 64 kAttentionMaxBlockWords;
 //   with splits > 1, partial_out fp32 [splits, T * Hq, D] and partial_lse fp32 [splits, T * Hq],
 //   both contiguous (scratch: their contents on entry do not matter).
 //
@@ -45,6 +50,8 @@ constexpr int kAttentionMaxTreeTokens = 1024;
 constexpr int kAttentionBlockN = 64;
 // Upper bound on splits accepted from a caller (grid.z; the combine kernel loops over them).
 constexpr int kAttentionMaxSplits = 1024;
+// Block masks are staged in shared memory per block: up to 64 words (4096 tiles, 256K slots).
+constexpr int kAttentionMaxBlockWords = 64;
 
 template <typename T>
 struct AttentionParams {
@@ -56,6 +63,8 @@ struct AttentionParams {
   std::int64_t v_stride_s = 0, v_stride_h = 0;
   const std::uint64_t* tree_mask = nullptr;  // [T, mask_words] or nullptr (causal)
   int mask_words = 0;
+  const std::uint64_t* block_mask = nullptr;  // [T, Hkv, block_words] or nullptr (not block-sparse)
+  int block_words = 0;
   T* out = nullptr;  // [T, Hq, D]
   std::int64_t out_stride_t = 0, out_stride_h = 0;
   float* partial_out = nullptr;  // [splits, T * Hq, D], required iff splits > 1
@@ -83,6 +92,7 @@ struct AttentionArgs {
   const TensorView* partial_lse = nullptr;  // fp32 [splits, T*Hq], given iff splits > 1
   float scale = 0.f;
   int splits = 1;  // attention_num_splits() picks it; any value in [1, kAttentionMaxSplits] is correct
+  const TensorView* block_mask = nullptr;   // int64 [T, Hkv, W] (block-sparse) or nullptr
 };
 
 // Checks the views, selects their device and launches on `stream`.

@@ -154,15 +154,41 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
             blocks = [select(scores[g], pos, p) for g in range(hkv)]
             selected.append(blocks)
             all_scores.append(scores)
-        for h in range(hq):
-            g = h // group
-            chosen = set(blocks[g])
-            if tree is None:
-                keys = [slot for slot in range(pos + 1) if slot // p.block_size in chosen]
-            else:
-                keys = [slot for slot in range(prefix) if slot // p.block_size in chosen]
-                keys += [prefix + j for j in range(t) if bool(tree[i, j])]
-            idx = torch.tensor(keys, dtype=torch.long)
-            weights = torch.softmax(k[idx, g].to(dtype) @ q[i, h].to(dtype) * scale, dim=0)   # [n]
-            out[i, h] = weights @ v[idx, g].to(dtype)
+        out[i] = _attend_one(q[i], k, v, pos, prefix, blocks, p.block_size, scale,
+                             None if tree is None else tree[i], dtype)
     return SparseResult(out, selected, all_scores)
+
+
+def _attend_one(q_i: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, prefix: int,
+                blocks: list[list[int]], block_size: int, scale: float, tree_row: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """One query [Hq, D] over the slots of its KV heads' selected blocks -> [Hq, D]."""
+    hq, d = q_i.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    out = torch.zeros(hq, d, dtype=dtype)
+    for h in range(hq):
+        g = h // group
+        chosen = set(blocks[g])
+        if tree_row is None:
+            keys = [slot for slot in range(pos + 1) if slot // block_size in chosen]
+        else:
+            keys = [slot for slot in range(prefix) if slot // block_size in chosen]
+            keys += [prefix + j for j in range(tree_row.shape[0]) if bool(tree_row[j])]
+        if not keys:
+            continue  # a row that sees nothing is zeros (the attention kernels' contract)
+        idx = torch.tensor(keys, dtype=torch.long)
+        weights = torch.softmax(k[idx, g].to(dtype) @ q_i[h].to(dtype) * scale, dim=0)   # [n]
+        out[h] = weights @ v[idx, g].to(dtype)
+    return out
+
+
+def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int], scale: float,
+                  block_size: int, blocks: list[list[list[int]]], tree: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Attention over given selections: blocks[i][g] lists the blocks query i sees through KV head g
+    (causal within them; tree slots from `tree` bool [T, T] as in sparse_attention). -> [T, Hq, D]."""
+    t = q.shape[0]
+    prefix = k.shape[0] - t
+    return torch.stack([_attend_one(q[i], k, v, positions[i], prefix, blocks[i], block_size, scale,
+                                    None if tree is None else tree[i], dtype) for i in range(t)])

@@ -365,17 +365,21 @@ def attention_splits(tokens: int, seqlen: int, heads_q: int, heads_kv: int, tree
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              tree_mask: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+              tree_mask: torch.Tensor | None = None, splits: int | None = None,
+              block_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention kernels (csrc/kernels/attention.h); same contract as edgespec.ops.attention.
 
     q: [T, Hq, D] bf16/fp16, D in (64, 128), last dim contiguous; k, v: [S, Hkv, D] with S >= T
     (the new tokens are the last T slots), chunk-aligned strides (a KVCache layer view is);
     tree_mask: None (causal) or packed int64 [T, ceil(T/64)]; splits: key-range splits (None: the
-    plan for this GPU; any value in [1, 1024] gives the same result up to rounding).
+    plan for this GPU; any value in [1, 1024] gives the same result up to rounding);
+    block_mask: None, or the InfLLM-v2 selection int64 [T, Hkv, W] (bit b % 64 of word b // 64: 64-key
+    block b is selected; see block_mask_rejection), restricting each token's prefix keys to it.
     Returns [T, Hq, D] contiguous in q's dtype. With splits > 1 two fp32 scratch tensors,
     [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results.
     """
-    _require("attention", attention_rejection(q, k, v, tree_mask))
+    _require("attention", attention_rejection(q, k, v, tree_mask)
+             or (block_mask_rejection(q, k, block_mask) if block_mask is not None else None))
     if _chunk_rejection("q", q) is not None:
         q = q.contiguous()
     if tree_mask is not None and not tree_mask.is_contiguous():
@@ -390,7 +394,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         partial_lse = _new_output((splits, t * hq), torch.float32, q.device)
     _run(_module().attention, _view(q), _view(k), _view(v), None if tree_mask is None else _view(tree_mask),
          _view(out), None if partial_out is None else _view(partial_out),
-         None if partial_lse is None else _view(partial_lse), float(scale), int(splits), _stream(q))
+         None if partial_lse is None else _view(partial_lse), float(scale), int(splits), _stream(q),
+         None if block_mask is None else _view(block_mask))
     return out
 
 
@@ -471,6 +476,26 @@ def sparse_select_rejection(q: torch.Tensor, ck: torch.Tensor, positions: torch.
 
 def supports_sparse_select(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: Any, num_blocks: int) -> bool:
     return sparse_select_rejection(q, ck, positions, cfg, num_blocks) is None
+
+
+# csrc/kernels/attention.h kAttentionBlockN and kAttentionMaxBlockWords: the attention kernels take
+# a block mask over 64-key tiles, at most 64 words (4096 tiles) per row.
+ATTENTION_BLOCK_KEYS = 64
+ATTENTION_MAX_BLOCK_WORDS = 64
+
+
+def block_mask_rejection(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor) -> str | None:
+    """Why the attention kernels cannot take this block mask (int64 [T, Hkv, W] contiguous, W words
+    covering the 64-key tiles of k), or None."""
+    t, hkv = q.shape[0], k.shape[1]
+    tiles = -(-k.shape[0] // ATTENTION_BLOCK_KEYS)
+    if (block_mask.dtype != torch.int64 or block_mask.dim() != 3 or tuple(block_mask.shape[:2]) != (t, hkv)
+            or not tiles <= 64 * block_mask.shape[2] <= 64 * ATTENTION_MAX_BLOCK_WORDS):
+        return (f"block_mask must be int64 [{t}, {hkv}, W] with {tiles} <= 64 W <= {64 * ATTENTION_MAX_BLOCK_WORDS}, "
+                f"got {_shape(block_mask)}")
+    if not block_mask.is_contiguous():
+        return f"block_mask {_shape(block_mask)} must be contiguous"
+    return _one_cuda_device(q=q, block_mask=block_mask)
 
 
 def _score_plan(tokens: int, heads_kv: int, readable: int, device: torch.device) -> tuple[int, int]:

@@ -13,9 +13,10 @@ for a tree the prefix [0, S - T) is committed and the tree tokens see each other
 mask only.
 
 Kernel paths (CUDA tensors, `_C` built): compress_keys and the block scores + selection run in
-csrc/kernels/sparse_attention.h (selection comes back as a bit-packed block mask). The attention
-over the selected blocks still runs as masked torch SDPA, a query chunk at a time; it moves to the
-attention kernel family once that takes a per-(token, KV head) block mask.
+csrc/kernels/sparse_attention.h and give a bit-packed block mask; the attention over the selected
+blocks is the attention kernel family's block-sparse variant (csrc/kernels/attention.h), which
+needs block_size == 64 (its key tile) and bf16/fp16 with head dim 64 or 128. Other shapes, and
+CPU tensors, take the torch path below (masked SDPA, a query chunk at a time).
 """
 from __future__ import annotations
 
@@ -179,6 +180,34 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, 
                          f"got {tree_mask.dtype} {tuple(tree_mask.shape)}")
 
 
+# Upper bound on the fp32 score scratch [Tc, Hkv, C] of one selection launch (bytes / 4).
+_SCORE_ELEMENTS = 1 << 26
+
+
+def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
+                             positions: torch.Tensor, cfg: SparseSettings, dense_len: int, kv_limit: int,
+                             tree_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Selection kernels, then the attention kernels with the block mask; None where they do not apply."""
+    from . import _kernels
+
+    t, hq, _ = q.shape
+    s, hkv, _ = k.shape
+    nb = (s + cfg.block_size - 1) // cfg.block_size
+    if (cfg.block_size != _kernels.ATTENTION_BLOCK_KEYS or not _kernels.supports_sparse_select(q, ck, positions, cfg, nb)
+            or not _kernels.supports_attention(q, k, v, tree_mask)):
+        return None
+    readable = max(1, min(ck.shape[0], num_kernels(s, cfg.kernel_size, cfg.kernel_stride)))
+    chunk = max(1, _SCORE_ELEMENTS // (hkv * readable))
+    words = torch.cat([_kernels.sparse_select_blocks(q[a:a + chunk], ck, positions[a:a + chunk], cfg, scale,
+                                                     dense_len, kv_limit, nb) for a in range(0, t, chunk)])
+    if _kernels.block_mask_rejection(q, k, words) is not None:
+        return None
+    # Splits are planned for the keys a query can select, not for the whole cache.
+    selectable = max(dense_len, (cfg.init_blocks + cfg.window_blocks + cfg.topk) * cfg.block_size) + t
+    splits = _kernels.attention_splits(t, min(s, selectable), hq, hkv, tree_mask is not None, q.device)
+    return _kernels.attention(q, k, v, scale, tree_mask, splits=splits, block_mask=words)
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
                      positions: torch.Tensor, cfg: SparseSettings, dense_len: int, kv_limit: int,
                      tree_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,6 +221,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     _check(q, k, v, ck, positions, cfg, kv_limit, tree_mask)
     positions = positions.long()
+    if backend.use_kernel(q, k, v, ck, positions, tree_mask):
+        out = _kernel_sparse_attention(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask)
+        if out is not None:
+            return out
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     g = hq // hkv
