@@ -166,4 +166,10 @@ def _rope_scaling(d: dict[str, Any]) -> dict[str, Any] | None:
         params = d.get("rope_parameters")
         if params and params.get("rope_type", "default") != "default":
             scaling = params
-    return dict(scaling) if scaling else None
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    # Phi-3-style configs keep the pretraining length beside rope_scaling rather than inside it.
+    if "original_max_position_embeddings" not in scaling and d.get("original_max_position_embeddings"):
+        scaling["original_max_position_embeddings"] = int(d["original_max_position_embeddings"])
+    return scaling
