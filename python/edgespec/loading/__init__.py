@@ -22,6 +22,10 @@ __all__ = ["FFN_BUILDERS", "GGUFSource", "HFDirectorySource", "IncrementalDetoke
 # Checkpoint kinds other issues add (GPTQ/AWQ directories, ...): detector(dir, config dict) -> source or None.
 SOURCE_DETECTORS: list[Any] = []
 
+from ..quant.checkpoint import detect_quantized_checkpoint, wrap_gguf  # noqa: E402 - needs the loaders above
+
+SOURCE_DETECTORS.append(detect_quantized_checkpoint)
+
 
 @dataclass
 class LoadedModel:
@@ -95,13 +99,19 @@ def _generation_eos(path: Path) -> list[int]:
 
 
 def load_model(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-               max_context: int | None = None, with_tokenizer: bool = True, progress: bool = False) -> LoadedModel:
+               max_context: int | None = None, with_tokenizer: bool = True, progress: bool = False,
+               quantized: bool | None = None) -> LoadedModel:
     """Load a model directory, GGUF file or 'demo' onto `device` (default: cuda if present, else cpu).
 
     max_context: positions the KV cache holds (default: the config's max_position_embeddings).
+    quantized: GGUF Q4_0/Q4_1 weights become 4-bit QuantLinears (True) or are dequantised (False);
+    None decides per device (edgespec.quant.checkpoint.gguf_q4_by_default). GPTQ/AWQ directories
+    always load 4-bit.
     """
     dev = resolve_device(device)
     source, config, tok_dir, tok_gguf = open_checkpoint(model)
+    if isinstance(source, GGUFSource):
+        source = wrap_gguf(source, dev, quantized)
     context = int(max_context or config.max_position_embeddings)
     if context <= 0:
         raise ContextLengthError(f"max_context must be positive, got {context}")

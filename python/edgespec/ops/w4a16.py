@@ -1,0 +1,197 @@
+"""W4A16 linear: 4-bit weights (per-group scales, optional zero points) x bf16/fp16/fp32 activations.
+
+The dequantised weight of input row k, output column n, in group g = k // group_size, is
+
+    w[k, n] = (q[k, n] - z[g, n]) * s[g, n]        (z = 8 when `zeros` is None: symmetric)
+
+with q the 4-bit value (0..15). Every format edgespec reads maps onto this: GPTQ and AWQ store
+integer zero points, GGUF Q4_0 is symmetric and Q4_1's `d * q + m` is z = -m / d.
+
+Two paths:
+* kernel: the fragment-ordered CUDA kernel (`csrc/kernels/w4a16.cuh`) for CUDA tensors in the tile
+  layout and the shapes it supports (see `_kernels.supports_w4a16`);
+* torch: dequantise, then one matmul. The dequantised weight is cached on the W4A16Weight while a
+  process-wide byte budget allows (EDGESPEC_W4A16_CACHE_MB; default a quarter of the device's
+  memory), so on CPU a quantized model decodes as fast as a dense one once warm.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+
+LAYOUTS = ("plain", "tile")
+
+
+@dataclass(eq=False)
+class W4A16Weight:
+    """The 4-bit weight of one linear with K inputs and N outputs.
+
+    qweight:    int32, plain layout [ceil(K/8), N] or tile layout [K/16, 2N] (edgespec.quant.layout)
+    scales:     [G, N] float (fp32/bf16/fp16, normally the compute dtype), G = ceil(K / group_size)
+    zeros:      [G, N] float zero points in units of q, or None for symmetric weights (z = 8)
+    group_size: rows of K per group (K itself for per-channel scales)
+    perm:       int64 [K] or None. With act-order checkpoints the rows of qweight are stored
+                sorted by group; row j belongs to input feature perm[j], i.e. the op multiplies
+                x[..., perm] by the stored rows.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int
+    in_features: int
+    out_features: int
+    layout: str = "plain"
+    perm: torch.Tensor | None = None
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        k, n, g = self.in_features, self.out_features, self.group_size
+        if k <= 0 or n <= 0:
+            raise ValueError(f"W4A16Weight: in_features and out_features must be positive, got K={k}, N={n}")
+        if g <= 0:
+            raise ValueError(f"W4A16Weight: group_size must be positive (K={k} for per-channel), got {g}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"W4A16Weight: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        expected = (-(-k // 8), n) if self.layout == "plain" else (k // 16, 2 * n)
+        if self.qweight.dtype != torch.int32 or tuple(self.qweight.shape) != expected:
+            raise ValueError(f"W4A16Weight: {self.layout} qweight must be int32 {list(expected)} for K={k}, N={n}, "
+                             f"got {self.qweight.dtype} {list(self.qweight.shape)}")
+        if self.layout == "tile" and (k % 16 or n % 64):
+            raise ValueError(f"W4A16Weight: the tile layout needs K % 16 == 0 and N % 64 == 0, got K={k}, N={n}")
+        groups = -(-k // g)
+        if not self.scales.is_floating_point() or tuple(self.scales.shape) != (groups, n):
+            raise ValueError(f"W4A16Weight: scales must be float [{groups}, {n}] (group_size {g}), "
+                             f"got {self.scales.dtype} {list(self.scales.shape)}")
+        if self.zeros is not None and (tuple(self.zeros.shape) != (groups, n) or not self.zeros.is_floating_point()):
+            raise ValueError(f"W4A16Weight: zeros must be float [{groups}, {n}] or None, "
+                             f"got {self.zeros.dtype} {list(self.zeros.shape)}")
+        if self.perm is not None and (self.perm.dtype != torch.int64 or tuple(self.perm.shape) != (k,)):
+            raise ValueError(f"W4A16Weight: perm must be int64 [{k}] or None, got {self.perm.dtype} {list(self.perm.shape)}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[0]
+
+    def unpacked(self) -> torch.Tensor:
+        """The 4-bit values as uint8 [K, N], rows in stored (group-sorted) order."""
+        from ..quant import layout  # noqa: PLC0415 - quant builds on ops; imported on use
+
+        if self.layout == "plain":
+            return layout.unpack_rows(self.qweight, self.in_features)
+        return layout.unpack_tile(self.qweight, self.in_features, self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W: [N, K] in `dtype`, columns in input-feature order (perm undone). Computed in fp32."""
+        k, g = self.in_features, self.group_size
+        q = self.unpacked().float()                                    # [K, N]
+        s = self.scales.float().repeat_interleave(g, dim=0)[:k]        # [K, N]
+        z = 8.0 if self.zeros is None else self.zeros.float().repeat_interleave(g, dim=0)[:k]
+        w_kn = (q - z) * s
+        if self.perm is not None:
+            # Stored row j multiplies input feature perm[j]: scatter the rows back.
+            w_kn = torch.empty_like(w_kn).index_copy_(0, self.perm, w_kn)
+        return w_kn.t().contiguous().to(dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized representation (what a decode step streams)."""
+        ts = [self.qweight, self.scales, self.zeros, self.perm]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+class _DequantBudget:
+    """Process-wide bytes of dequantised weights kept, per device type.
+
+    First come, first served rather than LRU: a decode step touches every layer once in the same
+    order, so an LRU smaller than the model evicts each weight just before it is needed again and
+    caches nothing useful; a fixed set of cached layers keeps its speed-up on every step.
+    """
+
+    def __init__(self) -> None:
+        self.used: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def limit(device: torch.device) -> int:
+        env = os.environ.get("EDGESPEC_W4A16_CACHE_MB")
+        if env is not None:
+            try:
+                return int(float(env) * 2**20)
+            except ValueError:
+                raise ValueError(f"EDGESPEC_W4A16_CACHE_MB={env!r} is not a number of MiB") from None
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+        else:
+            try:
+                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (ValueError, OSError, AttributeError):
+                total = 8 * 2**30
+        return total // 4
+
+    def reserve(self, device: torch.device, nbytes: int) -> bool:
+        with self._lock:
+            used = self.used.get(device.type, 0)
+            if used + nbytes > self.limit(device):
+                return False
+            self.used[device.type] = used + nbytes
+            return True
+
+    def release(self, device_type: str, nbytes: int) -> None:
+        with self._lock:
+            self.used[device_type] = self.used.get(device_type, 0) - nbytes
+
+
+DEQUANT_BUDGET = _DequantBudget()
+
+
+def _dense_weight(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] dequantised weight in `dtype`, cached on `w` when the budget allows."""
+    cached = w._dense
+    if cached is not None and cached.dtype == dtype:
+        return cached
+    dense = w.dequantize(dtype)
+    if cached is None and DEQUANT_BUDGET.reserve(w.device, dense.numel() * dense.element_size()):
+        w._dense = dense
+        weakref.finalize(w, DEQUANT_BUDGET.release, w.device.type, dense.numel() * dense.element_size())
+    return dense
+
+
+def kernel_available() -> bool:
+    """Whether the compiled extension carries the W4A16 kernel (never touches the GPU)."""
+    module = backend.compiled_module()
+    return module is not None and hasattr(module, "w4a16_gemm") and backend.requested_backend() != "torch"
+
+
+def w4a16_linear(x: torch.Tensor, w: W4A16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias with W the dequantised 4-bit weight.
+
+    x:    [..., K] fp32/bf16/fp16 on w's device
+    w:    W4A16Weight with K = in_features, N = out_features
+    bias: [N] or None, any float dtype (cast to x's)
+    Returns [..., N] in x's dtype.
+    """
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"w4a16_linear: x has {x.shape[-1]} input features but the weight expects {w.in_features}")
+    if not x.is_floating_point():
+        raise TypeError(f"w4a16_linear: x must be a float tensor, got {x.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"w4a16_linear: x is on {x.device} but the weight is on {w.device}")
+    if bias is not None and tuple(bias.shape) != (w.out_features,):
+        raise ValueError(f"w4a16_linear: bias shape {tuple(bias.shape)} != ({w.out_features},)")
+    if backend.use_kernel(x, w.qweight, w.scales):
+        from . import _kernels  # noqa: PLC0415 - only with the compiled extension
+
+        if _kernels.supports_w4a16(x, w, bias):
+            return _kernels.w4a16_linear(x, w, bias)
+    return F.linear(x, _dense_weight(w, x.dtype), None if bias is None else bias.to(x.dtype))

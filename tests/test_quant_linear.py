@@ -1,0 +1,218 @@
+"""QuantLinear and the W4A16 op on CPU (torch path): agreement with the dequantised oracle, fusion,
+device/layout moves, the dequantised-weight cache, and quantized checkpoints (GPTQ, AWQ, GGUF Q4)
+loaded end to end against a dense model holding the dequantised weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgespec import ops
+from edgespec.loading import load_model
+from edgespec.ops.linear import ConcatLinear
+from edgespec.ops.w4a16 import DEQUANT_BUDGET, W4A16Weight, w4a16_linear
+from edgespec.quant import Int4Weight, QuantLinear, QuantSettings, quantize_rtn
+from edgespec.quant import layout
+from edgespec.quant.checkpoint import detect_quantized_checkpoint
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _random_int4(k: int, n: int, group: int, sym: bool, seed: int = 0) -> Int4Weight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
+    groups = -(-k // group)
+    scales = torch.rand(groups, n, generator=g) * 0.05 + 0.01
+    zeros = None if sym else torch.randint(0, 16, (groups, n), generator=g).float()
+    return Int4Weight(q, scales, zeros, group)
+
+
+@pytest.mark.parametrize("k,n,group,sym", [(64, 64, 32, True), (96, 200, 32, False), (200, 96, 32, False),
+                                           (576, 192, 128, False), (128, 64, 128, True), (40, 24, 40, False)])
+@pytest.mark.parametrize("layout_name", ["plain", "tile"])
+def test_quant_linear_matches_oracle(k: int, n: int, group: int, sym: bool, layout_name: str) -> None:
+    if layout_name == "tile" and not layout.tile_layout_ok(k, n):
+        pytest.skip("shape has no tile layout")
+    w = _random_int4(k, n, group, sym, seed=k + n)
+    bias = torch.randn(n)
+    lin = w.to_linear(bias, layout_name=layout_name)
+    assert lin.weight.layout == layout_name and (lin.in_features, lin.out_features) == (k, n)
+    ref_w = w.dequantize()                         # oracle [N, K] fp32 from the format formula
+    torch.testing.assert_close(lin.dequantize(), ref_w, rtol=0, atol=0)
+    for rows in (1, 7, 33):
+        x = torch.randn(rows, k)
+        torch.testing.assert_close(lin(x), x @ ref_w.t() + bias, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quant_linear_half_precision(dtype: torch.dtype) -> None:
+    """bf16/fp16 activations: within k x the rounding error torch itself makes at that precision."""
+    w = _random_int4(256, 128, 64, sym=False, seed=1)
+    lin = w.to_linear(device="cpu", dtype=dtype)
+    x = torch.randn(5, 256)
+    ref = x.double() @ w.dequantize().double().t()
+    torch_err = ((x.to(dtype) @ w.dequantize().to(dtype).t()).double() - ref).abs().max()
+    err = (lin(x.to(dtype)).double() - ref).abs().max()
+    assert lin(x.to(dtype)).dtype == dtype
+    assert err <= 4 * torch_err + 1e-3
+
+
+def test_fuse_concatenates_outputs_in_both_layouts() -> None:
+    parts = [_random_int4(128, n, 32, sym, seed=n) for n, sym in ((128, False), (64, True), (64, False))]
+    x = torch.randn(3, 128)
+    for name in ("plain", "tile"):
+        lins = [p.to_linear(torch.randn(p.out_features), layout_name=name) for p in parts]
+        fused = ops.fuse_linears(lins)
+        assert isinstance(fused, QuantLinear) and fused.out_features == 256 and fused.weight.layout == name
+        torch.testing.assert_close(fused(x), torch.cat([lin(x) for lin in lins], dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_falls_back_when_parts_disagree() -> None:
+    a = _random_int4(128, 64, 32, sym=True).to_linear()
+    b = _random_int4(128, 64, 64, sym=True).to_linear()  # other group size
+    fused = QuantLinear.fuse([a, b])
+    assert isinstance(fused, ConcatLinear)
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(fused(x), torch.cat([a(x), b(x)], dim=-1))
+
+
+def test_to_changes_dtype_and_layout() -> None:
+    w = _random_int4(128, 128, 32, sym=False)
+    lin = w.to_linear(layout_name="plain")
+    tiled = lin.to(layout_name="tile")
+    assert tiled.weight.layout == "tile" and torch.equal(tiled.ints(), lin.ints())
+    half = lin.to(dtype=torch.bfloat16)
+    assert half.weight.scales.dtype == torch.bfloat16 and half.weight.layout == "plain"  # CPU keeps plain
+
+
+def test_dequant_cache_respects_budget(monkeypatch) -> None:
+    w = _random_int4(64, 64, 32, sym=True).to_linear()
+    x = torch.randn(2, 64)
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "0")
+    w(x)
+    assert w.weight._dense is None  # over budget: dequantised per call, nothing kept
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "64")
+    before = DEQUANT_BUDGET.used.get("cpu", 0)
+    y = w(x)
+    assert w.weight._dense is not None and DEQUANT_BUDGET.used["cpu"] == before + 64 * 64 * 4
+    torch.testing.assert_close(w(x), y)
+    del w, y
+    import gc
+
+    gc.collect()
+    assert DEQUANT_BUDGET.used["cpu"] == before  # released with the weight
+
+
+def test_w4a16_bad_inputs() -> None:
+    lin = _random_int4(64, 64, 32, sym=True).to_linear()
+    with pytest.raises(ValueError, match="x has 32 input features but the weight expects 64"):
+        lin(torch.randn(2, 32))
+    with pytest.raises(TypeError, match="float tensor"):
+        lin(torch.ones(2, 64, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bias shape"):
+        w4a16_linear(torch.randn(1, 64), lin.weight, torch.randn(3))
+    with pytest.raises(ValueError, match=r"plain qweight must be int32 \[8, 64\]"):
+        W4A16Weight(torch.zeros(4, 64, dtype=torch.int32), torch.ones(2, 64), None, 32, 64, 64)
+    with pytest.raises(ValueError, match=r"scales must be float \[2, 64\]"):
+        W4A16Weight(torch.zeros(8, 64, dtype=torch.int32), torch.ones(3, 64), None, 32, 64, 64)
+    with pytest.raises(ValueError, match="4-bit values must be 0..15"):
+        QuantLinear.from_ints(torch.full((8, 8), 16, dtype=torch.uint8), torch.ones(1, 8), None, 8)
+
+
+# ---------------------------------------------------------------- checkpoints end to end
+
+def _hf_dequantised_logits(src: Path, weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the transformers model at `src` with the given projection weights swapped in."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for prefix, w in weights.items():
+            model.get_submodule(prefix).weight.copy_(w)
+        return model(tokens[None]).logits[0]
+
+
+def _edgespec_logits(path: Path, tokens: torch.Tensor, **kw) -> tuple[torch.Tensor, object]:
+    m = load_model(path, device="cpu", dtype=torch.float32, max_context=64, with_tokenizer=False, **kw).model
+    with torch.no_grad():
+        out = m.forward(tokens, torch.arange(tokens.numel()), m.new_cache(64), 0)
+        return m.logits(out.hidden), m
+
+
+def _projections(cfg: dict) -> list[str]:
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    return [f"model.layers.{i}.{n}" for i in range(cfg["num_hidden_layers"]) for n in names]
+
+
+def _write_checkpoint(src: Path, dst: Path, quant_tensors: dict[str, torch.Tensor], qconfig: dict) -> None:
+    from safetensors.torch import load_file, save_file
+
+    replaced = {k.removesuffix(".qweight") + ".weight" for k in quant_tensors if k.endswith(".qweight")}
+    tensors = {k: v for k, v in load_file(str(src / "model.safetensors")).items() if k not in replaced}
+    tensors.update(quant_tensors)
+    dst.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = qconfig
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
+def test_awq_checkpoint_matches_dequantised_model(tiny_model_dir, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    src = tiny_model_dir("qwen2", seed=3, intermediate_size=192)  # qwen2: q/k/v biases
+    cfg = json.loads((src / "config.json").read_text())
+    dense = load_file(str(src / "model.safetensors"))
+    quant, deq = {}, {}
+    for p in _projections(cfg):
+        w = quantize_rtn(dense[p + ".weight"].float(), QuantSettings("rtn", 32, sym=False, min_zero=0))
+        deq[p] = w.dequantize()
+        # AWQ gemm packing, written here from the spec: nibble i of word c holds column 8c + order[i].
+        for name, ints in (("qweight", w.q), ("qzeros", w.zeros.to(torch.uint8))):
+            arr = ints.numpy().astype(np.uint64)
+            words = np.zeros((arr.shape[0], arr.shape[1] // 8), dtype=np.uint64)
+            for c in range(arr.shape[1] // 8):
+                for i in range(8):
+                    words[:, c] |= arr[:, 8 * c + AWQ_ORDER[i]] << np.uint64(4 * i)
+            quant[f"{p}.{name}"] = torch.from_numpy(words.astype(np.uint32).view(np.int32))
+        quant[p + ".scales"] = w.scales.half()  # exact: the quantizer rounds scales to fp16
+    dst = tmp_path / "awq"
+    _write_checkpoint(src, dst, quant, {"quant_method": "awq", "bits": 4, "group_size": 32,
+                                        "zero_point": True, "version": "gemm"})
+    tokens = torch.tensor([5, 17, 99, 3, 150, 42, 7])
+    ours, model = _edgespec_logits(dst, tokens)
+    assert isinstance(model.layers[0].qkv, QuantLinear) and model.layers[0].qkv.bias is not None
+    ref = _hf_dequantised_logits(src, deq, tokens)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_checkpoint_detection_errors(tmp_path) -> None:
+    from edgespec.errors import ModelFormatError
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFormatError, match="quant_method 'bitsandbytes' is not supported"):
+        detect_quantized_checkpoint(tmp_path, {"quantization_config": {"quant_method": "bitsandbytes"}})
+    with pytest.raises(ModelFormatError, match="8-bit weights are not supported"):
+        detect_quantized_checkpoint(tmp_path, {"quantization_config": {"quant_method": "gptq", "bits": 8}})
+    with pytest.raises(ModelFormatError, match="AWQ version 'gemv' is not supported"):
+        detect_quantized_checkpoint(tmp_path, {"quantization_config": {"quant_method": "awq", "version": "gemv"}})
+    assert detect_quantized_checkpoint(tmp_path, {"model_type": "llama"}) is None
+
+
+def test_gguf_q4_direct_import_matches_dequantised_load(demo_gguf, demo_llm) -> None:
+    """Q4_1 blocks become QuantLinears without a float round trip; the model computes what the
+    dequantised model computes (which also checks the llama Q/K row un-permutation)."""
+    tokens = torch.tensor([1, 504, 3458, 314, 260, 1345, 30, 2])
+    ours, model = _edgespec_logits(demo_gguf, tokens, quantized=True)
+    layer = model.layers[0]
+    assert isinstance(layer.qkv, QuantLinear) and layer.qkv.out_features == 576 + 2 * 192
+    assert isinstance(layer.ffn.gate_up, QuantLinear) and layer.qkv.group_size == 32
+    dense = demo_llm.model
+    with torch.no_grad():
+        ref = dense.logits(dense.forward(tokens, torch.arange(tokens.numel()), dense.new_cache(64), 0).hidden)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-4)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
