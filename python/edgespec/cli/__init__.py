@@ -8,7 +8,7 @@ import sys
 from ..errors import EdgespecError
 
 # Subcommand modules, in the order `edgespec --help` lists them.
-SUBCOMMANDS = ["generate", "serve"]
+SUBCOMMANDS = ["generate", "serve", "quantize"]
 
 
 def build_parser() -> argparse.ArgumentParser:
