@@ -212,6 +212,15 @@ def test_forced_sparse_and_huge_topk_equals_dense():
     assert (narrow - out).abs().max() > 1e-3  # with only init + window it really is different
 
 
+def test_block_bits_pack_like_tree_masks():
+    from edgespec.ops.sparse_attention import _pack_bits
+
+    bits = torch.rand(3, 2, 130, generator=torch.Generator().manual_seed(0)) < 0.3
+    words = _pack_bits(bits)
+    assert words.shape == (3, 2, 3) and words.dtype == torch.int64
+    assert torch.equal(ops.unpack_tree_mask(words.view(6, 3), 130).view(3, 2, 130), bits)
+
+
 def test_sparse_attention_rejects_bad_inputs():
     cfg = small()
     q, k = torch.randn(2, 4, 16), torch.randn(100, 2, 16)

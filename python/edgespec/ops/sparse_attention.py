@@ -13,7 +13,8 @@ for a tree the prefix [0, S - T) is committed and the tree tokens see each other
 mask only.
 
 Kernel paths (CUDA tensors, `_C` built): compress_keys and the block scores + selection run in
-csrc/kernels/sparse_attention.h and give a bit-packed block mask; the attention over the selected
+csrc/kernels/sparse_attention.h (a few queries per call; larger calls score as a torch GEMM) and
+give a bit-packed block mask; the attention over the selected
 blocks is the attention kernel family's block-sparse variant (csrc/kernels/attention.h), which
 needs block_size == 64 (its key tile) and bf16/fp16 with head dim 64 or 128. Other shapes, and
 CPU tensors, take the torch path below (masked SDPA, a query chunk at a time).
@@ -180,8 +181,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, 
                          f"got {tree_mask.dtype} {tuple(tree_mask.shape)}")
 
 
-# Upper bound on the fp32 score scratch [Tc, Hkv, C] of one selection launch (bytes / 4).
-_SCORE_ELEMENTS = 1 << 26
+# The selection kernels score one query per block (SIMT, built for decode); more queries per call
+# (prefill, chunks, trees) score faster as a torch GEMM over query chunks until a tensor-core
+# scoring kernel exists.
+_KERNEL_SELECT_MAX_TOKENS = 8
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool [..., N] -> int64 [..., ceil(N / 64)]: bit n % 64 of word n // 64 is bits[..., n]."""
+    n = bits.shape[-1]
+    words = (n + 63) // 64
+    padded = torch.zeros(*bits.shape[:-1], words * 64, dtype=torch.int64, device=bits.device)
+    padded[..., :n] = bits.to(torch.int64)
+    shifts = torch.arange(64, dtype=torch.int64, device=bits.device)
+    # Summing distinct powers of two is an OR; bit 63 wraps to the sign bit, as intended.
+    return (padded.view(*bits.shape[:-1], words, 64) << shifts).sum(dim=-1)
 
 
 def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
@@ -193,13 +207,15 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     t, hq, _ = q.shape
     s, hkv, _ = k.shape
     nb = (s + cfg.block_size - 1) // cfg.block_size
-    if (cfg.block_size != _kernels.ATTENTION_BLOCK_KEYS or not _kernels.supports_sparse_select(q, ck, positions, cfg, nb)
-            or not _kernels.supports_attention(q, k, v, tree_mask)):
+    if cfg.block_size != _kernels.ATTENTION_BLOCK_KEYS or not _kernels.supports_attention(q, k, v, tree_mask):
         return None
-    readable = max(1, min(ck.shape[0], num_kernels(s, cfg.kernel_size, cfg.kernel_stride)))
-    chunk = max(1, _SCORE_ELEMENTS // (hkv * readable))
-    words = torch.cat([_kernels.sparse_select_blocks(q[a:a + chunk], ck, positions[a:a + chunk], cfg, scale,
-                                                     dense_len, kv_limit, nb) for a in range(0, t, chunk)])
+    if t <= _KERNEL_SELECT_MAX_TOKENS and _kernels.supports_sparse_select(q, ck, positions, cfg, nb):
+        words = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb)
+    else:
+        chunk = max(1, _CHUNK_ELEMENTS // (hq * max(num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride), 1)))
+        words = torch.cat([_pack_bits(select_from_scores(
+            block_scores(q[a:a + chunk], ck, positions[a:a + chunk], cfg, scale, kv_limit, nb),
+            positions[a:a + chunk], cfg, dense_len)) for a in range(0, t, chunk)])
     if _kernels.block_mask_rejection(q, k, words) is not None:
         return None
     # Splits are planned for the keys a query can select, not for the whole cache.

@@ -1,0 +1,213 @@
+"""InfLLM-v2 block-sparse attention vs dense attention, MiniCPM4-8B attention shapes (32 q / 2 kv heads,
+head dim 128, sparse_config block 64, kernels 32/16, top-64, 1 init block, 2048-token window).
+
+One attention layer per call, in the same run and on the same inputs:
+  decode   T = 1 new token over S = context + 1 slots. Ours: extend the compressed keys by the new
+           token (device-side range), score + select blocks (selection kernels), attend over the
+           selected blocks (attention kernels with the block mask).
+  prefill  T = context new tokens, causal, empty prefix. Ours: compress every kernel, select for
+           every query (torch GEMM scoring over query chunks), attend (attention kernels with the
+           block mask). Sparse from the first query (EDGESPEC_SPARSE=sparse): the engine would run
+           the first dense_len queries dense.
+
+Baselines, one row each per case: `torch SDPA dense` (the fastest torch SDPA backend that runs the
+case, native GQA where it can) and `edgespec dense` (the same attention kernels without a block
+mask). Timing as in bench_attention.py: CUDA-graph replays (eager if capture fails) of `copies`
+calls on distinct inputs (> 3x L2 together), CUDA events, median over --repeats. Decode rows are
+verified against the op layer's torch path (same selection rule) before timing.
+
+Targets (issue 6, H100/H200): decode 128K >= 5x torch SDPA dense; prefill 128K >= 4x dense.
+
+    python bench/python/bench_sparse.py [--phases decode,prefill] [--contexts 16K,32K,64K,128K]
+        [--repeats 20] [--quick] [--list]
+
+Writes bench/results/sparse_attention-<device-slug>.json (STYLE.md format, via benchlib).
+Exits 77 (nothing measured) without a CUDA GPU or without the compiled extension.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+
+from bench_attention import Case, Inputs, graph_ms, measure_dram_tbps, sdpa_variants  # noqa: E402
+from benchlib import write_result  # noqa: E402
+
+from edgespec import ops  # noqa: E402
+from edgespec.models.sparse import parse_sparse_config  # noqa: E402
+
+MODEL = "minicpm4-8b"
+SPARSE_CONFIG = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
+                 "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}
+CONTEXTS = [16384, 32768, 65536, 131072]
+QUICK_CONTEXTS = [16384, 131072]
+EXIT_SKIPPED = 77
+
+
+def parse_contexts(text: str) -> list[int]:
+    out = []
+    for item in text.split(","):
+        item = item.strip().upper()
+        out.append(int(item[:-1]) * 1024 if item.endswith("K") else int(item))
+    return out
+
+
+class SparseCalls:
+    """Our sparse layer for each input copy: persistent compressed keys and device-side lengths."""
+
+    def __init__(self, case: Case, inputs: Inputs, cfg, scale: float) -> None:
+        from edgespec.ops import _kernels
+
+        self.k_ = _kernels
+        self.cfg = cfg
+        self.scale = scale
+        self.case = case
+        self.inputs = inputs
+        s, t = case.seqlen, case.tokens
+        self.prefix = s - t
+        self.nb = (s + cfg.block_size - 1) // cfg.block_size
+        device = inputs.q[0].device
+        self.ck = []
+        for i in range(inputs.copies):
+            ck = torch.zeros(cfg.num_kernels(s), inputs.k[i].shape[1], inputs.k[i].shape[2],
+                             dtype=inputs.k[i].dtype, device=device)
+            # The committed prefix is compressed already (as the engine's state would be).
+            ops.compress_keys(inputs.k[i], ck, 0, self.prefix, cfg.kernel_size, cfg.kernel_stride)
+            self.ck.append(ck)
+        self.positions = torch.arange(self.prefix, s, device=device)
+        self.lengths = torch.tensor([self.prefix, s], dtype=torch.int32, device=device)
+        self.kv_limit = torch.tensor([s], dtype=torch.int32, device=device)
+        hq, hkv, _ = case.heads
+        selectable = max(cfg.dense_len, cfg.max_selected_blocks * cfg.block_size) + t
+        self.splits = _kernels.attention_splits(t, min(s, selectable), hq, hkv, False, device)
+
+    def decode(self, i: int) -> torch.Tensor:
+        cfg, K = self.cfg, self.k_
+        q, k, v = self.inputs.q[i], self.inputs.k[i], self.inputs.v[i]
+        # Host bounds size the launch for one new kernel; the device range picks it.
+        K.compress_keys(k, self.ck[i], self.prefix - cfg.kernel_stride, self.prefix + 1, cfg.kernel_size,
+                        cfg.kernel_stride, lengths=self.lengths)
+        words = K.sparse_select_blocks(q, self.ck[i], self.positions, cfg, self.scale, 0, self.kv_limit, self.nb)
+        return K.attention(q, k, v, self.scale, None, splits=self.splits, block_mask=words)
+
+    def prefill(self, i: int) -> torch.Tensor:
+        cfg = self.cfg
+        q, k, v = self.inputs.q[i], self.inputs.k[i], self.inputs.v[i]
+        s = self.case.seqlen
+        ops.compress_keys(k, self.ck[i], 0, s, cfg.kernel_size, cfg.kernel_stride)
+        return ops.sparse_attention(q, k, v, self.scale, self.ck[i], self.positions, cfg, dense_len=0, kv_limit=s)
+
+
+def torch_path_reference(calls: SparseCalls, i: int) -> torch.Tensor:
+    """The op layer's torch path on the same inputs (selection in torch, masked SDPA)."""
+    previous = os.environ.get("EDGESPEC_BACKEND")
+    os.environ["EDGESPEC_BACKEND"] = "torch"
+    try:
+        inputs, case = calls.inputs, calls.case
+        return ops.sparse_attention(inputs.q[i], inputs.k[i], inputs.v[i], calls.scale, calls.ck[i], calls.positions,
+                                    calls.cfg, dense_len=0, kv_limit=case.seqlen)
+    finally:
+        if previous is None:
+            os.environ.pop("EDGESPEC_BACKEND")
+        else:
+            os.environ["EDGESPEC_BACKEND"] = previous
+
+
+def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats: int, l2_bytes: int) -> list[dict]:
+    from edgespec.ops import _kernels
+
+    hq, hkv, d = case.heads
+    scale = d ** -0.5
+    inputs = Inputs(case, dtype, device, l2_bytes, seed=zlib.crc32(case.name.encode()))
+    sparse = SparseCalls(case, inputs, cfg, scale)
+    make: Callable[[int], Callable[[], torch.Tensor]] = (
+        (lambda i: lambda: sparse.decode(i)) if case.phase == "decode" else (lambda i: lambda: sparse.prefill(i)))
+    ours_calls = [make(i) for i in range(inputs.copies)]
+    ours_out = ours_calls[0]()
+    common = {"phase": case.phase, "tokens": case.tokens, "seqlen": case.seqlen, "heads_q": hq, "heads_kv": hkv,
+              "head_dim": d, "copies": inputs.copies}
+    if case.phase == "decode":
+        ref = torch_path_reference(sparse, 0)
+        common["max_abs_diff_vs_torch_path"] = round((ref.float() - ours_out.float()).abs().max().item(), 5)
+        words = _kernels.sparse_select_blocks(inputs.q[0], sparse.ck[0], sparse.positions, cfg, scale, 0,
+                                              case.seqlen, sparse.nb)
+        common["selected_blocks"] = int(ops.unpack_tree_mask(words.view(-1, words.shape[-1]), sparse.nb).sum()) // hkv
+        common["sparsity"] = round(1 - common["selected_blocks"] / sparse.nb, 4)
+    ours_ms, mode = graph_ms(ours_calls, repeats)
+    common.update(ours_ms=round(ours_ms, 5), timing=mode)
+
+    rows = []
+    dense_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale)
+                   for i in range(inputs.copies)]
+    dense_ms, _ = graph_ms(dense_calls, repeats)
+    rows.append({"case": case.name, **common, "baseline": "edgespec dense", "baseline_ms": round(dense_ms, 5)})
+    best = None
+    for name, calls, _ in sdpa_variants(case, inputs, scale):
+        ms, _ = graph_ms(calls, repeats)
+        if best is None or ms < best[1]:
+            best = (name, ms)
+        del calls
+    if best is not None:
+        rows.append({"case": case.name, **common, "baseline": "torch SDPA dense", "baseline_ms": round(best[1], 5),
+                     "sdpa_backend": best[0]})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phases", default="decode,prefill")
+    ap.add_argument("--contexts", default=None, help="comma-separated, e.g. 16K,128K (default: 16K,32K,64K,128K)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="16K and 128K only")
+    ap.add_argument("--list", action="store_true", help="print the cases and exit (needs no GPU)")
+    args = ap.parse_args()
+    phases = args.phases.split(",")
+    if any(p not in ("decode", "prefill") for p in phases):
+        ap.error(f"phases are decode and prefill, got {phases}")
+    contexts = parse_contexts(args.contexts) if args.contexts else (QUICK_CONTEXTS if args.quick else CONTEXTS)
+    todo = [Case(MODEL, phase, ctx) for phase in phases for ctx in contexts]
+    if args.list:
+        for c in todo:
+            print(f"{c.name}: T={c.tokens} S={c.seqlen} heads={c.heads}")
+        return 0
+    if not torch.cuda.is_available() or ops.compiled_module() is None:
+        print("bench_sparse: needs a CUDA GPU and edgespec built with its CUDA extension; nothing measured")
+        return EXIT_SKIPPED
+    cfg = parse_sparse_config(SPARSE_CONFIG)
+    device = torch.device("cuda")
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    dram_tbps = measure_dram_tbps(device)
+    print(f"{torch.cuda.get_device_name(device)}: measured DRAM copy bandwidth {dram_tbps:.2f} TB/s")
+    rows = []
+    for case in todo:
+        try:
+            case_rows = run_case(case, cfg, torch.bfloat16, device, args.repeats, l2_bytes)
+        except torch.OutOfMemoryError as exc:
+            case_rows = [{"case": case.name, "error": f"out of memory: {exc}"}]
+        rows.extend(case_rows)
+        for row in case_rows:
+            print({k: row.get(k) for k in ("case", "ours_ms", "baseline", "baseline_ms", "speedup", "error") if k in row},
+                  flush=True)
+        torch.cuda.empty_cache()
+    notes = ("bf16, one attention layer; ours = InfLLM-v2 sparse attention (decode: compressed-key update + "
+             "selection kernels + attention kernels with the block mask; prefill: compress + torch GEMM scoring "
+             "in query chunks + attention kernels with the block mask, sparse for every query); baselines = "
+             "edgespec dense attention kernels and the fastest torch SDPA backend, same inputs, same run; CUDA "
+             f"events around CUDA-graph replays of `copies` calls on distinct inputs (> 3x L2), median of "
+             f"{args.repeats}; sparse_config {SPARSE_CONFIG}")
+    path = write_result("sparse_attention", device, rows, notes, dtype="bf16", measured_dram_tbps=round(dram_tbps, 3))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
