@@ -404,3 +404,20 @@ def test_dense_mode_equals_a_model_without_sparse_config(tiny_model_dir):
     b, _ = _run(plain, tokens, [300])
     assert torch.equal(a, b)
     assert dataclasses.asdict(sparse_model.config.sparse_config)["dense_len"] == 256
+
+
+def test_cli_sparse_option_sets_the_mode():
+    from types import SimpleNamespace
+
+    from edgespec.cli import build_parser
+    from edgespec.cli.sparse_options import setup_sparse
+
+    args = build_parser().parse_args(["generate", "--model", "demo", "--sparse", "dense", "hello"])
+    assert args.sparse == "dense"
+    llm = SimpleNamespace(name="m", model=SimpleNamespace(sparse=SparseAttention(small(), 2, 2, 8, mode="auto")))
+    setup_sparse(llm, args)
+    assert llm.model.sparse.mode == "dense"
+    dense_only = SimpleNamespace(name="plain", model=SimpleNamespace(sparse=None))
+    setup_sparse(dense_only, args)  # forcing dense on a dense model is a no-op
+    with pytest.raises(ValueError, match="plain has no sparse_config"):
+        setup_sparse(dense_only, SimpleNamespace(sparse="sparse"))

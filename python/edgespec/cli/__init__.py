@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgespec", description="Fast single-GPU LLM inference with speculative decoding.")
     parser.add_argument("--version", action="store_true", help="print the version and build information")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    importlib.import_module(f"{__name__}.sparse_options")  # registers --sparse
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
