@@ -30,6 +30,7 @@
 #include "kernels/rope.h"
 #include "kernels/sampling.h"
 #include "kernels/sparse_attention.h"
+#include "kernels/w4a16.h"
 
 #ifndef EDGESPEC_CUDA_ARCHS
 #error "EDGESPEC_CUDA_ARCHS must be defined by the build (comma-separated architectures the kernels target)"
@@ -279,4 +280,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("blockffn_partial_floats", &blockffn_partial_floats, py::arg("tokens"), py::arg("hidden"), py::arg("experts"),
         py::arg("expert_size"), py::arg("router_splits"), py::arg("up_splits"), py::arg("down_splits"),
         "fp32 split-K scratch blockffn needs.");
+
+  m.attr("W4A16_MAX_ROWS") = kW4A16MaxRows;
+  m.def(
+      "w4a16_gemm",
+      [](const TensorView& x, const TensorView& qweight, const TensorView& scales, const std::optional<TensorView>& zeros,
+         const std::optional<TensorView>& bias, const TensorView& out, const std::optional<TensorView>& partial,
+         const std::optional<TensorView>& counters, int group_size, int splits, std::uint64_t stream) {
+        W4A16Args a{x, qweight, scales, opt(zeros), opt(bias), out, opt(partial), opt(counters), group_size, splits};
+        raise_if_error("w4a16_gemm", w4a16_gemm(a, as_stream(stream)),
+                       {{"x", &x}, {"qweight", &qweight}, {"scales", &scales}, {"zeros", opt(zeros)},
+                        {"bias", opt(bias)}, {"out", &out}, {"partial", opt(partial)}, {"counters", opt(counters)}});
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("out"),
+      py::arg("partial"), py::arg("counters"), py::arg("group_size"), py::arg("splits"), py::arg("stream"),
+      "out = x @ dequant(qweight).T (+ bias) with 4-bit fragment-ordered weights. See csrc/kernels/w4a16.h.");
+  m.def("w4a16_num_splits", &w4a16_num_splits, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_sms"),
+        "Split-K factor the W4A16 kernel uses for this shape (host only, no GPU needed).");
 }

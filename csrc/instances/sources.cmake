@@ -29,4 +29,7 @@ set(EDGESPEC_INSTANCE_SOURCES
   csrc/instances/sparse_scores_bf16.cu
   csrc/instances/sparse_scores_fp16.cu
   csrc/instances/sparse_scores_fp32.cu
+  csrc/instances/w4a16_bf16.cu
+  csrc/instances/w4a16_fp16.cu
+  csrc/instances/w4a16_fp32.cu
 )

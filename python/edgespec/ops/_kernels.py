@@ -639,3 +639,92 @@ def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Te
          _view(weights), _view(active), _view(hidden), _view(partial), _view(sync),
          None if counters is None else _view(counters), *splits, float(eps), _stream(x))
     return out
+
+
+# --- W4A16 GEMM (4-bit weights) -----------------------------------------------------------------
+
+# csrc/kernels/w4a16.h: tensor-core kernel (bf16/fp16), tile layout (K % 16, N % 64), group sizes
+# that are multiples of 32 or per-channel, at most 64 rows per launch.
+W4A16_DTYPES = (torch.bfloat16, torch.float16)
+W4A16_MAX_ROWS = 64
+W4A16_GROUP_ALIGN = 32
+# Above this many rows the call runs as 64-row launches that each stream the weights again; past
+# it the torch path (dequantise once, cuBLAS) is the better trade. Untuned: measure on a GPU.
+W4A16_MAX_CHUNKED_ROWS = 256
+
+
+def w4a16_rejection(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> str | None:
+    """Why csrc/kernels/w4a16.h cannot take x [..., K] times the W4A16Weight `w`, or None."""
+    if x.dtype not in W4A16_DTYPES:
+        return f"x has dtype {x.dtype}; the W4A16 kernel takes bfloat16 or float16 (tensor cores)"
+    if w.layout != "tile":
+        return "the weight is in the plain layout; QuantLinear.to('cuda') repacks it into the kernel's tile layout"
+    reason = _first(_same_dtype("scales", w.scales, "x", x),
+                    None if w.zeros is None else _same_dtype("zeros", w.zeros, "x", x),
+                    None if bias is None else _same_dtype("bias", bias, "x", x))
+    if reason:
+        return reason
+    k, n, g = w.in_features, w.out_features, w.group_size
+    if x.shape[-1] != k:
+        return f"x {_shape(x)} does not have the weight's {k} input features"
+    if k % 16 or n % 64:
+        return f"K = {k} must be a multiple of 16 and N = {n} a multiple of 64"
+    if g % W4A16_GROUP_ALIGN and g < k:
+        return f"group size {g} is neither a multiple of {W4A16_GROUP_ALIGN} nor per-channel (>= K = {k})"
+    rows = x.numel() // k if k else 0
+    if rows > W4A16_MAX_CHUNKED_ROWS:
+        return f"{rows} rows: above {W4A16_MAX_CHUNKED_ROWS}, dequantise + cuBLAS is the faster path"
+    if bias is not None and (bias.dim() != 1 or not bias.is_contiguous()):
+        return f"bias {_shape(bias)} must be a contiguous vector"
+    tensors = {"x": x, "qweight": w.qweight, "scales": w.scales} | ({"zeros": w.zeros} if w.zeros is not None else {})
+    return _one_cuda_device(**tensors, **({"bias": bias} if bias is not None else {}))
+
+
+def supports_w4a16(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> bool:
+    return w4a16_rejection(x, w, bias) is None
+
+
+def w4a16_splits(m: int, n: int, k: int, device: torch.device) -> int:
+    """Split-K factor of the W4A16 kernel for this shape on `device` (csrc/kernels/w4a16.cpp)."""
+    return int(_module().w4a16_num_splits(m, n, k, _sm_count(device.index or 0)))
+
+
+def _w4a16_counters(w: Any) -> torch.Tensor:
+    # Arrival counters the kernel leaves at zero: one zeroed buffer per weight, made on first use
+    # (so no memset runs per call). Two concurrent launches on one weight would share it.
+    counters = getattr(w, "_counters", None)
+    if counters is None or counters.device != w.qweight.device:
+        counters = torch.zeros(w.out_features // 64, dtype=torch.int32, device=w.qweight.device)
+        w._counters = counters
+    return counters
+
+
+def w4a16_linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+    """W4A16 kernel (csrc/kernels/w4a16.h); same contract as edgespec.ops.w4a16_linear.
+
+    x: [..., K] bf16/fp16; w: an edgespec.ops.W4A16Weight in the tile layout with scales/zeros in
+    x's dtype; bias: [N] in x's dtype or None; splits: split-K factor (None: the plan for this GPU;
+    any value in [1, K/16] gives the same result up to rounding). Act-order weights gather x's
+    columns first. More than 64 rows run as 64-row launches. Returns [..., N] contiguous.
+    With splits > 1 an fp32 scratch [splits, rows, N] is allocated per launch.
+    """
+    _require("w4a16_linear", w4a16_rejection(x, w, bias))
+    k, n = w.in_features, w.out_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if w.perm is not None:
+        x2 = x2.index_select(1, w.perm)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
+    rows = x2.shape[0]
+    out = _new_output((rows, n), x.dtype, x.device)
+    counters = _w4a16_counters(w)
+    for start in range(0, rows, W4A16_MAX_ROWS):
+        m = min(W4A16_MAX_ROWS, rows - start)
+        s = splits if splits is not None else w4a16_splits(m, n, k, x.device)
+        partial = _new_output((s, m, n), torch.float32, x.device) if s > 1 else None
+        _run(_module().w4a16_gemm, _view(x2[start:start + m]), _view(w.qweight), _view(w.scales),
+             None if w.zeros is None else _view(w.zeros), None if bias is None else _view(bias),
+             _view(out[start:start + m]), None if partial is None else _view(partial),
+             None if s == 1 else _view(counters), int(w.group_size), int(s), _stream(x))
+    return out.view(*lead, n)

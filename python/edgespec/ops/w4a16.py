@@ -50,7 +50,8 @@ class W4A16Weight:
     out_features: int
     layout: str = "plain"
     perm: torch.Tensor | None = None
-    _dense: torch.Tensor | None = field(default=None, repr=False)
+    _dense: torch.Tensor | None = field(default=None, repr=False)      # torch path cache
+    _counters: torch.Tensor | None = field(default=None, repr=False)   # kernel split-K arrivals
 
     def __post_init__(self) -> None:
         k, n, g = self.in_features, self.out_features, self.group_size

@@ -1,0 +1,149 @@
+// Checked entry point of the W4A16 family (host only; the kernel lives in w4a16.cuh).
+#include "kernels/w4a16.h"
+
+#include <algorithm>
+#include <string>
+
+#include "common/checks.h"
+#include "common/device_guard.h"
+#include "common/dispatch.h"
+
+namespace edgespec {
+
+int w4a16_num_splits(std::int64_t m, std::int64_t n, std::int64_t k, int num_sms) {
+  const std::int64_t k_tiles = k / kW4A16TileK;
+  if (m <= 0 || n <= 0 || k_tiles <= 0) return 1;
+  const std::int64_t block_cols = n % (2 * kW4A16TileN) == 0 ? n / (2 * kW4A16TileN) : n / kW4A16TileN;
+  const std::int64_t want = std::max<std::int64_t>(1, (2 * std::max(num_sms, 1) + block_cols - 1) / block_cols);
+  // fp32 partials cost splits * M * N * 8 bytes (written, then read); keep them under a quarter
+  // of the K * N / 2 weight bytes.
+  const std::int64_t traffic_cap = std::max<std::int64_t>(1, k / (64 * m));
+  std::int64_t splits = std::min({want, traffic_cap, k_tiles});
+  // Whole k16 tiles per split, and no empty split: re-derive the count from the tiles per split.
+  const std::int64_t per = (k_tiles + splits - 1) / splits;
+  splits = (k_tiles + per - 1) / per;
+  return static_cast<int>(splits);
+}
+
+namespace {
+
+std::string str(std::int64_t v) { return std::to_string(v); }
+
+Status check_aligned16(const TensorView& v, const char* name) {
+  if (!is_aligned(v.ptr<const void>(), 16)) return Status::invalid(std::string(name) + ": must be 16-byte aligned");
+  return Status::success();
+}
+
+Status check_w4a16(const W4A16Args& a) {
+  const TensorView& x = a.x;
+  EDGESPEC_RETURN_IF_ERROR(check_view(x, "x", 2));
+  EDGESPEC_RETURN_IF_ERROR(check_rows_contiguous(x, "x"));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype_in(x, "x", {DType::kBFloat16, DType::kFloat16}));
+  const std::int64_t m = x.size(0), k = x.size(1);
+  if (m > kW4A16MaxRows) {
+    return Status::unsupported("x: " + str(m) + " rows; the kernel takes at most " + str(kW4A16MaxRows));
+  }
+  if (k <= 0 || k % kW4A16TileK != 0) {
+    return Status::unsupported("x: K = " + str(k) + " must be a positive multiple of " + str(kW4A16TileK));
+  }
+  if ((m > 1 && x.stride(0) % 8 != 0) || !is_aligned(x.ptr<const void>(), 16)) {
+    return Status::invalid("x: rows must start on 16-byte boundaries (row stride " + str(x.stride(0)) + ")");
+  }
+  EDGESPEC_RETURN_IF_ERROR(check_view(a.qweight, "qweight", 2));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype(a.qweight, "qweight", DType::kInt32, "packed 4-bit words"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(a.qweight, "qweight", 0, k / kW4A16TileK, "K / 16 tile rows"));
+  const std::int64_t n = a.qweight.size(1) / 2;
+  if (n <= 0 || a.qweight.size(1) % 2 != 0 || n % kW4A16TileN != 0) {
+    return Status::unsupported("qweight: " + str(a.qweight.size(1)) + " words per tile row means N = " +
+                               str(a.qweight.size(1) / 2) + "; the kernel needs N a positive multiple of " +
+                               str(kW4A16TileN));
+  }
+  EDGESPEC_RETURN_IF_ERROR(check_contiguous(a.qweight, "qweight"));
+  EDGESPEC_RETURN_IF_ERROR(check_aligned16(a.qweight, "qweight"));
+  EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", a.qweight, "qweight"));
+
+  const std::int64_t g = a.group_size;
+  if (g <= 0 || (g % kW4A16GroupAlign != 0 && g < k)) {
+    return Status::unsupported("group_size " + str(g) + ": the kernel takes multiples of " +
+                               str(kW4A16GroupAlign) + " or per-channel (group_size >= K = " + str(k) + ")");
+  }
+  const std::int64_t groups = (k + g - 1) / g;
+  for (const auto& [view, name] : {std::pair{&a.scales, "scales"}, std::pair{a.zeros, "zeros"}}) {
+    if (view == nullptr) continue;
+    EDGESPEC_RETURN_IF_ERROR(check_view(*view, name, 2));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(*view, name, x.dtype, "the dtype of x"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(*view, name, 0, groups, "ceil(K / group_size) groups"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(*view, name, 1, n, "N columns"));
+    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*view, name));
+    EDGESPEC_RETURN_IF_ERROR(check_aligned16(*view, name));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *view, name));
+  }
+  if (a.bias != nullptr) {
+    EDGESPEC_RETURN_IF_ERROR(check_view(*a.bias, "bias", 1));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(*a.bias, "bias", x.dtype, "the dtype of x"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(*a.bias, "bias", 0, n, "N columns"));
+    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*a.bias, "bias"));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *a.bias, "bias"));
+  }
+  EDGESPEC_RETURN_IF_ERROR(check_view(a.out, "out", 2));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype(a.out, "out", x.dtype, "the dtype of x"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(a.out, "out", 0, m, "the rows of x"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(a.out, "out", 1, n, "N columns"));
+  EDGESPEC_RETURN_IF_ERROR(check_contiguous(a.out, "out"));
+  EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", a.out, "out"));
+  EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", x, "x"));
+  EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", a.scales, "scales"));
+  if (a.bias != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", *a.bias, "bias"));
+
+  if (a.splits < 1 || a.splits > k / kW4A16TileK) {
+    return Status::invalid("splits = " + str(a.splits) + " must be in [1, K / 16 = " + str(k / kW4A16TileK) + "]");
+  }
+  if (a.splits > 1) {
+    if (a.partial == nullptr || a.counters == nullptr) {
+      return Status::invalid("splits = " + str(a.splits) + " needs the partial and counters scratch tensors");
+    }
+    EDGESPEC_RETURN_IF_ERROR(check_view(*a.partial, "partial", 3));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(*a.partial, "partial", DType::kFloat32, "fp32 split-K sums"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(*a.partial, "partial", 0, a.splits, "splits"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(*a.partial, "partial", 1, m, "the rows of x"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(*a.partial, "partial", 2, n, "N columns"));
+    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*a.partial, "partial"));
+    EDGESPEC_RETURN_IF_ERROR(check_view(*a.counters, "counters", 1));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(*a.counters, "counters", DType::kInt32, "arrival counters"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(*a.counters, "counters", 0, n / kW4A16TileN, "N / 64 column tiles"));
+    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*a.counters, "counters"));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *a.partial, "partial"));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *a.counters, "counters"));
+    EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", a.out, "out"));
+  }
+  return Status::success();
+}
+
+}  // namespace
+
+Status w4a16_gemm(const W4A16Args& args, cudaStream_t stream) {
+  EDGESPEC_RETURN_IF_ERROR(check_w4a16(args));
+  if (args.out.numel() == 0) return Status::success();
+  DeviceGuard guard;
+  EDGESPEC_RETURN_IF_ERROR(guard.enter(args.x.device));
+  return EDGESPEC_FLOAT_SWITCH(args.x.dtype, "w4a16_gemm", T, [&] {
+    W4A16Params<T> p;
+    p.x = args.x.ptr<const T>();
+    p.x_stride = args.x.stride(0);
+    p.qweight = args.qweight.ptr<const std::uint32_t>();
+    p.scales = args.scales.ptr<const T>();
+    p.zeros = args.zeros != nullptr ? args.zeros->ptr<const T>() : nullptr;
+    p.bias = args.bias != nullptr ? args.bias->ptr<const T>() : nullptr;
+    p.out = args.out.ptr<T>();
+    p.partial = args.partial != nullptr ? args.partial->ptr<float>() : nullptr;
+    p.counters = args.counters != nullptr ? args.counters->ptr<int>() : nullptr;
+    p.m = static_cast<int>(args.x.size(0));
+    p.n = static_cast<int>(args.qweight.size(1) / 2);
+    p.k = static_cast<int>(args.x.size(1));
+    p.group_size = static_cast<int>(std::min<std::int64_t>(args.group_size, args.x.size(1)));
+    p.splits = args.splits;
+    return launch_w4a16<T>(p, stream);
+  });
+}
+
+}  // namespace edgespec

@@ -1,0 +1,376 @@
+// W4A16 GEMM kernel and its launcher; see w4a16.h for the contract and the weight layout.
+// Included only by the generated instance files csrc/instances/w4a16_<dtype>.cu.
+//
+// Why it is shaped this way (decode is a weight stream: at M <= 16 every byte of the 4-bit weight
+// is read once and used for M multiply-adds, so the kernel's job is to keep DRAM busy):
+//
+// * Weights never pass through registers as raw 4-bit data more than once. The tile layout puts
+//   the 32 values a lane needs for one k16 x 64 block into one 16-byte word group, so a warp
+//   consumes a 512-byte block with one conflict-free LDS.128 per lane, and the dequantised
+//   halves land directly in mma B registers (no shuffles, no ldmatrix for B).
+// * Dequantisation is a shift, one lop3 and two or three half2 ops per 4 values: with the nibble
+//   in the low bits of a 16-bit half whose exponent field is that of MAGIC (1024.0 for fp16,
+//   128.0 for bf16, both with a unit last place), the half reads MAGIC + q exactly; subtracting
+//   MAGIC (+ 8 for symmetric weights) is exact, then the zero point and the scale are applied.
+// * Global -> shared copies are cp.async (16 bytes, no register staging) in a kStages-deep
+//   pipeline of 128-row stages; weight copies carry an L2 evict-first policy because each weight
+//   byte is read exactly once per step while the activations, scales and other layers' data
+//   should stay in L2.
+// * Small layers (hidden 576..2048) have too few 64-column tiles for the SMs, so K is split too
+//   (grid.y) in whole k16 tiles: enough blocks for every SM even when N / 64 is 9. Partial sums
+//   go to an fp32 buffer and the last block of a column tile to arrive adds them in split order
+//   (deterministic), adds the bias and rounds once.
+// * Activations are tiny (M x 128 per stage) and are read from shared memory with ldmatrix.x4
+//   into the A fragments; rows past M are zero-filled by cp.async and never written out.
+//
+// Tuning status: untuned; written and compiled without a GPU. kNU (column tiles per block) and
+// the split heuristic (w4a16.cpp) are the first knobs to measure.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/checks.h"
+#include "common/mma.cuh"
+#include "common/vec.cuh"
+#include "kernels/w4a16.h"
+
+namespace edgespec {
+
+namespace w4a16_detail {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kStageTiles = kW4A16StageK / kW4A16TileK;  // k16 tiles per stage (8)
+constexpr int kTileWords = 128;                           // int32 words of one 16 x 64 block
+// Group rows a stage can touch: 128 rows starting at any k16 boundary, groups of >= 32 rows.
+constexpr int kMaxStageGroups = kW4A16StageK / kW4A16GroupAlign + 1;
+static_assert(kWarps == kStageTiles, "one k16 tile per warp and column tile in a stage");
+
+template <typename T>
+struct Half2;
+template <>
+struct Half2<__half> {
+  using type = __half2;
+};
+template <>
+struct Half2<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+};
+
+// 16-bit pattern of the magic number whose last place is 1: 1024.0 (fp16), 128.0 (bf16).
+template <typename T>
+constexpr std::uint32_t kMagic = std::is_same_v<T, __half> ? 0x6400u : 0x4300u;
+
+__device__ __forceinline__ std::uint32_t lop3_and_or(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
+  // (a & b) | c in one instruction: LUT 0xEA = (0xF0 & 0xCC) | 0xAA.
+  std::uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+template <typename T>
+__device__ __forceinline__ typename Half2<T>::type as_h2(std::uint32_t v) {
+  return *reinterpret_cast<const typename Half2<T>::type*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ std::uint32_t as_u32(typename Half2<T>::type v) {
+  return *reinterpret_cast<const std::uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ typename Half2<T>::type splat(T v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2half2(v);
+  } else {
+    return __bfloat162bfloat162(v);
+  }
+}
+
+// Per-column dequantisation constants of one column pair (na, nb) of a k16 tile.
+template <typename T>
+struct ColumnQuant {
+  typename Half2<T>::type scale[2];  // splat(s[na]), splat(s[nb])
+  typename Half2<T>::type zero[2];   // splat(z[na]), splat(z[nb]) (asymmetric only)
+};
+
+// One word of the tile layout -> the four mma B registers of sub-tiles na (b[0], b[1]) and nb
+// (b[2], b[3]).
+template <typename T, bool kZeros>
+__device__ __forceinline__ void dequant_word(std::uint32_t word, const ColumnQuant<T>& c, std::uint32_t (&b)[4]) {
+  using H2 = typename Half2<T>::type;
+  constexpr std::uint32_t kMagic2 = kMagic<T> | (kMagic<T> << 16);
+  // MAGIC (+ 8 when symmetric, the zero point folded in) as a pair: the last place of MAGIC is 1,
+  // so MAGIC + 8 is the bit pattern kMagic + 8 and the subtraction is exact.
+  constexpr std::uint32_t kOffset = kZeros ? kMagic2 : kMagic2 + 0x00080008u;
+  const H2 offset = as_h2<T>(kOffset);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const std::uint32_t bits = lop3_and_or(word >> (4 * i), 0x000F000Fu, kMagic2);
+    H2 v = __hsub2(as_h2<T>(bits), offset);  // (q_lo - 8, q_hi - 8) or (q_lo, q_hi), exact
+    const int col = i >> 1;                   // registers 0, 1: column na; 2, 3: column nb
+    if constexpr (kZeros) v = __hsub2(v, c.zero[col]);
+    b[i] = as_u32<T>(__hmul2(v, c.scale[col]));
+  }
+}
+
+// 16-byte global->shared copy with an L2 evict-first hint: streamed weights should not push the
+// activations, scales and KV cache out of L2.
+__device__ __forceinline__ void cp_async_16_stream(void* smem, const void* gmem) {
+  asm volatile(
+      "{\n"
+      "  .reg .b64 policy;\n"
+      "  createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+      "  cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n"
+      "}\n" ::"r"(smem_address(smem)),
+      "l"(gmem)
+      : "memory");
+}
+
+template <int kMB, int kNU, int kStages>
+struct Smem {
+  static constexpr int kRows = kMB * 16;
+  static constexpr int kColsN = kNU * kW4A16TileN;
+  // Activations: [kRows][128] 16-bit, rows of 16 chunks of 16 bytes, chunk c of row r stored at
+  // c ^ (r & 7) so the 8 row addresses of an ldmatrix phase hit 8 different bank groups.
+  static constexpr int kABytes = kRows * kW4A16StageK * 2;
+  static constexpr int kBBytes = kStageTiles * kNU * kTileWords * 4;
+  static constexpr int kSBytes = kMaxStageGroups * kColsN * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes + 2 * kSBytes;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kReduceBytes = kRows * kColsN * 4;
+  static constexpr int kBytes = kPipeBytes > kReduceBytes ? kPipeBytes : kReduceBytes;
+};
+
+template <typename T, int kMB, int kNU, int kStages, bool kZeros>
+__global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p) {
+  using S = Smem<kMB, kNU, kStages>;
+  constexpr int kWarpsK = kWarps / kNU;       // warps sharing one column tile
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int s_ticket;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nu = warp % kNU, kw = warp / kNU;
+  const int n0 = blockIdx.x * S::kColsN;  // first column of the block
+  const int k_tiles = p.k / kW4A16TileK;
+  const int per = (k_tiles + p.splits - 1) / p.splits;
+  const int kt_begin = min(k_tiles, static_cast<int>(blockIdx.y) * per);
+  const int kt_end = min(k_tiles, kt_begin + per);
+  const int stages = (kt_end - kt_begin + kStageTiles - 1) / kStageTiles;
+
+  auto a_smem = [&](int slot) { return reinterpret_cast<T*>(smem + slot * S::kStageBytes); };
+  auto b_smem = [&](int slot) {
+    return reinterpret_cast<std::uint32_t*>(smem + slot * S::kStageBytes + S::kABytes);
+  };
+  auto s_smem = [&](int slot) { return reinterpret_cast<T*>(smem + slot * S::kStageBytes + S::kABytes + S::kBBytes); };
+  auto z_smem = [&](int slot) {
+    return reinterpret_cast<T*>(smem + slot * S::kStageBytes + S::kABytes + S::kBBytes + S::kSBytes);
+  };
+  auto first_group = [&](int stage) { return (kt_begin + stage * kStageTiles) * kW4A16TileK / p.group_size; };
+
+  // Issue the copies of one stage (A rows, B blocks, the scale/zero rows of its groups).
+  auto load_stage = [&](int stage) {
+    const int slot = stage % kStages;
+    const int kt0 = kt_begin + stage * kStageTiles;
+    const int tiles = min(kStageTiles, kt_end - kt0);
+    T* a = a_smem(slot);
+#pragma unroll
+    for (int i = 0; i < kMB; ++i) {
+      const int chunk = tid + i * kThreads;  // kRows * 16 chunks = kMB * 256
+      const int row = chunk >> 4, c = chunk & 15;
+      const bool valid = row < p.m && (c >> 1) < tiles;
+      const T* src = p.x + (valid ? static_cast<std::int64_t>(row) * p.x_stride + kt0 * kW4A16TileK + c * 8 : 0);
+      cp_async_16(a + row * kW4A16StageK + ((c ^ (row & 7)) * 8), src, valid);
+    }
+    std::uint32_t* b = b_smem(slot);
+#pragma unroll
+    for (int i = 0; i < kNU; ++i) {
+      const int chunk = tid + i * kThreads;  // kStageTiles * kNU * 32 chunks
+      const int t = chunk / (kNU * 32), rem = chunk % (kNU * 32);
+      if (t < tiles) {
+        const std::int64_t word = static_cast<std::int64_t>(kt0 + t) * (2 * static_cast<std::int64_t>(p.n)) +
+                                  (static_cast<std::int64_t>(n0) / kW4A16TileN + rem / 32) * kTileWords + (rem % 32) * 4;
+        cp_async_16_stream(b + chunk * 4, p.qweight + word);
+      }
+    }
+    const int g0 = first_group(stage);
+    const int g1 = ((kt0 + tiles) * kW4A16TileK - 1) / p.group_size;
+    constexpr int kChunksPerRow = S::kColsN * 2 / 16;
+    for (int chunk = tid; chunk < (g1 - g0 + 1) * kChunksPerRow; chunk += kThreads) {
+      const int r = chunk / kChunksPerRow, c = chunk % kChunksPerRow;
+      const std::int64_t off = static_cast<std::int64_t>(g0 + r) * p.n + n0 + c * 8;
+      cp_async_16(s_smem(slot) + r * S::kColsN + c * 8, p.scales + off, true);
+      if constexpr (kZeros) cp_async_16(z_smem(slot) + r * S::kColsN + c * 8, p.zeros + off, true);
+    }
+  };
+
+  float acc[kMB][4][2][4];
+#pragma unroll
+  for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mb][j][h][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < stages) load_stage(s);
+    cp_async_commit();
+  }
+
+  for (int stage = 0; stage < stages; ++stage) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage `stage` landed for every thread; slot stage - 1 is free again
+    if (stage + kStages - 1 < stages) load_stage(stage + kStages - 1);
+    cp_async_commit();  // always commit, so the wait count above stays in step
+
+    const int slot = stage % kStages;
+    const int kt0 = kt_begin + stage * kStageTiles;
+    const int g0 = first_group(stage);
+    const T* a = a_smem(slot);
+    const std::uint32_t* b = b_smem(slot);
+    const T* sc = s_smem(slot);
+    const T* zc = z_smem(slot);
+#pragma unroll
+    for (int i = 0; i < kNU; ++i) {
+      const int t = kw + i * kWarpsK;  // this warp's k16 tile of the stage
+      if (kt0 + t >= kt_end) break;
+      const int grow = (kt0 + t) * kW4A16TileK / p.group_size - g0;
+      const uint4 words = *reinterpret_cast<const uint4*>(b + ((t * kNU + nu) * 32 + lane) * 4);
+      const std::uint32_t w4[4] = {words.x, words.y, words.z, words.w};
+      std::uint32_t breg[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = nu * kW4A16TileN + 16 * j + (lane >> 2);
+        ColumnQuant<T> cq;
+        cq.scale[0] = splat<T>(sc[grow * S::kColsN + col]);
+        cq.scale[1] = splat<T>(sc[grow * S::kColsN + col + 8]);
+        if constexpr (kZeros) {
+          cq.zero[0] = splat<T>(zc[grow * S::kColsN + col]);
+          cq.zero[1] = splat<T>(zc[grow * S::kColsN + col + 8]);
+        }
+        dequant_word<T, kZeros>(w4[j], cq, breg[j]);
+      }
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+        // ldmatrix.x4: lanes 0-15 address rows 0-15 at the tile's first 8 columns, lanes 16-31
+        // the same rows at the next 8; the result is the A fragment of this m16 x k16 tile.
+        const int row = mb * 16 + (lane & 15);
+        const int chunk = 2 * t + (lane >> 4);
+        std::uint32_t afrag[4];
+        ldmatrix_x4(afrag, a + row * kW4A16StageK + ((chunk ^ (row & 7)) * 8));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          mma_16816<T>(acc[mb][j][0], afrag, breg[j][0], breg[j][1]);
+          mma_16816<T>(acc[mb][j][1], afrag, breg[j][2], breg[j][3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
+
+  // Sum the kWarpsK warps of each column tile in a fixed order (deterministic results).
+  float* red = reinterpret_cast<float*>(smem);
+  const int g = lane >> 2, c2 = 2 * (lane & 3);
+  for (int round = 0; round < kWarpsK; ++round) {
+    if (kw == round) {
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = mb * 16 + g + (e >= 2 ? 8 : 0);
+              const int col = nu * kW4A16TileN + 16 * j + 8 * h + c2 + (e & 1);
+              float& dst = red[row * S::kColsN + col];
+              dst = round == 0 ? acc[mb][j][h][e] : dst + acc[mb][j][h][e];
+            }
+    }
+    __syncthreads();
+  }
+
+  const int elems = p.m * S::kColsN;
+  if (p.splits == 1) {
+    for (int i = tid; i < elems; i += kThreads) {
+      const int row = i / S::kColsN, col = i % S::kColsN;
+      float v = red[i];
+      if (p.bias != nullptr) v += to_float(p.bias[n0 + col]);
+      p.out[static_cast<std::int64_t>(row) * p.n + n0 + col] = from_float<T>(v);
+    }
+    return;
+  }
+  for (int i = tid; i < elems; i += kThreads) {
+    const int row = i / S::kColsN, col = i % S::kColsN;
+    p.partial[(static_cast<std::int64_t>(blockIdx.y) * p.m + row) * p.n + n0 + col] = red[i];
+  }
+  // Arrival (threadFenceReduction): publish the partials, take a ticket at the block column's
+  // counter; the block that takes the last one sums all splits.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_ticket = atomicAdd(p.counters + blockIdx.x, 1) == p.splits - 1;
+  __syncthreads();
+  if (!s_ticket) return;
+  __threadfence();
+  for (int i = tid; i < elems; i += kThreads) {
+    const int row = i / S::kColsN, col = i % S::kColsN;
+    float v = 0.f;
+    for (int s = 0; s < p.splits; ++s) v += __ldcg(p.partial + (static_cast<std::int64_t>(s) * p.m + row) * p.n + n0 + col);
+    if (p.bias != nullptr) v += to_float(p.bias[n0 + col]);
+    p.out[static_cast<std::int64_t>(row) * p.n + n0 + col] = from_float<T>(v);
+  }
+  if (tid == 0) p.counters[blockIdx.x] = 0;
+}
+
+template <typename T, int kMB, int kNU, bool kZeros>
+Status launch_shape(const W4A16Params<T>& p, cudaStream_t stream) {
+  // Deeper pipelines for small M; at M > 32 three stages keep the footprint under the 99 KB a
+  // block may use on sm_89 (the activation tile grows with M).
+  constexpr int kStages = kMB <= 2 ? 4 : 3;
+  using S = Smem<kMB, kNU, kStages>;
+  auto* kernel = w4a16_kernel<T, kMB, kNU, kStages, kZeros>;
+  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes),
+      "w4a16: requesting dynamic shared memory for w4a16_kernel"));
+  const dim3 grid(static_cast<unsigned>(p.n / S::kColsN), static_cast<unsigned>(p.splits));
+  kernel<<<grid, kThreads, S::kBytes, stream>>>(p);
+  EDGESPEC_CHECK_LAUNCH("w4a16_kernel");
+  return Status::success();
+}
+
+template <typename T, int kMB>
+Status launch_rows(const W4A16Params<T>& p, cudaStream_t stream) {
+  // Two column tiles per block when N allows: twice the bytes per stage and per ldmatrix.
+  const bool wide = p.n % (2 * kW4A16TileN) == 0;
+  const bool zeros = p.zeros != nullptr;
+  if (wide) {
+    return zeros ? launch_shape<T, kMB, 2, true>(p, stream) : launch_shape<T, kMB, 2, false>(p, stream);
+  }
+  return zeros ? launch_shape<T, kMB, 1, true>(p, stream) : launch_shape<T, kMB, 1, false>(p, stream);
+}
+
+}  // namespace w4a16_detail
+
+template <typename T>
+Status launch_w4a16(const W4A16Params<T>& p, cudaStream_t stream) {
+  using namespace w4a16_detail;
+  if constexpr (std::is_same_v<T, float>) {
+    return Status::unsupported("w4a16: the tensor-core kernel takes bf16 or fp16 activations, not fp32");
+  } else {
+    if (p.m == 0 || p.n == 0) return Status::success();
+    if (p.m <= 16) return launch_rows<T, 1>(p, stream);
+    if (p.m <= 32) return launch_rows<T, 2>(p, stream);
+    if (p.m <= 48) return launch_rows<T, 3>(p, stream);
+    return launch_rows<T, 4>(p, stream);
+  }
+}
+
+}  // namespace edgespec
