@@ -208,15 +208,10 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
     }
   };
 
-  float acc[kMB][4][2][4];
+  // acc[mb][2j + h]: C fragment of m16 tile mb and n8 sub-tile 16j + 8h of the warp's 64 columns.
+  float acc[kMB][8][4];
 #pragma unroll
-  for (int mb = 0; mb < kMB; ++mb)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mb][j][h][e] = 0.f;
+  for (int i = 0; i < kMB * 8 * 4; ++i) (&acc[0][0][0])[i] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -267,8 +262,8 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
         ldmatrix_x4(afrag, a + row * kW4A16StageK + ((chunk ^ (row & 7)) * 8));
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          mma_16816<T>(acc[mb][j][0], afrag, breg[j][0], breg[j][1]);
-          mma_16816<T>(acc[mb][j][1], afrag, breg[j][2], breg[j][3]);
+          mma_16816<T>(acc[mb][2 * j], afrag, breg[j][0], breg[j][1]);
+          mma_16816<T>(acc[mb][2 * j + 1], afrag, breg[j][2], breg[j][3]);
         }
       }
     }
@@ -284,28 +279,27 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
 #pragma unroll
       for (int mb = 0; mb < kMB; ++mb)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int jh = 0; jh < 8; ++jh)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int row = mb * 16 + g + (e >= 2 ? 8 : 0);
-              const int col = nu * kW4A16TileN + 16 * j + 8 * h + c2 + (e & 1);
-              float& dst = red[row * S::kColsN + col];
-              dst = round == 0 ? acc[mb][j][h][e] : dst + acc[mb][j][h][e];
-            }
+          for (int e = 0; e < 4; ++e) {
+            // C fragment: d[0..1] = C[g][2c..2c+1], d[2..3] = C[g+8][2c..2c+1].
+            const int row = mb * 16 + g + (e >= 2 ? 8 : 0);
+            const int col = nu * kW4A16TileN + 8 * jh + c2 + (e & 1);
+            float& dst = red[row * S::kColsN + col];
+            dst = round == 0 ? acc[mb][jh][e] : dst + acc[mb][jh][e];
+          }
     }
     __syncthreads();
   }
 
   const int elems = p.m * S::kColsN;
+  auto store = [&](int i, float v) {  // element i = row * kColsN + col of the block's output tile
+    const int row = i / S::kColsN, col = i % S::kColsN;
+    if (p.bias != nullptr) v += to_float(p.bias[n0 + col]);
+    p.out[static_cast<std::int64_t>(row) * p.n + n0 + col] = from_float<T>(v);
+  };
   if (p.splits == 1) {
-    for (int i = tid; i < elems; i += kThreads) {
-      const int row = i / S::kColsN, col = i % S::kColsN;
-      float v = red[i];
-      if (p.bias != nullptr) v += to_float(p.bias[n0 + col]);
-      p.out[static_cast<std::int64_t>(row) * p.n + n0 + col] = from_float<T>(v);
-    }
+    for (int i = tid; i < elems; i += kThreads) store(i, red[i]);
     return;
   }
   for (int i = tid; i < elems; i += kThreads) {
@@ -324,8 +318,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
     const int row = i / S::kColsN, col = i % S::kColsN;
     float v = 0.f;
     for (int s = 0; s < p.splits; ++s) v += __ldcg(p.partial + (static_cast<std::int64_t>(s) * p.m + row) * p.n + n0 + col);
-    if (p.bias != nullptr) v += to_float(p.bias[n0 + col]);
-    p.out[static_cast<std::int64_t>(row) * p.n + n0 + col] = from_float<T>(v);
+    store(i, v);
   }
   if (tid == 0) p.counters[blockIdx.x] = 0;
 }
