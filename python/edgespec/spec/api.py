@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ModelFormatError
 from ..ops.linear import DenseLinear
 from .decoding import cache_slack, speculative_factory
 from .draft_model import ModelDrafter, check_same_vocabulary
@@ -57,6 +58,18 @@ def _head_frspec(path: Path) -> Path | None:
     return (path / name) if name else None
 
 
+def _tokenizer_or_none(model: str) -> Any:
+    """The tokenizer of a model path, or None when it has no tokenizer files (then only the
+    vocabulary size can be compared)."""
+    from ..loading import Tokenizer, open_checkpoint  # noqa: PLC0415
+
+    _, _, tok_dir, tok_gguf = open_checkpoint(model)
+    try:
+        return Tokenizer.from_pretrained(tok_dir, gguf_file=tok_gguf)
+    except ModelFormatError:
+        return None
+
+
 def load_drafter(draft: Any, llm: "LLM", frspec_vocab: str | Path | None = None) -> Drafter:
     """A drafter for llm's model from `draft`: a Drafter, an EAGLE-1/2/3 head directory, or a
     standalone draft model (directory, .gguf or 'demo') that shares the target's tokenizer.
@@ -80,8 +93,10 @@ def load_drafter(draft: Any, llm: "LLM", frspec_vocab: str | Path | None = None)
         else:
             from ..loading import load_model  # noqa: PLC0415 - avoid an import cycle at package import
 
-            loaded = load_model(path, device=target.device, dtype=target.dtype, max_context=target.max_context)
-            check_same_vocabulary(target, loaded.model, llm.tokenizer, loaded.tokenizer, where=f"draft model {path}")
+            loaded = load_model(path, device=target.device, dtype=target.dtype, max_context=target.max_context,
+                                with_tokenizer=False)
+            draft_tok = _tokenizer_or_none(path) if llm.tokenizer is not None else None
+            check_same_vocabulary(target, loaded.model, llm.tokenizer, draft_tok, where=f"draft model {path}")
             drafter = ModelDrafter(loaded.model, name=f"model:{Path(path).name}")
     vocab = default_vocab if frspec_vocab is None else (None if str(frspec_vocab).lower() == "none" else frspec_vocab)
     if vocab is not None:

@@ -150,6 +150,10 @@ class EagleDrafter:
     def lm_head(self) -> DraftLMHead:
         return self.head.lm_head
 
+    @lm_head.setter
+    def lm_head(self, value: DraftLMHead) -> None:  # FR-Spec restricts the head's vocabulary
+        self.head.lm_head = value
+
     @property
     def committed(self) -> int:
         return self._committed

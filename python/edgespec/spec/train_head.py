@@ -159,23 +159,23 @@ class TrainableEagleHead(nn.Module):
         return out
 
 
-def head_config(target: ModelConfig, **meta: Any) -> dict[str, Any]:
-    """config.json of an EAGLE-1/2 head for `target` (Llama layout, one layer, fc bias), with our
+def head_config(target_config: ModelConfig, **meta: Any) -> dict[str, Any]:
+    """config.json of an EAGLE-1/2 head for a target (Llama layout, one layer, fc bias), with our
     metadata under CONFIG_KEY."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": target.hidden_size,
-        "intermediate_size": target.intermediate_size,
-        "num_attention_heads": target.num_heads,
-        "num_key_value_heads": target.num_kv_heads,
-        "head_dim": target.head_dim,
+        "hidden_size": target_config.hidden_size,
+        "intermediate_size": target_config.intermediate_size,
+        "num_attention_heads": target_config.num_heads,
+        "num_key_value_heads": target_config.num_kv_heads,
+        "head_dim": target_config.head_dim,
         "num_hidden_layers": 1,
-        "vocab_size": target.vocab_size,
-        "rms_norm_eps": target.rms_norm_eps,
-        "rope_theta": target.rope_theta,
-        "rope_scaling": target.rope_scaling,
-        "max_position_embeddings": target.max_position_embeddings,
+        "vocab_size": target_config.vocab_size,
+        "rms_norm_eps": target_config.rms_norm_eps,
+        "rope_theta": target_config.rope_theta,
+        "rope_scaling": target_config.rope_scaling,
+        "max_position_embeddings": target_config.max_position_embeddings,
         "hidden_act": "silu",
         "bias": True,
         CONFIG_KEY: {"kind": "eagle", **meta},

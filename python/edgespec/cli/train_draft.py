@@ -1,0 +1,102 @@
+"""`edgespec train-draft`: train an EAGLE head for a target by self-distillation on local text."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .common import DTYPES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train-draft", help="train an EAGLE draft head for a model on local text (self-distillation)",
+                       description="Label local text (and the model's own answers to --prompts) with the target's "
+                                   "features and next-token distributions, then train an EAGLE-1/2 head "
+                                   "(fc + one decoder layer). Writes config.json + model.safetensors to --out, "
+                                   "checkpointing as it goes.")
+    t.add_argument("--model", required=True, help="the target: a model directory, a .gguf file or 'demo'")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="the target's dtype while labelling (default: the inference default, bf16 on capable CPUs)")
+    t.add_argument("--gen-draft", default="auto",
+                   help="draft that speeds up generating the target's responses (same tokens): a head or model "
+                        "path, 'none', or 'auto' (the shipped head for demo)")
+    t.add_argument("--data", nargs="+", required=True, help="text files to learn from")
+    t.add_argument("--out", required=True, help="output head directory")
+    t.add_argument("--prompts", default=None, help="chat prompts (.jsonl with 'prompt', or one per line) the target "
+                                                   "answers itself; its responses become training data")
+    t.add_argument("--max-prompts", type=int, default=200, help="use at most this many prompts (default 200)")
+    t.add_argument("--response-tokens", type=int, default=160, help="new tokens per self-generated response")
+    t.add_argument("--text-tokens", type=int, default=100_000, help="text tokens to label, spread over --data")
+    t.add_argument("--cache", default=None, help="file for the labelled sequences: reused when it exists")
+    t.add_argument("--frspec-vocab", default=None,
+                   help="FR-Spec vocabulary: restricts the trained LM-head loss and ships with the head")
+    t.add_argument("--init", default=None, help="start from this head (same shapes) instead of random weights")
+    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--unroll", type=int, default=3, help="training-time-test draft steps (default 3)")
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--train-seed", type=int, default=0)
+    t.set_defaults(func=run_train_draft)
+
+
+def run_train_draft(args: argparse.Namespace) -> int:
+    from ..spec.train import (TrainSettings, generate_responses, label, load_sequences, read_prompts,  # noqa: PLC0415
+                              read_texts, save_sequences, text_windows, train_head)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                             unroll=args.unroll, checkpoint_every=args.checkpoint_every,
+                             seed=args.train_seed).validate()
+    texts = read_texts(args.data)
+    prompts = read_prompts(args.prompts)[:args.max_prompts] if args.prompts else []
+    from ..engine import LLM  # noqa: PLC0415
+
+    device = None if args.device == "auto" else args.device
+    draft = None if args.gen_draft == "none" else args.gen_draft
+    llm = LLM.load(args.model, device=device, dtype=DTYPES[args.dtype], max_context=4096, progress=True, draft=draft)
+    if llm.tokenizer is None:
+        raise ValueError(f"{args.model}: train-draft needs the model's tokenizer")
+    t0 = time.time()
+    cache = Path(args.cache) if args.cache else None
+    seqs = load_sequences(cache) if cache is not None and cache.exists() else []
+    if seqs:
+        print(f"train-draft: {len(seqs)} labelled sequences from {cache}", file=sys.stderr)
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    # The cache fills in stages (text windows, then the target's chat responses), so an
+    # interrupted run or a run with new prompts only redoes what is missing.
+    if not any(s.kind == "text" for s in seqs):
+        tok = llm.tokenizer
+        windows = text_windows(lambda s: tok.encode(s, add_special_tokens=False), texts, settings.seq_len,
+                               args.text_tokens, tok.hf.eos_token_id)
+        seqs += [label(llm.model, w, settings.target_topk, "text") for w in tqdm(windows, desc="labelling text")]
+        if cache is not None:
+            save_sequences(cache, seqs)
+    if prompts and not any(s.kind == "chat" for s in seqs):
+        chats = generate_responses(llm, prompts, args.response_tokens)
+        seqs += [label(llm.model, c, settings.target_topk, "chat") for c in tqdm(chats, desc="labelling chats")]
+        if cache is not None:
+            save_sequences(cache, seqs)
+    tokens = sum(s.tokens.numel() for s in seqs)
+    print(f"train-draft: {len(seqs)} sequences, {tokens:,} tokens labelled in {time.time() - t0:.0f} s",
+          file=sys.stderr)
+    meta = {"target": {"model": str(args.model), "hidden_size": llm.model.config.hidden_size,
+                       "vocab_size": llm.model.config.vocab_size, "num_layers": llm.model.config.num_layers,
+                       "dtype": str(llm.model.dtype).removeprefix("torch.")},
+            "data": {"files": [Path(f).name for f in args.data], "text_tokens": args.text_tokens,
+                     "prompts": len(prompts), "response_tokens": args.response_tokens,
+                     "labelled_tokens": tokens},
+            "argv": sys.argv[1:]}
+    metrics = train_head(llm.model, seqs, settings, args.out, frspec_vocab=args.frspec_vocab,
+                         init=args.init, meta=meta)
+    print(json.dumps({"out": str(args.out), **metrics}))
+    return 0

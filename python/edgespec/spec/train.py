@@ -1,0 +1,331 @@
+"""Draft-head training by self-distillation: the target labels its own text.
+
+Data: local text files (split into windows) and, optionally, chat prompts the target answers
+itself (its own greedy responses are exactly what a draft must predict at inference). The target
+runs once over every sequence; we keep its final hidden state per position (the EAGLE feature)
+and the top-k of its next-token distribution.
+
+Training (EAGLE, with the EAGLE-3 "training-time test" unroll of train_head.py): the head reads
+(embed(x[t+1]), f[t]) and predicts f[t+1]; losses are a smooth-L1 regression to the target's
+feature and the cross-entropy between the target's next-token distribution (its top-k,
+renormalised over the draft vocabulary) and the head's, through the target's frozen LM head
+restricted to the FR-Spec vocabulary when one is given (tokens outside it can never be drafted).
+Embedding and LM head stay frozen and are not saved: the head is fc + one decoder layer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models.decoder import Decoder
+from .eagle import save_eagle_head
+from .frspec import dense_weight, load_vocab
+from .train_head import TrainableEagleHead, head_config, head_model_config
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of `edgespec train-draft` (defaults sized for a 2-core CPU)."""
+
+    steps: int = 400
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-3
+    warmup: int = 20
+    unroll: int = 3              # training-time-test draft steps per anchor
+    feature_weight: float = 1.0  # smooth-L1 to the target's next feature (in units of the feature RMS)
+    token_weight: float = 1.0    # cross-entropy to the target's next-token distribution
+    decay: float = 0.8           # loss weight ratio between successive unrolled steps
+    noise: float = 0.05          # uniform noise on input features, relative to their RMS
+    target_topk: int = 32        # stored target probabilities per position
+    response_weight: float = 2.0  # sampling weight of self-generated chat sequences vs text windows
+    checkpoint_every: int = 100
+    seed: int = 0
+    autocast_bf16: bool = True   # bf16 matmuls on CPUs with native bf16 (and GPUs)
+
+    def validate(self) -> "TrainSettings":
+        for name in ("steps", "batch_size", "seq_len", "unroll", "target_topk", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train-draft: {name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < self.unroll + 2:
+            raise ValueError(f"train-draft: seq_len {self.seq_len} is too short for {self.unroll} unrolled steps")
+        return self
+
+
+@dataclass
+class Sequence_:
+    """One training sequence labelled by the target.
+
+    tokens: [S] int64; feats: [S, H] target features (bf16/fp32); top_ids: [S, k] int64 and
+    top_probs: [S, k] fp32, the target's most likely next tokens after each position; kind: "text"
+    or "chat".
+    """
+
+    tokens: torch.Tensor
+    feats: torch.Tensor
+    top_ids: torch.Tensor
+    top_probs: torch.Tensor
+    kind: str
+
+
+def read_texts(files: Iterable[str | Path]) -> list[tuple[str, str]]:
+    """(name, text) of each file; raises FileNotFoundError naming a missing one."""
+    out = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise FileNotFoundError(f"training text {str(f)!r} not found")
+        out.append((p.name, p.read_text(encoding="utf-8", errors="replace")))
+    return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one per line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} not found")
+    prompts = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{p}:{i + 1}: not valid JSON ({exc})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise ValueError(f"{p}:{i + 1}: expected an object with a string 'prompt'")
+            prompts.append(item["prompt"])
+        else:
+            prompts.append(line.strip())
+    return prompts
+
+
+def text_windows(encode: Callable[[str], list[int]], texts: Sequence[tuple[str, str]], seq_len: int,
+                 max_tokens: int, eos: int | None) -> list[list[int]]:
+    """Token windows of seq_len from the texts, up to max_tokens in all, spread over the files."""
+    per_file = max_tokens // max(len(texts), 1)
+    windows: list[list[int]] = []
+    for _, text in texts:
+        ids: list[int] = []
+        # Tokenise paragraph by paragraph: fast tokenizers slow down on megabyte strings.
+        for para in text.split("\n\n"):
+            if len(ids) >= per_file:
+                break
+            ids.extend(encode(para + "\n\n"))
+        if eos is not None:
+            ids.append(eos)
+        ids = ids[:per_file]
+        windows.extend(ids[s:s + seq_len] for s in range(0, len(ids) - seq_len // 2, seq_len))
+    return [w for w in windows if len(w) >= 8]
+
+
+def label(model: Decoder, ids: list[int], topk: int, kind: str) -> Sequence_:
+    """Run the target over `ids` and keep its features and top-k next-token probabilities."""
+    t = torch.tensor(ids, dtype=torch.int64, device=model.device)
+    cache = model.new_cache(len(ids))
+    with torch.inference_mode():
+        out = model.forward(t, torch.arange(len(ids), device=model.device), cache, 0)
+        probs = model.logits(out.hidden).softmax(dim=-1)                     # [S, V]
+        top = probs.topk(topk, dim=-1)
+    return Sequence_(t.cpu(), out.hidden.cpu(), top.indices.cpu(), top.values.cpu(), kind)
+
+
+def generate_responses(llm: Any, prompts: Sequence[str], max_new_tokens: int,
+                       progress: bool = True) -> list[list[int]]:
+    """Prompt + the target's own greedy response (chat template), one id list per prompt.
+
+    Uses llm.generate, so a speculative strategy installed on llm (a bootstrap head) makes this
+    faster without changing the tokens.
+    """
+    seqs = []
+    for p in tqdm(prompts, desc="target responses", disable=not progress):
+        ids = llm.encode(p, chat=True)
+        res = llm.generate(ids, max_new_tokens=max_new_tokens)
+        tail = list(res.token_ids)
+        if res.finish_reason == "stop" and llm.tokenizer is not None and llm.tokenizer.hf.eos_token_id is not None:
+            tail.append(int(llm.tokenizer.hf.eos_token_id))  # the draft should learn to predict the end too
+        seqs.append(ids + tail)
+    return seqs
+
+
+def save_sequences(path: str | Path, seqs: list[Sequence_]) -> None:
+    torch.save([asdict(s) for s in seqs], str(path))
+
+
+def load_sequences(path: str | Path) -> list[Sequence_]:
+    return [Sequence_(**d) for d in torch.load(str(path), map_location="cpu", weights_only=True)]
+
+
+class _Batcher:
+    """Random padded batches (pads only at the end, so causal rows never see them)."""
+
+    def __init__(self, seqs: list[Sequence_], settings: TrainSettings, vocab_rows: torch.Tensor | None,
+                 vocab_size: int) -> None:
+        self.seqs = [s for s in seqs if s.tokens.numel() >= settings.unroll + 2]
+        if not self.seqs:
+            raise ValueError("train-draft: no training sequence is long enough")
+        w = torch.tensor([settings.response_weight if s.kind == "chat" else 1.0 for s in self.seqs])
+        self.weights = w / w.sum()
+        self.settings = settings
+        # Target id -> row of the draft vocabulary (-1: not draftable).
+        self.row_of = torch.full((vocab_size,), -1, dtype=torch.int64)
+        if vocab_rows is None:
+            self.row_of = torch.arange(vocab_size)
+        else:
+            self.row_of[vocab_rows] = torch.arange(vocab_rows.numel())
+        self.gen = torch.Generator().manual_seed(settings.seed)
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        s = self.settings
+        idx = torch.multinomial(self.weights, s.batch_size, replacement=True, generator=self.gen).tolist()
+        parts = []
+        for i in idx:
+            seq = self.seqs[i]
+            n = seq.tokens.numel()
+            start = 0 if n <= s.seq_len else int(torch.randint(0, n - s.seq_len + 1, (1,), generator=self.gen))
+            parts.append((seq, start, min(n, s.seq_len)))
+        length = max(p[2] for p in parts)
+        b = len(parts)
+        h = parts[0][0].feats.shape[1]
+        k = parts[0][0].top_ids.shape[1]
+        tokens = torch.zeros(b, length, dtype=torch.int64)
+        feats = torch.zeros(b, length, h)
+        top_rows = torch.full((b, length, k), -1, dtype=torch.int64)
+        top_probs = torch.zeros(b, length, k)
+        mask = torch.zeros(b, length)
+        for r, (seq, start, n) in enumerate(parts):
+            sl = slice(start, start + n)
+            tokens[r, :n] = seq.tokens[sl]
+            feats[r, :n] = seq.feats[sl].float()
+            top_rows[r, :n] = self.row_of[seq.top_ids[sl]]
+            top_probs[r, :n] = seq.top_probs[sl].float()
+            mask[r, :n] = 1.0
+        top_probs = top_probs * (top_rows >= 0)
+        top_probs = top_probs / top_probs.sum(-1, keepdim=True).clamp_min(1e-9)
+        return {"tokens": tokens, "feats": feats, "top_rows": top_rows.clamp_min(0), "top_probs": top_probs,
+                "mask": mask}
+
+
+def train_head(target: Decoder, seqs: list[Sequence_], settings: TrainSettings, out_dir: str | Path,
+               frspec_vocab: str | Path | None = None, init: str | Path | None = None,
+               meta: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train an EAGLE-1/2 head for `target` on labelled sequences and write it to out_dir
+    (config.json + model.safetensors, bf16, every checkpoint_every steps and at the end).
+    Returns the final metrics."""
+    settings.validate()
+    out_dir = Path(out_dir)
+    cfg = target.config
+    torch.manual_seed(settings.seed)
+    head = TrainableEagleHead(head_model_config(cfg))
+    head.reset_parameters(settings.seed)
+    if init is not None:
+        _load_init(head, Path(init))
+    embed = target.embed.detach().float().cpu()                                   # [V, H] frozen
+    lm_w, lm_b = dense_weight(target.lm_head)
+    vocab_rows = None
+    if frspec_vocab is not None:
+        vocab_rows = load_vocab(frspec_vocab, cfg.vocab_size)
+        lm_w = lm_w[vocab_rows.to(lm_w.device)]
+        lm_b = None if lm_b is None else lm_b[vocab_rows.to(lm_b.device)]
+    lm_w = lm_w.detach().float().cpu() * cfg.logit_scale                        # [V', H] frozen
+    lm_b = None if lm_b is None else lm_b.detach().float().cpu()
+    batcher = _Batcher(seqs, settings, vocab_rows, cfg.vocab_size)
+    opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return settings.lr * (step + 1) / settings.warmup
+        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    meta = dict(meta or {})
+    if frspec_vocab is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(frspec_vocab, out_dir / "frspec.json")
+        meta["frspec_vocab"] = "frspec.json"
+    use_bf16 = settings.autocast_bf16 and _bf16_ok()
+    metrics: dict[str, Any] = {}
+    bar = tqdm(range(settings.steps), desc="train-draft", disable=not progress)
+    t0 = time.time()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        batch = batcher.sample()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            loss, stats = _loss(head, embed, lm_w, lm_b, batch, settings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        metrics = {"step": step + 1, "loss": round(float(loss.detach()), 4), **stats}
+        bar.set_postfix({k: v for k, v in metrics.items() if k != "step"})
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            info = {**meta, "train_settings": asdict(settings), "metrics": metrics,
+                    "train_seconds": round(time.time() - t0, 1)}
+            save_eagle_head(out_dir, head.eagle_tensors(), head_config(cfg, **info))
+    return metrics
+
+
+def _loss(head: TrainableEagleHead, embed: torch.Tensor, lm_w: torch.Tensor, lm_b: torch.Tensor | None,
+          batch: dict[str, torch.Tensor], s: TrainSettings) -> tuple[torch.Tensor, dict[str, float]]:
+    tokens, feats, mask = batch["tokens"], batch["feats"], batch["mask"]
+    emb = embed[tokens[:, 1:]]                                                   # [B, L-1, H]: x[t+1]
+    inputs = feats[:, :-1]                                                       # [B, L-1, H]: f[t]
+    if s.noise > 0:
+        rms = inputs.pow(2).mean(-1, keepdim=True).sqrt()
+        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * s.noise * rms
+    outs = head.unrolled(emb, inputs, s.unroll)
+    # The regression is measured in units of the features' RMS, so its weight means the same for
+    # every target (SmolLM2's final features are in the tens).
+    scale = (feats.pow(2).mean(-1).sum() / mask.sum().clamp_min(1.0)).sqrt().clamp_min(1e-6)
+    total = torch.zeros(())
+    stats: dict[str, float] = {}
+    for j, out in enumerate(outs, 1):
+        n = out.shape[1]
+        tgt = feats[:, j:j + n]                                                  # f[t+j]
+        m = mask[:, j:j + n]
+        denom = m.sum().clamp_min(1.0)
+        loss_v = (F.smooth_l1_loss(out.float() / scale, tgt / scale, reduction="none").mean(-1) * m).sum() / denom
+        logits = F.linear(out, lm_w, lm_b).float()                              # [B, n, V']
+        logp = logits.log_softmax(-1)
+        rows, probs = batch["top_rows"][:, j:j + n], batch["top_probs"][:, j:j + n]
+        loss_p = (-(probs * logp.gather(-1, rows)).sum(-1) * m).sum() / denom
+        hit = (logits.argmax(-1) == rows[..., 0]).float()
+        weight = s.decay ** (j - 1)
+        total = total + weight * (s.feature_weight * loss_v + s.token_weight * loss_p)
+        stats[f"acc{j}"] = round(float((hit * m).sum() / denom), 3)
+    return total, stats
+
+
+def _bf16_ok() -> bool:
+    from ..loading import default_dtype  # noqa: PLC0415
+
+    return default_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def _load_init(head: TrainableEagleHead, directory: Path) -> None:
+    """Start from an existing EAGLE-1/2 head with the same shapes (resume or refine)."""
+    from ..errors import ModelFormatError  # noqa: PLC0415
+    from ..loading.hf_dir import HFDirectorySource  # noqa: PLC0415
+
+    src = HFDirectorySource(directory)
+    params = head.eagle_tensors()
+    with torch.no_grad():
+        for name, p in params.items():
+            if not src.has(name):
+                raise ModelFormatError(f"{directory}: --init head lacks {name}")
+            t = src.tensor(name)
+            if t.shape != p.shape:
+                raise ModelFormatError(f"{directory}: --init tensor {name} has shape {tuple(t.shape)}, "
+                                       f"expected {tuple(p.shape)}")
+            p.copy_(t.float())

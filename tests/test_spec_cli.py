@@ -1,0 +1,91 @@
+"""The speculative-decoding command line: generate/chat options, --stats, build-vocab, train-draft."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgespec.cli import main
+from edgespec.spec import DEMO_HEAD, load_vocab
+from test_spec_helpers import one_thread  # noqa: F401 (autouse fixture)
+
+
+
+def stats_line(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_generate_with_draft_options_and_stats(demo_gguf, tmp_path, capsys):
+    from edgespec.spec.train_head import random_head
+    from edgespec.loading import GGUFSource
+
+    head = random_head(GGUFSource(demo_gguf).config, tmp_path / "head", seed=0)
+    common = ["generate", "--model", str(demo_gguf), "--dtype", "fp32", "--max-context", "256",
+              "--max-new-tokens", "6", "--stats", "The capital of France is"]
+    assert main(common + ["--draft", str(head), "--tree-size", "6", "--depth", "3", "--topk", "2",
+                          "--frspec-vocab", "none"]) == 0
+    spec = stats_line(capsys.readouterr().out)
+    assert spec["draft"] == "eagle:head" and (spec["tree_size"], spec["depth"], spec["topk"]) == (6, 3, 2)
+    assert spec["mean_accepted_length"] >= 1.0 and sum(spec["acceptance_histogram"].values()) == spec["steps"]
+    assert main(common + ["--no-draft"]) == 0
+    plain = stats_line(capsys.readouterr().out)
+    assert "mean_accepted_length" not in plain and plain["new_tokens"] == spec["new_tokens"] == 6
+
+
+def test_contradicting_or_incomplete_options(demo_gguf, capsys):
+    base = ["generate", "--model", str(demo_gguf), "--max-context", "64", "--max-new-tokens", "1", "x"]
+    with pytest.raises(SystemExit) as exc:  # rejected by the parser, before any model is loaded
+        main(base + ["--draft", "somewhere", "--no-draft"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main(base + ["--tree-size", "4"]) == 1
+    assert "need a draft" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEMO_HEAD.is_dir(), reason="the shipped demo head is not in this checkout")
+def test_demo_uses_the_shipped_head_by_default(demo_gguf, capsys):
+    args = ["generate", "--model", "demo", "--max-context", "256", "--max-new-tokens", "8", "--stats", "--chat",
+            "Name a fruit."]
+    assert main(args) == 0
+    s = stats_line(capsys.readouterr().out)
+    assert s["draft"].startswith("eagle:smollm2-135m-instruct-eagle") and "+frspec" in s["draft"]
+
+
+def test_build_vocab(demo_gguf, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat.\n\nthe dog sat on the log. the end.\n\n" * 20)
+    out = tmp_path / "v.json"
+    assert main(["build-vocab", "--model", str(demo_gguf), "--data", str(text), "--size", "12",
+                 "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    ids = load_vocab(out, 49152).tolist()
+    assert len(ids) == 12 and ids[:len(doc["forced_special_ids"])] == doc["forced_special_ids"]
+    assert 2 in doc["forced_special_ids"]  # <|im_end|>, SmolLM2's end of turn
+    assert doc["coverage"] > 0.5 and doc["source_files"] == ["t.txt"]
+    assert main(["build-vocab", "--model", str(demo_gguf), "--data", str(tmp_path / "missing.txt"),
+                 "--out", str(out)]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_draft_cli(demo_gguf, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(("Once upon a time there was a small robot who liked to paint the sea. " * 8 + "\n\n") * 6)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say hello."}) + "\n")
+    vocab = tmp_path / "v.json"
+    assert main(["build-vocab", "--model", str(demo_gguf), "--data", str(text), "--size", "64",
+                 "--out", str(vocab)]) == 0
+    out = tmp_path / "head"
+    assert main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32", "--gen-draft", "none",
+                 "--data", str(text), "--prompts", str(prompts), "--response-tokens", "8", "--text-tokens", "400",
+                 "--seq-len", "64", "--steps", "3", "--batch-size", "2", "--checkpoint-every", "2",
+                 "--frspec-vocab", str(vocab), "--cache", str(tmp_path / "cache.pt"), "--out", str(out)]) == 0
+    result = stats_line(capsys.readouterr().out)
+    assert result["step"] == 3
+    cfg = json.loads((out / "config.json").read_text())
+    meta = cfg["edgespec_draft"]
+    assert meta["frspec_vocab"] == "frspec.json" and meta["data"]["prompts"] == 1
+    assert meta["target"]["hidden_size"] == 576 and (out / "model.safetensors").stat().st_size < 10 << 20
+    assert (tmp_path / "cache.pt").exists()

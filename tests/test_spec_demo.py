@@ -1,0 +1,42 @@
+"""The real demo model (SmolLM2-135M-Instruct, fp32) with its shipped, trained EAGLE head: greedy
+speculative output equals greedy plain output on 20 prompts, and the head earns its keep."""
+from __future__ import annotations
+
+import pytest
+
+from edgespec.spec import DEMO_HEAD, enable_speculation
+from test_spec_helpers import one_thread  # noqa: F401 (autouse fixture)
+
+PROMPTS = [
+    ("chat", "What is two plus two?"), ("chat", "Name three colors of the rainbow."),
+    ("chat", "Write a sentence about the ocean."), ("chat", "How do plants make food?"),
+    ("chat", "Give me a tip for learning to cook."), ("chat", "What is a prime number?"),
+    ("chat", "Translate 'good morning' into French."), ("chat", "Why is exercise healthy?"),
+    ("chat", "Describe a cat in one sentence."), ("chat", "What does a compiler do?"),
+    ("chat", "Suggest a name for a pet goldfish."), ("chat", "What is the boiling point of water?"),
+    ("text", "Once upon a time, in a small village by the sea,"), ("text", "The three laws of motion state that"),
+    ("text", "import os\nimport sys\n\ndef main():\n"), ("text", "Chapter 1\n\nIt was a cold morning when"),
+    ("text", "The best way to learn a language is"), ("text", "Water is made of hydrogen and"),
+    ("text", "In 1969, the first humans"), ("text", "To install the package, run"),
+]
+NEW_TOKENS = 32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEMO_HEAD.is_dir(), reason="the shipped demo head is not in this checkout")
+def test_demo_greedy_speculative_equals_plain(demo_llm):
+    llm = demo_llm
+    ids = [llm.encode(p, chat=kind == "chat") for kind, p in PROMPTS]
+    enable_speculation(llm, None)
+    plain = [llm.generate(i, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids for i in ids]
+    enable_speculation(llm, draft=str(DEMO_HEAD))
+    try:
+        results = [llm.generate(i, max_new_tokens=NEW_TOKENS, ignore_eos=True) for i in ids]
+    finally:
+        enable_speculation(llm, None)  # the fixture is shared: leave it as plain decoding
+    for (kind, p), want, got in zip(PROMPTS, plain, results):
+        assert got.token_ids == want, f"speculative output differs from plain output for {p!r}"
+    steps = sum(sum(r.stats.extra["acceptance_histogram"].values()) for r in results)
+    tokens = sum(int(k) * v for r in results for k, v in r.stats.extra["acceptance_histogram"].items())
+    # A trained head: on average well over one token per target forward.
+    assert tokens / steps > 2.0

@@ -1,0 +1,269 @@
+"""Draft-head and FR-Spec file formats: published layouts load, bad inputs give clear errors, the
+trainable head matches the inference head, and training/vocabulary tools write loadable files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgespec.errors import ModelFormatError
+from edgespec.spec import DraftLMHead, TargetStates, enable_speculation, load_eagle_head, load_vocab
+from edgespec.spec.frspec import count_tokens, save_vocab, select_vocab
+from edgespec.spec.train import Sequence_, TrainSettings, label, train_head
+from edgespec.spec.train_head import TrainableEagleHead, head_config, head_model_config, random_head
+from test_spec_helpers import eagle3_head, one_thread, run, tiny_llm  # noqa: F401 (one_thread: autouse fixture)
+
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from conftest import write_tiny_hf_model
+
+    d = write_tiny_hf_model(tmp_path_factory.mktemp("fmt") / "m", "llama", 3, vocab_size=50, num_hidden_layers=6)
+    return d, tiny_llm(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Head loading
+
+
+def test_eagle_head_variants_load(target, tmp_path):
+    d, llm = target
+    m = llm.model
+    head = random_head(m.config, tmp_path / "h", seed=0)
+    h = load_eagle_head(head, m)
+    assert h.kind == "eagle" and h.capture == (m.config.num_layers,)
+    # The same tensors as a PyTorch .bin, nested under "model." and with a copy of the embedding.
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(head / "model.safetensors"))
+    nested = {"model." + k: v for k, v in tensors.items()}
+    nested["model.embed_tokens.weight"] = m.embed.clone()
+    (tmp_path / "bin").mkdir()
+    torch.save(nested, str(tmp_path / "bin" / "pytorch_model.bin"))
+    (tmp_path / "bin" / "config.json").write_text((head / "config.json").read_text())
+    h2 = load_eagle_head(tmp_path / "bin", m)
+    assert torch.equal(h2.fc.weight, h.fc.weight)
+    e3 = load_eagle_head(eagle3_head(m.config, tmp_path / "e3", draft_vocab=20, fmt="bin"), m)
+    assert e3.kind == "eagle3" and e3.fused_layers == (2, 3, 3) and e3.capture == (2, 3)
+    assert e3.lm_head.vocab_size == 20 and e3.lm_head.token_map.tolist() == list(range(0, 40, 2))
+    e3b = load_eagle_head(eagle3_head(m.config, tmp_path / "e3b", layers=[1, 4, 6]), m)
+    assert e3b.capture == (1, 4, 6)
+
+
+def test_head_loading_errors(target, tmp_path):
+    from conftest import write_tiny_hf_model
+
+    d, llm = target
+    m = llm.model
+    # A head trained for a target of another hidden size / vocabulary.
+    other = tiny_llm(write_tiny_hf_model(tmp_path / "other", "llama", 0, vocab_size=50, hidden_size=64,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ModelFormatError, match="hidden_size 64 but the target's is 96"):
+        load_eagle_head(random_head(other.model.config, tmp_path / "h64"), m)
+    wide = tiny_llm(write_tiny_hf_model(tmp_path / "wide", "llama", 0, vocab_size=77))
+    with pytest.raises(ModelFormatError, match="vocab_size is 77 but the target's is 50"):
+        load_eagle_head(random_head(wide.model.config, tmp_path / "v77"), m)
+    with pytest.raises(ModelFormatError, match="vocab_size is 77"):
+        enable_speculation(llm, draft=str(tmp_path / "v77"))
+    # Corrupt weight files.
+    head = random_head(m.config, tmp_path / "h", seed=1)
+    blob = (head / "model.safetensors").read_bytes()
+    (head / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ModelFormatError, match="model.safetensors"):
+        load_eagle_head(head, m)
+    (head / "model.safetensors").unlink()
+    (head / "pytorch_model.bin").write_bytes(b"\x80\x02not a pickle at all")
+    with pytest.raises(ModelFormatError, match="pytorch_model.bin"):
+        load_eagle_head(head, m)
+    (head / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelFormatError, match="no \\*.safetensors"):
+        load_eagle_head(head, m)
+    # NaN weights, a missing tensor, a wrong shape, a broken config.
+    good = random_head(m.config, tmp_path / "g", seed=2)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(good / "model.safetensors"))
+    for name, mutate, msg in [
+        ("layers.0.mlp.up_proj.weight", lambda t: t.fill_(float("nan")), "NaN"),
+        ("layers.0.self_attn.o_proj.weight", None, "'layers.0.self_attn.o_proj.weight' is missing"),
+        ("fc.weight", lambda t: t[:, :10], r"fc.weight has shape \(96, 10\)"),
+    ]:
+        bad = dict(tensors)
+        if mutate is None:
+            del bad[name]
+        else:
+            bad[name] = mutate(bad[name].clone()).contiguous()
+        save_file(bad, str(good / "model.safetensors"))
+        with pytest.raises(ModelFormatError, match=msg):
+            load_eagle_head(good, m)
+    (good / "config.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="config.json: not valid JSON"):
+        load_eagle_head(good, m)
+    # Not a head at all (a model directory) and a missing path.
+    with pytest.raises(ModelFormatError, match="not an EAGLE head"):
+        load_eagle_head(d, m)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        enable_speculation(llm, draft=str(tmp_path / "missing"))
+
+
+def test_eagle3_bad_maps(target, tmp_path):
+    _, llm = target
+    m = llm.model
+    e3 = eagle3_head(m.config, tmp_path / "e3", draft_vocab=20)
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(e3 / "model.safetensors"))
+    t["d2t"] = t["d2t"] + 100
+    save_file(t, str(e3 / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match="outside the target vocabulary of 50"):
+        load_eagle_head(e3, m)
+    e3 = eagle3_head(m.config, tmp_path / "e3l", layers=[1, 2, 9])
+    with pytest.raises(ModelFormatError, match=r"three target layers in \[0, 6\]"):
+        load_eagle_head(e3, m)
+
+
+def test_draft_model_with_another_vocabulary_is_rejected(target, tmp_path):
+    from conftest import write_tiny_hf_model
+
+    _, llm = target
+    other = write_tiny_hf_model(tmp_path / "d", "qwen2", 0, vocab_size=60)
+    with pytest.raises(ModelFormatError, match="60 tokens but the target's has 50"):
+        enable_speculation(llm, draft=str(other))
+
+
+# ----------------------------------------------------------------------------------------------
+# FR-Spec vocabularies
+
+
+def test_vocab_files_roundtrip_and_formats(tmp_path):
+    ids = [5, 0, 9, 2]
+    p = save_vocab(tmp_path / "v.json", ids, 10, note="x")
+    doc = json.loads(p.read_text())
+    assert doc["token_ids"] == ids and doc["vocab_size"] == 10 and doc["note"] == "x"
+    assert load_vocab(p, 10).tolist() == ids
+    (tmp_path / "l.json").write_text("[3, 1]")
+    torch.save(torch.tensor([4, 2, 7]), str(tmp_path / "v.pt"))
+    (tmp_path / "v.txt").write_text("8 6\n1\n")
+    assert load_vocab(tmp_path / "l.json", 10).tolist() == [3, 1]
+    assert load_vocab(tmp_path / "v.pt", 10).tolist() == [4, 2, 7]
+    assert load_vocab(tmp_path / "v.txt", 10).tolist() == [8, 6, 1]
+
+
+@pytest.mark.parametrize("content, msg", [
+    ("[1, 2, 50]", "token id 50 is out of range for the model's vocabulary of 50"),
+    ("[-1, 2]", "token id -1 is out of range"),
+    ("[1, 2, 1]", "token id 1 appears more than once"),
+    ("[]", "non-empty list"),
+    ('{"ids": [1]}', "non-empty list"),
+    ("[1, 2.5]", "must be integers"),
+    ("[1, 2", "not a readable FR-Spec vocabulary"),
+])
+def test_bad_vocab_files(tmp_path, content, msg):
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    with pytest.raises(ModelFormatError, match=msg):
+        load_vocab(p, 50)
+
+
+def test_bad_vocab_through_enable(target, tmp_path):
+    _, llm = target
+    head = random_head(llm.model.config, tmp_path / "h")
+    (tmp_path / "v.json").write_text("[0, 1, 2, 4000]")
+    with pytest.raises(ModelFormatError, match="4000 is out of range"):
+        enable_speculation(llm, draft=str(head), frspec_vocab=str(tmp_path / "v.json"))
+    with pytest.raises(FileNotFoundError):
+        enable_speculation(llm, draft=str(head), frspec_vocab=str(tmp_path / "nope.json"))
+
+
+def test_select_and_count():
+    counts = count_tokens(lambda s: [int(c) for c in s], ["1123", "3335", "9"], 10)
+    assert counts.tolist() == [0, 2, 1, 4, 0, 1, 0, 0, 0, 1]
+    assert select_vocab(counts, 4, forced=[0]) == [0, 3, 1, 2]          # forced first, then by count, ties by id
+    assert select_vocab(counts, 100) == [3, 1, 2, 5, 9]                # never-seen tokens are left out
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        select_vocab(counts, 4, forced=[10])
+
+
+def test_restricted_lm_head_maps_ids():
+    w = torch.randn(10, 4)
+    full = DraftLMHead(w)
+    sub = full.restrict(torch.tensor([7, 2, 9]))
+    h = torch.randn(3, 4)
+    torch.testing.assert_close(sub(h), full(h)[:, [7, 2, 9]])
+    assert sub.token_map.tolist() == [7, 2, 9]
+    # Restricting a reduced (EAGLE-3-like) vocabulary keeps its rows whose target ids are wanted.
+    reduced = DraftLMHead(w[:5], token_map=torch.tensor([0, 2, 4, 6, 8]))
+    sub2 = reduced.restrict(torch.tensor([8, 1, 2]))
+    assert sub2.token_map.tolist() == [2, 8] and torch.equal(sub2.weight, w[:5][[1, 4]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def test_trainable_head_matches_inference_head(target, tmp_path):
+    """The unrolled training forward computes what the inference head computes at depth 1, 2, 3."""
+    from edgespec.spec.eagle import save_eagle_head
+
+    _, llm = target
+    m = llm.model
+    cfg = m.config
+    train = TrainableEagleHead(head_model_config(cfg))
+    train.reset_parameters(3, std=0.2)
+    save_eagle_head(tmp_path / "h", train.eagle_tensors(), head_config(cfg), dtype=torch.float32)
+    head = load_eagle_head(tmp_path / "h", m)
+    ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
+    out = m.forward(ids, torch.arange(20), m.new_cache(32), 0, capture=head.capture)
+    feats = head.features(TargetStates(out.captured))
+    assert torch.equal(feats, out.hidden)   # EAGLE-1/2 features are the target's final hidden states
+    with torch.no_grad():
+        outs = train.unrolled(m.embed[ids[1:]].unsqueeze(0), feats[:-1].unsqueeze(0), 3)
+    cache = head.new_cache(40)
+    h1, s1 = head.forward(ids[1:], feats[:-1], torch.arange(19), cache, 0)
+    torch.testing.assert_close(h1, outs[0][0], rtol=1e-5, atol=1e-4)
+    t = 9  # anchor: commit pairs 0..t, then draft two steps below it
+    cache = head.new_cache(40)
+    head.forward(ids[1:t + 2], feats[:t + 1], torch.arange(t + 1), cache, 0)
+    h2, s2 = head.forward(ids[t + 2:t + 3], s1[t:t + 1], torch.tensor([t + 1]), cache, t + 1)
+    h3, _ = head.forward(ids[t + 3:t + 4], s2, torch.tensor([t + 2]), cache, t + 2)
+    scale = outs[2][0, t].abs().max()
+    torch.testing.assert_close(h2[0], outs[1][0, t], rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(h3[0], outs[2][0, t], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_training_learns_and_checkpoints(target, tmp_path):
+    """A few dozen steps on the target's own greedy text raise depth-1 accuracy; the checkpoint is
+    a loadable EAGLE head that keeps speculative output equal to plain output."""
+    _, llm = target
+    m = llm.model
+    seqs: list[Sequence_] = []
+    for seed in range(6):
+        prompt = torch.randint(3, 50, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
+        seqs.append(label(m, prompt + run(llm, prompt, 40), 8, "chat"))
+    settings = TrainSettings(steps=60, batch_size=4, seq_len=32, lr=3e-3, warmup=5, checkpoint_every=30,
+                             autocast_bf16=False)
+    vocab = save_vocab(tmp_path / "v.json", list(range(50)), 50)
+    metrics = train_head(m, seqs, settings, tmp_path / "head", frspec_vocab=vocab, meta={"note": "test"},
+                         progress=False)
+    assert metrics["step"] == 60 and metrics["acc1"] > 0.5
+    cfg = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert cfg["edgespec_draft"]["frspec_vocab"] == "frspec.json" and cfg["edgespec_draft"]["note"] == "test"
+    prompt = seqs[0].tokens[:6].tolist()
+    plain = run(llm, prompt, 30)
+    enable_speculation(llm, draft=str(tmp_path / "head"), tree_size=8, depth=4, topk=2)
+    try:
+        res = llm.generate(prompt, max_new_tokens=30, ignore_eos=True)
+    finally:
+        enable_speculation(llm, None)
+    assert res.token_ids == plain
+    assert res.stats.extra["draft"].endswith("+frspec50")   # the head's own vocabulary file was used
+    assert res.stats.extra["mean_accepted_length"] > 1.5    # the trained head predicts its target
+
+
+def test_train_settings_are_validated():
+    with pytest.raises(ValueError, match="steps"):
+        TrainSettings(steps=0).validate()
+    with pytest.raises(ValueError, match="too short"):
+        TrainSettings(seq_len=3, unroll=3).validate()

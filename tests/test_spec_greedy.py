@@ -1,0 +1,156 @@
+"""The speculative invariant: greedy speculative output equals greedy plain output, token for token.
+
+Tiny random Llama/Qwen2/Qwen3 targets (fp32) with random EAGLE-1/2 and EAGLE-3 heads and
+standalone draft models, over many seeds, tree sizes from 1 to 90 (masks of two words), depths
+1 to 8 and top-k 1 to 8; a small vocabulary makes random drafts hit often enough that long
+accepted paths, sibling acceptance and KV compaction all occur (checked through the statistics).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from edgespec.spec import disable_speculation, enable_speculation, speculation_info
+from edgespec.spec.train_head import random_head
+from test_spec_helpers import eagle3_head, one_thread, run, tiny_llm  # noqa: F401 (one_thread: autouse fixture)
+
+VOCAB = 40
+NEW_TOKENS = 28
+
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory):
+    from conftest import write_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("spec-targets")
+    out = {}
+    for arch, seed in (("llama", 11), ("qwen2", 12), ("qwen3", 13)):
+        d = write_tiny_hf_model(root / arch, arch, seed, vocab_size=VOCAB, num_hidden_layers=4)
+        out[arch] = (d, tiny_llm(d))
+    return out
+
+
+PROMPTS = [[1, 5, 9, 3, 17], [1, 30, 2, 2, 8, 14, 6, 39, 21, 4, 7], [1]]
+
+
+def plain_outputs(llm) -> list[list[int]]:
+    disable_speculation(llm)
+    return [run(llm, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def check_equal(llm, expected, **spec) -> dict:
+    enable_speculation(llm, **spec)
+    got = [llm.generate(p, max_new_tokens=NEW_TOKENS, ignore_eos=True) for p in PROMPTS]
+    disable_speculation(llm)
+    for p, e, g in zip(PROMPTS, expected, got):
+        assert g.token_ids == e, f"speculative != plain for prompt {p} with {spec}"
+    steps = sum(sum(g.stats.extra["acceptance_histogram"].values()) for g in got)
+    committed = sum(k_ * v for g in got for k_, v in ((int(a), b) for a, b in g.stats.extra["acceptance_histogram"].items()))
+    return {"steps": steps, "committed": committed,
+            "max_accept": max(int(k_) for g in got for k_ in g.stats.extra["acceptance_histogram"])}
+
+
+def settings_for(seed: int) -> dict:
+    r = random.Random(seed)
+    depth = 1 + seed % 8
+    topk = r.choice([1, 2, 3, 4, 8])
+    tree_size = r.choice([1, 3, 8, 16, 40, 65, 90])
+    return {"tree_size": tree_size, "depth": depth, "topk": topk}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_eagle_heads_many_seeds(targets, tmp_path, arch):
+    d, llm = targets[arch]
+    expected = plain_outputs(llm)
+    total = {"steps": 0, "committed": 0, "max_accept": 0}
+    for seed in range(8):
+        head = random_head(llm.model.config, tmp_path / f"head{seed}", seed=seed, std=0.4)
+        spec = settings_for(seed + 10 * len(arch))
+        res = check_equal(llm, expected, draft=str(head), **spec)
+        total["steps"] += res["steps"]
+        total["committed"] += res["committed"]
+        total["max_accept"] = max(total["max_accept"], res["max_accept"])
+    # Random heads over 40 tokens still hit: acceptance happened, not only bonus tokens.
+    assert total["committed"] > total["steps"]
+
+
+def test_large_trees_and_all_depths(targets, tmp_path):
+    d, llm = targets["llama"]
+    expected = plain_outputs(llm)
+    head = random_head(llm.model.config, tmp_path / "head", seed=3, std=0.4)
+    for depth in range(1, 9):
+        for tree_size, topk in ((65, 8), (90, 6), (5, 2)):
+            check_equal(llm, expected, draft=str(head), tree_size=tree_size, depth=depth, topk=topk)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_eagle3_heads(targets, tmp_path, arch):
+    d, llm = targets[arch]
+    expected = plain_outputs(llm)
+    for seed, (draft_vocab, layers) in enumerate([(VOCAB, None), (23, None), (30, [0, 2, 4])]):
+        head = eagle3_head(llm.model.config, tmp_path / f"e3-{seed}", seed=seed, draft_vocab=draft_vocab,
+                           layers=layers)
+        for spec in ({"tree_size": 12, "depth": 4, "topk": 3}, {"tree_size": 70, "depth": 6, "topk": 8},
+                     {"tree_size": 4, "depth": 4, "topk": 1}):
+            check_equal(llm, expected, draft=str(head), **spec)
+
+
+def test_self_draft_accepts_long_paths(targets):
+    """The target as its own draft model: every drafted argmax is accepted, so whole trees commit
+    (long compactions from scattered slots) and the output is still the plain one."""
+    d, llm = targets["qwen2"]
+    expected = plain_outputs(llm)
+    res = check_equal(llm, expected, draft=str(d), tree_size=20, depth=6, topk=3)
+    assert res["max_accept"] >= 5  # paths through several depths (the rerank may trim the deepest)
+    assert res["committed"] / res["steps"] > 4
+    res = check_equal(llm, expected, draft=str(d), tree_size=8, depth=8, topk=1)
+    assert res["max_accept"] == 9
+
+
+def test_other_draft_model(targets):
+    """A different small model with the same vocabulary (here another random Qwen3) as the draft."""
+    _, llm = targets["llama"]
+    d_draft, _ = targets["qwen3"]
+    expected = plain_outputs(llm)
+    for spec in ({"tree_size": 16, "depth": 5, "topk": 4}, {"tree_size": 6, "depth": 6, "topk": 1},
+                 {"tree_size": 66, "depth": 3, "topk": 8}):
+        check_equal(llm, expected, draft=str(d_draft), **spec)
+
+
+def test_frspec_restricted_draft(targets, tmp_path):
+    """An FR-Spec vocabulary (a subset the argmax often falls outside of) changes only speed."""
+    import json
+
+    d, llm = targets["qwen3"]
+    expected = plain_outputs(llm)
+    vocab = tmp_path / "v.json"
+    vocab.write_text(json.dumps({"token_ids": list(range(0, VOCAB, 3)) + [1, 2]}))
+    head = random_head(llm.model.config, tmp_path / "head", seed=7, std=0.4)
+    check_equal(llm, expected, draft=str(head), tree_size=16, depth=4, topk=4, frspec_vocab=str(vocab))
+    check_equal(llm, expected, draft=str(d), tree_size=16, depth=4, topk=4, frspec_vocab=str(vocab))
+
+
+def test_context_end_and_token_budget(targets, tmp_path):
+    """Trees are cut so positions stay inside the context and no deeper than the tokens still wanted."""
+    d, _ = targets["llama"]
+    llm = tiny_llm(d, max_context=40)
+    prompt = PROMPTS[1]
+    disable_speculation(llm)
+    plain = [run(llm, prompt, n) for n in (1, 2, 7, 29)]
+    enable_speculation(llm, draft=str(d), tree_size=20, depth=8, topk=3)
+    assert [run(llm, prompt, n) for n in (1, 2, 7, 29)] == plain
+    assert len(plain[-1]) == 29  # the context (40) minus the prompt (11) is exhausted exactly
+
+
+def test_speculation_info_and_off(targets, tmp_path):
+    d, llm = targets["llama"]
+    head = random_head(llm.model.config, tmp_path / "head", seed=1)
+    enable_speculation(llm, draft=str(head), tree_size=9, depth=3, topk=2)
+    assert speculation_info(llm) == {"draft": "eagle:head", "tree_size": 9, "depth": 3, "topk": 2}
+    stats = llm.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True).stats.as_dict()
+    assert stats["mean_accepted_length"] >= 1.0 and sum(stats["acceptance_histogram"].values()) == stats["steps"]
+    disable_speculation(llm)
+    assert speculation_info(llm) is None
+    assert "mean_accepted_length" not in llm.generate(PROMPTS[0], max_new_tokens=5).stats.as_dict()

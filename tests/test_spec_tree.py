@@ -1,0 +1,205 @@
+"""Hand-built golden cases for draft trees (EAGLE-2 construction, positions, bit-packed masks) and
+for acceptance (greedy longest path, lossless sampling), compared exactly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from edgespec import ops
+from edgespec.spec import DraftTree, ExpandBatch, TreeSettings, accept_greedy, accept_sampling, build_tree
+
+# Draft distributions of a 6-token vocabulary: ROOT after the root, NEXT[t] after token t.
+ROOT = [0.5, 0.3, 0.1, 0.05, 0.03, 0.02]
+NEXT = {
+    0: [0.08, 0.1, 0.62, 0.16, 0.02, 0.02],
+    1: [0.02, 0.03, 0.15, 0.05, 0.7, 0.05],
+    2: [0.4, 0.05, 0.05, 0.3, 0.1, 0.1],
+    3: [0.1, 0.1, 0.1, 0.1, 0.3, 0.3 + 1e-3],
+    4: [0.05, 0.6, 0.05, 0.1, 0.05, 0.15],
+    5: [0.2, 0.2, 0.2, 0.2, 0.1, 0.1 + 1e-3],
+}
+
+
+class TableDraft:
+    """A drafter whose next-token distribution depends only on the last token; records its batches."""
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset  # target id = draft id + offset (an FR-Spec-like token map)
+        self.batches: list[ExpandBatch] = []
+
+    def __call__(self, batch: ExpandBatch) -> tuple[torch.Tensor, None]:
+        self.batches.append(batch)
+        rows = [NEXT[int(t) - self.offset] for t in batch.tokens[-batch.new:]]
+        return torch.tensor(rows).log(), None
+
+
+def grow(tree_size: int, depth: int, topk: int, offset: int = 0, max_depth: int | None = None):
+    draft = TableDraft(offset)
+    token_map = None if offset == 0 else torch.arange(6) + offset
+    tree = build_tree(99, torch.tensor(ROOT).log(), None, draft, TreeSettings(tree_size, depth, topk),
+                      token_map=token_map, max_depth=max_depth)
+    return tree, draft
+
+
+def test_eagle2_tree_golden():
+    # Candidates (cumulative draft prob): d1: 0 (.5), 1 (.3); d2 from the frontier {0, 1}:
+    # 0->2 (.31), 0->3 (.08), 1->4 (.21), 1->2 (.045); d3 from the frontier {0->2, 1->4}:
+    # 2->0 (.124), 2->3 (.093), 4->1 (.126), 4->5 (.0315). The best 5: .5, .31, .3, .21, .126.
+    tree, draft = grow(tree_size=5, depth=3, topk=2)
+    assert tree.tokens == [99, 0, 1, 2, 4, 1]
+    assert tree.parents == [-1, 0, 0, 1, 2, 4]
+    assert tree.depths == [0, 1, 1, 2, 2, 3]
+    assert tree.children == [[1, 2], [3], [4], [], [5], []]
+    assert [round(math.exp(s), 4) for s in tree.scores[1:]] == [0.5, 0.3, 0.31, 0.21, 0.126]
+    # Two draft rounds; the second re-runs the depth-1 nodes under the mask of the expanded nodes.
+    assert len(draft.batches) == 2
+    b1, b2 = draft.batches
+    assert b1.tokens.tolist() == [0, 1] and b1.depths.tolist() == [1, 1] and b1.new == 2 and b1.slot_offset == 0
+    assert b1.tree_mask.tolist() == [[1], [2]]
+    assert b2.tokens.tolist() == [0, 1, 2, 4] and b2.depths.tolist() == [1, 1, 2, 2] and b2.new == 2
+    assert b2.tree_mask.tolist() == [[0b0001], [0b0010], [0b0101], [0b1010]]
+
+
+def test_tree_size_six_adds_next_best():
+    tree, _ = grow(tree_size=6, depth=3, topk=2)
+    assert tree.tokens == [99, 0, 1, 2, 4, 0, 1]   # 2->0 (.124) joins, created before 4->1
+    assert tree.parents == [-1, 0, 0, 1, 2, 3, 4]
+
+
+def test_chain_runs_only_the_new_node_causally():
+    tree, draft = grow(tree_size=8, depth=4, topk=1)
+    assert tree.tokens == [99, 0, 2, 0, 2] and tree.parents == [-1, 0, 1, 2, 3]
+    assert [(b.tokens.tolist(), b.slot_offset, b.tree_mask) for b in draft.batches] == [
+        ([0], 0, None), ([2], 1, None), ([0], 2, None)]
+
+
+def test_token_map_and_depth_cap():
+    tree, _ = grow(tree_size=5, depth=3, topk=2, offset=10)
+    assert tree.tokens == [99, 10, 11, 12, 14, 11]
+    tree, draft = grow(tree_size=5, depth=3, topk=2, max_depth=1)
+    assert tree.tokens == [99, 0, 1] and not draft.batches
+    tree, _ = grow(tree_size=5, depth=3, topk=2, max_depth=0)
+    assert tree.tokens == [99] and tree.packed_mask().tolist() == [[1]]
+
+
+@pytest.mark.parametrize("topk", [6, 50])
+def test_topk_larger_than_vocab_is_clamped(topk):
+    tree, _ = grow(tree_size=100, depth=2, topk=topk)
+    assert tree.size == 1 + 6 + 36
+    assert sorted(tree.tokens[1:7]) == list(range(6))
+
+
+def test_positions_and_packed_mask_of_a_small_tree():
+    tree = DraftTree.from_parents([7, 1, 2, 3, 4], [-1, 0, 0, 1, 3])
+    assert tree.positions(40).tolist() == [40, 41, 41, 42, 43]
+    assert tree.packed_mask().tolist() == [[0b00001], [0b00011], [0b00101], [0b01011], [0b11011]]
+    assert torch.equal(tree.visibility(), ops.unpack_tree_mask(tree.packed_mask(), 5))
+    assert tree.path_to(4) == [0, 1, 3, 4]
+
+
+def test_mask_words_beyond_64_tokens():
+    # A 70-token chain: row i sees 0..i. Row 63 fills word 0 (all 64 bits: -1 as int64), row 64
+    # spills one bit into word 1; a second branch hanging off the root at node 69 sees only 0 and 69.
+    parents = list(range(-1, 68)) + [0]
+    tree = DraftTree.from_parents(list(range(70)), parents)
+    m = tree.packed_mask()
+    assert m.shape == (70, 2) and m.dtype == torch.int64
+    assert m[0].tolist() == [1, 0]
+    assert m[62].tolist() == [(1 << 63) - 1, 0]
+    assert m[63].tolist() == [-1, 0]
+    assert m[64].tolist() == [-1, 1]
+    assert m[68].tolist() == [-1, 0b11111]
+    assert m[69].tolist() == [1, 1 << 5]
+    dense = tree.visibility()
+    assert dense[68, :69].all() and not dense[68, 69] and dense[69].nonzero().flatten().tolist() == [0, 69]
+
+
+def test_bad_trees_and_settings_are_rejected():
+    with pytest.raises(ValueError, match="parents must precede"):
+        DraftTree([1, 2], [-1, 1], [0, 1], [0.0, 0.0])
+    with pytest.raises(ValueError, match="root"):
+        DraftTree([1], [0], [0], [0.0])
+    for bad in (dict(tree_size=0, depth=3, topk=2), dict(tree_size=4, depth=-1, topk=2),
+                dict(tree_size=4, depth=3, topk=1.5)):
+        with pytest.raises(ValueError, match="positive integer"):
+            TreeSettings(**bad).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Acceptance
+
+# Root 0 with children 1 (token 5) and 2 (token 7); node 1 -> 3 (token 9), 4 (token 5);
+# node 2 -> 5 (token 3); node 5 -> 6 (token 8).
+ACCEPT_TREE = DraftTree.from_parents([0, 5, 7, 9, 5, 3, 8], [-1, 0, 0, 1, 1, 2, 5])
+
+
+def onehot_logits(argmax: list[int], vocab: int = 12) -> torch.Tensor:
+    logits = torch.randn(len(argmax), vocab, generator=torch.Generator().manual_seed(0))
+    for i, a in enumerate(argmax):
+        logits[i, a] = 20.0
+    return logits
+
+
+@pytest.mark.parametrize("argmax, path, bonus", [
+    ([7, 0, 3, 0, 0, 8, 4], [0, 2, 5, 6], 4),   # the whole second branch, then the bonus after token 8
+    ([7, 0, 3, 0, 0, 1, 0], [0, 2, 5], 1),      # stops when 3's successor is not drafted
+    ([5, 5, 0, 0, 0, 0, 0], [0, 1, 4], 0),      # the second child of node 1 matches
+    ([11, 0, 0, 0, 0, 0, 0], [0], 11),          # nothing accepted: the bonus is the target's own token
+])
+def test_greedy_acceptance_golden(argmax, path, bonus):
+    assert accept_greedy(ACCEPT_TREE, onehot_logits(argmax)) == (path, bonus)
+
+
+@pytest.mark.parametrize("argmax, path, bonus", [
+    ([7, 0, 3, 0, 0, 8, 4], [0, 2, 5, 6], 4),
+    ([5, 5, 0, 0, 0, 0, 0], [0, 1, 4], 0),
+    ([11, 0, 0, 0, 0, 0, 0], [0], 11),
+])
+def test_sampling_with_one_hot_targets_is_exact(argmax, path, bonus):
+    probs = torch.zeros(7, 12)
+    probs[torch.arange(7), torch.tensor(argmax)] = 1.0
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        assert accept_sampling(ACCEPT_TREE, probs, g) == (path, bonus)
+
+
+def test_sampling_first_token_matches_the_target_distribution():
+    """Chi-square goodness of fit of the first committed token (children 5 and 7 tried first, then
+    the residual) against p itself; 40,000 draws, p-value threshold 1e-3. A test of the test: the
+    same statistic rejects a biased scheme that accepts the first child whenever p(x) >= 0.2."""
+    p = torch.tensor([0.05, 0.1, 0.02, 0.08, 0.0, 0.25, 0.05, 0.3, 0.05, 0.05, 0.03, 0.02])
+    probs = p.expand(7, 12).clone()
+    tree = DraftTree.from_parents([0, 5, 7], [-1, 0, 0])
+    g = torch.Generator().manual_seed(123)
+    n = 40_000
+    counts = torch.zeros(12)
+    for _ in range(n):
+        path, bonus = accept_sampling(tree, probs, g)
+        counts[tree.tokens[path[1]] if len(path) > 1 else bonus] += 1
+    keep = p > 0
+    assert counts[~keep].sum() == 0  # a zero-probability token is never produced
+    pvalue = stats.chisquare(counts[keep].numpy(), (p[keep] * n).numpy()).pvalue
+    assert pvalue > 1e-3, f"speculative sampling differs from p (chi-square p-value {pvalue:.2e})"
+    biased = counts.clone()
+    moved = 0.5 * counts[7]           # a scheme that over-accepts token 7 by half of its mass
+    biased[7] += moved
+    biased[[0, 1, 3]] -= moved / 3
+    assert stats.chisquare(biased[keep].numpy(), (p[keep] * n).numpy()).pvalue < 1e-3
+
+
+def test_sampling_residual_when_children_hold_all_mass():
+    # All mass on the two children: one of them is always accepted, never a residual draw.
+    p = torch.zeros(12)
+    p[5], p[7] = 0.4, 0.6
+    probs = p.expand(7, 12).clone()
+    tree = DraftTree.from_parents([0, 5, 7], [-1, 0, 0])
+    g = torch.Generator().manual_seed(5)
+    seen = set()
+    for _ in range(300):
+        path, _ = accept_sampling(tree, probs, g)
+        assert len(path) == 2
+        seen.add(path[1])
+    assert seen == {1, 2}
