@@ -8,13 +8,14 @@ import sys
 from ..errors import EdgespecError
 
 # Subcommand modules, in the order `edgespec --help` lists them.
-SUBCOMMANDS = ["generate", "serve", "quantize"]
+SUBCOMMANDS = ["generate", "serve", "quantize", "build_vocab", "train_draft"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgespec", description="Fast single-GPU LLM inference with speculative decoding.")
     parser.add_argument("--version", action="store_true", help="print the version and build information")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    importlib.import_module(f"{__name__}.spec_options")  # registers --draft & co. before any parser is built
     importlib.import_module(f"{__name__}.sparse_options")  # registers --sparse
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
