@@ -216,3 +216,25 @@ def test_gguf_q4_direct_import_matches_dequantised_load(demo_gguf, demo_llm) -> 
         ref = dense.logits(dense.forward(tokens, torch.arange(tokens.numel()), dense.new_cache(64), 0).hidden)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-4)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_kernel_constraints_are_stated_and_fall_back() -> None:
+    """The CUDA kernel's predicate names why it refuses a weight (checked before any device test,
+    so on CPU tensors); the op then takes the torch path."""
+    from edgespec.ops import _kernels
+
+    def lin(k: int, n: int, group: int, layout_name: str = "tile", dtype=torch.bfloat16) -> QuantLinear:
+        return _random_int4(k, n, group, sym=False).to_linear(dtype=dtype, layout_name=layout_name)
+
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    assert "bfloat16 or float16" in _kernels.w4a16_rejection(x.float(), lin(128, 64, 32, dtype=torch.float32).weight)
+    assert "plain layout" in _kernels.w4a16_rejection(x, lin(128, 64, 32, "plain").weight)
+    assert "group size 48" in _kernels.w4a16_rejection(x, lin(128, 64, 48).weight)
+    assert "not a CUDA device" in _kernels.w4a16_rejection(x, lin(128, 64, 32).weight)  # all else fine
+    big = torch.randn(_kernels.W4A16_MAX_CHUNKED_ROWS + 1, 128, dtype=torch.bfloat16)
+    assert "dequantise + cuBLAS" in _kernels.w4a16_rejection(big, lin(128, 64, 32).weight)
+    mixed = lin(128, 64, 32)
+    assert "scales has dtype torch.float32" in _kernels.w4a16_rejection(x, mixed.to(dtype=torch.float32, layout_name="tile").weight)
+    # Per-channel weights are taken whatever K is (one group).
+    assert "not a CUDA device" in _kernels.w4a16_rejection(torch.randn(1, 80, dtype=torch.bfloat16),
+                                                           lin(80, 64, 80).weight)

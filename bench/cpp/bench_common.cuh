@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <ctime>
 #include <string>
@@ -61,6 +62,32 @@ inline int open_device(const char* program, long long index, cudaDeviceProp* pro
     return kExitFailed;
   }
   return kExitOk;
+}
+
+// A 64 -> 32 bit mixing hash (splitmix64 finaliser) for device-side random inputs: every element
+// of every rotated copy gets its own value without a random-number state.
+__host__ __device__ __forceinline__ std::uint32_t mix_hash(std::uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  return static_cast<std::uint32_t>(x >> 32);
+}
+
+// The start of a benchmark's main(): print --help, report a command-line error, or open the
+// device. Returns -1 to go on (prop filled in), otherwise the exit status main() should return.
+inline int start_main(const char* program, const char* usage, bool help, const std::string& usage_error,
+                      long long device, cudaDeviceProp* prop) {
+  if (help) {
+    std::fputs(usage, stdout);
+    return kExitOk;
+  }
+  if (!usage_error.empty()) {
+    std::fprintf(stderr, "%s: %s\n(see --help)\n", program, usage_error.c_str());
+    return kExitUsage;
+  }
+  const int opened = open_device(program, device, prop);
+  return opened == kExitOk ? -1 : opened;
 }
 
 // Spins until the host sets *go, or about a second passes (a host-side failure cannot hang the GPU).

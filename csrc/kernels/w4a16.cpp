@@ -15,9 +15,10 @@ int w4a16_num_splits(std::int64_t m, std::int64_t n, std::int64_t k, int num_sms
   if (m <= 0 || n <= 0 || k_tiles <= 0) return 1;
   const std::int64_t block_cols = n % (2 * kW4A16TileN) == 0 ? n / (2 * kW4A16TileN) : n / kW4A16TileN;
   const std::int64_t want = std::max<std::int64_t>(1, (2 * std::max(num_sms, 1) + block_cols - 1) / block_cols);
-  // fp32 partials cost splits * M * N * 8 bytes (written, then read); keep them under a quarter
-  // of the K * N / 2 weight bytes.
-  const std::int64_t traffic_cap = std::max<std::int64_t>(1, k / (64 * m));
+  // fp32 partials cost splits * M * N * 8 bytes (written, then read); keep them at most the
+  // K * N / 2 weight bytes. At M = 64 that still allows the splits that occupy every SM, which
+  // matters there: the tile's FLOPs, not its bytes, set the time.
+  const std::int64_t traffic_cap = std::max<std::int64_t>(1, k / (16 * m));
   std::int64_t splits = std::min({want, traffic_cap, k_tiles});
   // Whole k16 tiles per split, and no empty split: re-derive the count from the tiles per split.
   const std::int64_t per = (k_tiles + splits - 1) / splits;

@@ -76,7 +76,7 @@ Status launch_w4a16(const W4A16Params<T>& p, cudaStream_t stream);
 // Split-K factor for this shape on a GPU with num_sms SMs (host only; edgespec/ops/_kernels.py
 // calls it through the binding). Untuned heuristic, written without a GPU: aim for about two
 // blocks per SM, split in whole k16 tiles, and cap the fp32 partial traffic (splits * M * N * 8
-// bytes) at a quarter of the weight bytes.
+// bytes) at the weight bytes (K * N / 2).
 int w4a16_num_splits(std::int64_t m, std::int64_t n, std::int64_t k, int num_sms);
 
 struct W4A16Args {
