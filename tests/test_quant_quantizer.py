@@ -172,6 +172,11 @@ def test_quantize_cli_writes_a_gptq_checkpoint(tiny_model_dir, tmp_path, capsys,
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32 and qc["desc_act"] is True
     assert qc["checkpoint_format"] == fmt and qc["sym"] is False
     assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is True
+    # transformers parses the settings as its own GPTQ config (its loader needs GPTQModel, absent offline).
+    from transformers import GPTQConfig
+
+    parsed = GPTQConfig.from_dict(qc)
+    assert (parsed.bits, parsed.group_size, parsed.desc_act, parsed.sym, parsed.format) == (4, 32, True, False, fmt)
     tensors = load_file(str(out / "model.safetensors"))
     assert "model.layers.0.self_attn.q_proj.weight" not in tensors
     assert tensors["lm_head.weight"].dtype == np.float16  # LM head and embeddings stay unquantized

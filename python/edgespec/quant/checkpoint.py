@@ -77,7 +77,8 @@ class QuantizedDirectorySource(_WrappedSource):
         if self.bits != 4:
             raise ModelFormatError(f"{where}: {self.bits}-bit weights are not supported (only 4-bit)")
         self.group_size = int(settings.get("group_size", settings.get("q_group_size", 128)))
-        self.checkpoint_format = str(settings.get("checkpoint_format", "gptq")).lower()
+        # transformers >= 5 and GPTQModel write "format"; AutoGPTQ-era checkpoints "checkpoint_format".
+        self.checkpoint_format = str(settings.get("checkpoint_format") or settings.get("format") or "gptq").lower()
         if self.method == "awq":
             version = str(settings.get("version", "gemm")).lower()
             if version != "gemm":

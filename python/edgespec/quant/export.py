@@ -48,7 +48,9 @@ def gptq_settings_dict(settings: QuantSettings, checkpoint_format: str) -> dict[
     """quantize_config.json / quantization_config contents."""
     return {
         "quant_method": "gptq", "bits": 4, "group_size": settings.group_size, "desc_act": settings.act_order,
-        "sym": settings.sym, "checkpoint_format": checkpoint_format, "damp_percent": settings.damp,
+        # "format" is what transformers >= 5 and GPTQModel read, "checkpoint_format" the older key.
+        "sym": settings.sym, "format": checkpoint_format, "checkpoint_format": checkpoint_format,
+        "damp_percent": settings.damp,
         "true_sequential": True, "static_groups": False, "lm_head": False,
         "meta": {"quantizer": [f"edgespec:{__version__}"], "method": settings.method},
     }
