@@ -50,9 +50,10 @@ class QuantLinear:
         device = torch.device(device)
         k, n = q.shape
         name = _choose_layout(device, k, n, layout_name)
+        q = q.to(device)  # pack where the weight will live: a GPU repacks an 8B model in seconds
         packed = layout.pack_rows(q) if name == "plain" else layout.pack_tile(q)
         weight = W4A16Weight(
-            qweight=packed.to(device), scales=scales.to(device=device, dtype=dtype),
+            qweight=packed, scales=scales.to(device=device, dtype=dtype),
             zeros=None if zeros is None else zeros.to(device=device, dtype=dtype),
             group_size=group_size, in_features=k, out_features=n, layout=name,
             perm=None if perm is None else perm.to(device=device, dtype=torch.int64))
@@ -92,8 +93,8 @@ class QuantLinear:
         if name == w.layout:
             packed = w.qweight.to(device)
         else:
-            q = w.unpacked()
-            packed = (layout.pack_rows(q) if name == "plain" else layout.pack_tile(q)).to(device)
+            q = w.unpacked().to(device)
+            packed = layout.pack_rows(q) if name == "plain" else layout.pack_tile(q)
         moved = W4A16Weight(
             qweight=packed, scales=w.scales.to(device=device, dtype=dtype),
             zeros=None if w.zeros is None else w.zeros.to(device=device, dtype=dtype),
