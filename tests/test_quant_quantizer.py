@@ -259,24 +259,22 @@ def _perplexity(model, tokens: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_quantized_smollm2_perplexity(demo_llm) -> None:
-    """RTN 4-bit SmolLM2 vs the unquantized model on 768 tokens of stdlib docstrings.
+    """RTN 4-bit SmolLM2 vs the unquantized model on 512 tokens of stdlib docstrings.
 
-    Margins (measured 12.2 -> 14.9 at group 32 and 15.6 at group 128, asymmetric): group 32 within
-    1.30x, group 128 within 1.40x of the unquantized perplexity, and finer groups no worse.
-    SmolLM2's weights already sit on a group-32 (Q4_1) grid, which flatters group 32 alone; the
-    group-128 case measures the quantizer on a grid it does not share. A symmetric per-channel
-    quantizer on the same text is far off (the test's sensitivity check).
+    Margins (measured: 13.7 unquantized, 16.1 at group 32 (1.17x), 17.2 at group 128 (1.26x),
+    asymmetric): group 32 within 1.25x and group 128 within 1.35x of the unquantized perplexity,
+    finer groups no worse, and neither equal to the unquantized model (the quantized weights are
+    really in use). SmolLM2's weights already sit on a group-32 (Q4_1) grid, which flatters group 32
+    alone; the group-128 case measures the quantizer on a grid it does not share.
     """
     model = demo_llm.model
-    tokens = torch.tensor(demo_llm.encode(_stdlib_docstrings(("textwrap.py", "argparse.py")))[:768])
-    assert tokens.numel() == 768
+    tokens = torch.tensor(demo_llm.encode(_stdlib_docstrings(("textwrap.py", "argparse.py")))[:512])
+    assert tokens.numel() == 512
     base = _perplexity(model, tokens)
     ppl = {}
     for group in (32, 128):
         settings = QuantSettings("rtn", group, sym=False)
         ppl[group] = _perplexity(quantized_copy(model, quantize_decoder(model, settings)), tokens)
-    assert ppl[32] <= 1.30 * base, (base, ppl)
-    assert ppl[128] <= 1.40 * base, (base, ppl)
-    assert ppl[32] <= ppl[128] * 1.02, (base, ppl)
-    coarse = _perplexity(quantized_copy(model, quantize_decoder(model, QuantSettings("rtn", -1, sym=True))), tokens)
-    assert coarse > 1.5 * base, (base, coarse)
+    assert 1.01 * base < ppl[32] <= 1.25 * base, (base, ppl)
+    assert 1.01 * base < ppl[128] <= 1.35 * base, (base, ppl)
+    assert ppl[32] <= ppl[128], (base, ppl)

@@ -33,11 +33,15 @@ fused q|k|v and gate|up projections free in this layout.
 """
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 
 import torch
 
 NIBBLE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# Packing views byte pairs as int32 words (pack_nibbles): the bit layout assumes little-endian
+# words, as on x86, ARM and every CUDA GPU.
+assert sys.byteorder == "little", "edgespec's 4-bit packing assumes a little-endian host"
 # Tile geometry: rows (K) and columns (N) of one fragment-ordered block.
 TILE_K = 16
 TILE_N = 64
@@ -50,22 +54,22 @@ def _check_q(q: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: expected an integer tensor of 4-bit values, got {q.dtype}")
 
 
-def pack_nibbles(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """values: integer [..., 8, ...] in 0..15 -> int32 with values[.., i, ..] (index i along `dim`)
-    in bits 4i..4i+3; `dim` is removed."""
-    v = values.to(torch.int32)
-    out = v.select(dim, 0).clone()
-    for i in range(1, 8):
-        # int32 shifts wrap into the sign bit for nibble 7, which is the bit pattern we want.
-        out |= v.select(dim, i) << (4 * i)
-    return out
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """values: integer [..., 8] in 0..15 -> int32 [...] with values[..., i] in bits 4i..4i+3.
+
+    Byte j of a little-endian word holds nibbles 2j (low) and 2j + 1 (high), so the words are the
+    byte pairs viewed as int32: two passes over uint8 data instead of eight over int32 (this runs
+    for every weight of a model at load time).
+    """
+    v = values.to(torch.uint8)
+    pairs = (v[..., 0::2] | (v[..., 1::2] << 4)).reshape(-1, 4)  # 4 bytes per word, rows contiguous
+    return pairs.view(torch.int32).reshape(values.shape[:-1])
 
 
 def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
     """int32 [...] -> uint8 [..., 8] with element i = bits 4i..4i+3 (inverse of pack_nibbles)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
-    # Arithmetic shift of negative words fills with ones; the mask removes them.
-    return ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
+    b = words.to(torch.int32).reshape(-1, 1).view(torch.uint8)  # [words, 4] bytes
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(*words.shape, 8)
 
 
 def pack_rows(q: torch.Tensor) -> torch.Tensor:
@@ -75,7 +79,7 @@ def pack_rows(q: torch.Tensor) -> torch.Tensor:
     pad = (-k) % 8
     if pad:
         q = torch.cat([q, q.new_zeros(pad, n)])
-    return pack_nibbles(q.reshape(-1, 8, n), dim=1)
+    return pack_nibbles(q.reshape(-1, 8, n).transpose(1, 2))
 
 
 def unpack_rows(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -97,19 +97,16 @@ def _group(settings: QuantSettings, k: int) -> int:
 
 
 def quantize_rtn(w: torch.Tensor, settings: QuantSettings) -> Int4Weight:
-    """Round-to-nearest. w: fp32 [N, K] -> Int4Weight."""
+    """Round-to-nearest. w: fp32 [N, K] -> Int4Weight. All groups at once (one [N * G, g] pass)."""
     n, k = w.shape
     g = _group(settings, k)
-    w = w.float()
-    q = torch.empty(n, k)
-    scales, zeros = [], []
-    for start in range(0, k, g):
-        s, z = qparams(w[:, start:start + g], settings.sym, settings.min_zero)
-        q[:, start:start + g] = quantize_column(w[:, start:start + g], s, z)
-        scales.append(s)
-        zeros.append(z)
-    return Int4Weight(q.t().to(torch.uint8).contiguous(), torch.stack(scales),
-                      None if settings.sym else torch.stack(zeros), g)
+    groups = -(-k // g)
+    # Zero padding of a partial last group changes nothing: the range always includes 0.
+    wg = torch.nn.functional.pad(w.float(), (0, groups * g - k)).reshape(n * groups, g)
+    s, z = qparams(wg, settings.sym, settings.min_zero)                   # [N * G]
+    q = quantize_column(wg, s, z).reshape(n, groups * g)[:, :k]          # [N, K]
+    return Int4Weight(q.t().to(torch.uint8).contiguous(), s.reshape(n, groups).t().contiguous(),
+                      None if settings.sym else z.reshape(n, groups).t().contiguous(), g)
 
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, settings: QuantSettings, block: int = 128) -> Int4Weight:
