@@ -329,6 +329,7 @@ Status launch_shape(const W4A16Params<T>& p, cudaStream_t stream) {
   // block may use on sm_89 (the activation tile grows with M).
   constexpr int kStages = kMB <= 2 ? 4 : 3;
   using S = Smem<kMB, kNU, kStages>;
+  static_assert(S::kBytes <= 99 * 1024, "shared memory must fit the 99 KB opt-in limit of sm_86/sm_89");
   auto* kernel = w4a16_kernel<T, kMB, kNU, kStages, kZeros>;
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes),
