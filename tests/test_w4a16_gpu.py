@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgespec import errors, ops
+from edgespec import errors
 from edgespec.ops import _kernels
 from edgespec.quant import Int4Weight, QuantLinear
 from oracle.ops import dequantize_int4
