@@ -278,3 +278,32 @@ def test_quantized_smollm2_perplexity(demo_llm) -> None:
     assert 1.01 * base < ppl[32] <= 1.25 * base, (base, ppl)
     assert 1.01 * base < ppl[128] <= 1.35 * base, (base, ppl)
     assert ppl[32] <= ppl[128], (base, ppl)
+
+
+def test_checkpoint_decides_which_layers_are_quantized(tiny_model_dir, tmp_path) -> None:
+    """A quantized LM head loads as QuantLinear, a projection stored dense stays dense, and a
+    directory described only by quantize_config.json (AutoGPTQ style) is recognised."""
+    from safetensors.torch import load_file, save_file
+
+    from edgespec.ops.linear import ConcatLinear, DenseLinear
+    from edgespec.quant import quantize_checkpoint, write_gptq
+
+    src = tiny_model_dir("llama", seed=8)  # untied LM head
+    out = quantize_checkpoint(src, tmp_path / "q", QuantSettings("rtn", 32), progress=False)
+    tensors = load_file(str(out / "model.safetensors"))
+    head = quantize_rtn(tensors.pop("lm_head.weight").float(), QuantSettings("rtn", 32))
+    tensors.update({f"lm_head.{k}": v for k, v in write_gptq(head).items()})
+    dense = load_file(str(src / "model.safetensors"))
+    for key in [k for k in tensors if k.startswith("model.layers.0.self_attn.o_proj.")]:
+        del tensors[key]
+    tensors["model.layers.0.self_attn.o_proj.weight"] = dense["model.layers.0.self_attn.o_proj.weight"].half()
+    save_file(tensors, str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["quantization_config"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    model = load_model(out, device="cpu", dtype=torch.float32, max_context=16, with_tokenizer=False).model
+    assert isinstance(model.lm_head, QuantLinear)
+    torch.testing.assert_close(model.lm_head.dequantize(), head.dequantize(), rtol=0, atol=0)
+    assert isinstance(model.layers[0].o, DenseLinear) and isinstance(model.layers[1].o, QuantLinear)
+    assert not isinstance(model.layers[0].qkv, (DenseLinear, ConcatLinear))
+    assert torch.isfinite(_logits(model, torch.tensor([1, 2, 3]))).all()

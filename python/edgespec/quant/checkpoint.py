@@ -46,10 +46,14 @@ class _WrappedSource:
     def names(self) -> list[str]:
         return self.base.names()
 
+    # `prefix.weight` of a quantized layer reads as its dequantised weight, so code that asks for
+    # a layer's weight (the loader deciding whether an LM head exists, tools) sees every layer.
     def has(self, name: str) -> bool:
-        return self.base.has(name)
+        return self.base.has(name) or (name.endswith(".weight") and self.is_quantized(name.removesuffix(".weight")))
 
     def tensor(self, name: str) -> torch.Tensor:
+        if not self.base.has(name) and name.endswith(".weight") and self.is_quantized(name.removesuffix(".weight")):
+            return self.int4(name.removesuffix(".weight")).dequantize()  # fp32 [N, K]
         return self.base.tensor(name)
 
     def is_quantized(self, prefix: str) -> bool:
@@ -90,18 +94,18 @@ class QuantizedDirectorySource(_WrappedSource):
         self.path = self.base.path
 
     def is_quantized(self, prefix: str) -> bool:
-        return self.has(prefix + ".qweight")
+        return self.base.has(prefix + ".qweight")
 
     def int4(self, prefix: str) -> Int4Weight:
         """The format-neutral 4-bit weight stored under `prefix` (which must have a qweight)."""
         t = self.base.tensor
         for part in ("qzeros", "scales"):
-            if not self.has(f"{prefix}.{part}"):
+            if not self.base.has(f"{prefix}.{part}"):
                 raise ModelFormatError(f"{self.path}: {prefix}.qweight has no {prefix}.{part}")
         if self.method == "awq":
             return read_awq(t(prefix + ".qweight"), t(prefix + ".qzeros"), t(prefix + ".scales"),
                             self.group_size, self.bits, name=prefix)
-        g_idx = t(prefix + ".g_idx") if self.has(prefix + ".g_idx") else None
+        g_idx = t(prefix + ".g_idx") if self.base.has(prefix + ".g_idx") else None
         return read_gptq(t(prefix + ".qweight"), t(prefix + ".qzeros"), t(prefix + ".scales"), g_idx,
                          self.group_size, self.checkpoint_format, self.bits, name=prefix)
 
@@ -129,7 +133,7 @@ class GGUFQ4Source(_WrappedSource):
 
     def is_quantized(self, prefix: str) -> bool:
         name = prefix + ".weight"
-        return self.has(name) and self.raw(name).tensor_type.name in GGUF_Q4_BLOCK_BYTES
+        return self.base.has(name) and self.raw(name).tensor_type.name in GGUF_Q4_BLOCK_BYTES
 
     def int4(self, prefix: str) -> Int4Weight:
         """The Q4 weight of `prefix`, rows in Hugging Face order (llama Q/K un-permuted)."""
