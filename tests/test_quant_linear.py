@@ -203,6 +203,7 @@ def test_quantized_checkpoint_detection_errors(tmp_path) -> None:
     assert detect_quantized_checkpoint(tmp_path, {"model_type": "llama"}) is None
 
 
+@pytest.mark.slow
 def test_gguf_q4_direct_import_matches_dequantised_load(demo_gguf, demo_llm) -> None:
     """Q4_1 blocks become QuantLinears without a float round trip; the model computes what the
     dequantised model computes (which also checks the llama Q/K row un-permutation)."""
