@@ -86,14 +86,16 @@ class LLM:
     @classmethod
     def load(cls, model: str, device: str | None = None, dtype: torch.dtype | None = None,
              max_context: int | None = None, progress: bool = False, draft: Any = "auto",
-             **speculation: Any) -> "LLM":
+             quantized: bool | None = None, **speculation: Any) -> "LLM":
         """Load a model directory, GGUF file or 'demo' (see edgespec.loading.load_model).
 
         draft: speculative decoding (edgespec.spec.enable_speculation): "auto" uses the draft head
         shipped for the model (the demo model has one), None turns it off, or an EAGLE head
         directory / draft model path; speculation: tree_size, depth, topk, frspec_vocab.
+        quantized: GGUF Q4_0/Q4_1 weights as 4-bit layers (True), dequantised (False) or per device (None).
         """
-        llm = cls(load_model(model, device=device, dtype=dtype, max_context=max_context, progress=progress))
+        llm = cls(load_model(model, device=device, dtype=dtype, max_context=max_context, progress=progress,
+                             quantized=quantized))
         if draft is not None or speculation:
             from .spec import enable_speculation  # noqa: PLC0415 - speculation is optional machinery
 
