@@ -47,7 +47,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: edgespec's default for the device")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for both engines (default: torch's); 1 is steadier on a shared machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
