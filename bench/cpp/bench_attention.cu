@@ -30,7 +30,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <random>
 #include <string>
 #include <vector>
@@ -171,19 +170,11 @@ std::string parse_args(int argc, char** argv, Options* o, bool* help) {
 // ---------------------------------------------------------------------------------------------
 // Device-side inputs: hashed uniform values, distinct for every element of every rotated copy.
 
-__device__ __forceinline__ std::uint32_t hash32(std::uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  return static_cast<std::uint32_t>(x >> 32);
-}
-
 template <typename T>
 __global__ void fill_hashed(T* p, std::int64_t n, std::uint64_t seed, float amplitude) {
   const std::int64_t stride = std::int64_t{gridDim.x} * blockDim.x;
   for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += stride) {
-    const float u = static_cast<float>(hash32(seed * 0x9e3779b97f4a7c15ull + i) >> 8) * 0x1p-24f;  // [0, 1)
+    const float u = static_cast<float>(mix_hash(seed * 0x9e3779b97f4a7c15ull + i) >> 8) * 0x1p-24f;  // [0, 1)
     p[i] = from_float<T>(amplitude * (2.f * u - 1.f));
   }
 }
@@ -529,29 +520,21 @@ class Bench {
 double tflops(const Options& o, const Result& r) { return 4.0 * o.head_dim * o.heads_q * r.pb.pairs / (r.ms * 1e9); }
 
 bool write_json(const Options& o, const std::string& device, const std::vector<Result>& results) {
-  std::FILE* f = std::fopen(o.json.c_str(), "w");
-  if (f == nullptr) return false;
-  std::fprintf(f,
-               "{\"benchmark\": \"attention_cpp\", \"device\": \"%s\", \"commit\": \"%s\", \"date\": \"%s\",\n"
-               " \"notes\": \"bench/cpp/bench_attention, %s, heads %lld/%lld, D %lld; verified on sampled rows "
-               "against a naive fp32 GPU reference; CUDA events, median of %lld samples of %lld back-to-back calls "
-               "on inputs rotated through > 3x L2; baseline = device-to-device copy of the K/V bytes\",\n"
-               " \"rows\": [",
-               device.c_str(), o.commit.c_str(), utc_date().c_str(), dtype_name(o.dtype), o.heads_q, o.heads_kv, o.head_dim,
-               o.repeats, o.batch);
-  bool first = true;
+  const std::string notes =
+      format("bench/cpp/bench_attention, %s, heads %lld/%lld, D %lld; verified on sampled rows against a naive fp32 "
+             "GPU reference; CUDA events, median of %lld samples of %lld back-to-back calls on inputs rotated "
+             "through > 3x L2; baseline = device-to-device copy of the K/V bytes",
+             dtype_name(o.dtype), o.heads_q, o.heads_kv, o.head_dim, o.repeats, o.batch);
+  std::vector<std::string> rows;
   for (const Result& r : results) {
     if (!r.error.empty()) continue;
-    std::fprintf(f,
-                 "%s\n  {\"case\": \"%s\", \"tokens\": %lld, \"seqlen\": %lld, \"splits\": %d, \"ours_ms\": %.6f, "
-                 "\"baseline\": \"cudaMemcpyAsync D2D of the K/V bytes\", \"baseline_ms\": %.6f, \"speedup\": %.3f, "
-                 "\"tbps\": %.3f, \"tflops\": %.2f, \"copy_tbps\": %.3f}",
-                 first ? "" : ",", r.name.c_str(), r.pb.tokens, r.pb.seqlen, r.splits, r.ms, r.copy_ms,
-                 r.copy_ms / r.ms, r.bytes / (r.ms * 1e9), tflops(o, r), 2 * r.kv_bytes / (r.copy_ms * 1e9));
-    first = false;
+    rows.push_back(format("{\"case\": \"%s\", \"tokens\": %lld, \"seqlen\": %lld, \"splits\": %d, \"ours_ms\": %.6f, "
+                          "\"baseline\": \"cudaMemcpyAsync D2D of the K/V bytes\", \"baseline_ms\": %.6f, "
+                          "\"speedup\": %.3f, \"tbps\": %.3f, \"tflops\": %.2f, \"copy_tbps\": %.3f}",
+                          r.name.c_str(), r.pb.tokens, r.pb.seqlen, r.splits, r.ms, r.copy_ms, r.copy_ms / r.ms,
+                          r.bytes / (r.ms * 1e9), tflops(o, r), 2 * r.kv_bytes / (r.copy_ms * 1e9)));
   }
-  std::fprintf(f, "\n]}\n");
-  return std::fclose(f) == 0;
+  return write_results_json("bench_attention", o.json, "attention_cpp", device, o.commit, notes, rows);
 }
 
 }  // namespace
@@ -560,19 +543,10 @@ int main(int argc, char** argv) {
   Options o;
   bool help = false;
   const std::string usage_error = parse_args(argc, argv, &o, &help);
-  if (help) {
-    std::fputs(kUsage, stdout);
-    return kExitOk;
-  }
-  if (!usage_error.empty()) {
-    std::fprintf(stderr, "bench_attention: %s\n(see --help)\n", usage_error.c_str());
-    return kExitUsage;
-  }
   cudaDeviceProp prop;
-  const int opened = open_device("bench_attention", o.device, &prop);
-  if (opened != kExitOk) return opened;
-  std::printf("device %lld: %s (sm_%d%d, %d SMs, L2 %.0f MB); %s, %lld q / %lld kv heads, D %lld\n", o.device,
-              prop.name, prop.major, prop.minor, prop.multiProcessorCount, prop.l2CacheSize / 1e6,
+  const int status = start_main("bench_attention", kUsage, help, usage_error, o.device, &prop);
+  if (status >= 0) return status;
+  std::printf("%s; %s, %lld q / %lld kv heads, D %lld\n", describe_device(o.device, prop).c_str(),
               dtype_name(o.dtype), o.heads_q, o.heads_kv, o.head_dim);
   std::printf("%-26s %6s %7s %6s %10s %8s %9s %10s %9s\n", "case", "T", "S", "splits", "ms", "TB/s", "TFLOP/s",
               "copy TB/s", "% copy");
@@ -598,9 +572,6 @@ int main(int argc, char** argv) {
       results.push_back(r);
     }
   }
-  if (!o.json.empty() && !write_json(o, prop.name, results)) {
-    std::fprintf(stderr, "bench_attention: cannot write %s\n", o.json.c_str());
-    return kExitFailed;
-  }
+  if (!o.json.empty() && !write_json(o, prop.name, results)) return kExitFailed;
   return failed ? kExitFailed : kExitOk;
 }

@@ -24,11 +24,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "common/status.h"
 #include "common/tensor_view.h"
 #include "common/vec.cuh"
@@ -41,11 +41,7 @@
 namespace {
 
 using namespace edgespec;
-
-constexpr int kExitOk = 0;
-constexpr int kExitFailed = 1;
-constexpr int kExitUsage = 2;
-constexpr int kExitNoDevice = 77;
+using namespace edgespec::bench;
 
 const char kUsage[] = R"(usage: bench_basic_ops [options]
 
@@ -87,25 +83,6 @@ struct Options {
   std::string json, commit = "unknown";
 };
 
-bool parse_count(const char* text, long long min_value, long long* out) {
-  char* end = nullptr;
-  const long long v = std::strtoll(text, &end, 10);
-  if (end == text || *end != '\0' || v < min_value) return false;
-  *out = v;
-  return true;
-}
-
-std::vector<std::string> split(const std::string& text, char sep) {
-  std::vector<std::string> parts;
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const std::size_t end = std::min(text.find(sep, start), text.size());
-    if (end > start) parts.push_back(text.substr(start, end - start));
-    start = end + 1;
-  }
-  return parts;
-}
-
 // Returns an empty string on success, else what was wrong.
 std::string parse_args(int argc, char** argv, Options* o, bool* help) {
   struct Count { const char* flag; long long* value; long long min; };
@@ -127,7 +104,7 @@ std::string parse_args(int argc, char** argv, Options* o, bool* help) {
     bool matched = false;
     for (const Count& c : counts) {
       if (flag == c.flag) {
-        if (!parse_count(value, c.min, c.value)) {
+        if (!parse_int(value, c.min, c.value)) {
           return flag + " expects an integer >= " + std::to_string(c.min) + ", got '" + value + "'";
         }
         matched = true;
@@ -141,7 +118,7 @@ std::string parse_args(int argc, char** argv, Options* o, bool* help) {
       else if (v == "fp32") o->dtype = DType::kFloat32;
       else return "--dtype expects bf16, fp16 or fp32, got '" + v + "'";
     } else if (flag == "--ops") {
-      o->ops = split(value, ',');
+      o->ops = split_commas(value);
       for (const std::string& op : o->ops) {
         const char* known[] = {"rms_norm", "rms_norm_residual", "rope", "silu_and_mul", "embedding", "argmax"};
         if (std::none_of(std::begin(known), std::end(known), [&](const char* k) { return op == k; })) {
@@ -187,14 +164,6 @@ __global__ void fill_index(std::int64_t* p, std::int64_t n, std::uint64_t seed, 
   for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n;
        i += std::int64_t{gridDim.x} * blockDim.x) {
     p[i] = static_cast<std::int64_t>(splitmix64(seed ^ (i * 0x2545f4914f6cdd1dull)) % modulo);
-  }
-}
-
-// Holds the stream until the host sets *release (mapped pinned memory), or about a second passes
-// so that a host-side failure cannot hang the GPU.
-__global__ void wait_for_host(const volatile int* release) {
-  const long long start = clock64();
-  while (*release == 0 && clock64() - start < 2000000000ll) {
   }
 }
 
@@ -519,9 +488,6 @@ class Runner {
     BENCH_CUDA(cudaMalloc(&copy_dst_, copy_bytes_ * copy_copies_));
     allocations_.push_back(copy_dst_);
     BENCH_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    void* flag = nullptr;
-    BENCH_CUDA(cudaHostAlloc(&flag, sizeof(int), cudaHostAllocMapped));
-    release_ = static_cast<volatile int*>(flag);
     BENCH_CUDA(cudaDeviceSynchronize());
     return "";
   }
@@ -552,48 +518,17 @@ class Runner {
     return mismatch.empty() ? "" : "verification failed: " + mismatch;
   }
 
-  // Median per-launch milliseconds of `launch(i)` over o_.repeats samples of o_.batch launches.
-  std::string median_ms(const std::function<std::string(long long)>& launch, double* out) {
-    long long i = 0;
-    for (long long w = 0; w < o_.warmup; ++w) {
-      const std::string err = launch(i++);
-      if (!err.empty()) return err;
-    }
-    cudaEvent_t start, stop;
-    BENCH_CUDA(cudaEventCreate(&start));
-    BENCH_CUDA(cudaEventCreate(&stop));
-    std::vector<double> samples;
-    std::string err;
-    for (long long s = 0; s < o_.repeats && err.empty(); ++s) {
-      *release_ = 0;
-      wait_for_host<<<1, 1, 0, stream_>>>(release_);
-      cudaEventRecord(start, stream_);
-      for (long long b = 0; b < o_.batch && err.empty(); ++b) err = launch(i++);
-      cudaEventRecord(stop, stream_);
-      *release_ = 1;
-      float ms = 0;
-      const cudaError_t e = cudaEventSynchronize(stop);
-      if (err.empty() && e != cudaSuccess) err = std::string("cudaEventSynchronize: ") + cudaGetErrorString(e);
-      if (err.empty()) cudaEventElapsedTime(&ms, start, stop);
-      samples.push_back(ms / o_.batch);
-    }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    if (!err.empty()) return err;
-    std::nth_element(samples.begin(), samples.begin() + samples.size() / 2, samples.end());
-    *out = samples[samples.size() / 2];
-    return "";
-  }
-
   std::string time(Case& c, Result* r) {
-    std::string err = median_ms(
+    std::string err = timer_.median_ms(
+        stream_, o_.warmup, o_.repeats, o_.batch,
         [&](long long i) {
           const Status st = c.launch(views(c, i), stream_);
           return st.ok() ? std::string() : st.message();
         },
         &r->ours_ms);
     if (!err.empty()) return err;
-    return median_ms(
+    return timer_.median_ms(
+        stream_, o_.warmup, o_.repeats, o_.batch,
         [&](long long i) {
           const std::size_t off = static_cast<std::size_t>(i % copy_copies_) * copy_bytes_;
           const cudaError_t e = cudaMemcpyAsync(copy_dst_ + off, copy_src_ + off, copy_bytes_,
@@ -608,8 +543,6 @@ class Runner {
     allocations_.clear();
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     stream_ = nullptr;
-    if (release_ != nullptr) cudaFreeHost(const_cast<int*>(release_));
-    release_ = nullptr;
   }
 
   const Options& o_;
@@ -620,43 +553,24 @@ class Runner {
   unsigned char* copy_dst_ = nullptr;
   std::vector<void*> allocations_;
   cudaStream_t stream_ = nullptr;
-  volatile int* release_ = nullptr;  // mapped pinned flag read by wait_for_host
+  BatchTimer timer_;
 };
 
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\';
-    out += ch;
-  }
-  return out;
-}
-
 bool write_json(const Options& o, const std::string& device, const std::vector<Result>& results) {
-  std::FILE* f = std::fopen(o.json.c_str(), "w");
-  if (f == nullptr) return false;
-  char date[16];
-  const std::time_t now = std::time(nullptr);
-  std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
-  std::fprintf(f,
-               "{\"benchmark\": \"basic_ops\", \"device\": \"%s\", \"commit\": \"%s\", \"date\": \"%s\",\n"
-               " \"notes\": \"bench/cpp/bench_basic_ops, dtype %s; CUDA events, %lld warm-up launches, median of "
-               "%lld samples of %lld back-to-back launches, every tensor rotated through > 3x L2; gbps counts "
-               "each input read once and each output written once\",\n \"rows\": [",
-               json_escape(device).c_str(), json_escape(o.commit).c_str(), date, dtype_name(o.dtype), o.warmup,
-               o.repeats, o.batch);
-  bool first = true;
+  const std::string notes =
+      format("bench/cpp/bench_basic_ops, dtype %s; CUDA events, %lld warm-up launches, median of %lld samples of "
+             "%lld back-to-back launches, every tensor rotated through > 3x L2; gbps counts each input read once "
+             "and each output written once",
+             dtype_name(o.dtype), o.warmup, o.repeats, o.batch);
+  std::vector<std::string> rows;
   for (const Result& r : results) {
     if (!r.error.empty()) continue;
-    std::fprintf(f,
-                 "%s\n  {\"case\": \"%s %s\", \"ours_ms\": %.6f, \"baseline\": \"cudaMemcpyAsync D2D, same bytes\", "
-                 "\"baseline_ms\": %.6f, \"speedup\": %.3f, \"gbps\": %.1f}",
-                 first ? "" : ",", r.op.c_str(), r.shape.c_str(), r.ours_ms, r.copy_ms, r.copy_ms / r.ours_ms,
-                 r.bytes / r.ours_ms / 1e6);
-    first = false;
+    rows.push_back(format("{\"case\": \"%s %s\", \"ours_ms\": %.6f, \"baseline\": \"cudaMemcpyAsync D2D, same bytes\", "
+                          "\"baseline_ms\": %.6f, \"speedup\": %.3f, \"gbps\": %.1f}",
+                          r.op.c_str(), r.shape.c_str(), r.ours_ms, r.copy_ms, r.copy_ms / r.ours_ms,
+                          r.bytes / r.ours_ms / 1e6));
   }
-  std::fprintf(f, "\n]}\n");
-  return std::fclose(f) == 0;
+  return write_results_json("bench_basic_ops", o.json, "basic_ops", device, o.commit, notes, rows);
 }
 
 }  // namespace
@@ -665,34 +579,10 @@ int main(int argc, char** argv) {
   Options o;
   bool help = false;
   const std::string usage_error = parse_args(argc, argv, &o, &help);
-  if (help) {
-    std::fputs(kUsage, stdout);
-    return kExitOk;
-  }
-  if (!usage_error.empty()) {
-    std::fprintf(stderr, "bench_basic_ops: %s\n(see --help)\n", usage_error.c_str());
-    return kExitUsage;
-  }
-
-  int count = 0;
-  const cudaError_t count_err = cudaGetDeviceCount(&count);
-  if (count_err != cudaSuccess || count == 0) {
-    std::printf("bench_basic_ops: no CUDA device available (%s); nothing to benchmark\n",
-                count_err != cudaSuccess ? cudaGetErrorString(count_err) : "cudaGetDeviceCount returned 0");
-    return kExitNoDevice;
-  }
-  if (o.device >= count) {
-    std::fprintf(stderr, "bench_basic_ops: --device %lld but only %d device(s)\n", o.device, count);
-    return kExitUsage;
-  }
   cudaDeviceProp prop;
-  if (cudaSetDevice(static_cast<int>(o.device)) != cudaSuccess ||
-      cudaGetDeviceProperties(&prop, static_cast<int>(o.device)) != cudaSuccess) {
-    std::fprintf(stderr, "bench_basic_ops: cannot open device %lld\n", o.device);
-    return kExitFailed;
-  }
-  std::printf("device %lld: %s (sm_%d%d, %d SMs, L2 %.0f MB), dtype %s\n", o.device, prop.name, prop.major,
-              prop.minor, prop.multiProcessorCount, prop.l2CacheSize / 1e6, dtype_name(o.dtype));
+  const int status = start_main("bench_basic_ops", kUsage, help, usage_error, o.device, &prop);
+  if (status >= 0) return status;
+  std::printf("%s, dtype %s\n", describe_device(o.device, prop).c_str(), dtype_name(o.dtype));
   std::printf("%-18s %-40s %10s %9s %10s %9s %7s  %s\n", "op", "shape", "ours_ms", "GB/s", "copy_ms", "copy GB/s",
               "%copy", "check");
 
@@ -717,9 +607,6 @@ int main(int argc, char** argv) {
     }
     results.push_back(r);
   }
-  if (!o.json.empty() && !write_json(o, prop.name, results)) {
-    std::fprintf(stderr, "bench_basic_ops: cannot write %s\n", o.json.c_str());
-    exit_code = kExitFailed;
-  }
+  if (!o.json.empty() && !write_json(o, prop.name, results)) exit_code = kExitFailed;
   return exit_code;
 }

@@ -1,5 +1,6 @@
-// Plumbing shared by the C++ benchmark binaries: exit codes, opening the device, comma-separated
-// options, and the CUDA-event timer that measures back-to-back kernel calls.
+// Plumbing shared by the C++ benchmark binaries: exit codes, the start of main() (--help, command-line
+// errors, opening the device), integer and comma-separated options, the bench/results JSON file, and
+// the CUDA-event timer that measures back-to-back kernel calls.
 //
 // Timing method: each sample queues a kernel that spins until the host has enqueued the whole
 // batch of calls (a flag in mapped pinned memory), then records events around the batch. The GPU
@@ -10,8 +11,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <string>
 #include <vector>
@@ -22,6 +25,15 @@ constexpr int kExitOk = 0;
 constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitNoDevice = 77;  // automake/CTest "skipped"
+
+// A whole decimal integer >= min_value; false on anything else ("12x", "", below the minimum).
+inline bool parse_int(const std::string& text, long long min_value, long long* out) {
+  char* end = nullptr;
+  const long long v = std::strtoll(text.c_str(), &end, 10);
+  if (end == text.c_str() || *end != '\0' || v < min_value) return false;
+  *out = v;
+  return true;
+}
 
 inline std::vector<std::string> split_commas(const std::string& text) {
   std::vector<std::string> parts;
@@ -40,6 +52,50 @@ inline std::string utc_date() {
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
   return date;
+}
+
+// printf into a std::string.
+__attribute__((format(printf, 1, 2))) inline std::string format(const char* fmt, ...) {
+  std::va_list args, again;
+  va_start(args, fmt);
+  va_copy(again, args);
+  const int n = std::vsnprintf(nullptr, 0, fmt, args);
+  va_end(args);
+  std::string out(n > 0 ? static_cast<std::size_t>(n) : 0, '\0');
+  if (n > 0) std::vsnprintf(&out[0], out.size() + 1, fmt, again);
+  va_end(again);
+  return out;
+}
+
+inline std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    out += ch;
+  }
+  return out;
+}
+
+// Writes `path` in the bench/results format:
+//   {"benchmark": ..., "device": ..., "commit": ..., "date": <today, UTC>,
+//    "notes": ...,
+//    "rows": [<rows, one JSON object each, already formatted>]}
+// On failure prints "<program>: cannot write <path>" and returns false.
+inline bool write_results_json(const char* program, const std::string& path, const std::string& benchmark,
+                               const std::string& device, const std::string& commit, const std::string& notes,
+                               const std::vector<std::string>& rows) {
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  bool ok = f != nullptr;
+  if (ok) {
+    std::fprintf(f, "{\"benchmark\": \"%s\", \"device\": \"%s\", \"commit\": \"%s\", \"date\": \"%s\",\n \"notes\": \"%s\",\n \"rows\": [",
+                 json_escape(benchmark).c_str(), json_escape(device).c_str(), json_escape(commit).c_str(),
+                 utc_date().c_str(), json_escape(notes).c_str());
+    for (std::size_t i = 0; i < rows.size(); ++i) std::fprintf(f, "%s\n  %s", i == 0 ? "" : ",", rows[i].c_str());
+    std::fprintf(f, "\n]}\n");
+    ok = std::fclose(f) == 0;
+  }
+  if (!ok) std::fprintf(stderr, "%s: cannot write %s\n", program, path.c_str());
+  return ok;
 }
 
 // Selects device `index` and fills `prop`. Returns kExitOk, or the exit status after printing why
@@ -62,6 +118,12 @@ inline int open_device(const char* program, long long index, cudaDeviceProp* pro
     return kExitFailed;
   }
   return kExitOk;
+}
+
+// "device 0: NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, L2 52 MB)", the first line a benchmark prints.
+inline std::string describe_device(long long index, const cudaDeviceProp& prop) {
+  return format("device %lld: %s (sm_%d%d, %d SMs, L2 %.0f MB)", index, prop.name, prop.major, prop.minor,
+                prop.multiProcessorCount, prop.l2CacheSize / 1e6);
 }
 
 // A 64 -> 32 bit mixing hash (splitmix64 finaliser) for device-side random inputs: every element

@@ -92,14 +92,6 @@ struct Options {
   std::string json, commit = "unknown";
 };
 
-bool parse_int(const std::string& text, long long min_value, long long* out) {
-  char* end = nullptr;
-  const long long v = std::strtoll(text.c_str(), &end, 10);
-  if (end == text.c_str() || *end != '\0' || v < min_value) return false;
-  *out = v;
-  return true;
-}
-
 const Model* find_model(const std::string& name) {
   for (const Model& m : kModels) {
     if (name == m.name) return &m;
@@ -417,31 +409,23 @@ class Bench {
 };
 
 bool write_json(const Options& o, const std::string& device, const std::vector<Result>& results) {
-  std::FILE* f = std::fopen(o.json.c_str(), "w");
-  if (f == nullptr) return false;
-  std::fprintf(f,
-               "{\"benchmark\": \"w4a16_gemm_cpp\", \"device\": \"%s\", \"commit\": \"%s\", \"date\": \"%s\",\n"
-               " \"notes\": \"bench/cpp/bench_w4a16, %s activations, group %lld, %s; verified against a float64 host "
-               "reference decoding the tile layout independently; CUDA events, median of %lld samples of %lld "
-               "back-to-back calls on weights rotated through > 3x L2; baseline = device copy whose traffic equals "
-               "the bytes a bf16 GEMM reads (K*N*2); pct_peak_bw = GB/s over that copy's GB/s\",\n"
-               " \"rows\": [",
-               device.c_str(), o.commit.c_str(), utc_date().c_str(), dtype_name(o.dtype), o.group,
-               o.zeros ? "integer zero points" : "symmetric", o.repeats, o.batch);
-  bool first = true;
+  const std::string notes =
+      format("bench/cpp/bench_w4a16, %s activations, group %lld, %s; verified against a float64 host reference "
+             "decoding the tile layout independently; CUDA events, median of %lld samples of %lld back-to-back calls "
+             "on weights rotated through > 3x L2; baseline = device copy whose traffic equals the bytes a bf16 GEMM "
+             "reads (K*N*2); pct_peak_bw = GB/s over that copy's GB/s",
+             dtype_name(o.dtype), o.group, o.zeros ? "integer zero points" : "symmetric", o.repeats, o.batch);
+  std::vector<std::string> rows;
   for (const Result& r : results) {
     if (!r.error.empty()) continue;
     const double gbps = r.bytes / (r.ms * 1e6), copy_gbps = r.copy_bytes / (r.copy_ms * 1e6);
-    std::fprintf(f,
-                 "%s\n  {\"case\": \"%s\", \"m\": %lld, \"k\": %lld, \"n\": %lld, \"splits\": %d, \"ours_ms\": %.6f, "
-                 "\"baseline\": \"device copy, bf16 weight traffic\", \"baseline_ms\": %.6f, \"speedup\": %.3f, "
-                 "\"gbps\": %.1f, \"pct_peak_bw\": %.1f}",
-                 first ? "" : ",", r.name.c_str(), r.m, r.k, r.n, r.splits, r.ms, r.copy_ms, r.copy_ms / r.ms, gbps,
-                 100 * gbps / copy_gbps);
-    first = false;
+    rows.push_back(format("{\"case\": \"%s\", \"m\": %lld, \"k\": %lld, \"n\": %lld, \"splits\": %d, \"ours_ms\": %.6f, "
+                          "\"baseline\": \"device copy, bf16 weight traffic\", \"baseline_ms\": %.6f, "
+                          "\"speedup\": %.3f, \"gbps\": %.1f, \"pct_peak_bw\": %.1f}",
+                          r.name.c_str(), r.m, r.k, r.n, r.splits, r.ms, r.copy_ms, r.copy_ms / r.ms, gbps,
+                          100 * gbps / copy_gbps));
   }
-  std::fprintf(f, "\n]}\n");
-  return std::fclose(f) == 0;
+  return write_results_json("bench_w4a16", o.json, "w4a16_gemm_cpp", device, o.commit, notes, rows);
 }
 
 }  // namespace
@@ -453,8 +437,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   const int status = start_main("bench_w4a16", kUsage, help, usage_error, o.device, &prop);
   if (status >= 0) return status;
-  std::printf("device %lld: %s (sm_%d%d, %d SMs, L2 %.0f MB); %s, group %lld, %s\n", o.device, prop.name, prop.major,
-              prop.minor, prop.multiProcessorCount, prop.l2CacheSize / 1e6, dtype_name(o.dtype), o.group,
+  std::printf("%s; %s, group %lld, %s\n", describe_device(o.device, prop).c_str(), dtype_name(o.dtype), o.group,
               o.zeros ? "zero points" : "symmetric");
   std::printf("%-26s %6s %6s %6s %10s %10s %8s %8s %8s\n", "case", "K", "N", "splits", "ms", "copy ms", "x copy",
               "GB/s", "% copy");
@@ -477,9 +460,6 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (!o.json.empty() && !write_json(o, prop.name, results)) {
-    std::fprintf(stderr, "bench_w4a16: cannot write %s\n", o.json.c_str());
-    return kExitFailed;
-  }
+  if (!o.json.empty() && !write_json(o, prop.name, results)) return kExitFailed;
   return failed ? kExitFailed : kExitOk;
 }
