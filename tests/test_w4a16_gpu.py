@@ -20,9 +20,8 @@ from edgespec import errors
 from edgespec.ops import _kernels
 from edgespec.quant import Int4Weight, QuantLinear
 from oracle.ops import dequantize_int4
-from test_kernels_gpu import poisoned_outputs  # noqa: F401 - autouse: every kernel output starts as NaN
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_kernel_outputs")]
 
 DTYPES = [torch.bfloat16, torch.float16]
 ROWS = [1, 2, 7, 16, 33, 64]
