@@ -78,7 +78,7 @@ def test_train_draft_cli(demo_gguf, tmp_path, capsys):
     assert main(["build-vocab", "--model", str(demo_gguf), "--data", str(text), "--size", "64",
                  "--out", str(vocab)]) == 0
     out = tmp_path / "head"
-    assert main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32", "--gen-draft", "none",
+    assert main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32",
                  "--data", str(text), "--prompts", str(prompts), "--response-tokens", "8", "--text-tokens", "400",
                  "--seq-len", "64", "--steps", "3", "--batch-size", "2", "--checkpoint-every", "2",
                  "--frspec-vocab", str(vocab), "--cache", str(tmp_path / "cache.pt"), "--out", str(out)]) == 0

@@ -267,3 +267,19 @@ def test_train_settings_are_validated():
         TrainSettings(steps=0).validate()
     with pytest.raises(ValueError, match="too short"):
         TrainSettings(seq_len=3, unroll=3).validate()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_batched_generation_matches_the_engine(tmp_path, arch):
+    """Training data comes from batched greedy decoding: it must be the engine's greedy output."""
+    from conftest import write_tiny_hf_model
+    from edgespec.spec.batch_generate import generate_batch
+
+    llm = tiny_llm(write_tiny_hf_model(tmp_path / arch, arch, 5, vocab_size=64))
+    prompts = [[1, 5, 7], [1, 9, 3, 4, 5, 6, 22, 40, 13, 17], [1], [2, 3]]
+    want = [run(llm, p, 20) for p in prompts]
+    got = generate_batch(llm.model, prompts, 20)
+    assert got == want
+    stop = want[1][4]  # stopping early includes the stop token and leaves the other rows running
+    cut = generate_batch(llm.model, prompts, 20, stop_ids=[stop])
+    assert all(c == w[:w.index(stop) + 1] if stop in w else c == w for c, w in zip(cut, want))

@@ -46,10 +46,10 @@ def check_equal(llm, expected, **spec) -> dict:
     disable_speculation(llm)
     for p, e, g in zip(PROMPTS, expected, got):
         assert g.token_ids == e, f"speculative != plain for prompt {p} with {spec}"
-    steps = sum(sum(g.stats.extra["acceptance_histogram"].values()) for g in got)
-    committed = sum(k_ * v for g in got for k_, v in ((int(a), b) for a, b in g.stats.extra["acceptance_histogram"].items()))
-    return {"steps": steps, "committed": committed,
-            "max_accept": max(int(k_) for g in got for k_ in g.stats.extra["acceptance_histogram"])}
+    hists = [{int(k): v for k, v in g.stats.extra["acceptance_histogram"].items()} for g in got]
+    return {"steps": sum(sum(h.values()) for h in hists),
+            "committed": sum(k * v for h in hists for k, v in h.items()),
+            "max_accept": max(k for h in hists for k in h)}
 
 
 def settings_for(seed: int) -> dict:

@@ -22,15 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="the target's dtype while labelling (default: the inference default, bf16 on capable CPUs)")
-    t.add_argument("--gen-draft", default="auto",
-                   help="draft that speeds up generating the target's responses (same tokens): a head or model "
-                        "path, 'none', or 'auto' (the shipped head for demo)")
     t.add_argument("--data", nargs="+", required=True, help="text files to learn from")
     t.add_argument("--out", required=True, help="output head directory")
     t.add_argument("--prompts", default=None, help="chat prompts (.jsonl with 'prompt', or one per line) the target "
                                                    "answers itself; its responses become training data")
     t.add_argument("--max-prompts", type=int, default=200, help="use at most this many prompts (default 200)")
     t.add_argument("--response-tokens", type=int, default=160, help="new tokens per self-generated response")
+    t.add_argument("--gen-batch", type=int, default=16, help="prompts answered together (batched decoding)")
+    t.add_argument("--responses-per-prompt", type=int, default=1,
+                   help="answers per prompt: the first greedy, the others sampled at --gen-temperature")
+    t.add_argument("--gen-temperature", type=float, default=0.7)
     t.add_argument("--text-tokens", type=int, default=100_000, help="text tokens to label, spread over --data")
     t.add_argument("--cache", default=None, help="file for the labelled sequences: reused when it exists")
     t.add_argument("--frspec-vocab", default=None,
@@ -61,8 +62,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
     from ..engine import LLM  # noqa: PLC0415
 
     device = None if args.device == "auto" else args.device
-    draft = None if args.gen_draft == "none" else args.gen_draft
-    llm = LLM.load(args.model, device=device, dtype=DTYPES[args.dtype], max_context=4096, progress=True, draft=draft)
+    llm = LLM.load(args.model, device=device, dtype=DTYPES[args.dtype], max_context=4096, progress=True, draft=None)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model}: train-draft needs the model's tokenizer")
     t0 = time.time()
@@ -81,8 +81,11 @@ def run_train_draft(args: argparse.Namespace) -> int:
         seqs += [label(llm.model, w, settings.target_topk, "text") for w in tqdm(windows, desc="labelling text")]
         if cache is not None:
             save_sequences(cache, seqs)
-    if prompts and not any(s.kind == "chat" for s in seqs):
-        chats = generate_responses(llm, prompts, args.response_tokens)
+    rounds_done = sum(s.kind == "chat" for s in seqs) // max(len(prompts), 1)
+    for r in range(rounds_done, args.responses_per_prompt if prompts else 0):
+        temperature = 0.0 if r == 0 else args.gen_temperature
+        chats = generate_responses(llm, prompts, args.response_tokens, batch=args.gen_batch,
+                                   temperature=temperature, seed=args.train_seed + r)
         seqs += [label(llm.model, c, settings.target_topk, "chat") for c in tqdm(chats, desc="labelling chats")]
         if cache is not None:
             save_sequences(cache, seqs)

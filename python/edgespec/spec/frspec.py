@@ -53,7 +53,8 @@ def load_vocab(path: str | Path, vocab_size: int) -> torch.Tensor:
         raise ModelFormatError(f"{path}: not a readable FR-Spec vocabulary ({type(exc).__name__}: {exc})") from None
     if isinstance(data, torch.Tensor):
         if data.is_floating_point() or data.dim() != 1:
-            raise ModelFormatError(f"{path}: expected a 1-D integer tensor of token ids, got {data.dtype} {tuple(data.shape)}")
+            raise ModelFormatError(f"{path}: expected a 1-D integer tensor of token ids, "
+                                   f"got {data.dtype} {tuple(data.shape)}")
         data = data.tolist()
     if not isinstance(data, list) or not data:
         raise ModelFormatError(f"{path}: expected a non-empty list of token ids (or {{\"token_ids\": [...]}})")

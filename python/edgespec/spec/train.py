@@ -140,22 +140,33 @@ def label(model: Decoder, ids: list[int], topk: int, kind: str) -> Sequence_:
     return Sequence_(t.cpu(), out.hidden.cpu(), top.indices.cpu(), top.values.cpu(), kind)
 
 
-def generate_responses(llm: Any, prompts: Sequence[str], max_new_tokens: int,
-                       progress: bool = True) -> list[list[int]]:
-    """Prompt + the target's own greedy response (chat template), one id list per prompt.
+def generate_responses(llm: Any, prompts: Sequence[str], max_new_tokens: int, batch: int = 16,
+                       temperature: float = 0.0, seed: int = 0, progress: bool = True) -> list[list[int]]:
+    """Prompt + the target's own response (chat template), one id list per prompt: greedy, or
+    sampled at `temperature` (more distinct answers from the same prompts).
 
-    Uses llm.generate, so a speculative strategy installed on llm (a bootstrap head) makes this
-    faster without changing the tokens.
+    Decodes `batch` prompts together (batch_generate): the target's own answers are what a draft
+    must predict at inference, and batching makes producing hundreds of them affordable on a CPU.
     """
-    seqs = []
-    for p in tqdm(prompts, desc="target responses", disable=not progress):
-        ids = llm.encode(p, chat=True)
-        res = llm.generate(ids, max_new_tokens=max_new_tokens)
-        tail = list(res.token_ids)
-        if res.finish_reason == "stop" and llm.tokenizer is not None and llm.tokenizer.hf.eos_token_id is not None:
-            tail.append(int(llm.tokenizer.hf.eos_token_id))  # the draft should learn to predict the end too
-        seqs.append(ids + tail)
-    return seqs
+    from .batch_generate import generate_batch  # noqa: PLC0415
+
+    encoded = [llm.encode(p, chat=True) for p in prompts]
+    stop = set(llm.model.config.eos_token_ids)
+    if llm.tokenizer is not None:
+        stop |= set(llm.tokenizer.stop_token_ids)
+    gen = torch.Generator(device=llm.model.device).manual_seed(seed)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths decode together
+    out: list[list[int]] = [[] for _ in encoded]
+    bar = tqdm(total=len(encoded), desc=f"target responses (T={temperature})", disable=not progress)
+    for s in range(0, len(order), batch):
+        chunk = order[s:s + batch]
+        answers = generate_batch(llm.model, [encoded[i] for i in chunk], max_new_tokens, sorted(stop),
+                                 temperature=temperature, generator=gen)
+        for i, ans in zip(chunk, answers):
+            out[i] = encoded[i] + ans  # a stop token, when reached, is kept: the draft learns the end too
+        bar.update(len(chunk))
+    bar.close()
+    return out
 
 
 def save_sequences(path: str | Path, seqs: list[Sequence_]) -> None:

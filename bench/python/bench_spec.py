@@ -1,0 +1,174 @@
+"""Speculative decoding vs plain decoding on the demo model (SmolLM2-135M-Instruct) with its
+shipped EAGLE head, in the same run: mean accepted length, tokens/s both ways, speedup, and the
+acceptance histogram, over a fixed prompt set (chat and continuation).
+
+Both sides are edgespec in the same process, dtype and thread count; greedy, up to 128 new tokens
+(a chat answer may end earlier at its end-of-turn token; --ignore-eos forces 128); tokens/s counts
+the tokens each side produced. The two are alternated per prompt so drift in machine load hits both
+alike. Prompts and topics are disjoint from the head's training prompts.
+
+    python bench/python/bench_spec.py [--device cpu|cuda] [--dtype bf16|fp32] [--new-tokens 128]
+        [--tree-size N --depth D --topk K] [--draft HEAD] [--frspec-vocab FILE|none] [--threads N]
+        [--sweep "12,5,4 8,4,2 ..."]  (prints mean accepted length and speedup per tree shape, no JSON)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+
+from benchlib import write_result  # noqa: E402
+
+import edgespec  # noqa: E402
+from edgespec.loading import default_dtype, resolve_device  # noqa: E402
+from edgespec.spec import DEMO_HEAD, default_settings, enable_speculation  # noqa: E402
+
+CHAT_PROMPTS = [
+    "What is the difference between a virus and a bacterium?",
+    "Write a limerick about a forgetful wizard.",
+    "How can I make my morning routine more productive?",
+    "Explain what a neural network is to a high school student.",
+    "What should I pack for a weekend camping trip?",
+    "Describe the taste of a ripe mango to someone who has never had one.",
+    "Give me three ideas for a birthday party for a ten-year-old.",
+    "Why do leaves change color in the fall?",
+    "Write a short thank-you note to a teacher.",
+    "How does a refrigerator keep food cold?",
+    "What are some good habits for writing clean code?",
+    "Summarize the plot of Cinderella in a few sentences.",
+]
+CONTINUATION_PROMPTS = [
+    "The old lighthouse keeper climbed the stairs one last time, and",
+    "In computer science, a linked list is",
+    "The recipe begins with two cups of flour, a pinch of salt, and",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The history of the bicycle starts in the early nineteenth century, when",
+    "Dear hiring manager,\n\nI am writing to apply for",
+]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def run_prompt(llm: edgespec.LLM, ids: list[int], n: int, ignore_eos: bool) -> tuple[float, edgespec.GenerationResult]:
+    t0 = time.perf_counter()
+    res = llm.generate(ids, max_new_tokens=n, ignore_eos=ignore_eos)
+    return time.perf_counter() - t0, res
+
+
+def measure(llm: edgespec.LLM, prompts: list[tuple[str, list[int]]], n: int, spec: dict,
+            ignore_eos: bool) -> list[dict]:
+    """Alternate plain and speculative generation per prompt; one row per prompt."""
+    rows = []
+    for kind, ids in prompts:
+        enable_speculation(llm, None)
+        plain_s, plain = run_prompt(llm, ids, n, ignore_eos)
+        enable_speculation(llm, **spec)
+        spec_s, res = run_prompt(llm, ids, n, ignore_eos)
+        same = sum(a == b for a, b in zip(plain.token_ids, res.token_ids))
+        first_diff = next((i for i, (a, b) in enumerate(zip(plain.token_ids, res.token_ids)) if a != b), None)
+        rows.append({"kind": kind, "prompt_tokens": len(ids), "plain_s": plain_s, "spec_s": spec_s,
+                     "plain_tokens": len(plain.token_ids), "spec_tokens": len(res.token_ids),
+                     "accept": res.stats.extra["mean_accepted_length"],
+                     "hist": Counter({int(k): v for k, v in res.stats.extra["acceptance_histogram"].items()}),
+                     "same_tokens": first_diff is None, "first_difference": first_diff, "agree": same})
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """One summary row over several prompts: total times, tokens/s over all tokens, the pooled
+    acceptance histogram and its mean. speedup compares tokens/s (the two sides may stop at
+    different lengths when a bf16 tie makes them part)."""
+    h = sum((r["hist"] for r in rows), Counter())
+    ps, ss = sum(r["plain_s"] for r in rows), sum(r["spec_s"] for r in rows)
+    pt, st = sum(r["plain_tokens"] for r in rows), sum(r["spec_tokens"] for r in rows)
+    return {"ours_ms": round(ss * 1e3, 1), "baseline": "edgespec plain decoding (same run)",
+            "baseline_ms": round(ps * 1e3, 1), "speedup": round((st / ss) / (pt / ps), 3),
+            "accept_len": round(sum(k * v for k, v in h.items()) / sum(h.values()), 3),
+            "new_tokens": st, "baseline_new_tokens": pt,
+            "tokens_per_s": round(st / ss, 2), "baseline_tokens_per_s": round(pt / ps, 2),
+            "acceptance_histogram": {str(k): h[k] for k in sorted(h)},
+            "identical_outputs": f"{sum(r['same_tokens'] for r in rows)}/{len(rows)}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: edgespec's default for the device")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--ignore-eos", action="store_true", help="always generate --new-tokens tokens")
+    ap.add_argument("--draft", default=str(DEMO_HEAD))
+    ap.add_argument("--frspec-vocab", default=None)
+    ap.add_argument("--tree-size", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--topk", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sweep", default=None, help="space-separated tree_size,depth,topk shapes to compare")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each kind")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    llm = edgespec.LLM.load("demo", device=str(device), dtype=dtype, max_context=2048, draft=None)
+    chat = CHAT_PROMPTS[:args.limit]
+    cont = CONTINUATION_PROMPTS[:args.limit]
+    prompts = [("chat", llm.encode(p, chat=True)) for p in chat] + [("continuation", llm.encode(p)) for p in cont]
+    base = default_settings(llm.model)
+    shapes = [(args.tree_size or base.tree_size, args.depth or base.depth, args.topk or base.topk)]
+    if args.sweep:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.sweep.split()]
+    load_before = os.getloadavg()
+    run_prompt(llm, prompts[0][1], 8, True)  # warm-up (allocations, kernels' first calls)
+    for tree_size, depth, topk in shapes:
+        spec = {"draft": args.draft, "tree_size": tree_size, "depth": depth, "topk": topk,
+                "frspec_vocab": args.frspec_vocab}
+        rows = measure(llm, prompts, args.new_tokens, spec, args.ignore_eos)
+        agg = aggregate(rows)
+        print(f"tree {tree_size:3d} depth {depth} topk {topk}: mean accepted length {agg['accept_len']:.2f}, "
+              f"{agg['tokens_per_s']:.1f} vs {agg['baseline_tokens_per_s']:.1f} tok/s, speedup {agg['speedup']:.2f}x, "
+              f"identical outputs {agg['identical_outputs']}", flush=True)
+    if args.sweep:
+        return
+    load_after = os.getloadavg()
+    n = args.new_tokens
+    name = f"smollm2-135m {str(dtype).removeprefix('torch.')} greedy max_new={n}"
+    out_rows = []
+    for i, r in enumerate(rows):
+        out_rows.append({
+            "case": f"{name} {r['kind']} #{i} prompt={r['prompt_tokens']}",
+            "ours_ms": round(r["spec_s"] * 1e3, 1), "baseline": "edgespec plain decoding (same run)",
+            "baseline_ms": round(r["plain_s"] * 1e3, 1), "speedup": round(r["plain_s"] / r["spec_s"], 3),
+            "accept_len": r["accept"], "new_tokens": r["spec_tokens"], "baseline_new_tokens": r["plain_tokens"],
+            "tokens_per_s": round(r["spec_tokens"] / r["spec_s"], 2),
+            "baseline_tokens_per_s": round(r["plain_tokens"] / r["plain_s"], 2), "same_tokens": r["same_tokens"],
+            "first_difference": r["first_difference"]})
+    for kind in ("chat", "continuation", "all"):
+        sel = [r for r in rows if kind in ("all", r["kind"])]
+        out_rows.append({"case": f"{name} {kind} prompts (all {len(sel)} together)", **aggregate(sel)})
+    notes = (f"Wall time of each whole generation (prefill + up to {n} greedy new tokens, "
+             f"{'EOS ignored' if args.ignore_eos else 'stopping at the end-of-turn token'}), plain and "
+             f"speculative alternated per prompt, one run each after a warm-up; tokens_per_s = new tokens / wall "
+             f"time, speedup = ratio of tokens/s. "
+             f"accept_len = mean tokens committed per target forward (bonus included). Draft: {Path(args.draft).name} "
+             f"(EAGLE-1/2 head trained with edgespec train-draft), tree_size {shapes[0][0]}, depth {shapes[0][1]}, "
+             f"topk {shapes[0][2]}, FR-Spec vocabulary: {args.frspec_vocab or 'the head default'}. "
+             f"{torch.get_num_threads()} torch threads; load average before/after {load_before[0]:.2f}/"
+             f"{load_after[0]:.2f} (machine shared with other jobs). same_tokens compares with plain decoding: in "
+             f"bf16 the verification's multi-row matmuls round differently from single-row decoding and bf16 logits "
+             f"tie often (8-bit mantissa), so greedy outputs can part at an exact tie; in fp32 they are identical "
+             f"(tests/test_spec_demo.py).")
+    path = write_result("spec", device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
+                        dtype=str(dtype), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],
+                                                "topk": shapes[0][2]})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
