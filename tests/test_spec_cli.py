@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from edgespec.cli import main
 from edgespec.spec import DEMO_HEAD, load_vocab
@@ -74,18 +75,26 @@ def test_train_draft_cli(demo_gguf, tmp_path, capsys):
     text.write_text(("Once upon a time there was a small robot who liked to paint the sea. " * 8 + "\n\n") * 6)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Say hello."}) + "\n")
+    more = tmp_path / "more.txt"
+    more.write_text("Name a fruit.\nName a color.\n")
+    val = tmp_path / "val.txt"
+    val.write_text("Name an animal.\n")
     vocab = tmp_path / "v.json"
     assert main(["build-vocab", "--model", str(demo_gguf), "--data", str(text), "--size", "64",
                  "--out", str(vocab)]) == 0
     out = tmp_path / "head"
     assert main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32",
-                 "--data", str(text), "--prompts", str(prompts), "--response-tokens", "8", "--text-tokens", "400",
+                 "--data", str(text), "--prompts", str(prompts), str(more), "--val-prompts", str(val), "--response-tokens", "8", "--text-tokens", "400",
                  "--seq-len", "64", "--steps", "3", "--batch-size", "2", "--checkpoint-every", "2",
                  "--frspec-vocab", str(vocab), "--cache", str(tmp_path / "cache.pt"), "--out", str(out)]) == 0
     result = stats_line(capsys.readouterr().out)
     assert result["step"] == 3
     cfg = json.loads((out / "config.json").read_text())
     meta = cfg["edgespec_draft"]
-    assert meta["frspec_vocab"] == "frspec.json" and meta["data"]["prompts"] == 1
+    assert meta["frspec_vocab"] == "frspec.json" and meta["data"]["prompts"] == {"p": 1, "more": 2}
+    assert meta["data"]["val_sequences"] == 1
+    assert [h["step"] for h in meta["validation"]] == [2, 3] and 0.0 <= result["val_acc1"] <= 1.0
+    kinds = sorted({s["kind"] for s in torch.load(tmp_path / "cache.pt", weights_only=True)})
+    assert kinds == ["chat:more:0", "chat:p:0", "text", "val:val"]
     assert meta["target"]["hidden_size"] == 576 and (out / "model.safetensors").stat().st_size < 10 << 20
     assert (tmp_path / "cache.pt").exists()

@@ -10,7 +10,7 @@ import torch
 from edgespec.errors import ModelFormatError
 from edgespec.spec import DraftLMHead, TargetStates, enable_speculation, load_eagle_head, load_vocab
 from edgespec.spec.frspec import count_tokens, save_vocab, select_vocab
-from edgespec.spec.train import Sequence_, TrainSettings, label, train_head
+from edgespec.spec.train import Sequence_, TrainSettings, evaluate_head, label, train_head
 from edgespec.spec.train_head import TrainableEagleHead, head_config, head_model_config, random_head
 from test_spec_helpers import eagle3_head, one_thread, run, tiny_llm  # noqa: F401 (one_thread: autouse fixture)
 
@@ -245,11 +245,19 @@ def test_training_learns_and_checkpoints(target, tmp_path):
     settings = TrainSettings(steps=60, batch_size=4, seq_len=32, lr=3e-3, warmup=5, checkpoint_every=30,
                              autocast_bf16=False)
     vocab = save_vocab(tmp_path / "v.json", list(range(50)), 50)
+    # Validation scores whole sequences at each checkpoint. A random tiny target does not generalise
+    # from five sequences, so the mechanism is checked on one it trains on: far above untrained, and
+    # the same number when the written head is scored again from its directory.
+    untrained = evaluate_head(m, seqs[:1], settings, frspec_vocab=vocab)
     metrics = train_head(m, seqs, settings, tmp_path / "head", frspec_vocab=vocab, meta={"note": "test"},
-                         progress=False)
+                         progress=False, val_seqs=seqs[:1])
     assert metrics["step"] == 60 and metrics["acc1"] > 0.5
+    assert metrics["val_acc1"] > untrained["val_acc1"] + 0.2 and 0.0 <= metrics["val_acc3"] <= 1.0
+    again = evaluate_head(m, seqs[:1], settings, head=tmp_path / "head", frspec_vocab=vocab)
+    assert abs(again["val_acc1"] - metrics["val_acc1"]) < 0.05  # bf16 checkpoint vs fp32 weights
     cfg = json.loads((tmp_path / "head" / "config.json").read_text())
     assert cfg["edgespec_draft"]["frspec_vocab"] == "frspec.json" and cfg["edgespec_draft"]["note"] == "test"
+    assert [h["step"] for h in cfg["edgespec_draft"]["validation"]] == [30, 60]
     prompt = seqs[0].tokens[:6].tolist()
     plain = run(llm, prompt, 30)
     enable_speculation(llm, draft=str(tmp_path / "head"), tree_size=8, depth=4, topk=2)

@@ -6,6 +6,9 @@ Writes into OUT:
   text/python-stdlib.txt    a sample of the Python standard library sources
   prompts.jsonl             chat prompts {"prompt": ...} for self-distillation: templates x topics,
                             plus "summarise this passage" / "explain this code" built from the text
+  prompts-broad.jsonl       instruction styles x words of the tokenizer's vocabulary, stdlib modules
+                            and passages of the corpora
+  prompts-natural.jsonl     everyday request forms x everyday subjects
 
 Every source is local; missing ones are skipped with a message. The benchmark prompts in
 bench/python/bench_spec.py are deliberately not among these topics.
@@ -53,6 +56,123 @@ TEMPLATES = [
     "List some common misconceptions about {t}.",
     "What are the pros and cons of {t}?",
 ]
+
+
+# A second, broader set: instruction styles x words from the tokenizer's own vocabulary, standard
+# library modules, and passages of the corpora. Self-distillation generalises with the variety of
+# the prompts far more than with their number (a narrow set is memorised).
+WORD_TEMPLATES = [
+    "Write a short story that includes the word '{w}'.", "What does the word '{w}' mean? Use it in a sentence.",
+    "Write a haiku about {w}.", "Give me a fun fact related to {w}.", "Write a tweet about {w}.",
+    "Explain the concept of {w} to a beginner.", "Write a two-line rhyme about {w}.",
+    "Describe {w} in three sentences.", "Brainstorm five names for a company about {w}.",
+    "Write a short dialogue between two friends about {w}.", "Give three tips related to {w}.",
+    "Write a riddle whose answer is '{w}'.", "How would a scientist describe {w}?",
+    "Write an encouraging message that mentions {w}.", "Compose a short product description for {w}.",
+    "Tell me a joke about {w}.", "Write a diary entry about {w}.", "What questions would a child ask about {w}?",
+    "List synonyms and antonyms of '{w}'.", "Write a news headline and a short summary about {w}.",
+]
+MODULE_TEMPLATES = [
+    "What is the Python {m} module used for?", "Show a small example of using Python's {m} module.",
+    "What are common mistakes when using the {m} module in Python?",
+]
+GENERAL = [
+    "How do I make a cup of tea?", "What is the meaning of life?", "Can you help me plan a trip to Japan?",
+    "What are the benefits of reading books?", "How do I stay motivated when studying?",
+    "Write an email asking my manager for a day off.", "What is the difference between weather and climate?",
+    "How do airplanes stay in the air?", "Give me a simple recipe for pancakes.", "Why do cats purr?",
+    "How can I improve my handwriting?", "What is a good way to learn math?", "Tell me about the moon landing.",
+    "Write a motivational speech for a sports team.", "How do I start running?", "What makes a good leader?",
+]
+
+
+# A third set in the style of real chat requests: everyday task and question forms x everyday
+# subjects (none of them the benchmark's; see bench/python/bench_spec.py).
+NATURAL_TEMPLATES = [
+    "How does {t} work?", "What is the difference between {t} and {u}?", "Can you explain {t} in a few sentences?",
+    "Give me three ideas related to {t}.", "Write a short email to a friend about {t}.",
+    "What are the most common questions people have about {t}?",
+    "I want to learn about {t}. Where should I start?", "Summarize what you know about {t}.",
+    "What would happen if {t} disappeared tomorrow?", "Compare {t} and {u} in a short table.",
+    "Write a short story for kids about {t}.", "What are five tips for someone interested in {t}?",
+    "Describe {t} to someone who has never heard of it.", "Why do people like {t}?",
+    "Write a short speech about {t}.", "What are the advantages and disadvantages of {t}?",
+    "Tell me something surprising about {t}.", "Write a product review about {t}.",
+    "How has {t} changed over the last hundred years?", "Create a short quiz with three questions about {t}.",
+    "Explain {t} step by step.", "Write a motivational quote about {t}.", "Is {t} good or bad? Explain.",
+    "What jobs are related to {t}?", "Plan a one-day itinerary themed around {t}.",
+    "Write a conversation between a teacher and a student about {t}.", "What is a fun weekend project about {t}?",
+    "Explain the science behind {t}.", "Write a social media post announcing an event about {t}.",
+    "What should a beginner know about {t}?", "Give an analogy that explains {t}.",
+]
+NATURAL_SUBJECTS = [
+    "tea", "chocolate", "pizza", "sushi", "yoga", "running", "swimming", "football", "tennis", "basketball",
+    "the piano", "the violin", "drums", "photography", "painting", "knitting", "pottery", "origami", "poetry",
+    "novels", "comic books", "movies", "theater", "podcasts", "radio", "newspapers", "television", "cameras",
+    "laptops", "keyboards", "printers", "robots", "drones", "satellites", "rockets", "telescopes", "microscopes",
+    "batteries", "solar panels", "wind turbines", "nuclear power", "electric bikes", "trucks", "boats",
+    "submarines", "helicopters", "hot air balloons", "traffic lights", "roads", "tunnels", "castles", "temples",
+    "farms", "forests", "rivers", "lakes", "mountains", "islands", "caves", "beaches", "snow", "rain", "wind",
+    "lightning", "the sun", "stars", "comets", "Jupiter", "Saturn", "the Milky Way", "atoms", "molecules",
+    "chemistry", "physics", "biology", "geology", "astronomy", "algebra", "geometry", "statistics",
+    "probability", "economics", "psychology", "philosophy", "sociology", "law", "medicine", "nursing",
+    "dentistry", "nutrition", "vitamins", "water", "salt", "sugar", "bread", "cheese", "eggs", "apples",
+    "bananas", "tomatoes", "potatoes", "rice", "pasta", "soup", "salad", "spices", "vegetarian food",
+    "camels", "elephants", "lions", "wolves", "foxes", "rabbits", "horses", "cows", "chickens", "frogs",
+    "snakes", "turtles", "sharks", "dolphins", "octopuses", "ants", "butterflies", "spiders", "trees",
+    "flowers", "cactus plants", "bamboo", "moss", "money", "banks", "credit cards", "taxes", "insurance",
+    "shopping", "advertising", "marketing", "startups", "small businesses", "teamwork", "meetings",
+    "email etiquette", "negotiation", "leadership", "habits", "goals", "stress", "happiness", "gratitude",
+    "patience", "courage", "curiosity", "creativity", "memory", "dreams", "emotions", "families", "grandparents",
+    "neighbors", "weddings", "holidays", "birthdays", "travel", "hotels", "airports", "maps", "languages",
+    "alphabets", "calendars", "clocks", "numbers", "music festivals", "concerts", "dancing", "singing",
+    "cooking at home", "cleaning the house", "moving to a new city", "learning to drive", "first aid",
+    "fire safety", "passwords", "malware", "spreadsheets", "websites", "search engines", "algorithms",
+    "programming", "JavaScript", "Linux", "open source software", "cloud computing", "artificial intelligence",
+    "chatbots", "virtual reality", "3D printing", "the stock market", "cities", "villages", "schools",
+    "universities", "homework", "exams", "teachers", "libraries at night", "board games", "puzzles", "magic tricks",
+]
+
+
+def natural_prompts(rng: random.Random, count: int) -> list[str]:
+    out = set()
+    while len(out) < count:
+        t, u = rng.sample(NATURAL_SUBJECTS, 2)
+        out.add(rng.choice(NATURAL_TEMPLATES).format(t=t, u=u))
+    out = sorted(out)
+    rng.shuffle(out)
+    return out
+
+
+def _tokenizer_words(limit: int, rng: random.Random) -> list[str]:
+    """Plain English words the demo tokenizer has as single tokens (its vocabulary is local)."""
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+        from edgespec.loading import Tokenizer, open_checkpoint  # noqa: PLC0415
+
+        _, _, tok_dir, tok_gguf = open_checkpoint("demo")
+        vocab = Tokenizer.from_pretrained(tok_dir, gguf_file=tok_gguf).hf.get_vocab()
+    except Exception as exc:  # the demo model may be unavailable: this source is optional
+        print(f"no tokenizer words ({exc}); skipping", file=sys.stderr)
+        return []
+    words = sorted({t[1:] for t in vocab if t.startswith("\u0120") and t[1:].isalpha() and t[1:].islower()
+                    and 5 <= len(t) - 1 <= 12})
+    rng.shuffle(words)
+    return words[:limit]
+
+
+def broad_prompts(rng: random.Random, prose: list[str], code_modules: list[str], words: int) -> list[str]:
+    out = list(GENERAL)
+    for w in _tokenizer_words(words, rng):
+        out.append(rng.choice(WORD_TEMPLATES).format(w=w))
+    for m in code_modules:
+        out.append(rng.choice(MODULE_TEMPLATES).format(m=m))
+    for p in prose:
+        sentence = p.split(". ")[0][:300]
+        out.append(rng.choice(["Continue this story: ", "Rewrite this more simply: ", "What is happening here? ",
+                               "Explain this sentence: "]) + sentence)
+    rng.shuffle(out)
+    return out
 
 
 def _botchan(sdist: Path | None, work: Path) -> str | None:
@@ -115,6 +235,8 @@ def main() -> int:
     ap.add_argument("--stdlib-chars", type=int, default=600_000)
     ap.add_argument("--derived-prompts", type=int, default=120, help="summarise/explain prompts built from the text")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--broad-words", type=int, default=1200, help="tokenizer words for prompts-broad.jsonl")
+    ap.add_argument("--natural-prompts", type=int, default=2000, help="size of prompts-natural.jsonl")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     text_dir = args.out / "text"
@@ -142,6 +264,17 @@ def main() -> int:
         for p in prompts:
             f.write(json.dumps({"prompt": p}) + "\n")
     print(f"wrote {args.out / 'prompts.jsonl'} ({len(prompts)} prompts)", file=sys.stderr)
+    modules = sorted(f.stem for f in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if not f.stem.startswith("_"))
+    broad = broad_prompts(rng, prose[args.derived_prompts:args.derived_prompts + 300], modules, args.broad_words)
+    with open(args.out / "prompts-broad.jsonl", "w", encoding="utf-8") as f:
+        for p in broad:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    print(f"wrote {args.out / 'prompts-broad.jsonl'} ({len(broad)} prompts)", file=sys.stderr)
+    natural = natural_prompts(rng, args.natural_prompts)
+    with open(args.out / "prompts-natural.jsonl", "w", encoding="utf-8") as f:
+        for p in natural:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    print(f"wrote {args.out / 'prompts-natural.jsonl'} ({len(natural)} prompts)", file=sys.stderr)
     return 0
 
 

@@ -10,10 +10,12 @@ alike. Prompts and topics are disjoint from the head's training prompts.
     python bench/python/bench_spec.py [--device cpu|cuda] [--dtype bf16|fp32] [--new-tokens 128]
         [--tree-size N --depth D --topk K] [--draft HEAD] [--frspec-vocab FILE|none] [--threads N]
         [--sweep "12,5,4 8,4,2 ..."]  (prints mean accepted length and speedup per tree shape, no JSON)
+        [--prompts-file held_out.jsonl --limit N]  (tune on other prompts than the benchmark's)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -73,6 +75,8 @@ def measure(llm: edgespec.LLM, prompts: list[tuple[str, list[int]]], n: int, spe
         spec_s, res = run_prompt(llm, ids, n, ignore_eos)
         same = sum(a == b for a, b in zip(plain.token_ids, res.token_ids))
         first_diff = next((i for i, (a, b) in enumerate(zip(plain.token_ids, res.token_ids)) if a != b), None)
+        if first_diff is None and len(plain.token_ids) != len(res.token_ids):
+            first_diff = min(len(plain.token_ids), len(res.token_ids))  # one side stopped at end-of-turn
         rows.append({"kind": kind, "prompt_tokens": len(ids), "plain_s": plain_s, "spec_s": spec_s,
                      "plain_tokens": len(plain.token_ids), "spec_tokens": len(res.token_ids),
                      "accept": res.stats.extra["mean_accepted_length"],
@@ -111,6 +115,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--sweep", default=None, help="space-separated tree_size,depth,topk shapes to compare")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each kind")
+    ap.add_argument("--prompts-file", default=None,
+                    help="tune on other chat prompts (.jsonl with 'prompt'), e.g. held-out training prompts")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +125,9 @@ def main() -> None:
     llm = edgespec.LLM.load("demo", device=str(device), dtype=dtype, max_context=2048, draft=None)
     chat = CHAT_PROMPTS[:args.limit]
     cont = CONTINUATION_PROMPTS[:args.limit]
+    if args.prompts_file:
+        chat = [json.loads(line)["prompt"] for line in Path(args.prompts_file).read_text().splitlines()][:args.limit]
+        cont = []
     prompts = [("chat", llm.encode(p, chat=True)) for p in chat] + [("continuation", llm.encode(p)) for p in cont]
     base = default_settings(llm.model)
     shapes = [(args.tree_size or base.tree_size, args.depth or base.depth, args.topk or base.topk)]

@@ -24,9 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the target's dtype while labelling (default: the inference default, bf16 on capable CPUs)")
     t.add_argument("--data", nargs="+", required=True, help="text files to learn from")
     t.add_argument("--out", required=True, help="output head directory")
-    t.add_argument("--prompts", default=None, help="chat prompts (.jsonl with 'prompt', or one per line) the target "
-                                                   "answers itself; its responses become training data")
-    t.add_argument("--max-prompts", type=int, default=200, help="use at most this many prompts (default 200)")
+    t.add_argument("--prompts", nargs="+", default=[], help="chat prompt files (.jsonl with 'prompt', or one per "
+                                                             "line) the target answers itself; its responses become "
+                                                             "training data")
+    t.add_argument("--max-prompts", type=int, default=200, help="use at most this many prompts per file (default 200)")
+    t.add_argument("--val-prompts", default=None,
+                   help="validation prompts (disjoint from --prompts): the target's greedy answers are labelled "
+                        "but never trained on; the head's per-depth top-1 agreement with the target on them "
+                        "(val_acc1, ...) is reported at every checkpoint")
     t.add_argument("--response-tokens", type=int, default=160, help="new tokens per self-generated response")
     t.add_argument("--gen-batch", type=int, default=16, help="prompts answered together (batched decoding)")
     t.add_argument("--responses-per-prompt", type=int, default=1,
@@ -58,7 +63,9 @@ def run_train_draft(args: argparse.Namespace) -> int:
                              unroll=args.unroll, checkpoint_every=args.checkpoint_every,
                              seed=args.train_seed).validate()
     texts = read_texts(args.data)
-    prompts = read_prompts(args.prompts)[:args.max_prompts] if args.prompts else []
+    prompt_sets = {Path(f).stem: read_prompts(f)[:args.max_prompts] for f in args.prompts}
+    if len(prompt_sets) != len(args.prompts):
+        raise ValueError(f"train-draft: prompt files need distinct names (they tag the cache): {args.prompts}")
     from ..engine import LLM  # noqa: PLC0415
 
     device = None if args.device == "auto" else args.device
@@ -81,14 +88,30 @@ def run_train_draft(args: argparse.Namespace) -> int:
         seqs += [label(llm.model, w, settings.target_topk, "text") for w in tqdm(windows, desc="labelling text")]
         if cache is not None:
             save_sequences(cache, seqs)
-    rounds_done = sum(s.kind == "chat" for s in seqs) // max(len(prompts), 1)
-    for r in range(rounds_done, args.responses_per_prompt if prompts else 0):
-        temperature = 0.0 if r == 0 else args.gen_temperature
-        chats = generate_responses(llm, prompts, args.response_tokens, batch=args.gen_batch,
-                                   temperature=temperature, seed=args.train_seed + r)
-        seqs += [label(llm.model, c, settings.target_topk, "chat") for c in tqdm(chats, desc="labelling chats")]
-        if cache is not None:
-            save_sequences(cache, seqs)
+    # Chat sequences are tagged with their prompt file and round, so one cache can hold the answers
+    # to several prompt sets and only the missing rounds are generated.
+    for stem, prompts in prompt_sets.items():
+        for r in range(args.responses_per_prompt if prompts else 0):
+            tag = f"chat:{stem}:{r}"
+            if any(s.kind == tag for s in seqs):
+                continue
+            temperature = 0.0 if r == 0 else args.gen_temperature
+            chats = generate_responses(llm, prompts, args.response_tokens, batch=args.gen_batch,
+                                       temperature=temperature, seed=args.train_seed + r)
+            seqs += [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc=f"labelling {stem}")]
+            if cache is not None:
+                save_sequences(cache, seqs)
+    val = []
+    if args.val_prompts:
+        tag = f"val:{Path(args.val_prompts).stem}"
+        val = [s for s in seqs if s.kind == tag]
+        if not val:
+            chats = generate_responses(llm, read_prompts(args.val_prompts)[:args.max_prompts], args.response_tokens,
+                                       batch=args.gen_batch, temperature=0.0, seed=args.train_seed)
+            val = [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc="labelling validation")]
+            if cache is not None:
+                save_sequences(cache, seqs + val)
+    seqs = [s for s in seqs if not s.kind.startswith("val:")]
     tokens = sum(s.tokens.numel() for s in seqs)
     print(f"train-draft: {len(seqs)} sequences, {tokens:,} tokens labelled in {time.time() - t0:.0f} s",
           file=sys.stderr)
@@ -96,10 +119,11 @@ def run_train_draft(args: argparse.Namespace) -> int:
                        "vocab_size": llm.model.config.vocab_size, "num_layers": llm.model.config.num_layers,
                        "dtype": str(llm.model.dtype).removeprefix("torch.")},
             "data": {"files": [Path(f).name for f in args.data], "text_tokens": args.text_tokens,
-                     "prompts": len(prompts), "response_tokens": args.response_tokens,
-                     "labelled_tokens": tokens},
+                     "prompts": {stem: len(p) for stem, p in prompt_sets.items()},
+                     "responses_per_prompt": args.responses_per_prompt, "response_tokens": args.response_tokens,
+                     "labelled_tokens": tokens, "val_sequences": len(val)},
             "argv": sys.argv[1:]}
     metrics = train_head(llm.model, seqs, settings, args.out, frspec_vocab=args.frspec_vocab,
-                         init=args.init, meta=meta)
+                         init=args.init, meta=meta, val_seqs=val)
     print(json.dumps({"out": str(args.out), **metrics}))
     return 0

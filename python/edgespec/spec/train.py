@@ -14,6 +14,7 @@ Embedding and LM head stay frozen and are not saved: the head is fc + one decode
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -66,8 +67,8 @@ class Sequence_:
     """One training sequence labelled by the target.
 
     tokens: [S] int64; feats: [S, H] target features (bf16/fp32); top_ids: [S, k] int64 and
-    top_probs: [S, k] fp32, the target's most likely next tokens after each position; kind: "text"
-    or "chat".
+    top_probs: [S, k] fp32, the target's most likely next tokens after each position; kind: "text",
+    "chat:<prompt set>:<round>" or "val:<prompt set>" (validation only, never trained on).
     """
 
     tokens: torch.Tensor
@@ -185,7 +186,7 @@ class _Batcher:
         self.seqs = [s for s in seqs if s.tokens.numel() >= settings.unroll + 2]
         if not self.seqs:
             raise ValueError("train-draft: no training sequence is long enough")
-        w = torch.tensor([settings.response_weight if s.kind == "chat" else 1.0 for s in self.seqs])
+        w = torch.tensor([settings.response_weight if s.kind.startswith("chat") else 1.0 for s in self.seqs])
         self.weights = w / w.sum()
         self.settings = settings
         # Target id -> row of the draft vocabulary (-1: not draftable).
@@ -205,6 +206,10 @@ class _Batcher:
             n = seq.tokens.numel()
             start = 0 if n <= s.seq_len else int(torch.randint(0, n - s.seq_len + 1, (1,), generator=self.gen))
             parts.append((seq, start, min(n, s.seq_len)))
+        return self.pad(parts)
+
+    def pad(self, parts: list[tuple[Sequence_, int, int]]) -> dict[str, torch.Tensor]:
+        """A padded batch of (sequence, start, length) slices."""
         length = max(p[2] for p in parts)
         b = len(parts)
         h = parts[0][0].feats.shape[1]
@@ -227,12 +232,66 @@ class _Batcher:
                 "mask": mask}
 
 
+def evaluate(head: TrainableEagleHead, embed: torch.Tensor, lm_w: torch.Tensor, lm_b: torch.Tensor | None,
+             batcher: _Batcher, seqs: list[Sequence_], settings: TrainSettings) -> dict[str, float]:
+    """Per-depth top-1 agreement of the head with the target over every position of `seqs`
+    (no input noise, whole sequences in windows of seq_len): {"val_acc1": ..., "val_acc2": ...}.
+    Depth j drafts f[t+j] from the real pair at t and j - 1 of its own predictions, as a chain."""
+    clean = dataclasses.replace(settings, noise=0.0)
+    hits = [0.0] * settings.unroll
+    counts = [0.0] * settings.unroll
+    parts = [(seq, st, min(settings.seq_len, seq.tokens.numel() - st)) for seq in seqs
+             for st in range(0, max(seq.tokens.numel() - settings.unroll - 1, 1), settings.seq_len)]
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        for i in range(0, len(parts), settings.batch_size):
+            batch = batcher.pad(parts[i:i + settings.batch_size])
+            _, stats = _loss(head, embed, lm_w, lm_b, batch, clean, counts_out=True)
+            for j in range(settings.unroll):
+                hits[j] += stats[f"hits{j + 1}"]
+                counts[j] += stats[f"count{j + 1}"]
+    head.train(was_training)
+    return {f"val_acc{j + 1}": round(hits[j] / max(counts[j], 1.0), 4) for j in range(settings.unroll)}
+
+
+def _frozen_target_parts(target: Decoder, frspec_vocab: str | Path | None):
+    """The target's embedding [V, H] and LM head [V', H] (+ bias) as fp32 CPU tensors, the LM head
+    restricted to the FR-Spec vocabulary when one is given (its ids are returned too, or None)."""
+    cfg = target.config
+    embed = target.embed.detach().float().cpu()
+    lm_w, lm_b = dense_weight(target.lm_head)
+    vocab_rows = None
+    if frspec_vocab is not None:
+        vocab_rows = load_vocab(frspec_vocab, cfg.vocab_size)
+        lm_w = lm_w[vocab_rows.to(lm_w.device)]
+        lm_b = None if lm_b is None else lm_b[vocab_rows.to(lm_b.device)]
+    lm_w = lm_w.detach().float().cpu() * cfg.logit_scale
+    lm_b = None if lm_b is None else lm_b.detach().float().cpu()
+    return embed, lm_w, lm_b, vocab_rows
+
+
+def evaluate_head(target: Decoder, seqs: list[Sequence_], settings: TrainSettings, head: str | Path | None = None,
+                  frspec_vocab: str | Path | None = None) -> dict[str, float]:
+    """`evaluate` for a head directory (None: a freshly initialised head) on labelled sequences,
+    over the FR-Spec vocabulary given (the head's own frspec.json is not implied)."""
+    model = TrainableEagleHead(head_model_config(target.config))
+    model.reset_parameters(settings.seed)
+    if head is not None:
+        _load_init(model, Path(head))
+    embed, lm_w, lm_b, vocab_rows = _frozen_target_parts(target, frspec_vocab)
+    batcher = _Batcher(seqs, settings, vocab_rows, target.config.vocab_size)
+    return evaluate(model, embed, lm_w, lm_b, batcher, seqs, settings)
+
+
 def train_head(target: Decoder, seqs: list[Sequence_], settings: TrainSettings, out_dir: str | Path,
                frspec_vocab: str | Path | None = None, init: str | Path | None = None,
-               meta: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+               meta: dict[str, Any] | None = None, progress: bool = True,
+               val_seqs: list[Sequence_] | None = None) -> dict[str, Any]:
     """Train an EAGLE-1/2 head for `target` on labelled sequences and write it to out_dir
     (config.json + model.safetensors, bf16, every checkpoint_every steps and at the end).
-    Returns the final metrics."""
+    val_seqs: held-out sequences scored by `evaluate` at every checkpoint (metrics val_acc*, and
+    the history under "validation" in config.json). Returns the final metrics."""
     settings.validate()
     out_dir = Path(out_dir)
     cfg = target.config
@@ -241,15 +300,7 @@ def train_head(target: Decoder, seqs: list[Sequence_], settings: TrainSettings, 
     head.reset_parameters(settings.seed)
     if init is not None:
         _load_init(head, Path(init))
-    embed = target.embed.detach().float().cpu()                                   # [V, H] frozen
-    lm_w, lm_b = dense_weight(target.lm_head)
-    vocab_rows = None
-    if frspec_vocab is not None:
-        vocab_rows = load_vocab(frspec_vocab, cfg.vocab_size)
-        lm_w = lm_w[vocab_rows.to(lm_w.device)]
-        lm_b = None if lm_b is None else lm_b[vocab_rows.to(lm_b.device)]
-    lm_w = lm_w.detach().float().cpu() * cfg.logit_scale                        # [V', H] frozen
-    lm_b = None if lm_b is None else lm_b.detach().float().cpu()
+    embed, lm_w, lm_b, vocab_rows = _frozen_target_parts(target, frspec_vocab)  # [V, H], [V', H]: frozen
     batcher = _Batcher(seqs, settings, vocab_rows, cfg.vocab_size)
     opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -266,6 +317,7 @@ def train_head(target: Decoder, seqs: list[Sequence_], settings: TrainSettings, 
         meta["frspec_vocab"] = "frspec.json"
     use_bf16 = settings.autocast_bf16 and _bf16_ok()
     metrics: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
     bar = tqdm(range(settings.steps), desc="train-draft", disable=not progress)
     t0 = time.time()
     for step in bar:
@@ -281,14 +333,22 @@ def train_head(target: Decoder, seqs: list[Sequence_], settings: TrainSettings, 
         metrics = {"step": step + 1, "loss": round(float(loss.detach()), 4), **stats}
         bar.set_postfix({k: v for k, v in metrics.items() if k != "step"})
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            if val_seqs:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    metrics.update(evaluate(head, embed, lm_w, lm_b, batcher, val_seqs, settings))
+                history.append({k: v for k, v in metrics.items() if k == "step" or k.startswith("val_")})
+                bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v}" for k, v in history[-1].items() if k != "step"))
             info = {**meta, "train_settings": asdict(settings), "metrics": metrics,
                     "train_seconds": round(time.time() - t0, 1)}
+            if history:
+                info["validation"] = history
             save_eagle_head(out_dir, head.eagle_tensors(), head_config(cfg, **info))
     return metrics
 
 
 def _loss(head: TrainableEagleHead, embed: torch.Tensor, lm_w: torch.Tensor, lm_b: torch.Tensor | None,
-          batch: dict[str, torch.Tensor], s: TrainSettings) -> tuple[torch.Tensor, dict[str, float]]:
+          batch: dict[str, torch.Tensor], s: TrainSettings,
+          counts_out: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     tokens, feats, mask = batch["tokens"], batch["feats"], batch["mask"]
     emb = embed[tokens[:, 1:]]                                                   # [B, L-1, H]: x[t+1]
     inputs = feats[:, :-1]                                                       # [B, L-1, H]: f[t]
@@ -315,6 +375,9 @@ def _loss(head: TrainableEagleHead, embed: torch.Tensor, lm_w: torch.Tensor, lm_
         weight = s.decay ** (j - 1)
         total = total + weight * (s.feature_weight * loss_v + s.token_weight * loss_p)
         stats[f"acc{j}"] = round(float((hit * m).sum() / denom), 3)
+        if counts_out:  # raw sums, for averaging over many batches
+            stats[f"hits{j}"] = float((hit * m).sum())
+            stats[f"count{j}"] = float(m.sum())
     return total, stats
 
 
