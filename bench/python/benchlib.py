@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -46,12 +47,14 @@ def device_slug(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD of this checkout; else $EDGESPEC_COMMIT (a copy of the tree without .git, such as the one
+    a lent GPU machine gets: tools/gpu_session.sh sets it from --commit); else 'unknown'."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("EDGESPEC_COMMIT") or "unknown"
 
 
 def time_cpu(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:

@@ -1,0 +1,40 @@
+"""bench/python/benchlib.py: the commit a result records when the tree is a copy without .git
+(as on a lent GPU machine, where tools/gpu_session.sh passes it in EDGESPEC_COMMIT)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+BENCHLIB = Path(__file__).resolve().parents[1] / "bench" / "python" / "benchlib.py"
+
+
+def load_copy(root: Path):
+    """benchlib copied to root/bench/python/, so RESULTS_DIR and git's working directory lie in root."""
+    target = root / "bench" / "python" / "benchlib.py"
+    target.parent.mkdir(parents=True)
+    shutil.copy(BENCHLIB, target)
+    spec = importlib.util.spec_from_file_location("benchlib_copy", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("why", ["not a git checkout", "no git program"])
+def test_results_carry_edgespec_commit_without_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    benchlib = load_copy(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above the copy either
+    if why == "no git program":
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("EDGESPEC_COMMIT", raising=False)
+    assert benchlib.git_commit() == "unknown"
+
+    monkeypatch.setenv("EDGESPEC_COMMIT", "0123abcd" * 5)
+    path = benchlib.write_result("selftest", "cpu", [{"case": "c", "ours_ms": 2.0, "baseline_ms": 3.0}], "n")
+    assert path == tmp_path / "bench" / "results" / "selftest-cpu.json"
+    doc = json.loads(path.read_text())
+    assert doc["commit"] == "0123abcd" * 5
+    assert doc["rows"][0]["speedup"] == 1.5
