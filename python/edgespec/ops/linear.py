@@ -10,10 +10,24 @@ import torch
 import torch.nn.functional as F
 
 
+_ROW_INVARIANT_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias. x: [..., K]; weight: [N, K]; bias: [N] or None. Returns [..., N]."""
+    """y = x @ weight.T + bias. x: [..., K]; weight: [N, K]; bias: [N] or None. Returns [..., N].
+
+    Row-invariant on the CPU: a row's result does not depend on how many rows come with it. The CPU
+    BLAS takes a separate single-row (GEMV) kernel for some bf16 shapes (SmolLM2's down projection,
+    K = 1536) whose accumulation order differs from its multi-row kernel by an ulp; a single row
+    therefore runs as two (the same row twice, no copy), so that a token decoded alone and the
+    same token inside a verified draft tree get bitwise the same projections. That keeps greedy
+    speculative output equal to plain output in bf16 too. It costs nothing measurable there: the
+    weight read, not the row count, sets the time of a 1-2 row product.
+    """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features but weight is {tuple(weight.shape)}")
+    if x.device.type == "cpu" and x.dtype in _ROW_INVARIANT_DTYPES and x.numel() == x.shape[-1]:
+        return F.linear(x.reshape(1, -1).expand(2, -1), weight, bias)[:1].reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
