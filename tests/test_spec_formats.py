@@ -291,3 +291,23 @@ def test_batched_generation_matches_the_engine(tmp_path, arch):
     stop = want[1][4]  # stopping early includes the stop token and leaves the other rows running
     cut = generate_batch(llm.model, prompts, 20, stop_ids=[stop])
     assert all(c == w[:w.index(stop) + 1] if stop in w else c == w for c, w in zip(cut, want))
+
+
+def test_prompt_files_for_self_distillation(tmp_path):
+    from edgespec.spec.train import Prompt, read_prompts
+
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "Explain tides."}\n\n{"prompt": "Once upon a time", "chat": false}\n')
+    assert read_prompts(jsonl) == [Prompt("Explain tides.", True), Prompt("Once upon a time", False)]
+    text = tmp_path / "p.txt"
+    text.write_text("first question\nsecond question\n")
+    assert read_prompts(text) == [Prompt("first question"), Prompt("second question")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chat": "no"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'chat' must be true or false"):
+        read_prompts(bad)
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="expected an object with a string 'prompt'"):
+        read_prompts(bad)
+    with pytest.raises(FileNotFoundError):
+        read_prompts(tmp_path / "missing.jsonl")

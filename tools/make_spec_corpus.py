@@ -9,6 +9,9 @@ Writes into OUT:
   prompts-broad.jsonl       instruction styles x words of the tokenizer's vocabulary, stdlib modules
                             and passages of the corpora
   prompts-natural.jsonl     everyday request forms x everyday subjects
+  prompts-continue.jsonl    text openings the target continues without the chat template
+                            ({"prompt": ..., "chat": false}): starts of corpus paragraphs, stdlib
+                            definitions, and opening forms x everyday subjects
 
 Every source is local; missing ones are skipped with a message. The benchmark prompts in
 bench/python/bench_spec.py are deliberately not among these topics.
@@ -175,6 +178,37 @@ def broad_prompts(rng: random.Random, prose: list[str], code_modules: list[str],
     return out
 
 
+# Openings of everyday text forms for prompts-continue.jsonl (subjects: NATURAL_SUBJECTS).
+OPENING_TEMPLATES = [
+    "{T} is", "The history of {t} is", "There are many reasons why people enjoy {t}.",
+    "Here are five facts about {t}:\n\n1.", "To get started with {t}, you", "Most people think of {t} as",
+    "Chapter 1\n\nNobody in the town had ever seen {t} like this before.", "My grandmother always said that {t}",
+    "Q: What is the best thing about {t}?\nA:", "# A beginner's guide to {t}\n\n", "The report on {t} found that",
+    "Once upon a time, a little girl who loved {t}", "In this article, we will look at {t} and",
+    "When I first tried {t}, I", "{T} and {u} have more in common than you might think.",
+    "Step 1: Learn the basics of {t}.", "The museum's new exhibit about {t}", "Scientists studying {t} have",
+]
+
+
+def continuation_prompts(rng: random.Random, prose: list[str], stdlib: str, count: int) -> list[dict]:
+    """Text openings (no chat template): a third from corpus paragraphs (their first 6-24 words), a
+    third the first lines of stdlib definitions, a third opening forms x everyday subjects."""
+    third = count // 3
+    out = []
+    for para in rng.sample(prose, min(third, len(prose))):
+        words = para.split()
+        out.append(" ".join(words[:rng.randint(6, min(24, len(words)))]))
+    lines = stdlib.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith(("def ", "class "))]
+    for i in rng.sample(starts, min(third, len(starts))):
+        out.append("\n".join(lines[i:i + rng.randint(1, 3)]) + "\n")
+    while len(out) < count:
+        t, u = rng.sample(NATURAL_SUBJECTS, 2)
+        out.append(rng.choice(OPENING_TEMPLATES).format(t=t, u=u, T=t[:1].upper() + t[1:]))
+    rng.shuffle(out)
+    return [{"prompt": o, "chat": False} for o in out]
+
+
 def _botchan(sdist: Path | None, work: Path) -> str | None:
     if sdist is None:
         print("downloading the sentencepiece sdist for botchan.txt ...", file=sys.stderr)
@@ -237,6 +271,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--broad-words", type=int, default=1200, help="tokenizer words for prompts-broad.jsonl")
     ap.add_argument("--natural-prompts", type=int, default=2000, help="size of prompts-natural.jsonl")
+    ap.add_argument("--continue-prompts", type=int, default=1500, help="size of prompts-continue.jsonl")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     text_dir = args.out / "text"
@@ -275,6 +310,14 @@ def main() -> int:
         for p in natural:
             f.write(json.dumps({"prompt": p}) + "\n")
     print(f"wrote {args.out / 'prompts-natural.jsonl'} ({len(natural)} prompts)", file=sys.stderr)
+    # Its own generator, so adding this set left the earlier files as they were for the same seed.
+    cont = continuation_prompts(random.Random(args.seed + 1), _paragraphs(sources["python-docs.txt"] or "", 80, 2000)
+                                + _paragraphs(botchan or "", 80, 2000), sources["python-stdlib.txt"],
+                                args.continue_prompts)
+    with open(args.out / "prompts-continue.jsonl", "w", encoding="utf-8") as f:
+        for item in cont:
+            f.write(json.dumps(item) + "\n")
+    print(f"wrote {args.out / 'prompts-continue.jsonl'} ({len(cont)} openings)", file=sys.stderr)
     return 0
 
 

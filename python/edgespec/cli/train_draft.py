@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the target's dtype while labelling (default: the inference default, bf16 on capable CPUs)")
     t.add_argument("--data", nargs="+", required=True, help="text files to learn from")
     t.add_argument("--out", required=True, help="output head directory")
-    t.add_argument("--prompts", nargs="+", default=[], help="chat prompt files (.jsonl with 'prompt', or one per "
-                                                             "line) the target answers itself; its responses become "
-                                                             "training data")
+    t.add_argument("--prompts", nargs="+", default=[], help="prompt files (.jsonl with 'prompt' and optionally "
+                   "'chat': false for a text opening to continue, or one chat prompt per line) the target answers "
+                   "or continues itself; its outputs become training data")
     t.add_argument("--max-prompts", type=int, default=200, help="use at most this many prompts per file (default 200)")
     t.add_argument("--val-prompts", default=None,
                    help="validation prompts (disjoint from --prompts): the target's greedy answers are labelled "

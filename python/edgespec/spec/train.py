@@ -1,9 +1,9 @@
 """Draft-head training by self-distillation: the target labels its own text.
 
-Data: local text files (split into windows) and, optionally, chat prompts the target answers
-itself (its own greedy responses are exactly what a draft must predict at inference). The target
-runs once over every sequence; we keep its final hidden state per position (the EAGLE feature)
-and the top-k of its next-token distribution.
+Data: local text files (split into windows) and, optionally, prompts the target answers (chat) or
+continues (raw text) itself: its own greedy outputs are exactly what a draft must predict at
+inference. The target runs once over every sequence; we keep its final hidden state per position
+(the EAGLE feature) and the top-k of its next-token distribution.
 
 Training (EAGLE, with the EAGLE-3 "training-time test" unroll of train_head.py): the head reads
 (embed(x[t+1]), f[t]) and predicts f[t+1]; losses are a smooth-L1 regression to the target's
@@ -89,8 +89,18 @@ def read_texts(files: Iterable[str | Path]) -> list[tuple[str, str]]:
     return out
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one per line)."""
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt the target answers (chat: through its chat template) or continues (chat=False: raw
+    text, like `edgespec generate` without --chat), for its own outputs to train on."""
+
+    text: str
+    chat: bool = True
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a .jsonl file ({"prompt": ..., optional "chat": false for a text opening to
+    continue} per line) or a text file (one chat prompt per line)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} not found")
@@ -105,9 +115,11 @@ def read_prompts(path: str | Path) -> list[str]:
                 raise ValueError(f"{p}:{i + 1}: not valid JSON ({exc})") from None
             if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
                 raise ValueError(f"{p}:{i + 1}: expected an object with a string 'prompt'")
-            prompts.append(item["prompt"])
+            if not isinstance(item.get("chat", True), bool):
+                raise ValueError(f"{p}:{i + 1}: 'chat' must be true or false, got {item['chat']!r}")
+            prompts.append(Prompt(item["prompt"], item.get("chat", True)))
         else:
-            prompts.append(line.strip())
+            prompts.append(Prompt(line.strip()))
     return prompts
 
 
@@ -141,17 +153,17 @@ def label(model: Decoder, ids: list[int], topk: int, kind: str) -> Sequence_:
     return Sequence_(t.cpu(), out.hidden.cpu(), top.indices.cpu(), top.values.cpu(), kind)
 
 
-def generate_responses(llm: Any, prompts: Sequence[str], max_new_tokens: int, batch: int = 16,
+def generate_responses(llm: Any, prompts: Sequence[Prompt], max_new_tokens: int, batch: int = 16,
                        temperature: float = 0.0, seed: int = 0, progress: bool = True) -> list[list[int]]:
-    """Prompt + the target's own response (chat template), one id list per prompt: greedy, or
-    sampled at `temperature` (more distinct answers from the same prompts).
+    """Prompt + the target's own response (chat template) or continuation (chat=False), one id list
+    per prompt: greedy, or sampled at `temperature` (more distinct answers from the same prompts).
 
     Decodes `batch` prompts together (batch_generate): the target's own answers are what a draft
     must predict at inference, and batching makes producing hundreds of them affordable on a CPU.
     """
     from .batch_generate import generate_batch  # noqa: PLC0415
 
-    encoded = [llm.encode(p, chat=True) for p in prompts]
+    encoded = [llm.encode(p.text, chat=p.chat) for p in prompts]
     stop = set(llm.model.config.eos_token_ids)
     if llm.tokenizer is not None:
         stop |= set(llm.tokenizer.stop_token_ids)
