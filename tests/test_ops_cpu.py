@@ -103,24 +103,28 @@ def test_linear_dense_fused_and_concat(dtype: torch.dtype, tokens: int) -> None:
     assert torch.equal(mixed.bias[:99], torch.zeros(99, dtype=dtype))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_f,in_f", [(576, 1536), (960, 576), (211, 96)])
-def test_linear_rows_are_bitwise_independent_of_batch(dtype: torch.dtype, out_f: int, in_f: int) -> None:
-    """A row alone gives bitwise what it gives among 13 others (a token decoded alone vs inside a
-    verified tree: the speculative invariant in bf16 rests on it). (576, 1536) is SmolLM2's down
-    projection, where the CPU BLAS's single-row bf16 kernel rounds differently. (fp32 GEMMs on the
-    CPU are not row-invariant at any row count: fp32 speculative tests guard against near-ties.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def test_linear_rows_are_bitwise_independent_of_batch(dtype: torch.dtype, out_f: int, in_f: int, threads: int) -> None:
+    """A row alone gives bitwise what it gives among others (a token decoded alone vs inside a
+    verified tree: the speculative invariant in bf16 rests on it), for row counts either side of
+    the CPU BLAS's kernel switch at 32 rows (ops.linear splits larger calls) and of a lone row left
+    by the split. (576, 1536) is SmolLM2's down projection, where the single-row bf16 kernel rounds
+    differently. (fp32 GEMMs on the CPU are not row-invariant: fp32 speculative tests guard against
+    near-ties.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        x = randn(13, in_f, seed=3, dtype=dtype)
+        x = randn(97, in_f, seed=3, dtype=dtype)
         w, b = randn(out_f, in_f, seed=4, dtype=dtype), randn(out_f, seed=5, dtype=dtype)
-        many = ops.linear(x, w, b)
-        for i in range(13):
-            assert torch.equal(ops.linear(x[i:i + 1], w, b), many[i:i + 1]), f"row {i}"
-            assert torch.equal(ops.linear(x[i], w, b), many[i]), f"1-D row {i}"
+        alone = torch.cat([ops.linear(x[i:i + 1], w, b) for i in range(97)])
+        assert torch.equal(ops.linear(x[5], w, b), alone[5]), "1-D row"
+        for rows in (2, 13, 31, 32, 33, 64, 65, 97):
+            assert torch.equal(ops.linear(x[:rows], w, b), alone[:rows]), f"{rows} rows"
+        assert torch.equal(ops.linear(x[:40].view(4, 10, in_f), w, b), alone[:40].view(4, 10, out_f)), "3-D input"
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

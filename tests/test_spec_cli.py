@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgespec.cli import main
-from edgespec.spec import DEMO_HEAD, load_vocab
+from edgespec.spec import load_vocab
 from test_spec_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -44,7 +44,6 @@ def test_contradicting_or_incomplete_options(demo_gguf, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEMO_HEAD.is_dir(), reason="the shipped demo head is not in this checkout")
 def test_demo_uses_the_shipped_head_by_default(demo_gguf, capsys):
     args = ["generate", "--model", "demo", "--max-context", "256", "--max-new-tokens", "8", "--stats", "--chat",
             "Name a fruit."]

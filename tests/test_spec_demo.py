@@ -1,8 +1,10 @@
-"""The real demo model (SmolLM2-135M-Instruct, fp32) with its shipped, trained EAGLE head: greedy
-speculative output equals greedy plain output on 20 prompts, and the head earns its keep."""
+"""The real demo model (SmolLM2-135M-Instruct) with its shipped, trained EAGLE head: greedy
+speculative output equals greedy plain output on 20 prompts, in bf16 (the CPU default, bit for
+bit) and fp32, and the head earns its keep."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from edgespec.spec import DEMO_HEAD, enable_speculation
 from test_spec_helpers import one_thread  # noqa: F401 (autouse fixture)
@@ -22,10 +24,22 @@ PROMPTS = [
 NEW_TOKENS = 32
 
 
+def test_the_demo_head_is_shipped():
+    # Part of the package (an install that dropped it would silently turn speculation off).
+    assert {p.name for p in DEMO_HEAD.iterdir()} >= {"config.json", "model.safetensors", "frspec.json"}
+
+
+@pytest.fixture(scope="module")
+def demo_bf16(demo_gguf):
+    from edgespec import LLM
+
+    return LLM.load(str(demo_gguf), device="cpu", dtype=torch.bfloat16, max_context=2048, draft=None)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not DEMO_HEAD.is_dir(), reason="the shipped demo head is not in this checkout")
-def test_demo_greedy_speculative_equals_plain(demo_llm):
-    llm = demo_llm
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_demo_greedy_speculative_equals_plain(request, dtype):
+    llm = request.getfixturevalue("demo_bf16" if dtype == "bf16" else "demo_llm")
     ids = [llm.encode(p, chat=kind == "chat") for kind, p in PROMPTS]
     enable_speculation(llm, None)
     plain = [llm.generate(i, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids for i in ids]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from edgespec.spec import disable_speculation, enable_speculation, speculation_info
 from edgespec.spec.train_head import random_head
@@ -74,6 +75,33 @@ def test_eagle_heads_many_seeds(targets, tmp_path, arch):
         total["max_accept"] = max(total["max_accept"], res["max_accept"])
     # Random heads over 40 tokens still hit: acceptance happened, not only bonus tokens.
     assert total["committed"] > total["steps"]
+
+
+@pytest.fixture(scope="module")
+def bf16_targets(targets):
+    return {arch: tiny_llm(d, dtype=torch.bfloat16) for arch, (d, _) in targets.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_bf16_speculative_equals_plain_bit_for_bit(bf16_targets, tmp_path, arch):
+    """bf16, the CPU default: a verified tree token gets bitwise the logits it gets decoded alone
+    (row-invariant ops.linear and ops.attention), so outputs agree even where bf16 logits tie.
+    Long generations cross the attention's head/tail split (64 positions) several times; trees
+    up to 90 tokens span two mask words and three linear row blocks."""
+    llm = bf16_targets[arch]
+    n = 150
+    disable_speculation(llm)
+    expected = [run(llm, p, n) for p in PROMPTS]
+    for seed in range(4):
+        head = random_head(llm.model.config, tmp_path / f"head{seed}", seed=seed, std=0.4)
+        spec = [{"tree_size": 90, "depth": 8, "topk": 8}, {"tree_size": 12, "depth": 5, "topk": 4},
+                {"tree_size": 40, "depth": 3, "topk": 6}, {"tree_size": 65, "depth": 7, "topk": 3}][seed]
+        enable_speculation(llm, draft=str(head), **spec)
+        try:
+            got = [run(llm, p, n) for p in PROMPTS]
+        finally:
+            disable_speculation(llm)
+        assert got == expected, f"bf16 speculative != plain with {spec}"
 
 
 def test_large_trees_and_all_depths(targets, tmp_path):

@@ -70,6 +70,8 @@ class Decoder:
             config.head_dim, config.rope_theta, max_context, config.rope_scaling,
             config.max_position_embeddings, device=embed.device)
         self.attn_scale = config.head_dim ** -0.5
+        # Bitwise-equal attention for decoded and verified tokens (ops.attention); drafts turn it off.
+        self.row_invariant_attention = True
         # InfLLM-v2 block-sparse attention (MiniCPM4 sparse_config): None for dense-only models.
         self.sparse: SparseAttention | None = sparse_for_config(
             config.sparse_config, config.num_layers, config.num_kv_heads, config.head_dim)
@@ -106,7 +108,8 @@ class Decoder:
         if self.sparse is not None:  # None back when every query is below dense_len (or forced dense)
             out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask)
         if out is None:
-            out = ops.attention(q, keys, values, self.attn_scale, tree_mask)       # [T, Hq, D]
+            out = ops.attention(q, keys, values, self.attn_scale, tree_mask,
+                                self.row_invariant_attention)                    # [T, Hq, D]
         return layer.o(out.reshape(t, cfg.q_size))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,

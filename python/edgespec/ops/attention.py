@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
+from .attention_rows import RowPlan, attend_rows, plan_rows
 
 
 def tree_mask_words(num_tokens: int) -> int:
@@ -63,18 +64,45 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.T
             raise ValueError(f"attention: tree mask must be int64 [{t}, {tree_mask_words(t)}], got {tree_mask.dtype} {tuple(tree_mask.shape)}")
 
 
+class _PlanMemo:
+    """The row plan of the last call: every layer of one forward attends the same rows, so the plan
+    is made once per forward. Keyed by the prefix length and the tree mask's contents (a copy)."""
+
+    def __init__(self) -> None:
+        self.prefix = -1
+        self.mask: torch.Tensor | None = None
+        self.plan: RowPlan | None = None
+
+    def get(self, prefix: int, tree_mask: torch.Tensor | None) -> RowPlan:
+        same_mask = (tree_mask is None and self.mask is None) or (
+            tree_mask is not None and self.mask is not None and self.mask.shape == tree_mask.shape
+            and torch.equal(self.mask, tree_mask))
+        if self.plan is None or self.prefix != prefix or not same_mask:
+            visible = None if tree_mask is None else unpack_tree_mask(tree_mask, tree_mask.shape[0])
+            self.plan = plan_rows(prefix, visible)
+            self.prefix, self.mask = prefix, None if tree_mask is None else tree_mask.clone()
+        return self.plan
+
+
+_row_plans = _PlanMemo()
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
     tree_mask: torch.Tensor | None = None,
+    row_invariant: bool = True,
 ) -> torch.Tensor:
     """Softmax attention of T new tokens over S cache slots (the new tokens are the last T).
 
     q: [T, Hq, D]; k, v: [S, Hkv, D] with Hq % Hkv == 0 (grouped-query attention);
     scale: multiplier of q·k (usually D ** -0.5);
     tree_mask: None for causal attention, or packed int64 [T, ceil(T/64)] (module docstring).
+    row_invariant: on the CPU, give a decoded token and a verified tree token bitwise the same
+    output (attention_rows; what makes greedy speculative output equal plain output). A draft,
+    whose outputs only propose tokens, turns it off for a single masked SDPA call.
     Returns [T, Hq, D] in q's dtype.
     """
     _check(q, k, v, tree_mask)
@@ -85,6 +113,9 @@ def attention(
             return _kernels.attention(q, k, v, scale, tree_mask)
     t, s = q.shape[0], k.shape[0]
     prefix = s - t
+    if row_invariant and q.device.type == "cpu" and (t == 1 or tree_mask is not None):
+        # Decoded and verified tokens: bitwise the same result either way (attention_rows).
+        return attend_rows(q, k, v, scale, _row_plans.get(prefix, tree_mask))
     mask = None
     if tree_mask is not None:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device)

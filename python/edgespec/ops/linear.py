@@ -10,25 +10,40 @@ import torch
 import torch.nn.functional as F
 
 
-_ROW_INVARIANT_DTYPES = (torch.bfloat16, torch.float16)
+# Rows per CPU GEMM call within which a row's result does not depend on the row count (measured
+# with torch 2.13's CPU BLAS on SmolLM2 to Llama-8B shapes, 1 and 2 threads: bf16 and fp16 agree
+# for 2..32 rows and change kernels past 32). A single row runs as two: the one-row (GEMV) kernel
+# rounds differently. fp32 is left alone: its GEMMs change their reduction with the row count, the
+# shape and the thread count alike, so in fp32 decoded and verified tokens agree up to rounding.
+_CPU_ROW_BLOCK = {torch.bfloat16: 32, torch.float16: 32}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias. x: [..., K]; weight: [N, K]; bias: [N] or None. Returns [..., N].
 
-    Row-invariant on the CPU: a row's result does not depend on how many rows come with it. The CPU
-    BLAS takes a separate single-row (GEMV) kernel for some bf16 shapes (SmolLM2's down projection,
-    K = 1536) whose accumulation order differs from its multi-row kernel by an ulp; a single row
-    therefore runs as two (the same row twice, no copy), so that a token decoded alone and the
-    same token inside a verified draft tree get bitwise the same projections. That keeps greedy
-    speculative output equal to plain output in bf16 too. It costs nothing measurable there: the
-    weight read, not the row count, sets the time of a 1-2 row product.
+    Row-invariant on the CPU: a row's result does not depend on how many rows come with it, so a
+    token decoded alone and the same token inside a verified draft tree get bitwise the same
+    projections (with ops.attention's row-invariant path, greedy speculative output equals plain
+    output bit for bit in bf16 and fp16). One row runs as two (the same row twice, no copy); more rows than
+    _CPU_ROW_BLOCK run in blocks of at most that many. Neither costs anything measurable for the
+    few rows of a decode or verify step: the weight read, not the row count, sets their time.
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features but weight is {tuple(weight.shape)}")
-    if x.device.type == "cpu" and x.dtype in _ROW_INVARIANT_DTYPES and x.numel() == x.shape[-1]:
-        return F.linear(x.reshape(1, -1).expand(2, -1), weight, bias)[:1].reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    block = _CPU_ROW_BLOCK.get(x.dtype) if x.device.type == "cpu" else None
+    if block is None:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:
+        return F.linear(rows.expand(2, -1), weight, bias)[:1].reshape(*x.shape[:-1], weight.shape[0])
+    if rows.shape[0] <= block:
+        return F.linear(x, weight, bias)
+    # Blocks of `block` rows, the last one rounded up to at least two rows.
+    starts = list(range(0, rows.shape[0], block))
+    if rows.shape[0] - starts[-1] == 1:
+        starts[-1] -= 1
+    parts = [F.linear(rows[a:b], weight, bias) for a, b in zip(starts, starts[1:] + [rows.shape[0]])]
+    return torch.cat(parts).reshape(*x.shape[:-1], weight.shape[0])
 
 
 class DenseLinear:

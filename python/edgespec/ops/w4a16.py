@@ -22,9 +22,9 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import backend
+from .linear import linear
 
 LAYOUTS = ("plain", "tile")
 
@@ -195,4 +195,5 @@ def w4a16_linear(x: torch.Tensor, w: W4A16Weight, bias: torch.Tensor | None = No
 
         if _kernels.supports_w4a16(x, w, bias):
             return _kernels.w4a16_linear(x, w, bias)
-    return F.linear(x, _dense_weight(w, x.dtype), None if bias is None else bias.to(x.dtype))
+    # ops.linear: row-invariant on the CPU, like a dense projection (speculative == plain, bitwise).
+    return linear(x, _dense_weight(w, x.dtype), None if bias is None else bias.to(x.dtype))

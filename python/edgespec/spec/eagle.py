@@ -83,6 +83,7 @@ class EagleHead:
         # attention op); draft positions stay below the target's, so the same context suffices.
         self.core = Decoder(config, target.embed, layers, norm if norm is not None else target.final_norm,
                             target.lm_head, target.max_context)
+        self.core.row_invariant_attention = False  # a draft only proposes: the fast attention path
 
     @property
     def device(self) -> torch.device:
