@@ -66,22 +66,24 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.T
 
 class _PlanMemo:
     """The row plan of the last call: every layer of one forward attends the same rows, so the plan
-    is made once per forward. Keyed by the prefix length and the tree mask's contents (a copy)."""
+    is made once per forward. Keyed by the prefix length and the tree mask's contents (a copy); the
+    entry is one tuple, replaced whole, so threads running other models never mix two entries."""
 
     def __init__(self) -> None:
-        self.prefix = -1
-        self.mask: torch.Tensor | None = None
-        self.plan: RowPlan | None = None
+        self.entry: tuple[int, torch.Tensor | None, RowPlan] | None = None
 
     def get(self, prefix: int, tree_mask: torch.Tensor | None) -> RowPlan:
-        same_mask = (tree_mask is None and self.mask is None) or (
-            tree_mask is not None and self.mask is not None and self.mask.shape == tree_mask.shape
-            and torch.equal(self.mask, tree_mask))
-        if self.plan is None or self.prefix != prefix or not same_mask:
-            visible = None if tree_mask is None else unpack_tree_mask(tree_mask, tree_mask.shape[0])
-            self.plan = plan_rows(prefix, visible)
-            self.prefix, self.mask = prefix, None if tree_mask is None else tree_mask.clone()
-        return self.plan
+        entry = self.entry
+        if entry is not None and entry[0] == prefix:
+            mask = entry[1]
+            if (mask is None and tree_mask is None) or (
+                    mask is not None and tree_mask is not None and mask.shape == tree_mask.shape
+                    and torch.equal(mask, tree_mask)):
+                return entry[2]
+        visible = None if tree_mask is None else unpack_tree_mask(tree_mask, tree_mask.shape[0])
+        plan = plan_rows(prefix, visible)
+        self.entry = (prefix, None if tree_mask is None else tree_mask.clone(), plan)
+        return plan
 
 
 _row_plans = _PlanMemo()
