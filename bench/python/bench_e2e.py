@@ -56,7 +56,7 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     gguf = Path(args.model) if args.model else demo_model_path()
-    llm = edgespec.LLM.load(str(gguf), device=str(device), dtype=dtype, max_context=2048)
+    llm = edgespec.LLM.load(str(gguf), device=str(device), dtype=dtype, max_context=2048, draft=None)
     hf = load_transformers(gguf, dtype, device)
     n = args.new_tokens
     rows = []
