@@ -74,16 +74,18 @@ class _PlanMemo:
 
     def get(self, prefix: int, tree_mask: torch.Tensor | None) -> RowPlan:
         entry = self.entry
-        if entry is not None and entry[0] == prefix:
-            mask = entry[1]
-            if (mask is None and tree_mask is None) or (
-                    mask is not None and tree_mask is not None and mask.shape == tree_mask.shape
-                    and torch.equal(mask, tree_mask)):
-                return entry[2]
+        if entry is not None and entry[0] == prefix and _same_mask(entry[1], tree_mask):
+            return entry[2]
         visible = None if tree_mask is None else unpack_tree_mask(tree_mask, tree_mask.shape[0])
         plan = plan_rows(prefix, visible)
         self.entry = (prefix, None if tree_mask is None else tree_mask.clone(), plan)
         return plan
+
+
+def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 _row_plans = _PlanMemo()

@@ -45,8 +45,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, wid
     rows, padded with zero rows): the kernel's per-row rounding depends on that count, never on
     where a row sits among them or on the batch size. q: [B, Hkv, m, D], m <= width; k, v:
     [B, Hkv, L, D] (stride-0 expanded batches are fine); mask: additive, broadcast to [B, Hkv, width,
-    L], or None. Returns out [B, Hkv, m, D] in q's dtype
-    and the log-sum-exp of the scaled scores, fp32 [B, Hkv, m]."""
+    L], or None. Returns out [B, Hkv, m, D] in q's dtype and the log-sum-exp of the scaled scores,
+    fp32 [B, Hkv, m]."""
     m = q.shape[2]
     if m < width:
         q = torch.cat([q, q.new_zeros(q.shape[0], q.shape[1], width - m, q.shape[3])], dim=2)

@@ -24,8 +24,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Row-invariant on the CPU: a row's result does not depend on how many rows come with it, so a
     token decoded alone and the same token inside a verified draft tree get bitwise the same
     projections (with ops.attention's row-invariant path, greedy speculative output equals plain
-    output bit for bit in bf16 and fp16). One row runs as two (the same row twice, no copy); more rows than
-    _CPU_ROW_BLOCK run in blocks of at most that many. Neither costs anything measurable for the
+    output bit for bit in bf16 and fp16). One row runs as two (the same row twice, no copy); more
+    rows than _CPU_ROW_BLOCK run in blocks of at most that many. Neither costs anything measurable for the
     few rows of a decode or verify step: the weight read, not the row count, sets their time.
     """
     if x.shape[-1] != weight.shape[1]:
