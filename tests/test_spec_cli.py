@@ -83,7 +83,8 @@ def test_train_draft_cli(demo_gguf, tmp_path, capsys):
                  "--out", str(vocab)]) == 0
     out = tmp_path / "head"
     assert main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32",
-                 "--data", str(text), "--prompts", str(prompts), str(more), "--val-prompts", str(val), "--response-tokens", "8", "--text-tokens", "400",
+                 "--data", str(text), "--prompts", str(prompts), str(more), "--val-prompts", str(val),
+                 "--self-prompts", "2", "--val-self-prompts", "1", "--response-tokens", "8", "--text-tokens", "400",
                  "--seq-len", "64", "--steps", "3", "--batch-size", "2", "--checkpoint-every", "2",
                  "--frspec-vocab", str(vocab), "--cache", str(tmp_path / "cache.pt"), "--out", str(out)]) == 0
     result = stats_line(capsys.readouterr().out)
@@ -91,9 +92,9 @@ def test_train_draft_cli(demo_gguf, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     meta = cfg["edgespec_draft"]
     assert meta["frspec_vocab"] == "frspec.json" and meta["data"]["prompts"] == {"p": 1, "more": 2}
-    assert meta["data"]["val_sequences"] == 1
+    assert meta["data"]["self_prompts"] == 2 and meta["data"]["val_sequences"] == 2
     assert [h["step"] for h in meta["validation"]] == [2, 3] and 0.0 <= result["val_acc1"] <= 1.0
     kinds = sorted({s["kind"] for s in torch.load(tmp_path / "cache.pt", weights_only=True)})
-    assert kinds == ["chat:more:0", "chat:p:0", "text", "val:val"]
+    assert kinds == ["chat:more:0", "chat:p:0", "chat:self-prompts:0", "text", "val:self-prompts", "val:val"]
     assert meta["target"]["hidden_size"] == 576 and (out / "model.safetensors").stat().st_size < 10 << 20
     assert (tmp_path / "cache.pt").exists()

@@ -24,7 +24,7 @@ def main() -> int:
     args = ap.parse_args()
     _, _, tok_dir, tok_gguf = open_checkpoint(args.model)
     tok = Tokenizer.from_pretrained(tok_dir, gguf_file=tok_gguf)
-    chats = [s for s in load_sequences(args.cache) if s.kind == "chat"]
+    chats = [s for s in load_sequences(args.cache) if s.kind.startswith("chat")]
     with open(args.out, "w", encoding="utf-8") as f:
         for s in chats:
             f.write(tok.decode(s.tokens.tolist(), skip_special_tokens=False) + "\n\n")

@@ -12,6 +12,9 @@ import torch
 from .common import DTYPES
 
 
+SELF_PROMPTS = "self-prompts"  # the cache tag of the prompts the model writes itself
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train-draft", help="train an EAGLE draft head for a model on local text (self-distillation)",
                        description="Label local text (and the model's own answers to --prompts) with the target's "
@@ -32,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="validation prompts (disjoint from --prompts): the target's greedy answers are labelled "
                         "but never trained on; the head's per-depth top-1 agreement with the target on them "
                         "(val_acc1, ...) is reported at every checkpoint")
+    t.add_argument("--self-prompts", type=int, default=0,
+                   help="also answer this many chat prompts the model writes itself (its chat template up to a "
+                        "user turn, sampled: the Magpie method), a broad prompt set without any prompt file")
+    t.add_argument("--val-self-prompts", type=int, default=0,
+                   help="validation prompts sampled the same way with another seed, distinct from the training ones")
+    t.add_argument("--self-prompt-temperature", type=float, default=0.8)
     t.add_argument("--response-tokens", type=int, default=160, help="new tokens per self-generated response")
     t.add_argument("--gen-batch", type=int, default=16, help="prompts answered together (batched decoding)")
     t.add_argument("--responses-per-prompt", type=int, default=1,
@@ -64,8 +73,13 @@ def run_train_draft(args: argparse.Namespace) -> int:
                              seed=args.train_seed).validate()
     texts = read_texts(args.data)
     prompt_sets = {Path(f).stem: read_prompts(f)[:args.max_prompts] for f in args.prompts}
-    if len(prompt_sets) != len(args.prompts):
-        raise ValueError(f"train-draft: prompt files need distinct names (they tag the cache): {args.prompts}")
+    if len(prompt_sets) != len(args.prompts) or SELF_PROMPTS in prompt_sets:
+        raise ValueError(f"train-draft: prompt files need distinct names other than {SELF_PROMPTS!r} "
+                         f"(they tag the cache): {args.prompts}")
+    if args.val_prompts and Path(args.val_prompts).stem == SELF_PROMPTS:
+        raise ValueError(f"train-draft: a --val-prompts file may not be named {SELF_PROMPTS!r} (it tags the cache)")
+    if args.self_prompts:
+        prompt_sets[SELF_PROMPTS] = []  # sampled from the model below, unless the cache has their answers
     from ..engine import LLM  # noqa: PLC0415
 
     device = None if args.device == "auto" else args.device
@@ -91,26 +105,38 @@ def run_train_draft(args: argparse.Namespace) -> int:
     # Chat sequences are tagged with their prompt file and round, so one cache can hold the answers
     # to several prompt sets and only the missing rounds are generated.
     for stem, prompts in prompt_sets.items():
-        for r in range(args.responses_per_prompt if prompts else 0):
+        for r in range(args.responses_per_prompt if prompts or stem == SELF_PROMPTS else 0):
             tag = f"chat:{stem}:{r}"
             if any(s.kind == tag for s in seqs):
                 continue
+            if stem == SELF_PROMPTS and not prompts:
+                prompts = _sample_prompts(llm, args.self_prompts, args, args.train_seed)
             temperature = 0.0 if r == 0 else args.gen_temperature
             chats = generate_responses(llm, prompts, args.response_tokens, batch=args.gen_batch,
                                        temperature=temperature, seed=args.train_seed + r)
             seqs += [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc=f"labelling {stem}")]
             if cache is not None:
                 save_sequences(cache, seqs)
-    val = []
+    val_sets = {}
     if args.val_prompts:
-        tag = f"val:{Path(args.val_prompts).stem}"
-        val = [s for s in seqs if s.kind == tag]
-        if not val:
-            chats = generate_responses(llm, read_prompts(args.val_prompts)[:args.max_prompts], args.response_tokens,
-                                       batch=args.gen_batch, temperature=0.0, seed=args.train_seed)
-            val = [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc="labelling validation")]
+        val_sets[Path(args.val_prompts).stem] = lambda: read_prompts(args.val_prompts)[:args.max_prompts]
+    if args.val_self_prompts:
+        # Another seed, and the training prompts excluded: held out by construction.
+        val_sets[SELF_PROMPTS] = lambda: _sample_prompts(
+            llm, args.val_self_prompts, args, args.train_seed + 1,
+            exclude=_decoded_prompts(llm, seqs, f"chat:{SELF_PROMPTS}:0"))
+    val = []
+    for stem, read in val_sets.items():
+        tag = f"val:{stem}"
+        have = [s for s in seqs if s.kind == tag]
+        if not have:
+            chats = generate_responses(llm, read(), args.response_tokens, batch=args.gen_batch, temperature=0.0,
+                                       seed=args.train_seed)
+            have = [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc=f"labelling val:{stem}")]
+            seqs += have
             if cache is not None:
-                save_sequences(cache, seqs + val)
+                save_sequences(cache, seqs)
+        val += have
     seqs = [s for s in seqs if not s.kind.startswith("val:")]
     tokens = sum(s.tokens.numel() for s in seqs)
     print(f"train-draft: {len(seqs)} sequences, {tokens:,} tokens labelled in {time.time() - t0:.0f} s",
@@ -119,7 +145,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
                        "vocab_size": llm.model.config.vocab_size, "num_layers": llm.model.config.num_layers,
                        "dtype": str(llm.model.dtype).removeprefix("torch.")},
             "data": {"files": [Path(f).name for f in args.data], "text_tokens": args.text_tokens,
-                     "prompts": {stem: len(p) for stem, p in prompt_sets.items()},
+                     "prompts": {stem: len(p) for stem, p in prompt_sets.items() if stem != SELF_PROMPTS},
+                     "self_prompts": sum(s.kind == f"chat:{SELF_PROMPTS}:0" for s in seqs),
                      "responses_per_prompt": args.responses_per_prompt, "response_tokens": args.response_tokens,
                      "labelled_tokens": tokens, "val_sequences": len(val)},
             "argv": sys.argv[1:]}
@@ -127,3 +154,29 @@ def run_train_draft(args: argparse.Namespace) -> int:
                          init=args.init, meta=meta, val_seqs=val)
     print(json.dumps({"out": str(args.out), **metrics}))
     return 0
+
+
+def _sample_prompts(llm, count: int, args: argparse.Namespace, seed: int, exclude=()) -> list:
+    from ..spec.self_prompts import sample_user_prompts  # noqa: PLC0415
+
+    prompts = sample_user_prompts(llm, count, temperature=args.self_prompt_temperature, batch=max(args.gen_batch, 1),
+                                  seed=seed, exclude=exclude)
+    if len(prompts) < count:
+        print(f"train-draft: the model finished only {len(prompts)} of {count} sampled user turns", file=sys.stderr)
+    return prompts
+
+
+def _decoded_prompts(llm, seqs: list, tag: str) -> list:
+    """The user messages of cached chat sequences (to keep held-out samples distinct from them)."""
+    from ..spec.self_prompts import user_turn_prefix  # noqa: PLC0415
+    from ..spec.train import Prompt  # noqa: PLC0415
+
+    skip = len(user_turn_prefix(llm.tokenizer))
+    stop = set(llm.tokenizer.stop_token_ids)
+    out = []
+    for s in seqs:
+        if s.kind == tag:
+            ids = s.tokens.tolist()[skip:]
+            end = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+            out.append(Prompt(llm.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()))
+    return out
