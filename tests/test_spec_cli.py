@@ -82,11 +82,16 @@ def test_train_draft_cli(demo_gguf, tmp_path, capsys):
     assert main(["build-vocab", "--model", str(demo_gguf), "--data", str(text), "--size", "64",
                  "--out", str(vocab)]) == 0
     out = tmp_path / "head"
-    assert main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32",
-                 "--data", str(text), "--prompts", str(prompts), str(more), "--val-prompts", str(val),
-                 "--self-prompts", "2", "--val-self-prompts", "1", "--response-tokens", "8", "--text-tokens", "400",
-                 "--seq-len", "64", "--steps", "3", "--batch-size", "2", "--checkpoint-every", "2",
-                 "--frspec-vocab", str(vocab), "--cache", str(tmp_path / "cache.pt"), "--out", str(out)]) == 0
+
+    def train(self_prompts: str, steps: str) -> int:
+        return main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32",
+                     "--data", str(text), "--prompts", str(prompts), str(more), "--val-prompts", str(val),
+                     "--self-prompts", self_prompts, "--val-self-prompts", "1", "--response-tokens", "8",
+                     "--text-tokens", "400", "--seq-len", "64", "--steps", steps, "--batch-size", "2",
+                     "--checkpoint-every", "2", "--frspec-vocab", str(vocab), "--cache", str(tmp_path / "cache.pt"),
+                     "--out", str(out)])
+
+    assert train("2", "3") == 0
     result = stats_line(capsys.readouterr().out)
     assert result["step"] == 3
     cfg = json.loads((out / "config.json").read_text())
@@ -98,3 +103,11 @@ def test_train_draft_cli(demo_gguf, tmp_path, capsys):
     assert kinds == ["chat:more:0", "chat:p:0", "chat:self-prompts:0", "text", "val:self-prompts", "val:val"]
     assert meta["target"]["hidden_size"] == 576 and (out / "model.safetensors").stat().st_size < 10 << 20
     assert (tmp_path / "cache.pt").exists()
+    # A later run asking for more self-written prompts tops the cache up; nothing else is redone.
+    capsys.readouterr()
+    assert train("3", "1") == 0
+    kinds = [s["kind"] for s in torch.load(tmp_path / "cache.pt", weights_only=True)]
+    assert kinds.count("chat:self-prompts:0") == 3 and kinds.count("val:self-prompts") == 1
+    assert kinds.count("chat:p:0") == 1 and kinds.count("chat:more:0") == 2
+    meta = json.loads((out / "config.json").read_text())["edgespec_draft"]
+    assert meta["data"]["self_prompts"] == 3 and meta["data"]["val_sequences"] == 2

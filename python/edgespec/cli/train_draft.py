@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "but never trained on; the head's per-depth top-1 agreement with the target on them "
                         "(val_acc1, ...) is reported at every checkpoint")
     t.add_argument("--self-prompts", type=int, default=0,
-                   help="also answer this many chat prompts the model writes itself (its chat template up to a "
-                        "user turn, sampled: the Magpie method), a broad prompt set without any prompt file")
+                   help="also answer (greedily) this many chat prompts the model writes itself (its chat template "
+                        "up to a user turn, sampled: the Magpie method), a broad prompt set without any prompt "
+                        "file; a --cache holding fewer is topped up with new ones")
     t.add_argument("--val-self-prompts", type=int, default=0,
                    help="validation prompts sampled the same way with another seed, distinct from the training ones")
     t.add_argument("--self-prompt-temperature", type=float, default=0.8)
@@ -78,8 +79,6 @@ def run_train_draft(args: argparse.Namespace) -> int:
                          f"(they tag the cache): {args.prompts}")
     if args.val_prompts and Path(args.val_prompts).stem == SELF_PROMPTS:
         raise ValueError(f"train-draft: a --val-prompts file may not be named {SELF_PROMPTS!r} (it tags the cache)")
-    if args.self_prompts:
-        prompt_sets[SELF_PROMPTS] = []  # sampled from the model below, unless the cache has their answers
     from ..engine import LLM  # noqa: PLC0415
 
     device = None if args.device == "auto" else args.device
@@ -105,18 +104,28 @@ def run_train_draft(args: argparse.Namespace) -> int:
     # Chat sequences are tagged with their prompt file and round, so one cache can hold the answers
     # to several prompt sets and only the missing rounds are generated.
     for stem, prompts in prompt_sets.items():
-        for r in range(args.responses_per_prompt if prompts or stem == SELF_PROMPTS else 0):
+        for r in range(args.responses_per_prompt if prompts else 0):
             tag = f"chat:{stem}:{r}"
             if any(s.kind == tag for s in seqs):
                 continue
-            if stem == SELF_PROMPTS and not prompts:
-                prompts = _sample_prompts(llm, args.self_prompts, args, args.train_seed)
             temperature = 0.0 if r == 0 else args.gen_temperature
             chats = generate_responses(llm, prompts, args.response_tokens, batch=args.gen_batch,
                                        temperature=temperature, seed=args.train_seed + r)
             seqs += [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc=f"labelling {stem}")]
             if cache is not None:
                 save_sequences(cache, seqs)
+    # Self-written prompts: --self-prompts counts them in all, so a cache from an earlier run with
+    # fewer is topped up with new ones (another seed, distinct from those it holds).
+    self_tag = f"chat:{SELF_PROMPTS}:0"
+    written = _decoded_prompts(llm, seqs, self_tag) if args.self_prompts else []
+    if len(written) < args.self_prompts:
+        seed = args.train_seed if not written else args.train_seed + 1000 + len(written)
+        new = _sample_prompts(llm, args.self_prompts - len(written), args, seed, exclude=written)
+        chats = generate_responses(llm, new, args.response_tokens, batch=args.gen_batch, temperature=0.0)
+        seqs += [label(llm.model, c, settings.target_topk, self_tag)
+                 for c in tqdm(chats, desc=f"labelling {SELF_PROMPTS}")]
+        if cache is not None:
+            save_sequences(cache, seqs)
     val_sets = {}
     if args.val_prompts:
         val_sets[Path(args.val_prompts).stem] = lambda: read_prompts(args.val_prompts)[:args.max_prompts]
@@ -124,7 +133,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
         # Another seed, and the training prompts excluded: held out by construction.
         val_sets[SELF_PROMPTS] = lambda: _sample_prompts(
             llm, args.val_self_prompts, args, args.train_seed + 1,
-            exclude=_decoded_prompts(llm, seqs, f"chat:{SELF_PROMPTS}:0"))
+            exclude=_decoded_prompts(llm, seqs, self_tag))
     val = []
     for stem, read in val_sets.items():
         tag = f"val:{stem}"
@@ -145,8 +154,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
                        "vocab_size": llm.model.config.vocab_size, "num_layers": llm.model.config.num_layers,
                        "dtype": str(llm.model.dtype).removeprefix("torch.")},
             "data": {"files": [Path(f).name for f in args.data], "text_tokens": args.text_tokens,
-                     "prompts": {stem: len(p) for stem, p in prompt_sets.items() if stem != SELF_PROMPTS},
-                     "self_prompts": sum(s.kind == f"chat:{SELF_PROMPTS}:0" for s in seqs),
+                     "prompts": {stem: len(p) for stem, p in prompt_sets.items()},
+                     "self_prompts": sum(s.kind == self_tag for s in seqs),
                      "responses_per_prompt": args.responses_per_prompt, "response_tokens": args.response_tokens,
                      "labelled_tokens": tokens, "val_sequences": len(val)},
             "argv": sys.argv[1:]}
