@@ -11,6 +11,10 @@ alike. Prompts and topics are disjoint from the head's training prompts.
         [--tree-size N --depth D --topk K] [--draft HEAD] [--frspec-vocab FILE|none] [--threads N]
         [--sweep "12,5,4 8,4,2 ..."]  (prints mean accepted length and speedup per tree shape, no JSON)
         [--prompts-file held_out.jsonl --limit N]  (tune on other prompts than the benchmark's)
+
+Heads and tree shapes are chosen on other prompts, never on these: prompts-tuning.jsonl beside this
+file (10 chat, 6 continuations, disjoint from both the benchmark's and the training prompts) is the
+set for that (`--prompts-file bench/python/prompts-tuning.jsonl --sweep ...`).
 """
 from __future__ import annotations
 
