@@ -117,7 +117,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
     # Self-written prompts: --self-prompts counts them in all, so a cache from an earlier run with
     # fewer is topped up with new ones (another seed, distinct from those it holds).
     self_tag = f"chat:{SELF_PROMPTS}:0"
-    written = _decoded_prompts(llm, seqs, self_tag) if args.self_prompts else []
+    written = _decoded_prompts(llm, seqs, self_tag) if args.self_prompts or args.val_self_prompts else []
     if len(written) < args.self_prompts:
         seed = args.train_seed if not written else args.train_seed + 1000 + len(written)
         new = _sample_prompts(llm, args.self_prompts - len(written), args, seed, exclude=written)
@@ -126,14 +126,14 @@ def run_train_draft(args: argparse.Namespace) -> int:
                  for c in tqdm(chats, desc=f"labelling {SELF_PROMPTS}")]
         if cache is not None:
             save_sequences(cache, seqs)
+        written += new
     val_sets = {}
     if args.val_prompts:
         val_sets[Path(args.val_prompts).stem] = lambda: read_prompts(args.val_prompts)[:args.max_prompts]
     if args.val_self_prompts:
         # Another seed, and the training prompts excluded: held out by construction.
-        val_sets[SELF_PROMPTS] = lambda: _sample_prompts(
-            llm, args.val_self_prompts, args, args.train_seed + 1,
-            exclude=_decoded_prompts(llm, seqs, self_tag))
+        val_sets[SELF_PROMPTS] = lambda: _sample_prompts(llm, args.val_self_prompts, args, args.train_seed + 1,
+                                                         exclude=written)
     val = []
     for stem, read in val_sets.items():
         tag = f"val:{stem}"
