@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "file; a --cache holding fewer is topped up with new ones")
     t.add_argument("--val-self-prompts", type=int, default=0,
                    help="validation prompts sampled the same way with another seed, distinct from the training ones")
-    t.add_argument("--self-prompt-temperature", type=float, default=0.8)
+    t.add_argument("--self-prompt-temperature", type=float, default=0.8,
+                   help="sampling temperature of the self-written prompts (default 0.8)")
     t.add_argument("--response-tokens", type=int, default=160, help="new tokens per self-generated response")
     t.add_argument("--gen-batch", type=int, default=16, help="prompts answered together (batched decoding)")
     t.add_argument("--responses-per-prompt", type=int, default=1,
@@ -114,10 +115,13 @@ def run_train_draft(args: argparse.Namespace) -> int:
             seqs += [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc=f"labelling {stem}")]
             if cache is not None:
                 save_sequences(cache, seqs)
+    from ..spec.self_prompts import cached_user_prompts  # noqa: PLC0415
+
     # Self-written prompts: --self-prompts counts them in all, so a cache from an earlier run with
     # fewer is topped up with new ones (another seed, distinct from those it holds).
     self_tag = f"chat:{SELF_PROMPTS}:0"
-    written = _decoded_prompts(llm, seqs, self_tag) if args.self_prompts or args.val_self_prompts else []
+    wanted = args.self_prompts or args.val_self_prompts
+    written = cached_user_prompts(llm.tokenizer, seqs, self_tag) if wanted else []
     if len(written) < args.self_prompts:
         seed = args.train_seed if not written else args.train_seed + 1000 + len(written)
         new = _sample_prompts(llm, args.self_prompts - len(written), args, seed, exclude=written)
@@ -174,18 +178,3 @@ def _sample_prompts(llm, count: int, args: argparse.Namespace, seed: int, exclud
         print(f"train-draft: the model finished only {len(prompts)} of {count} sampled user turns", file=sys.stderr)
     return prompts
 
-
-def _decoded_prompts(llm, seqs: list, tag: str) -> list:
-    """The user messages of cached chat sequences (to keep held-out samples distinct from them)."""
-    from ..spec.self_prompts import user_turn_prefix  # noqa: PLC0415
-    from ..spec.train import Prompt  # noqa: PLC0415
-
-    skip = len(user_turn_prefix(llm.tokenizer))
-    stop = set(llm.tokenizer.stop_token_ids)
-    out = []
-    for s in seqs:
-        if s.kind == tag:
-            ids = s.tokens.tolist()[skip:]
-            end = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-            out.append(Prompt(llm.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()))
-    return out

@@ -38,6 +38,21 @@ def user_turn_prefix(tokenizer: "Tokenizer") -> list[int]:
     return tokenizer.encode(text[:cut], add_special_tokens=False)
 
 
+def cached_user_prompts(tokenizer: "Tokenizer", seqs: list, kind: str) -> list[Prompt]:
+    """The user messages of labelled chat sequences of `kind` (prompt + answer, as the chat
+    template lays them out): the inverse of answering sampled prompts, so a later run can top a
+    cache up or hold new samples apart from the ones it has."""
+    skip = len(user_turn_prefix(tokenizer))
+    stop = set(tokenizer.stop_token_ids)
+    out = []
+    for s in seqs:
+        if s.kind == kind:
+            ids = s.tokens.tolist()[skip:]
+            end = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+            out.append(Prompt(tokenizer.decode(ids[:end], skip_special_tokens=True).strip()))
+    return out
+
+
 def _key(text: str) -> str:
     return " ".join(text.casefold().split())
 
