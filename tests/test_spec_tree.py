@@ -85,6 +85,46 @@ def test_token_map_and_depth_cap():
     assert tree.tokens == [99] and tree.packed_mask().tolist() == [[1]]
 
 
+def test_expansion_stops_once_no_deeper_node_can_enter():
+    # After round 1 the best two candidates are 0 (.5) and 0->2 (.31); the frontier's best is 0->2
+    # itself, so its children (<= .31, created later) cannot displace either: no more rounds.
+    tree, draft = grow(tree_size=2, depth=6, topk=2)
+    assert tree.tokens == [99, 0, 2] and tree.parents == [-1, 0, 1]
+    assert len(draft.batches) == 1
+
+
+class RandomTableDraft:
+    """A drafter with a fixed random next-token table over `vocab` tokens (peaked rows, some ties)."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.table = (torch.randn(vocab, vocab, generator=g) * 3).log_softmax(-1)
+        self.table[0, :2] = math.log(0.25)  # an exact tie between two siblings
+        self.rounds = 0
+
+    def __call__(self, batch: ExpandBatch) -> tuple[torch.Tensor, None]:
+        self.rounds += 1
+        return self.table[batch.tokens[-batch.new:]], None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_early_stop_gives_the_tree_of_full_depth(seed, monkeypatch):
+    import edgespec.spec.tree as tree_module
+    g = torch.Generator().manual_seed(1000 + seed)
+    vocab = 8
+    settings = TreeSettings(tree_size=int(torch.randint(1, 40, (1,), generator=g)),
+                            depth=int(torch.randint(2, 9, (1,), generator=g)),
+                            topk=int(torch.randint(1, 5, (1,), generator=g)))
+    root = (torch.randn(vocab, generator=g) * 3).log_softmax(-1)
+    fast_draft = RandomTableDraft(vocab, seed)
+    fast = build_tree(0, root, None, fast_draft, settings)
+    monkeypatch.setattr(tree_module, "_deeper_nodes_cannot_enter", lambda *args: False)
+    full_draft = RandomTableDraft(vocab, seed)
+    full = build_tree(0, root, None, full_draft, settings)
+    assert (fast.tokens, fast.parents, fast.scores) == (full.tokens, full.parents, full.scores)
+    assert fast_draft.rounds <= full_draft.rounds == settings.depth - 1
+
+
 @pytest.mark.parametrize("topk", [6, 50])
 def test_topk_larger_than_vocab_is_clamped(topk):
     tree, _ = grow(tree_size=100, depth=2, topk=topk)

@@ -37,7 +37,8 @@ class TreeSettings:
 
     tree_size: draft tokens verified per step (the root is extra: the target processes
                tree_size + 1 tokens). Values above 64 need more than one mask word per row.
-    depth:     deepest draft token (draft rounds per step: depth - 1 after the catch-up pass).
+    depth:     deepest draft token allowed (at most depth - 1 draft rounds per step after the
+               catch-up pass; fewer when no deeper node could enter the tree, see build_tree).
     topk:      tokens proposed per expanded node and nodes expanded per depth (1 = a chain).
     """
 
@@ -175,6 +176,8 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
     token_map:   [Vd] int64 target id of each draft-vocabulary column (FR-Spec, EAGLE-3 d2t), or
                  None when the draft vocabulary is the target's.
     max_depth:   caps settings.depth (the end of the context or of the token budget).
+    Growth stops before settings.depth once no deeper node could enter the final top tree_size
+    (on the CPU; the tree is the same, the draft rounds are fewer).
     Returns the tree with at most settings.tree_size draft nodes; 0 draft nodes when max_depth is 0.
 
     The expanded nodes of earlier rounds are run through the draft again each round (when topk > 1)
@@ -189,6 +192,9 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
     device = root_logits.device
     vocab = root_logits.shape[-1]
     k = min(settings.topk, vocab)
+    # The early stop reads scores on the host: free on the CPU, a sync per round on a GPU, where
+    # the default trees are wide enough that it would rarely fire (unmeasured there: CPU only).
+    stop_early = device.type == "cpu"
 
     def to_target(ids: torch.Tensor) -> torch.Tensor:
         return ids if token_map is None else token_map[ids]
@@ -214,6 +220,9 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
     exp_vis: torch.Tensor | None = None        # bool [E, E] visibility among expanded nodes
     exp_index_of_cand: dict[int, torch.Tensor] = {}  # depth -> [n_d] expanded index of candidates (-1: not expanded)
     for depth in range(1, depth_limit):
+        if (stop_early and total >= settings.tree_size
+                and _deeper_nodes_cannot_enter(cand_scores, cand_scores[depth - 1][frontier_local], settings.tree_size)):
+            break
         kf = frontier.numel()
         base = sum(t.numel() for t in exp_tokens)  # rows already expanded
         tokens_d = cand_tokens[depth - 1][frontier_local]
@@ -262,6 +271,19 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
     for p in parents[1:]:
         depths.append(depths[p] + 1)
     return DraftTree([root_token] + tokens, parents, depths, [0.0] + scores_kept)
+
+
+def _deeper_nodes_cannot_enter(cand_scores: list[torch.Tensor], frontier_scores: torch.Tensor, tree_size: int) -> bool:
+    """True when no node grown below the frontier could make the final rerank's top `tree_size`.
+
+    A child scores at most its parent (log-probs are clamped to <= 0) and is created after every
+    current candidate, so the stable rerank puts it behind any current candidate with an equal or
+    higher score. Once the frontier's best score is at or below the current tree_size-th best,
+    further rounds cannot change the tree: stopping there gives the same tree for less drafting,
+    which makes a deep depth limit cheap at the steps where the draft is unsure.
+    """
+    nth_best = torch.topk(torch.cat(cand_scores), tree_size).values[-1]
+    return bool(frontier_scores.max() <= nth_best)
 
 
 def _depth_base(cand_tokens: list[torch.Tensor], depth: int) -> int:
