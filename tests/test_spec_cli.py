@@ -8,6 +8,8 @@ import torch
 
 from edgespec.cli import main
 from edgespec.spec import load_vocab
+from edgespec.spec.self_prompts import cached_user_prompts
+from edgespec.spec.train import load_sequences
 from test_spec_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -69,7 +71,7 @@ def test_build_vocab(demo_gguf, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_train_draft_cli(demo_gguf, tmp_path, capsys):
+def test_train_draft_cli(demo_gguf, demo_llm, tmp_path, capsys, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text(("Once upon a time there was a small robot who liked to paint the sea. " * 8 + "\n\n") * 6)
     prompts = tmp_path / "p.jsonl"
@@ -103,9 +105,19 @@ def test_train_draft_cli(demo_gguf, tmp_path, capsys):
     assert kinds == ["chat:more:0", "chat:p:0", "chat:self-prompts:0", "text", "val:self-prompts", "val:val"]
     assert meta["target"]["hidden_size"] == 576 and (out / "model.safetensors").stat().st_size < 10 << 20
     assert (tmp_path / "cache.pt").exists()
-    # A later run asking for more self-written prompts tops the cache up; nothing else is redone.
+    # A later run asking for more self-written prompts tops the cache up; nothing else is redone,
+    # and the held-out prompt already in the cache is excluded from the new training ones.
     capsys.readouterr()
+    import edgespec.cli.train_draft as train_draft_cli
+    sample = train_draft_cli._sample_prompts
+    excluded = []
+    monkeypatch.setattr(train_draft_cli, "_sample_prompts",
+                        lambda llm, count, args, seed, exclude=(): excluded.append(list(exclude)) or
+                        sample(llm, count, args, seed, exclude))
+    val_prompt = cached_user_prompts(demo_llm.tokenizer, load_sequences(tmp_path / "cache.pt"),
+                                     "val:self-prompts")
     assert train("3", "1") == 0
+    assert len(excluded) == 1 and len(val_prompt) == 1 and val_prompt[0] in excluded[0]
     kinds = [s["kind"] for s in torch.load(tmp_path / "cache.pt", weights_only=True)]
     assert kinds.count("chat:self-prompts:0") == 3 and kinds.count("val:self-prompts") == 1
     assert kinds.count("chat:p:0") == 1 and kinds.count("chat:more:0") == 2

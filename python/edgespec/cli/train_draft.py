@@ -124,7 +124,9 @@ def run_train_draft(args: argparse.Namespace) -> int:
     written = cached_user_prompts(llm.tokenizer, seqs, self_tag) if wanted else []
     if len(written) < args.self_prompts:
         seed = args.train_seed if not written else args.train_seed + 1000 + len(written)
-        new = _sample_prompts(llm, args.self_prompts - len(written), args, seed, exclude=written)
+        # A top-up must not write a held-out prompt of an earlier run into the training set.
+        held_out = cached_user_prompts(llm.tokenizer, seqs, f"val:{SELF_PROMPTS}")
+        new = _sample_prompts(llm, args.self_prompts - len(written), args, seed, exclude=written + held_out)
         chats = generate_responses(llm, new, args.response_tokens, batch=args.gen_batch, temperature=0.0)
         seqs += [label(llm.model, c, settings.target_topk, self_tag)
                  for c in tqdm(chats, desc=f"labelling {SELF_PROMPTS}")]
