@@ -27,13 +27,13 @@ DEMO_HEAD = DATA_DIR / "smollm2-135m-instruct-eagle"
 # tokens (EAGLE-2's reference 60 / 6 / 10), with 4-bit weights for a few dozen; on a CPU the
 # matmuls of a 135M model grow with T sooner, and the draft's own steps are a larger share.
 # The CPU entry: bench_spec.py --sweep on bench/python/prompts-tuning.jsonl (16 prompts disjoint
-# from the benchmark's; SmolLM2 + head v9, bf16, 1 thread; v10 accepts the same there), mean accepted length /
-# speedup, two runs: 12,4,4 2.73 / 1.91x; 12,8,4 2.87 / 1.92x, 1.89x; 10,8,4 2.80 / 2.03x, 1.90x;
-# 8,8,4 2.69 / 2.00x; 10,8,3 2.74 / 1.87x (run-to-run noise about 5%). Since build_tree stops
-# growing once no deeper node can enter the tree, a deep limit costs draft rounds only where the
-# draft is sure of a long run (3.8 rounds per step on average at depth 8 against 2.9 at depth 4),
-# so depth 8 buys +0.14 tokens per step for no measurable speed; the size stays where more
-# verified tokens stop paying for themselves.
+# from the benchmark's; SmolLM2 + head v9, bf16, 1 thread; head v10 accepts the same there), mean
+# accepted length / speedup, two runs: 12,4,4 2.73 / 1.91x; 12,8,4 2.87 / 1.92x, 1.89x; 10,8,4
+# 2.80 / 2.03x, 1.90x; 8,8,4 2.69 / 2.00x; 10,8,3 2.74 / 1.87x (run-to-run noise about 5%).
+# Since build_tree stops growing once no deeper node can enter the tree, a deep limit costs draft
+# rounds only where the draft is sure of a long run (3.8 rounds per step on average at depth 8
+# against 2.9 at depth 4), so depth 8 buys +0.14 tokens per step for no measurable speed; the
+# size stays where more verified tokens stop paying for themselves.
 DEFAULT_SETTINGS = {
     "cpu": TreeSettings(tree_size=12, depth=8, topk=4),
     "cuda": TreeSettings(tree_size=60, depth=6, topk=10),
