@@ -101,6 +101,8 @@ def test_train_draft_cli(demo_gguf, demo_llm, tmp_path, capsys, monkeypatch):
     assert meta["frspec_vocab"] == "frspec.json" and meta["data"]["prompts"] == {"p": 1, "more": 2}
     assert meta["data"]["self_prompts"] == 2 and meta["data"]["val_sequences"] == 2
     assert [h["step"] for h in meta["validation"]] == [2, 3] and 0.0 <= result["val_acc1"] <= 1.0
+    per_set = [result["val_acc1_val"], result["val_acc1_self-prompts"]]  # the two held-out sets, and pooled
+    assert min(per_set) <= result["val_acc1"] <= max(per_set) and "val_acc1_val" in meta["validation"][-1]
     kinds = sorted({s["kind"] for s in torch.load(tmp_path / "cache.pt", weights_only=True)})
     assert kinds == ["chat:more:0", "chat:p:0", "chat:self-prompts:0", "text", "val:self-prompts", "val:val"]
     assert meta["target"]["hidden_size"] == 576 and (out / "model.safetensors").stat().st_size < 10 << 20

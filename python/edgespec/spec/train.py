@@ -248,23 +248,34 @@ def evaluate(head: TrainableEagleHead, embed: torch.Tensor, lm_w: torch.Tensor, 
              batcher: _Batcher, seqs: list[Sequence_], settings: TrainSettings) -> dict[str, float]:
     """Per-depth top-1 agreement of the head with the target over every position of `seqs`
     (no input noise, whole sequences in windows of seq_len): {"val_acc1": ..., "val_acc2": ...}.
-    Depth j drafts f[t+j] from the real pair at t and j - 1 of its own predictions, as a chain."""
+    Depth j drafts f[t+j] from the real pair at t and j - 1 of its own predictions, as a chain.
+    When `seqs` hold several sets (kinds "val:<set>"), each set's depth-1 agreement is added as
+    "val_acc1_<set>": the pooled number weighs the sets by their token counts."""
     clean = dataclasses.replace(settings, noise=0.0)
-    hits = [0.0] * settings.unroll
-    counts = [0.0] * settings.unroll
-    parts = [(seq, st, min(settings.seq_len, seq.tokens.numel() - st)) for seq in seqs
-             for st in range(0, max(seq.tokens.numel() - settings.unroll - 1, 1), settings.seq_len)]
+    hits: dict[str, list[float]] = {}
+    counts: dict[str, list[float]] = {}
     was_training = head.training
     head.eval()
     with torch.no_grad():
-        for i in range(0, len(parts), settings.batch_size):
-            batch = batcher.pad(parts[i:i + settings.batch_size])
-            _, stats = _loss(head, embed, lm_w, lm_b, batch, clean, counts_out=True)
-            for j in range(settings.unroll):
-                hits[j] += stats[f"hits{j + 1}"]
-                counts[j] += stats[f"count{j + 1}"]
+        for kind in sorted({seq.kind for seq in seqs}):
+            parts = [(seq, st, min(settings.seq_len, seq.tokens.numel() - st)) for seq in seqs if seq.kind == kind
+                     for st in range(0, max(seq.tokens.numel() - settings.unroll - 1, 1), settings.seq_len)]
+            hits[kind], counts[kind] = [0.0] * settings.unroll, [0.0] * settings.unroll
+            for i in range(0, len(parts), settings.batch_size):
+                batch = batcher.pad(parts[i:i + settings.batch_size])
+                _, stats = _loss(head, embed, lm_w, lm_b, batch, clean, counts_out=True)
+                for j in range(settings.unroll):
+                    hits[kind][j] += stats[f"hits{j + 1}"]
+                    counts[kind][j] += stats[f"count{j + 1}"]
     head.train(was_training)
-    return {f"val_acc{j + 1}": round(hits[j] / max(counts[j], 1.0), 4) for j in range(settings.unroll)}
+
+    def acc(kinds: list[str], j: int) -> float:
+        return round(sum(hits[k][j] for k in kinds) / max(sum(counts[k][j] for k in kinds), 1.0), 4)
+
+    out = {f"val_acc{j + 1}": acc(list(hits), j) for j in range(settings.unroll)}
+    if len(hits) > 1:
+        out.update({f"val_acc1_{k.removeprefix('val:')}": acc([k], 0) for k in hits})
+    return out
 
 
 def _frozen_target_parts(target: Decoder, frspec_vocab: str | Path | None):
