@@ -45,6 +45,21 @@ def test_contradicting_or_incomplete_options(demo_gguf, capsys):
     assert "need a draft" in capsys.readouterr().err
 
 
+def test_train_draft_rejects_prompt_files_that_would_share_a_cache_tag(tmp_path, capsys):
+    # Checked before any model is loaded: the file names tag the labelled cache.
+    files = {n: tmp_path / n for n in ("a/val.txt", "b/val.txt", "self-prompts.txt", "text.txt")}
+    for f in files.values():
+        f.parent.mkdir(exist_ok=True)
+        f.write_text("Name a fruit.\n")
+    base = ["train-draft", "--model", "no-such-model", "--data", str(files["text.txt"]), "--out", str(tmp_path / "o")]
+    assert main(base + ["--val-prompts", str(files["a/val.txt"]), str(files["b/val.txt"])]) == 1
+    assert "--val-prompts files need distinct names" in capsys.readouterr().err
+    assert main(base + ["--val-prompts", str(files["self-prompts.txt"])]) == 1
+    assert "other than 'self-prompts'" in capsys.readouterr().err
+    assert main(base + ["--prompts", str(files["self-prompts.txt"])]) == 1
+    assert "prompt files need distinct names" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_uses_the_shipped_head_by_default(demo_gguf, capsys):
     args = ["generate", "--model", "demo", "--max-context", "256", "--max-new-tokens", "8", "--stats", "--chat",
@@ -80,6 +95,8 @@ def test_train_draft_cli(demo_gguf, demo_llm, tmp_path, capsys, monkeypatch):
     more.write_text("Name a fruit.\nName a color.\n")
     val = tmp_path / "val.txt"
     val.write_text("Name an animal.\n")
+    val2 = tmp_path / "val2.txt"
+    val2.write_text("Name a river.\nName a city.\n")
     vocab = tmp_path / "v.json"
     assert main(["build-vocab", "--model", str(demo_gguf), "--data", str(text), "--size", "64",
                  "--out", str(vocab)]) == 0
@@ -87,7 +104,7 @@ def test_train_draft_cli(demo_gguf, demo_llm, tmp_path, capsys, monkeypatch):
 
     def train(self_prompts: str, steps: str) -> int:
         return main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32",
-                     "--data", str(text), "--prompts", str(prompts), str(more), "--val-prompts", str(val),
+                     "--data", str(text), "--prompts", str(prompts), str(more), "--val-prompts", str(val), str(val2),
                      "--self-prompts", self_prompts, "--val-self-prompts", "1", "--response-tokens", "8",
                      "--text-tokens", "400", "--seq-len", "64", "--steps", steps, "--batch-size", "2",
                      "--checkpoint-every", "2", "--frspec-vocab", str(vocab), "--cache", str(tmp_path / "cache.pt"),
@@ -99,12 +116,14 @@ def test_train_draft_cli(demo_gguf, demo_llm, tmp_path, capsys, monkeypatch):
     cfg = json.loads((out / "config.json").read_text())
     meta = cfg["edgespec_draft"]
     assert meta["frspec_vocab"] == "frspec.json" and meta["data"]["prompts"] == {"p": 1, "more": 2}
-    assert meta["data"]["self_prompts"] == 2 and meta["data"]["val_sequences"] == 2
+    assert meta["data"]["self_prompts"] == 2 and meta["data"]["val_sequences"] == 4
     assert [h["step"] for h in meta["validation"]] == [2, 3] and 0.0 <= result["val_acc1"] <= 1.0
-    per_set = [result["val_acc1_val"], result["val_acc1_self-prompts"]]  # the two held-out sets, and pooled
+    # the three held-out sets (two files, the self-written one), and pooled
+    per_set = [result["val_acc1_val"], result["val_acc1_val2"], result["val_acc1_self-prompts"]]
     assert min(per_set) <= result["val_acc1"] <= max(per_set) and "val_acc1_val" in meta["validation"][-1]
     kinds = sorted({s["kind"] for s in torch.load(tmp_path / "cache.pt", weights_only=True)})
-    assert kinds == ["chat:more:0", "chat:p:0", "chat:self-prompts:0", "text", "val:self-prompts", "val:val"]
+    assert kinds == ["chat:more:0", "chat:p:0", "chat:self-prompts:0", "text", "val:self-prompts", "val:val",
+                     "val:val2"]
     assert meta["target"]["hidden_size"] == 576 and (out / "model.safetensors").stat().st_size < 10 << 20
     assert (tmp_path / "cache.pt").exists()
     # A later run asking for more self-written prompts tops the cache up; nothing else is redone,
@@ -124,4 +143,4 @@ def test_train_draft_cli(demo_gguf, demo_llm, tmp_path, capsys, monkeypatch):
     assert kinds.count("chat:self-prompts:0") == 3 and kinds.count("val:self-prompts") == 1
     assert kinds.count("chat:p:0") == 1 and kinds.count("chat:more:0") == 2
     meta = json.loads((out / "config.json").read_text())["edgespec_draft"]
-    assert meta["data"]["self_prompts"] == 3 and meta["data"]["val_sequences"] == 2
+    assert meta["data"]["self_prompts"] == 3 and meta["data"]["val_sequences"] == 4

@@ -49,6 +49,16 @@ def test_sampled_prompts_are_finished_distinct_and_reproducible(demo_llm):
     assert got[0].text.casefold() not in {p.text.casefold() for p in again}
 
 
+@pytest.mark.slow
+def test_openers_start_every_prompt(demo_llm):
+    openers = ["Write a poem", "Why do", "Explain how"]
+    got = sample_user_prompts(demo_llm, 6, batch=6, max_tokens=48, seed=3, openers=openers, progress=False)
+    assert len(got) >= 3
+    assert all(any(p.text.startswith(o + " ") for o in openers) for p in got), got
+    assert len({p.text.split()[0] for p in got}) >= 2  # drawn per sample, not one opener for all
+    assert sample_user_prompts(demo_llm, 6, batch=6, max_tokens=48, seed=3, openers=openers, progress=False) == got
+
+
 def test_unfinished_turns_are_dropped_and_sampling_gives_up(demo_llm):
     # One token is never a finished turn of three words: every sample is rejected, and the
     # sampler stops after its bounded number of batches instead of looping.
@@ -60,3 +70,5 @@ def test_bad_arguments(demo_llm):
         sample_user_prompts(demo_llm, 2, temperature=0.0, progress=False)
     with pytest.raises(ValueError, match="count >= 0"):
         sample_user_prompts(demo_llm, -1, progress=False)
+    with pytest.raises(ValueError, match="an opener is empty"):
+        sample_user_prompts(demo_llm, 2, openers=["Why", " "], progress=False)

@@ -31,10 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "'chat': false for a text opening to continue, or one chat prompt per line) the target answers "
                    "or continues itself; its outputs become training data")
     t.add_argument("--max-prompts", type=int, default=200, help="use at most this many prompts per file (default 200)")
-    t.add_argument("--val-prompts", default=None,
-                   help="validation prompts (disjoint from --prompts): the target's greedy answers are labelled "
-                        "but never trained on; the head's per-depth top-1 agreement with the target on them "
-                        "(val_acc1, ...) is reported at every checkpoint")
+    t.add_argument("--val-prompts", nargs="+", default=[],
+                   help="validation prompt files (disjoint from --prompts): the target's greedy answers are "
+                        "labelled but never trained on; the head's per-depth top-1 agreement with the target on "
+                        "them (val_acc1, ... pooled, and val_acc1_<file stem> per file) is reported at every "
+                        "checkpoint")
     t.add_argument("--self-prompts", type=int, default=0,
                    help="also answer (greedily) this many chat prompts the model writes itself (its chat template "
                         "up to a user turn, sampled: the Magpie method), a broad prompt set without any prompt "
@@ -75,11 +76,13 @@ def run_train_draft(args: argparse.Namespace) -> int:
                              seed=args.train_seed).validate()
     texts = read_texts(args.data)
     prompt_sets = {Path(f).stem: read_prompts(f)[:args.max_prompts] for f in args.prompts}
+    val_stems = [Path(f).stem for f in args.val_prompts]
     if len(prompt_sets) != len(args.prompts) or SELF_PROMPTS in prompt_sets:
         raise ValueError(f"train-draft: prompt files need distinct names other than {SELF_PROMPTS!r} "
                          f"(they tag the cache): {args.prompts}")
-    if args.val_prompts and Path(args.val_prompts).stem == SELF_PROMPTS:
-        raise ValueError(f"train-draft: a --val-prompts file may not be named {SELF_PROMPTS!r} (it tags the cache)")
+    if len(set(val_stems)) != len(val_stems) or SELF_PROMPTS in val_stems:
+        raise ValueError(f"train-draft: --val-prompts files need distinct names other than {SELF_PROMPTS!r} "
+                         f"(they tag the cache): {args.val_prompts}")
     from ..engine import LLM  # noqa: PLC0415
 
     device = None if args.device == "auto" else args.device
@@ -134,8 +137,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
             save_sequences(cache, seqs)
         written += new
     val_sets = {}
-    if args.val_prompts:
-        val_sets[Path(args.val_prompts).stem] = lambda: read_prompts(args.val_prompts)[:args.max_prompts]
+    for stem, file in zip(val_stems, args.val_prompts):
+        val_sets[stem] = lambda file=file: read_prompts(file)[:args.max_prompts]
     if args.val_self_prompts:
         # Another seed, and the training prompts excluded: held out by construction.
         val_sets[SELF_PROMPTS] = lambda: _sample_prompts(llm, args.val_self_prompts, args, args.train_seed + 1,
@@ -160,7 +163,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
                        "vocab_size": llm.model.config.vocab_size, "num_layers": llm.model.config.num_layers,
                        "dtype": str(llm.model.dtype).removeprefix("torch.")},
             "data": {"files": [Path(f).name for f in args.data], "text_tokens": args.text_tokens,
-                     "prompts": {stem: len(p) for stem, p in prompt_sets.items()},
+                     "prompts": {stem: sum(s.kind == f"chat:{stem}:0" for s in seqs) for stem in prompt_sets},
                      "self_prompts": sum(s.kind == self_tag for s in seqs),
                      "responses_per_prompt": args.responses_per_prompt, "response_tokens": args.response_tokens,
                      "labelled_tokens": tokens, "val_sequences": len(val)},

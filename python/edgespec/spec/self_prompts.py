@@ -5,9 +5,15 @@ turn (the "pre-query template") and sampled, it writes a user message — the Ma
 al., 2024, "Magpie: Alignment Data Synthesis from Scratch by Prompting Aligned LLMs with Nothing").
 Many such messages are prompts from the distribution the model was tuned to answer, broader than
 hand-made templates; the draft head then trains on the model's own answers to them.
+
+Left alone, a small model opens most turns the same few ways (SmolLM2-135M-Instruct starts 67% of
+them with "Can you" or "I'm ..."), so requests phrased as commands or questions ("Write ...",
+"Why ...") are rare. Openers fix the first words of each turn (drawn at random from a list) and let
+the model write the rest: the topics stay the model's own, the phrasings get broader.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,9 +64,10 @@ def _key(text: str) -> str:
 
 
 def sample_user_prompts(llm: "LLM", count: int, temperature: float = 0.8, max_tokens: int = 64,
-                        batch: int = 32, seed: int = 0, exclude: tuple[Prompt, ...] | list[Prompt] = (),
-                        progress: bool = True) -> list[Prompt]:
-    """Up to `count` distinct chat prompts sampled from the target at `temperature`.
+                        batch: int = 32, seed: int = 0, exclude: Sequence[Prompt] = (),
+                        openers: Sequence[str] = (), progress: bool = True) -> list[Prompt]:
+    """Up to `count` distinct chat prompts sampled from the target at `temperature`; each starts
+    with one of `openers` (chosen at random per sample) when they are given.
 
     A sample is kept when the model ended the user turn within max_tokens (a turn cut short is
     not a question it finished), holds at least three words, and differs (case and spacing
@@ -73,9 +80,13 @@ def sample_user_prompts(llm: "LLM", count: int, temperature: float = 0.8, max_to
     tok = llm.tokenizer
     if tok is None:
         raise ValueError("sampling user prompts needs the model's tokenizer")
+    if any(not o.strip() for o in openers):
+        raise ValueError("sample_user_prompts: an opener is empty")
     prefix = user_turn_prefix(tok)
+    starts = [tok.encode(o.strip(), add_special_tokens=False) for o in openers] or [[]]
     stop = set(tok.stop_token_ids) | set(llm.model.config.eos_token_ids)
     gen = torch.Generator(device=llm.model.device).manual_seed(seed)
+    pick = torch.Generator().manual_seed(seed)  # on the CPU: the opener draw is the same on any device
     seen = {_key(p.text) for p in exclude}
     out: list[Prompt] = []
     rows = min(batch, max(count, 1))
@@ -83,11 +94,12 @@ def sample_user_prompts(llm: "LLM", count: int, temperature: float = 0.8, max_to
     for _ in range(4 * -(-count // rows)):
         if len(out) >= count:
             break
-        for ids in generate_batch(llm.model, [prefix] * rows, max_tokens, sorted(stop), temperature=temperature,
-                                  generator=gen):
+        heads = [starts[i] for i in torch.randint(len(starts), (rows,), generator=pick).tolist()]
+        for head, ids in zip(heads, generate_batch(llm.model, [prefix + h for h in heads], max_tokens, sorted(stop),
+                                                   temperature=temperature, generator=gen)):
             if not ids or ids[-1] not in stop:
                 continue
-            text = tok.decode(ids[:-1], skip_special_tokens=True).strip()
+            text = tok.decode(head + ids[:-1], skip_special_tokens=True).strip()
             if len(text.split()) < 3 or _key(text) in seen or len(out) >= count:
                 continue
             seen.add(_key(text))
