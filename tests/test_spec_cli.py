@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgespec.cli import main
-from edgespec.spec import load_vocab
+from edgespec.spec import load_eagle_head, load_vocab
 from edgespec.spec.self_prompts import cached_user_prompts
 from edgespec.spec.train import load_sequences
 from test_spec_helpers import one_thread  # noqa: F401 (autouse fixture)
@@ -58,6 +58,8 @@ def test_train_draft_rejects_prompt_files_that_would_share_a_cache_tag(tmp_path,
     assert "other than 'self-prompts'" in capsys.readouterr().err
     assert main(base + ["--prompts", str(files["self-prompts.txt"])]) == 1
     assert "prompt files need distinct names" in capsys.readouterr().err
+    assert main(base + ["--fuse-layers", "2", "2"]) == 1
+    assert "--fuse-layers names a layer twice: [2, 2]" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -102,8 +104,8 @@ def test_train_draft_cli(demo_gguf, demo_llm, tmp_path, capsys, monkeypatch):
                  "--out", str(vocab)]) == 0
     out = tmp_path / "head"
 
-    def train(self_prompts: str, steps: str) -> int:
-        return main(["train-draft", "--model", str(demo_gguf), "--dtype", "fp32",
+    def train(self_prompts: str, steps: str, *extra: str) -> int:
+        return main(["train-draft", *extra, "--model", str(demo_gguf), "--dtype", "fp32",
                      "--data", str(text), "--prompts", str(prompts), str(more), "--val-prompts", str(val), str(val2),
                      "--self-prompts", self_prompts, "--val-self-prompts", "1", "--response-tokens", "8",
                      "--text-tokens", "400", "--seq-len", "64", "--steps", steps, "--batch-size", "2",
@@ -144,3 +146,18 @@ def test_train_draft_cli(demo_gguf, demo_llm, tmp_path, capsys, monkeypatch):
     assert kinds.count("chat:p:0") == 1 and kinds.count("chat:more:0") == 2
     meta = json.loads((out / "config.json").read_text())["edgespec_draft"]
     assert meta["data"]["self_prompts"] == 3 and meta["data"]["val_sequences"] == 4
+    # --fuse-layers on the same cache: the cached sequences get the streams of those layers (nothing
+    # is generated again) and the plain head above starts the fused one.
+    capsys.readouterr()
+    import edgespec.spec.train as train_module
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cache already holds every answer")
+
+    monkeypatch.setattr(train_module, "generate_responses", no_generation)
+    assert train("3", "2", "--fuse-layers", "2", "15", "--init", str(out)) == 0
+    cached = load_sequences(tmp_path / "cache.pt")
+    assert {s.stream_layers for s in cached} == {(2, 15)} and cached[0].streams.shape[1] == 2 * 576
+    meta = json.loads((out / "config.json").read_text())["edgespec_draft"]
+    assert meta["fuse_layers"] == [2, 15] and (out / "model.safetensors").stat().st_size < 10 << 20
+    assert load_eagle_head(out, demo_llm.model).capture == (30, 2, 15)

@@ -108,6 +108,34 @@ def test_head_loading_errors(target, tmp_path):
         enable_speculation(llm, draft=str(tmp_path / "missing"))
 
 
+def test_fused_head_loading_errors(target, tmp_path):
+    """fuse.* tensors need their layers in config.json, in range, distinct, with matching shapes."""
+    from safetensors.torch import load_file, save_file
+
+    _, llm = target
+    m = llm.model
+    head = random_head(m.config, tmp_path / "f", seed=3, fuse_layers=(1, 2))
+    assert load_eagle_head(head, m).capture == (m.config.num_layers, 1, 2)
+    config = json.loads((head / "config.json").read_text())
+    for layers, msg in [([1, 6], "fuse_layers must list distinct target layers in \\[0, 6\\)"),
+                        ([1, 1], "distinct"), ("1,2", "got '1,2'"), ([], "names no edgespec_draft.fuse_layers")]:
+        config["edgespec_draft"]["fuse_layers"] = layers
+        (head / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelFormatError, match=msg):
+            load_eagle_head(head, m)
+    config["edgespec_draft"]["fuse_layers"] = [1, 2, 3]  # three layers, tensors for two
+    (head / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match=r"fuse.norm.weight has shape \(192,\), expected \(288,\)"):
+        load_eagle_head(head, m)
+    config["edgespec_draft"]["fuse_layers"] = [1, 2]
+    (head / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(head / "model.safetensors"))
+    del tensors["fuse.proj.weight"]
+    save_file(tensors, str(head / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match="'fuse.proj.weight' is missing"):
+        load_eagle_head(head, m)
+
+
 def test_eagle3_bad_maps(target, tmp_path):
     _, llm = target
     m = llm.model
@@ -203,21 +231,37 @@ def test_restricted_lm_head_maps_ids():
 # Training
 
 
-def test_trainable_head_matches_inference_head(target, tmp_path):
-    """The unrolled training forward computes what the inference head computes at depth 1, 2, 3."""
+@pytest.mark.parametrize("fuse_layers", [(), (1, 3)])
+def test_trainable_head_matches_inference_head(target, tmp_path, fuse_layers):
+    """The unrolled training forward computes what the inference head computes at depth 1, 2, 3
+    (with and without fused lower layers)."""
     from edgespec.spec.eagle import save_eagle_head
 
     _, llm = target
     m = llm.model
     cfg = m.config
-    train = TrainableEagleHead(head_model_config(cfg))
+    train = TrainableEagleHead(head_model_config(cfg), fuse_layers=fuse_layers)
     train.reset_parameters(3, std=0.2)
-    save_eagle_head(tmp_path / "h", train.eagle_tensors(), head_config(cfg), dtype=torch.float32)
+    meta = {}
+    if fuse_layers:
+        with torch.no_grad():  # training starts the fusion at zero; make it matter here
+            train.fuse_proj.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(4))
+            train.fuse_norm.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(5))
+        meta["fuse_layers"] = list(fuse_layers)
+    save_eagle_head(tmp_path / "h", train.eagle_tensors(), head_config(cfg, **meta), dtype=torch.float32)
     head = load_eagle_head(tmp_path / "h", m)
+    assert head.capture == (cfg.num_layers, *fuse_layers)
     ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
     out = m.forward(ids, torch.arange(20), m.new_cache(32), 0, capture=head.capture)
     feats = head.features(TargetStates(out.captured))
-    assert torch.equal(feats, out.hidden)   # EAGLE-1/2 features are the target's final hidden states
+    if fuse_layers:
+        streams = torch.cat([out.captured[i] for i in fuse_layers], dim=-1)
+        with torch.no_grad():
+            expected = train.fuse(out.hidden, streams)
+        torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+        assert (feats - out.hidden).abs().max() > 0.1  # the fusion changes the feature
+    else:
+        assert torch.equal(feats, out.hidden)   # EAGLE-1/2 features are the target's final hidden states
     with torch.no_grad():
         outs = train.unrolled(m.embed[ids[1:]].unsqueeze(0), feats[:-1].unsqueeze(0), 3)
     cache = head.new_cache(40)
@@ -270,11 +314,60 @@ def test_training_learns_and_checkpoints(target, tmp_path):
     assert res.stats.extra["mean_accepted_length"] > 1.5    # the trained head predicts its target
 
 
+def test_fused_head_warm_starts_from_a_plain_head(target, tmp_path):
+    """--fuse-layers on top of a plain head: the fusion starts as a no-op (same validation numbers),
+    training uses the captured streams, and the result loads and keeps speculation exact. Streams
+    of other layers, or an --init head fusing other layers, are errors."""
+    from edgespec.spec.train import add_streams, load_sequences, save_sequences
+
+    _, llm = target
+    m = llm.model
+    seqs = []
+    for seed in range(4):
+        prompt = torch.randint(3, 50, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
+        seqs.append(label(m, prompt + run(llm, prompt, 30), 8, "chat"))
+    plain = random_head(m.config, tmp_path / "plain", seed=2, std=0.1)
+    fused = TrainSettings(steps=20, batch_size=2, seq_len=32, lr=3e-3, warmup=2, checkpoint_every=20,
+                          autocast_bf16=False, fuse_layers=(1, 4))
+    with pytest.raises(ValueError, match="layers \\[\\], not of --fuse-layers \\[1, 4\\]"):
+        evaluate_head(m, seqs, fused, head=plain)          # no streams captured yet
+    save_sequences(tmp_path / "c.pt", seqs)
+    cached = load_sequences(tmp_path / "c.pt")
+    assert add_streams(m, cached, (1, 4), progress=False) == 4 and add_streams(m, cached, (1, 4)) == 0
+    save_sequences(tmp_path / "c.pt", cached)
+    cached = load_sequences(tmp_path / "c.pt")
+    fresh = label(m, seqs[0].tokens.tolist(), 8, "chat", (1, 4))
+    assert cached[0].stream_layers == (1, 4) and torch.equal(cached[0].streams, fresh.streams)
+    assert cached[0].streams.shape == (seqs[0].tokens.numel(), 2 * m.config.hidden_size)
+    base = TrainSettings(**{**fused.__dict__, "fuse_layers": ()})
+    assert evaluate_head(m, cached, fused, head=plain) == evaluate_head(m, cached, base, head=plain)
+    train_head(m, cached, fused, tmp_path / "fused", init=plain, progress=False)
+    cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert cfg["edgespec_draft"]["fuse_layers"] == [1, 4]
+    head = load_eagle_head(tmp_path / "fused", m)
+    assert head.capture == (m.config.num_layers, 1, 4) and head.fuse[1].weight.abs().max() > 0  # it learned
+    with pytest.raises(ModelFormatError, match="fuses target layers \\[1, 4\\]"):
+        train_head(m, cached, TrainSettings(**{**fused.__dict__, "fuse_layers": (2, 4)}), tmp_path / "x",
+                   init=tmp_path / "fused", progress=False)
+    with pytest.raises(ValueError, match="must be distinct layers of the target, 0..5"):
+        train_head(m, cached, TrainSettings(**{**fused.__dict__, "fuse_layers": (1, 6)}), tmp_path / "x",
+                   progress=False)
+    prompt = seqs[1].tokens[:6].tolist()
+    expected = run(llm, prompt, 30)
+    enable_speculation(llm, draft=str(tmp_path / "fused"), tree_size=8, depth=4, topk=2)
+    try:
+        assert llm.generate(prompt, max_new_tokens=30, ignore_eos=True).token_ids == expected
+    finally:
+        enable_speculation(llm, None)
+
+
 def test_train_settings_are_validated():
     with pytest.raises(ValueError, match="steps"):
         TrainSettings(steps=0).validate()
     with pytest.raises(ValueError, match="too short"):
         TrainSettings(seq_len=3, unroll=3).validate()
+    with pytest.raises(ValueError, match="names a layer twice"):
+        TrainSettings(fuse_layers=(2, 2)).validate()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -1,9 +1,10 @@
 """The speculative invariant: greedy speculative output equals greedy plain output, token for token.
 
-Tiny random Llama/Qwen2/Qwen3 targets (fp32) with random EAGLE-1/2 and EAGLE-3 heads and
-standalone draft models, over many seeds, tree sizes from 1 to 90 (masks of two words), depths
-1 to 8 and top-k 1 to 8; a small vocabulary makes random drafts hit often enough that long
-accepted paths, sibling acceptance and KV compaction all occur (checked through the statistics).
+Tiny random Llama/Qwen2/Qwen3 targets (fp32) with random EAGLE-1/2 heads (plain and fusing lower
+layers), EAGLE-3 heads and standalone draft models, over many seeds, tree sizes from 1 to 90
+(masks of two words), depths 1 to 8 and top-k 1 to 8; a small vocabulary makes random drafts hit
+often enough that long accepted paths, sibling acceptance and KV compaction all occur (checked
+through the statistics).
 """
 from __future__ import annotations
 
@@ -111,6 +112,18 @@ def test_large_trees_and_all_depths(targets, tmp_path):
     for depth in range(1, 9):
         for tree_size, topk in ((65, 8), (90, 6), (5, 2)):
             check_equal(llm, expected, draft=str(head), tree_size=tree_size, depth=depth, topk=topk)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_eagle_heads_with_fused_lower_layers(targets, tmp_path, arch):
+    """EAGLE-1/2 heads that fuse lower target layers (captured at prefill and at every verification)."""
+    d, llm = targets[arch]
+    expected = plain_outputs(llm)
+    for seed, layers in enumerate([(1,), (0, 2), (3, 1, 2)]):
+        head = random_head(llm.model.config, tmp_path / f"fused{seed}", seed=seed, std=0.4, fuse_layers=layers)
+        for spec in ({"tree_size": 12, "depth": 5, "topk": 3}, {"tree_size": 70, "depth": 4, "topk": 8},
+                     {"tree_size": 5, "depth": 5, "topk": 1}):
+            check_equal(llm, expected, draft=str(head), **spec)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -59,6 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--unroll", type=int, default=3, help="training-time-test draft steps (default 3)")
+    t.add_argument("--fuse-layers", type=int, nargs="+", default=[],
+                   help="also feed the head the residual streams entering these target layers (EAGLE-3's low "
+                        "and mid features, e.g. 2 and L/2), fused into its input feature; the cache is topped up "
+                        "with them, and an --init head without them starts with the fusion switched off")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--train-seed", type=int, default=0)
@@ -66,14 +70,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train_draft(args: argparse.Namespace) -> int:
-    from ..spec.train import (TrainSettings, generate_responses, label, load_sequences, read_prompts,  # noqa: PLC0415
-                              read_texts, save_sequences, text_windows, train_head)
+    from ..spec.train import (TrainSettings, add_streams, check_fuse_layers, generate_responses,  # noqa: PLC0415
+                              label, load_sequences, read_prompts, read_texts, save_sequences, text_windows,
+                              train_head)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                              unroll=args.unroll, checkpoint_every=args.checkpoint_every,
-                             seed=args.train_seed).validate()
+                             seed=args.train_seed, fuse_layers=tuple(args.fuse_layers)).validate()
+    layers = settings.fuse_layers
     texts = read_texts(args.data)
     prompt_sets = {Path(f).stem: read_prompts(f)[:args.max_prompts] for f in args.prompts}
     val_stems = [Path(f).stem for f in args.val_prompts]
@@ -89,6 +95,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
     llm = LLM.load(args.model, device=device, dtype=DTYPES[args.dtype], max_context=4096, progress=True, draft=None)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model}: train-draft needs the model's tokenizer")
+    check_fuse_layers(llm.model, layers)
     t0 = time.time()
     cache = Path(args.cache) if args.cache else None
     seqs = load_sequences(cache) if cache is not None and cache.exists() else []
@@ -102,7 +109,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
         tok = llm.tokenizer
         windows = text_windows(lambda s: tok.encode(s, add_special_tokens=False), texts, settings.seq_len,
                                args.text_tokens, tok.hf.eos_token_id)
-        seqs += [label(llm.model, w, settings.target_topk, "text") for w in tqdm(windows, desc="labelling text")]
+        seqs += [label(llm.model, w, settings.target_topk, "text", layers)
+                 for w in tqdm(windows, desc="labelling text")]
         if cache is not None:
             save_sequences(cache, seqs)
     # Chat sequences are tagged with their prompt file and round, so one cache can hold the answers
@@ -115,7 +123,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
             temperature = 0.0 if r == 0 else args.gen_temperature
             chats = generate_responses(llm, prompts, args.response_tokens, batch=args.gen_batch,
                                        temperature=temperature, seed=args.train_seed + r)
-            seqs += [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc=f"labelling {stem}")]
+            seqs += [label(llm.model, c, settings.target_topk, tag, layers)
+                     for c in tqdm(chats, desc=f"labelling {stem}")]
             if cache is not None:
                 save_sequences(cache, seqs)
     from ..spec.self_prompts import cached_user_prompts  # noqa: PLC0415
@@ -131,7 +140,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
         held_out = cached_user_prompts(llm.tokenizer, seqs, f"val:{SELF_PROMPTS}")
         new = _sample_prompts(llm, args.self_prompts - len(written), args, seed, exclude=written + held_out)
         chats = generate_responses(llm, new, args.response_tokens, batch=args.gen_batch, temperature=0.0)
-        seqs += [label(llm.model, c, settings.target_topk, self_tag)
+        seqs += [label(llm.model, c, settings.target_topk, self_tag, layers)
                  for c in tqdm(chats, desc=f"labelling {SELF_PROMPTS}")]
         if cache is not None:
             save_sequences(cache, seqs)
@@ -150,11 +159,14 @@ def run_train_draft(args: argparse.Namespace) -> int:
         if not have:
             chats = generate_responses(llm, read(), args.response_tokens, batch=args.gen_batch, temperature=0.0,
                                        seed=args.train_seed)
-            have = [label(llm.model, c, settings.target_topk, tag) for c in tqdm(chats, desc=f"labelling val:{stem}")]
+            have = [label(llm.model, c, settings.target_topk, tag, layers)
+                    for c in tqdm(chats, desc=f"labelling val:{stem}")]
             seqs += have
             if cache is not None:
                 save_sequences(cache, seqs)
         val += have
+    if layers and add_streams(llm.model, seqs, layers) and cache is not None:
+        save_sequences(cache, seqs)  # sequences labelled before --fuse-layers, now with the streams
     seqs = [s for s in seqs if not s.kind.startswith("val:")]
     tokens = sum(s.tokens.numel() for s in seqs)
     print(f"train-draft: {len(seqs)} sequences, {tokens:,} tokens labelled in {time.time() - t0:.0f} s",

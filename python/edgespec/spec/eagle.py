@@ -12,6 +12,11 @@ cat(input_layernorm(embed(x)), hidden_norm(state)) of width 2H and its residual 
 state of the next step; logits come from its own LM head over a reduced vocabulary whose ids map
 to target ids as `target = draft + d2t[draft]`.
 
+Our EAGLE-1/2 heads may also fuse lower target layers into the feature (train_head.py):
+f[i] + fuse.proj(cat(rms(s_1[i]) , ..., rms(s_n[i])) * fuse.norm), where s_j is the residual stream
+entering layer `fuse_layers[j]` of config.json's edgespec_draft block (`fuse.norm.weight` [n*H],
+`fuse.proj.weight` [H, n*H]).
+
 Both share the target's token embedding (and EAGLE-1/2 its LM head), so a head is tied to one
 target's hidden size and vocabulary; loading checks both.
 """
@@ -65,7 +70,7 @@ class EagleHead:
     def __init__(self, kind: str, config: ModelConfig, fc: DenseLinear, layers: list[HeadLayer],
                  lm_head: DraftLMHead, target: Decoder, capture: tuple[int, ...],
                  norm: torch.Tensor | None = None, norm_before_residual: bool = False,
-                 source: str = "<head>") -> None:
+                 source: str = "<head>", fuse: tuple[torch.Tensor, DenseLinear] | None = None) -> None:
         self.kind = kind
         self.config = config
         self.fc = fc
@@ -73,7 +78,10 @@ class EagleHead:
         self.lm_head = lm_head
         self.norm = norm
         self.norm_before_residual = norm_before_residual
-        self.fused_layers = capture                   # EAGLE-3: the three layers fc fuses, in order
+        # The streams features() reads, in order: EAGLE-3's three fc fuses; EAGLE-1/2's final stream
+        # and then any lower layers it fuses.
+        self.fused_layers = capture
+        self.fuse = fuse                              # EAGLE-1/2 with fused lower layers: (norm, proj)
         self.capture = tuple(dict.fromkeys(capture))  # distinct layers the target must capture
         self.source = source
         self.embed = target.embed                  # [V, H], shared with the target
@@ -100,8 +108,15 @@ class EagleHead:
     def features(self, target: TargetStates) -> torch.Tensor:
         """The draft state the target hands over: [a, H] in the head's dtype."""
         if self.kind == EAGLE:
-            (layer,) = self.capture
-            return ops.rms_norm(target.captured[layer], self.target_norm, self.target_eps).to(self.dtype)
+            final, *lower = self.fused_layers
+            f = ops.rms_norm(target.captured[final], self.target_norm, self.target_eps).to(self.dtype)
+            if self.fuse is None:
+                return f
+            weight, proj = self.fuse
+            h = self.config.hidden_size
+            parts = [ops.rms_norm(target.captured[layer].to(self.dtype), weight[j * h:(j + 1) * h],
+                                  self.config.rms_norm_eps) for j, layer in enumerate(lower)]
+            return f + proj(torch.cat(parts, dim=-1))
         fused = torch.cat([target.captured[i] for i in self.fused_layers], dim=-1).to(self.dtype)  # [a, 3H]
         return self.fc(fused)
 
@@ -325,14 +340,23 @@ def load_eagle_head(path: str | Path, target: Decoder, dtype: torch.dtype | None
     if src.has("embed_tokens.weight"):  # some checkpoints carry a copy of the target's embedding
         _tensor(src, "embed_tokens.weight", (tc.vocab_size, tc.hidden_size), what)
     h = cfg.hidden_size
+    fuse = None
     if kind == EAGLE:
         fc = _linear(src, "fc", h, 2 * h, device, dtype, what)
         layers = [_layer(src, f"layers.{i}", cfg, h, device, dtype, i > 0, False, what)
                   for i in range(cfg.num_layers)]
         w, b = dense_weight(target.lm_head)
         lm_head = DraftLMHead(w, b, tc.logit_scale)
-        capture = (tc.num_layers,)
+        fuse_layers = _fuse_layers(d, tc.num_layers, directory)
+        capture = (tc.num_layers, *fuse_layers)
         norm = None
+        if fuse_layers:
+            n = len(fuse_layers)
+            fuse = (_tensor(src, "fuse.norm.weight", (n * h,), what).to(device=device, dtype=dtype),
+                    _linear(src, "fuse.proj", h, n * h, device, dtype, what))
+        elif src.has("fuse.proj.weight"):
+            raise ModelFormatError(f"{directory}: the head has fuse.* tensors but config.json names no "
+                                   f"{CONFIG_KEY}.fuse_layers to read them from")
     else:
         target_hidden = int(d.get("target_hidden_size") or tc.hidden_size)
         if target_hidden != tc.hidden_size:
@@ -361,7 +385,19 @@ def load_eagle_head(path: str | Path, target: Decoder, dtype: torch.dtype | None
         lm_head = DraftLMHead(head_w, None, float(d.get("logit_scale", 1.0)), token_map.to(device))
         capture = _eagle3_layers(d, tc.num_layers, directory)
     return EagleHead(kind, cfg, fc, layers, lm_head, target, capture, norm=norm,
-                     norm_before_residual=bool(d.get("norm_before_residual", False)), source=str(directory))
+                     norm_before_residual=bool(d.get("norm_before_residual", False)), source=str(directory),
+                     fuse=fuse)
+
+
+def _fuse_layers(d: dict[str, Any], num_layers: int, where: Path) -> tuple[int, ...]:
+    """The lower target layers an EAGLE-1/2 head of ours fuses (none for a published head)."""
+    meta = d.get(CONFIG_KEY) or {}
+    ids = (meta.get("fuse_layers") or []) if isinstance(meta, dict) else []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < num_layers for i in ids) \
+            or len(set(ids)) != len(ids):
+        raise ModelFormatError(f"{where}: {CONFIG_KEY}.fuse_layers must list distinct target layers in "
+                               f"[0, {num_layers}), got {ids!r}")
+    return tuple(ids)
 
 
 def _eagle3_layers(d: dict[str, Any], num_layers: int, where: Path) -> tuple[int, ...]:

@@ -3,7 +3,8 @@
 Data: local text files (split into windows) and, optionally, prompts the target answers (chat) or
 continues (raw text) itself: its own greedy outputs are exactly what a draft must predict at
 inference. The target runs once over every sequence; we keep its final hidden state per position
-(the EAGLE feature) and the top-k of its next-token distribution.
+(the EAGLE feature), the top-k of its next-token distribution and, for a head that fuses lower
+layers (--fuse-layers), the residual streams entering those layers.
 
 Training (EAGLE, with the EAGLE-3 "training-time test" unroll of train_head.py): the head reads
 (embed(x[t+1]), f[t]) and predicts f[t+1]; losses are a smooth-L1 regression to the target's
@@ -43,6 +44,7 @@ class TrainSettings:
     lr: float = 2e-3
     warmup: int = 20
     unroll: int = 3              # training-time-test draft steps per anchor
+    fuse_layers: tuple[int, ...] = ()  # lower target layers fused into the feature (train_head.py)
     feature_weight: float = 1.0  # smooth-L1 to the target's next feature (in units of the feature RMS)
     token_weight: float = 1.0    # cross-entropy to the target's next-token distribution
     decay: float = 0.8           # loss weight ratio between successive unrolled steps
@@ -57,6 +59,8 @@ class TrainSettings:
         for name in ("steps", "batch_size", "seq_len", "unroll", "target_topk", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train-draft: {name} must be >= 1, got {getattr(self, name)}")
+        if len(set(self.fuse_layers)) != len(self.fuse_layers):
+            raise ValueError(f"train-draft: --fuse-layers names a layer twice: {list(self.fuse_layers)}")
         if self.seq_len < self.unroll + 2:
             raise ValueError(f"train-draft: seq_len {self.seq_len} is too short for {self.unroll} unrolled steps")
         return self
@@ -69,6 +73,8 @@ class Sequence_:
     tokens: [S] int64; feats: [S, H] target features (bf16/fp32); top_ids: [S, k] int64 and
     top_probs: [S, k] fp32, the target's most likely next tokens after each position; kind: "text",
     "chat:<prompt set>:<round>" or "val:<prompt set>" (validation only, never trained on).
+    streams: [S, n*H] bf16, the residual streams entering target layers `stream_layers` (n of them,
+    concatenated in that order) for a head with fused lower layers; None when not captured.
     """
 
     tokens: torch.Tensor
@@ -76,6 +82,8 @@ class Sequence_:
     top_ids: torch.Tensor
     top_probs: torch.Tensor
     kind: str
+    streams: torch.Tensor | None = None
+    stream_layers: tuple[int, ...] = ()
 
 
 def read_texts(files: Iterable[str | Path]) -> list[tuple[str, str]]:
@@ -142,15 +150,46 @@ def text_windows(encode: Callable[[str], list[int]], texts: Sequence[tuple[str, 
     return [w for w in windows if len(w) >= 8]
 
 
-def label(model: Decoder, ids: list[int], topk: int, kind: str) -> Sequence_:
-    """Run the target over `ids` and keep its features and top-k next-token probabilities."""
+def label(model: Decoder, ids: list[int], topk: int, kind: str, stream_layers: tuple[int, ...] = ()) -> Sequence_:
+    """Run the target over `ids` and keep its features and top-k next-token probabilities (and the
+    residual streams entering `stream_layers`, for a head that fuses them)."""
     t = torch.tensor(ids, dtype=torch.int64, device=model.device)
     cache = model.new_cache(len(ids))
     with torch.inference_mode():
-        out = model.forward(t, torch.arange(len(ids), device=model.device), cache, 0)
+        out = model.forward(t, torch.arange(len(ids), device=model.device), cache, 0, capture=stream_layers)
         probs = model.logits(out.hidden).softmax(dim=-1)                     # [S, V]
         top = probs.topk(topk, dim=-1)
-    return Sequence_(t.cpu(), out.hidden.cpu(), top.indices.cpu(), top.values.cpu(), kind)
+    return Sequence_(t.cpu(), out.hidden.cpu(), top.indices.cpu(), top.values.cpu(), kind,
+                     _streams(out.captured, stream_layers), tuple(stream_layers))
+
+
+def _streams(captured: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor | None:
+    if not layers:
+        return None
+    return torch.cat([captured[i] for i in layers], dim=-1).to("cpu", torch.bfloat16)
+
+
+def check_fuse_layers(model: Decoder, layers: tuple[int, ...]) -> None:
+    """--fuse-layers must name distinct layers of the target (the streams entering them)."""
+    n = model.config.num_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or len(set(layers)) != len(layers):
+        raise ValueError(f"train-draft: --fuse-layers {list(layers)} must be distinct layers of the target, "
+                         f"0..{n - 1}")
+
+
+def add_streams(model: Decoder, seqs: list[Sequence_], layers: tuple[int, ...], progress: bool = True) -> int:
+    """Capture the residual streams entering `layers` for the cached sequences that lack them (one
+    target pass each, tokens unchanged). Returns how many sequences were updated."""
+    check_fuse_layers(model, layers)
+    todo = [s for s in seqs if tuple(s.stream_layers) != tuple(layers)]
+    for s in tqdm(todo, desc=f"capturing layers {list(layers)}", disable=not progress or not todo):
+        t = s.tokens.to(model.device)
+        with torch.inference_mode():
+            out = model.forward(t, torch.arange(t.numel(), device=model.device), model.new_cache(t.numel()), 0,
+                                capture=tuple(layers))
+        s.streams, s.stream_layers = _streams(out.captured, tuple(layers)), tuple(layers)
+    return len(todo)
 
 
 def generate_responses(llm: Any, prompts: Sequence[Prompt], max_new_tokens: int, batch: int = 16,
@@ -187,7 +226,10 @@ def save_sequences(path: str | Path, seqs: list[Sequence_]) -> None:
 
 
 def load_sequences(path: str | Path) -> list[Sequence_]:
-    return [Sequence_(**d) for d in torch.load(str(path), map_location="cpu", weights_only=True)]
+    seqs = [Sequence_(**d) for d in torch.load(str(path), map_location="cpu", weights_only=True)]
+    for s in seqs:
+        s.stream_layers = tuple(s.stream_layers)
+    return seqs
 
 
 class _Batcher:
@@ -231,6 +273,8 @@ class _Batcher:
         top_rows = torch.full((b, length, k), -1, dtype=torch.int64)
         top_probs = torch.zeros(b, length, k)
         mask = torch.zeros(b, length)
+        layers = self.settings.fuse_layers
+        streams = torch.zeros(b, length, len(layers) * h) if layers else None
         for r, (seq, start, n) in enumerate(parts):
             sl = slice(start, start + n)
             tokens[r, :n] = seq.tokens[sl]
@@ -238,10 +282,15 @@ class _Batcher:
             top_rows[r, :n] = self.row_of[seq.top_ids[sl]]
             top_probs[r, :n] = seq.top_probs[sl].float()
             mask[r, :n] = 1.0
+            if streams is not None:
+                if tuple(seq.stream_layers) != tuple(layers):
+                    raise ValueError(f"train-draft: a {seq.kind} sequence holds the streams of layers "
+                                     f"{list(seq.stream_layers)}, not of --fuse-layers {list(layers)}")
+                streams[r, :n] = seq.streams[sl].float()
         top_probs = top_probs * (top_rows >= 0)
         top_probs = top_probs / top_probs.sum(-1, keepdim=True).clamp_min(1e-9)
         return {"tokens": tokens, "feats": feats, "top_rows": top_rows.clamp_min(0), "top_probs": top_probs,
-                "mask": mask}
+                "mask": mask, "streams": streams}
 
 
 def evaluate(head: TrainableEagleHead, embed: torch.Tensor, lm_w: torch.Tensor, lm_b: torch.Tensor | None,
@@ -298,7 +347,7 @@ def evaluate_head(target: Decoder, seqs: list[Sequence_], settings: TrainSetting
                   frspec_vocab: str | Path | None = None) -> dict[str, float]:
     """`evaluate` for a head directory (None: a freshly initialised head) on labelled sequences,
     over the FR-Spec vocabulary given (the head's own frspec.json is not implied)."""
-    model = TrainableEagleHead(head_model_config(target.config))
+    model = TrainableEagleHead(head_model_config(target.config), fuse_layers=settings.fuse_layers)
     model.reset_parameters(settings.seed)
     if head is not None:
         _load_init(model, Path(head))
@@ -319,7 +368,8 @@ def train_head(target: Decoder, seqs: list[Sequence_], settings: TrainSettings, 
     out_dir = Path(out_dir)
     cfg = target.config
     torch.manual_seed(settings.seed)
-    head = TrainableEagleHead(head_model_config(cfg))
+    check_fuse_layers(target, settings.fuse_layers)
+    head = TrainableEagleHead(head_model_config(cfg), fuse_layers=settings.fuse_layers)
     head.reset_parameters(settings.seed)
     if init is not None:
         _load_init(head, Path(init))
@@ -334,6 +384,8 @@ def train_head(target: Decoder, seqs: list[Sequence_], settings: TrainSettings, 
         return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     meta = dict(meta or {})
+    if settings.fuse_layers:
+        meta["fuse_layers"] = list(settings.fuse_layers)
     if frspec_vocab is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(frspec_vocab, out_dir / "frspec.json")
@@ -378,6 +430,8 @@ def _loss(head: TrainableEagleHead, embed: torch.Tensor, lm_w: torch.Tensor, lm_
     if s.noise > 0:
         rms = inputs.pow(2).mean(-1, keepdim=True).sqrt()
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * s.noise * rms
+    if batch["streams"] is not None:
+        inputs = head.fuse(inputs, batch["streams"][:, :-1])
     outs = head.unrolled(emb, inputs, s.unroll)
     # The regression is measured in units of the features' RMS, so its weight means the same for
     # every target (SmolLM2's final features are in the tens).
@@ -411,14 +465,23 @@ def _bf16_ok() -> bool:
 
 
 def _load_init(head: TrainableEagleHead, directory: Path) -> None:
-    """Start from an existing EAGLE-1/2 head with the same shapes (resume or refine)."""
+    """Start from an existing EAGLE-1/2 head with the same shapes (resume or refine). A head without
+    fused layers can start one with them (the fusion starts as a no-op); the reverse is an error."""
     from ..errors import ModelFormatError  # noqa: PLC0415
-    from ..loading.hf_dir import HFDirectorySource  # noqa: PLC0415
+    from ..loading.hf_dir import HFDirectorySource, read_json  # noqa: PLC0415
+    from .eagle import CONFIG_KEY  # noqa: PLC0415
 
     src = HFDirectorySource(directory)
+    meta = read_json(directory / "config.json").get(CONFIG_KEY) or {}
+    init_layers = tuple(meta.get("fuse_layers") or ())
+    if init_layers and init_layers != head.fuse_layers:
+        raise ModelFormatError(f"{directory}: --init head fuses target layers {list(init_layers)}, but this run "
+                               f"fuses {list(head.fuse_layers)} (--fuse-layers)")
     params = head.eagle_tensors()
     with torch.no_grad():
         for name, p in params.items():
+            if name.startswith("fuse.") and not init_layers:
+                continue  # keep the no-op fusion of reset_parameters
             if not src.has(name):
                 raise ModelFormatError(f"{directory}: --init head lacks {name}")
             t = src.tensor(name)

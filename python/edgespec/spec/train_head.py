@@ -7,6 +7,13 @@ steps. Step 1 at anchor t reads the real pair (x[t+1], f[t]) and predicts f[t+1]
 real keys of positions <= t plus the keys its own earlier steps produced for the same anchor
 (never to another anchor's predicted keys). So the head learns on the inputs it will see at
 depth j of a draft tree.
+
+Fused lower layers (optional, after EAGLE-3's observation that the top layer alone under-informs
+a draft): the first step's feature becomes f[t] + proj(cat(rms(s_1[t]) * w_1, ..., rms(s_n[t]) * w_n)),
+where s_i are the residual streams entering the chosen target layers. proj starts at zero, so a
+head with fusion starts exactly as the plain head it is initialised from; deeper steps feed back
+the head's own predicted feature as before. Saved as `fuse.norm.weight` [n*H] and
+`fuse.proj.weight` [H, n*H] beside the EAGLE-1/2 tensors, with the layers in config.json.
 """
 from __future__ import annotations
 
@@ -73,15 +80,22 @@ class _Layer(nn.Module):
 
 
 class TrainableEagleHead(nn.Module):
-    """EAGLE-1/2 head: fc(cat(embed, feature)) -> decoder layer(s); first layer without input norm."""
+    """EAGLE-1/2 head: fc(cat(embed, feature)) -> decoder layer(s); first layer without input norm;
+    optionally fusing lower target layers into the first step's feature (module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, num_layers: int = 1, fc_bias: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, num_layers: int = 1, fc_bias: bool = True,
+                 fuse_layers: tuple[int, ...] = ()) -> None:
         super().__init__()
         if num_layers != 1:
             raise ValueError("training supports one-layer heads (as EAGLE publishes them)")
         self.cfg = cfg
         h = cfg.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=fc_bias)
+        self.fuse_layers = tuple(fuse_layers)
+        if self.fuse_layers:
+            n = len(self.fuse_layers)
+            self.fuse_norm = nn.Parameter(torch.ones(n * h))
+            self.fuse_proj = nn.Linear(n * h, h, bias=False)
         self.layer = _Layer(cfg, first=True)
         table = build_rope_table(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling,
                                  cfg.max_position_embeddings)
@@ -95,13 +109,22 @@ class TrainableEagleHead(nn.Module):
         h = self.cfg.hidden_size
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("layernorm.weight"):
+                if name.endswith("layernorm.weight") or name == "fuse_norm":
                     p.fill_(1.0)
+                elif name.startswith("fuse_proj"):
+                    p.zero_()  # fusion starts as a no-op: the plain head's behaviour
                 elif p.dim() == 2:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
                 else:
                     p.zero_()
             self.fc.weight[:, h:] += torch.eye(h)
+
+    def fuse(self, feats: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+        """feats [B, S, H] + the fused lower-layer streams [B, S, n*H] (module docstring)."""
+        h = self.cfg.hidden_size
+        x = streams.float().unflatten(-1, (len(self.fuse_layers), h))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return feats + self.fuse_proj(x.flatten(-2) * self.fuse_norm.float())
 
     def unrolled(self, emb: torch.Tensor, feats: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """Training-time-test forward (module docstring).
@@ -156,6 +179,9 @@ class TrainableEagleHead(nn.Module):
         for name in ("gate_proj", "up_proj", "down_proj"):
             out[f"layers.0.mlp.{name}.weight"] = getattr(layer, name).weight
         out["layers.0.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+        if self.fuse_layers:
+            out["fuse.norm.weight"] = self.fuse_norm
+            out["fuse.proj.weight"] = self.fuse_proj.weight
         return out
 
 
@@ -189,12 +215,20 @@ def head_model_config(target: ModelConfig) -> ModelConfig:
     return config_from_hf(head_config(target), source="<eagle head config>")
 
 
-def random_head(target: ModelConfig, directory: Any, seed: int = 0, std: float = 0.02) -> Any:
+def random_head(target: ModelConfig, directory: Any, seed: int = 0, std: float = 0.02,
+                fuse_layers: tuple[int, ...] = ()) -> Any:
     """Write a randomly initialised EAGLE-1/2 head for `target` into `directory` (tests, and the
-    starting point of training). Returns the directory."""
+    starting point of training). With fuse_layers, the fusion is random too (not the no-op training
+    starts from), so tests exercise it. Returns the directory."""
     from .eagle import save_eagle_head  # noqa: PLC0415
 
-    head = TrainableEagleHead(head_model_config(target))
+    head = TrainableEagleHead(head_model_config(target), fuse_layers=fuse_layers)
     head.reset_parameters(seed, std)
-    return save_eagle_head(directory, head.eagle_tensors(), head_config(target, random_init_seed=seed),
-                           dtype=torch.float32)
+    meta: dict[str, Any] = {"random_init_seed": seed}
+    if fuse_layers:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed + 1)
+            head.fuse_proj.weight.copy_(torch.randn(head.fuse_proj.weight.shape, generator=g) * std)
+            head.fuse_norm.copy_(1 + 0.1 * torch.randn(head.fuse_norm.shape, generator=g))
+        meta["fuse_layers"] = list(fuse_layers)
+    return save_eagle_head(directory, head.eagle_tensors(), head_config(target, **meta), dtype=torch.float32)
