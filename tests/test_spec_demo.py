@@ -27,6 +27,7 @@ NEW_TOKENS = 32
 def test_the_demo_head_is_shipped():
     # Part of the package (an install that dropped it would silently turn speculation off).
     assert {p.name for p in DEMO_HEAD.iterdir()} >= {"config.json", "model.safetensors", "frspec.json"}
+    assert (DEMO_HEAD / "model.safetensors").stat().st_size < 10 << 20  # small enough to ship in the wheel
 
 
 @pytest.fixture(scope="module")
