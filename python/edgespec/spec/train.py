@@ -55,6 +55,9 @@ class TrainSettings:
     seed: int = 0
     autocast_bf16: bool = True   # bf16 matmuls on CPUs with native bf16 (and GPUs)
 
+    def __post_init__(self) -> None:
+        self.fuse_layers = tuple(self.fuse_layers)  # compared with the cache's tuples
+
     def validate(self) -> "TrainSettings":
         for name in ("steps", "batch_size", "seq_len", "unroll", "target_topk", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -154,19 +157,21 @@ def label(model: Decoder, ids: list[int], topk: int, kind: str, stream_layers: t
     """Run the target over `ids` and keep its features and top-k next-token probabilities (and the
     residual streams entering `stream_layers`, for a head that fuses them)."""
     t = torch.tensor(ids, dtype=torch.int64, device=model.device)
-    cache = model.new_cache(len(ids))
+    out, streams = _target_pass(model, t, tuple(stream_layers))
     with torch.inference_mode():
-        out = model.forward(t, torch.arange(len(ids), device=model.device), cache, 0, capture=stream_layers)
-        probs = model.logits(out.hidden).softmax(dim=-1)                     # [S, V]
-        top = probs.topk(topk, dim=-1)
-    return Sequence_(t.cpu(), out.hidden.cpu(), top.indices.cpu(), top.values.cpu(), kind,
-                     _streams(out.captured, stream_layers), tuple(stream_layers))
+        top = model.logits(out.hidden).softmax(dim=-1).topk(topk, dim=-1)   # of [S, V]
+    return Sequence_(t.cpu(), out.hidden.cpu(), top.indices.cpu(), top.values.cpu(), kind, streams,
+                     tuple(stream_layers))
 
 
-def _streams(captured: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor | None:
-    if not layers:
-        return None
-    return torch.cat([captured[i] for i in layers], dim=-1).to("cpu", torch.bfloat16)
+def _target_pass(model: Decoder, tokens: torch.Tensor, layers: tuple[int, ...]):
+    """The target over a whole sequence: its output and the streams entering `layers`, concatenated
+    as bf16 on the CPU ([S, n*H], None without layers)."""
+    with torch.inference_mode():
+        out = model.forward(tokens, torch.arange(tokens.numel(), device=model.device),
+                            model.new_cache(tokens.numel()), 0, capture=layers)
+    streams = torch.cat([out.captured[i] for i in layers], dim=-1).to("cpu", torch.bfloat16) if layers else None
+    return out, streams
 
 
 def check_fuse_layers(model: Decoder, layers: tuple[int, ...]) -> None:
@@ -181,14 +186,12 @@ def check_fuse_layers(model: Decoder, layers: tuple[int, ...]) -> None:
 def add_streams(model: Decoder, seqs: list[Sequence_], layers: tuple[int, ...], progress: bool = True) -> int:
     """Capture the residual streams entering `layers` for the cached sequences that lack them (one
     target pass each, tokens unchanged). Returns how many sequences were updated."""
+    layers = tuple(layers)
     check_fuse_layers(model, layers)
-    todo = [s for s in seqs if tuple(s.stream_layers) != tuple(layers)]
+    todo = [s for s in seqs if s.stream_layers != layers]
     for s in tqdm(todo, desc=f"capturing layers {list(layers)}", disable=not progress or not todo):
-        t = s.tokens.to(model.device)
-        with torch.inference_mode():
-            out = model.forward(t, torch.arange(t.numel(), device=model.device), model.new_cache(t.numel()), 0,
-                                capture=tuple(layers))
-        s.streams, s.stream_layers = _streams(out.captured, tuple(layers)), tuple(layers)
+        _, s.streams = _target_pass(model, s.tokens.to(model.device), layers)
+        s.stream_layers = layers
     return len(todo)
 
 
@@ -283,7 +286,7 @@ class _Batcher:
             top_probs[r, :n] = seq.top_probs[sl].float()
             mask[r, :n] = 1.0
             if streams is not None:
-                if tuple(seq.stream_layers) != tuple(layers):
+                if seq.stream_layers != layers:
                     raise ValueError(f"train-draft: a {seq.kind} sequence holds the streams of layers "
                                      f"{list(seq.stream_layers)}, not of --fuse-layers {list(layers)}")
                 streams[r, :n] = seq.streams[sl].float()
