@@ -1,7 +1,10 @@
-"""Shared fixtures: the demo model, tiny random Hugging Face models, and the `gpu` marker's auto-skip."""
+"""Shared fixtures: the demo model, tiny random Hugging Face models, the `gpu` marker's auto-skip
+and the CPU-emulated kernels (`emulated_kernels`)."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,57 @@ def poisoned_kernel_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(_kernels, "_new_output", poisoned)
     monkeypatch.delenv("EDGESPEC_BACKEND", raising=False)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def emulated_module():
+    """edgespec._C built for the CPU emulator (tools/cuda_emulator): the kernels of csrc/ as host
+    C++, one fiber per CUDA thread. Skips where no CUDA headers or C++ compiler exist, unless
+    EDGESPEC_REQUIRE_EMULATOR=1 (CI sets it, so the kernels cannot silently go untested there)."""
+    spec = importlib.util.spec_from_file_location("cuda_emulator_build", ROOT / "tools" / "cuda_emulator" / "build.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    try:
+        return builder.load()
+    except builder.EmulatorUnavailable as exc:
+        if os.environ.get("EDGESPEC_REQUIRE_EMULATOR") == "1":
+            raise
+        pytest.skip(f"CUDA emulator unavailable: {exc}")
+
+
+# The SM count the emulated kernels plan for (an H100 SXM), so split heuristics take GPU paths.
+EMULATED_SMS = 132
+
+
+@pytest.fixture
+def emulated_kernels(emulated_module, poisoned_kernel_outputs, monkeypatch: pytest.MonkeyPatch):
+    """edgespec.ops._kernels running the emulated kernels on CPU tensors as if they were on cuda:0.
+
+    Everything above the launch is the real code path: the Python rejection checks (but for the
+    device check, which becomes "all on one device"), the C++ argument checks, the launchers and
+    their launch shapes. Outputs are poisoned as in the GPU tests. Set CUEMU_SCHEDULE (forward,
+    reverse, random:<seed>) to change the order threads run in between synchronisation points."""
+    from edgespec.ops import _kernels
+
+    m = emulated_module
+    codes = {torch.float32: m.DType.fp32, torch.float16: m.DType.fp16, torch.bfloat16: m.DType.bf16,
+             torch.int32: m.DType.int32, torch.int64: m.DType.int64}
+
+    def one_device(**tensors: torch.Tensor) -> str | None:
+        devices = {t.device for t in tensors.values() if t is not None}
+        return None if devices == {torch.device("cpu")} else f"emulated kernels take CPU tensors, got {devices}"
+
+    monkeypatch.setattr(_kernels, "_module", lambda: m)
+    monkeypatch.setattr(_kernels, "_dtype_codes", lambda: codes)
+    monkeypatch.setattr(_kernels, "_view", lambda t: m.TensorView(t.data_ptr(), t.shape, t.stride(), codes[t.dtype], 0))
+    monkeypatch.setattr(_kernels, "_stream", lambda t: 0)
+    monkeypatch.setattr(_kernels, "_one_cuda_device", one_device)
+    monkeypatch.setattr(_kernels, "_sm_count", lambda index: EMULATED_SMS)
+    monkeypatch.delenv("CUEMU_SCHEDULE", raising=False)
+    return _kernels
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,9 @@
 // sm_80+ tensor-core building blocks shared by the kernel families: asynchronous global->shared
-// copies (cp.async), ldmatrix fragment loads and the m16n8k16 mma with fp32 accumulation.
+// copies (cp.async), ldmatrix fragment loads, the m16n8k16 mma with fp32 accumulation and lop3.
+//
+// Every line of inline PTX in the kernels lives in this header, so that the CPU emulator
+// (tools/cuda_emulator) can run the kernels by replacing this one file with C++ that does the
+// same thing (tools/cuda_emulator/mma.cuh implements exactly the functions declared here).
 //
 // Fragment layouts of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
 // g = lane / 4 and c = lane % 4:
@@ -37,6 +41,19 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
                : "memory");
 }
 
+// 16-byte global->shared copy with an L2 evict-first hint: streamed weights should not push the
+// activations, scales and KV cache out of L2.
+__device__ __forceinline__ void cp_async_16_stream(void* smem, const void* gmem) {
+  asm volatile(
+      "{\n"
+      "  .reg .b64 policy;\n"
+      "  createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+      "  cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n"
+      "}\n" ::"r"(smem_address(smem)),
+      "l"(gmem)
+      : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Waits until at most kPending of this thread's committed groups are still in flight.
@@ -55,6 +72,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const v
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_address(smem)));
+}
+
+__device__ __forceinline__ std::uint32_t lop3_and_or(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
+  // (a & b) | c in one instruction: LUT 0xEA = (0xF0 & 0xCC) | 0xAA.
+  std::uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
 // d += a * b, fp32 accumulate.

@@ -65,13 +65,6 @@ struct Half2<__nv_bfloat16> {
 template <typename T>
 constexpr std::uint32_t kMagic = std::is_same_v<T, __half> ? 0x6400u : 0x4300u;
 
-__device__ __forceinline__ std::uint32_t lop3_and_or(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
-  // (a & b) | c in one instruction: LUT 0xEA = (0xF0 & 0xCC) | 0xAA.
-  std::uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
 template <typename T>
 __device__ __forceinline__ typename Half2<T>::type as_h2(std::uint32_t v) {
   return *reinterpret_cast<const typename Half2<T>::type*>(&v);
@@ -116,19 +109,6 @@ __device__ __forceinline__ void dequant_word(std::uint32_t word, const ColumnQua
     if constexpr (kZeros) v = __hsub2(v, c.zero[col]);
     b[i] = as_u32<T>(__hmul2(v, c.scale[col]));
   }
-}
-
-// 16-byte global->shared copy with an L2 evict-first hint: streamed weights should not push the
-// activations, scales and KV cache out of L2.
-__device__ __forceinline__ void cp_async_16_stream(void* smem, const void* gmem) {
-  asm volatile(
-      "{\n"
-      "  .reg .b64 policy;\n"
-      "  createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
-      "  cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n"
-      "}\n" ::"r"(smem_address(smem)),
-      "l"(gmem)
-      : "memory");
 }
 
 template <int kMB, int kNU, int kStages>

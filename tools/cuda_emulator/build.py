@@ -1,0 +1,144 @@
+"""Build the CPU-emulated edgespec._C: every kernel of csrc/ compiled as host C++ against the
+emulator in this directory, so the kernels run (slowly, one fiber per CUDA thread) on CPU tensors.
+
+    python tools/cuda_emulator/build.py            # builds (or finds) it, prints the path
+
+The sources are copied with three mechanical rewrites, nothing else:
+* `kernel<<<grid, block, smem, stream>>>(args)` becomes
+  `::cuemu::configure(kernel, grid, block, smem, stream)(args)`;
+* `extern __shared__ T name[];` becomes `T* name = static_cast<T*>(::cuemu::dynamic_shared());`;
+* csrc/common/mma.cuh (all the inline PTX) is replaced by mma.cuh of this directory;
+and the module is named `_C_emulated`. The build is cached under build/cuda-emulator/<hash of
+the inputs>, so tests pay for it once per source change (about 2 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
+MODULE_NAME = "_C_emulated"
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-w", "-fno-strict-aliasing"]
+
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()]*?>)?)\s*<<<(.*?)>>>", re.S)
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\[\]\s*;")
+
+
+class EmulatorUnavailable(RuntimeError):
+    """The emulated build cannot be made here (no CUDA headers or no C++ compiler)."""
+
+
+def cuda_include_dir() -> Path:
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    candidates.append("/usr/local/cuda")
+    for base in filter(None, candidates):
+        for inc in (Path(base) / "include", Path(base) / "targets" / "x86_64-linux" / "include"):
+            if (inc / "cuda_runtime_api.h").exists() and (inc / "cuda_bf16.h").exists():
+                return inc
+    raise EmulatorUnavailable("no CUDA toolkit headers found (set CUDA_HOME)")
+
+
+def rewrite(text: str) -> str:
+    text = _LAUNCH.sub(lambda m: f"::cuemu::configure({m.group(1)}, {m.group(2).strip()})", text)
+    text = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = static_cast<{m.group(1)}*>(::cuemu::dynamic_shared());",
+                              text)
+    return text.replace("PYBIND11_MODULE(_C,", f"PYBIND11_MODULE({MODULE_NAME},")
+
+
+def _sources() -> list[Path]:
+    files = [p for p in sorted(CSRC.rglob("*")) if p.suffix in {".cpp", ".cu", ".h", ".cuh"} and "sm90" not in p.parts]
+    return files + sorted(HERE.glob("*.h")) + sorted(HERE.glob("*.cuh")) + sorted(HERE.glob("*.cpp")) + [Path(__file__)]
+
+
+def _digest(compiler: str) -> str:
+    h = hashlib.sha256()
+    for p in _sources():
+        h.update(str(p.relative_to(ROOT)).encode())
+        h.update(p.read_bytes())
+    h.update(" ".join([compiler, *FLAGS, sys.version]).encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(cmd: list[str]) -> str | None:
+    """None, or the compiler's complaint."""
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    return None if result.returncode == 0 else f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
+
+
+def build(out_root: Path | None = None, jobs: int | None = None) -> Path:
+    """Path of the emulated extension, compiled if this source state has not been built yet."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise EmulatorUnavailable("no C++ compiler (g++) found")
+    cuda_inc = cuda_include_dir()
+    try:
+        import pybind11
+    except ImportError as exc:
+        raise EmulatorUnavailable("pybind11 is not installed") from exc
+    out_root = out_root or Path(os.environ.get("EDGESPEC_EMULATOR_BUILD", ROOT / "build" / "cuda-emulator"))
+    out = out_root / _digest(compiler)
+    target = out / (MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
+    if target.exists():
+        return target
+
+    work = out / "tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    src = work / "csrc"
+    for p in CSRC.rglob("*"):
+        if p.is_file() and p.suffix in {".cpp", ".cu", ".h", ".cuh"}:
+            dst = src / p.relative_to(CSRC)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(rewrite(p.read_text()))
+    shutil.copy(HERE / "mma.cuh", src / "common" / "mma.cuh")
+
+    units = [p for p in sorted(src.rglob("*")) if p.suffix in {".cpp", ".cu"} and "sm90" not in p.parts]
+    units.append(HERE / "runtime.cpp")
+    includes = ["-I", str(HERE), "-I", str(src), "-I", str(cuda_inc), "-I", pybind11.get_include(),
+                "-I", sysconfig.get_paths()["include"]]
+    defines = ['-DEDGESPEC_CUDA_ARCHS="emulated"']
+    objects = []
+    commands = []
+    for unit in units:
+        obj = work / "obj" / (unit.stem + ("_" + unit.parent.name) + ".o")
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        objects.append(obj)
+        commands.append([compiler, *FLAGS, "-x", "c++", "-include", str(HERE / "prelude.h"), *includes, *defines,
+                         "-c", str(unit), "-o", str(obj)])
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        errors = [e for e in pool.map(_compile, commands) if e is not None]
+    linked = work / target.name
+    errors = errors or list(filter(None, [_compile([compiler, "-shared", "-o", str(linked), *map(str, objects)])]))
+    if errors:
+        raise RuntimeError("emulated build failed:\n" + "\n".join(errors))
+    linked.replace(target)
+    shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def load(path: Path | None = None) -> ModuleType:
+    """Import the emulated extension (building it first if needed)."""
+    path = path or build()
+    loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
+    print(build())
