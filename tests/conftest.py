@@ -79,7 +79,8 @@ def emulated_kernels(emulated_module, poisoned_kernel_outputs, monkeypatch: pyte
     Everything above the launch is the real code path: the Python rejection checks (but for the
     device check, which becomes "all on one device"), the C++ argument checks, the launchers and
     their launch shapes. Outputs are poisoned as in the GPU tests. Set CUEMU_SCHEDULE (forward,
-    reverse, random:<seed>) to change the order threads run in between synchronisation points."""
+    reverse, random:<seed>, serial, serial-reverse; tools/cuda_emulator/runtime.cpp) to change the
+    order threads run in between synchronisation points and when cp.async copies land."""
     from edgespec.ops import _kernels
 
     m = emulated_module

@@ -140,10 +140,17 @@ void ensure_stacks(std::size_t count) {
   stacks_count = count;
 }
 
-// The order in which runnable threads (and blocks) are visited: CUEMU_SCHEDULE=forward (default),
-// reverse or random:<seed>.
+// The order in which runnable threads (and blocks) are visited, from CUEMU_SCHEDULE:
+// * forward (default), reverse, random:<seed>: round robin. Every runnable thread runs up to its
+//   next synchronisation point in each pass, so warps stay within about one collective of each
+//   other. cp.async copies land late, when their group is waited for: reading a stage before
+//   waiting for it reads stale data (a read-after-write race shows).
+// * serial, serial-reverse: the lowest (highest) numbered runnable thread always runs next, so
+//   one warp runs as far as it can before the others move: a warp that reaches the next
+//   iteration without a barrier overwrites what the others still read. cp.async copies land
+//   early, when issued (a write-after-read race shows).
 struct Schedule {
-  enum class Kind { kForward, kReverse, kRandom } kind = Kind::kForward;
+  enum class Kind { kForward, kReverse, kRandom, kSerial, kSerialReverse } kind = Kind::kForward;
   std::mt19937 rng;
 
   static Schedule from_env() {
@@ -152,6 +159,10 @@ struct Schedule {
     const std::string value = env == nullptr ? "forward" : env;
     if (value == "reverse") {
       s.kind = Kind::kReverse;
+    } else if (value == "serial") {
+      s.kind = Kind::kSerial;
+    } else if (value == "serial-reverse") {
+      s.kind = Kind::kSerialReverse;
     } else if (value.rfind("random", 0) == 0) {
       s.kind = Kind::kRandom;
       const auto colon = value.find(':');
@@ -160,12 +171,16 @@ struct Schedule {
     return s;
   }
 
+  bool serial() const { return kind == Kind::kSerial || kind == Kind::kSerialReverse; }
+
   void order(std::vector<std::size_t>& items) {
     std::iota(items.begin(), items.end(), std::size_t{0});
-    if (kind == Kind::kReverse) std::reverse(items.begin(), items.end());
+    if (kind == Kind::kReverse || kind == Kind::kSerialReverse) std::reverse(items.begin(), items.end());
     if (kind == Kind::kRandom) std::shuffle(items.begin(), items.end(), rng);
   }
 };
+
+bool eager_copies = false;  // cp.async lands when issued (serial schedules) or when waited for
 
 std::string deadlock_report() {
   std::string text = "deadlock in block (" + std::to_string(block_idx.x) + "," + std::to_string(block_idx.y) + "," +
@@ -226,6 +241,7 @@ bool run_block(Schedule& schedule) {
       current = nullptr;
       ran = true;
       if (failed) return false;
+      if (schedule.serial()) break;  // start again from the first thread in the order
     }
     if (!ran) {
       failed = true;
@@ -333,7 +349,11 @@ void check_shared(const void* ptr, std::size_t bytes, std::size_t align, const c
 void cp_async(void* dst, const void* src, bool valid) {
   check_shared(dst, 16, 16, "cp.async");
   if (valid && reinterpret_cast<std::uintptr_t>(src) % 16 != 0) fail("cp.async: global address not 16-byte aligned");
-  current->open_group.push_back({dst, src, valid});
+  if (eager_copies) {
+    run_copies({{dst, src, valid}});
+  } else {
+    current->open_group.push_back({dst, src, valid});
+  }
 }
 
 void cp_async_commit() {
@@ -383,6 +403,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, std::size_t dynami
   failed = false;
 
   Schedule schedule = Schedule::from_env();
+  eager_copies = schedule.serial();
   std::vector<std::size_t> blocks(1ull * grid.x * grid.y * grid.z);
   schedule.order(blocks);
   for (std::size_t linear : blocks) {

@@ -3,8 +3,10 @@
 // Every CUDA thread of a block is a fiber (ucontext) on one host thread; blocks run one after
 // another. A fiber runs until it reaches a barrier (__syncthreads) or a warp collective (shuffle,
 // ballot, ldmatrix, mma), so between two synchronisation points the threads of a block run in
-// some order, which the schedule (CUEMU_SCHEDULE: forward, reverse or random:<seed>) chooses.
-// A kernel whose result depends on that order has a race; the tests run kernels under several
+// some order, which the schedule (CUEMU_SCHEDULE, see Schedule in runtime.cpp) chooses: round
+// robin forward, reverse or random:<seed> with cp.async copies landing when waited for, or
+// serial / serial-reverse (one warp runs ahead as far as it can) with copies landing when issued.
+// A kernel whose result depends on the schedule has a race; the tests run kernels under several
 // schedules and compare the outputs bit for bit.
 //
 // What it checks on top of running the code (each a launch error with a message, like a CUDA
@@ -12,8 +14,7 @@
 // lanes at different collectives, deadlocked barriers, cp.async / ldmatrix addresses that are
 // misaligned or outside the block's dynamic shared memory, writes past the end of dynamic shared
 // memory (a canary), more than 48 KB of dynamic shared memory without the opt-in attribute, and
-// launch shapes over the hardware limits. cp.async copies land only when the thread waits for
-// their group (cp.async.wait_group), so reading a stage before waiting for it reads stale data.
+// launch shapes over the hardware limits. Dynamic shared memory starts as NaN bytes.
 //
 // What it does not model: timing, memory coalescing, bank conflicts, register limits, the
 // weak memory ordering between blocks (blocks run one at a time) and the exact rounding order
