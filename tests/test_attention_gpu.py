@@ -18,9 +18,9 @@ import torch
 
 from edgespec import ops
 from edgespec.errors import KernelError
-from edgespec.kv_cache import KVCache
 from edgespec.ops import _kernels
-from oracle.attention import attention_ref, pack_bits, random_tree, tree_visibility
+from kernel_checks import assert_attention_close, attention_inputs
+from oracle.attention import pack_bits, random_tree, tree_visibility
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_kernel_outputs")]
 
@@ -31,34 +31,10 @@ MODEL_SHAPES = {"llama3-8b": (32, 8, 128), "minicpm4-8b": (32, 2, 128), "smollm2
 
 
 def _make(t: int, prefix: int, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int):
-    """q [T, Hq, D] and k, v [S, Hkv, D] views of layer 1 of a KVCache whose other slots are NaN."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    s = prefix + t
-    cache = KVCache(num_layers=2, max_len=s + 77, num_kv_heads=hkv, head_dim=d, dtype=dtype, device="cuda")
-    cache.k.fill_(float("nan"))
-    cache.v.fill_(float("nan"))
-    cache.write(1, 0, torch.randn(s, hkv, d, generator=g, device="cuda").to(dtype),
-                torch.randn(s, hkv, d, generator=g, device="cuda").to(dtype))
-    k, v = cache.view(1, s)
-    q = torch.randn(t, hq, d, generator=g, device="cuda").to(dtype)
-    return q, k, v
+    return attention_inputs(t, prefix, hq, hkv, d, dtype, seed, "cuda")
 
 
-def _torch_path(q, k, v, scale, mask, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    with monkeypatch.context() as m:
-        m.setenv("EDGESPEC_BACKEND", "torch")
-        return ops.attention(q, k, v, scale, mask)
-
-
-def _assert_close(ours: torch.Tensor, q, k, v, scale, mask, monkeypatch, what: str) -> None:
-    assert ours.shape == q.shape and ours.dtype == q.dtype, what
-    assert torch.isfinite(ours).all(), f"{what}: non-finite output (an element was not written or NaN leaked in)"
-    ref = attention_ref(q, k, v, scale, tree_mask=mask)
-    torch_err = (_torch_path(q, k, v, scale, mask, monkeypatch).float() - ref).abs().max().item()
-    rounding = (ref.to(q.dtype).float() - ref).abs().max().item()
-    err = (ours.float() - ref).abs().max().item()
-    bound = 2 * torch_err + 2 * rounding
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (torch path {torch_err:.3g}, rounding {rounding:.3g})"
+_assert_close = assert_attention_close
 
 
 def _random_tree_mask(t: int, seed: int) -> torch.Tensor:

@@ -25,7 +25,10 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-import oracle
+import kernel_checks
+from kernel_checks import assert_matches_oracle
+from oracle import ops as oracle_ops
+from oracle import rope as oracle_rope
 from edgespec import errors, ops
 from edgespec.ops import _kernels
 
@@ -33,7 +36,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_kernel_outputs"
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32]
 ROWS = [1, 19, 99, 989]
-K_TORCH = 2.0
 
 
 @contextmanager
@@ -59,29 +61,11 @@ def gen(seed: int) -> torch.Generator:
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-    x = torch.randn(*shape, generator=gen(seed), device="cuda", dtype=torch.float32) * scale + shift
-    return x.to(dtype)
-
-
-def assert_matches_oracle(what: str, got: torch.Tensor, torch_out: torch.Tensor, ref: torch.Tensor) -> None:
-    """got / torch_out: kernel and torch-path results in the storage dtype; ref: the float64 oracle."""
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert got.dtype == torch_out.dtype, f"{what}: dtype {got.dtype} != {torch_out.dtype}"
-    assert bool(torch.isfinite(got).all()), f"{what}: non-finite output (an element was not written?)"
-    ref = ref.double()
-    err = (got.double() - ref).abs().max().item()
-    base = (torch_out.double() - ref).abs().max().item()
-    atol = torch.finfo(got.dtype).eps * ref.abs().max().item()
-    assert err <= K_TORCH * base + atol, (
-        f"{what}: max error {err:.3g} vs oracle exceeds {K_TORCH} x torch's {base:.3g} + atol {atol:.3g}")
+    return kernel_checks.randn(*shape, dtype=dtype, seed=seed, device="cuda", scale=scale, shift=shift)
 
 
 def misaligned(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """A contiguous tensor whose address is one element past a 16-byte boundary (scalar path)."""
-    n = 1
-    for s in shape:
-        n *= s
-    return randn(n + 1, dtype=dtype, seed=seed)[1:].view(shape)
+    return kernel_checks.misaligned(shape, dtype, seed, "cuda")
 
 
 # --- RMSNorm -------------------------------------------------------------------------------------
@@ -98,13 +82,13 @@ def test_rms_norm(rows: int, hidden: int, dtype: torch.dtype, residual: bool) ->
     got = ops.rms_norm(x, weight, 1e-6, r)
     want = on_torch_path(ops.rms_norm, x, weight, 1e-6, r)
     if not residual:
-        assert_matches_oracle("out", got, want, oracle.rms_norm(x, weight, 1e-6))
+        assert_matches_oracle("out", got, want, oracle_ops.rms_norm(x, weight, 1e-6))
         return
     (y, s), (y_torch, s_torch) = got, want
     # The residual stream is x + residual rounded once to the storage dtype: exact.
     assert torch.equal(s, s_torch)
     # The kernel normalises the rounded s, as the torch path does: judge both on that s.
-    assert_matches_oracle("out", y, y_torch, oracle.rms_norm(s, weight, 1e-6))
+    assert_matches_oracle("out", y, y_torch, oracle_ops.rms_norm(s, weight, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
@@ -130,10 +114,10 @@ def test_rms_norm_layouts(layout: str, dtype: torch.dtype) -> None:
     y_torch, s_torch = on_torch_path(ops.rms_norm, x, weight, 1e-5, r)
     assert y.shape == x.shape and s.shape == x.shape and y.is_contiguous() and s.is_contiguous()
     assert torch.equal(s, s_torch)
-    assert_matches_oracle("out", y, y_torch, oracle.rms_norm(s, weight, 1e-5))
+    assert_matches_oracle("out", y, y_torch, oracle_ops.rms_norm(s, weight, 1e-5))
     y_plain = ops.rms_norm(x, weight, 1e-5)
     assert_matches_oracle("out (no residual)", y_plain, on_torch_path(ops.rms_norm, x, weight, 1e-5),
-                          oracle.rms_norm(x, weight, 1e-5))
+                          oracle_ops.rms_norm(x, weight, 1e-5))
 
 
 def test_rms_norm_unfoldable_rows_fall_back() -> None:
@@ -154,7 +138,7 @@ ROPE_POSITIONS = 4096
 def rope_reference(q, k, positions, table):
     pos = positions.long()
     cos, sin = table.cos[pos], table.sin[pos]
-    return oracle.apply_rope(q, cos, sin), oracle.apply_rope(k, cos, sin)
+    return oracle_rope.apply_rope(q, cos, sin), oracle_rope.apply_rope(k, cos, sin)
 
 
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=str)
@@ -216,7 +200,7 @@ def test_silu_and_mul(rows: int, inter: int, dtype: torch.dtype) -> None:
     x = randn(rows, 2 * inter, dtype=dtype, seed=rows + inter, scale=3.0)
     assert _kernels.supports_silu_and_mul(x)
     got = ops.silu_and_mul(x)
-    assert_matches_oracle("out", got, on_torch_path(ops.silu_and_mul, x), oracle.silu_and_mul(x))
+    assert_matches_oracle("out", got, on_torch_path(ops.silu_and_mul, x), oracle_ops.silu_and_mul(x))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
@@ -230,7 +214,7 @@ def test_silu_and_mul_layouts(layout: str, dtype: torch.dtype) -> None:
         x = randn(2, 5, 2 * 576, dtype=dtype, seed=1, scale=3.0)
     got = ops.silu_and_mul(x)
     assert got.shape == (*x.shape[:-1], x.shape[-1] // 2)
-    assert_matches_oracle("out", got, on_torch_path(ops.silu_and_mul, x), oracle.silu_and_mul(x))
+    assert_matches_oracle("out", got, on_torch_path(ops.silu_and_mul, x), oracle_ops.silu_and_mul(x))
 
 
 # --- embedding -----------------------------------------------------------------------------------
@@ -248,7 +232,7 @@ def test_embedding(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, id_
         # Same single rounding of row * scale as the torch path: exact.
         assert torch.equal(got, on_torch_path(ops.embedding, ids, table, scale))
         rows = table[ids.long()].cpu()
-        ref = oracle.embedding(torch.arange(tokens), rows, scale)
+        ref = oracle_ops.embedding(torch.arange(tokens), rows, scale)
         torch.testing.assert_close(got.cpu().double(), ref.to(dtype).double(), rtol=0, atol=0)
 
 
@@ -288,7 +272,7 @@ def test_argmax(rows: int, vocab: int, dtype: torch.dtype) -> None:
     assert torch.equal(got, logits.argmax(dim=-1))
     assert torch.equal(got, cols.min(dim=1).values)
     sample = slice(0, min(rows, 19))
-    assert torch.equal(got[sample].cpu(), oracle.argmax(logits[sample].cpu()))
+    assert torch.equal(got[sample].cpu(), oracle_ops.argmax(logits[sample].cpu()))
 
 
 def test_argmax_nan_inf_and_ties() -> None:

@@ -13,6 +13,7 @@ the inputs>, so tests pay for it once per source change (about 2 minutes on 2 co
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -95,9 +97,20 @@ def build(out_root: Path | None = None, jobs: int | None = None) -> Path:
     target = out / (MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
     if target.exists():
         return target
+    out.mkdir(parents=True, exist_ok=True)
+    # Concurrent test processes: one builds, the others wait for it and reuse the result.
+    with open(out / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            work = Path(tempfile.mkdtemp(prefix="tmp-", dir=out))
+            try:
+                _build_into(work, target, compiler, cuda_inc, pybind11.get_include(), jobs)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    return target
 
-    work = out / "tmp"
-    shutil.rmtree(work, ignore_errors=True)
+
+def _build_into(work: Path, target: Path, compiler: str, cuda_inc: Path, pybind11_inc: str, jobs: int | None) -> None:
     src = work / "csrc"
     for p in CSRC.rglob("*"):
         if p.is_file() and p.suffix in {".cpp", ".cu", ".h", ".cuh"}:
@@ -108,7 +121,7 @@ def build(out_root: Path | None = None, jobs: int | None = None) -> Path:
 
     units = [p for p in sorted(src.rglob("*")) if p.suffix in {".cpp", ".cu"} and "sm90" not in p.parts]
     units.append(HERE / "runtime.cpp")
-    includes = ["-I", str(HERE), "-I", str(src), "-I", str(cuda_inc), "-I", pybind11.get_include(),
+    includes = ["-I", str(HERE), "-I", str(src), "-I", str(cuda_inc), "-I", pybind11_inc,
                 "-I", sysconfig.get_paths()["include"]]
     defines = ['-DEDGESPEC_CUDA_ARCHS="emulated"']
     objects = []
@@ -125,9 +138,7 @@ def build(out_root: Path | None = None, jobs: int | None = None) -> Path:
     errors = errors or list(filter(None, [_compile([compiler, "-shared", "-o", str(linked), *map(str, objects)])]))
     if errors:
         raise RuntimeError("emulated build failed:\n" + "\n".join(errors))
-    linked.replace(target)
-    shutil.rmtree(work, ignore_errors=True)
-    return target
+    linked.replace(target)  # atomic: a reader sees no file or the whole file
 
 
 def load(path: Path | None = None) -> ModuleType:

@@ -1,0 +1,76 @@
+"""Inputs and comparisons shared by the kernel tests on a GPU (test_*_gpu.py) and on the CPU
+emulator (test_emulated_*.py): one tolerance rule, one way to build inputs, any device."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgespec import ops
+from edgespec.kv_cache import KVCache
+from oracle.attention import attention_ref
+
+# Tolerance (STYLE.md): max |kernel - oracle| <= K_TORCH x max |torch path - oracle| + slack.
+K_TORCH = 2.0
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int, device: str | torch.device, scale: float = 1.0,
+          shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale + shift
+    return x.to(dtype)
+
+
+def misaligned(shape: tuple[int, ...], dtype: torch.dtype, seed: int, device: str | torch.device) -> torch.Tensor:
+    """A contiguous tensor whose address is one element past a 16-byte boundary (scalar path)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return randn(n + 1, dtype=dtype, seed=seed, device=device)[1:].view(shape)
+
+
+def assert_matches_oracle(what: str, got: torch.Tensor, torch_out: torch.Tensor, ref: torch.Tensor) -> None:
+    """got / torch_out: kernel and torch-path results in the storage dtype; ref: the float64 oracle.
+    Slack: one ulp of the largest reference value."""
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert got.dtype == torch_out.dtype, f"{what}: dtype {got.dtype} != {torch_out.dtype}"
+    assert bool(torch.isfinite(got).all()), f"{what}: non-finite output (an element was not written?)"
+    ref = ref.double()
+    err = (got.double() - ref).abs().max().item()
+    base = (torch_out.double() - ref).abs().max().item()
+    atol = torch.finfo(got.dtype).eps * ref.abs().max().item()
+    assert err <= K_TORCH * base + atol, (
+        f"{what}: max error {err:.3g} vs oracle exceeds {K_TORCH} x torch's {base:.3g} + atol {atol:.3g}")
+
+
+def attention_inputs(t: int, prefix: int, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int,
+                     device: str | torch.device):
+    """q [T, Hq, D] and k, v [S = prefix + T, Hkv, D] views of layer 1 of a KVCache whose other
+    slots are NaN, so a kernel reading past S fails."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = prefix + t
+    cache = KVCache(num_layers=2, max_len=s + 77, num_kv_heads=hkv, head_dim=d, dtype=dtype, device=device)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    cache.write(1, 0, torch.randn(s, hkv, d, generator=g, device=device).to(dtype),
+                torch.randn(s, hkv, d, generator=g, device=device).to(dtype))
+    k, v = cache.view(1, s)
+    q = torch.randn(t, hq, d, generator=g, device=device).to(dtype)
+    return q, k, v
+
+
+def assert_attention_close(ours: torch.Tensor, q, k, v, scale, mask, monkeypatch: pytest.MonkeyPatch,
+                           what: str) -> None:
+    """flash-attention's rule: max |ours - oracle| <= 2 x max |torch path - oracle| + 2 x the
+    oracle's rounding to the output dtype, the torch path run at the same dtype on the same device.
+    NaN never passes."""
+    assert ours.shape == q.shape and ours.dtype == q.dtype, what
+    assert torch.isfinite(ours).all(), f"{what}: non-finite output (an element was not written or NaN leaked in)"
+    ref = attention_ref(q, k, v, scale, tree_mask=mask)
+    with monkeypatch.context() as m:
+        m.setenv("EDGESPEC_BACKEND", "torch")
+        torch_out = ops.attention(q, k, v, scale, mask)
+    torch_err = (torch_out.float() - ref).abs().max().item()
+    rounding = (ref.to(q.dtype).float() - ref).abs().max().item()
+    err = (ours.float() - ref).abs().max().item()
+    bound = K_TORCH * torch_err + 2 * rounding
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (torch path {torch_err:.3g}, rounding {rounding:.3g})"
