@@ -97,8 +97,23 @@ def emulated_kernels(emulated_module, poisoned_kernel_outputs, monkeypatch: pyte
     monkeypatch.setattr(_kernels, "_stream", lambda t: 0)
     monkeypatch.setattr(_kernels, "_one_cuda_device", one_device)
     monkeypatch.setattr(_kernels, "_sm_count", lambda index: EMULATED_SMS)
-    monkeypatch.delenv("CUEMU_SCHEDULE", raising=False)
     return _kernels
+
+
+@pytest.fixture
+def emulated_ops(emulated_kernels, emulated_module, monkeypatch: pytest.MonkeyPatch):
+    """The op layer (edgespec.ops) takes its kernel path for CPU tensors, on the emulated kernels:
+    a whole model runs on them, wired exactly as on a GPU (each op still falls back to torch for
+    inputs its kernel rejects, and EDGESPEC_BACKEND=torch still turns the kernels off)."""
+    from edgespec.ops import backend
+
+    def use_kernel(*tensors: torch.Tensor | None) -> bool:
+        present = [t for t in tensors if t is not None]
+        return backend.requested_backend() != "torch" and bool(present) and all(t.device.type == "cpu" for t in present)
+
+    monkeypatch.setattr(backend, "compiled_module", lambda: emulated_module)
+    monkeypatch.setattr(backend, "use_kernel", use_kernel)
+    return emulated_kernels
 
 
 @pytest.fixture(scope="session")

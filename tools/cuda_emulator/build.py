@@ -123,7 +123,9 @@ def _build_into(work: Path, target: Path, compiler: str, cuda_inc: Path, pybind1
     units.append(HERE / "runtime.cpp")
     includes = ["-I", str(HERE), "-I", str(src), "-I", str(cuda_inc), "-I", pybind11_inc,
                 "-I", sysconfig.get_paths()["include"]]
-    defines = ['-DEDGESPEC_CUDA_ARCHS="emulated"']
+    # Another namespace for every C++ name: pybind11 registers types by their C++ type, so the real
+    # edgespec._C and this module could not both be imported into one process otherwise.
+    defines = ['-DEDGESPEC_CUDA_ARCHS="emulated"', "-Dedgespec=edgespec_emulated"]
     objects = []
     commands = []
     for unit in units:
