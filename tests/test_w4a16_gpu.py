@@ -18,67 +18,16 @@ import torch
 
 from edgespec import errors
 from edgespec.ops import _kernels
-from edgespec.quant import Int4Weight, QuantLinear
-from oracle.ops import dequantize_int4
+from edgespec.quant import QuantLinear
+from w4a16_cases import K_TORCH, _check, _oracle, _weight
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_kernel_outputs")]
 
 DTYPES = [torch.bfloat16, torch.float16]
 ROWS = [1, 2, 7, 16, 33, 64]
-K_TORCH = 2.0
 # (name, K, N): odd small shapes and real layers (q|k|v and gate|up fused as the loader fuses them).
 SHAPES = [("odd", 48, 192), ("odd-wide", 112, 640), ("smollm2 qkv", 576, 960), ("smollm2 down", 1536, 576),
           ("llama3-1b qkv", 2048, 3072), ("llama3-1b down", 8192, 2048), ("llama3-8b o", 4096, 4096)]
-
-
-def _weight(k: int, n: int, group: int, zeros: str, seed: int, g_idx: bool = False) -> Int4Weight:
-    """Random 4-bit weight; zeros: 'sym' (none), 'int' (GPTQ/AWQ) or 'frac' (GGUF Q4_1-like)."""
-    gen = torch.Generator().manual_seed(seed)
-    g = k if group == -1 else group
-    groups = -(-k // g)
-    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
-    scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.002
-    z = None
-    if zeros == "int":
-        z = torch.randint(0, 16, (groups, n), generator=gen).float()
-    elif zeros == "frac":
-        z = torch.rand(groups, n, generator=gen) * 15
-    gi = None
-    if g_idx:
-        gi = torch.empty(k, dtype=torch.int64)
-        gi[torch.randperm(k, generator=gen)] = torch.arange(k) // g
-    return Int4Weight(q, scales, z, g, gi)
-
-
-def _oracle(x: torch.Tensor, w: Int4Weight, lin: QuantLinear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 reference, torch at `dtype`) for x [M, K] and the weight exactly as stored on the
-    GPU (scales/zeros rounded to dtype). Input-feature order, act-order undone."""
-    k, n = w.q.shape
-    s = lin.weight.scales.double().cpu()
-    z = None if lin.weight.zeros is None else lin.weight.zeros.double().cpu()
-    q = lin.ints().cpu()                     # stored (group-sorted) row order
-    g = lin.group_size
-    if k % g:  # the oracle wants whole groups: pad K to a multiple with zero activations
-        pad = g - k % g
-        q = torch.cat([q, torch.zeros(pad, n, dtype=torch.uint8)])
-    wt = dequantize_int4(q.t(), s.t(), None if z is None else z.t(), g)[:, :k]  # [N, K] float64
-    if lin.weight.perm is not None:
-        full = torch.empty_like(wt)
-        full[:, lin.weight.perm.cpu()] = wt
-        wt = full
-    xd = x.double().cpu()
-    ref = xd @ wt.t()
-    low = (x.to(dtype) @ wt.to(device=x.device, dtype=dtype).t()).double().cpu()
-    return ref, low
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, dtype: torch.dtype, k_torch: float = K_TORCH) -> None:
-    out = out.double().cpu()
-    assert torch.isfinite(out).all(), "kernel left NaN (an unwritten output element?)"
-    torch_err = (low - ref).abs().max().item()
-    ulp = torch.finfo(dtype).eps * ref.abs().max().item()
-    err = (out - ref).abs().max().item()
-    assert err <= k_torch * torch_err + ulp, f"max error {err:.3g} vs torch {torch_err:.3g} (+ulp {ulp:.3g})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

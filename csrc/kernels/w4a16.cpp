@@ -92,8 +92,11 @@ Status check_w4a16(const W4A16Args& a) {
   EDGESPEC_RETURN_IF_ERROR(check_size(a.out, "out", 1, n, "N columns"));
   EDGESPEC_RETURN_IF_ERROR(check_contiguous(a.out, "out"));
   EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", a.out, "out"));
+  // Every input, so that no block overwrites what another block still reads (w4a16.h).
   EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", x, "x"));
+  EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", a.qweight, "qweight"));
   EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", a.scales, "scales"));
+  if (a.zeros != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", *a.zeros, "zeros"));
   if (a.bias != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", *a.bias, "bias"));
 
   if (a.splits < 1 || a.splits > k / kW4A16TileK) {
@@ -116,6 +119,11 @@ Status check_w4a16(const W4A16Args& a) {
     EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *a.partial, "partial"));
     EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *a.counters, "counters"));
     EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", a.out, "out"));
+    EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", x, "x"));
+    EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", a.qweight, "qweight"));
+    EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", a.scales, "scales"));
+    if (a.zeros != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", *a.zeros, "zeros"));
+    if (a.bias != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", *a.bias, "bias"));
   }
   return Status::success();
 }

@@ -671,6 +671,11 @@ def w4a16_rejection(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -
         return f"K = {k} must be a multiple of 16 and N = {n} a multiple of 64"
     if g % W4A16_GROUP_ALIGN and g < k:
         return f"group size {g} is neither a multiple of {W4A16_GROUP_ALIGN} nor per-channel (>= K = {k})"
+    # The C++ check refuses these too; rejecting here sends such a weight (e.g. scales kept as a
+    # strided view by .to()) to the torch path instead of raising KernelError.
+    for name, t in (("qweight", w.qweight), ("scales", w.scales), ("zeros", w.zeros)):
+        if t is not None and (not t.is_contiguous() or t.data_ptr() % 16):
+            return f"{name} {_shape(t)} must be contiguous and 16-byte aligned (the kernel copies 16-byte vectors)"
     rows = x.numel() // k if k else 0
     if rows > W4A16_MAX_CHUNKED_ROWS:
         return f"{rows} rows: above {W4A16_MAX_CHUNKED_ROWS}, dequantise + cuBLAS is the faster path"
