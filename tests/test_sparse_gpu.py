@@ -18,21 +18,13 @@ import torch
 from edgespec import ops
 from edgespec.models.sparse import parse_sparse_config
 from oracle import sparse_ref
+from sparse_cases import MINICPM4_8B, SMALL, params, random_case, random_selection
 
 pytestmark = pytest.mark.gpu
 
-MINICPM4_8B = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
-               "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}
-SMALL = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
-         "window_size": 128, "topk": 4, "use_nope": False, "dense_len": 512}
 # Block scores closer than this may rank differently in the kernels' fp32 and the fp64 oracle.
 TIE = 1e-4
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-
-def params(cfg) -> sparse_ref.SparseParams:
-    return sparse_ref.SparseParams(cfg.block_size, cfg.kernel_size, cfg.kernel_stride, cfg.init_blocks,
-                                   cfg.window_size, cfg.topk, cfg.dense_len)
 
 
 def _kernels():
@@ -67,14 +59,6 @@ def test_compress_keys_reads_its_range_on_the_device():
     _kernels().compress_keys(keys, ck, 0, 400, cfg.kernel_size, cfg.kernel_stride, lengths=lengths)
     done = ~torch.isnan(ck[:, 0, 0]).cpu()
     assert done.nonzero().flatten().tolist() == list(range(cfg.num_kernels(96), cfg.num_kernels(200)))
-
-
-def _random_case(hq, hkv, dim, s, t, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = (torch.randn(t, hq, dim, generator=gen) * 2).to("cuda", dtype)
-    k = torch.randn(s, hkv, dim, generator=gen).to("cuda", dtype)
-    v = torch.randn(s, hkv, dim, generator=gen).to("cuda", dtype)
-    return q, k, v
 
 
 def _check_selection(cfg, q, k, positions, kv_limit, dense_len):
@@ -115,7 +99,7 @@ def _check_selection(cfg, q, k, positions, kv_limit, dense_len):
 def test_select_minicpm4_8b_decode_matches_oracle(dtype, t):
     cfg = parse_sparse_config(MINICPM4_8B)
     s = 16_411  # 256.4 blocks, 1024 kernels: a partial last block and pool window
-    q, k, _ = _random_case(32, 2, 128, s, t, dtype, seed=t)
+    q, k, _ = random_case(32, 2, 128, s, t, dtype, seed=t, device="cuda")
     words, sel, _ = _check_selection(cfg, q, k, list(range(s - t, s)), s, cfg.dense_len)
     assert words.shape == (t, 2, (257 + 63) // 64)
     assert sel[-1].sum(dim=-1).tolist() == [1 + 32 + 64] * 2
@@ -126,7 +110,7 @@ def test_select_chunk_crossing_dense_threshold_matches_oracle(hq, hkv):
     cfg = parse_sparse_config(SMALL)
     s = 1_131
     t = 700  # positions 431 .. 1130: below and above dense_len = 512
-    q, k, _ = _random_case(hq, hkv, 64, s, t, torch.bfloat16, seed=hq)
+    q, k, _ = random_case(hq, hkv, 64, s, t, torch.bfloat16, seed=hq, device="cuda")
     _check_selection(cfg, q, k, list(range(s - t, s)), s, cfg.dense_len)
 
 
@@ -134,7 +118,7 @@ def test_select_tree_uses_the_prefix_and_writes_every_word(monkeypatch):
     cfg = parse_sparse_config(SMALL)
     prefix, t = 1_500, 9
     depth = [0, 1, 1, 2, 2, 3, 3, 4, 5]
-    q, k, _ = _random_case(16, 2, 128, prefix + t, t, torch.bfloat16, seed=9)
+    q, k, _ = random_case(16, 2, 128, prefix + t, t, torch.bfloat16, seed=9, device="cuda")
     positions = [prefix + d for d in depth]
     words, _, _ = _check_selection(cfg, q, k, positions, prefix, cfg.dense_len)
     # Poisoned outputs and scratch: NaN floats, all-ones words; the result must not change.
@@ -158,7 +142,7 @@ def test_select_tree_uses_the_prefix_and_writes_every_word(monkeypatch):
 def test_sparse_attention_op_on_gpu_matches_oracle(dtype, t):
     cfg = parse_sparse_config(SMALL)
     s = 900
-    q, k, v = _random_case(8, 2, 64, s, t, dtype, seed=5)
+    q, k, v = random_case(8, 2, 64, s, t, dtype, seed=5, device="cuda")
     ck = torch.zeros(cfg.num_kernels(s), 2, 64, device="cuda", dtype=dtype)
     ops.compress_keys(k, ck, 0, s, cfg.kernel_size, cfg.kernel_stride)
     positions = list(range(s - t, s))
@@ -172,7 +156,7 @@ def test_sparse_attention_op_on_gpu_matches_oracle(dtype, t):
 def test_selection_under_cuda_graph_replay_follows_device_lengths():
     cfg = parse_sparse_config(SMALL)
     s_max = 1_300
-    q_all, k, _ = _random_case(16, 2, 128, s_max, 40, torch.bfloat16, seed=11)
+    q_all, k, _ = random_case(16, 2, 128, s_max, 40, torch.bfloat16, seed=11, device="cuda")
     nb = (s_max + 63) // 64
     ck = torch.zeros(cfg.num_kernels(s_max), 2, 128, device="cuda", dtype=torch.bfloat16)
     lengths = torch.zeros(2, dtype=torch.int32, device="cuda")
@@ -281,24 +265,6 @@ def test_kernel_entry_points_reject_bad_inputs():
         K.sparse_select_blocks(q, ck, pos, bad, 1.0, 0, 102, 3)
 
 
-def _random_selection(positions, hkv, nb, block, gen):
-    """Per (token, KV head): block 0, the token's own block and a random tenth of the others before it."""
-    out = []
-    for pos in positions:
-        own = pos // block
-        rows = []
-        for _ in range(hkv):
-            picks = (torch.rand(own, generator=gen) < 0.1).nonzero().flatten().tolist()
-            rows.append(sorted({0, own, *picks}))
-        out.append(rows)
-    words = torch.zeros(len(positions), hkv, (nb + 63) // 64, dtype=torch.int64)
-    for i, rows in enumerate(out):
-        for g, blocks in enumerate(rows):
-            for b in blocks:
-                words[i, g, b // 64] |= torch.tensor(1, dtype=torch.int64) << (b % 64)
-    return out, words
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq, hkv, dim, s, t, tree", [
     (32, 2, 128, 9_000, 1, False),   # MiniCPM4-8B decode
@@ -311,7 +277,7 @@ def test_attention_kernel_with_block_mask_matches_oracle(dtype, hq, hkv, dim, s,
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(s + t)
-    q, k, v = _random_case(hq, hkv, dim, s, t, dtype, seed=s)
+    q, k, v = random_case(hq, hkv, dim, s, t, dtype, seed=s, device="cuda")
     prefix = s - t
     if tree:
         from test_sparse_cpu import _random_tree
@@ -322,7 +288,7 @@ def test_attention_kernel_with_block_mask_matches_oracle(dtype, hq, hkv, dim, s,
     else:
         vis, positions, packed = None, list(range(prefix, s)), None
     nb = (s + 63) // 64
-    blocks, words = _random_selection(positions, hkv, nb, 64, gen)
+    blocks, words = random_selection(positions, hkv, nb, 64, gen, 0.1)
     K = _kernels()
     real = K._new_output
     monkeypatch.setattr(K, "_new_output", lambda *a: real(*a).fill_(float("nan")))
@@ -354,7 +320,7 @@ def test_op_layer_takes_the_block_sparse_attention_kernel(monkeypatch):
     calls = []
     real = K.attention
     monkeypatch.setattr(K, "attention", lambda *a, **kw: calls.append(kw.get("block_mask")) or real(*a, **kw))
-    q, k, v = _random_case(16, 2, 128, 2_000, 3, torch.bfloat16, seed=2)
+    q, k, v = random_case(16, 2, 128, 2_000, 3, torch.bfloat16, seed=2, device="cuda")
     ck = torch.zeros(cfg.num_kernels(2_000), 2, 128, device="cuda", dtype=torch.bfloat16)
     ops.compress_keys(k, ck, 0, 2_000, cfg.kernel_size, cfg.kernel_stride)
     ops.sparse_attention(q, k, v, 0.1, ck, torch.arange(1_997, 2_000, device="cuda"), cfg, dense_len=512, kv_limit=2_000)

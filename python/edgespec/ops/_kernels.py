@@ -406,6 +406,9 @@ SPARSE_MAX_HEAD_DIM = 256
 SPARSE_MAX_GROUP = 64
 SPARSE_MAX_BLOCKS = 4096
 SPARSE_SCORE_CHUNK = 32
+# csrc/kernels/sparse_attention.cpp kMaxScoreSmem: the score kernels stage the group's q, a chunk of
+# compressed keys and the logits in fp32 shared memory (sparse_detail::score_smem_bytes), at most this.
+SPARSE_MAX_SCORE_SMEM = 96 * 1024
 
 
 def _num_kernels(length: int, kernel_size: int, kernel_stride: int) -> int:
@@ -466,10 +469,17 @@ def sparse_select_rejection(q: torch.Tensor, ck: torch.Tensor, positions: torch.
     if q.shape[1] // ck.shape[1] > SPARSE_MAX_GROUP or q.shape[2] > SPARSE_MAX_HEAD_DIM:
         return (f"q {_shape(q)} with {ck.shape[1]} KV heads: the kernels take up to {SPARSE_MAX_GROUP} query heads "
                 f"per KV head and head dims up to {SPARSE_MAX_HEAD_DIM}")
+    group, dim = q.shape[1] // ck.shape[1], q.shape[2]
+    # Within the group and head-dim bounds, the largest shapes (group 64 with head dim 256) still
+    # exceed the score kernels' shared memory: the C++ check would raise instead of falling back.
+    smem = 4 * (group * dim + SPARSE_SCORE_CHUNK * (dim + 1) + group * SPARSE_SCORE_CHUNK + 2 * group)
+    if smem > SPARSE_MAX_SCORE_SMEM:
+        return (f"q {_shape(q)} with {ck.shape[1]} KV heads: the score kernels would need {smem} bytes of shared "
+                f"memory, above their {SPARSE_MAX_SCORE_SMEM}")
     if not 1 <= num_blocks <= SPARSE_MAX_BLOCKS:
         return f"{num_blocks} blocks of {cfg.block_size} tokens; the kernels select among at most {SPARSE_MAX_BLOCKS}"
-    if positions.dim() != 1 or positions.dtype != torch.int64:
-        return f"positions must be int64 [T], got {_shape(positions)}"
+    if positions.dim() != 1 or positions.dtype != torch.int64 or positions.shape[0] != q.shape[0]:
+        return f"positions must be int64 [{q.shape[0]}] (one per token of q), got {_shape(positions)}"
     reason = _first(_last_dim_contiguous("q", q), _last_dim_contiguous("ck", ck))
     return reason or _one_cuda_device(q=q, ck=ck, positions=positions)
 

@@ -1,0 +1,54 @@
+"""InfLLM-v2 settings and random inputs shared by the sparse kernel tests on a GPU
+(test_sparse_gpu.py) and on the CPU emulator (test_emulated_sparse.py)."""
+from __future__ import annotations
+
+import torch
+
+from oracle import sparse_ref
+
+MINICPM4_8B = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
+               "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}
+# MiniCPM4's geometry scaled down: a 2-block window, top-4, dense below 512 tokens.
+SMALL = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
+         "window_size": 128, "topk": 4, "use_nope": False, "dense_len": 512}
+
+
+def params(cfg) -> sparse_ref.SparseParams:
+    """The oracle's parameters of a parsed sparse config (edgespec.models.sparse)."""
+    return sparse_ref.SparseParams(cfg.block_size, cfg.kernel_size, cfg.kernel_stride, cfg.init_blocks,
+                                   cfg.window_size, cfg.topk, cfg.dense_len)
+
+
+def random_case(hq: int, hkv: int, dim: int, s: int, t: int, dtype: torch.dtype, seed: int,
+                device: str | torch.device):
+    """q [T, Hq, D] (scaled by 2, for peaked scores), k, v [S, Hkv, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(t, hq, dim, generator=gen) * 2).to(device, dtype)
+    k = torch.randn(s, hkv, dim, generator=gen).to(device, dtype)
+    v = torch.randn(s, hkv, dim, generator=gen).to(device, dtype)
+    return q, k, v
+
+
+def pack_blocks(blocks: list[list[list[int]]], words: int) -> torch.Tensor:
+    """blocks[i][g] lists the selected blocks of token i, KV head g -> int64 [T, Hkv, words] with
+    bit b % 64 of word b // 64 set for each selected block b."""
+    bits = torch.zeros(len(blocks), len(blocks[0]), 64 * words, dtype=torch.int64)
+    for i, rows in enumerate(blocks):
+        for g, chosen in enumerate(rows):
+            bits[i, g, chosen] = 1
+    shifts = torch.arange(64, dtype=torch.int64)
+    return (bits.view(len(blocks), len(blocks[0]), words, 64) << shifts).sum(dim=-1)
+
+
+def random_selection(positions, hkv: int, num_blocks: int, block: int, gen: torch.Generator, fraction: float):
+    """Per (token, KV head): block 0, the token's own block and a random `fraction` of the blocks
+    before it. Returns (the block lists, their packed mask)."""
+    out = []
+    for pos in positions:
+        own = pos // block
+        rows = []
+        for _ in range(hkv):
+            picks = (torch.rand(own, generator=gen) < fraction).nonzero().flatten().tolist()
+            rows.append(sorted({0, own, *picks}))
+        out.append(rows)
+    return out, pack_blocks(out, (num_blocks + 63) // 64)

@@ -1,0 +1,478 @@
+"""InfLLM-v2 block-sparse kernels on the CPU emulator (tools/cuda_emulator) against the oracle
+(tests/oracle/sparse_ref.py): the comparisons of test_sparse_gpu.py at shapes the emulator runs in
+seconds, on CPU tensors standing in for cuda:0 (132 SMs, outputs poisoned with NaN / -7).
+
+Covers: compressed keys (incremental and overlapping ranges, lengths not divisible by the stride,
+odd geometries, every dtype, strided keys, more kernels than launch blocks, rows past the complete
+kernels left alone, the device-side range); block scores + selection compared exactly where the
+oracle's scores are not tied (GQA 1, 2, 4, 16, 32, 64; head dims 40 to 256; strided q and k;
+block counts not divisible by the pool; init blocks, window, top-k, dense_len, no visible kernel,
+multi-word masks, one and several score splits, device-side kv_limit and lengths over decode
+steps, trees scoring only their prefix, the MiniCPM4-8B decode shape, other scratch contents);
+the attention kernel's block-mask path against the oracle (decode, prefill chunk, GQA 1/2/4/16,
+all five kernel instances (tile shape x tree), head dims 64 and 128, bf16 and fp16, planned / 1 /
+7 splits, strided views, mask bits the kernel must ignore, a token that selects nothing); the op
+layer end to end on the kernels, and its torch fallback past the score kernels' shared memory;
+thread-order independence (CUEMU_SCHEDULE forward / reverse / random / serial / serial-reverse,
+bit-identical); the rejections.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgespec import ops
+from edgespec.models.sparse import parse_sparse_config
+from oracle import sparse_ref
+from sparse_cases import MINICPM4_8B, SMALL, pack_blocks, params, random_case, random_selection
+
+pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulated_kernels")]
+
+# Blocks of 16 tokens (the selection kernels take any block_size % kernel_stride == 0): many blocks,
+# and masks of several words, in a short context.
+FINE = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16,
+        "window_size": 32, "topk": 4, "use_nope": False, "dense_len": 256}
+# Block scores closer than this may rank differently in the kernels' fp32 and the fp64 oracle (the
+# kernels' scores are within ~1e-7 of it here; the GPU test allows 1e-4).
+TIE = 1e-5
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The emulator runs on one host thread; the oracles' many tiny torch ops run far faster
+    without intra-op threads (on a loaded 2-core machine, up to 100x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _K():
+    from edgespec.ops import _kernels
+
+    return _kernels
+
+
+def _unpack(words: torch.Tensor) -> torch.Tensor:
+    """int64 [..., W] -> bool [..., 64 W] (bit n % 64 of word n // 64)."""
+    shifts = torch.arange(64, dtype=torch.int64)
+    return ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
+
+
+# --- compressed keys -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hkv, dim, kernel_size, kernel_stride", [
+    (1, 64, 32, 16),   # MiniCPM4's geometry
+    (3, 72, 8, 4),     # odd heads and dim
+    (2, 128, 7, 3),    # kernels and stride that divide nothing
+])
+def test_compress_keys_matches_oracle(dtype, hkv, dim, kernel_size, kernel_stride):
+    gen = torch.Generator().manual_seed(hkv * dim + kernel_size)
+    s = 411
+    keys = torch.randn(s, hkv, dim, generator=gen).to(dtype)
+    p = sparse_ref.SparseParams(64, kernel_size, kernel_stride, 0, 64, 0, 0)
+    n_max = sparse_ref.kernel_count(s, p)
+    ck = torch.full((n_max + 9, hkv, dim), float("nan"), dtype=dtype)
+    # Growing ranges, one-token steps, an overlapping recompute, lengths off the stride grid.
+    for a, b in [(0, 6), (0, 31), (31, 100), (100, 101), (101, 102), (90, 233), (233, 250), (250, s)]:
+        assert _K().supports_compress_keys(keys, ck, kernel_size, kernel_stride)
+        _K().compress_keys(keys, ck, a, b, kernel_size, kernel_stride)
+        n = sparse_ref.kernel_count(b, p)
+        assert not torch.isnan(ck[:n]).any(), f"after range ({a}, {b}): a kernel complete in [0, {b}) was not written"
+        assert torch.isnan(ck[n:]).all(), f"after range ({a}, {b}): rows past {n} complete kernels must be left alone"
+    ref = sparse_ref.compressed_keys(keys, s, p)
+    # fp32 sum and one rounding: at most the storage dtype's half ulp off the fp64 mean, plus fp32 noise.
+    rtol = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 1e-6}[dtype]
+    torch.testing.assert_close(ck[:n_max].double(), ref, rtol=rtol, atol=1e-6)
+
+
+def test_compress_keys_strided_keys_and_more_kernels_than_blocks():
+    # Keys read through a view of an interleaved [S, 2, Hkv, D] cache (row stride 2 Hkv D), and a
+    # range of 4198 kernels: more than the 4096 blocks a launch has, so blocks stride over kernels.
+    gen = torch.Generator().manual_seed(3)
+    s, p = 4_200, sparse_ref.SparseParams(64, 3, 1, 0, 64, 0, 0)
+    cache = torch.randn(s, 2, 1, 8, generator=gen)
+    keys = cache[:, 0]
+    ck = torch.full((s, 1, 8), float("nan"))
+    _K().compress_keys(keys, ck, 0, 37, 3, 1)
+    _K().compress_keys(keys, ck, 37, s, 3, 1)
+    n = sparse_ref.kernel_count(s, p)
+    torch.testing.assert_close(ck[:n].double(), sparse_ref.compressed_keys(keys, s, p), rtol=1e-6, atol=1e-6)
+    assert torch.isnan(ck[n:]).all()
+
+
+def test_compress_keys_reads_its_range_on_the_device():
+    cfg = parse_sparse_config(SMALL)
+    keys = torch.randn(400, 2, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ck = torch.full((30, 2, 64), float("nan"), dtype=torch.bfloat16)
+    lengths = torch.tensor([96, 200], dtype=torch.int32)
+    # The host bounds allow every kernel of the 400 tokens; the device range decides which are written.
+    _K().compress_keys(keys, ck, 0, 400, cfg.kernel_size, cfg.kernel_stride, lengths=lengths)
+    done = ~torch.isnan(ck[:, 0, 0])
+    assert done.nonzero().flatten().tolist() == list(range(cfg.num_kernels(96), cfg.num_kernels(200)))
+    assert not torch.isnan(ck[done]).any()
+
+
+# --- block scores and selection ------------------------------------------------------------------
+
+def _compressed(cfg, k, length):
+    ck = torch.zeros(max(cfg.num_kernels(k.shape[0]), 1), k.shape[1], k.shape[2], dtype=k.dtype)
+    _K().compress_keys(k, ck, 0, length, cfg.kernel_size, cfg.kernel_stride)
+    return ck
+
+
+def _check_selection(cfg, q, k, positions, kv_limit, dense_len, ck=None):
+    """Kernel selection vs the oracle on the same (rounded) compressed keys. Returns the words
+    int64 [T, Hkv, W] and the queries where the kernel took an equivalent tie."""
+    s, hkv = k.shape[0], k.shape[1]
+    nb = (s + cfg.block_size - 1) // cfg.block_size
+    ck = _compressed(cfg, k, kv_limit) if ck is None else ck
+    pos = torch.tensor(positions)
+    scale = q.shape[-1] ** -0.5
+    assert _K().supports_sparse_select(q, ck, pos, cfg, nb)
+    words = _K().sparse_select_blocks(q, ck, pos, cfg, scale, dense_len, kv_limit, nb)
+    assert words.shape == (len(positions), hkv, (nb + 63) // 64)
+    bits = _unpack(words)
+    assert not bits[..., nb:].any(), "bits past the last block must be 0"
+    p = sparse_ref.SparseParams(cfg.block_size, cfg.kernel_size, cfg.kernel_stride, cfg.init_blocks,
+                                cfg.window_size, cfg.topk, dense_len)
+    tied = set()
+    for i, position in enumerate(positions):
+        q_blk = position // cfg.block_size
+        if position + 1 < dense_len:
+            assert bits[i, :, :nb].tolist() == [[b <= q_blk for b in range(nb)]] * hkv, f"dense query {i}"
+            continue
+        visible = cfg.num_kernels(min(position + 1, kv_limit))
+        scores = sparse_ref.block_scores(q[i], ck[:visible], scale, nb, p)
+        for g in range(hkv):
+            want = sparse_ref.select(scores[g], position, p)
+            got = bits[i, g].nonzero().flatten().tolist()
+            if got != want:
+                assert sparse_ref.equivalent_selection(got, want, scores[g], position, p, TIE), \
+                    f"query {i} (position {position}) KV head {g}: {got} vs oracle {want}"
+                tied.add(i)
+    assert len(tied) <= max(1, len(positions) // 10), f"too many tied queries: {sorted(tied)}"
+    return words, tied
+
+
+def _positions(lo, hi, n, must, seed):
+    gen = torch.Generator().manual_seed(seed)
+    picks = (lo + torch.randperm(hi - lo, generator=gen)[:n]).tolist()
+    return sorted(set(picks) | set(must))
+
+
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (8, 2), (16, 1)])
+def test_select_chunk_crossing_dense_threshold_matches_oracle(hq, hkv):
+    cfg = parse_sparse_config(SMALL)
+    s = 1_131  # 17.7 blocks, 69 kernels: a partial last block and a partial pool window
+    positions = _positions(431, s, 24, [431, 510, 511, 512, 575, 576, 639, 640, s - 1], seed=hq)
+    q, k, _ = random_case(hq, hkv, 64, s, len(positions), torch.bfloat16, seed=hq, device="cpu")
+    _check_selection(cfg, q, k, positions, s, cfg.dense_len)
+
+
+@pytest.mark.parametrize("init_blocks, window_size, topk", [
+    (0, 16, 0),     # no init blocks, a one-block window, nothing scored
+    (2, 32, 7),
+    (1, 64, 200),   # top-k above the candidates: every block with a visible kernel
+])
+@pytest.mark.parametrize("hq, hkv, dim", [(4, 1, 128), (8, 2, 64)])
+def test_select_many_blocks_matches_oracle(init_blocks, window_size, topk, hq, hkv, dim):
+    # 131 blocks (three mask words, a 256-entry sort), forced sparse from position 0: queries with
+    # no complete kernel, and with kernels ending inside a block, select only their fixed blocks.
+    cfg = parse_sparse_config({**FINE, "init_blocks": init_blocks, "window_size": window_size, "topk": topk})
+    s = 2_093
+    positions = _positions(0, s, 20, [0, 3, 7, 8, 11, 15, 16, 19, 31, 32, 63, 64, 1023, 1024, s - 1], seed=topk)
+    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.float16, seed=init_blocks + dim, device="cpu")
+    _check_selection(cfg, q, k, positions, s, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [1, 3])
+def test_select_minicpm4_8b_decode_matches_oracle(dtype, t):
+    cfg = parse_sparse_config(MINICPM4_8B)
+    s = 9_011  # 140.8 blocks (three words), 562 kernels, above dense_len 8192
+    q, k, _ = random_case(32, 2, 128, s, t, dtype, seed=t, device="cpu")
+    words, _ = _check_selection(cfg, q, k, list(range(s - t, s)), s, cfg.dense_len)
+    assert _unpack(words[-1]).sum(dim=-1).tolist() == [1 + 32 + 64] * 2
+
+
+@pytest.mark.parametrize("hq, hkv, dim", [
+    (6, 3, 40),      # a head dim that is no multiple of the 128 threads or a warp
+    (8, 2, 72),
+    (32, 1, 256),    # 70 KB of score shared memory: above the 48 KB default (opt-in)
+    (64, 1, 192),    # the largest group, 82 KB
+])
+def test_select_head_shapes_and_strided_inputs_match_oracle(hq, hkv, dim):
+    cfg = parse_sparse_config(FINE)
+    s = 700
+    positions = [0, 40, 100, 101, 355, 650, 699]
+    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.bfloat16, seed=hq + dim, device="cpu")
+    # q as the head slice of a fused QKV row, k as the K half of an interleaved KV cache.
+    fused = torch.randn(len(positions), hq + 2 * hkv, dim).bfloat16()
+    fused[:, :hq] = q
+    cache = torch.randn(s, 2, hkv, dim).bfloat16()
+    cache[:, 0] = k
+    _check_selection(cfg, fused[:, :hq], cache[:, 0], positions, s, 0)
+
+
+def test_select_tree_uses_the_prefix_and_ignores_scratch_contents(monkeypatch):
+    cfg = parse_sparse_config(SMALL)
+    prefix, t = 1_500, 9
+    depth = [0, 1, 1, 2, 2, 3, 3, 4, 5]
+    q, k, _ = random_case(16, 2, 128, prefix + t, t, torch.bfloat16, seed=9, device="cpu")
+    positions = [prefix + d for d in depth]
+    ck = _compressed(cfg, k, prefix)
+    words, _ = _check_selection(cfg, q, k, positions, prefix, cfg.dense_len, ck=ck)
+    nb = (prefix + t + 63) // 64
+    pos = torch.tensor(positions)
+    # kv_limit read on the device (graph capture) gives the same words.
+    device_limit = torch.tensor([prefix], dtype=torch.int32)
+    assert torch.equal(_K().sparse_select_blocks(q, ck, pos, cfg, 128 ** -0.5, cfg.dense_len, device_limit, nb), words)
+    # Other scratch and output contents (zeros, +inf, all-ones words): the result must not change.
+    K = _K()
+    for fill_float, fill_int in [(0.0, 0), (float("inf"), -1)]:
+        monkeypatch.setattr(K, "_new_output", lambda shape, dtype, device, f=fill_float, i=fill_int:
+                            torch.full(tuple(shape), f if dtype.is_floating_point else i, dtype=dtype))
+        again = K.sparse_select_blocks(q, ck, pos, cfg, 128 ** -0.5, cfg.dense_len, prefix, nb)
+        assert torch.equal(again, words)
+
+
+def test_device_lengths_follow_decode_steps():
+    """The GPU test's graph replay without the graph: the same launches (host bounds fixed for a
+    jump of up to 48 tokens), with only the device-side lengths, kv_limit and position changing."""
+    cfg = parse_sparse_config(SMALL)
+    s_max = 1_300
+    q_all, k, _ = random_case(16, 2, 128, s_max, 40, torch.bfloat16, seed=11, device="cpu")
+    nb = (s_max + 63) // 64
+    ck = torch.full((cfg.num_kernels(s_max), 2, 128), float("nan"), dtype=torch.bfloat16)
+    _K().compress_keys(k, ck, 0, 1_199, cfg.kernel_size, cfg.kernel_stride)
+    lengths = torch.zeros(2, dtype=torch.int32)
+    kv_limit = torch.zeros(1, dtype=torch.int32)
+    pos = torch.zeros(1, dtype=torch.int64)
+    previous = 1_199
+    for length in (1_200, 1_201, 1_215, 1_216, 1_263, 1_290):  # decode steps and jumps (accepted drafts)
+        lengths.copy_(torch.tensor([previous, length], dtype=torch.int32))
+        kv_limit.fill_(length)
+        pos.fill_(length - 1)
+        q = q_all[length % 40:length % 40 + 1]
+        _K().compress_keys(k, ck, 0, 64, cfg.kernel_size, cfg.kernel_stride, lengths=lengths)
+        mask = _K().sparse_select_blocks(q, ck, pos, cfg, 128 ** -0.5, cfg.dense_len, kv_limit, nb)
+        eager = _K().sparse_select_blocks(q, ck, pos.clone(), cfg, 128 ** -0.5, cfg.dense_len, length, nb)
+        assert torch.equal(mask, eager), f"device lengths at length {length}"
+        _check_selection(cfg, q, k, [length - 1], length, cfg.dense_len, ck=ck)
+        previous = length
+    n = cfg.num_kernels(1_290)
+    ref = sparse_ref.compressed_keys(k, 1_290, params(cfg))
+    torch.testing.assert_close(ck[:n].double(), ref, rtol=2 ** -8, atol=1e-6)
+    assert torch.isnan(ck[n:]).all()
+
+
+# --- attention over a block mask -----------------------------------------------------------------
+
+def _allowed(t, hq, hkv, s, positions, blocks, vis):
+    prefix = s - t
+    allowed = torch.zeros(t, hq, s, dtype=torch.bool)
+    for i in range(t):
+        for h in range(hq):
+            for b in blocks[i][h // (hq // hkv)]:
+                allowed[i, h, b * 64:(b + 1) * 64] = True
+        if vis is None:
+            allowed[i, :, positions[i] + 1:] = False
+        else:
+            allowed[i, :, prefix:] = vis[i]
+    return allowed
+
+
+def _attention_case(dtype, hq, hkv, dim, s, t, tree, seed, extra_words=0, strided=False):
+    from test_sparse_cpu import _random_tree
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_case(hq, hkv, dim, s, t, dtype, seed=seed, device="cpu")
+    if strided:
+        # q as the head slice of a fused QKV row; k, v as the halves of an interleaved KV cache.
+        fused = torch.randn(t, hq + 2 * hkv, dim, generator=gen).to(dtype)
+        fused[:, :hq] = q
+        cache = torch.stack([k, v], dim=1)  # [S, 2, Hkv, D]
+        q, k, v = fused[:, :hq], cache[:, 0], cache[:, 1]
+    prefix = s - t
+    if tree:
+        vis, depth = _random_tree(t, gen)
+        positions = [prefix + d for d in depth]
+        packed = ops.pack_tree_mask(vis)
+    else:
+        vis, positions, packed = None, list(range(prefix, s)), None
+    nb = (s + 63) // 64
+    blocks, _ = random_selection(positions, hkv, nb, 64, gen, 0.3)
+    if t > 1:
+        blocks[1][0] = []  # a token that selects no prefix block: zeros (causal) or its tree only
+    # Bits past each token's own block (and in `extra_words` words past the last block) are set at
+    # random: the kernel must ignore them.
+    words_n = (nb + 63) // 64 + extra_words
+    noisy = [[sorted(set(chosen) | {b for b in range(pos // 64 + 1, 64 * words_n)
+                                    if torch.rand(1, generator=gen).item() < 0.5}) for chosen in rows]
+             for pos, rows in zip(positions, blocks)]
+    return q, k, v, vis, positions, packed, blocks, pack_blocks(noisy, words_n)
+
+
+ATTENTION_CASES = [
+    (32, 2, 128, 2_011, 1, False),  # MiniCPM4-8B decode (1x4-warp tile)
+    (4, 1, 128, 1_500, 3, False),   # GQA 4, three tokens in one 16-row block (1x4-warp tile)
+    (32, 2, 128, 700, 20, False),   # a prefill chunk: 640 rows, 8x1-warp tiles
+    (1, 1, 64, 400, 130, False),    # GQA 1: 128 tokens per 128-row tile, then a partial tile
+    (16, 4, 64, 1_099, 5, False),   # GQA 4, a partial last block, 4x1-warp tiles
+    (8, 8, 64, 601, 19, True),      # GQA 1, tree verification over a sparse prefix
+    (2, 1, 64, 300, 70, True),      # a tree over three row tiles; one key tile holds prefix and tree slots
+    (16, 1, 128, 333, 1, True),     # GQA 16, a one-token tree (1x4-warp tile with a tree mask)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq, hkv, dim, s, t, tree", ATTENTION_CASES)
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_attention_kernel_with_block_mask_matches_oracle(dtype, hq, hkv, dim, s, t, tree, splits):
+    # splits=7 also runs on strided views and with a spare mask word.
+    q, k, v, vis, positions, packed, blocks, words = _attention_case(
+        dtype, hq, hkv, dim, s, t, tree, seed=s + t, extra_words=int(splits == 7), strided=splits == 7)
+    assert _K().block_mask_rejection(q, k, words) is None
+    scale = dim ** -0.5
+    out = _K().attention(q, k, v, scale, packed, splits=splits, block_mask=words)
+    ref = sparse_ref.attend_blocks(q, k, v, positions, scale, 64, blocks, vis)
+    # PyTorch's own error at this precision, with the same mask, sets the tolerance (a row that
+    # sees nothing is NaN there, zeros in the kernel and the oracle).
+    allowed = _allowed(t, hq, hkv, s, positions, blocks, vis)
+    torch_out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], attn_mask=allowed.transpose(0, 1)[None],
+                                               scale=scale, enable_gqa=hq != hkv)[0].transpose(0, 1)
+    torch_err = (torch_out.double().nan_to_num(0.0) - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert not torch.isnan(out).any()
+    assert err <= 2 * torch_err + 1e-3, f"kernel error {err} vs torch {torch_err}"
+    if t > 1 and tree is False:
+        assert not out[1, :hq // hkv].any(), "a token that selects nothing must get zeros"
+
+
+# --- the op layer on the kernels -----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t, tree", [(5, False), (12, False), (7, True)])  # kernel / torch selection, tree
+def test_sparse_attention_op_on_kernels_matches_oracle(dtype, t, tree, monkeypatch):
+    from edgespec.ops import backend
+    from test_sparse_cpu import _random_tree
+
+    monkeypatch.setattr(backend, "use_kernel", lambda *tensors: True)
+    K = _K()
+    calls = []
+    for name in ("attention", "sparse_select_blocks", "compress_keys"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _n=name, _f=real, **kw: calls.append((_n, kw.get("block_mask")))
+                            or _f(*a, **kw))
+    cfg = parse_sparse_config(SMALL)
+    s = 900
+    q, k, v = random_case(8, 2, 64, s, t, dtype, seed=5 + t, device="cpu")
+    if tree:
+        vis, depth = _random_tree(t, torch.Generator().manual_seed(t))
+        positions, kv_limit, tree_mask = [s - t + d for d in depth], s - t, ops.pack_tree_mask(vis)
+    else:
+        vis, positions, kv_limit, tree_mask = None, list(range(s - t, s)), s, None
+    ck = torch.zeros(cfg.num_kernels(s), 2, 64, dtype=dtype)
+    ops.compress_keys(k, ck, 0, kv_limit, cfg.kernel_size, cfg.kernel_stride)
+    out = ops.sparse_attention(q, k, v, 0.125, ck, torch.tensor(positions), cfg, dense_len=cfg.dense_len,
+                               kv_limit=kv_limit, tree_mask=tree_mask)
+    names = [c[0] for c in calls]
+    assert names[0] == "compress_keys" and names[-1] == "attention" and calls[-1][1] is not None
+    assert ("sparse_select_blocks" in names) == (t <= 8)
+    ref = sparse_ref.sparse_attention(q, k, v, positions, 0.125, params(cfg), kv_limit, tree=vis)
+    tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(out.double(), ref.out, rtol=tol, atol=tol)
+
+
+def test_select_past_the_score_shared_memory_falls_back_to_torch(monkeypatch):
+    from edgespec.ops import backend
+
+    monkeypatch.setattr(backend, "use_kernel", lambda *tensors: True)
+    cfg = parse_sparse_config(SMALL)
+    q, k, _ = random_case(64, 1, 256, 300, 2, torch.bfloat16, seed=4, device="cpu")
+    ck = _compressed(cfg, k, 300)
+    pos = torch.tensor([298, 299])
+    assert not _K().supports_sparse_select(q, ck, pos, cfg, 5)
+    sel = ops.select_blocks(q, ck, pos, cfg, 256 ** -0.5, 0, 300, 5)
+    monkeypatch.setattr(backend, "use_kernel", lambda *tensors: False)
+    assert torch.equal(sel, ops.select_blocks(q, ck, pos, cfg, 256 ** -0.5, 0, 300, 5))
+
+
+# --- thread order --------------------------------------------------------------------------------
+
+def test_results_do_not_depend_on_the_thread_schedule(monkeypatch):
+    """Every kernel bit-identical under forward, reverse and random round-robin orders (a
+    read-after-write race shows) and under the serial orders, where one warp runs ahead as far as
+    it can and cp.async lands early (a write-after-read race shows)."""
+    cfg = parse_sparse_config(FINE)
+    s, t = 1_037, 3
+    q, k, _ = random_case(16, 2, 128, s, t, torch.bfloat16, seed=77, device="cpu")
+    cases = [_attention_case(torch.bfloat16, *shape, seed=i) for i, shape in enumerate([
+        (16, 2, 128, 1_037, 3, False),  # 4x1-warp tiles
+        (32, 2, 128, 900, 1, False),    # decode: four warps on one row block, merged at the end
+        (8, 1, 64, 500, 2, True),       # 1x4-warp tiles with a tree mask
+        (2, 1, 64, 400, 70, False),     # 8x1-warp tiles
+    ])]
+
+    def run():
+        ck = torch.full((cfg.num_kernels(s), 2, 128), float("nan"), dtype=torch.bfloat16)
+        _K().compress_keys(k, ck, 0, 500, cfg.kernel_size, cfg.kernel_stride)
+        _K().compress_keys(k, ck, 500, s, cfg.kernel_size, cfg.kernel_stride)
+        # Three queries, two KV heads: nine score splits, then the 256-entry sort.
+        words = _K().sparse_select_blocks(q, ck, torch.arange(s - t, s), cfg, 128 ** -0.5, 0, s, (s + 15) // 16)
+        outs = [_K().attention(cq, ck_, cv, 0.1, packed, splits=splits, block_mask=mask)
+                for cq, ck_, cv, _, _, packed, _, mask in cases for splits in (None, 3)]
+        return [ck.view(torch.int16), words] + [o.view(torch.int16) for o in outs]
+
+    monkeypatch.setenv("CUEMU_SCHEDULE", "forward")
+    base = run()
+    for schedule in ("reverse", "random:1234", "serial", "serial-reverse"):
+        monkeypatch.setenv("CUEMU_SCHEDULE", schedule)
+        for i, (a, b) in enumerate(zip(run(), base)):
+            assert torch.equal(a, b), f"output {i} differs under CUEMU_SCHEDULE={schedule}"
+
+
+# --- rejections ----------------------------------------------------------------------------------
+
+def test_kernel_entry_points_reject_bad_inputs():
+    from edgespec.errors import KernelError
+
+    cfg = parse_sparse_config(SMALL)
+    K = _K()
+    q = torch.randn(2, 8, 64).bfloat16()
+    k = torch.randn(200, 2, 64).bfloat16()
+    ck = torch.zeros(10, 2, 64, dtype=torch.bfloat16)
+    pos = torch.tensor([100, 101])
+    assert K.sparse_select_rejection(q, ck, pos, cfg, 3) is None
+    assert "int64" in K.sparse_select_rejection(q, ck, pos.int(), cfg, 3)
+    assert "dtype" in K.sparse_select_rejection(q, ck.float(), pos, cfg, 3)
+    assert "at most" in K.sparse_select_rejection(q, ck, pos, cfg, 5000)
+    assert "Hq % Hkv" in K.sparse_select_rejection(q[:, :7], ck, pos, cfg, 3)
+    with pytest.raises(ValueError, match="sparse_select_blocks"):
+        K.sparse_select_blocks(q, ck, pos.int(), cfg, 1.0, 0, 102, 3)
+    # Past the Python checks (an unvalidated config): C++ re-checks the geometry.
+    bad = SimpleNamespace(block_size=40, kernel_size=32, kernel_stride=16, init_blocks=1, window_blocks=2, topk=4)
+    with pytest.raises(KernelError, match="block_size"):
+        K.sparse_select_blocks(q, ck, pos, bad, 1.0, 0, 102, 3)
+    assert "one per token" in K.sparse_select_rejection(q, ck, pos[:1], cfg, 3)
+    # Group 64 with head dim 256 is within the group and head-dim bounds but needs 107 KB of score
+    # shared memory: rejected here (the op layer then takes its torch path), not by a KernelError.
+    big_q, big_ck = torch.randn(2, 64, 256).bfloat16(), torch.zeros(10, 1, 256, dtype=torch.bfloat16)
+    assert "shared memory" in K.sparse_select_rejection(big_q, big_ck, pos, cfg, 3)
+    assert K.sparse_select_rejection(big_q[:, :48], big_ck, pos, cfg, 3) is None
+    assert "kernel_stride" in K.compress_keys_rejection(k, ck, 16, 32)
+    assert "expected keys" in K.compress_keys_rejection(k, ck[:, :1], 32, 16)
+    good = torch.zeros(2, 2, 1, dtype=torch.int64)
+    assert K.block_mask_rejection(q, k, good) is None
+    assert "int64" in K.block_mask_rejection(q, k, good.int())
+    assert "int64" in K.block_mask_rejection(q, k, torch.zeros(2, 1, 1, dtype=torch.int64))
+    assert "contiguous" in K.block_mask_rejection(q, k, torch.zeros(2, 2, 2, dtype=torch.int64).transpose(1, 2))
+    with pytest.raises(ValueError, match="attention"):
+        K.attention(q, k, k, 1.0, None, block_mask=torch.zeros(2, 2, 65, dtype=torch.int64))
