@@ -52,7 +52,8 @@ Status check_blockffn(const BlockFFNArgs& a) {
   if (hidden < kMoeChunk || hidden % kMoeChunk != 0) {
     return Status::unsupported("x: hidden size " + str(hidden) + " must be a positive multiple of " + str(kMoeChunk));
   }
-  if (x.stride(0) % 8 != 0 || !is_aligned(x.ptr<const void>(), 16)) {
+  // One token's row stride is never used (edgespec/ops/_kernels.py accepts any there too).
+  if ((tokens > 1 && x.stride(0) % 8 != 0) || !is_aligned(x.ptr<const void>(), 16)) {
     return Status::invalid("x: rows must start on 16-byte boundaries (row stride " + str(x.stride(0)) + ")");
   }
   EDGESPEC_RETURN_IF_ERROR(check_view(a.router, "router", 2));
@@ -119,6 +120,8 @@ Status check_blockffn(const BlockFFNArgs& a) {
     EDGESPEC_RETURN_IF_ERROR(check_view(*a.counters, "counters", 1));
     EDGESPEC_RETURN_IF_ERROR(check_dtype(*a.counters, "counters", DType::kInt64, "sparsity counters"));
     EDGESPEC_RETURN_IF_ERROR(check_size(*a.counters, "counters", 0, 2, "[pairs, experts]"));
+    // finalize_router adds to counters[0] and counters[1] as adjacent words.
+    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*a.counters, "counters"));
   }
   if (!(a.eps >= 0.f)) return Status::invalid("eps must be a non-negative number, got " + std::to_string(a.eps));
 

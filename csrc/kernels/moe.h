@@ -25,11 +25,12 @@
 //   * T = x rows in [1, 128]; dtype T in {bf16, fp16} (tensor-core mma.m16n8k16, sm_80+);
 //   * H % 32 == 0, d % 32 == 0, 1 <= E <= 1024; router [E, H], up [E*d, H], down [H, E*d],
 //     router_norm [E] contiguous, of dtype T, 16-byte aligned; x, out rows contiguous with row
-//     strides and base addresses 16-byte aligned (x) / 4-byte aligned (out);
+//     strides and base addresses 16-byte aligned (x; any row stride when T = 1) / 4-byte aligned
+//     (out);
 //   * scratch owned by the caller: weights fp32 [T, E], active int32 [E + 1], hidden T [T, E*d]
 //     (contiguous), partial fp32 with at least blockffn_partial_floats(...) elements, sync int32
 //     [blockffn_sync_words(H, E, d)] that is all zero on entry (the kernels leave it all zero);
-//   * counters: null or int64 [2] (+= active (token, expert) pairs, += A);
+//   * counters: null or contiguous int64 [2] (+= active (token, expert) pairs, += A);
 //   * splits >= 1 (router <= H / 32, up <= H / 32, down any).
 // One `sync` buffer must not be used by two launches running concurrently (give each stream or
 // layer its own).

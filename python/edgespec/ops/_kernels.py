@@ -548,6 +548,7 @@ MOE_MAX_TOKENS = 128
 MOE_MAX_EXPERTS = 1024
 MOE_CHUNK = 32
 MOE_BLOCK_ROWS = 64  # weight rows per block (csrc/kernels/moe.h kMoeBlockRows)
+MOE_MAX_WIDTH = (2**31 - 1) // MOE_MAX_TOKENS  # E * d (csrc/kernels/moe.cpp check_blockffn)
 
 
 def _aligned_contiguous(name: str, t: torch.Tensor) -> str | None:
@@ -581,6 +582,8 @@ def blockffn_rejection(x: torch.Tensor, router_weight: torch.Tensor, norm_weight
         return f"up must be [E * d, {h}] with E = {e} and d a multiple of {MOE_CHUNK}, got {_shape(up)}"
     if down.shape != (h, up.shape[0]):
         return f"down must be [{h}, {up.shape[0]}], got {_shape(down)}"
+    if up.shape[0] > MOE_MAX_WIDTH:  # the C++ check_blockffn limit (int indices into [T, E * d])
+        return f"E * d = {up.shape[0]} is above the kernels' limit of {MOE_MAX_WIDTH}"
     reason = _first(*(_aligned_contiguous(n, v) for n, v in
                       (("router_weight", router_weight), ("norm_weight", norm_weight), ("up", up), ("down", down))))
     if reason:
@@ -638,6 +641,11 @@ def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Te
         raise ValueError(f"blockffn: sync must be int32 [{words}] on {x.device}, got {_shape(sync)} on {sync.device}")
     if counters is not None and (counters.shape != (2,) or counters.dtype != torch.int64 or counters.device != x.device):
         raise ValueError(f"blockffn: counters must be int64 [2] on {x.device}, got {_shape(counters)}")
+    # The kernels add to counters[0] and counters[1] as adjacent words: a strided view (which the
+    # torch path accumulates into as well) goes through a contiguous temporary.
+    kernel_counters = counters
+    if counters is not None and not counters.is_contiguous():
+        kernel_counters = torch.zeros(2, dtype=torch.int64, device=x.device)
     splits = blockffn_splits(t, h, e, d, _sm_count(x.device.index))
     out = _new_output((t, h), x.dtype, x.device)
     # Scratch comes from _new_output too, so the poisoned-output tests also prove it is written before read.
@@ -647,7 +655,9 @@ def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Te
     partial = _new_output((_module().blockffn_partial_floats(t, h, e, d, *splits),), torch.float32, x.device)
     _run(_module().blockffn, _view(x), _view(router_weight), _view(norm_weight), _view(up), _view(down), _view(out),
          _view(weights), _view(active), _view(hidden), _view(partial), _view(sync),
-         None if counters is None else _view(counters), *splits, float(eps), _stream(x))
+         None if kernel_counters is None else _view(kernel_counters), *splits, float(eps), _stream(x))
+    if kernel_counters is not counters:
+        counters.add_(kernel_counters)
     return out
 
 
