@@ -125,6 +125,22 @@ def test_early_stop_gives_the_tree_of_full_depth(seed, monkeypatch):
     assert fast_draft.rounds <= full_draft.rounds == settings.depth - 1
 
 
+def test_nan_draft_logits_give_a_valid_tree():
+    # A draft that overflowed (fp16) returns NaN rows; NaN must rank last, not first, or a child
+    # would be kept without its parent.
+    def nan_after_token_1(batch: ExpandBatch) -> tuple[torch.Tensor, None]:
+        rows = torch.tensor([NEXT[int(t)] for t in batch.tokens[-batch.new:]]).log()
+        rows[batch.tokens[-batch.new:] == 1] = float("nan")
+        return rows, None
+
+    tree = build_tree(99, torch.tensor(ROOT).log(), None, nan_after_token_1, TreeSettings(20, 4, 3))
+    assert all(p < i for i, p in enumerate(tree.parents) if i > 0)
+    assert tree.depths == [0] + [tree.depths[p] + 1 for p in tree.parents[1:]]
+    nan_children = [i for i, p in enumerate(tree.parents) if p > 0 and tree.tokens[p] == 1]
+    assert all(tree.scores[i] == -math.inf for i in nan_children)
+    assert all(math.isfinite(s) for i, s in enumerate(tree.scores) if i not in nan_children)
+
+
 @pytest.mark.parametrize("topk", [6, 50])
 def test_topk_larger_than_vocab_is_clamped(topk):
     tree, _ = grow(tree_size=100, depth=2, topk=topk)

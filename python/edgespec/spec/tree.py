@@ -15,6 +15,8 @@ ancestors selected too, so the kept set is always a tree.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -201,7 +203,9 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
 
     def top_children(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Log-probs are clamped to <= 0 so a child's cumulative score never exceeds its parent's.
-        lp = torch.log_softmax(logits.float(), dim=-1).clamp(max=0.0)
+        # NaN (a draft that overflowed, e.g. in fp16) becomes -inf: a NaN sorts above every score,
+        # which would keep a child whose parent was cut and break the tree.
+        lp = torch.log_softmax(logits.float(), dim=-1).nan_to_num(nan=-math.inf).clamp(max=0.0)
         top = torch.topk(lp, k, dim=-1)  # sorted: siblings are created in score order
         return top.values, top.indices
 
