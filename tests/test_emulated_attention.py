@@ -125,3 +125,16 @@ def test_output_does_not_depend_on_thread_order(case: str, monkeypatch) -> None:
         outputs.append(_run(q, k, v, 0.1, mask, splits=splits))
     for other in outputs[1:]:
         assert torch.equal(outputs[0], other)
+
+
+@pytest.mark.xfail(strict=True, reason="the kernels are not row-invariant yet: a decoded token and the same token "
+                   "verified in a tree are summed in different orders (tile shape, splits, slot gaps), so they can "
+                   "differ in the last bit; on a GPU greedy speculative output equals plain output only up to "
+                   "near-ties. The CPU path is exact (ops.attention_rows).")
+def test_decoded_and_verified_rows_are_bitwise_equal() -> None:
+    prefix = 300
+    q, k, v = _make(5, prefix, 8, 2, 128, torch.bfloat16, seed=1)
+    chain = pack_bits(tree_visibility([-1, 0, 1, 2, 3]))
+    verified = _run(q, k, v, 0.1, chain)
+    decoded = torch.cat([_run(q[i:i + 1], k[:prefix + i + 1], v[:prefix + i + 1], 0.1) for i in range(5)])
+    assert torch.equal(verified, decoded)
