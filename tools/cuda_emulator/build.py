@@ -3,12 +3,14 @@ emulator in this directory, so the kernels run (slowly, one fiber per CUDA threa
 
     python tools/cuda_emulator/build.py            # builds (or finds) it, prints the path
 
-The sources are copied with three mechanical rewrites, nothing else:
+The sources are copied with four mechanical rewrites, nothing else:
 * `kernel<<<grid, block, smem, stream>>>(args)` becomes
   `::cuemu::configure(kernel, grid, block, smem, stream)(args)`;
 * `extern __shared__ T name[];` becomes `T* name = static_cast<T*>(::cuemu::dynamic_shared());`;
+* `__shared__ T name[N];` becomes a function-local static registered with the runtime, which fills
+  it with 0xFF bytes (NaN, -1) before every block, like uninitialised shared memory;
 * csrc/common/mma.cuh (all the inline PTX) is replaced by mma.cuh of this directory;
-and the module is named `_C_emulated`. The build is cached under build/cuda-emulator/<hash of
+and the module is named `_C_emulated` (C++ namespace `edgespec_emulated`). The build is cached under build/cuda-emulator/<hash of
 the inputs>, so tests pay for it once per source change (about 2 minutes on 2 cores).
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ MODULE_NAME = "_C_emulated"
 FLAGS = ["-std=c++17", "-O2", "-fPIC", "-w", "-fno-strict-aliasing"]
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()]*?>)?)\s*<<<(.*?)>>>", re.S)
+_STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)((?:\[[^\]]+\])*)\s*;")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\[\]\s*;")
 
 
@@ -58,6 +61,9 @@ def cuda_include_dir() -> Path:
 def rewrite(text: str) -> str:
     text = _LAUNCH.sub(lambda m: f"::cuemu::configure({m.group(1)}, {m.group(2).strip()})", text)
     text = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = static_cast<{m.group(1)}*>(::cuemu::dynamic_shared());",
+                              text)
+    text = _STATIC_SHARED.sub(lambda m: f"static {m.group(1)} {m.group(2)}{m.group(3)}; "
+                                        f"static const ::cuemu::SharedRegion {m.group(2)}_region(&{m.group(2)}, sizeof({m.group(2)}));",
                               text)
     return text.replace("PYBIND11_MODULE(_C,", f"PYBIND11_MODULE({MODULE_NAME},")
 

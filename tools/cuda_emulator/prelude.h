@@ -9,8 +9,8 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 // Blocks run one at a time on one host thread, so a function-local static is exactly one copy per
-// block, shared by its threads. (Static storage starts zeroed, where real shared memory starts
-// undefined: a kernel that reads shared memory before writing it is not caught here.)
+// block, shared by its threads. build.py also registers each one (cuemu::SharedRegion) so that it
+// starts every block as 0xFF bytes, like uninitialised shared memory.
 #define __shared__ static
 #define __constant__ static
 

@@ -76,6 +76,7 @@ std::size_t smem_bytes = 0;
 void* stacks = nullptr;
 std::size_t stacks_count = 0;
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+std::vector<std::pair<void*, std::size_t>> static_shared;  // every SharedRegion reached so far
 
 std::string describe_thread(const Fiber& f) {
   return "thread (" + std::to_string(f.index.idx.x) + "," + std::to_string(f.index.idx.y) + "," +
@@ -226,6 +227,7 @@ bool run_block(Schedule& schedule) {
   }
   std::memset(smem.data(), kSmemPoison, smem_bytes);
   std::memset(smem.data() + smem_bytes, kCanary, kCanaryBytes);
+  for (const auto& [address, bytes] : static_shared) std::memset(address, kSmemPoison, bytes);
   live = static_cast<int>(n);
   at_barrier = 0;
 
@@ -270,6 +272,12 @@ cudaError_t launch_error(const std::string& message) {
 }  // namespace
 
 const ThreadIndex& self() { return current->index; }
+
+SharedRegion::SharedRegion(void* address, std::size_t bytes) {
+  // Reached by the first thread to pass the declaration, before any thread has used the variable.
+  std::memset(address, kSmemPoison, bytes);
+  static_shared.emplace_back(address, bytes);
+}
 
 void fail(const std::string& message) {
   if (current == nullptr) {

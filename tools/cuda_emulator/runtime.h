@@ -70,6 +70,12 @@ T lane_value(const unsigned char* all, int lane) {
 [[noreturn]] void fail(const char* message);
 [[noreturn]] void fail(const std::string& message);
 
+// A static __shared__ variable: filled with 0xFF bytes (NaN in every float type, -1 in integers)
+// when first reached and again before every block, so a read before the block wrote it shows.
+struct SharedRegion {
+  SharedRegion(void* address, std::size_t bytes);
+};
+
 // Dynamic shared memory of the running block (extern __shared__ arrays point here).
 void* dynamic_shared();
 // Fails unless [ptr, ptr + bytes) lies in the block's dynamic shared memory and ptr is aligned.
