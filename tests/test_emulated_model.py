@@ -4,19 +4,24 @@ results must match the torch path. This checks the wiring of the kernels into th
 speculative driver, not only each kernel alone."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from edgespec import LLM
 from edgespec.loading import load_model
+from edgespec.models.blockffn import write_random_blockffn
 from edgespec.ops import _kernels
-from edgespec.spec import disable_speculation, enable_speculation
+from edgespec.spec import ModelDrafter, disable_speculation, enable_speculation
 from edgespec.spec.train_head import random_head
 from oracle.attention import pack_bits, tree_visibility
+from sparse_cases import SMALL
 
 pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulated_ops")]
 
-KERNELS = ("embedding", "rms_norm", "apply_rope", "attention", "silu_and_mul")
+KERNELS = ("embedding", "rms_norm", "apply_rope", "attention", "silu_and_mul", "blockffn", "compress_keys",
+           "sparse_select_blocks")
 
 
 @pytest.fixture
@@ -86,3 +91,68 @@ def test_speculative_greedy_equals_plain_on_the_kernels(tiny_model_dir, tmp_path
     histogram = {int(k): v for k, v in result.stats.extra["acceptance_histogram"].items()}
     assert sum(k * v for k, v in histogram.items()) > sum(histogram.values()), "no draft token was ever accepted"
     assert kernel_calls["attention"] > 0
+
+
+def _max_error_vs_fp32(path, dtype: torch.dtype, run, monkeypatch) -> tuple[float, float, float]:
+    """(kernel error, torch-path error, scale) of run(model) at `dtype` against the fp32 model."""
+    def load(dt):
+        return load_model(str(path), device="cpu", dtype=dt, max_context=1024, with_tokenizer=False).model
+
+    ours = run(load(dtype)).float()
+    with monkeypatch.context() as m:
+        m.setenv("EDGESPEC_BACKEND", "torch")
+        theirs = run(load(dtype)).float()
+        ref = run(load(torch.float32)).float()
+    assert torch.isfinite(ours).all()
+    return (ours - ref).abs().max().item(), (theirs - ref).abs().max().item(), ref.abs().max().item()
+
+
+def test_blockffn_model_on_the_kernels(tmp_path, kernel_calls, monkeypatch) -> None:
+    """A BlockFFN model (issue: chunk-sparse MoE) runs its FFNs through the blockffn kernels: logits
+    match the torch path, and a speculative tree is verified as one BlockFFN step."""
+    path = write_random_blockffn(tmp_path / "blockffn", hidden_size=256, num_heads=4, num_kv_heads=2, num_layers=2,
+                                 num_experts=16, expert_size=32, seed=4)
+    tokens = torch.randint(3, 200, (21,), generator=torch.Generator().manual_seed(1))
+
+    def run(model):
+        cache = model.new_cache()
+        prefill = model.logits(model.forward(tokens[:20], torch.arange(20), cache, 0).hidden)
+        decode = model.logits(model.forward(tokens[20:], torch.tensor([20]), cache, 20).hidden)
+        return torch.cat([prefill, decode])
+
+    err, torch_err, scale = _max_error_vs_fp32(path, torch.bfloat16, run, monkeypatch)
+    assert kernel_calls["blockffn"] == 2 * 2  # two layers, prefill and decode
+    assert err <= 2 * torch_err + 1e-3 * scale, f"{err:.3g} vs torch path {torch_err:.3g}"
+
+    llm = LLM(load_model(str(path), device="cpu", dtype=torch.bfloat16, max_context=256, with_tokenizer=False))
+    prompt = [5, 17, 23, 42, 8, 99, 150, 3]
+    plain = llm.generate(prompt, max_new_tokens=16, ignore_eos=True)
+    drafter = ModelDrafter(load_model(str(path), device="cpu", dtype=torch.bfloat16, max_context=256,
+                                      with_tokenizer=False).model, name="same-weights")
+    enable_speculation(llm, draft=drafter, tree_size=8, depth=3, topk=2)
+    fast = llm.generate(prompt, max_new_tokens=16, ignore_eos=True)
+    assert fast.token_ids == plain.token_ids
+    assert fast.stats.extra["blockffn_tokens_per_step"] > 1.0
+
+
+def test_minicpm4_sparse_model_on_the_kernels(tiny_model_dir, kernel_calls, monkeypatch) -> None:
+    """A MiniCPM4 model with InfLLM-v2 sparse attention past dense_len (512 tokens): compressed keys,
+    block selection and block-sparse attention run on the kernels inside the decoder, and the logits
+    of a long prefill and the decode steps after it match the torch path."""
+    path = tiny_model_dir("llama", seed=3, num_attention_heads=4, num_key_value_heads=1, hidden_size=256,
+                          intermediate_size=512, num_hidden_layers=2, max_position_embeddings=4096)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="minicpm", scale_emb=2.0, scale_depth=1.4, dim_model_base=256, sparse_config=SMALL)
+    (path / "config.json").write_text(json.dumps(config))
+    tokens = torch.randint(0, 200, (604,), generator=torch.Generator().manual_seed(0))
+
+    def run(model):
+        cache = model.new_cache()
+        out = [model.logits(model.forward(tokens[:600], torch.arange(600), cache, 0).hidden[-8:])]
+        for pos in range(600, 604):
+            out.append(model.logits(model.forward(tokens[pos:pos + 1], torch.tensor([pos]), cache, pos).hidden))
+        return torch.cat(out)
+
+    err, torch_err, scale = _max_error_vs_fp32(path, torch.bfloat16, run, monkeypatch)
+    assert kernel_calls["compress_keys"] == 2 and kernel_calls["sparse_select_blocks"] == 2 * 4  # per layer: prefill; decodes
+    assert err <= 2 * torch_err + 1e-3 * scale, f"{err:.3g} vs torch path {torch_err:.3g}"
