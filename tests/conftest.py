@@ -22,6 +22,18 @@ def _gpu_unavailable_reason() -> str | None:
     return None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--emulated-ops", action="store_true",
+                     help="run every test with the op layer on the emulated CUDA kernels (the emulated_ops "
+                          "fixture): the CPU tests then exercise the engine's GPU code paths")
+
+
+@pytest.fixture(autouse=True)
+def _ops_on_emulated_kernels(request: pytest.FixtureRequest) -> None:
+    if request.config.getoption("--emulated-ops"):
+        request.getfixturevalue("emulated_ops")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not any(item.get_closest_marker("gpu") for item in items):
         return

@@ -70,7 +70,8 @@ def rewrite(text: str) -> str:
 
 def _sources() -> list[Path]:
     files = [p for p in sorted(CSRC.rglob("*")) if p.suffix in {".cpp", ".cu", ".h", ".cuh"} and "sm90" not in p.parts]
-    return files + sorted(HERE.glob("*.h")) + sorted(HERE.glob("*.cuh")) + sorted(HERE.glob("*.cpp")) + [Path(__file__)]
+    mine = [p for p in sorted(HERE.iterdir()) if p.suffix in {".h", ".cuh", ".cpp", ".cu", ".py"}]
+    return files + mine
 
 
 def _digest(compiler: str) -> str:
@@ -125,6 +126,8 @@ def _build_into(work: Path, target: Path, compiler: str, cuda_inc: Path, pybind1
             dst.write_text(rewrite(p.read_text()))
     shutil.copy(HERE / "mma.cuh", src / "common" / "mma.cuh")
 
+    # The emulator's own checks (tests/test_cuda_emulator.py), rewritten like the kernels.
+    (src / "selftest.cu").write_text(rewrite((HERE / "selftest.cu").read_text()))
     units = [p for p in sorted(src.rglob("*")) if p.suffix in {".cpp", ".cu"} and "sm90" not in p.parts]
     units.append(HERE / "runtime.cpp")
     includes = ["-I", str(HERE), "-I", str(src), "-I", str(cuda_inc), "-I", pybind11_inc,

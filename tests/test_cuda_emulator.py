@@ -1,0 +1,112 @@
+"""The CPU emulator of the CUDA kernels (tools/cuda_emulator) checked on its own kernels
+(tools/cuda_emulator/selftest.cu): tensor-core fragments and ldmatrix against the layouts
+csrc/common/mma.cuh documents (which the PTX ISA defines), warp collectives, when cp.async copies
+land under each schedule, shared memory that starts as garbage, and every fault it promises to
+report as a launch error instead of hanging or corrupting memory."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.emulated
+
+FAULTS = {  # selftest.cu cuemu_selftest_fault(which): what the error must say
+    0: "divergent warp",
+    1: "exited",
+    2: "deadlock",
+    3: "wrote past the end of its 128 bytes of dynamic shared memory",
+    4: "not 16-byte aligned",
+    5: "above the 49152 the kernel is allowed",
+}
+
+
+@pytest.fixture(scope="module")
+def lib(emulated_module):
+    return ctypes.CDLL(emulated_module.__file__)
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _message(lib) -> str:
+    lib.cuemu_selftest_message.restype = ctypes.c_char_p
+    return lib.cuemu_selftest_message().decode()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mma_follows_the_documented_fragment_layout(lib, dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(16, 16, generator=g).to(dtype)
+    b = torch.randn(16, 8, generator=g).to(dtype)
+    d = torch.randn(16, 8, generator=g)
+    out = d.clone()
+    bt = b.t().contiguous()
+    rc = lib.cuemu_selftest_mma(_ptr(a.view(torch.int16)), _ptr(bt.view(torch.int16)), _ptr(out),
+                                int(dtype == torch.bfloat16))
+    assert rc == 0, _message(lib)
+    want = a.double() @ b.double() + d.double()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_ldmatrix_x4_follows_the_documented_layout(lib, trans) -> None:
+    m = torch.arange(32 * 8, dtype=torch.int16).view(32, 8)  # four 8 x 8 matrices, distinct values
+    out = torch.zeros(32, 4, dtype=torch.int32)
+    assert lib.cuemu_selftest_ldmatrix(_ptr(m), _ptr(out), int(trans)) == 0, _message(lib)
+    for lane in range(32):
+        g, c = lane // 4, lane % 4
+        for i in range(4):
+            mat = m[8 * i: 8 * i + 8]
+            lo, hi = (mat[2 * c, g], mat[2 * c + 1, g]) if trans else (mat[g, 2 * c], mat[g, 2 * c + 1])
+            want = int(lo) | (int(hi) << 16)
+            assert int(out[lane, i]) & 0xFFFFFFFF == want, (lane, i, trans)
+
+
+def test_warp_collectives(lib) -> None:
+    threads = 64
+    out = torch.zeros(threads, 5, dtype=torch.int32)
+    assert lib.cuemu_selftest_collectives(_ptr(out), threads) == 0, _message(lib)
+    ballot = sum(1 << i for i in range(32) if i % 3 == 0)
+    for t in range(threads):
+        lane = t % 32
+        down = lane + 3 if lane + 3 < 32 else lane
+        assert out[t].tolist() == [(lane ^ 5) * 3, 21, down * 3, ballot - (1 << 32 if ballot >= 1 << 31 else 0), 496]
+
+
+@pytest.mark.parametrize("schedule,wait_first,lands", [("forward", 0, False), ("forward", 1, True),
+                                                       ("serial", 0, True), ("serial", 1, True)])
+def test_cp_async_lands_late_or_early_by_schedule(lib, monkeypatch, schedule, wait_first, lands) -> None:
+    monkeypatch.setenv("CUEMU_SCHEDULE", schedule)
+    src = torch.arange(1, 32 * 4 + 1, dtype=torch.float32)
+    out = torch.zeros(32)
+    assert lib.cuemu_selftest_cp_async_timing(_ptr(src), _ptr(out), wait_first) == 0, _message(lib)
+    if lands:
+        assert torch.equal(out, src[::4])
+    else:
+        assert torch.isnan(out).all(), "a copy read before its wait must see the poisoned shared memory"
+
+
+def test_static_shared_memory_starts_as_garbage(lib) -> None:
+    out = torch.zeros(1, dtype=torch.int64)
+    for _ in range(2):  # and again on the next launch
+        assert lib.cuemu_selftest_static_shared(_ptr(out)) == 0, _message(lib)
+        assert int(out[0]) & 0xFFFFFFFF == 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("which", sorted(FAULTS))
+def test_faults_are_reported_and_the_emulator_recovers(lib, which) -> None:
+    ints = torch.zeros(64, dtype=torch.int32)
+    floats = torch.zeros(64 * 1024, dtype=torch.float32)
+    assert lib.cuemu_selftest_fault(which, _ptr(ints), _ptr(floats)) != 0
+    assert FAULTS[which] in _message(lib)
+    out = torch.zeros(32, 5, dtype=torch.int32)
+    assert lib.cuemu_selftest_collectives(_ptr(out), 32) == 0, "the next launch must run normally"
+
+
+def test_shared_memory_above_48k_runs_after_the_opt_in(lib) -> None:
+    floats = torch.zeros(64 * 1024, dtype=torch.float32)
+    assert lib.cuemu_selftest_fault(6, None, _ptr(floats)) == 0, _message(lib)
+    assert torch.equal(floats[:32], torch.ones(32))

@@ -1,0 +1,189 @@
+// Kernels that check the emulator itself (tests/test_cuda_emulator.py calls them through ctypes):
+// the emulated tensor-core fragments against the layouts csrc/common/mma.cuh documents, the warp
+// collectives, and each fault the emulator promises to report instead of hanging or corrupting.
+// Written as ordinary CUDA, like the kernels of csrc/; compiled only into the emulated build.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/mma.cuh"
+
+namespace {
+
+using edgespec::cp_async_16;
+using edgespec::cp_async_commit;
+using edgespec::cp_async_wait;
+using edgespec::ldmatrix_x4;
+using edgespec::ldmatrix_x4_trans;
+using edgespec::mma_16816;
+
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ std::uint32_t pair(const std::uint16_t* p) { return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 16); }
+
+// D = A [16 x 16] * B [16 x 8] (+ D), fragments gathered from global memory by the documented
+// layout (g = lane / 4, c = lane % 4): a[0] = A[g][2c..], a[1] = A[g+8][2c..], a[2] = A[g][2c+8..],
+// a[3] = A[g+8][2c+8..]; b[0] = B[2c..2c+1][g], b[1] = B[2c+8..][g]; d = D[g][2c..], D[g+8][2c..].
+template <typename T>
+__global__ void mma_kernel(const std::uint16_t* a, const std::uint16_t* b_t, float* d) {
+  const int lane = threadIdx.x, g = lane / 4, c = lane % 4;
+  const std::uint32_t af[4] = {pair(a + g * 16 + 2 * c), pair(a + (g + 8) * 16 + 2 * c), pair(a + g * 16 + 2 * c + 8),
+                               pair(a + (g + 8) * 16 + 2 * c + 8)};
+  // b_t is B transposed ([n][k]), so B[k][g], B[k+1][g] are adjacent.
+  const std::uint32_t b0 = pair(b_t + g * 16 + 2 * c), b1 = pair(b_t + g * 16 + 2 * c + 8);
+  float acc[4] = {d[g * 8 + 2 * c], d[g * 8 + 2 * c + 1], d[(g + 8) * 8 + 2 * c], d[(g + 8) * 8 + 2 * c + 1]};
+  mma_16816<T>(acc, af, b0, b1);
+  d[g * 8 + 2 * c] = acc[0];
+  d[g * 8 + 2 * c + 1] = acc[1];
+  d[(g + 8) * 8 + 2 * c] = acc[2];
+  d[(g + 8) * 8 + 2 * c + 1] = acc[3];
+}
+
+// Four 8 x 8 matrices of 16-bit values, rows of 8, staged in shared memory; lane 8i + r gives the
+// address of row r of matrix i. Writes each lane's four registers to out[lane][4].
+__global__ void ldmatrix_kernel(const std::uint16_t* m, std::uint32_t* out, int trans) {
+  extern __shared__ __align__(16) std::uint16_t tile[];
+  const int lane = threadIdx.x;
+  cp_async_16(tile + lane * 8, m + lane * 8, true);  // 32 rows of 16 bytes
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncwarp();
+  std::uint32_t r[4];
+  if (trans) {
+    ldmatrix_x4_trans(r, tile + lane * 8);
+  } else {
+    ldmatrix_x4(r, tile + lane * 8);
+  }
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+}
+
+// Per lane: shfl_xor(lane * 3, 5), shfl(lane * 3, 7), shfl_down(lane * 3, 3) (own value past the
+// end), ballot(lane % 3 == 0), reduce_add(lane).
+__global__ void collectives_kernel(int* out) {
+  const int lane = threadIdx.x % 32;
+  int* o = out + threadIdx.x * 5;
+  o[0] = __shfl_xor_sync(kFull, lane * 3, 5);
+  o[1] = __shfl_sync(kFull, lane * 3, 7);
+  o[2] = __shfl_down_sync(kFull, lane * 3, 3);
+  o[3] = static_cast<int>(__ballot_sync(kFull, lane % 3 == 0));
+  o[4] = __reduce_add_sync(kFull, lane);
+}
+
+// What a thread reads back from shared memory right after cp.async, before (0) or after (1)
+// waiting for the copy: the emulator lands copies late under round-robin schedules, early under
+// serial ones.
+__global__ void cp_async_timing_kernel(const float* src, float* out, int wait_first) {
+  extern __shared__ __align__(16) float staged[];
+  cp_async_16(staged + threadIdx.x * 4, src + threadIdx.x * 4, true);
+  cp_async_commit();
+  if (wait_first) cp_async_wait<0>();
+  out[threadIdx.x] = staged[threadIdx.x * 4];
+  cp_async_wait<0>();
+}
+
+// Reads a static __shared__ word before anybody wrote it.
+__global__ void static_shared_kernel(unsigned* out) {
+  __shared__ unsigned never_written;
+  out[0] = never_written;
+}
+
+// Faults ---------------------------------------------------------------------------------------
+
+__global__ void divergent_collective_kernel(int* out) {
+  const int lane = threadIdx.x;
+  if (lane < 16) {
+    out[lane] = __shfl_xor_sync(kFull, lane, 1);
+  } else {
+    out[lane] = static_cast<int>(__ballot_sync(kFull, 1));
+  }
+}
+
+__global__ void exited_lane_collective_kernel(int* out) {
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(kFull, static_cast<int>(threadIdx.x), 1);
+}
+
+__global__ void deadlock_kernel(int* out) {
+  // Lane 0 of warp 0 waits at the barrier for the others, which wait at a shuffle for lane 0.
+  if (threadIdx.x == 0) {
+    __syncthreads();
+  } else if (threadIdx.x < 32) {
+    out[threadIdx.x] = __shfl_xor_sync(kFull, 1, 1);
+  }
+}
+
+__global__ void shared_overflow_kernel() {
+  extern __shared__ float scratch[];
+  scratch[blockDim.x + threadIdx.x] = 1.f;  // one float per thread past the 4 * blockDim bytes
+}
+
+__global__ void misaligned_cp_async_kernel(const float* src) {
+  extern __shared__ __align__(16) float staged[];
+  cp_async_16(staged + threadIdx.x * 4 + 1, src, true);
+  cp_async_commit();
+  cp_async_wait<0>();
+}
+
+// One instance per test case: the opt-in attribute is remembered per kernel.
+template <int kCase>
+__global__ void big_shared_kernel(float* out) {
+  extern __shared__ float big[];
+  big[threadIdx.x] = 1.f;
+  out[threadIdx.x] = big[threadIdx.x];
+}
+
+}  // namespace
+
+extern "C" {
+
+int cuemu_selftest_mma(const std::uint16_t* a, const std::uint16_t* b_t, float* d, int bf16) {
+  if (bf16) {
+    mma_kernel<__nv_bfloat16><<<1, 32>>>(a, b_t, d);
+  } else {
+    mma_kernel<__half><<<1, 32>>>(a, b_t, d);
+  }
+  return cudaGetLastError();
+}
+
+int cuemu_selftest_ldmatrix(const std::uint16_t* m, std::uint32_t* out, int trans) {
+  ldmatrix_kernel<<<1, 32, 32 * 16>>>(m, out, trans);
+  return cudaGetLastError();
+}
+
+int cuemu_selftest_collectives(int* out, int threads) {
+  collectives_kernel<<<1, threads>>>(out);
+  return cudaGetLastError();
+}
+
+int cuemu_selftest_cp_async_timing(const float* src, float* out, int wait_first) {
+  cp_async_timing_kernel<<<1, 32, 32 * 16>>>(src, out, wait_first);
+  return cudaGetLastError();
+}
+
+int cuemu_selftest_static_shared(unsigned* out) {
+  static_shared_kernel<<<1, 32>>>(out);
+  return cudaGetLastError();
+}
+
+int cuemu_selftest_fault(int which, int* ints, float* floats) {
+  switch (which) {
+    case 0: divergent_collective_kernel<<<1, 32>>>(ints); break;
+    case 1: exited_lane_collective_kernel<<<1, 32>>>(ints); break;
+    case 2: deadlock_kernel<<<1, 64>>>(ints); break;
+    case 3: shared_overflow_kernel<<<1, 32, 32 * 4>>>(); break;
+    case 4: misaligned_cp_async_kernel<<<1, 32, 32 * 16 + 16>>>(floats); break;
+    case 5: big_shared_kernel<5><<<1, 32, 64 * 1024>>>(floats); break;
+    case 6:
+      cudaFuncSetAttribute(big_shared_kernel<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+      big_shared_kernel<6><<<1, 32, 64 * 1024>>>(floats);
+      break;
+    default: return -1;
+  }
+  return cudaGetLastError();
+}
+
+// The message of the last failed launch (valid until the next failure).
+const char* cuemu_selftest_message() { return cudaGetErrorString(cudaErrorLaunchFailure); }
+
+}  // extern "C"
