@@ -2,8 +2,9 @@
 // code makes, implemented for host memory.
 #include "runtime.h"
 
+#include "context.h"
+
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -14,6 +15,40 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__linux__) && !defined(CUEMU_UCONTEXT)
+// cuemu_switch_stack(save_sp: rdi, load_sp: rsi): pushes what the SysV ABI says a callee must
+// preserve (rbp, rbx, r12-r15, and the MXCSR / x87 control words), stores the stack pointer, loads
+// the other one and pops the same frame from it (context.h builds the first frame of a fiber).
+asm(R"(
+    .text
+    .globl cuemu_switch_stack
+    .type cuemu_switch_stack, @function
+cuemu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuemu_switch_stack, .-cuemu_switch_stack
+)");
+#endif
 
 namespace cuemu {
 
@@ -32,7 +67,7 @@ struct Copy {
 };
 
 struct Fiber {
-  ucontext_t context;
+  Context context;
   State state = State::kRunnable;
   ThreadIndex index;
   int warp = 0;
@@ -63,7 +98,7 @@ constexpr std::size_t kHardwareMaxDynamicSmem = 227 * 1024;  // sm_90; sm_80 all
 std::vector<Fiber> fibers;
 std::vector<WarpRounds> warps;
 Fiber* current = nullptr;
-ucontext_t scheduler;
+Context scheduler;
 const std::function<void()>* body = nullptr;
 int live = 0;
 int at_barrier = 0;
@@ -123,7 +158,13 @@ void fiber_main() {
     }
   }
   release_barrier_if_complete();
-}  // returns to `scheduler` through uc_link
+}
+
+[[noreturn]] void fiber_entry() {
+  fiber_main();
+  switch_context(current->context, scheduler);
+  std::abort();  // a finished fiber is never resumed
+}
 
 void ensure_stacks(std::size_t count) {
   if (count <= stacks_count) return;
@@ -215,11 +256,8 @@ bool run_block(Schedule& schedule) {
     f.collectives = 0;
     f.open_group.clear();
     f.groups.clear();
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = static_cast<char*>(stacks) + i * (kStackBytes + kGuardBytes) + kGuardBytes;
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &scheduler;
-    makecontext(&f.context, fiber_main, 0);
+    make_context(f.context, static_cast<char*>(stacks) + i * (kStackBytes + kGuardBytes) + kGuardBytes, kStackBytes,
+                 fiber_entry);
   }
   for (WarpRounds& w : warps) {
     w.round[0] = w.round[1] = -1;
@@ -239,7 +277,7 @@ bool run_block(Schedule& schedule) {
       Fiber& f = fibers[i];
       if (f.state != State::kRunnable) continue;
       current = &f;
-      swapcontext(&scheduler, &f.context);
+      switch_context(scheduler, f.context);
       current = nullptr;
       ran = true;
       if (failed) return false;
@@ -286,7 +324,7 @@ void fail(const std::string& message) {
   }
   failed = true;
   failure = message + " (" + describe_thread(*current) + ")";
-  swapcontext(&current->context, &scheduler);  // never resumed
+  switch_context(current->context, scheduler);  // never resumed
   std::abort();
 }
 
@@ -297,7 +335,7 @@ void sync_block() {
   f->state = State::kAtBarrier;
   ++at_barrier;
   release_barrier_if_complete();
-  if (f->state != State::kRunnable) swapcontext(&f->context, &scheduler);
+  if (f->state != State::kRunnable) switch_context(f->context, scheduler);
 }
 
 const unsigned char* warp_collective(const char* what, const void* data, std::size_t bytes) {
@@ -335,7 +373,7 @@ const unsigned char* warp_collective(const char* what, const void* data, std::si
     }
   } else {
     f->state = State::kAtWarpCollective;
-    swapcontext(&f->context, &scheduler);
+    switch_context(f->context, scheduler);
   }
   return &w.data[b][0][0];
 }

@@ -1,6 +1,6 @@
 // The CUDA execution model on the CPU, for testing the kernels of csrc/ on machines without a GPU.
 //
-// Every CUDA thread of a block is a fiber (ucontext) on one host thread; blocks run one after
+// Every CUDA thread of a block is a fiber (context.h) on one host thread; blocks run one after
 // another. A fiber runs until it reaches a barrier (__syncthreads) or a warp collective (shuffle,
 // ballot, ldmatrix, mma), so between two synchronisation points the threads of a block run in
 // some order, which the schedule (CUEMU_SCHEDULE, see Schedule in runtime.cpp) chooses: round
