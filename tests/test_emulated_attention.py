@@ -83,6 +83,17 @@ def test_automatic_splits_on_a_long_decode(monkeypatch) -> None:
     _assert_close(_run(q, k, v, 0.09), q, k, v, 0.09, None, monkeypatch, "auto splits")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model,hq,hkv", [("llama3-8b", 32, 8), ("minicpm4-8b", 32, 2)])
+@pytest.mark.parametrize("t,prefix,tree", [(1, 32767, False), (64, 4032, True)])
+def test_real_shapes_at_long_context(model: str, hq: int, hkv: int, t: int, prefix: int, tree: bool, monkeypatch) -> None:
+    # The benchmark shapes: a 32K decode (32 and 128 planned splits on 132 SMs) and a
+    # 64-token tree at 4K, head dim 128.
+    q, k, v = _make(t, prefix, hq, hkv, 128, torch.bfloat16, seed=t + hkv)
+    mask = _tree_mask(t, seed=t) if tree else None
+    _assert_close(_run(q, k, v, 128 ** -0.5, mask), q, k, v, 128 ** -0.5, mask, monkeypatch, f"{model} T={t}")
+
+
 def test_tree_of_a_chain_equals_causal() -> None:
     q, k, v = _make(40, 500, 8, 2, 128, torch.bfloat16, seed=5)
     chain = pack_bits(tree_visibility([-1] + list(range(39))))
