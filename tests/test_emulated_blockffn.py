@@ -123,6 +123,18 @@ def test_kernels_match_oracle(t: int, h: int, e: int, d: int, dtype: torch.dtype
     assert int(sync.abs().sum()) == 0, "arrival counters not left at zero"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("t", [1, 8, 64])
+def test_blockffn_3b_like_shape(t: int) -> None:
+    """The benchmark's BlockFFN-3B-like layer (H 2560, 80 experts of 128) at 70% chunk sparsity."""
+    h, e, d = 2560, 80, 128
+    inputs, active = make_case(t, h, e, d, 0.7, torch.bfloat16, seed=t)
+    counters = torch.zeros(2, dtype=torch.int64)
+    call = run_kernels(*inputs, counters=counters)
+    verify(call, inputs, active, f"BlockFFN-3B-like T={t} splits {call.splits}")
+    assert counters.tolist() == expected_counters(active)
+
+
 LEVELS = [0.0, 0.5, 0.9, 0.95, 1.0]
 
 

@@ -66,6 +66,16 @@ def test_kernel_matches_oracle(name: str, k: int, n: int, rows: int, dtype: torc
     _counters_clear(lin)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [1, 16, 64])
+@pytest.mark.parametrize("name,k,n", [("llama3-1b qkv", 2048, 3072), ("llama3-8b o", 4096, 4096)])
+def test_llama_shapes(name: str, k: int, n: int, rows: int) -> None:
+    w, lin = _tile_linear(k, n, 128, "int", torch.bfloat16, seed=k + n)
+    x = _x(rows, k, torch.bfloat16, seed=rows)
+    _check(_kernels.w4a16_linear(x, lin.weight), *_oracle(x.float(), w, lin, torch.bfloat16), torch.bfloat16)
+    _counters_clear(lin)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group,zeros", [(32, "sym"), (32, "frac"), (64, "int"), (128, "sym"), (-1, "int"),
                                          (-1, "sym"), (96, "int"), (128, "frac")])
