@@ -235,3 +235,25 @@ def test_demo_chat_with_a_stop_string(demo_llm: LLM) -> None:
     text, result = streamed(demo_llm, messages, max_new_tokens=8, stop=[stop])
     assert result.finish_reason == "stop"
     assert text == result.text == full.text[: full.text.find(stop)]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "speculative greedy", "speculative sampling"])
+def test_nan_logits_raise_a_numerical_error(tmp_path: Path, mode: str) -> None:
+    """A model whose logits turn NaN (fp16 overflow, corrupt weights) stops with NumericalError
+    instead of returning the token argmax or sampling would pick from garbage."""
+    from edgespec import NumericalError
+    from edgespec.spec import enable_speculation
+    from edgespec.spec.train_head import random_head
+
+    directory = write_tiny_hf_model(tmp_path / "m", "llama", seed=1, vocab_size=50)
+    llm = LLM(load_model(str(directory), device="cpu", dtype=torch.float32, with_tokenizer=False, max_context=128))
+    settings = {"max_new_tokens": 8, "ignore_eos": True}
+    if "sampling" in mode:
+        settings.update(temperature=0.8, seed=1)
+    if "speculative" in mode:
+        enable_speculation(llm, draft=str(random_head(llm.model.config, tmp_path / "head", seed=0)), tree_size=6)
+    assert len(llm.generate([1, 5, 9], **settings).token_ids) == 8
+    # NaN in one hidden unit of the final norm: every logit of every position becomes NaN.
+    llm.model.final_norm[3] = float("nan")
+    with pytest.raises(NumericalError, match="non-finite logits"):
+        llm.generate([1, 5, 9], **settings)

@@ -13,6 +13,10 @@ class ContextLengthError(EdgespecError, ValueError):
     """A prompt (plus requested tokens) does not fit in the model's context."""
 
 
+class NumericalError(EdgespecError, RuntimeError):
+    """The model produced NaN or +inf logits (an fp16 overflow, or NaN/inf in the weights)."""
+
+
 class KernelError(EdgespecError, RuntimeError):
     """A CUDA kernel rejected its inputs or failed on the device."""
 

@@ -7,6 +7,7 @@ detokenisation, streaming, statistics), so there is one generate loop for every 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -14,6 +15,7 @@ from typing import Protocol, Sequence
 import torch
 
 from . import ops
+from .errors import NumericalError
 from .kv_cache import KVCache
 from .models.decoder import Decoder
 
@@ -75,7 +77,25 @@ class Sampler:
         """[T, V] logits -> [T] int64 tokens."""
         if self.config.greedy:
             return ops.argmax(logits)
-        return ops.sample(self.probs(logits), self.generator)
+        probs = self.probs(logits)
+        # Non-finite logits give NaN probabilities, which the sampler would refuse with an opaque
+        # error: sample such rows from a placeholder and let checked_tokens report the logits.
+        probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
+        return ops.sample(probs, self.generator)
+
+
+def checked_tokens(tokens: torch.Tensor, logits: torch.Tensor) -> list[int]:
+    """The chosen tokens as ints, read in one host transfer together with a check of the logits
+    they came from: NaN or +inf anywhere raises NumericalError instead of returning the garbage
+    token argmax or sampling would pick (on a GPU the check adds no synchronisation of its own)."""
+    bad = ~(logits < math.inf).all()  # NaN compares false as well
+    values = torch.cat([tokens.reshape(-1).long(), bad.long().reshape(1)]).tolist()
+    if values[-1]:
+        raise NumericalError(
+            f"the model produced non-finite logits (NaN or +inf) for {logits.shape[0]} position(s) in "
+            f"{logits.dtype}: in float16 an activation usually overflowed (load the model in bfloat16 or "
+            "float32); otherwise the checkpoint's weights hold NaN or inf")
+    return values[:-1]
 
 
 class DecodingStrategy(Protocol):
@@ -117,7 +137,8 @@ class PlainDecoding:
         self.sampler = Sampler(config, self.model.device)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.model.device)
         hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk)
-        token = int(self.sampler(self.model.logits(hidden))[0])
+        logits = self.model.logits(hidden)
+        token = checked_tokens(self.sampler(logits), logits)[0]
         self._last = token
         return [token]
 
@@ -127,6 +148,7 @@ class PlainDecoding:
         out = self.model.forward(torch.tensor([self._last], device=dev), torch.tensor([pos], device=dev),
                                  self.cache, pos)
         self.cache.length = pos + 1
-        token = int(self.sampler(self.model.logits(out.hidden))[0])
+        logits = self.model.logits(out.hidden)
+        token = checked_tokens(self.sampler(logits), logits)[0]
         self._last = token
         return [token]

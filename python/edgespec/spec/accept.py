@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..generation import checked_tokens
 from .tree import DraftTree
 
 
@@ -28,7 +29,7 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int
     logits: [N, V] float target logits, row i = distribution after node i.
     Returns (accepted node indices starting with the root, bonus token id).
     """
-    best = ops.argmax(logits).tolist()  # one host sync for the whole tree
+    best = checked_tokens(ops.argmax(logits), logits)  # one host sync for the whole tree
     node = 0
     path = [0]
     while True:

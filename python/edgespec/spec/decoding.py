@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..generation import GenerationConfig, Sampler, prefill
+from ..generation import GenerationConfig, Sampler, checked_tokens, prefill
 from ..kv_cache import KVCache
 from ..models.decoder import Decoder
 from .accept import accept_greedy, accept_sampling
@@ -62,7 +62,8 @@ class SpeculativeDecoding:
         self.drafter.reset(need)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
         hidden, captured = prefill(self.model, self.cache, ids, config.prefill_chunk, capture=self.drafter.capture)
-        first = int(self.sampler(self.model.logits(hidden))[0])
+        logits = self.model.logits(hidden)
+        first = checked_tokens(self.sampler(logits), logits)[0]
         target = TargetStates({i: torch.cat(parts) for i, parts in captured.items()})
         self._root_logits, self._root_state = self.drafter.prefill(ids, first, target)
         self._root = first
@@ -100,6 +101,7 @@ class SpeculativeDecoding:
         assert self.sampler is not None
         if self.sampler.config.greedy:
             return accept_greedy(tree, logits)
+        checked_tokens(torch.empty(0, dtype=torch.int64, device=logits.device), logits)  # NaN: an error, not a token
         return accept_sampling(tree, self.sampler.probs(logits), self.sampler.generator)
 
     def stats(self) -> dict[str, Any]:
