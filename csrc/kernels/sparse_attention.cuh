@@ -1,6 +1,8 @@
 // Compressed-key and block-score kernels of InfLLM-v2 block selection and their launchers; see
 // sparse_attention.h for the contract. Included only by the generated instance files
 // csrc/instances/sparse_<dtype>.cu.
+//
+// Status: correct on the CPU emulator (tests/test_emulated_sparse.py), never run on a GPU.
 #pragma once
 
 #include <cuda_runtime_api.h>

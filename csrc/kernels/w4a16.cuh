@@ -23,6 +23,7 @@
 // * Activations are tiny (M x 128 per stage) and are read from shared memory with ldmatrix.x4
 //   into the A fragments; rows past M are zero-filled by cp.async and never written out.
 //
+// Status: correct on the CPU emulator (tests/test_emulated_w4a16.py), never run on a GPU.
 // Tuning status: untuned; written and compiled without a GPU. kNU (column tiles per block) and
 // the split heuristic (w4a16.cpp) are the first knobs to measure.
 #pragma once
