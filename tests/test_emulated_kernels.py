@@ -68,6 +68,20 @@ def test_rms_norm_layouts(layout: str, dtype: torch.dtype) -> None:
     assert_matches_oracle("out", y, y_torch, oracle_ops.rms_norm(s, weight, 1e-5))
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_rms_norm_bits_do_not_depend_on_alignment(dtype: torch.dtype, residual: bool) -> None:
+    # The same rows, 16-byte aligned (vector accesses) and one element off (scalar accesses), are
+    # summed in the same order: bit-identical results.
+    x, r, w = (randn(19, 576, dtype=dtype, seed=s) for s in (1, 2, 3))
+    odd = [misaligned((19, 576), dtype, 0).copy_(t) for t in (x, r)]
+    odd_w = misaligned((576,), dtype, 0).copy_(w[0])
+    aligned = _kernels.rms_norm(x, w[0], 1e-6, r if residual else None)
+    shifted = _kernels.rms_norm(odd[0], odd_w, 1e-6, odd[1] if residual else None)
+    for a, b in zip(aligned if residual else [aligned], shifted if residual else [shifted]):
+        assert torch.equal(a, b)
+
+
 ROPE_SHAPES = [(9, 3, 64, 64), (8, 2, 128, 64), (4, 2, 80, 20)]  # SmolLM2, partial rotary, scalar path
 
 

@@ -120,6 +120,15 @@ def test_rms_norm_layouts(layout: str, dtype: torch.dtype) -> None:
                           oracle_ops.rms_norm(x, weight, 1e-5))
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_rms_norm_bits_do_not_depend_on_alignment(dtype: torch.dtype) -> None:
+    x, r, w = (randn(19, 576, dtype=dtype, seed=s) for s in (1, 2, 3))
+    odd_x, odd_r = (misaligned((19, 576), dtype, 0).copy_(t) for t in (x, r))
+    odd_w = misaligned((576,), dtype, 0).copy_(w[0])
+    for a, b in zip(_kernels.rms_norm(x, w[0], 1e-6, r), _kernels.rms_norm(odd_x, odd_w, 1e-6, odd_r)):
+        assert torch.equal(a, b)
+
+
 def test_rms_norm_unfoldable_rows_fall_back() -> None:
     x = randn(8, 6, 64, dtype=torch.bfloat16, seed=0).transpose(0, 1)  # [6, 8, 64], rows not foldable
     weight = randn(64, dtype=torch.bfloat16, seed=1, shift=1.0)
