@@ -52,3 +52,20 @@ def random_selection(positions, hkv: int, num_blocks: int, block: int, gen: torc
             rows.append(sorted({0, own, *picks}))
         out.append(rows)
     return out, pack_blocks(out, (num_blocks + 63) // 64)
+
+
+def allowed_keys(t: int, hq: int, hkv: int, s: int, positions, blocks, vis: torch.Tensor | None) -> torch.Tensor:
+    """bool [T, Hq, S]: the keys each (token, query head) may attend under a block selection
+    (`blocks[i][g]`, 64-token blocks) and the causal (vis None) or tree (vis [T, T]) mask of the
+    last T slots: the mask that gives torch SDPA the same attention as the block-sparse kernel."""
+    prefix = s - t
+    allowed = torch.zeros(t, hq, s, dtype=torch.bool)
+    for i in range(t):
+        for h in range(hq):
+            for b in blocks[i][h // (hq // hkv)]:
+                allowed[i, h, b * 64:(b + 1) * 64] = True
+        if vis is None:
+            allowed[i, :, positions[i] + 1:] = False
+        else:
+            allowed[i, :, prefix:] = vis[i]
+    return allowed

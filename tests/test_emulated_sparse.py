@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from edgespec import ops
 from edgespec.models.sparse import parse_sparse_config
 from oracle import sparse_ref
-from sparse_cases import MINICPM4_8B, SMALL, pack_blocks, params, random_case, random_selection
+from sparse_cases import MINICPM4_8B, SMALL, allowed_keys, pack_blocks, params, random_case, random_selection
 
 pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulated_kernels")]
 
@@ -274,20 +274,6 @@ def test_device_lengths_follow_decode_steps():
 
 # --- attention over a block mask -----------------------------------------------------------------
 
-def _allowed(t, hq, hkv, s, positions, blocks, vis):
-    prefix = s - t
-    allowed = torch.zeros(t, hq, s, dtype=torch.bool)
-    for i in range(t):
-        for h in range(hq):
-            for b in blocks[i][h // (hq // hkv)]:
-                allowed[i, h, b * 64:(b + 1) * 64] = True
-        if vis is None:
-            allowed[i, :, positions[i] + 1:] = False
-        else:
-            allowed[i, :, prefix:] = vis[i]
-    return allowed
-
-
 def _attention_case(dtype, hq, hkv, dim, s, t, tree, seed, extra_words=0, strided=False):
     from test_sparse_cpu import _random_tree
 
@@ -344,7 +330,7 @@ def test_attention_kernel_with_block_mask_matches_oracle(dtype, hq, hkv, dim, s,
     ref = sparse_ref.attend_blocks(q, k, v, positions, scale, 64, blocks, vis)
     # PyTorch's own error at this precision, with the same mask, sets the tolerance (a row that
     # sees nothing is NaN there, zeros in the kernel and the oracle).
-    allowed = _allowed(t, hq, hkv, s, positions, blocks, vis)
+    allowed = allowed_keys(t, hq, hkv, s, positions, blocks, vis)
     torch_out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                                v.transpose(0, 1)[None], attn_mask=allowed.transpose(0, 1)[None],
                                                scale=scale, enable_gqa=hq != hkv)[0].transpose(0, 1)

@@ -18,7 +18,7 @@ import torch
 from edgespec import ops
 from edgespec.models.sparse import parse_sparse_config
 from oracle import sparse_ref
-from sparse_cases import MINICPM4_8B, SMALL, params, random_case, random_selection
+from sparse_cases import MINICPM4_8B, SMALL, allowed_keys, params, random_case, random_selection
 
 pytestmark = pytest.mark.gpu
 
@@ -296,15 +296,7 @@ def test_attention_kernel_with_block_mask_matches_oracle(dtype, hq, hkv, dim, s,
     out = K.attention(q, k, v, scale, packed, splits=splits, block_mask=words.cuda())
     ref = sparse_ref.attend_blocks(q.cpu(), k.cpu(), v.cpu(), positions, scale, 64, blocks, vis)
     # PyTorch's own error at this precision, with the same mask, sets the tolerance.
-    allowed = torch.zeros(t, hq, s, dtype=torch.bool)
-    for i in range(t):
-        for h in range(hq):
-            for b in blocks[i][h // (hq // hkv)]:
-                allowed[i, h, b * 64:(b + 1) * 64] = True
-        if vis is None:
-            allowed[i, :, positions[i] + 1:] = False
-        else:
-            allowed[i, :, prefix:] = vis[i]
+    allowed = allowed_keys(t, hq, hkv, s, positions, blocks, vis)
     torch_out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                                attn_mask=allowed.transpose(0, 1)[None].cuda(), scale=scale,
                                                enable_gqa=hq != hkv)[0].transpose(0, 1)

@@ -105,22 +105,13 @@ inline void mma_16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t 
   }
 }
 
+// Two fp32 values rounded to T (to nearest even, as the T(float) conversions do) and packed, `lo`
+// in the low half.
 template <typename T>
-inline std::uint32_t pack2(float lo, float hi);
-
-template <>
-inline std::uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+inline std::uint32_t pack2(float lo, float hi) {
+  const T pair[2] = {T(lo), T(hi)};
   std::uint32_t r;
-  std::memcpy(&r, &v, sizeof r);
-  return r;
-}
-
-template <>
-inline std::uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  std::uint32_t r;
-  std::memcpy(&r, &v, sizeof r);
+  std::memcpy(&r, pair, sizeof r);
   return r;
 }
 

@@ -188,41 +188,38 @@ T __reduce_add_sync(unsigned mask, T value) {
 }
 
 // Atomics: fibers switch only at synchronisation points, so a read-modify-write is atomic.
+namespace cuemu {
+template <typename T, typename F>
+T read_modify_write(T* address, F next) {
+  const T old = *address;
+  *address = static_cast<T>(next(old));
+  return old;
+}
+}  // namespace cuemu
+
 template <typename T, typename U>
 T atomicAdd(T* address, U value) {
-  const T old = *address;
-  *address = static_cast<T>(old + value);
-  return old;
+  return ::cuemu::read_modify_write(address, [&](T old) { return old + value; });
 }
 template <typename T, typename U>
 T atomicOr(T* address, U value) {
-  const T old = *address;
-  *address = static_cast<T>(old | value);
-  return old;
+  return ::cuemu::read_modify_write(address, [&](T old) { return old | value; });
 }
 template <typename T, typename U>
 T atomicAnd(T* address, U value) {
-  const T old = *address;
-  *address = static_cast<T>(old & value);
-  return old;
+  return ::cuemu::read_modify_write(address, [&](T old) { return old & value; });
 }
 template <typename T, typename U>
 T atomicMax(T* address, U value) {
-  const T old = *address;
-  *address = old < static_cast<T>(value) ? static_cast<T>(value) : old;
-  return old;
+  return ::cuemu::read_modify_write(address, [&](T old) { return old < static_cast<T>(value) ? static_cast<T>(value) : old; });
 }
 template <typename T, typename U>
 T atomicExch(T* address, U value) {
-  const T old = *address;
-  *address = static_cast<T>(value);
-  return old;
+  return ::cuemu::read_modify_write(address, [&](T) { return value; });
 }
 template <typename T, typename U, typename V>
 T atomicCAS(T* address, U compare, V value) {
-  const T old = *address;
-  if (old == static_cast<T>(compare)) *address = static_cast<T>(value);
-  return old;
+  return ::cuemu::read_modify_write(address, [&](T old) { return old == static_cast<T>(compare) ? static_cast<T>(value) : old; });
 }
 
 template <typename T>
