@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <deque>
 #include <map>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <string>
@@ -418,6 +419,10 @@ void cp_async_wait(int pending) {
 
 cudaError_t launch(const void* kernel, dim3 grid, dim3 block, std::size_t dynamic_smem,
                    const std::function<void()>& fn) {
+  // One launch at a time: the scheduler's state is global (a server worker and a test thread may
+  // both launch).
+  static std::mutex one_launch;
+  const std::lock_guard<std::mutex> hold(one_launch);
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64) {
     return launch_error("block shape (" + std::to_string(block.x) + "," + std::to_string(block.y) + "," +
