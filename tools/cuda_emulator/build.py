@@ -10,8 +10,10 @@ The sources are copied with four mechanical rewrites, nothing else:
 * `__shared__ T name[N];` becomes a function-local static registered with the runtime, which fills
   it with 0xFF bytes (NaN, -1) before every block, like uninitialised shared memory;
 * csrc/common/mma.cuh (all the inline PTX) is replaced by mma.cuh of this directory;
-and the module is named `_C_emulated` (C++ namespace `edgespec_emulated`). The build is cached under build/cuda-emulator/<hash of
-the inputs>, so tests pay for it once per source change (about 2 minutes on 2 cores).
+and the module is named `_C_emulated` (C++ namespace `edgespec_emulated`). selftest.cu (the
+emulator's own checks) is compiled into it too. The build is cached under
+build/cuda-emulator/<hash of the inputs>, so tests pay for it once per source change (about 25 s
+on 2 cores).
 """
 from __future__ import annotations
 
