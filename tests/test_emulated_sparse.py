@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from edgespec import ops
 from edgespec.models.sparse import parse_sparse_config
 from oracle import sparse_ref
-from sparse_cases import MINICPM4_8B, SMALL, allowed_keys, pack_blocks, params, random_case, random_selection
+from sparse_cases import MINICPM4_8B, SMALL, allowed_keys, assert_selection_matches_oracle, pack_blocks, params, random_case, random_selection
 
 pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulated_kernels")]
 
@@ -139,24 +139,7 @@ def _check_selection(cfg, q, k, positions, kv_limit, dense_len, ck=None):
     assert words.shape == (len(positions), hkv, (nb + 63) // 64)
     bits = _unpack(words)
     assert not bits[..., nb:].any(), "bits past the last block must be 0"
-    p = sparse_ref.SparseParams(cfg.block_size, cfg.kernel_size, cfg.kernel_stride, cfg.init_blocks,
-                                cfg.window_size, cfg.topk, dense_len)
-    tied = set()
-    for i, position in enumerate(positions):
-        q_blk = position // cfg.block_size
-        if position + 1 < dense_len:
-            assert bits[i, :, :nb].tolist() == [[b <= q_blk for b in range(nb)]] * hkv, f"dense query {i}"
-            continue
-        visible = cfg.num_kernels(min(position + 1, kv_limit))
-        scores = sparse_ref.block_scores(q[i], ck[:visible], scale, nb, p)
-        for g in range(hkv):
-            want = sparse_ref.select(scores[g], position, p)
-            got = bits[i, g].nonzero().flatten().tolist()
-            if got != want:
-                assert sparse_ref.equivalent_selection(got, want, scores[g], position, p, TIE), \
-                    f"query {i} (position {position}) KV head {g}: {got} vs oracle {want}"
-                tied.add(i)
-    assert len(tied) <= max(1, len(positions) // 10), f"too many tied queries: {sorted(tied)}"
+    tied = assert_selection_matches_oracle(bits, q, ck, positions, cfg, kv_limit, dense_len, scale, nb, TIE)
     return words, tied
 
 

@@ -18,7 +18,7 @@ import torch
 from edgespec import ops
 from edgespec.models.sparse import parse_sparse_config
 from oracle import sparse_ref
-from sparse_cases import MINICPM4_8B, SMALL, allowed_keys, params, random_case, random_selection
+from sparse_cases import MINICPM4_8B, SMALL, allowed_keys, assert_selection_matches_oracle, params, random_case, random_selection
 
 pytestmark = pytest.mark.gpu
 
@@ -73,24 +73,7 @@ def _check_selection(cfg, q, k, positions, kv_limit, dense_len):
     assert _kernels().supports_sparse_select(q, ck, pos, cfg, nb)
     words = _kernels().sparse_select_blocks(q, ck, pos, cfg, scale, dense_len, kv_limit, nb)
     sel = ops.select_blocks(q, ck, pos, cfg, scale, dense_len, kv_limit, nb).cpu()
-    p = params(cfg)
-    qc, ckc = q.cpu(), ck.cpu()
-    tied = set()
-    for i, position in enumerate(positions):
-        q_blk = position // cfg.block_size
-        if position + 1 < dense_len:
-            assert sel[i].tolist() == [[b <= q_blk for b in range(nb)]] * k.shape[1]
-            continue
-        visible = cfg.num_kernels(min(position + 1, kv_limit))
-        scores = sparse_ref.block_scores(qc[i], ckc[:visible], scale, nb, p)
-        for g in range(k.shape[1]):
-            want = sparse_ref.select(scores[g], position, p)
-            got = sel[i, g].nonzero().flatten().tolist()
-            if got != want:
-                assert sparse_ref.equivalent_selection(got, want, scores[g], position, p, TIE), \
-                    f"query {i} (position {position}) KV head {g}: {got} vs oracle {want}"
-                tied.add(i)
-    assert len(tied) <= max(1, len(positions) // 10)
+    tied = assert_selection_matches_oracle(sel, q, ck, positions, cfg, kv_limit, dense_len, scale, nb, TIE)
     return words, sel, tied
 
 
