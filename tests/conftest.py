@@ -183,5 +183,30 @@ def tiny_model_dir(tmp_path: Path):
     return make
 
 
+def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over made-up words w3..w{vocab_size-1} (ids 0-2: <unk>, <s>, </s>),
+    so that random-weight models load with a tokenizer (CLI, calibration text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
+
+
 def read_config(directory: Path) -> dict:
     return json.loads((directory / "config.json").read_text())
+
+
+@pytest.fixture(params=[pytest.param("emulated", marks=pytest.mark.emulated), pytest.param("cuda", marks=pytest.mark.gpu)])
+def kernel_device(request: pytest.FixtureRequest) -> torch.device:
+    """One kernel test body for both targets: the CPU emulator (CPU tensors, `emulated`) and a GPU
+    (`gpu`, skipped without one). Kernel outputs are NaN-poisoned on both; the test makes its
+    tensors on the returned device and may size its cases by `device.type`."""
+    if request.param == "emulated":
+        request.getfixturevalue("emulated_kernels")
+        return torch.device("cpu")
+    request.getfixturevalue("poisoned_kernel_outputs")
+    return torch.device("cuda")

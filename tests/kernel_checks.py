@@ -74,3 +74,13 @@ def assert_attention_close(ours: torch.Tensor, q, k, v, scale, mask, monkeypatch
     err = (ours.float() - ref).abs().max().item()
     bound = K_TORCH * torch_err + 2 * rounding
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (torch path {torch_err:.3g}, rounding {rounding:.3g})"
+
+
+def fake_view(module, shape: tuple[int, ...], dtype: str = "bf16", slot: int = 0):
+    """A contiguous TensorView of `module` (edgespec._C) at a fake, never dereferenced address: slot
+    i starts at (i + 1) * 16 MiB, so views in different slots are disjoint and same-slot views
+    overlap. For tests of the C++ re-checks, which all run before the first CUDA call."""
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return module.TensorView((slot + 1) << 24, shape, strides, getattr(module.DType, dtype), 0)

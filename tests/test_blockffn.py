@@ -17,6 +17,8 @@ from edgespec import LLM, ModelFormatError, ops
 from edgespec.loading import load_model
 from edgespec.models.blockffn import BlockFFN, ffn_settings_from_hf, write_random_blockffn
 from edgespec.models.config import config_from_hf
+from conftest import save_word_tokenizer
+from kernel_checks import fake_view
 from oracle.blockffn_ref import blockffn_ref, router_ref, routed_case as make_case, sparsity_ref
 
 EPS = 1e-5
@@ -226,21 +228,9 @@ class _Spy:
         return BlockFFN.merge_stats([p.inner for p in parts])
 
 
-def _save_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over `vocab_size` made-up words, so the CLI can load the random model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(directory)
-
-
 def test_generation_stats_and_cli_report_sparsity(tmp_path: Path) -> None:
     d = write_random_blockffn(tmp_path / "m", seed=2)
-    _save_tokenizer(d, 211)
+    save_word_tokenizer(d, 211)
     llm = LLM(load_model(str(d), device="cpu", dtype=torch.float32, max_context=128))
     result = llm.generate("w5 w9 w17 w30", max_new_tokens=12, ignore_eos=True)
     s = result.stats.as_dict()
@@ -310,10 +300,7 @@ _C = ops.compiled_module()
 def test_blockffn_rechecks_in_cpp() -> None:
     """The C++ entry point re-checks every view before any CUDA call (fake addresses, no GPU needed)."""
     def view(shape: tuple[int, ...], dtype: str = "bf16", slot: int = 0):
-        strides = [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            strides[i] = strides[i + 1] * shape[i + 1]
-        return _C.TensorView((slot + 1) << 24, shape, strides, getattr(_C.DType, dtype), 0)
+        return fake_view(_C, shape, dtype, slot)
 
     t, h, e, d = 4, 64, 6, 32
     good = dict(x=view((t, h)), router=view((e, h), slot=1), router_norm=view((e,), slot=2),

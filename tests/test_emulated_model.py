@@ -20,8 +20,8 @@ from sparse_cases import SMALL
 
 pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulated_ops")]
 
-KERNELS = ("embedding", "rms_norm", "apply_rope", "attention", "silu_and_mul", "blockffn", "compress_keys",
-           "sparse_select_blocks")
+KERNELS = ("embedding", "rms_norm", "apply_rope", "attention", "silu_and_mul", "blockffn", "blockffn_w4a16",
+           "w4a16_linear", "compress_keys", "sparse_select_blocks")
 
 
 @pytest.fixture
@@ -131,6 +131,64 @@ def test_blockffn_model_on_the_kernels(tmp_path, kernel_calls, monkeypatch) -> N
                                       with_tokenizer=False).model, name="same-weights")
     enable_speculation(llm, draft=drafter, tree_size=8, depth=3, topk=2)
     fast = llm.generate(prompt, max_new_tokens=16, ignore_eos=True)
+    assert fast.token_ids == plain.token_ids
+    assert fast.stats.extra["blockffn_tokens_per_step"] > 1.0
+
+
+def _tile_layout(model):
+    """The model with every 4-bit weight repacked into the kernel's tile layout (what loading onto
+    a GPU does; on the CPU the loader keeps the plain layout the torch path reads faster)."""
+    from edgespec.quant import QuantLinear
+
+    for layer in model.layers:
+        layer.qkv, layer.o = (lin.to(layout_name="tile") for lin in (layer.qkv, layer.o))
+        layer.ffn.up, layer.ffn.down = (QuantLinear(w).to(layout_name="tile").weight
+                                        for w in (layer.ffn.up, layer.ffn.down))
+    return model
+
+
+def test_blockffn_model_with_4bit_experts_on_the_kernels(tmp_path, kernel_calls, monkeypatch) -> None:
+    """A BlockFFN model quantized to 4 bits (experts and attention projections) runs its FFNs on the
+    router kernel + W4A16 expert gather and its projections on the W4A16 kernel: logits match the
+    torch path, and greedy speculative output equals plain output on the kernels."""
+    from edgespec.loading import LoadedModel
+    from edgespec.quant import QuantSettings, quantize_decoder, quantized_copy
+
+    path = write_random_blockffn(tmp_path / "blockffn", hidden_size=128, num_heads=2, num_kv_heads=1, num_layers=2,
+                                 num_experts=8, expert_size=64, seed=5)
+    def load(dtype):
+        return load_model(str(path), device="cpu", dtype=dtype, max_context=256, with_tokenizer=False).model
+
+    def quantized(dtype):  # the same 4-bit weights, the rest of the model in `dtype`
+        model = quantized_copy(load(dtype), weights)
+        return model if dtype == torch.float32 else _tile_layout(model)
+
+    dense = load(torch.float32)
+    weights = quantize_decoder(dense, QuantSettings(method="rtn", group_size=32))
+    tokens = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(2))
+
+    def run(dtype):
+        model = quantized(dtype)
+        cache = model.new_cache()
+        prefill = model.logits(model.forward(tokens[:12], torch.arange(12), cache, 0).hidden)
+        decode = model.logits(model.forward(tokens[12:], torch.tensor([12]), cache, 12).hidden)
+        return torch.cat([prefill, decode]).float()
+
+    ours = run(torch.bfloat16)
+    assert kernel_calls["blockffn_w4a16"] == 2 * 2 and kernel_calls["blockffn"] == 0
+    assert kernel_calls["w4a16_linear"] == 2 * 2 * 2  # qkv and o, two layers, prefill and decode
+    with monkeypatch.context() as m:
+        m.setenv("EDGESPEC_BACKEND", "torch")
+        theirs = run(torch.bfloat16)
+    ref = run(torch.float32)
+    err, torch_err = (ours - ref).abs().max().item(), (theirs - ref).abs().max().item()
+    assert err <= 2 * torch_err + 1e-3 * ref.abs().max().item(), f"{err:.3g} vs torch path {torch_err:.3g}"
+
+    llm = LLM(LoadedModel(quantized(torch.bfloat16), None, "q4"))
+    prompt = [5, 17, 23, 42, 8, 99, 150, 3]
+    plain = llm.generate(prompt, max_new_tokens=12, ignore_eos=True)
+    enable_speculation(llm, draft=ModelDrafter(load(torch.bfloat16), name="dense"), tree_size=8, depth=3, topk=2)
+    fast = llm.generate(prompt, max_new_tokens=12, ignore_eos=True)
     assert fast.token_ids == plain.token_ids
     assert fast.stats.extra["blockffn_tokens_per_step"] > 1.0
 

@@ -275,6 +275,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("counters"), py::arg("router_splits"), py::arg("up_splits"), py::arg("down_splits"), py::arg("eps"),
       py::arg("stream"),
       "BlockFFN step over the union of active experts (router, gathered up, gathered down). See csrc/kernels/moe.h.");
+  m.def(
+      "blockffn_router",
+      [](const TensorView& x, const TensorView& router, const TensorView& router_norm, const TensorView& weights,
+         const TensorView& active, const TensorView& partial, const TensorView& sync,
+         const std::optional<TensorView>& counters, int router_splits, float eps, std::uint64_t stream) {
+        BlockFFNRouterArgs a{x, router, router_norm, weights, active, partial, sync, opt(counters), router_splits, eps};
+        raise_if_error("blockffn_router", blockffn_router(a, as_stream(stream)),
+                       {{"x", &x}, {"router", &router}, {"router_norm", &router_norm}, {"weights", &weights},
+                        {"active", &active}, {"partial", &partial}, {"sync", &sync}, {"counters", opt(counters)}});
+      },
+      py::arg("x"), py::arg("router"), py::arg("router_norm"), py::arg("weights"), py::arg("active"),
+      py::arg("partial"), py::arg("sync"), py::arg("counters"), py::arg("router_splits"), py::arg("eps"),
+      py::arg("stream"),
+      "BlockFFN router alone (weights, active list, counters), for 4-bit experts. See csrc/kernels/moe.h.");
   m.def("blockffn_sync_words", &blockffn_sync_words, py::arg("hidden"), py::arg("experts"), py::arg("expert_size"),
         "int32 arrival counters blockffn needs (zero on entry, left zero).");
   m.def("blockffn_partial_floats", &blockffn_partial_floats, py::arg("tokens"), py::arg("hidden"), py::arg("experts"),
@@ -286,15 +300,23 @@ PYBIND11_MODULE(_C, m) {
       "w4a16_gemm",
       [](const TensorView& x, const TensorView& qweight, const TensorView& scales, const std::optional<TensorView>& zeros,
          const std::optional<TensorView>& bias, const TensorView& out, const std::optional<TensorView>& partial,
-         const std::optional<TensorView>& counters, int group_size, int splits, std::uint64_t stream) {
-        W4A16Args a{x, qweight, scales, opt(zeros), opt(bias), out, opt(partial), opt(counters), group_size, splits};
+         const std::optional<TensorView>& counters, int group_size, int splits, std::uint64_t stream,
+         const std::optional<TensorView>& active, const std::optional<TensorView>& expert_weights, int expert_size,
+         bool gather_rows) {
+        W4A16Args a{x,          qweight,    scales,       opt(zeros),          opt(bias),  out,
+                    opt(partial), opt(counters), group_size, splits, opt(active), opt(expert_weights),
+                    expert_size, gather_rows};
         raise_if_error("w4a16_gemm", w4a16_gemm(a, as_stream(stream)),
                        {{"x", &x}, {"qweight", &qweight}, {"scales", &scales}, {"zeros", opt(zeros)},
-                        {"bias", opt(bias)}, {"out", &out}, {"partial", opt(partial)}, {"counters", opt(counters)}});
+                        {"bias", opt(bias)}, {"out", &out}, {"partial", opt(partial)}, {"counters", opt(counters)},
+                        {"active", opt(active)}, {"expert_weights", opt(expert_weights)}});
       },
       py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("out"),
       py::arg("partial"), py::arg("counters"), py::arg("group_size"), py::arg("splits"), py::arg("stream"),
-      "out = x @ dequant(qweight).T (+ bias) with 4-bit fragment-ordered weights. See csrc/kernels/w4a16.h.");
+      py::arg("active") = py::none(), py::arg("expert_weights") = py::none(), py::arg("expert_size") = 0,
+      py::arg("gather_rows") = false,
+      "out = x @ dequant(qweight).T (+ bias) with 4-bit fragment-ordered weights, optionally over the active "
+      "experts only (BlockFFN). See csrc/kernels/w4a16.h.");
   m.def("w4a16_num_splits", &w4a16_num_splits, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_sms"),
         "Split-K factor the W4A16 kernel uses for this shape (host only, no GPU needed).");
 }

@@ -292,6 +292,7 @@ Status launch_all(const BlockFFNParams<T>& p, cudaStream_t stream) {
   blockffn_gemm_kernel<T, kMT, Mode::kRouter>
       <<<dim3(router_tiles, p.router_splits), kThreads, 0, stream>>>(p);
   EDGESPEC_CHECK_LAUNCH("blockffn_gemm_kernel<router>");
+  if (p.router_only) return Status::success();
   blockffn_gemm_kernel<T, kMT, Mode::kUp>
       <<<dim3(up_tiles(p.experts, p.expert_size), p.up_splits), kThreads, 0, stream>>>(p);
   EDGESPEC_CHECK_LAUNCH("blockffn_gemm_kernel<up>");

@@ -18,6 +18,8 @@
 //      the compact `hidden` [T, A*d] (T-rounded).
 //   3. down: GEMM hidden @ down[:, gathered columns].T with the A*d reduction gathered per
 //      32-column chunk; split-K partials summed by the last block of each output tile.
+// With 4-bit experts only kernel 1 runs here (blockffn_router below); the W4A16 kernel's expert
+// gather (w4a16.h) then does 2 and 3 on the tile-layout weights, reading the same active list.
 // Kernels read A from the device (blocks past the active rows return at once), so the launch
 // shapes are fixed by (T, H, E, d) alone and the three launches can be captured in a CUDA graph.
 //
@@ -75,6 +77,7 @@ struct BlockFFNParams {
   int up_splits = 1;
   int down_splits = 1;
   float eps = 1e-6f;
+  bool router_only = false;        // launch kernel 1 only (4-bit experts: blockffn_router)
 };
 
 // Instantiated per dtype in csrc/instances/moe_<dtype>.cu (fp32 returns kUnsupported).
@@ -106,5 +109,22 @@ struct BlockFFNArgs {
 };
 
 Status blockffn(const BlockFFNArgs& args, cudaStream_t stream);
+
+// Kernel 1 alone, for experts held as 4-bit weights: writes weights, active and the counters as
+// blockffn() does; partial needs router_splits * T * E floats, sync one zero word (left zero).
+struct BlockFFNRouterArgs {
+  TensorView x;            // [T, H]
+  TensorView router;       // [E, H]
+  TensorView router_norm;  // [E]
+  TensorView weights;      // fp32 [T, E]
+  TensorView active;       // int32 [E + 1]
+  TensorView partial;      // fp32 [router_splits * T * E]
+  TensorView sync;         // int32 [1]
+  const TensorView* counters = nullptr;  // int64 [2] or null
+  int router_splits = 1;
+  float eps = 1e-6f;
+};
+
+Status blockffn_router(const BlockFFNRouterArgs& args, cudaStream_t stream);
 
 }  // namespace edgespec

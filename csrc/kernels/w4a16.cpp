@@ -35,6 +35,50 @@ Status check_aligned16(const TensorView& v, const char* name) {
   return Status::success();
 }
 
+// The expert gather's extra preconditions (w4a16.h), given the plain GEMM's checks passed.
+Status check_gather(const W4A16Args& a, std::int64_t m, std::int64_t n, std::int64_t k) {
+  const TensorView& active = *a.active;
+  EDGESPEC_RETURN_IF_ERROR(check_view(active, "active", 1));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype(active, "active", DType::kInt32, "active expert ids and their count"));
+  EDGESPEC_RETURN_IF_ERROR(check_contiguous(active, "active"));
+  EDGESPEC_RETURN_IF_ERROR(check_same_device(a.x, "x", active, "active"));
+  const std::int64_t experts = active.size(0) - 1, d = a.expert_size;
+  const std::int64_t width = a.gather_rows ? k : n;  // the gathered dimension, E * d
+  if (experts < 1 || d < 1 || width != experts * d) {
+    return Status::invalid("active: " + str(experts) + " experts of expert_size " + str(d) + " do not make the " +
+                           (a.gather_rows ? "K = " : "N = ") + str(width) + " the weight has");
+  }
+  if (a.bias != nullptr) return Status::invalid("bias: the expert gather takes none");
+  if (a.gather_rows) {
+    if (d % kW4A16TileK != 0) {
+      return Status::unsupported("expert_size " + str(d) + ": gathering rows needs a multiple of " + str(kW4A16TileK));
+    }
+    if (a.group_size < k && d % a.group_size != 0) {
+      return Status::unsupported("group_size " + str(a.group_size) + " does not divide expert_size " + str(d) +
+                                 ": a group would span two experts");
+    }
+    if (a.expert_weights != nullptr) return Status::invalid("expert_weights: only the columns gather scales by them");
+    return Status::success();
+  }
+  if (d % kW4A16TileN != 0) {
+    return Status::unsupported("expert_size " + str(d) + ": gathering columns needs a multiple of " +
+                               str(kW4A16TileN));
+  }
+  if (a.expert_weights == nullptr) return Status::invalid("expert_weights: the columns gather needs the router weights");
+  const TensorView& w = *a.expert_weights;
+  EDGESPEC_RETURN_IF_ERROR(check_view(w, "expert_weights", 2));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype(w, "expert_weights", DType::kFloat32, "fp32 router weights"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(w, "expert_weights", 0, m, "the rows of x"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(w, "expert_weights", 1, experts, "one per expert"));
+  EDGESPEC_RETURN_IF_ERROR(check_rows_contiguous(w, "expert_weights"));
+  if (m > 1 && w.stride(0) != experts) {
+    return Status::invalid("expert_weights: row stride " + str(w.stride(0)) + ", expected " + str(experts));
+  }
+  EDGESPEC_RETURN_IF_ERROR(check_same_device(a.x, "x", w, "expert_weights"));
+  EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", w, "expert_weights"));
+  return check_disjoint(a.out, "out", active, "active");
+}
+
 Status check_w4a16(const W4A16Args& a) {
   const TensorView& x = a.x;
   EDGESPEC_RETURN_IF_ERROR(check_view(x, "x", 2));
@@ -125,6 +169,8 @@ Status check_w4a16(const W4A16Args& a) {
     if (a.zeros != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", *a.zeros, "zeros"));
     if (a.bias != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", *a.bias, "bias"));
   }
+  if (a.active != nullptr) return check_gather(a, m, n, k);
+  if (a.expert_weights != nullptr) return Status::invalid("expert_weights: given without an active expert list");
   return Status::success();
 }
 
@@ -151,6 +197,13 @@ Status w4a16_gemm(const W4A16Args& args, cudaStream_t stream) {
     p.k = static_cast<int>(args.x.size(1));
     p.group_size = static_cast<int>(std::min<std::int64_t>(args.group_size, args.x.size(1)));
     p.splits = args.splits;
+    if (args.active != nullptr) {
+      p.active = args.active->ptr<const int>();
+      p.expert_weights = args.expert_weights != nullptr ? args.expert_weights->ptr<const float>() : nullptr;
+      p.experts = static_cast<int>(args.active->size(0) - 1);
+      p.expert_size = args.expert_size;
+      p.gather_rows = args.gather_rows;
+    }
     return launch_w4a16<T>(p, stream);
   });
 }

@@ -22,6 +22,9 @@
 //   (deterministic), adds the bias and rounds once.
 // * Activations are tiny (M x 128 per stage) and are read from shared memory with ldmatrix.x4
 //   into the A fragments; rows past M are zero-filled by cp.async and never written out.
+// * The expert gather (BlockFFN's 4-bit experts) changes addresses only: the stored column tile
+//   (up) or k16 tile (down) and scale rows of each compact tile come from the active list at copy
+//   time, so the dequantisation and mma loop is the plain GEMM's.
 //
 // Status: correct on the CPU emulator (tests/test_emulated_w4a16.py), never run on a GPU.
 // Tuning status: untuned; written and compiled without a GPU. kNU (column tiles per block) and
@@ -137,7 +140,21 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nu = warp % kNU, kw = warp / kNU;
   const int n0 = blockIdx.x * S::kColsN;  // first column of the block
-  const int k_tiles = p.k / kW4A16TileK;
+
+  // Expert gather (w4a16.h): the active count bounds the compact columns (up) or rows (down).
+  const bool gather_cols = p.active != nullptr && !p.gather_rows;
+  const bool gather_rows = p.active != nullptr && p.gather_rows;
+  const int gathered = p.active != nullptr ? __ldg(p.active + p.experts) * p.expert_size : 0;
+  const int n_valid = gather_cols ? gathered : p.n;
+  if (n0 >= n_valid) return;  // past the active experts' columns: uniform over the tile's splits
+  // Compact index along the gathered dimension -> stored index (its expert's block of d).
+  auto stored = [&](int i) { return __ldg(p.active + i / p.expert_size) * p.expert_size + i % p.expert_size; };
+  auto stored_col = [&](int c) { return gather_cols ? stored(c) : c; };
+  auto stored_row = [&](int r) { return gather_rows ? stored(r) : r; };
+  // A compact group lies inside one stored group (group_size divides d, or one group in all).
+  auto stored_group = [&](int g) { return gather_rows ? stored(g * p.group_size) / p.group_size : g; };
+
+  const int k_tiles = (gather_rows ? gathered : p.k) / kW4A16TileK;
   const int per = (k_tiles + p.splits - 1) / p.splits;
   const int kt_begin = min(k_tiles, static_cast<int>(blockIdx.y) * per);
   const int kt_end = min(k_tiles, kt_begin + per);
@@ -172,9 +189,13 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
     for (int i = 0; i < kNU; ++i) {
       const int chunk = tid + i * kThreads;  // kStageTiles * kNU * 32 chunks
       const int t = chunk / (kNU * 32), rem = chunk % (kNU * 32);
-      if (t < tiles) {
-        const std::int64_t word = static_cast<std::int64_t>(kt0 + t) * (2 * static_cast<std::int64_t>(p.n)) +
-                                  (static_cast<std::int64_t>(n0) / kW4A16TileN + rem / 32) * kTileWords + (rem % 32) * 4;
+      const int col = n0 + (rem / 32) * kW4A16TileN;  // first (compact) column of the chunk's tile
+      // A tile past the active columns is never loaded; its accumulators are never stored.
+      if (t < tiles && col < n_valid) {
+        const std::int64_t tile_row = stored_row((kt0 + t) * kW4A16TileK) / kW4A16TileK;
+        const std::int64_t word = tile_row * (2 * static_cast<std::int64_t>(p.n)) +
+                                  (static_cast<std::int64_t>(stored_col(col)) / kW4A16TileN) * kTileWords +
+                                  (rem % 32) * 4;
         cp_async_16_stream(b + chunk * 4, p.qweight + word);
       }
     }
@@ -183,9 +204,11 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
     constexpr int kChunksPerRow = S::kColsN * 2 / 16;
     for (int chunk = tid; chunk < (g1 - g0 + 1) * kChunksPerRow; chunk += kThreads) {
       const int r = chunk / kChunksPerRow, c = chunk % kChunksPerRow;
-      const std::int64_t off = static_cast<std::int64_t>(g0 + r) * p.n + n0 + c * 8;
-      cp_async_16(s_smem(slot) + r * S::kColsN + c * 8, p.scales + off, true);
-      if constexpr (kZeros) cp_async_16(z_smem(slot) + r * S::kColsN + c * 8, p.zeros + off, true);
+      const bool valid = n0 + c * 8 < n_valid;
+      const std::int64_t off =
+          valid ? static_cast<std::int64_t>(stored_group(g0 + r)) * p.n + stored_col(n0 + c * 8) : 0;
+      cp_async_16(s_smem(slot) + r * S::kColsN + c * 8, p.scales + off, valid);
+      if constexpr (kZeros) cp_async_16(z_smem(slot) + r * S::kColsN + c * 8, p.zeros + off, valid);
     }
   };
 
@@ -276,7 +299,15 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
   const int elems = p.m * S::kColsN;
   auto store = [&](int i, float v) {  // element i = row * kColsN + col of the block's output tile
     const int row = i / S::kColsN, col = i % S::kColsN;
-    if (p.bias != nullptr) v += to_float(p.bias[n0 + col]);
+    if (n0 + col >= n_valid) return;
+    if (gather_cols) {
+      // BlockFFN's up epilogue: silu, scaled by this row's (token's) weight for the column's expert.
+      const float w = p.expert_weights[static_cast<std::int64_t>(row) * p.experts +
+                                       __ldg(p.active + (n0 + col) / p.expert_size)];
+      v = v / (1.f + expf(-v)) * w;
+    } else if (p.bias != nullptr) {
+      v += to_float(p.bias[n0 + col]);
+    }
     p.out[static_cast<std::int64_t>(row) * p.n + n0 + col] = from_float<T>(v);
   };
   if (p.splits == 1) {

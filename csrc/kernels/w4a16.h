@@ -28,6 +28,17 @@
 // Act-order (GPTQ desc_act) checkpoints are stored with rows sorted by group; the caller gathers
 // the activation columns into that order first (x[:, perm]).
 //
+// Expert gather (BlockFFN with 4-bit experts, moe.h): with an `active` list the weight holds E
+// experts of d = expert_size consecutive columns (gather_rows false: BlockFFN's up, K = H, N = E*d)
+// or rows (gather_rows true: its down, K = E*d, N = H), and only the A active ones are read, where
+// active[0..A) lists them ascending and A = active[E] is read on the device (no host sync, fixed
+// launch shape). The gathered dimension is compact on the activation side: columns mode writes
+// out[:, j*d + c] for the j-th active expert's column c, and its epilogue is
+// silu(acc) * expert_weights[m, active[j]] (BlockFFN's up + router scaling; no bias); rows mode reads
+// x[:, j*d + r] against the j-th active expert's row r. Blocks past the active columns return at
+// once; splits past the active rows add zeros. Extra preconditions: columns mode d % 64 == 0
+// (whole column tiles), rows mode d % 16 == 0 and group_size dividing d or per-channel, no bias.
+//
 // Launch shape (w4a16.cuh): grid (N / (64 * kNU), splits), 256 threads = 8 warps; block (nt, s)
 // streams k16 tiles [s * per, (s + 1) * per) of its kNU column tiles through a cp.async pipeline
 // of 128-row stages; warp w takes column tile w % kNU and the k16 tiles w / kNU + i * (8 / kNU)
@@ -62,6 +73,12 @@ struct W4A16Params {
   T* out = nullptr;                     // [m, n] contiguous
   float* partial = nullptr;             // [splits, m, n] when splits > 1
   int* counters = nullptr;              // [n / 64] when splits > 1
+  // Expert gather (see above); active == nullptr for a plain GEMM.
+  const int* active = nullptr;          // [experts + 1]: ascending ids, then their count
+  const float* expert_weights = nullptr;  // columns mode: [m, experts] router weights
+  int experts = 0;
+  int expert_size = 0;
+  bool gather_rows = false;
   int m = 0;
   int n = 0;
   int k = 0;
@@ -90,6 +107,11 @@ struct W4A16Args {
   const TensorView* counters = nullptr;  // int32 [N / 64] (splits > 1)
   int group_size = 0;
   int splits = 1;
+  // Expert gather: null for a plain GEMM; `expert_weights` (fp32 [M, E]) only in columns mode.
+  const TensorView* active = nullptr;          // int32 [E + 1]
+  const TensorView* expert_weights = nullptr;  // fp32 [M, E], rows contiguous
+  int expert_size = 0;
+  bool gather_rows = false;
 };
 
 Status w4a16_gemm(const W4A16Args& args, cudaStream_t stream);

@@ -20,7 +20,10 @@ names carry no `.weight` suffix, which is accepted too):
     up_proj             [E * d, H]   ("block_linear")  or  [E, d, H]  ("block")
     down_proj           [H, E * d]   ("block_linear")  or  [E, H, d]  ("block")
 
-Both layouts are brought to the block_linear one on load (see edgespec.ops.moe).
+Both layouts are brought to the block_linear one on load (see edgespec.ops.moe). A GPTQ/AWQ
+checkpoint (`edgespec quantize` writes one) may store up_proj / down_proj as 4-bit linears of the
+block_linear shapes (`up_proj.qweight` with K = H, N = E * d; `down_proj.qweight` with K = E * d,
+N = H): they load as W4A16Weights, the router stays in the compute dtype.
 
 Sparsity statistics: every BlockFFN layer counts, on the device and without a host sync, the
 (token, expert) pairs and the per-step expert union it used; `BlockFFN.merge_stats` turns the
@@ -78,12 +81,15 @@ class BlockFFN:
     """One BlockFFN layer: callable [T, H] -> [T, H], counting its own sparsity.
 
     router_weight: [E, H]; router_norm: [E]; up: [E * d, H]; down: [H, E * d]; all on one device,
-    router/up/down in the compute dtype. eps: the router RMSNorm epsilon (the model's rms_norm_eps).
+    router/up/down in the compute dtype; up and down may be W4A16Weights (4-bit experts).
+    eps: the router RMSNorm epsilon (the model's rms_norm_eps).
     """
 
-    def __init__(self, router_weight: torch.Tensor, router_norm: torch.Tensor, up: torch.Tensor,
-                 down: torch.Tensor, eps: float) -> None:
-        probe = torch.empty(0, up.shape[1] if up.dim() == 2 else 0, dtype=up.dtype, device=up.device)
+    def __init__(self, router_weight: torch.Tensor, router_norm: torch.Tensor, up: ops.moe.ExpertWeight,
+                 down: ops.moe.ExpertWeight, eps: float) -> None:
+        if router_weight.dim() != 2:
+            raise ValueError(f"BlockFFN: router_weight must be [E, H], got {tuple(router_weight.shape)}")
+        probe = router_weight.new_empty(0, router_weight.shape[1])
         self.num_experts, self.expert_size = ops.moe.check_blockffn_weights(probe, router_weight, router_norm, up, down)
         self.router_weight = router_weight
         self.router_norm = router_norm
@@ -92,14 +98,18 @@ class BlockFFN:
         self.eps = eps
         # [active (token, expert) pairs, active experts summed over steps]; device-side so that
         # counting never synchronises (the kernels add to it directly).
-        self.counters = torch.zeros(2, dtype=torch.int64, device=up.device)
+        self.counters = torch.zeros(2, dtype=torch.int64, device=router_weight.device)
         self.scratch = ops.moe.BlockFFNScratch()  # the kernel path's per-layer device state
         self.steps = 0
         self.tokens = 0
 
     @property
     def hidden_size(self) -> int:
-        return self.up.shape[1]
+        return self.router_weight.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.up, ops.W4A16Weight) or isinstance(self.down, ops.W4A16Weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H] -> [T, H]
         y = ops.blockffn(x, self.router_weight, self.router_norm, self.eps, self.up, self.down, self.counters,
@@ -140,8 +150,24 @@ def _expert_tensor(source: Any, name: str) -> torch.Tensor:
     return require(source, name + ".weight")
 
 
+def _quantized_expert(source: Any, name: str, shape: tuple[int, int], device: torch.device,
+                      dtype: torch.dtype) -> ops.W4A16Weight | None:
+    """The 4-bit weight a quantized checkpoint (GPTQ/AWQ) stores under `name` (qweight, scales, ...),
+    as a W4A16Weight of the block_linear shape [out, in] = `shape`; None when it is stored dense."""
+    is_quantized = getattr(source, "is_quantized", None)
+    if is_quantized is None or not is_quantized(name):
+        return None
+    weight = source.int4(name).to_linear(None, device, dtype, name=f"{source.path}: {name}").weight
+    if (weight.out_features, weight.in_features) != shape:
+        raise ModelFormatError(f"{source.path}: {name} is a 4-bit weight of {weight.in_features} inputs and "
+                               f"{weight.out_features} outputs, expected {shape[1]} -> {shape[0]} "
+                               f"(the block_linear layout)")
+    return weight
+
+
 def build_blockffn(cfg: Any, source: Any, prefix: str, device: torch.device, dtype: torch.dtype) -> BlockFFN:
-    """Read layer `prefix`'s BlockFFN weights (either published layout) into a BlockFFN."""
+    """Read layer `prefix`'s BlockFFN weights (either published layout, or 4-bit experts of a
+    GPTQ/AWQ checkpoint written in the block_linear layout) into a BlockFFN."""
     e, d, h = cfg.ffn["num_experts"], cfg.ffn["expert_size"], cfg.hidden_size
     p = prefix + ".mlp."
     router = require(source, p + "router_proj.weight")
@@ -151,24 +177,36 @@ def build_blockffn(cfg: Any, source: Any, prefix: str, device: torch.device, dty
     norm = require(source, p + "router_norm.weight")
     if tuple(norm.shape) != (e,):
         raise ModelFormatError(f"{source.path}: {p}router_norm.weight has shape {tuple(norm.shape)}, expected ({e},)")
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    up = _quantized_expert(source, p + "up_proj", (e * d, h), device, dtype)
+    down = _quantized_expert(source, p + "down_proj", (h, e * d), device, dtype)
+    return BlockFFN(put(router), norm.to(device=device, dtype=dtype),
+                    up if up is not None else put(_dense_up(source, p, e, d, h)),
+                    down if down is not None else put(_dense_down(source, p, e, d, h)), cfg.rms_norm_eps)
+
+
+def _dense_up(source: Any, p: str, e: int, d: int, h: int) -> torch.Tensor:
     up = _expert_tensor(source, p + "up_proj")
-    down = _expert_tensor(source, p + "down_proj")
     if tuple(up.shape) == (e, d, h):
         up = up.reshape(e * d, h)
     elif tuple(up.shape) != (e * d, h):
         raise ModelFormatError(f"{source.path}: {p}up_proj has shape {tuple(up.shape)}, expected "
                                f"({e * d}, {h}) or ({e}, {d}, {h}) from num_experts={e}, expert_size={d}")
+    return up
+
+
+def _dense_down(source: Any, p: str, e: int, d: int, h: int) -> torch.Tensor:
+    down = _expert_tensor(source, p + "down_proj")
     if tuple(down.shape) == (e, h, d):
         # "block" layout [E, H, d] -> [H, E * d]: expert e becomes columns [e*d, (e+1)*d).
         down = down.permute(1, 0, 2).reshape(h, e * d)
     elif tuple(down.shape) != (h, e * d):
         raise ModelFormatError(f"{source.path}: {p}down_proj has shape {tuple(down.shape)}, expected "
                                f"({h}, {e * d}) or ({e}, {h}, {d}) from num_experts={e}, expert_size={d}")
-
-    def put(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype).contiguous()
-
-    return BlockFFN(put(router), norm.to(device=device, dtype=dtype), put(up), put(down), cfg.rms_norm_eps)
+    return down
 
 
 FFN_BUILDERS[BLOCKFFN] = build_blockffn

@@ -64,9 +64,9 @@ def _new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _run(fn: Callable[..., None], *args: Any) -> None:
+def _run(fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except _module().KernelError as exc:
         raise KernelError(str(exc)) from exc
 
@@ -559,13 +559,11 @@ def _aligned_contiguous(name: str, t: torch.Tensor) -> str | None:
     return None
 
 
-def blockffn_rejection(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor,
-                       up: torch.Tensor, down: torch.Tensor) -> str | None:
-    """Why csrc/kernels/moe.h cannot run this BlockFFN step, or None (shapes as edgespec.ops.blockffn)."""
+def _router_rejection(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor) -> str | None:
+    """Why the BlockFFN router kernel cannot take this step, or None."""
     if x.dtype not in MOE_DTYPES:
         return f"x has dtype {x.dtype}; the BlockFFN kernels take bfloat16 or float16 (tensor cores)"
-    reason = _first(*(_same_dtype(n, t, "x", x) for n, t in
-                      (("router_weight", router_weight), ("norm_weight", norm_weight), ("up", up), ("down", down))))
+    reason = _first(*(_same_dtype(n, t, "x", x) for n, t in (("router_weight", router_weight), ("norm_weight", norm_weight))))
     if reason:
         return reason
     if x.dim() != 2 or not 1 <= x.shape[0] <= MOE_MAX_TOKENS:
@@ -578,18 +576,31 @@ def blockffn_rejection(x: torch.Tensor, router_weight: torch.Tensor, norm_weight
         return f"router_weight must be [E, {h}] with 1 <= E <= {MOE_MAX_EXPERTS}, got {_shape(router_weight)}"
     if norm_weight.shape != (e,):
         return f"norm_weight must be [{e}], got {_shape(norm_weight)}"
+    reason = _first(*(_aligned_contiguous(n, v) for n, v in (("router_weight", router_weight), ("norm_weight", norm_weight))))
+    if reason:
+        return reason
+    if _last_dim_contiguous("x", x) or (t > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
+        return f"x {_shape(x)} strides {x.stride()} must have contiguous, 16-byte aligned rows"
+    return None
+
+
+def blockffn_rejection(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor,
+                       up: torch.Tensor, down: torch.Tensor) -> str | None:
+    """Why csrc/kernels/moe.h cannot run this BlockFFN step, or None (shapes as edgespec.ops.blockffn)."""
+    reason = _router_rejection(x, router_weight, norm_weight) or _first(
+        *(_same_dtype(n, t, "x", x) for n, t in (("up", up), ("down", down))))
+    if reason:
+        return reason
+    h, e = x.shape[1], router_weight.shape[0]
     if up.dim() != 2 or up.shape[1] != h or up.shape[0] % e or (up.shape[0] // e) % MOE_CHUNK:
         return f"up must be [E * d, {h}] with E = {e} and d a multiple of {MOE_CHUNK}, got {_shape(up)}"
     if down.shape != (h, up.shape[0]):
         return f"down must be [{h}, {up.shape[0]}], got {_shape(down)}"
     if up.shape[0] > MOE_MAX_WIDTH:  # the C++ check_blockffn limit (int indices into [T, E * d])
         return f"E * d = {up.shape[0]} is above the kernels' limit of {MOE_MAX_WIDTH}"
-    reason = _first(*(_aligned_contiguous(n, v) for n, v in
-                      (("router_weight", router_weight), ("norm_weight", norm_weight), ("up", up), ("down", down))))
+    reason = _first(*(_aligned_contiguous(n, v) for n, v in (("up", up), ("down", down))))
     if reason:
         return reason
-    if _last_dim_contiguous("x", x) or (t > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
-        return f"x {_shape(x)} strides {x.stride()} must have contiguous, 16-byte aligned rows"
     return _one_cuda_device(x=x, router_weight=router_weight, norm_weight=norm_weight, up=up, down=down)
 
 
@@ -619,6 +630,25 @@ def blockffn_splits(tokens: int, hidden: int, experts: int, expert_size: int, sm
     return router, up, down
 
 
+def _checked_sync(sync: torch.Tensor | None, words: int, device: torch.device) -> torch.Tensor:
+    if sync is None:
+        return torch.zeros(words, dtype=torch.int32, device=device)
+    if sync.shape != (words,) or sync.dtype != torch.int32 or sync.device != device:
+        raise ValueError(f"blockffn: sync must be int32 [{words}] on {device}, got {_shape(sync)} on {sync.device}")
+    return sync
+
+
+def _kernel_counters(counters: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The counters the kernels add to: `counters` itself, or a contiguous temporary for a strided
+    view (the kernels add to counters[0] and counters[1] as adjacent words; the caller adds the
+    temporary back)."""
+    if counters is None:
+        return None
+    if counters.shape != (2,) or counters.dtype != torch.int64 or counters.device != device:
+        raise ValueError(f"blockffn: counters must be int64 [2] on {device}, got {_shape(counters)}")
+    return counters if counters.is_contiguous() else torch.zeros(2, dtype=torch.int64, device=device)
+
+
 def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
              up: torch.Tensor, down: torch.Tensor, counters: torch.Tensor | None = None,
              sync: torch.Tensor | None = None) -> torch.Tensor:
@@ -634,18 +664,8 @@ def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Te
     t, h = x.shape
     e = router_weight.shape[0]
     d = up.shape[0] // e
-    words = blockffn_sync_words(h, e, d)
-    if sync is None:
-        sync = torch.zeros(words, dtype=torch.int32, device=x.device)
-    elif sync.shape != (words,) or sync.dtype != torch.int32 or sync.device != x.device:
-        raise ValueError(f"blockffn: sync must be int32 [{words}] on {x.device}, got {_shape(sync)} on {sync.device}")
-    if counters is not None and (counters.shape != (2,) or counters.dtype != torch.int64 or counters.device != x.device):
-        raise ValueError(f"blockffn: counters must be int64 [2] on {x.device}, got {_shape(counters)}")
-    # The kernels add to counters[0] and counters[1] as adjacent words: a strided view (which the
-    # torch path accumulates into as well) goes through a contiguous temporary.
-    kernel_counters = counters
-    if counters is not None and not counters.is_contiguous():
-        kernel_counters = torch.zeros(2, dtype=torch.int64, device=x.device)
+    sync = _checked_sync(sync, blockffn_sync_words(h, e, d), x.device)
+    kernel_counters = _kernel_counters(counters, x.device)
     splits = blockffn_splits(t, h, e, d, _sm_count(x.device.index))
     out = _new_output((t, h), x.dtype, x.device)
     # Scratch comes from _new_output too, so the poisoned-output tests also prove it is written before read.
@@ -673,20 +693,16 @@ W4A16_GROUP_ALIGN = 32
 W4A16_MAX_CHUNKED_ROWS = 256
 
 
-def w4a16_rejection(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> str | None:
-    """Why csrc/kernels/w4a16.h cannot take x [..., K] times the W4A16Weight `w`, or None."""
-    if x.dtype not in W4A16_DTYPES:
-        return f"x has dtype {x.dtype}; the W4A16 kernel takes bfloat16 or float16 (tensor cores)"
+def _w4a16_weight_rejection(w: Any, dtype: torch.dtype) -> str | None:
+    """Why the W4A16 kernel cannot read the W4A16Weight `w` with activations of `dtype`, or None."""
+    if dtype not in W4A16_DTYPES:
+        return f"x has dtype {dtype}; the W4A16 kernel takes bfloat16 or float16 (tensor cores)"
     if w.layout != "tile":
         return "the weight is in the plain layout; QuantLinear.to('cuda') repacks it into the kernel's tile layout"
-    reason = _first(_same_dtype("scales", w.scales, "x", x),
-                    None if w.zeros is None else _same_dtype("zeros", w.zeros, "x", x),
-                    None if bias is None else _same_dtype("bias", bias, "x", x))
-    if reason:
-        return reason
+    for name, t in (("scales", w.scales), ("zeros", w.zeros)):
+        if t is not None and t.dtype != dtype:
+            return f"{name} has dtype {t.dtype}, x has {dtype}"
     k, n, g = w.in_features, w.out_features, w.group_size
-    if x.shape[-1] != k:
-        return f"x {_shape(x)} does not have the weight's {k} input features"
     if k % 16 or n % 64:
         return f"K = {k} must be a multiple of 16 and N = {n} a multiple of 64"
     if g % W4A16_GROUP_ALIGN and g < k:
@@ -696,13 +712,27 @@ def w4a16_rejection(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -
     for name, t in (("qweight", w.qweight), ("scales", w.scales), ("zeros", w.zeros)):
         if t is not None and (not t.is_contiguous() or t.data_ptr() % 16):
             return f"{name} {_shape(t)} must be contiguous and 16-byte aligned (the kernel copies 16-byte vectors)"
+    return None
+
+
+def _w4a16_tensors(w: Any) -> dict[str, torch.Tensor]:
+    return {"qweight": w.qweight, "scales": w.scales} | ({"zeros": w.zeros} if w.zeros is not None else {})
+
+
+def w4a16_rejection(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> str | None:
+    """Why csrc/kernels/w4a16.h cannot take x [..., K] times the W4A16Weight `w`, or None."""
+    reason = _w4a16_weight_rejection(w, x.dtype) or (None if bias is None else _same_dtype("bias", bias, "x", x))
+    if reason:
+        return reason
+    k = w.in_features
+    if x.shape[-1] != k:
+        return f"x {_shape(x)} does not have the weight's {k} input features"
     rows = x.numel() // k if k else 0
     if rows > W4A16_MAX_CHUNKED_ROWS:
         return f"{rows} rows: above {W4A16_MAX_CHUNKED_ROWS}, dequantise + cuBLAS is the faster path"
     if bias is not None and (bias.dim() != 1 or not bias.is_contiguous()):
         return f"bias {_shape(bias)} must be a contiguous vector"
-    tensors = {"x": x, "qweight": w.qweight, "scales": w.scales} | ({"zeros": w.zeros} if w.zeros is not None else {})
-    return _one_cuda_device(**tensors, **({"bias": bias} if bias is not None else {}))
+    return _one_cuda_device(x=x, **_w4a16_tensors(w), **({"bias": bias} if bias is not None else {}))
 
 
 def supports_w4a16(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> bool:
@@ -724,6 +754,28 @@ def _w4a16_counters(w: Any) -> torch.Tensor:
     return counters
 
 
+def _w4a16_gemm(x: torch.Tensor, w: Any, bias: torch.Tensor | None, out: torch.Tensor, splits: int,
+                gather: dict[str, Any] | None = None) -> None:
+    """One launch: out [M, N] = x [M <= 64, K] @ dequant(w).T (+ bias); `gather` holds the expert
+    gather's keyword arguments of the binding (csrc/kernels/w4a16.h), None for a plain GEMM."""
+    m, n = out.shape
+    partial = _new_output((splits, m, n), torch.float32, x.device) if splits > 1 else None
+    extra = {}
+    if gather is not None:
+        extra = {key: (_view(v) if isinstance(v, torch.Tensor) else v) for key, v in gather.items()}
+    _run(_module().w4a16_gemm, _view(x), _view(w.qweight), _view(w.scales),
+         None if w.zeros is None else _view(w.zeros), None if bias is None else _view(bias), _view(out),
+         None if partial is None else _view(partial), None if splits == 1 else _view(_w4a16_counters(w)),
+         int(w.group_size), int(splits), _stream(x), **extra)
+
+
+def _aligned_rows(x2: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] itself when its rows are contiguous and 16-byte aligned, else an aligned copy."""
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
+        return x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
+    return x2
+
+
 def w4a16_linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """W4A16 kernel (csrc/kernels/w4a16.h); same contract as edgespec.ops.w4a16_linear.
 
@@ -739,17 +791,88 @@ def w4a16_linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None, spli
     x2 = x.reshape(-1, k)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
-        x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
+    x2 = _aligned_rows(x2)
     rows = x2.shape[0]
     out = _new_output((rows, n), x.dtype, x.device)
-    counters = _w4a16_counters(w)
     for start in range(0, rows, W4A16_MAX_ROWS):
         m = min(W4A16_MAX_ROWS, rows - start)
         s = splits if splits is not None else w4a16_splits(m, n, k, x.device)
-        partial = _new_output((s, m, n), torch.float32, x.device) if s > 1 else None
-        _run(_module().w4a16_gemm, _view(x2[start:start + m]), _view(w.qweight), _view(w.scales),
-             None if w.zeros is None else _view(w.zeros), None if bias is None else _view(bias),
-             _view(out[start:start + m]), None if partial is None else _view(partial),
-             None if s == 1 else _view(counters), int(w.group_size), int(s), _stream(x))
+        _w4a16_gemm(x2[start:start + m], w, bias, out[start:start + m], s)
     return out.view(*lead, n)
+
+
+# --- BlockFFN with 4-bit experts: the router kernel, then the W4A16 kernel's expert gather ------------
+
+# Fraction of a BlockFFN layer's experts a step is assumed to activate when planning the splits of
+# the gathered GEMMs (the launch shapes must not depend on the device-side active count).
+BLOCKFFN_PLANNED_ACTIVE = 1 / 3
+
+
+def blockffn_w4a16_rejection(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor,
+                             up: Any, down: Any) -> str | None:
+    """Why the 4-bit BlockFFN path cannot run this step, or None. up: W4A16Weight H -> E * d;
+    down: W4A16Weight E * d -> H (as edgespec.ops.blockffn takes them)."""
+    reason = _router_rejection(x, router_weight, norm_weight)
+    if reason:
+        return reason
+    h, e = x.shape[1], router_weight.shape[0]
+    if up.in_features != h or up.out_features % e or down.in_features != up.out_features or down.out_features != h:
+        return (f"up ({up.in_features} -> {up.out_features}) and down ({down.in_features} -> {down.out_features}) "
+                f"must map H = {h} -> E * d -> H with E = {e}")
+    d = up.out_features // e
+    if d % 64:
+        return f"expert size {d} is not a multiple of 64 (the kernel gathers whole 64-column tiles of up)"
+    if h % 64:
+        return f"hidden size {h} is not a multiple of 64 (down's output tiles)"
+    if down.perm is not None:
+        return "down is act-order: its stored rows interleave the experts, which the kernel gathers as blocks"
+    if down.group_size < down.in_features and d % down.group_size:
+        return f"down's group size {down.group_size} does not divide the expert size {d}"
+    reason = _w4a16_weight_rejection(up, x.dtype) or _w4a16_weight_rejection(down, x.dtype)
+    if reason:
+        return reason
+    tensors = {f"up.{k}": v for k, v in _w4a16_tensors(up).items()} | {f"down.{k}": v for k, v in _w4a16_tensors(down).items()}
+    if up.perm is not None:
+        tensors["up.perm"] = up.perm
+    return _one_cuda_device(x=x, router_weight=router_weight, norm_weight=norm_weight, **tensors)
+
+
+def blockffn_w4a16(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                   up: Any, down: Any, counters: torch.Tensor | None = None,
+                   sync: torch.Tensor | None = None) -> torch.Tensor:
+    """A BlockFFN step with 4-bit experts; same contract as `blockffn` with up/down W4A16Weights in
+    the tile layout and sync an int32 [1] zero word.
+
+    Launches: the router kernel (weights, ascending active list and its count, counters), then per
+    64 tokens the W4A16 kernel gathering the active column tiles of up (epilogue silu * router
+    weight into a compact hidden [T, A * d]) and the active row tiles of down. The active count
+    stays on the device: no host synchronisation, fixed launch shapes.
+    """
+    _require("blockffn", blockffn_w4a16_rejection(x, router_weight, norm_weight, up, down))
+    t, h = x.shape
+    e = router_weight.shape[0]
+    d = up.out_features // e
+    sync = _checked_sync(sync, 1, x.device)
+    kernel_counters = _kernel_counters(counters, x.device)
+    router_splits = blockffn_splits(t, h, e, d, _sm_count(x.device.index))[0]
+    weights = _new_output((t, e), torch.float32, x.device)
+    active = _new_output((e + 1,), torch.int32, x.device)
+    partial = _new_output((router_splits * t * e,), torch.float32, x.device)
+    _run(_module().blockffn_router, _view(x), _view(router_weight), _view(norm_weight), _view(weights),
+         _view(active), _view(partial), _view(sync), None if kernel_counters is None else _view(kernel_counters),
+         router_splits, float(eps), _stream(x))
+    if kernel_counters is not counters:
+        counters.add_(kernel_counters)
+
+    x_up = x if up.perm is None else _aligned_rows(x.index_select(1, up.perm))
+    hidden = _new_output((t, e * d), x.dtype, x.device)
+    out = _new_output((t, h), x.dtype, x.device)
+    planned = max(64, round(e * d * BLOCKFFN_PLANNED_ACTIVE / 64) * 64)
+    for start in range(0, t, W4A16_MAX_ROWS):
+        m = min(W4A16_MAX_ROWS, t - start)
+        rows = slice(start, start + m)
+        _w4a16_gemm(x_up[rows], up, None, hidden[rows], w4a16_splits(m, planned, h, x.device),
+                    {"active": active, "expert_weights": weights[rows], "expert_size": d, "gather_rows": False})
+        _w4a16_gemm(hidden[rows], down, None, out[rows], w4a16_splits(m, h, planned, x.device),
+                    {"active": active, "expert_size": d, "gather_rows": True})
+    return out

@@ -15,6 +15,11 @@ Weight layout (the released "block_linear" checkpoints' layout, see models/block
 up [E * d, H] with expert e in rows [e*d, (e+1)*d); down [H, E * d] with expert e in columns
 [e*d, (e+1)*d). Both keep each weight row's reduction axis contiguous, which is what the torch
 path's slices and the kernels' vector loads need.
+
+4-bit experts: up and down may each be a W4A16Weight of the same linear (up: H -> E * d, down:
+E * d -> H). The torch path reads their dequantised weights (cached under the W4A16 budget, see
+ops.w4a16); the kernel path runs the router kernel and then the W4A16 kernel's expert gather,
+which reads only the active experts' 4-bit column tiles of up and row tiles of down.
 """
 from __future__ import annotations
 
@@ -23,10 +28,18 @@ import torch.nn.functional as F
 
 from . import backend
 from .norm import rms_norm
+from .w4a16 import W4A16Weight, dense_weight
+
+ExpertWeight = torch.Tensor | W4A16Weight  # [out, in] dense, or the 4-bit weight of that linear
+
+
+def _matrix_shape(t: ExpertWeight) -> tuple[int, ...]:
+    """[out, in] of a dense or 4-bit expert weight."""
+    return (t.out_features, t.in_features) if isinstance(t, W4A16Weight) else tuple(t.shape)
 
 
 def check_blockffn_weights(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor,
-                           up: torch.Tensor, down: torch.Tensor) -> tuple[int, int]:
+                           up: ExpertWeight, down: ExpertWeight) -> tuple[int, int]:
     """Validate the shapes of a BlockFFN call; returns (num_experts, expert_size)."""
     if x.dim() != 2:
         raise ValueError(f"blockffn: x must be 2-D [T, H], got shape {tuple(x.shape)}")
@@ -36,13 +49,16 @@ def check_blockffn_weights(x: torch.Tensor, router_weight: torch.Tensor, norm_we
     e = router_weight.shape[0]
     if norm_weight.shape != (e,):
         raise ValueError(f"blockffn: router norm weight must be [{e}] (one per expert), got {tuple(norm_weight.shape)}")
-    if up.dim() != 2 or up.shape[1] != h or up.shape[0] % e or up.shape[0] == 0:
-        raise ValueError(f"blockffn: up must be [E * d, {h}] with E = {e}, got {tuple(up.shape)}")
-    d = up.shape[0] // e
-    if down.shape != (h, e * d):
-        raise ValueError(f"blockffn: down must be [{h}, {e * d}] (H, E * d), got {tuple(down.shape)}")
+    up_shape, down_shape = _matrix_shape(up), _matrix_shape(down)
+    if len(up_shape) != 2 or up_shape[1] != h or up_shape[0] % e or up_shape[0] == 0:
+        raise ValueError(f"blockffn: up must be [E * d, {h}] with E = {e}, got {up_shape}")
+    d = up_shape[0] // e
+    if down_shape != (h, e * d):
+        raise ValueError(f"blockffn: down must be [{h}, {e * d}] (H, E * d), got {down_shape}")
     for name, t in (("router_weight", router_weight), ("up", up), ("down", down)):
-        if t.dtype != x.dtype or t.device != x.device:
+        # A 4-bit weight's scales may be in another float dtype: the torch path dequantises to x's.
+        dtype = x.dtype if isinstance(t, W4A16Weight) else t.dtype
+        if dtype != x.dtype or t.device != x.device:
             raise ValueError(f"blockffn: {name} is {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}")
     return e, d
 
@@ -72,10 +88,11 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def blockffn_experts(x: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def blockffn_experts(x: torch.Tensor, weights: torch.Tensor, up: ExpertWeight, down: ExpertWeight) -> torch.Tensor:
     """Torch path of the expert part: y = sum over the step's active experts of w * down(silu(up(x))).
 
-    x: [T, H]; weights: [T, E] router weights (x's dtype); up: [E * d, H]; down: [H, E * d].
+    x: [T, H]; weights: [T, E] router weights (x's dtype); up: [E * d, H]; down: [H, E * d]
+    (either may be a W4A16Weight: its dequantised weight is used, cached while the budget allows).
     Returns [T, H] in x's dtype.
 
     The active experts are grouped into runs of consecutive indices and each run is two matmuls
@@ -84,6 +101,10 @@ def blockffn_experts(x: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, d
     on CPU whenever more than a few experts were active.) Listing the runs needs the active set on
     the host: one synchronisation on GPU; the CUDA kernels avoid it.
     """
+    if isinstance(up, W4A16Weight):
+        up = dense_weight(up, x.dtype)
+    if isinstance(down, W4A16Weight):
+        down = dense_weight(down, x.dtype)
     t = x.shape[0]
     e = weights.shape[1]
     d = up.shape[0] // e
@@ -119,32 +140,41 @@ class BlockFFNScratch:
 
 
 def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-             up: torch.Tensor, down: torch.Tensor, counters: torch.Tensor | None = None,
+             up: ExpertWeight, down: ExpertWeight, counters: torch.Tensor | None = None,
              scratch: BlockFFNScratch | None = None) -> torch.Tensor:
     """The whole BlockFFN layer for one step of T tokens.
 
     x: [T, H] fp32/bf16/fp16 (the ffn-normed hidden states); router_weight: [E, H];
-    norm_weight: [E] (router RMSNorm); up: [E * d, H]; down: [H, E * d] (all in x's dtype/device).
+    norm_weight: [E] (router RMSNorm); up: [E * d, H]; down: [H, E * d] (all in x's dtype/device;
+    up and down may be W4A16Weights of those linears instead).
     counters: optional int64 [2] on x's device, accumulated in place without a host sync:
       counters[0] += (token, expert) pairs with a non-zero router weight,
       counters[1] += experts active for at least one of the T tokens.
     scratch: the calling layer's BlockFFNScratch (kernel path; a fresh one per call when None).
     Returns [T, H] in x's dtype.
 
-    Kernel path (CUDA bf16/fp16, csrc/kernels/moe.h): three launches, no host synchronisation,
-    CUDA-graph capturable. Torch path: blockffn_router + blockffn_experts (one host sync).
+    Kernel path (CUDA bf16/fp16, csrc/kernels/moe.h): three launches (4-bit experts: the router
+    and two W4A16 expert-gather launches per 64 tokens), no host synchronisation, CUDA-graph
+    capturable. Torch path: blockffn_router + blockffn_experts (one host sync).
     """
     check_blockffn_weights(x, router_weight, norm_weight, up, down)
     if counters is not None and (counters.shape != (2,) or counters.dtype != torch.int64
                                  or counters.device != x.device):
         raise ValueError(f"blockffn: counters must be int64 [2] on {x.device}, got {counters.dtype} "
                          f"{tuple(counters.shape)} on {counters.device}")
-    if backend.use_kernel(x, router_weight, norm_weight, up, down, counters):
+    quantized = isinstance(up, W4A16Weight) and isinstance(down, W4A16Weight)
+    tensors = tuple(t.qweight if isinstance(t, W4A16Weight) else t for t in (up, down))
+    if backend.use_kernel(x, router_weight, norm_weight, *tensors, counters):
         from . import _kernels
 
-        if _kernels.supports_blockffn(x, router_weight, norm_weight, up, down):
+        scratch = scratch or BlockFFNScratch()
+        if quantized and _kernels.blockffn_w4a16_rejection(x, router_weight, norm_weight, up, down) is None:
+            return _kernels.blockffn_w4a16(x, router_weight, norm_weight, eps, up, down, counters,
+                                           scratch.sync_for(x.device, 1))
+        if not quantized and isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) \
+                and _kernels.supports_blockffn(x, router_weight, norm_weight, up, down):
             e, d = router_weight.shape[0], up.shape[0] // router_weight.shape[0]
-            sync = (scratch or BlockFFNScratch()).sync_for(x.device, _kernels.blockffn_sync_words(x.shape[1], e, d))
+            sync = scratch.sync_for(x.device, _kernels.blockffn_sync_words(x.shape[1], e, d))
             return _kernels.blockffn(x, router_weight, norm_weight, eps, up, down, counters, sync)
     weights = blockffn_router(x, router_weight, norm_weight, eps)        # [T, E]
     if counters is not None:

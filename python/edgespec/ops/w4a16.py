@@ -156,7 +156,7 @@ class _DequantBudget:
 DEQUANT_BUDGET = _DequantBudget()
 
 
-def _dense_weight(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor:
+def dense_weight(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor:
     """[N, K] dequantised weight in `dtype`, cached on `w` when the budget allows."""
     cached = w._dense
     if cached is not None and cached.dtype == dtype:
@@ -196,4 +196,4 @@ def w4a16_linear(x: torch.Tensor, w: W4A16Weight, bias: torch.Tensor | None = No
         if _kernels.supports_w4a16(x, w, bias):
             return _kernels.w4a16_linear(x, w, bias)
     # ops.linear: row-invariant on the CPU, like a dense projection (speculative == plain, bitwise).
-    return linear(x, _dense_weight(w, x.dtype), None if bias is None else bias.to(x.dtype))
+    return linear(x, dense_weight(w, x.dtype), None if bias is None else bias.to(x.dtype))

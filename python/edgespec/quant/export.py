@@ -64,7 +64,8 @@ def save_gptq(out_dir: str | Path, source: Any, config: dict[str, Any], weights:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    quantized = {f"{p}.weight" for p in weights}
+    # Linears are stored as `prefix.weight`; BlockFFN expert tensors under the bare prefix.
+    quantized = {f"{p}.weight" for p in weights} | set(weights)
     for name in source.names():
         if name not in quantized:
             tensors[name] = source.tensor(name).to(torch.float16).contiguous()
@@ -123,4 +124,7 @@ def quantize_checkpoint(model: str | Path, out_dir: str | Path, settings: QuantS
         if progress:
             tqdm.write(f"calibrating on {sum(b.numel() for b in batches)} tokens in {len(batches)} sequences")
     weights = quantize_decoder(loaded.model, settings, batches, progress=progress)
+    if config_dict.get("ffn_type") == "block":
+        # The 4-bit experts are written in the block_linear layout ([E * d, H] and [H, E * d]).
+        config_dict = dict(config_dict, ffn_type="block_linear")
     return save_gptq(out_dir, source, config_dict, weights, settings, checkpoint_format, tokenizer, extras)

@@ -11,6 +11,13 @@ Calibration runs through the model layer by layer ("sequential"): layer i's Hess
 on the outputs of the already-quantized layers 0..i-1, and within a layer each projection group
 (q|k|v, o, gate|up, down) sees its quantized predecessors.
 
+BlockFFN layers (models/blockffn.py) quantize their experts as two linears of the block_linear
+layout, up [E * d, H] and down [H, E * d]; the router stays dense (it is small and decides which
+experts run). up's Hessian is that of the FFN input over all tokens; down's is that of its real
+input, silu(up x) scaled by the router weights, so inactive (token, expert) pairs count as the
+zeros they are. down is never act-ordered: that would interleave the experts' rows across groups,
+and the kernel gathers each active expert's rows as one block.
+
 Scales follow the GPTQ convention (asymmetric: the [min(w, 0), max(w, 0)] range on 16 levels with
 an integer zero point; symmetric: zero point 8 and scale 2 max|w| / 15), rounded to fp16 before
 use so the written checkpoint reproduces exactly the weights the error compensation assumed.
@@ -206,6 +213,27 @@ PROJECTIONS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_pro
                ("o", ("self_attn.o_proj",)),
                ("ffn.gate_up", ("mlp.gate_proj", "mlp.up_proj")),
                ("ffn.down", ("mlp.down_proj",)))
+# A BlockFFN layer's experts: tensors on the BlockFFN (block_linear layout), not linears.
+BLOCKFFN_PROJECTIONS = PROJECTIONS[:2] + (("ffn.up", ("mlp.up_proj",)), ("ffn.down", ("mlp.down_proj",)))
+
+
+def _is_blockffn(layer) -> bool:
+    return hasattr(layer.ffn, "router_weight")
+
+
+def _projections(layer) -> tuple:
+    return BLOCKFFN_PROJECTIONS if _is_blockffn(layer) else PROJECTIONS
+
+
+def _blockffn_input(ffn, path: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of a BlockFFN expert projection for FFN input x [T, H]: x itself for up, the
+    router-scaled silu(up x) [T, E * d] for down (torch path, fp32 weights while calibrating)."""
+    if path == "ffn.up":
+        return x
+    weights = ops.blockffn_router(x, ffn.router_weight, ffn.router_norm, ffn.eps)       # [T, E]
+    hidden = torch.nn.functional.silu(torch.nn.functional.linear(x, ffn.up))             # [T, E * d]
+    t, e = weights.shape
+    return (hidden.view(t, e, -1) * weights[:, :, None]).view(t, -1)
 
 
 def _get(layer, path: str):
@@ -228,11 +256,15 @@ def _split_sizes(cfg, path: str) -> list[int]:
         return [cfg.q_size, cfg.kv_size, cfg.kv_size]
     if path == "ffn.gate_up":
         return [cfg.intermediate_size, cfg.intermediate_size]
+    if path == "ffn.up":  # BlockFFN: all experts' up rows
+        return [cfg.ffn["num_experts"] * cfg.ffn["expert_size"]]
     return [cfg.hidden_size]
 
 
 def _dense_weight(decoder, i: int, path: str) -> torch.Tensor:
     lin = _get(decoder.layers[i], path)
+    if isinstance(lin, torch.Tensor):  # a BlockFFN expert tensor [out, in]
+        return lin.float()
     if not isinstance(lin, DenseLinear):
         raise ValueError(f"layer {i} {path}: only dense weights can be quantized, got {type(lin).__name__} "
                          "(is the model already quantized, or not a gated-MLP model?)")
@@ -265,7 +297,7 @@ def quantize_decoder(decoder, settings: QuantSettings, calibration: Iterable[tor
     batches = [b.to(device) for b in calibration]
     if settings.method == "gptq" and not batches:
         raise ValueError("GPTQ needs calibration text (one or more token sequences)")
-    originals = [{path: _get(layer, path) for path, _ in PROJECTIONS} for layer in decoder.layers]
+    originals = [{path: _get(layer, path) for path, _ in _projections(layer)} for layer in decoder.layers]
     result: dict[str, Int4Weight] = {}
     residuals: list[torch.Tensor] = []
     cache = None
@@ -273,21 +305,24 @@ def quantize_decoder(decoder, settings: QuantSettings, calibration: Iterable[tor
         cache = decoder.new_cache(max(b.numel() for b in batches))
         with torch.no_grad():
             residuals = [ops.embedding(b, decoder.embed, cfg.embedding_scale) for b in batches]
-    bar = tqdm(total=cfg.num_layers * len(PROJECTIONS), desc=f"quantizing ({settings.method})",
-               disable=not progress, unit="proj")
+    bar = tqdm(total=sum(len(_projections(layer)) for layer in decoder.layers),
+               desc=f"quantizing ({settings.method})", disable=not progress, unit="proj")
     try:
         with torch.no_grad():
             for i, layer in enumerate(decoder.layers):
-                for path, names in PROJECTIONS:
+                for path, names in _projections(layer):
                     w = _dense_weight(decoder, i, path)
                     if settings.method == "gptq":
                         hessian = _calibrate(decoder, i, path, batches, residuals, cache)
-                        quant = quantize_gptq(w.cpu(), hessian, settings)
+                        expert_rows = _is_blockffn(layer) and path == "ffn.down"
+                        quant = quantize_gptq(w.cpu(), hessian,
+                                              dataclasses.replace(settings, act_order=False) if expert_rows else settings)
                     else:
                         quant = quantize_rtn(w.cpu(), settings)
                     # Later projections and layers calibrate on the quantized weights.
                     deq = quant.dequantize().to(device=device, dtype=decoder.dtype)
-                    _set(layer, path, DenseLinear(deq, _get(layer, path).bias))
+                    current = _get(layer, path)
+                    _set(layer, path, deq if isinstance(current, torch.Tensor) else DenseLinear(deq, current.bias))
                     start = 0
                     for name, size in zip(names, _split_sizes(cfg, path)):
                         result[f"model.layers.{i}.{name}"] = quant.select_outputs(torch.arange(start, start + size))
@@ -312,9 +347,25 @@ def _calibrate(decoder, i: int, path: str, batches: list[torch.Tensor], residual
                cache) -> torch.Tensor:
     """H of the input of projection `path` of layer i over all calibration sequences (fp32 [K, K], CPU)."""
     layer = decoder.layers[i]
+    if _is_blockffn(layer) and path.startswith("ffn."):
+        # The experts are tensors inside one op: record at the FFN's input instead.
+        ffn = layer.ffn
+        k = ffn.hidden_size if path == "ffn.up" else ffn.num_experts * ffn.expert_size
+        recorder = HessianRecorder(ffn, k, stop=True)
+        return _record(decoder, i, "ffn", lambda x: recorder(_blockffn_input(ffn, path, x)), recorder, batches,
+                       residuals, cache)
     original = _get(layer, path)
     recorder = HessianRecorder(original, original.in_features, stop=True)
-    _set(layer, path, recorder)
+    return _record(decoder, i, path, recorder, recorder, batches, residuals, cache)
+
+
+def _record(decoder, i: int, path: str, stand_in: Callable, recorder: HessianRecorder, batches: list[torch.Tensor],
+            residuals: list[torch.Tensor], cache) -> torch.Tensor:
+    """Run layer i on every calibration sequence with `stand_in` at `path` (which feeds `recorder`
+    and stops the pass), restoring the original afterwards; returns the recorded Hessian (CPU)."""
+    layer = decoder.layers[i]
+    original = _get(layer, path)
+    _set(layer, path, stand_in)
     try:
         for b, r in zip(batches, residuals):
             try:
@@ -329,13 +380,24 @@ def _calibrate(decoder, i: int, path: str, batches: list[torch.Tensor], residual
 def quantized_copy(decoder, weights: dict[str, Int4Weight], dtype: torch.dtype | None = None):
     """A Decoder sharing `decoder`'s embeddings, norms and LM head whose projections are
     QuantLinears built from `weights` (as returned by quantize_decoder), fused like the loader
-    fuses them, biases kept. `decoder` itself is not modified."""
+    fuses them, biases kept; BlockFFN layers get a new BlockFFN with 4-bit experts (and their own
+    sparsity counters). `decoder` itself is not modified."""
     dtype = dtype or decoder.dtype
     model = copy.copy(decoder)
     model.layers = []
     for i, layer in enumerate(decoder.layers):
-        new = dataclasses.replace(layer, ffn=copy.copy(layer.ffn))
-        for path, names in PROJECTIONS:
+        if _is_blockffn(layer):
+            from ..models.blockffn import BlockFFN  # noqa: PLC0415 - models import the loader, which imports quant
+
+            ffn = layer.ffn
+            experts = [weights[f"model.layers.{i}.mlp.{name}"].to_linear(None, decoder.device, dtype).weight
+                       for name in ("up_proj", "down_proj")]
+            new = dataclasses.replace(layer, ffn=BlockFFN(ffn.router_weight, ffn.router_norm, *experts, ffn.eps))
+        else:
+            new = dataclasses.replace(layer, ffn=copy.copy(layer.ffn))
+        for path, names in _projections(layer):
+            if isinstance(_get(layer, path), torch.Tensor):
+                continue  # BlockFFN experts: already in the new BlockFFN
             bias = getattr(_get(layer, path), "bias", None)
             parts = []
             start = 0
