@@ -548,11 +548,15 @@ start_cpp_build
 
 TESTS_DEADLINE=$(( $(date +%s) + TESTS_BUDGET ))
 KERNEL_TESTS=(kernels attention w4a16 sparse blockffn)
-for k in "${KERNEL_TESTS[@]}"; do
-  run_tests "tests_$k" 0 "$REPO/tests/test_${k}_gpu.py"
-done
+# Device-parametrized kernel modules (emulator and GPU in one body) that belong to a family's stage.
+declare -A SHARED_TESTS=([blockffn]=test_blockffn_w4a16_kernels.py)
 IGNORES=()
-for k in "${KERNEL_TESTS[@]}"; do IGNORES+=("--ignore=$REPO/tests/test_${k}_gpu.py"); done
+for k in "${KERNEL_TESTS[@]}"; do
+  files=("$REPO/tests/test_${k}_gpu.py")
+  [[ -n ${SHARED_TESTS[$k]:-} ]] && files+=("$REPO/tests/${SHARED_TESTS[$k]}")
+  run_tests "tests_$k" 0 "${files[@]}"
+  for f in "${files[@]}"; do IGNORES+=("--ignore=$f"); done
+done
 run_tests tests_other 1 "$REPO/tests" --continue-on-collection-errors "${IGNORES[@]}"
 
 finish_cpp_build   # before any timing: no compiler competes with the benchmarks
