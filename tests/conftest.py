@@ -92,7 +92,8 @@ def emulated_kernels(emulated_module, poisoned_kernel_outputs, monkeypatch: pyte
     device check, which becomes "all on one device"), the C++ argument checks, the launchers and
     their launch shapes. Outputs are poisoned as in the GPU tests. Set CUEMU_SCHEDULE (forward,
     reverse, random:<seed>, serial, serial-reverse; tools/cuda_emulator/runtime.cpp) to change the
-    order threads run in between synchronisation points and when cp.async copies land."""
+    order threads run in between synchronisation points and when cp.async copies land, and
+    CUEMU_MAX_SMEM (bytes) to emulate a GPU with less shared memory per block than sm_90's 227 KB."""
     from edgespec.ops import _kernels
 
     m = emulated_module
@@ -109,6 +110,8 @@ def emulated_kernels(emulated_module, poisoned_kernel_outputs, monkeypatch: pyte
     monkeypatch.setattr(_kernels, "_stream", lambda t: 0)
     monkeypatch.setattr(_kernels, "_one_cuda_device", one_device)
     monkeypatch.setattr(_kernels, "_sm_count", lambda index: EMULATED_SMS)
+    # Read at every call (no per-process cache), so a test can set CUEMU_MAX_SMEM.
+    monkeypatch.setattr(_kernels, "_smem_optin", lambda index: int(m.max_shared_memory_optin(index)))
     return _kernels
 
 

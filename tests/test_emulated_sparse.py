@@ -408,6 +408,36 @@ def test_results_do_not_depend_on_the_thread_schedule(monkeypatch):
             assert torch.equal(a, b), f"output {i} differs under CUEMU_SCHEDULE={schedule}"
 
 
+def test_block_mask_past_the_gpu_shared_memory_falls_back(monkeypatch):
+    """GQA 1, a 130-token chunk (128-row tiles) and a 64-word block mask stage 131 selection rows:
+    106 KB of shared memory per block. An H100 (227 KB) runs it; on a 99 KB GPU (sm_86/sm_89) the
+    Python check sends the call to torch, and the C++ launcher, asked anyway, refuses it with a
+    clear error instead of a failed launch."""
+    from edgespec.errors import KernelError
+
+    q, k, v, vis, positions, packed, blocks, words = _attention_case(
+        torch.bfloat16, 1, 1, 64, 400, 130, False, seed=5, extra_words=63)
+    assert words.shape[2] == 64
+    K = _K()
+    out = K.attention(q, k, v, 0.125, packed, block_mask=words)
+    ref = sparse_ref.attend_blocks(q, k, v, positions, 0.125, 64, blocks, vis)
+    assert (out.double() - ref).abs().max().item() < 2e-2
+
+    monkeypatch.setenv("CUEMU_MAX_SMEM", "101376")
+    need = K._module().attention_smem_bytes(64, 130, 1, False, 0, 64)
+    assert need > 101376
+    assert f"needs {need} bytes of shared memory per block; the GPU allows 101376" in \
+        K.attention_smem_rejection(q, k, None, 64)
+    assert K.attention_smem_rejection(q, k, None, 1) is None  # a short mask still fits
+    with pytest.raises(ValueError, match="shared memory"):
+        K.attention(q, k, v, 0.125, packed, block_mask=words)
+    # The C++ launcher re-checks (the Python rejection bypassed).
+    scratch = torch.empty_like(q)
+    with pytest.raises(KernelError, match=f"needs {need} bytes of shared memory per block, the GPU allows 101376"):
+        K._run(K._module().attention, K._view(q), K._view(k), K._view(v), None, K._view(scratch), None, None,
+               0.125, 1, 0, K._view(words))
+
+
 # --- rejections ----------------------------------------------------------------------------------
 
 def test_kernel_entry_points_reject_bad_inputs():

@@ -223,6 +223,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("heads_kv"), py::arg("tree"), py::arg("num_sms"),
         "Key-range splits the attention kernels use for this shape on a GPU with num_sms SMs (host only, "
         "no GPU needed). See csrc/kernels/attention_plan.h.");
+  m.def("attention_smem_bytes", &attention_smem_bytes, py::arg("head_dim"), py::arg("tokens"), py::arg("group"),
+        py::arg("tree"), py::arg("mask_words"), py::arg("block_words"),
+        "Shared memory (bytes) one attention block needs for this call (host only). See attention_plan.h.");
+  m.def(
+      "max_shared_memory_optin",
+      [](int device) {
+        int value = 0;
+        raise_if_error("max_shared_memory_optin",
+                       Status::from_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                                         "cudaDeviceGetAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)"),
+                       {});
+        return value;
+      },
+      py::arg("device"), "Shared memory (bytes) a kernel of this process may opt in to per block on `device`.");
 
   m.def(
       "sparse_compress_keys",

@@ -64,23 +64,16 @@ struct Tile {
   // fp32 epilogue rows padded by 8 floats: the float2 stores of one fragment row then spread
   // over all 32 banks instead of hitting the same 8.
   static constexpr int kORow = kHeadDim + 8;
-  static constexpr int kPipeBytes = 2 * kStageElems * 2;  // two stages of 16-bit K and V
-  static constexpr int kEpilogueBytes = kWarpsN * kBlockM * kORow * 4;
-  static constexpr int kMainBytes = kPipeBytes > kEpilogueBytes ? kPipeBytes : kEpilogueBytes;
-  // Per-warp row max and row sum, then per-row 1/l and log-sum-exp.
-  static constexpr int kStatBytes = (2 * kWarpsN + 2) * kBlockM * 4;
+  // Two stages of 16-bit K and V, or (reused) the epilogue's rows; then the row statistics.
+  static constexpr int kMainBytes = attention_main_bytes(kHeadDim, kWarpsM, kWarpsN);
+  static constexpr int kStatBytes = attention_stat_bytes(kWarpsM, kWarpsN);
+  static_assert(kMainBytes >= 2 * kStageElems * 2 && kMainBytes >= kWarpsN * kBlockM * kORow * 4,
+                "attention_main_bytes covers the pipeline and the epilogue");
 
   static_assert(kBlockM * kHeadDim <= kStageElems, "the Q tile is staged in the second pipeline stage");
   static_assert(kWarpKeys % 16 == 0, "a warp's key slice must be whole k16 steps of P.V");
   static_assert((kBlockN * kChunks) % kThreads == 0, "every thread copies the same number of K/V chunks");
 };
-
-// Largest number of distinct tokens among kBlockM consecutive packed rows (their mask rows are
-// staged in shared memory): floor((kBlockM - 1) / G) + 2, at most T.
-__host__ __device__ inline int mask_tokens_per_block(int block_m, int group, int tokens) {
-  const int span = (block_m - 1) / group + 2;
-  return span < tokens ? span : tokens;
-}
 
 // Block-sparse helpers over a bitset of 64-key tiles (bit t % 64 of word t / 64 is tile t).
 __device__ __forceinline__ std::uint64_t bits_below(int n) {
@@ -499,20 +492,27 @@ Status launch_attention_tiles(const AttentionParams<T>& p, cudaStream_t stream) 
   const std::int64_t rows = static_cast<std::int64_t>(p.tokens) * p.group;
   const std::int64_t row_tiles = (rows + C::kBlockM - 1) / C::kBlockM;
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, kMaxGridX, "attention: number of query row tiles"));
-  const int span_tokens = mask_tokens_per_block(C::kBlockM, p.group, p.tokens);
-  const int mask_bytes = kTree ? span_tokens * p.mask_words * 8 : 0;
-  // Block-sparse: the tokens' selected-tile rows plus their union and intersection words.
-  const int sel_bytes = p.block_mask != nullptr ? (span_tokens + 2) * p.block_words * 8 : 0;
-  const int smem = C::kMainBytes + C::kStatBytes + mask_bytes + sel_bytes;
+  const std::int64_t smem = attention_smem_bytes(kHeadDim, p.tokens, p.group, kTree, kTree ? p.mask_words : 0,
+                                                 p.block_mask != nullptr ? p.block_words : 0);
+  int device = 0, optin = 0;
+  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaGetDevice(&device), "attention: cudaGetDevice"));
+  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+      "attention: reading the GPU's shared memory limit"));
+  if (smem > optin) {
+    return Status::unsupported("attention: this call needs " + std::to_string(smem) +
+                               " bytes of shared memory per block, the GPU allows " + std::to_string(optin) +
+                               " (tree-mask and block-selection rows grow with the tokens a block spans)");
+  }
   auto* kernel = attention_kernel<T, kHeadDim, kWarpsM, kWarpsN, kTree>;
   // Above 48 KB of dynamic shared memory a kernel must opt in (per kernel, not per launch, but
   // the call is cheap, needs no synchronisation and is legal during stream capture).
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
       "attention: requesting dynamic shared memory for attention_kernel"));
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv),
                   static_cast<unsigned>(p.splits));
-  kernel<<<grid, C::kThreads, smem, stream>>>(p);
+  kernel<<<grid, C::kThreads, static_cast<std::size_t>(smem), stream>>>(p);
   EDGESPEC_CHECK_LAUNCH("attention_kernel");
   return Status::success();
 }

@@ -23,7 +23,10 @@
 //   an input; tree_mask int64 [T, ceil(T / 64)] contiguous with T <= kAttentionMaxTreeTokens;
 //   block_mask int64 [T, Hkv, W] contiguous with ceil(S / 64) <= 64 W <= 64 kAttentionMaxBlockWords;
 //   with splits > 1, partial_out fp32 [splits, T * Hq, D] and partial_lse fp32 [splits, T * Hq],
-//   both contiguous (scratch: their contents on entry do not matter).
+//   both contiguous (scratch: their contents on entry do not matter). The launcher also refuses
+//   (kUnsupported) a call whose block needs more shared memory than the GPU's opt-in limit
+//   (attention_smem_bytes in attention_plan.h: long block masks with a small GQA group on a
+//   99 KB sm_86/sm_89); edgespec/ops/_kernels.py checks the same first and falls back to torch.
 //
 // Launch shape (attention.cuh): packed query rows r = t * G + g (the G query heads sharing one KV
 // head are adjacent rows of one tile, so every K/V tile loaded to shared memory serves all of

@@ -43,6 +43,14 @@
 
 #include "kernels/attention.h"
 
+// attention.cuh calls mask_tokens_per_block() in its kernel; host code (bindings, benchmarks)
+// includes this header without nvcc.
+#if defined(__CUDACC__)
+#define EDGESPEC_HOST_DEVICE __host__ __device__
+#else
+#define EDGESPEC_HOST_DEVICE
+#endif
+
 namespace edgespec {
 
 struct AttentionTileShape {
@@ -64,6 +72,38 @@ inline AttentionTileShape attention_tile_shape(std::int64_t tokens, int group, b
   if (rows <= 16) return {1, 4};
   if (!tree && rows > 128) return {8, 1};
   return {4, 1};
+}
+
+// Largest number of distinct tokens among block_m consecutive packed rows (their tree-mask and
+// block-selection rows are staged in shared memory): floor((block_m - 1) / G) + 2, at most T.
+EDGESPEC_HOST_DEVICE inline int mask_tokens_per_block(int block_m, int group, int tokens) {
+  const int span = (block_m - 1) / group + 2;
+  return span < tokens ? span : tokens;
+}
+
+// Shared memory of one block, in bytes. attention.cuh's Tile takes its two fixed parts from here;
+// the launcher checks the total against the GPU's opt-in limit (returning kUnsupported rather than
+// failing the launch), and edgespec/ops/_kernels.py asks for it (through the binding) to fall back
+// to torch first. The variable parts: the tree-mask rows and the block-selection rows (plus their
+// union and intersection words) of the tokens a block spans.
+constexpr int attention_main_bytes(int head_dim, int warps_m, int warps_n) {
+  const int pipe = 2 * 2 * kAttentionBlockN * head_dim * 2;       // two stages of 16-bit K and V tiles
+  const int epilogue = warps_n * 16 * warps_m * (head_dim + 8) * 4;  // fp32 rows padded by 8 (reuses pipe)
+  return pipe > epilogue ? pipe : epilogue;
+}
+
+constexpr int attention_stat_bytes(int warps_m, int warps_n) {
+  return (2 * warps_n + 2) * 16 * warps_m * 4;  // per-warp row max and sum, then per-row 1/l and lse
+}
+
+inline std::int64_t attention_smem_bytes(int head_dim, std::int64_t tokens, int group, bool tree, int mask_words,
+                                         int block_words) {
+  const AttentionTileShape shape = attention_tile_shape(tokens, group, tree);
+  const int span = mask_tokens_per_block(shape.block_m(), group, static_cast<int>(tokens));
+  const std::int64_t mask_bytes = tree ? std::int64_t{span} * mask_words * 8 : 0;
+  const std::int64_t sel_bytes = block_words > 0 ? std::int64_t{span + 2} * block_words * 8 : 0;
+  return attention_main_bytes(head_dim, shape.warps_m, shape.warps_n) +
+         attention_stat_bytes(shape.warps_m, shape.warps_n) + mask_bytes + sel_bytes;
 }
 
 inline std::int64_t attention_ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }

@@ -94,7 +94,12 @@ constexpr unsigned char kCanary = 0xA5;
 // before it is written shows up in the output.
 constexpr unsigned char kSmemPoison = 0xFF;
 constexpr std::size_t kDefaultMaxDynamicSmem = 48 * 1024;
-constexpr std::size_t kHardwareMaxDynamicSmem = 227 * 1024;  // sm_90; sm_80 allows 163 KB
+// The opt-in dynamic shared memory limit of the emulated GPU: sm_90's 227 KB unless CUEMU_MAX_SMEM
+// (bytes) says otherwise, e.g. 101376 (99 KB) to emulate sm_86/sm_89, 166912 (163 KB) for sm_80.
+std::size_t hardware_max_dynamic_smem() {
+  const char* env = std::getenv("CUEMU_MAX_SMEM");
+  return env != nullptr && *env != '\0' ? static_cast<std::size_t>(std::strtoull(env, nullptr, 10)) : 227 * 1024;
+}
 
 std::vector<Fiber> fibers;
 std::vector<WarpRounds> warps;
@@ -480,6 +485,21 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cuemu::launch_error("the emulator has one device, 0");
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(cuemu::hardware_max_dynamic_smem());
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = 132;  // an H100 SXM, as tests/conftest.py's EMULATED_SMS
+      return cudaSuccess;
+    default:
+      return cuemu::launch_error("cudaDeviceGetAttribute: attribute " + std::to_string(static_cast<int>(attr)) +
+                                 " is not emulated");
+  }
+}
+
 cudaError_t cudaSetDevice(int device) {
   return device == 0 ? cudaSuccess : cuemu::launch_error("the emulator has one device, 0");
 }
@@ -502,10 +522,10 @@ const char* cudaGetErrorString(cudaError_t error) {
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || static_cast<std::size_t>(value) > cuemu::kHardwareMaxDynamicSmem) {
+    if (value < 0 || static_cast<std::size_t>(value) > cuemu::hardware_max_dynamic_smem()) {
       return cuemu::launch_error("cudaFuncSetAttribute: " + std::to_string(value) +
                                  " bytes of dynamic shared memory exceed the hardware's " +
-                                 std::to_string(cuemu::kHardwareMaxDynamicSmem));
+                                 std::to_string(cuemu::hardware_max_dynamic_smem()));
     }
     cuemu::max_dynamic_smem[func] = value;
   }

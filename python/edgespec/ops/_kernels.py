@@ -344,12 +344,33 @@ def attention_rejection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if reason:
         return reason
     tensors = {"q": q, "k": k, "v": v} | ({"tree_mask": tree_mask} if tree_mask is not None else {})
-    return _one_cuda_device(**tensors)
+    return _one_cuda_device(**tensors) or attention_smem_rejection(q, k, tree_mask)
 
 
 def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        tree_mask: torch.Tensor | None = None) -> bool:
     return attention_rejection(q, k, v, tree_mask) is None
+
+
+@lru_cache(maxsize=None)
+def _smem_optin(device_index: int) -> int:
+    # The per-block shared memory a kernel may opt in to (99 KB on sm_86/sm_89, 163 KB on sm_80,
+    # 227 KB on sm_90); queried once per device, on first use.
+    return int(_module().max_shared_memory_optin(device_index))
+
+
+def attention_smem_rejection(q: torch.Tensor, k: torch.Tensor, tree_mask: torch.Tensor | None,
+                             block_words: int = 0) -> str | None:
+    """Why this call's attention block would need more shared memory than the GPU allows, or None.
+    Long trees and long block masks (block_words int64 words per token) with a small GQA group
+    stage many rows (csrc/kernels/attention_plan.h); q, k on one CUDA device, shapes checked."""
+    t, hq, d = q.shape
+    need = _module().attention_smem_bytes(d, t, hq // k.shape[1], tree_mask is not None,
+                                          0 if tree_mask is None else tree_mask.shape[1], block_words)
+    limit = _smem_optin(q.device.index or 0)
+    if need > limit:
+        return f"this call needs {need} bytes of shared memory per block; the GPU allows {limit}"
+    return None
 
 
 @lru_cache(maxsize=None)
@@ -379,7 +400,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results.
     """
     _require("attention", attention_rejection(q, k, v, tree_mask)
-             or (block_mask_rejection(q, k, block_mask) if block_mask is not None else None))
+             or (block_mask_rejection(q, k, block_mask) or attention_smem_rejection(q, k, tree_mask, block_mask.shape[2])
+                 if block_mask is not None else None))
     if _chunk_rejection("q", q) is not None:
         q = q.contiguous()
     if tree_mask is not None and not tree_mask.is_contiguous():

@@ -209,6 +209,8 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     nb = (s + cfg.block_size - 1) // cfg.block_size
     if cfg.block_size != _kernels.ATTENTION_BLOCK_KEYS or not _kernels.supports_attention(q, k, v, tree_mask):
         return None
+    if _kernels.attention_smem_rejection(q, k, tree_mask, -(-nb // 64)) is not None:
+        return None  # the block-selection rows would not fit the GPU's shared memory: torch path
     if t <= _KERNEL_SELECT_MAX_TOKENS and _kernels.supports_sparse_select(q, ck, positions, cfg, nb):
         words = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb)
     else:
