@@ -548,14 +548,16 @@ start_cpp_build
 
 TESTS_DEADLINE=$(( $(date +%s) + TESTS_BUDGET ))
 KERNEL_TESTS=(kernels attention w4a16 sparse blockffn)
-# Device-parametrized kernel modules (emulator and GPU in one body) that belong to a family's stage.
-declare -A SHARED_TESTS=([blockffn]=test_blockffn_w4a16_kernels.py)
+# The test modules of each kernel family's stage (GPU-only modules, or device-parametrized ones
+# whose `gpu` cases run here and whose `emulated` cases run in CI).
+declare -A KERNEL_FILES=([kernels]="test_kernels_gpu.py" [attention]="test_attention_gpu.py"
+                         [w4a16]="test_w4a16_gpu.py" [sparse]="test_sparse_gpu.py"
+                         [blockffn]="test_blockffn_kernels.py test_blockffn_w4a16_kernels.py")
 IGNORES=()
 for k in "${KERNEL_TESTS[@]}"; do
-  files=("$REPO/tests/test_${k}_gpu.py")
-  [[ -n ${SHARED_TESTS[$k]:-} ]] && files+=("$REPO/tests/${SHARED_TESTS[$k]}")
+  files=()
+  for f in ${KERNEL_FILES[$k]}; do files+=("$REPO/tests/$f"); IGNORES+=("--ignore=$REPO/tests/$f"); done
   run_tests "tests_$k" 0 "${files[@]}"
-  for f in "${files[@]}"; do IGNORES+=("--ignore=$f"); done
 done
 run_tests tests_other 1 "$REPO/tests" --continue-on-collection-errors "${IGNORES[@]}"
 

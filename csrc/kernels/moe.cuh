@@ -27,7 +27,7 @@
 // epilogue, then resets the counter to zero (threadFenceReduction pattern: partials, fence,
 // atomic ticket; the last block fences again and reads with ld.global.cg).
 //
-// Status: correct on the CPU emulator (tests/test_emulated_blockffn.py), never run on a GPU.
+// Status: correct on the CPU emulator (tests/test_blockffn_kernels.py), never run on a GPU.
 // Tuning (untuned: no GPU was available when this was written): kUnroll chunks are in flight per
 // lane (4 for T <= 16, 2 for T <= 32, 1 above, to bound registers: kMT * 2 A vectors per chunk);
 // the splits are chosen by edgespec/ops/_kernels.py from the SM count.
