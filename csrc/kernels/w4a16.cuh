@@ -26,7 +26,7 @@
 //   (up) or k16 tile (down) and scale rows of each compact tile come from the active list at copy
 //   time, so the dequantisation and mma loop is the plain GEMM's.
 //
-// Status: correct on the CPU emulator (tests/test_emulated_w4a16.py), never run on a GPU.
+// Status: correct on the CPU emulator (tests/test_w4a16_kernels.py), never run on a GPU.
 // Tuning status: untuned; written and compiled without a GPU. kNU (column tiles per block) and
 // the split heuristic (w4a16.cpp) are the first knobs to measure.
 #pragma once
