@@ -1,5 +1,5 @@
-"""Random 4-bit weights, the float64 oracle and the tolerance rule shared by the W4A16 kernel tests
-on a GPU (test_w4a16_gpu.py) and on the CPU emulator (test_emulated_w4a16.py)."""
+"""Random 4-bit weights, the float64 oracle and the tolerance rule of the W4A16 kernel tests
+(test_w4a16_kernels.py, on the emulator and a GPU) and the 4-bit BlockFFN tests."""
 from __future__ import annotations
 
 import torch
