@@ -13,6 +13,17 @@ from oracle.attention import attention_ref
 K_TORCH = 2.0
 
 
+def device_cases(emulated, gpu) -> list:
+    """Parameters for tests on the `kernel_device` fixture whose cases differ by target: the
+    `emulated` cases (tuples) on the CPU emulator, the `gpu` cases (usually a superset, at real
+    sizes) on a GPU. Use as
+
+        @pytest.mark.parametrize("kernel_device, t, prefix", device_cases(EMU, GPU), indirect=["kernel_device"])
+    """
+    return ([pytest.param("emulated", *case, marks=pytest.mark.emulated) for case in emulated]
+            + [pytest.param("cuda", *case, marks=pytest.mark.gpu) for case in gpu])
+
+
 def randn(*shape: int, dtype: torch.dtype, seed: int, device: str | torch.device, scale: float = 1.0,
           shift: float = 0.0) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)

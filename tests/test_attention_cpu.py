@@ -1,7 +1,7 @@
 """CPU checks around the attention kernels: their oracle, predicate, split plan and C++ re-checks.
 
 * The oracle (tests/oracle/attention.py) is what the CUDA kernels are judged against on a GPU
-  (tests/test_attention_gpu.py), so it is itself checked here against the op layer's torch path,
+  (tests/test_attention_kernels.py), so it is itself checked here against the op layer's torch path,
   with its own independent bit packing.
 * `_kernels.attention_rejection` decides which calls go to the kernels; its reasons are
   device-independent and therefore testable on CPU tensors.

@@ -31,7 +31,7 @@
 //   way: parity with cuDNN/FA3-backed SDPA on Hopper needs wgmma; on A100/Ada mma.sync is the
 //   right instruction.
 //
-// Status: correct on the CPU emulator (tests/test_emulated_attention.py), never run on a GPU.
+// Status: correct on the CPU emulator (tests/test_attention_kernels.py), never run on a GPU.
 // Tuning history: first version, written without access to a GPU; the constants above are
 // first estimates from the roofline. Retune on a lent H100/H200/A100 with
 // bench/python/bench_attention.py (and bench/cpp/bench_attention) and record what changed and why
