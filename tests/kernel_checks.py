@@ -1,5 +1,5 @@
-"""Inputs and comparisons shared by the kernel tests on a GPU (test_*_gpu.py) and on the CPU
-emulator (test_emulated_*.py): one tolerance rule, one way to build inputs, any device."""
+"""Inputs and comparisons shared by the kernel test modules (test_*_kernels.py), whose checks run on
+the CPU emulator and on a GPU: one tolerance rule, one way to build inputs, any device."""
 from __future__ import annotations
 
 import pytest

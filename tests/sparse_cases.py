@@ -1,5 +1,5 @@
-"""InfLLM-v2 settings and random inputs shared by the sparse kernel tests on a GPU
-(test_sparse_gpu.py) and on the CPU emulator (test_emulated_sparse.py)."""
+"""InfLLM-v2 settings and random inputs shared by the sparse tests: the kernel tests on the CPU
+emulator and a GPU (test_sparse_kernels.py) and the CPU tests of the op layer."""
 from __future__ import annotations
 
 import torch

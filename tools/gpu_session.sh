@@ -551,7 +551,7 @@ KERNEL_TESTS=(kernels attention w4a16 sparse blockffn)
 # The test modules of each kernel family's stage (GPU-only modules, or device-parametrized ones
 # whose `gpu` cases run here and whose `emulated` cases run in CI).
 declare -A KERNEL_FILES=([kernels]="test_ops_kernels.py" [attention]="test_attention_kernels.py"
-                         [w4a16]="test_w4a16_kernels.py" [sparse]="test_sparse_gpu.py"
+                         [w4a16]="test_w4a16_kernels.py" [sparse]="test_sparse_kernels.py"
                          [blockffn]="test_blockffn_kernels.py test_blockffn_w4a16_kernels.py")
 IGNORES=()
 for k in "${KERNEL_TESTS[@]}"; do

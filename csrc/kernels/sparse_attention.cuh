@@ -2,7 +2,7 @@
 // sparse_attention.h for the contract. Included only by the generated instance files
 // csrc/instances/sparse_<dtype>.cu.
 //
-// Status: correct on the CPU emulator (tests/test_emulated_sparse.py), never run on a GPU.
+// Status: correct on the CPU emulator (tests/test_sparse_kernels.py), never run on a GPU.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,6 +1,8 @@
-"""InfLLM-v2 block-sparse kernels on the CPU emulator (tools/cuda_emulator) against the oracle
-(tests/oracle/sparse_ref.py): the comparisons of test_sparse_gpu.py at shapes the emulator runs in
-seconds, on CPU tensors standing in for cuda:0 (132 SMs, outputs poisoned with NaN / -7).
+"""InfLLM-v2 block-sparse kernels against the oracle (tests/oracle/sparse_ref.py).
+
+One body per check for both targets (the `kernel_device` fixture, or `device_cases` where the
+sizes differ): the CPU emulator (`emulated`: CPU tensors standing in for cuda:0 with 132 SMs) and
+a GPU (`gpu`, skipped without one), outputs poisoned with NaN / -7 on both.
 
 Covers: compressed keys (incremental and overlapping ranges, lengths not divisible by the stride,
 odd geometries, every dtype, strided keys, more kernels than launch blocks, rows past the complete
@@ -13,11 +15,15 @@ the attention kernel's block-mask path against the oracle (decode, prefill chunk
 all five kernel instances (tile shape x tree), head dims 64 and 128, bf16 and fp16, planned / 1 /
 7 splits, strided views, mask bits the kernel must ignore, a token that selects nothing); the op
 layer end to end on the kernels, and its torch fallback past the score kernels' shared memory;
-thread-order independence (CUEMU_SCHEDULE forward / reverse / random / serial / serial-reverse,
-bit-identical); the rejections.
+thread-order independence (emulator: CUEMU_SCHEDULE forward / reverse / random / serial /
+serial-reverse, bit-identical); the rejections. GPU only: device-side lengths under CUDA graph
+replay, the op layer's kernel dispatch, and generation over a long context in which tokens
+generated more than one window ago must still be selectable.
 """
 from __future__ import annotations
 
+import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -27,24 +33,23 @@ import torch.nn.functional as F
 from edgespec import ops
 from edgespec.models.sparse import parse_sparse_config
 from oracle import sparse_ref
+from kernel_checks import device_cases
 from sparse_cases import MINICPM4_8B, SMALL, allowed_keys, assert_selection_matches_oracle, pack_blocks, params, random_case, random_selection
-
-pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulated_kernels")]
 
 # Blocks of 16 tokens (the selection kernels take any block_size % kernel_stride == 0): many blocks,
 # and masks of several words, in a short context.
 FINE = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16,
         "window_size": 32, "topk": 4, "use_nope": False, "dense_len": 256}
 # Block scores closer than this may rank differently in the kernels' fp32 and the fp64 oracle (the
-# kernels' scores are within ~1e-7 of it here; the GPU test allows 1e-4).
-TIE = 1e-5
+# emulated kernels' scores are within ~1e-7 of it; a GPU's fused multiply-adds round differently).
+TIE = 1e-4
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """The emulator runs on one host thread; the oracles' many tiny torch ops run far faster
-    without intra-op threads (on a loaded 2-core machine, up to 100x)."""
+    without intra-op threads (on a loaded 2-core machine, up to 100x). Harmless on a GPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -60,7 +65,7 @@ def _K():
 def _unpack(words: torch.Tensor) -> torch.Tensor:
     """int64 [..., W] -> bool [..., 64 W] (bit n % 64 of word n // 64)."""
     shifts = torch.arange(64, dtype=torch.int64)
-    return ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
+    return ((words.cpu().unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
 
 
 # --- compressed keys -----------------------------------------------------------------------------
@@ -71,13 +76,13 @@ def _unpack(words: torch.Tensor) -> torch.Tensor:
     (3, 72, 8, 4),     # odd heads and dim
     (2, 128, 7, 3),    # kernels and stride that divide nothing
 ])
-def test_compress_keys_matches_oracle(dtype, hkv, dim, kernel_size, kernel_stride):
+def test_compress_keys_matches_oracle(kernel_device, dtype, hkv, dim, kernel_size, kernel_stride):
     gen = torch.Generator().manual_seed(hkv * dim + kernel_size)
     s = 411
-    keys = torch.randn(s, hkv, dim, generator=gen).to(dtype)
+    keys = torch.randn(s, hkv, dim, generator=gen).to(kernel_device, dtype)
     p = sparse_ref.SparseParams(64, kernel_size, kernel_stride, 0, 64, 0, 0)
     n_max = sparse_ref.kernel_count(s, p)
-    ck = torch.full((n_max + 9, hkv, dim), float("nan"), dtype=dtype)
+    ck = torch.full((n_max + 9, hkv, dim), float("nan"), dtype=dtype, device=kernel_device)
     # Growing ranges, one-token steps, an overlapping recompute, lengths off the stride grid.
     for a, b in [(0, 6), (0, 31), (31, 100), (100, 101), (101, 102), (90, 233), (233, 250), (250, s)]:
         assert _K().supports_compress_keys(keys, ck, kernel_size, kernel_stride)
@@ -85,32 +90,33 @@ def test_compress_keys_matches_oracle(dtype, hkv, dim, kernel_size, kernel_strid
         n = sparse_ref.kernel_count(b, p)
         assert not torch.isnan(ck[:n]).any(), f"after range ({a}, {b}): a kernel complete in [0, {b}) was not written"
         assert torch.isnan(ck[n:]).all(), f"after range ({a}, {b}): rows past {n} complete kernels must be left alone"
-    ref = sparse_ref.compressed_keys(keys, s, p)
+    ref = sparse_ref.compressed_keys(keys.cpu(), s, p)
     # fp32 sum and one rounding: at most the storage dtype's half ulp off the fp64 mean, plus fp32 noise.
     rtol = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 1e-6}[dtype]
-    torch.testing.assert_close(ck[:n_max].double(), ref, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(ck[:n_max].cpu().double(), ref, rtol=rtol, atol=1e-6)
 
 
-def test_compress_keys_strided_keys_and_more_kernels_than_blocks():
+def test_compress_keys_strided_keys_and_more_kernels_than_blocks(kernel_device):
     # Keys read through a view of an interleaved [S, 2, Hkv, D] cache (row stride 2 Hkv D), and a
     # range of 4198 kernels: more than the 4096 blocks a launch has, so blocks stride over kernels.
     gen = torch.Generator().manual_seed(3)
     s, p = 4_200, sparse_ref.SparseParams(64, 3, 1, 0, 64, 0, 0)
-    cache = torch.randn(s, 2, 1, 8, generator=gen)
+    cache = torch.randn(s, 2, 1, 8, generator=gen).to(kernel_device)
     keys = cache[:, 0]
-    ck = torch.full((s, 1, 8), float("nan"))
+    ck = torch.full((s, 1, 8), float("nan"), device=kernel_device)
     _K().compress_keys(keys, ck, 0, 37, 3, 1)
     _K().compress_keys(keys, ck, 37, s, 3, 1)
     n = sparse_ref.kernel_count(s, p)
-    torch.testing.assert_close(ck[:n].double(), sparse_ref.compressed_keys(keys, s, p), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ck[:n].cpu().double(), sparse_ref.compressed_keys(keys.cpu(), s, p), rtol=1e-6,
+                               atol=1e-6)
     assert torch.isnan(ck[n:]).all()
 
 
-def test_compress_keys_reads_its_range_on_the_device():
+def test_compress_keys_reads_its_range_on_the_device(kernel_device):
     cfg = parse_sparse_config(SMALL)
-    keys = torch.randn(400, 2, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
-    ck = torch.full((30, 2, 64), float("nan"), dtype=torch.bfloat16)
-    lengths = torch.tensor([96, 200], dtype=torch.int32)
+    keys = torch.randn(400, 2, 64, generator=torch.Generator().manual_seed(1)).to(kernel_device, torch.bfloat16)
+    ck = torch.full((30, 2, 64), float("nan"), dtype=torch.bfloat16, device=kernel_device)
+    lengths = torch.tensor([96, 200], dtype=torch.int32, device=kernel_device)
     # The host bounds allow every kernel of the 400 tokens; the device range decides which are written.
     _K().compress_keys(keys, ck, 0, 400, cfg.kernel_size, cfg.kernel_stride, lengths=lengths)
     done = ~torch.isnan(ck[:, 0, 0])
@@ -121,7 +127,7 @@ def test_compress_keys_reads_its_range_on_the_device():
 # --- block scores and selection ------------------------------------------------------------------
 
 def _compressed(cfg, k, length):
-    ck = torch.zeros(max(cfg.num_kernels(k.shape[0]), 1), k.shape[1], k.shape[2], dtype=k.dtype)
+    ck = torch.zeros(max(cfg.num_kernels(k.shape[0]), 1), k.shape[1], k.shape[2], dtype=k.dtype, device=k.device)
     _K().compress_keys(k, ck, 0, length, cfg.kernel_size, cfg.kernel_stride)
     return ck
 
@@ -132,7 +138,7 @@ def _check_selection(cfg, q, k, positions, kv_limit, dense_len, ck=None):
     s, hkv = k.shape[0], k.shape[1]
     nb = (s + cfg.block_size - 1) // cfg.block_size
     ck = _compressed(cfg, k, kv_limit) if ck is None else ck
-    pos = torch.tensor(positions)
+    pos = torch.tensor(positions, device=q.device)
     scale = q.shape[-1] ** -0.5
     assert _K().supports_sparse_select(q, ck, pos, cfg, nb)
     words = _K().sparse_select_blocks(q, ck, pos, cfg, scale, dense_len, kv_limit, nb)
@@ -150,11 +156,11 @@ def _positions(lo, hi, n, must, seed):
 
 
 @pytest.mark.parametrize("hq, hkv", [(2, 2), (8, 2), (16, 1)])
-def test_select_chunk_crossing_dense_threshold_matches_oracle(hq, hkv):
+def test_select_chunk_crossing_dense_threshold_matches_oracle(kernel_device, hq, hkv):
     cfg = parse_sparse_config(SMALL)
     s = 1_131  # 17.7 blocks, 69 kernels: a partial last block and a partial pool window
     positions = _positions(431, s, 24, [431, 510, 511, 512, 575, 576, 639, 640, s - 1], seed=hq)
-    q, k, _ = random_case(hq, hkv, 64, s, len(positions), torch.bfloat16, seed=hq, device="cpu")
+    q, k, _ = random_case(hq, hkv, 64, s, len(positions), torch.bfloat16, seed=hq, device=kernel_device)
     _check_selection(cfg, q, k, positions, s, cfg.dense_len)
 
 
@@ -164,22 +170,27 @@ def test_select_chunk_crossing_dense_threshold_matches_oracle(hq, hkv):
     (1, 64, 200),   # top-k above the candidates: every block with a visible kernel
 ])
 @pytest.mark.parametrize("hq, hkv, dim", [(4, 1, 128), (8, 2, 64)])
-def test_select_many_blocks_matches_oracle(init_blocks, window_size, topk, hq, hkv, dim):
+def test_select_many_blocks_matches_oracle(kernel_device, init_blocks, window_size, topk, hq, hkv, dim):
     # 131 blocks (three mask words, a 256-entry sort), forced sparse from position 0: queries with
     # no complete kernel, and with kernels ending inside a block, select only their fixed blocks.
     cfg = parse_sparse_config({**FINE, "init_blocks": init_blocks, "window_size": window_size, "topk": topk})
     s = 2_093
     positions = _positions(0, s, 20, [0, 3, 7, 8, 11, 15, 16, 19, 31, 32, 63, 64, 1023, 1024, s - 1], seed=topk)
-    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.float16, seed=init_blocks + dim, device="cpu")
+    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.float16, seed=init_blocks + dim, device=kernel_device)
     _check_selection(cfg, q, k, positions, s, 0)
+
+
+# 140.8 blocks (three words), 562 kernels, above dense_len 8192; on the GPU also 256.4 blocks and
+# 1024 kernels: a partial last block and pool window.
+MINICPM4_DECODE = device_cases(emulated=[(9_011,)], gpu=[(9_011,), (16_411,)])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("t", [1, 3])
-def test_select_minicpm4_8b_decode_matches_oracle(dtype, t):
+@pytest.mark.parametrize("kernel_device, s", MINICPM4_DECODE, indirect=["kernel_device"])
+def test_select_minicpm4_8b_decode_matches_oracle(kernel_device, s, dtype, t):
     cfg = parse_sparse_config(MINICPM4_8B)
-    s = 9_011  # 140.8 blocks (three words), 562 kernels, above dense_len 8192
-    q, k, _ = random_case(32, 2, 128, s, t, dtype, seed=t, device="cpu")
+    q, k, _ = random_case(32, 2, 128, s, t, dtype, seed=t, device=kernel_device)
     words, _ = _check_selection(cfg, q, k, list(range(s - t, s)), s, cfg.dense_len)
     assert _unpack(words[-1]).sum(dim=-1).tolist() == [1 + 32 + 64] * 2
 
@@ -190,53 +201,54 @@ def test_select_minicpm4_8b_decode_matches_oracle(dtype, t):
     (32, 1, 256),    # 70 KB of score shared memory: above the 48 KB default (opt-in)
     (64, 1, 192),    # the largest group, 82 KB
 ])
-def test_select_head_shapes_and_strided_inputs_match_oracle(hq, hkv, dim):
+def test_select_head_shapes_and_strided_inputs_match_oracle(kernel_device, hq, hkv, dim):
     cfg = parse_sparse_config(FINE)
     s = 700
     positions = [0, 40, 100, 101, 355, 650, 699]
-    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.bfloat16, seed=hq + dim, device="cpu")
+    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.bfloat16, seed=hq + dim, device=kernel_device)
     # q as the head slice of a fused QKV row, k as the K half of an interleaved KV cache.
-    fused = torch.randn(len(positions), hq + 2 * hkv, dim).bfloat16()
+    fused = torch.randn(len(positions), hq + 2 * hkv, dim).to(kernel_device, torch.bfloat16)
     fused[:, :hq] = q
-    cache = torch.randn(s, 2, hkv, dim).bfloat16()
+    cache = torch.randn(s, 2, hkv, dim).to(kernel_device, torch.bfloat16)
     cache[:, 0] = k
     _check_selection(cfg, fused[:, :hq], cache[:, 0], positions, s, 0)
 
 
-def test_select_tree_uses_the_prefix_and_ignores_scratch_contents(monkeypatch):
+def test_select_tree_uses_the_prefix_and_ignores_scratch_contents(kernel_device, monkeypatch):
     cfg = parse_sparse_config(SMALL)
     prefix, t = 1_500, 9
     depth = [0, 1, 1, 2, 2, 3, 3, 4, 5]
-    q, k, _ = random_case(16, 2, 128, prefix + t, t, torch.bfloat16, seed=9, device="cpu")
+    q, k, _ = random_case(16, 2, 128, prefix + t, t, torch.bfloat16, seed=9, device=kernel_device)
     positions = [prefix + d for d in depth]
     ck = _compressed(cfg, k, prefix)
     words, _ = _check_selection(cfg, q, k, positions, prefix, cfg.dense_len, ck=ck)
     nb = (prefix + t + 63) // 64
-    pos = torch.tensor(positions)
+    pos = torch.tensor(positions, device=kernel_device)
     # kv_limit read on the device (graph capture) gives the same words.
-    device_limit = torch.tensor([prefix], dtype=torch.int32)
+    device_limit = torch.tensor([prefix], dtype=torch.int32, device=kernel_device)
     assert torch.equal(_K().sparse_select_blocks(q, ck, pos, cfg, 128 ** -0.5, cfg.dense_len, device_limit, nb), words)
     # Other scratch and output contents (zeros, +inf, all-ones words): the result must not change.
     K = _K()
     for fill_float, fill_int in [(0.0, 0), (float("inf"), -1)]:
         monkeypatch.setattr(K, "_new_output", lambda shape, dtype, device, f=fill_float, i=fill_int:
-                            torch.full(tuple(shape), f if dtype.is_floating_point else i, dtype=dtype))
+                            torch.full(tuple(shape), f if dtype.is_floating_point else i, dtype=dtype, device=device))
         again = K.sparse_select_blocks(q, ck, pos, cfg, 128 ** -0.5, cfg.dense_len, prefix, nb)
         assert torch.equal(again, words)
 
 
-def test_device_lengths_follow_decode_steps():
-    """The GPU test's graph replay without the graph: the same launches (host bounds fixed for a
-    jump of up to 48 tokens), with only the device-side lengths, kv_limit and position changing."""
+def test_device_lengths_follow_decode_steps(kernel_device):
+    """The graph replay test's launches without the graph: the same launches (host bounds fixed for
+    a jump of up to 48 tokens), with only the device-side lengths, kv_limit and position changing."""
+    dev = kernel_device
     cfg = parse_sparse_config(SMALL)
     s_max = 1_300
-    q_all, k, _ = random_case(16, 2, 128, s_max, 40, torch.bfloat16, seed=11, device="cpu")
+    q_all, k, _ = random_case(16, 2, 128, s_max, 40, torch.bfloat16, seed=11, device=kernel_device)
     nb = (s_max + 63) // 64
-    ck = torch.full((cfg.num_kernels(s_max), 2, 128), float("nan"), dtype=torch.bfloat16)
+    ck = torch.full((cfg.num_kernels(s_max), 2, 128), float("nan"), dtype=torch.bfloat16, device=dev)
     _K().compress_keys(k, ck, 0, 1_199, cfg.kernel_size, cfg.kernel_stride)
-    lengths = torch.zeros(2, dtype=torch.int32)
-    kv_limit = torch.zeros(1, dtype=torch.int32)
-    pos = torch.zeros(1, dtype=torch.int64)
+    lengths = torch.zeros(2, dtype=torch.int32, device=dev)
+    kv_limit = torch.zeros(1, dtype=torch.int32, device=dev)
+    pos = torch.zeros(1, dtype=torch.int64, device=dev)
     previous = 1_199
     for length in (1_200, 1_201, 1_215, 1_216, 1_263, 1_290):  # decode steps and jumps (accepted drafts)
         lengths.copy_(torch.tensor([previous, length], dtype=torch.int32))
@@ -250,21 +262,21 @@ def test_device_lengths_follow_decode_steps():
         _check_selection(cfg, q, k, [length - 1], length, cfg.dense_len, ck=ck)
         previous = length
     n = cfg.num_kernels(1_290)
-    ref = sparse_ref.compressed_keys(k, 1_290, params(cfg))
-    torch.testing.assert_close(ck[:n].double(), ref, rtol=2 ** -8, atol=1e-6)
+    ref = sparse_ref.compressed_keys(k.cpu(), 1_290, params(cfg))
+    torch.testing.assert_close(ck[:n].cpu().double(), ref, rtol=2 ** -8, atol=1e-6)
     assert torch.isnan(ck[n:]).all()
 
 
 # --- attention over a block mask -----------------------------------------------------------------
 
-def _attention_case(dtype, hq, hkv, dim, s, t, tree, seed, extra_words=0, strided=False):
+def _attention_case(dtype, hq, hkv, dim, s, t, tree, seed, extra_words=0, strided=False, device="cpu"):
     from test_sparse_cpu import _random_tree
 
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = random_case(hq, hkv, dim, s, t, dtype, seed=seed, device="cpu")
+    q, k, v = random_case(hq, hkv, dim, s, t, dtype, seed=seed, device=device)
     if strided:
         # q as the head slice of a fused QKV row; k, v as the halves of an interleaved KV cache.
-        fused = torch.randn(t, hq + 2 * hkv, dim, generator=gen).to(dtype)
+        fused = torch.randn(t, hq + 2 * hkv, dim, generator=gen).to(device, dtype)
         fused[:, :hq] = q
         cache = torch.stack([k, v], dim=1)  # [S, 2, Hkv, D]
         q, k, v = fused[:, :hq], cache[:, 0], cache[:, 1]
@@ -272,7 +284,7 @@ def _attention_case(dtype, hq, hkv, dim, s, t, tree, seed, extra_words=0, stride
     if tree:
         vis, depth = _random_tree(t, gen)
         positions = [prefix + d for d in depth]
-        packed = ops.pack_tree_mask(vis)
+        packed = ops.pack_tree_mask(vis).to(device)
     else:
         vis, positions, packed = None, list(range(prefix, s)), None
     nb = (s + 63) // 64
@@ -285,7 +297,7 @@ def _attention_case(dtype, hq, hkv, dim, s, t, tree, seed, extra_words=0, stride
     noisy = [[sorted(set(chosen) | {b for b in range(pos // 64 + 1, 64 * words_n)
                                     if torch.rand(1, generator=gen).item() < 0.5}) for chosen in rows]
              for pos, rows in zip(positions, blocks)]
-    return q, k, v, vis, positions, packed, blocks, pack_blocks(noisy, words_n)
+    return q, k, v, vis, positions, packed, blocks, pack_blocks(noisy, words_n).to(device)
 
 
 ATTENTION_CASES = [
@@ -298,27 +310,33 @@ ATTENTION_CASES = [
     (2, 1, 64, 300, 70, True),      # a tree over three row tiles; one key tile holds prefix and tree slots
     (16, 1, 128, 333, 1, True),     # GQA 16, a one-token tree (1x4-warp tile with a tree mask)
 ]
+# On the GPU also long contexts: a MiniCPM4-8B decode at 9K, a prefill chunk at 5K, a partial last
+# block at 4K, a tree over a 3K sparse prefix.
+ATTENTION_LONG = [(32, 2, 128, 9_000, 1, False), (32, 2, 128, 5_000, 77, False), (16, 4, 64, 4_099, 5, False),
+                  (8, 8, 64, 3_001, 19, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("hq, hkv, dim, s, t, tree", ATTENTION_CASES)
+@pytest.mark.parametrize("kernel_device, hq, hkv, dim, s, t, tree",
+                         device_cases(ATTENTION_CASES, ATTENTION_CASES + ATTENTION_LONG), indirect=["kernel_device"])
 @pytest.mark.parametrize("splits", [None, 1, 7])
-def test_attention_kernel_with_block_mask_matches_oracle(dtype, hq, hkv, dim, s, t, tree, splits):
+def test_attention_kernel_with_block_mask_matches_oracle(kernel_device, dtype, hq, hkv, dim, s, t, tree, splits):
     # splits=7 also runs on strided views and with a spare mask word.
     q, k, v, vis, positions, packed, blocks, words = _attention_case(
-        dtype, hq, hkv, dim, s, t, tree, seed=s + t, extra_words=int(splits == 7), strided=splits == 7)
+        dtype, hq, hkv, dim, s, t, tree, seed=s + t, extra_words=int(splits == 7), strided=splits == 7,
+        device=kernel_device)
     assert _K().block_mask_rejection(q, k, words) is None
     scale = dim ** -0.5
     out = _K().attention(q, k, v, scale, packed, splits=splits, block_mask=words)
-    ref = sparse_ref.attend_blocks(q, k, v, positions, scale, 64, blocks, vis)
+    ref = sparse_ref.attend_blocks(q.cpu(), k.cpu(), v.cpu(), positions, scale, 64, blocks, vis)
     # PyTorch's own error at this precision, with the same mask, sets the tolerance (a row that
     # sees nothing is NaN there, zeros in the kernel and the oracle).
-    allowed = allowed_keys(t, hq, hkv, s, positions, blocks, vis)
+    allowed = allowed_keys(t, hq, hkv, s, positions, blocks, vis).to(kernel_device)
     torch_out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                                v.transpose(0, 1)[None], attn_mask=allowed.transpose(0, 1)[None],
                                                scale=scale, enable_gqa=hq != hkv)[0].transpose(0, 1)
-    torch_err = (torch_out.double().nan_to_num(0.0) - ref).abs().max().item()
-    err = (out.double() - ref).abs().max().item()
+    torch_err = (torch_out.double().cpu().nan_to_num(0.0) - ref).abs().max().item()
+    err = (out.double().cpu() - ref).abs().max().item()
     assert not torch.isnan(out).any()
     assert err <= 2 * torch_err + 1e-3, f"kernel error {err} vs torch {torch_err}"
     if t > 1 and tree is False:
@@ -329,7 +347,7 @@ def test_attention_kernel_with_block_mask_matches_oracle(dtype, hq, hkv, dim, s,
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t, tree", [(5, False), (12, False), (7, True)])  # kernel / torch selection, tree
-def test_sparse_attention_op_on_kernels_matches_oracle(dtype, t, tree, monkeypatch):
+def test_sparse_attention_op_on_kernels_matches_oracle(kernel_device, dtype, t, tree, monkeypatch):
     from edgespec.ops import backend
     from test_sparse_cpu import _random_tree
 
@@ -342,32 +360,33 @@ def test_sparse_attention_op_on_kernels_matches_oracle(dtype, t, tree, monkeypat
                             or _f(*a, **kw))
     cfg = parse_sparse_config(SMALL)
     s = 900
-    q, k, v = random_case(8, 2, 64, s, t, dtype, seed=5 + t, device="cpu")
+    q, k, v = random_case(8, 2, 64, s, t, dtype, seed=5 + t, device=kernel_device)
     if tree:
         vis, depth = _random_tree(t, torch.Generator().manual_seed(t))
-        positions, kv_limit, tree_mask = [s - t + d for d in depth], s - t, ops.pack_tree_mask(vis)
+        positions, kv_limit = [s - t + d for d in depth], s - t
+        tree_mask = ops.pack_tree_mask(vis).to(kernel_device)
     else:
         vis, positions, kv_limit, tree_mask = None, list(range(s - t, s)), s, None
-    ck = torch.zeros(cfg.num_kernels(s), 2, 64, dtype=dtype)
+    ck = torch.zeros(cfg.num_kernels(s), 2, 64, dtype=dtype, device=kernel_device)
     ops.compress_keys(k, ck, 0, kv_limit, cfg.kernel_size, cfg.kernel_stride)
-    out = ops.sparse_attention(q, k, v, 0.125, ck, torch.tensor(positions), cfg, dense_len=cfg.dense_len,
-                               kv_limit=kv_limit, tree_mask=tree_mask)
+    out = ops.sparse_attention(q, k, v, 0.125, ck, torch.tensor(positions, device=kernel_device), cfg,
+                               dense_len=cfg.dense_len, kv_limit=kv_limit, tree_mask=tree_mask)
     names = [c[0] for c in calls]
     assert names[0] == "compress_keys" and names[-1] == "attention" and calls[-1][1] is not None
     assert ("sparse_select_blocks" in names) == (t <= 8)
-    ref = sparse_ref.sparse_attention(q, k, v, positions, 0.125, params(cfg), kv_limit, tree=vis)
+    ref = sparse_ref.sparse_attention(q.cpu(), k.cpu(), v.cpu(), positions, 0.125, params(cfg), kv_limit, tree=vis)
     tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
-    torch.testing.assert_close(out.double(), ref.out, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.cpu().double(), ref.out, rtol=tol, atol=tol)
 
 
-def test_select_past_the_score_shared_memory_falls_back_to_torch(monkeypatch):
+def test_select_past_the_score_shared_memory_falls_back_to_torch(kernel_device, monkeypatch):
     from edgespec.ops import backend
 
     monkeypatch.setattr(backend, "use_kernel", lambda *tensors: True)
     cfg = parse_sparse_config(SMALL)
-    q, k, _ = random_case(64, 1, 256, 300, 2, torch.bfloat16, seed=4, device="cpu")
+    q, k, _ = random_case(64, 1, 256, 300, 2, torch.bfloat16, seed=4, device=kernel_device)
     ck = _compressed(cfg, k, 300)
-    pos = torch.tensor([298, 299])
+    pos = torch.tensor([298, 299], device=kernel_device)
     assert not _K().supports_sparse_select(q, ck, pos, cfg, 5)
     sel = ops.select_blocks(q, ck, pos, cfg, 256 ** -0.5, 0, 300, 5)
     monkeypatch.setattr(backend, "use_kernel", lambda *tensors: False)
@@ -376,13 +395,16 @@ def test_select_past_the_score_shared_memory_falls_back_to_torch(monkeypatch):
 
 # --- thread order --------------------------------------------------------------------------------
 
-def test_results_do_not_depend_on_the_thread_schedule(monkeypatch):
-    """Every kernel bit-identical under forward, reverse and random round-robin orders (a
-    read-after-write race shows) and under the serial orders, where one warp runs ahead as far as
-    it can and cp.async lands early (a write-after-read race shows)."""
+@pytest.mark.emulated
+@pytest.mark.usefixtures("emulated_kernels")
+def test_emulated_results_do_not_depend_on_the_thread_schedule(monkeypatch):
+    """Emulator only. Every kernel bit-identical under forward, reverse and random round-robin
+    orders (a read-after-write race shows) and under the serial orders, where one warp runs ahead
+    as far as it can and cp.async lands early (a write-after-read race shows)."""
+    kernel_device = torch.device("cpu")
     cfg = parse_sparse_config(FINE)
     s, t = 1_037, 3
-    q, k, _ = random_case(16, 2, 128, s, t, torch.bfloat16, seed=77, device="cpu")
+    q, k, _ = random_case(16, 2, 128, s, t, torch.bfloat16, seed=77, device=kernel_device)
     cases = [_attention_case(torch.bfloat16, *shape, seed=i) for i, shape in enumerate([
         (16, 2, 128, 1_037, 3, False),  # 4x1-warp tiles
         (32, 2, 128, 900, 1, False),    # decode: four warps on one row block, merged at the end
@@ -408,11 +430,13 @@ def test_results_do_not_depend_on_the_thread_schedule(monkeypatch):
             assert torch.equal(a, b), f"output {i} differs under CUEMU_SCHEDULE={schedule}"
 
 
-def test_block_mask_past_the_gpu_shared_memory_falls_back(monkeypatch):
-    """GQA 1, a 130-token chunk (128-row tiles) and a 64-word block mask stage 131 selection rows:
-    106 KB of shared memory per block. An H100 (227 KB) runs it; on a 99 KB GPU (sm_86/sm_89) the
-    Python check sends the call to torch, and the C++ launcher, asked anyway, refuses it with a
-    clear error instead of a failed launch."""
+@pytest.mark.emulated
+@pytest.mark.usefixtures("emulated_kernels")
+def test_emulated_block_mask_past_the_gpu_shared_memory_falls_back(monkeypatch):
+    """Emulator only (CUEMU_MAX_SMEM). GQA 1, a 130-token chunk (128-row tiles) and a 64-word block
+    mask stage 131 selection rows: 106 KB of shared memory per block. An H100 (227 KB) runs it; on
+    a 99 KB GPU (sm_86/sm_89) the Python check sends the call to torch, and the C++ launcher,
+    asked anyway, refuses it with a clear error instead of a failed launch."""
     from edgespec.errors import KernelError
 
     q, k, v, vis, positions, packed, blocks, words = _attention_case(
@@ -440,15 +464,16 @@ def test_block_mask_past_the_gpu_shared_memory_falls_back(monkeypatch):
 
 # --- rejections ----------------------------------------------------------------------------------
 
-def test_kernel_entry_points_reject_bad_inputs():
+def test_kernel_entry_points_reject_bad_inputs(kernel_device):
     from edgespec.errors import KernelError
 
     cfg = parse_sparse_config(SMALL)
     K = _K()
-    q = torch.randn(2, 8, 64).bfloat16()
-    k = torch.randn(200, 2, 64).bfloat16()
-    ck = torch.zeros(10, 2, 64, dtype=torch.bfloat16)
-    pos = torch.tensor([100, 101])
+    dev = kernel_device
+    q = torch.randn(2, 8, 64, device=dev).bfloat16()
+    k = torch.randn(200, 2, 64, device=dev).bfloat16()
+    ck = torch.zeros(10, 2, 64, dtype=torch.bfloat16, device=dev)
+    pos = torch.tensor([100, 101], device=dev)
     assert K.sparse_select_rejection(q, ck, pos, cfg, 3) is None
     assert "int64" in K.sparse_select_rejection(q, ck, pos.int(), cfg, 3)
     assert "dtype" in K.sparse_select_rejection(q, ck.float(), pos, cfg, 3)
@@ -463,15 +488,135 @@ def test_kernel_entry_points_reject_bad_inputs():
     assert "one per token" in K.sparse_select_rejection(q, ck, pos[:1], cfg, 3)
     # Group 64 with head dim 256 is within the group and head-dim bounds but needs 107 KB of score
     # shared memory: rejected here (the op layer then takes its torch path), not by a KernelError.
-    big_q, big_ck = torch.randn(2, 64, 256).bfloat16(), torch.zeros(10, 1, 256, dtype=torch.bfloat16)
+    big_q = torch.randn(2, 64, 256, device=dev).bfloat16()
+    big_ck = torch.zeros(10, 1, 256, dtype=torch.bfloat16, device=dev)
     assert "shared memory" in K.sparse_select_rejection(big_q, big_ck, pos, cfg, 3)
     assert K.sparse_select_rejection(big_q[:, :48], big_ck, pos, cfg, 3) is None
     assert "kernel_stride" in K.compress_keys_rejection(k, ck, 16, 32)
     assert "expected keys" in K.compress_keys_rejection(k, ck[:, :1], 32, 16)
-    good = torch.zeros(2, 2, 1, dtype=torch.int64)
+    good = torch.zeros(2, 2, 1, dtype=torch.int64, device=dev)
     assert K.block_mask_rejection(q, k, good) is None
     assert "int64" in K.block_mask_rejection(q, k, good.int())
-    assert "int64" in K.block_mask_rejection(q, k, torch.zeros(2, 1, 1, dtype=torch.int64))
-    assert "contiguous" in K.block_mask_rejection(q, k, torch.zeros(2, 2, 2, dtype=torch.int64).transpose(1, 2))
+    assert "int64" in K.block_mask_rejection(q, k, torch.zeros(2, 1, 1, dtype=torch.int64, device=dev))
+    assert "contiguous" in K.block_mask_rejection(
+        q, k, torch.zeros(2, 2, 2, dtype=torch.int64, device=dev).transpose(1, 2))
     with pytest.raises(ValueError, match="attention"):
-        K.attention(q, k, k, 1.0, None, block_mask=torch.zeros(2, 2, 65, dtype=torch.int64))
+        K.attention(q, k, k, 1.0, None, block_mask=torch.zeros(2, 2, 65, dtype=torch.int64, device=dev))
+
+
+# --- GPU only: graph replay, the op layer's dispatch, generation over a long context ---------------
+
+def _gpu_only(device: torch.device) -> None:
+    if device.type != "cuda":
+        pytest.skip("GPU only (the emulated equivalents: test_device_lengths_follow_decode_steps, "
+                    "test_emulated_model.py)")
+
+
+def test_selection_under_cuda_graph_replay_follows_device_lengths(kernel_device):
+    _gpu_only(kernel_device)
+    cfg = parse_sparse_config(SMALL)
+    s_max = 1_300
+    q_all, k, _ = random_case(16, 2, 128, s_max, 40, torch.bfloat16, seed=11, device="cuda")
+    nb = (s_max + 63) // 64
+    ck = torch.zeros(cfg.num_kernels(s_max), 2, 128, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.zeros(2, dtype=torch.int32, device="cuda")
+    kv_limit = torch.zeros(1, dtype=torch.int32, device="cuda")
+    q = torch.empty(1, 16, 128, device="cuda", dtype=torch.bfloat16)
+    pos = torch.zeros(1, dtype=torch.int64, device="cuda")
+    K = _K()
+
+    def step():
+        # Host bounds only size the launch (3 kernels: enough for a jump of up to 48 tokens).
+        K.compress_keys(k, ck, 0, 64, cfg.kernel_size, cfg.kernel_stride, lengths=lengths)
+        return K.sparse_select_blocks(q, ck, pos, cfg, 128 ** -0.5, cfg.dense_len, kv_limit, nb)
+
+    def set_step(length, previous):
+        lengths.copy_(torch.tensor([previous, length], dtype=torch.int32))
+        kv_limit.fill_(length)
+        pos.fill_(length - 1)
+        q.copy_(q_all[length % 40:length % 40 + 1])
+
+    set_step(1_200, 1_199)
+    ops.compress_keys(k, ck, 0, 1_199, cfg.kernel_size, cfg.kernel_stride)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture (sets the kernels' shared-memory attributes)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mask = step()
+    previous = 1_199
+    for length in (1_200, 1_201, 1_215, 1_216, 1_263, 1_290):  # decode steps and jumps (accepted drafts)
+        set_step(length, previous)
+        previous = length
+        graph.replay()
+        eager = K.sparse_select_blocks(q, ck, pos, cfg, 128 ** -0.5, cfg.dense_len, length, nb)
+        assert torch.equal(mask, eager), f"replay at length {length}"
+    ref = sparse_ref.compressed_keys(k.cpu(), 1_290, params(cfg)).to(torch.bfloat16)
+    torch.testing.assert_close(ck[:ref.shape[0]].cpu(), ref, rtol=1e-2, atol=1e-3)
+
+
+def test_op_layer_takes_the_block_sparse_attention_kernel(kernel_device, monkeypatch):
+    _gpu_only(kernel_device)
+    cfg = parse_sparse_config(SMALL)
+    K = _K()
+    calls = []
+    real = K.attention
+    monkeypatch.setattr(K, "attention", lambda *a, **kw: calls.append(kw.get("block_mask")) or real(*a, **kw))
+    q, k, v = random_case(16, 2, 128, 2_000, 3, torch.bfloat16, seed=2, device="cuda")
+    ck = torch.zeros(cfg.num_kernels(2_000), 2, 128, device="cuda", dtype=torch.bfloat16)
+    ops.compress_keys(k, ck, 0, 2_000, cfg.kernel_size, cfg.kernel_stride)
+    ops.sparse_attention(q, k, v, 0.1, ck, torch.arange(1_997, 2_000, device="cuda"), cfg, dense_len=512,
+                         kv_limit=2_000)
+    assert len(calls) == 1 and calls[0] is not None and calls[0].shape == (3, 2, 1)
+
+
+def test_generation_keeps_old_generated_tokens_selectable(kernel_device, tiny_model_dir, monkeypatch):
+    _gpu_only(kernel_device)
+    from edgespec.loading import load_model
+
+    path = tiny_model_dir("llama", seed=3, num_attention_heads=8, num_key_value_heads=2, hidden_size=512,
+                          max_position_embeddings=4096)
+    cfg_json = json.loads((path / "config.json").read_text())
+    cfg_json.update(model_type="minicpm", scale_emb=2.0, scale_depth=1.4, dim_model_base=256, sparse_config=SMALL)
+    (path / "config.json").write_text(json.dumps(cfg_json))
+    model = load_model(str(path), device="cuda", dtype=torch.bfloat16, max_context=2048, with_tokenizer=False).model
+    calls = []
+    real = ops.sparse_attention
+
+    def spy(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask=None):
+        calls.append((q.clone(), k.clone(), ck.clone(), positions.tolist(), scale, kv_limit))
+        return real(q, k, v, scale, ck, positions, cfg, dense_len=dense_len, kv_limit=kv_limit, tree_mask=tree_mask)
+
+    monkeypatch.setattr(ops, "sparse_attention", spy)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (600,), generator=gen).cuda()
+    cache = model.new_cache()
+    with torch.inference_mode():
+        hidden = model.forward(prompt, torch.arange(600, device="cuda"), cache, 0).hidden
+        token, pos = int(model.logits(hidden[-1:]).argmax()), 600
+        for _ in range(400):  # 400 generated tokens: > 3 windows of 128
+            hidden = model.forward(torch.tensor([token], device="cuda"), torch.tensor([pos], device="cuda"),
+                                   cache, pos).hidden
+            token, pos = int(model.logits(hidden).argmax()), pos + 1
+    cfg = model.config.sparse_config
+    p = params(cfg)
+    old_generated = range(640 // 64, (pos - cfg.window_size) // 64)
+    picked = 0
+    for q, k, ck, positions, scale, kv_limit in calls[-model.config.num_layers:]:
+        n = cfg.num_kernels(kv_limit)
+        ref_ck = sparse_ref.compressed_keys(k.cpu(), kv_limit, p).to(torch.bfloat16)
+        torch.testing.assert_close(ck[:n].cpu(), ref_ck, rtol=1e-2, atol=1e-3)
+        nb = (k.shape[0] + 63) // 64
+        sel = ops.select_blocks(q, ck, torch.tensor(positions, device="cuda"), cfg, scale, cfg.dense_len,
+                                kv_limit, nb).cpu()
+        scores = sparse_ref.block_scores(q[0].cpu(), ck[:n].cpu(), scale, nb, p)
+        for g in range(k.shape[1]):
+            assert all(math.isfinite(scores[g][b]) for b in old_generated)
+            want = sparse_ref.select(scores[g], positions[0], p)
+            got = sel[0, g].nonzero().flatten().tolist()
+            assert got == want or sparse_ref.equivalent_selection(got, want, scores[g], positions[0], p, TIE)
+            picked += sum(b in old_generated for b in got)
+    assert picked > 0, "no block of tokens generated more than a window ago was ever chosen"
