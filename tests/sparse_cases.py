@@ -1,5 +1,5 @@
 """InfLLM-v2 settings and random inputs shared by the sparse tests: the kernel tests on the CPU
-emulator and a GPU (test_sparse_kernels.py) and the CPU tests of the op layer."""
+emulator and a GPU (test_sparse_kernels.py) and the whole-model emulated tests."""
 from __future__ import annotations
 
 import torch
