@@ -110,3 +110,29 @@ def test_shared_memory_above_48k_runs_after_the_opt_in(lib) -> None:
     floats = torch.zeros(64 * 1024, dtype=torch.float32)
     assert lib.cuemu_selftest_fault(6, None, _ptr(floats)) == 0, _message(lib)
     assert torch.equal(floats[:32], torch.ones(32))
+
+
+def test_old_builds_are_pruned_but_not_builds_in_progress(tmp_path) -> None:
+    """Each edited source state builds anew under build/cuda-emulator/<hash>: after a build, only
+    the newest KEEP_BUILDS finished builds stay; a directory without a module (a build still
+    running in another process) is left alone."""
+    import importlib.util
+    import os
+    import sysconfig
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "cuda_emulator" / "build.py"
+    spec = importlib.util.spec_from_file_location("cuda_emulator_build_prune", path)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    name = builder.MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX")
+    for i in range(7):
+        d = tmp_path / f"build{i}"
+        d.mkdir()
+        (d / name).write_bytes(b"")
+        os.utime(d / name, (1000 + i, 1000 + i))
+    (tmp_path / "running").mkdir()
+    builder._prune(tmp_path, keep=tmp_path / "build0")  # the one just built, however old its file
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["build0", "build4", "build5", "build6", "running"]
+    assert builder.KEEP_BUILDS == 4

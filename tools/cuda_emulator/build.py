@@ -116,7 +116,22 @@ def build(out_root: Path | None = None, jobs: int | None = None) -> Path:
                 _build_into(work, target, compiler, cuda_inc, pybind11.get_include(), jobs)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+            _prune(out_root, keep=out)
     return target
+
+
+KEEP_BUILDS = 4
+
+
+def _prune(out_root: Path, keep: Path) -> None:
+    """Delete all but the KEEP_BUILDS most recent finished builds (one per source state edited, so
+    they pile up). A build still in progress has no module file yet and is never touched; a process
+    that already imported a deleted module keeps its mapping."""
+    suffix = MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX")
+    done = [d for d in out_root.iterdir() if d != keep and (d / suffix).exists()]
+    done.sort(key=lambda d: (d / suffix).stat().st_mtime, reverse=True)
+    for old in done[KEEP_BUILDS - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(work: Path, target: Path, compiler: str, cuda_inc: Path, pybind11_inc: str, jobs: int | None) -> None:
