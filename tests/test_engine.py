@@ -205,6 +205,42 @@ def test_closing_a_stream_early_releases_the_engine(llm: LLM, greedy) -> None:
     assert llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True).token_ids == greedy[0]
 
 
+class CancelAfter:
+    """A cancel callback that says stop from its n-th poll on, counting its polls."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.polls = n, 0
+
+    def __call__(self) -> bool:
+        self.polls += 1
+        return self.polls >= self.n
+
+
+def test_cancel_stops_a_long_prefill_between_chunks(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 50-token prompt in 5-token chunks: the callback is polled before chunk 2, 3, ... and
+    stops the prefill after three chunks; the stream ends with finish_reason "cancelled"."""
+    forwards = []
+    real = llm.model.forward
+    monkeypatch.setattr(llm.model, "forward", lambda *a, **kw: forwards.append(a[0].numel()) or real(*a, **kw))
+    prompt = [5 + i % 50 for i in range(50)]
+    cancel = CancelAfter(3)
+    events = list(llm.stream(prompt, max_new_tokens=5, ignore_eos=True, prefill_chunk=5, cancel=cancel))
+    assert forwards == [5, 5, 5] and cancel.polls == 3
+    assert len(events) == 1 and events[0].result.finish_reason == "cancelled" and events[0].result.token_ids == []
+    assert not llm._lock.locked()
+    forwards.clear()
+    assert llm.generate(prompt, max_new_tokens=2, ignore_eos=True, prefill_chunk=5).finish_reason == "length"
+    assert forwards[:10] == [5] * 10  # the next request runs normally
+
+
+def test_cancel_stops_decoding_between_steps(llm: LLM, greedy) -> None:
+    result = llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True, cancel=CancelAfter(4))
+    # Polled before steps 2, 3, 4 (the first token comes from the prefill): four tokens, then stop.
+    assert result.finish_reason == "cancelled" and result.token_ids == greedy[0][:4]
+    never = llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True, cancel=lambda: False)
+    assert never.finish_reason == "length" and never.token_ids == greedy[0]
+
+
 def test_chat_messages_are_templated(llm: LLM) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     ids = llm.encode(messages)

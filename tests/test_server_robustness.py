@@ -261,3 +261,38 @@ def test_server_settings_are_validated(tiny_llm):
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             create_app(tiny_llm, ServerSettings(model_name="x", **bad))
+
+
+def test_cancelling_a_job_stops_its_prefill_between_chunks(tiny_llm, monkeypatch):
+    """A client that goes away during a long prefill frees the engine within one prefill chunk:
+    the worker passes its cancel flag to the engine, which polls it between chunks (before, the
+    whole prompt ran first)."""
+    import asyncio
+
+    from edgespec import GenerationConfig
+    from edgespec.server.worker import GenerationWorker, Job
+
+    worker = GenerationWorker(tiny_llm, capacity=2)
+    loop = asyncio.new_event_loop()
+    job = Job([7 + i % 100 for i in range(600)], GenerationConfig(max_new_tokens=4, prefill_chunk=16), loop)
+    forwards = []
+    real = tiny_llm.model.forward
+
+    def forward(*args, **kwargs):
+        forwards.append(args[0].numel())
+        if len(forwards) == 3:  # the client disconnects while chunk 3 runs
+            worker.cancel(job, "the client went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_llm.model, "forward", forward)
+    try:
+        worker.start()
+        worker.submit(job)
+        wait_until(lambda: worker.snapshot()["running"] is False and not worker.snapshot()["admitted"],
+                   "the cancelled job to leave the worker")
+        assert forwards == [16, 16, 16], "the prefill went on after the cancel"
+        assert worker.counters == {"completed": 0, "cancelled": 1, "failed": 0, "rejected": 0}
+        assert not tiny_llm._lock.locked()
+    finally:
+        worker.stop(WAIT_S)
+        loop.close()

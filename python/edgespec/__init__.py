@@ -6,10 +6,11 @@ __version__ = "0.1.0"
 
 from ._build import build_info  # noqa: E402
 from .engine import LLM, GenerationResult, GenerationStats, StreamEvent  # noqa: E402
-from .errors import ContextLengthError, EdgespecError, KernelError, ModelFormatError, NumericalError  # noqa: E402
+from .errors import (ContextLengthError, EdgespecError, GenerationCancelled, KernelError,  # noqa: E402
+                     ModelFormatError, NumericalError)
 from .generation import GenerationConfig  # noqa: E402
 from .loading import load_model  # noqa: E402
 
-__all__ = ["LLM", "ContextLengthError", "EdgespecError", "NumericalError", "GenerationConfig", "GenerationResult",
-           "GenerationStats", "KernelError", "ModelFormatError", "StreamEvent", "__version__", "build_info",
+__all__ = ["LLM", "ContextLengthError", "EdgespecError", "NumericalError", "GenerationCancelled", "GenerationConfig",
+           "GenerationResult", "GenerationStats", "KernelError", "ModelFormatError", "StreamEvent", "__version__", "build_info",
            "load_model"]

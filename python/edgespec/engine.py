@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import ContextLengthError
+from .errors import ContextLengthError, GenerationCancelled
 from .generation import DecodingStrategy, GenerationConfig, PlainDecoding
 from .kv_cache import KVCache
 from .loading import IncrementalDetokenizer, LoadedModel, Tokenizer, load_model
@@ -49,7 +49,7 @@ class GenerationStats:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (stream(cancel=...))
     stats: GenerationStats
 
 
@@ -147,10 +147,15 @@ class LLM:
         return result
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None, chat: bool = False,
-               **settings: Any) -> Iterator[StreamEvent]:
+               cancel: Callable[[], bool] | None = None, **settings: Any) -> Iterator[StreamEvent]:
         """Like generate, but yields text as it is produced; the last event carries the result.
-        Closing the iterator early cancels the generation."""
+        Closing the iterator early cancels the generation between events. `cancel`, polled between
+        prefill chunks and between decode steps (from the generating thread), stops it from
+        anywhere, a long prefill included: the last event then has finish_reason "cancelled" and
+        the tokens generated so far."""
         config = (config or GenerationConfig(**settings)).validate()
+        if cancel is not None:
+            config = replace(config, cancel=cancel)
         prompt_ids = self.encode(prompt, chat=chat)
         if not prompt_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
@@ -179,7 +184,11 @@ class LLM:
         strategy = self._strategy_factory(self.model, self.cache)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            tokens = strategy.begin(prompt_ids, config, budget)
+            try:
+                tokens = strategy.begin(prompt_ids, config, budget)
+            except GenerationCancelled:
+                yield StreamEvent("", [], GenerationResult("", [], "cancelled", stats))
+                return
             _synchronize(device)
             stats.prefill_s = time.perf_counter() - t0
             self.model.reset_stats()  # model statistics (BlockFFN sparsity) describe the decode steps
@@ -200,6 +209,9 @@ class LLM:
                 if delta or accepted:
                     yield StreamEvent(delta, accepted)
                 if finish == "stop" or stopped or len(generated) >= budget:
+                    break
+                if config.cancel is not None and config.cancel():
+                    finish = "cancelled"
                     break
                 tokens = strategy.step()
                 stats.steps += 1

@@ -21,5 +21,10 @@ class KernelError(EdgespecError, RuntimeError):
     """A CUDA kernel rejected its inputs or failed on the device."""
 
 
+class GenerationCancelled(EdgespecError):
+    """A generation's cancel callback asked it to stop (raised between prefill chunks; LLM.stream
+    turns it into finish_reason "cancelled")."""
+
+
 class DemoModelError(EdgespecError, RuntimeError):
     """The demo model could not be fetched or verified."""

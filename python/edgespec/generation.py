@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from . import ops
-from .errors import NumericalError
+from .errors import GenerationCancelled, NumericalError
 from .kv_cache import KVCache
 from .models.decoder import Decoder
 
@@ -35,6 +35,9 @@ class GenerationConfig:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    # Polled between prefill chunks and between decode steps; True stops the generation
+    # (LLM.stream(cancel=...) sets it; a server cancels a request whose client went away).
+    cancel: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
     def validate(self) -> "GenerationConfig":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -105,15 +108,20 @@ class DecodingStrategy(Protocol):
 
 
 def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
-            capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
+            capture: tuple[int, ...] = (), cancel: Callable[[], bool] | None = None,
+            ) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
     """Run the prompt through the model in chunks of `chunk` tokens, filling cache slots [0, P).
 
     ids: [P] int64 on the model's device. Returns the final hidden state of the last prompt token
     [1, H] and, per captured layer, the list of per-chunk [chunk, H] streams (for draft heads).
+    cancel: polled before every chunk after the first; True raises GenerationCancelled (a long
+    prompt stops within one chunk's time, not after the whole prefill).
     """
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
     hidden = None
     for s in range(0, ids.numel(), chunk):
+        if s > 0 and cancel is not None and cancel():
+            raise GenerationCancelled(f"cancelled after {s} of {ids.numel()} prompt tokens")
         part = ids[s:s + chunk]
         positions = torch.arange(s, s + part.numel(), device=ids.device)
         out = model.forward(part, positions, cache, s, capture=capture)
@@ -136,7 +144,7 @@ class PlainDecoding:
     def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
         self.sampler = Sampler(config, self.model.device)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.model.device)
-        hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk)
+        hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk, cancel=config.cancel)
         logits = self.model.logits(hidden)
         token = checked_tokens(self.sampler(logits), logits)[0]
         self._last = token

@@ -102,7 +102,8 @@ class GenerationWorker:
     def start(self) -> None:
         if self._thread is not None:
             return
-        # Daemon: a prefill cannot be interrupted, and it must not keep a stopping process alive.
+        # Daemon: a running step (one prefill chunk) cannot be interrupted, and it must not keep a
+        # stopping process alive.
         self._thread = threading.Thread(target=self._serve, name="edgespec-generation", daemon=True)
         self._thread.start()
 
@@ -121,7 +122,8 @@ class GenerationWorker:
     def cancel(self, job: Job, reason: str) -> None:
         """Cancel `job` wherever it is and free its slot at once; a no-op for a finished job.
 
-        A running job stops after the engine's current step (the worker checks between steps).
+        A running job stops after the engine's current step or prefill chunk (the engine polls the
+        job's cancel flag between them).
         """
         with self._cond:
             if job not in self._admitted:
@@ -192,7 +194,8 @@ class GenerationWorker:
     def _generate(self, job: Job) -> None:
         final: JobEvent | None = None
         outcome = "completed"
-        stream = self.llm.stream(job.prompt_ids, job.config)
+        # The cancel flag also stops a long prefill between its chunks (a client gone, a shutdown).
+        stream = self.llm.stream(job.prompt_ids, job.config, cancel=job._cancel.is_set)
         try:
             for event in stream:
                 if job.cancelled:

@@ -61,7 +61,8 @@ class SpeculativeDecoding:
         self._budget = max_new_tokens
         self.drafter.reset(need)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
-        hidden, captured = prefill(self.model, self.cache, ids, config.prefill_chunk, capture=self.drafter.capture)
+        hidden, captured = prefill(self.model, self.cache, ids, config.prefill_chunk, capture=self.drafter.capture,
+                                   cancel=config.cancel)
         logits = self.model.logits(hidden)
         first = checked_tokens(self.sampler(logits), logits)[0]
         target = TargetStates({i: torch.cat(parts) for i, parts in captured.items()})
