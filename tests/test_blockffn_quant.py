@@ -48,6 +48,58 @@ def test_torch_path_with_4bit_experts_matches_oracle(t: int, sparsity: float) ->
     assert counters.tolist() == [round((1 - tls) * t * e), round((1 - cls) * e)]
 
 
+@pytest.mark.parametrize("layout", ["plain", "tile"])
+def test_sub_weights_dequantise_to_the_slices(layout: str) -> None:
+    """W4A16Weight.sub cuts packed storage without a copy; a cut the packing cannot make is None."""
+    k, n = 256, 384
+    for group in (32, 128, -1):
+        w = random_int4(k, n, group, "int", seed=group).to_linear(None, "cpu", torch.float32, layout_name=layout).weight
+        full = w.dequantize()
+        for outputs in [(0, 64), (128, 384), (64, 128)]:
+            part = w.sub(outputs=outputs)
+            assert part is not None and part.qweight.data_ptr() >= w.qweight.data_ptr()
+            assert torch.equal(part.dequantize(), full[outputs[0]:outputs[1]])
+        for inputs in [] if group == -1 else [(0, 128), (128, 256)] + ([(32, 64)] if group == 32 else []):
+            part = w.sub(inputs=inputs)
+            assert part is not None, (group, inputs)
+            assert torch.equal(part.dequantize(), full[:, inputs[0]:inputs[1]])
+        assert w.sub(inputs=(0, k), outputs=(0, n)) is not None
+        if group == -1:  # one group of scales over all of K: no input cut but the whole
+            assert w.sub(inputs=(0, 128)) is None
+    w = random_int4(k, n, 32, "int", seed=1).to_linear(None, "cpu", torch.float32, layout_name=layout).weight
+    assert (w.sub(outputs=(0, 32)) is None) == (layout == "tile")  # tiles are 64 columns wide
+    assert w.sub(inputs=(4, 36)) is None and w.sub(inputs=(0, 300)) is None
+    act = random_int4(k, n, 32, "int", seed=2, g_idx=True).to_linear(None, "cpu", torch.float32, layout_name=layout)
+    assert act.weight.perm is not None and act.weight.sub(outputs=(0, 64)) is None
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_uncached_4bit_experts_dequantise_only_the_active_ones(act_order: bool, monkeypatch) -> None:
+    """With no room to cache the dequantised experts, the torch path dequantises each active run
+    of experts alone (act-order up: the whole weight, which sub cannot cut) and still matches the
+    oracle."""
+    from edgespec.ops import w4a16
+
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "0")
+    e, d, h, t = 16, 32, 96, 3
+    x, router, norm, _, _, active = routed_case(t, h, e, d, 0.75, seed=4)
+    up, down = experts_4bit(h, e, d, 32, act_order=act_order)
+    sizes = []
+    real = w4a16.W4A16Weight.dequantize
+    monkeypatch.setattr(w4a16.W4A16Weight, "dequantize",
+                        lambda self, dtype=torch.float32: sizes.append(self.out_features * self.in_features)
+                        or real(self, dtype))
+    y = ops.blockffn(x, router, norm, EPS, up, down)
+    assert up._dense is None and down._dense is None
+    monkeypatch.setattr(w4a16.W4A16Weight, "dequantize", real)
+    torch.testing.assert_close(y, blockffn_ref(x, router, norm, EPS, up.dequantize(), down.dequantize()),
+                               rtol=1e-4, atol=1e-5)
+    active_experts = int(active.any(0).sum())
+    whole = e * d * h
+    expected_down = active_experts * d * h
+    assert sum(sizes) == (whole if act_order else active_experts * d * h) + expected_down
+
+
 def test_mixed_dense_and_4bit_experts() -> None:
     """Each projection may be dense or 4-bit on its own (the op dequantises what is 4-bit)."""
     e, d, h, t = 8, 32, 64, 5

@@ -17,9 +17,10 @@ up [E * d, H] with expert e in rows [e*d, (e+1)*d); down [H, E * d] with expert 
 path's slices and the kernels' vector loads need.
 
 4-bit experts: up and down may each be a W4A16Weight of the same linear (up: H -> E * d, down:
-E * d -> H). The torch path reads their dequantised weights (cached under the W4A16 budget, see
-ops.w4a16); the kernel path runs the router kernel and then the W4A16 kernel's expert gather,
-which reads only the active experts' 4-bit column tiles of up and row tiles of down.
+E * d -> H). The torch path reads their dequantised weights, cached under the W4A16 budget (see
+ops.w4a16); past the budget it dequantises only the step's active experts (W4A16Weight.sub). The
+kernel path runs the router kernel and then the W4A16 kernel's expert gather, which reads only
+the active experts' 4-bit column tiles of up and row tiles of down.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from . import backend
 from .norm import rms_norm
-from .w4a16 import W4A16Weight, dense_weight
+from .w4a16 import W4A16Weight, cached_dense
 
 ExpertWeight = torch.Tensor | W4A16Weight  # [out, in] dense, or the 4-bit weight of that linear
 
@@ -101,28 +102,45 @@ def blockffn_experts(x: torch.Tensor, weights: torch.Tensor, up: ExpertWeight, d
     on CPU whenever more than a few experts were active.) Listing the runs needs the active set on
     the host: one synchronisation on GPU; the CUDA kernels avoid it.
     """
-    if isinstance(up, W4A16Weight):
-        up = dense_weight(up, x.dtype)
-    if isinstance(down, W4A16Weight):
-        down = dense_weight(down, x.dtype)
     t = x.shape[0]
     e = weights.shape[1]
-    d = up.shape[0] // e
+    d = _matrix_shape(up)[0] // e
     active = (weights != 0).any(dim=0)                                   # [E]
     runs = _runs(active.nonzero().flatten().tolist())
     if not runs:
-        return x.new_zeros(t, down.shape[0])
+        return x.new_zeros(t, _matrix_shape(down)[0])
+    up_rows, down_cols = _expert_slices(up, 0, x.dtype), _expert_slices(down, 1, x.dtype)
     parts = []
     for a, b in runs:
         n = b - a
-        hidden = F.silu(F.linear(x, up[a * d:b * d]))                   # [T, n*d]
+        hidden = F.silu(F.linear(x, up_rows(a * d, b * d)))             # [T, n*d]
         # Scale each expert's block by its token's router weight (zero for tokens not using it).
         hidden = (hidden.view(t, n, d) * weights[:, a:b, None]).view(t, n * d)
-        parts.append(F.linear(hidden, down[:, a * d:b * d]))             # [T, H]
+        parts.append(F.linear(hidden, down_cols(a * d, b * d)))          # [T, H]
     if len(parts) == 1:
         return parts[0]
     # Several runs: sum their partial products in fp32 so the result has one final rounding.
     return torch.stack(parts).float().sum(0).to(x.dtype)
+
+
+def _expert_slices(w: ExpertWeight, dim: int, dtype: torch.dtype):
+    """slice(lo, hi) -> w's rows (dim 0: up) or columns (dim 1: down) [lo, hi) as a dense [out, in]
+    tensor in `dtype`: a view of a dense or cached weight, else the dequantised 4-bit slice."""
+    dense = w if isinstance(w, torch.Tensor) else cached_dense(w, dtype)
+    if dense is not None:
+        return lambda lo, hi: dense[lo:hi] if dim == 0 else dense[:, lo:hi]
+
+    whole: list[torch.Tensor] = []  # dequantised once per call if a run cannot be cut out
+
+    def dequantize(lo: int, hi: int) -> torch.Tensor:
+        part = w.sub(outputs=(lo, hi)) if dim == 0 else w.sub(inputs=(lo, hi))
+        if part is not None:
+            return part.dequantize(dtype)
+        if not whole:  # a cut the packing does not allow (act-order, unaligned expert sizes)
+            whole.append(w.dequantize(dtype))
+        return whole[0][lo:hi] if dim == 0 else whole[0][:, lo:hi]
+
+    return dequantize
 
 
 class BlockFFNScratch:

@@ -105,6 +105,34 @@ class W4A16Weight:
             w_kn = torch.empty_like(w_kn).index_copy_(0, self.perm, w_kn)
         return w_kn.t().contiguous().to(dtype)
 
+    def sub(self, inputs: tuple[int, int] | None = None,
+            outputs: tuple[int, int] | None = None) -> "W4A16Weight | None":
+        """The weight of input features [k0, k1) and output features [n0, n1), sharing this one's
+        storage (no copy), or None where the packing does not allow the cut: act-order weights;
+        outputs not on 64-column tiles (tile layout); inputs not on 8-row words (plain) or 16-row
+        tiles (tile), or cutting a group of scales. BlockFFN's torch path uses it to dequantise only
+        a step's active experts when the whole weight is not cached."""
+        k, n, g = self.in_features, self.out_features, self.group_size
+        k0, k1 = inputs if inputs is not None else (0, k)
+        n0, n1 = outputs if outputs is not None else (0, n)
+        if not (0 <= k0 < k1 <= k and 0 <= n0 < n1 <= n) or self.perm is not None:
+            return None
+        row_unit, col_unit = (8, 1) if self.layout == "plain" else (16, 64)
+        if k0 % row_unit or (k1 % row_unit and k1 != k) or n0 % col_unit or (n1 % col_unit and n1 != n):
+            return None
+        if (k0, k1) != (0, k) and (k0 % g or (k1 % g and k1 != k)):
+            return None
+        if self.layout == "plain":
+            q = self.qweight[k0 // 8:-(-k1 // 8), n0:n1]
+        else:
+            tiles = self.qweight.view(k // 16, n // 64, 128)[k0 // 16:k1 // 16, n0 // 64:n1 // 64]
+            q = tiles.reshape(tiles.shape[0], -1)
+        groups = slice(k0 // g, -(-k1 // g))
+        return W4A16Weight(qweight=q, scales=self.scales[groups, n0:n1],
+                           zeros=None if self.zeros is None else self.zeros[groups, n0:n1],
+                           group_size=g,
+                           in_features=k1 - k0, out_features=n1 - n0, layout=self.layout)
+
     def nbytes(self) -> int:
         """Bytes of the quantized representation (what a decode step streams)."""
         ts = [self.qweight, self.scales, self.zeros, self.perm]
@@ -156,16 +184,24 @@ class _DequantBudget:
 DEQUANT_BUDGET = _DequantBudget()
 
 
+def cached_dense(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor | None:
+    """[N, K] dequantised weight in `dtype` kept on `w`: made now when the budget allows, else None
+    (nothing is dequantised then)."""
+    cached = w._dense
+    if cached is not None:
+        return cached if cached.dtype == dtype else None
+    nbytes = w.in_features * w.out_features * torch.empty(0, dtype=dtype).element_size()
+    if not DEQUANT_BUDGET.reserve(w.device, nbytes):
+        return None
+    w._dense = w.dequantize(dtype)
+    weakref.finalize(w, DEQUANT_BUDGET.release, w.device.type, nbytes)
+    return w._dense
+
+
 def dense_weight(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor:
     """[N, K] dequantised weight in `dtype`, cached on `w` when the budget allows."""
-    cached = w._dense
-    if cached is not None and cached.dtype == dtype:
-        return cached
-    dense = w.dequantize(dtype)
-    if cached is None and DEQUANT_BUDGET.reserve(w.device, dense.numel() * dense.element_size()):
-        w._dense = dense
-        weakref.finalize(w, DEQUANT_BUDGET.release, w.device.type, dense.numel() * dense.element_size())
-    return dense
+    dense = cached_dense(w, dtype)
+    return dense if dense is not None else w.dequantize(dtype)
 
 
 def kernel_available() -> bool:
