@@ -177,17 +177,23 @@ def main() -> None:
                     "max_abs_err": float(f"{err:.3g}"), **extra})
                 print(f"{rows[-1]['case']:28s} ours {ours_ms:8.3f} ms  dense {dense_ms:8.3f} ms  "
                       f"{rows[-1]['pct_of_dense']:5.1f}% of dense  (TLS {tls:.2f}, CLS {cls:.2f}, {impl})")
-    notes = (f"FFN layer only, {dtype_name}. ours = edgespec.ops.blockffn ({', '.join(sorted(impls))}): router + union "
-             f"of active experts + gathered up/down; baseline = dense down(silu(up(x))) over all E*d columns. "
-             f"Rows ending in w4: 4-bit experts (group 128, zero points), same dense {dtype_name} baseline, "
-             f"dense_w4a16_ms = the dense FFN through edgespec's W4A16 kernel. "
-             f"{'CUDA events' if on_gpu else 'wall clock'}, median of {repeats} calls after warm-up, {copies} "
-             f"weight copies rotated. Chunk-level sparsity exact by construction; target on H100/H200: at 70% "
-             f"chunk sparsity ours <= 40% of dense.")
-    if not on_gpu:
-        notes = f"CPU run of the torch union path (no kernels), {args.threads} thread(s) on a shared machine. " + notes
-    path = write_result("blockffn", device, rows, notes, shape=SHAPES)
+        # After every layer kind: a run cut short by a time limit keeps what it measured.
+        path = write_result("blockffn", device, rows, notes(dtype_name, impls, on_gpu, repeats, copies, args.threads),
+                            shape=SHAPES)
     print(f"wrote {path}")
+
+
+def notes(dtype_name: str, impls: set[str], on_gpu: bool, repeats: int, copies: int, threads: int) -> str:
+    text = (f"FFN layer only, {dtype_name}. ours = edgespec.ops.blockffn ({', '.join(sorted(impls))}): router + union "
+            f"of active experts + gathered up/down; baseline = dense down(silu(up(x))) over all E*d columns. "
+            f"Rows ending in w4: 4-bit experts (group 128, zero points), same dense {dtype_name} baseline, "
+            f"dense_w4a16_ms = the dense FFN through edgespec's W4A16 kernel. "
+            f"{'CUDA events' if on_gpu else 'wall clock'}, median of {repeats} calls after warm-up, {copies} "
+            f"weight copies rotated. Chunk-level sparsity exact by construction; target on H100/H200: at 70% "
+            f"chunk sparsity ours <= 40% of dense.")
+    if not on_gpu:
+        text = f"CPU run of the torch union path (no kernels), {threads} thread(s) on a shared machine. " + text
+    return text
 
 
 if __name__ == "__main__":
