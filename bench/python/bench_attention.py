@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the oracle's random trees
 
-from benchlib import median, time_cuda, write_result  # noqa: E402
+from benchlib import Interruptible, median, time_cuda, write_result  # noqa: E402
 
 from edgespec import ops  # noqa: E402
 from oracle.attention import random_tree, tree_visibility  # noqa: E402
@@ -280,12 +280,13 @@ def main() -> int:
     dram_tbps = measure_dram_tbps(device)
     print(f"{torch.cuda.get_device_name(device)}: measured DRAM copy bandwidth {dram_tbps:.2f} TB/s")
     rows = []
-    for case in todo:
-        row = run_case(case, dtype, device, args.repeats, l2_bytes, dram_tbps)
-        rows.append(row)
-        print({k: row[k] for k in ("case", "ours_ms", "baseline", "baseline_ms", "speedup", "tbps", "tflops")
-               if k in row} if "error" not in row else row, flush=True)
-        torch.cuda.empty_cache()
+    with Interruptible() as run:
+        for case in todo:
+            row = run_case(case, dtype, device, args.repeats, l2_bytes, dram_tbps)
+            rows.append(row)
+            print({k: row[k] for k in ("case", "ours_ms", "baseline", "baseline_ms", "speedup", "tbps", "tflops")
+                   if k in row} if "error" not in row else row, flush=True)
+            torch.cuda.empty_cache()
     decode = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["ours_ms"] for r in rows if r.get("phase") == "decode"}
     for r in rows:
         if r.get("phase") == "tree":
@@ -298,9 +299,10 @@ def main() -> int:
              f"[1, H, S, D] layout; CUDA events around CUDA-graph replays of `copies` calls on distinct inputs "
              f"(> 3x L2), median of {args.repeats} replays / copies; tree = {TREE_TOKENS} random-tree tokens; "
              f"context = committed prefix (prompt length for prefill)")
-    path = write_result("attention", device, rows, notes, dtype=args.dtype, measured_dram_tbps=round(dram_tbps, 3))
+    path = write_result("attention", device, rows, notes, dtype=args.dtype, measured_dram_tbps=round(dram_tbps, 3),
+                        **run.marker(len(rows), len(todo)))
     print(f"wrote {path}")
-    return 0
+    return run.exit_code
 
 
 if __name__ == "__main__":

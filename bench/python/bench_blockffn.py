@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from benchlib import median, time_cpu, time_cuda, write_result  # noqa: E402
+from benchlib import Interruptible, median, time_cpu, time_cuda, write_result  # noqa: E402
 
 from edgespec import ops  # noqa: E402
 from edgespec.ops.moe import BlockFFNScratch  # noqa: E402
@@ -84,7 +84,7 @@ def make_layers(kind: str, h: int, e: int, d: int, copies: int, device: torch.de
             for _ in range(copies)]
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: edgespec's default for the device")
@@ -111,76 +111,78 @@ def main() -> None:
     kinds = (args.experts or ("dense,w4" if on_gpu else "dense")).split(",")
     rows = []
     impls = set()
-    for shape, s, kind in ((shape, s, kind) for shape, s in SHAPES.items() for kind in kinds):
-        h, e, d = s["hidden"], s["experts"], s["expert_size"]
-        layers = make_layers(kind, h, e, d, copies, device, dtype)
-        dense_layers = make_layers("dense", h, e, d, copies, device, dtype) if kind == "w4" else layers
-        suffix = " w4" if kind == "w4" else ""
-        for t in tokens:
-            for sparsity in SPARSITIES:
-                x, router, norm, active = routed_router(t, h, e, sparsity, seed=t * 1000 + int(sparsity * 100))
-                x, router, norm = (v.to(device=device, dtype=dtype) for v in (x, router, norm))
-                weights = ops.blockffn_router(x, router, norm, EPS)
-                tls, cls = sparsity_ref(weights.float().cpu())
-                impl = implementation(x, router, norm, *layers[0])
-                impls.add(impl)
-                # Correctness first: ours vs the dense computation with zero weights for inactive pairs.
-                up0, down0 = layers[0]
-                dense_masked = F.linear(F.silu(F.linear(x.float(), dense_weight(up0, torch.float32)))
-                                        * weights.float().repeat_interleave(d, 1), dense_weight(down0, torch.float32))
-                err = (ops.blockffn(x, router, norm, EPS, up0, down0).float() - dense_masked).abs().max().item()
-                scale = dense_masked.abs().max().item()
-                if not err <= 0.03 * scale + 1e-3:
-                    raise SystemExit(f"{shape} T={t} {sparsity:.0%}: ours differs from the dense reference "
-                                     f"by {err:.3g} (max |y| {scale:.3g})")
-                it_ours, it_dense = iter(range(1 << 30)), iter(range(1 << 30))
-                scratch = BlockFFNScratch()  # as a model layer holds it: no per-call memset of the counters
+    with Interruptible() as run:
+        for shape, s, kind in ((shape, s, kind) for shape, s in SHAPES.items() for kind in kinds):
+            h, e, d = s["hidden"], s["experts"], s["expert_size"]
+            layers = make_layers(kind, h, e, d, copies, device, dtype)
+            dense_layers = make_layers("dense", h, e, d, copies, device, dtype) if kind == "w4" else layers
+            suffix = " w4" if kind == "w4" else ""
+            for t in tokens:
+                for sparsity in SPARSITIES:
+                    x, router, norm, active = routed_router(t, h, e, sparsity, seed=t * 1000 + int(sparsity * 100))
+                    x, router, norm = (v.to(device=device, dtype=dtype) for v in (x, router, norm))
+                    weights = ops.blockffn_router(x, router, norm, EPS)
+                    tls, cls = sparsity_ref(weights.float().cpu())
+                    impl = implementation(x, router, norm, *layers[0])
+                    impls.add(impl)
+                    # Correctness first: ours vs the dense computation with zero weights for inactive pairs.
+                    up0, down0 = layers[0]
+                    dense_masked = F.linear(F.silu(F.linear(x.float(), dense_weight(up0, torch.float32)))
+                                            * weights.float().repeat_interleave(d, 1), dense_weight(down0, torch.float32))
+                    err = (ops.blockffn(x, router, norm, EPS, up0, down0).float() - dense_masked).abs().max().item()
+                    scale = dense_masked.abs().max().item()
+                    if not err <= 0.03 * scale + 1e-3:
+                        raise SystemExit(f"{shape} T={t} {sparsity:.0%}: ours differs from the dense reference "
+                                         f"by {err:.3g} (max |y| {scale:.3g})")
+                    it_ours, it_dense = iter(range(1 << 30)), iter(range(1 << 30))
+                    scratch = BlockFFNScratch()  # as a model layer holds it: no per-call memset of the counters
 
-                def ours() -> torch.Tensor:
-                    up, down = layers[next(it_ours) % copies]
-                    return ops.blockffn(x, router, norm, EPS, up, down, scratch=scratch)
+                    def ours() -> torch.Tensor:
+                        up, down = layers[next(it_ours) % copies]
+                        return ops.blockffn(x, router, norm, EPS, up, down, scratch=scratch)
 
-                def dense() -> torch.Tensor:
-                    up, down = dense_layers[next(it_dense) % copies]
-                    return F.linear(F.silu(F.linear(x, up)), down)
+                    def dense() -> torch.Tensor:
+                        up, down = dense_layers[next(it_dense) % copies]
+                        return F.linear(F.silu(F.linear(x, up)), down)
 
-                ours_ms = median(timer(ours, repeats)) * 1e3
-                dense_ms = median(timer(dense, repeats)) * 1e3
-                extra = {}
-                if kind == "w4":
-                    it_w4 = iter(range(1 << 30))
+                    ours_ms = median(timer(ours, repeats)) * 1e3
+                    dense_ms = median(timer(dense, repeats)) * 1e3
+                    extra = {}
+                    if kind == "w4":
+                        it_w4 = iter(range(1 << 30))
 
-                    def dense_w4() -> torch.Tensor:
-                        up, down = layers[next(it_w4) % copies]
-                        return ops.w4a16_linear(F.silu(ops.w4a16_linear(x, up)), down)
+                        def dense_w4() -> torch.Tensor:
+                            up, down = layers[next(it_w4) % copies]
+                            return ops.w4a16_linear(F.silu(ops.w4a16_linear(x, up)), down)
 
-                    extra["dense_w4a16_ms"] = round(median(timer(dense_w4, repeats)) * 1e3, 4)
-                if impl.startswith("cuda kernels"):
-                    # The torch union path on the same device, for reference (it syncs once per call).
-                    previous = os.environ.get("EDGESPEC_BACKEND")
-                    os.environ["EDGESPEC_BACKEND"] = "torch"
-                    try:
-                        extra["torch_path_ms"] = round(median(timer(ours, repeats)) * 1e3, 4)
-                    finally:
-                        os.environ.pop("EDGESPEC_BACKEND")
-                        if previous is not None:
-                            os.environ["EDGESPEC_BACKEND"] = previous
-                bytes_per_weight = 0.5 + 2 * 2 / 128 if kind == "w4" else x.element_size()  # w4: + scales, zeros
-                active_bytes = (e - round(sparsity * e)) * d * h * 2 * bytes_per_weight
-                rows.append({
-                    "case": f"{shape} T={t} {round(sparsity * 100)}%{suffix}", "impl": impl, "ours_ms": round(ours_ms, 4),
-                    "baseline": f"dense FFN (torch F.linear {dtype_name}{', cuBLAS' if on_gpu else ', CPU'})",
-                    "baseline_ms": round(dense_ms, 4), "pct_of_dense": round(100 * ours_ms / dense_ms, 1),
-                    "chunk_sparsity": round(cls, 4), "token_sparsity": round(tls, 4),
-                    "active_experts": e - round(sparsity * e),
-                    "gbps": round(active_bytes / (ours_ms * 1e-3) / 1e9, 1),
-                    "max_abs_err": float(f"{err:.3g}"), **extra})
-                print(f"{rows[-1]['case']:28s} ours {ours_ms:8.3f} ms  dense {dense_ms:8.3f} ms  "
-                      f"{rows[-1]['pct_of_dense']:5.1f}% of dense  (TLS {tls:.2f}, CLS {cls:.2f}, {impl})")
-        # After every layer kind: a run cut short by a time limit keeps what it measured.
-        path = write_result("blockffn", device, rows, notes(dtype_name, impls, on_gpu, repeats, copies, args.threads),
-                            shape=SHAPES)
+                        extra["dense_w4a16_ms"] = round(median(timer(dense_w4, repeats)) * 1e3, 4)
+                    if impl.startswith("cuda kernels"):
+                        # The torch union path on the same device, for reference (it syncs once per call).
+                        previous = os.environ.get("EDGESPEC_BACKEND")
+                        os.environ["EDGESPEC_BACKEND"] = "torch"
+                        try:
+                            extra["torch_path_ms"] = round(median(timer(ours, repeats)) * 1e3, 4)
+                        finally:
+                            os.environ.pop("EDGESPEC_BACKEND")
+                            if previous is not None:
+                                os.environ["EDGESPEC_BACKEND"] = previous
+                    bytes_per_weight = 0.5 + 2 * 2 / 128 if kind == "w4" else x.element_size()  # w4: + scales, zeros
+                    active_bytes = (e - round(sparsity * e)) * d * h * 2 * bytes_per_weight
+                    rows.append({
+                        "case": f"{shape} T={t} {round(sparsity * 100)}%{suffix}", "impl": impl, "ours_ms": round(ours_ms, 4),
+                        "baseline": f"dense FFN (torch F.linear {dtype_name}{', cuBLAS' if on_gpu else ', CPU'})",
+                        "baseline_ms": round(dense_ms, 4), "pct_of_dense": round(100 * ours_ms / dense_ms, 1),
+                        "chunk_sparsity": round(cls, 4), "token_sparsity": round(tls, 4),
+                        "active_experts": e - round(sparsity * e),
+                        "gbps": round(active_bytes / (ours_ms * 1e-3) / 1e9, 1),
+                        "max_abs_err": float(f"{err:.3g}"), **extra})
+                    print(f"{rows[-1]['case']:28s} ours {ours_ms:8.3f} ms  dense {dense_ms:8.3f} ms  "
+                          f"{rows[-1]['pct_of_dense']:5.1f}% of dense  (TLS {tls:.2f}, CLS {cls:.2f}, {impl})")
+    planned = len(SHAPES) * len(kinds) * len(tokens) * len(SPARSITIES)
+    path = write_result("blockffn", device, rows, notes(dtype_name, impls, on_gpu, repeats, copies, args.threads),
+                        shape=SHAPES, **run.marker(len(rows), planned))
     print(f"wrote {path}")
+    return run.exit_code
 
 
 def notes(dtype_name: str, impls: set[str], on_gpu: bool, repeats: int, copies: int, threads: int) -> str:
@@ -197,4 +199,4 @@ def notes(dtype_name: str, impls: set[str], on_gpu: bool, repeats: int, copies: 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from bench_attention import Case, Inputs, graph_ms, measure_dram_tbps, sdpa_variants  # noqa: E402
-from benchlib import write_result  # noqa: E402
+from benchlib import Interruptible, write_result  # noqa: E402
 
 from edgespec import ops  # noqa: E402
 from edgespec.models.sparse import parse_sparse_config  # noqa: E402
@@ -188,25 +188,29 @@ def main() -> int:
     dram_tbps = measure_dram_tbps(device)
     print(f"{torch.cuda.get_device_name(device)}: measured DRAM copy bandwidth {dram_tbps:.2f} TB/s")
     rows = []
-    for case in todo:
-        try:
-            case_rows = run_case(case, cfg, torch.bfloat16, device, args.repeats, l2_bytes)
-        except torch.OutOfMemoryError as exc:
-            case_rows = [{"case": case.name, "error": f"out of memory: {exc}"}]
-        rows.extend(case_rows)
-        for row in case_rows:
-            print({k: row.get(k) for k in ("case", "ours_ms", "baseline", "baseline_ms", "speedup", "error") if k in row},
-                  flush=True)
-        torch.cuda.empty_cache()
+    done = 0
+    with Interruptible() as run:
+        for case in todo:
+            try:
+                case_rows = run_case(case, cfg, torch.bfloat16, device, args.repeats, l2_bytes)
+            except torch.OutOfMemoryError as exc:
+                case_rows = [{"case": case.name, "error": f"out of memory: {exc}"}]
+            rows.extend(case_rows)
+            for row in case_rows:
+                print({k: row.get(k) for k in ("case", "ours_ms", "baseline", "baseline_ms", "speedup", "error")
+                       if k in row}, flush=True)
+            torch.cuda.empty_cache()
+            done += 1
     notes = ("bf16, one attention layer; ours = InfLLM-v2 sparse attention (decode: compressed-key update + "
              "selection kernels + attention kernels with the block mask; prefill: compress + torch GEMM scoring "
              "in query chunks + attention kernels with the block mask, sparse for every query); baselines = "
              "edgespec dense attention kernels and the fastest torch SDPA backend, same inputs, same run; CUDA "
              f"events around CUDA-graph replays of `copies` calls on distinct inputs (> 3x L2), median of "
              f"{args.repeats}; sparse_config {SPARSE_CONFIG}")
-    path = write_result("sparse_attention", device, rows, notes, dtype="bf16", measured_dram_tbps=round(dram_tbps, 3))
+    path = write_result("sparse_attention", device, rows, notes, dtype="bf16", measured_dram_tbps=round(dram_tbps, 3),
+                        **run.marker(done, len(todo)))
     print(f"wrote {path}")
-    return 0
+    return run.exit_code
 
 
 if __name__ == "__main__":

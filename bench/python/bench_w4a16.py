@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import RESULTS_DIR, device_slug, git_commit, write_result  # noqa: E402
+from benchlib import RESULTS_DIR, Interruptible, device_slug, git_commit, write_result  # noqa: E402
 
 # name -> (hidden, intermediate, query heads, kv heads, head dim, group size)
 MODELS = {"smollm2-135m": (576, 1536, 9, 3, 64, 64),
@@ -261,14 +261,18 @@ def main() -> int:
     dram_gbps = measure_dram_gbps(device)
     print(f"{torch.cuda.get_device_name(device)}: measured DRAM copy bandwidth {dram_gbps:.0f} GB/s")
     rows: list[dict] = []
-    for case in todo:
-        for row in run_case(case, dtype, args.zeros == "int", device, args.repeats, l2_bytes, dram_gbps):
-            rows.append(row)
-            if "error" in row:
-                print(f"{row['case']:28s} {row.get('baseline', '')}: {row['error']}")
-            else:
-                print(f"{row['case']:28s} ours {row['ours_ms']:.4f} ms ({row['gbps']:.0f} GB/s, "
-                      f"{row['pct_peak_bw']:.0f}%)  {row['baseline']} {row['baseline_ms']:.4f} ms  x{row['speedup']:.2f}")
+    done = 0
+    with Interruptible() as run:
+        for case in todo:
+            for row in run_case(case, dtype, args.zeros == "int", device, args.repeats, l2_bytes, dram_gbps):
+                rows.append(row)
+                if "error" in row:
+                    print(f"{row['case']:28s} {row.get('baseline', '')}: {row['error']}")
+                else:
+                    print(f"{row['case']:28s} ours {row['ours_ms']:.4f} ms ({row['gbps']:.0f} GB/s, "
+                          f"{row['pct_peak_bw']:.0f}%)  {row['baseline']} {row['baseline_ms']:.4f} ms  "
+                          f"x{row['speedup']:.2f}")
+            done += 1
     summary = targets(rows)
     print("\n".join(summary))
     path = write_result(
@@ -278,11 +282,11 @@ def main() -> int:
                "checked against the dequantised fp32 reference first; CUDA events around CUDA-graph replays of calls on "
                "weight copies rotated through > 3x L2, median of replays / calls; gbps counts 4-bit weights, scales, "
                "zeros, activations and output; pct_peak_bw is over a 1 GiB device copy measured in the same run"),
-        dram_copy_gbps=round(dram_gbps, 1), targets=summary)
+        dram_copy_gbps=round(dram_gbps, 1), targets=summary, **run.marker(done, len(todo)))
     print(f"wrote {path}")
-    if args.cpp is not None:
+    if args.cpp is not None and not run.interrupted:
         run_cpp(args.cpp, args, device)
-    return 0
+    return run.exit_code
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -102,3 +103,37 @@ def write_result(benchmark: str, device: torch.device | str, rows: list[dict[str
     path = RESULTS_DIR / f"{benchmark}-{device_slug(device)}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+class Interruptible:
+    """The measuring loop of a benchmark, cut short cleanly by Ctrl-C or by the SIGINT that
+    tools/gpu_session.sh sends at a stage's time limit: the KeyboardInterrupt ends the block,
+    `interrupted` is set, and the caller still writes the rows measured so far (marked) instead
+    of losing the whole stage.
+
+        with Interruptible() as run:
+            for case in todo:
+                rows.append(measure(case))
+        write_result(..., **run.marker(len(rows), len(todo)))
+        return run.exit_code
+    """
+
+    def __enter__(self) -> "Interruptible":
+        self.interrupted = False
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if kind is KeyboardInterrupt:
+            self.interrupted = True
+            print("interrupted: writing the rows measured so far", file=sys.stderr, flush=True)
+            return True
+        return False
+
+    def marker(self, measured: int, planned: int) -> dict[str, Any]:
+        """Extra JSON fields for write_result: nothing for a complete run."""
+        return {"interrupted": f"after {measured} of {planned} cases"} if self.interrupted else {}
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.interrupted else 0  # 128 + SIGINT, as a shell reports it
+
