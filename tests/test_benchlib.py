@@ -1,5 +1,6 @@
 """bench/python/benchlib.py: the commit a result records when the tree is a copy without .git
-(as on a lent GPU machine, where tools/gpu_session.sh passes it in EDGESPEC_COMMIT)."""
+(as on a lent GPU machine, where tools/gpu_session.sh passes it in EDGESPEC_COMMIT), and what an
+interrupted benchmark writes."""
 from __future__ import annotations
 
 import importlib.util
@@ -38,3 +39,31 @@ def test_results_carry_edgespec_commit_without_git(tmp_path: Path, monkeypatch: 
     doc = json.loads(path.read_text())
     assert doc["commit"] == "0123abcd" * 5
     assert doc["rows"][0]["speedup"] == 1.5
+
+
+def test_an_interrupted_benchmark_keeps_its_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt (a GPU session's stage limit) ends the measuring loop; the rows so far
+    are written with an `interrupted` field, and an interrupt before any row leaves an earlier
+    result file untouched."""
+    benchlib = load_copy(tmp_path)
+    monkeypatch.setenv("EDGESPEC_COMMIT", "abc1234")
+    rows = []
+    with benchlib.Interruptible() as run:
+        for i in range(5):
+            if i == 2:
+                raise KeyboardInterrupt
+            rows.append({"case": f"c{i}", "ours_ms": 1.0, "baseline_ms": 2.0})
+    assert run.interrupted and run.exit_code == 130
+    path = benchlib.write_result("demo", "cpu", rows, "notes", **run.marker(len(rows), 5))
+    doc = json.loads(path.read_text())
+    assert doc["interrupted"] == "after 2 of 5 cases" and len(doc["rows"]) == 2 and doc["rows"][0]["speedup"] == 2.0
+    with benchlib.Interruptible() as again:
+        raise KeyboardInterrupt
+    assert benchlib.write_result("demo", "cpu", [], "notes", **again.marker(0, 5)) == path
+    assert json.loads(path.read_text()) == doc  # not replaced by an empty result
+    with benchlib.Interruptible() as complete:
+        pass
+    assert complete.marker(5, 5) == {} and complete.exit_code == 0
+    with pytest.raises(ValueError), benchlib.Interruptible():
+        raise ValueError("other errors pass through")
+

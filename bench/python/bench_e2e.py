@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import median, time_cpu, write_result  # noqa: E402
+from benchlib import Interruptible, median, time_cpu, write_result  # noqa: E402
 
 import edgespec  # noqa: E402
 from edgespec.loading import default_dtype, resolve_device  # noqa: E402
@@ -40,7 +40,7 @@ def load_transformers(gguf: Path, dtype: torch.dtype, device: torch.device):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: the demo model)")
     ap.add_argument("--device", default="auto")
@@ -60,43 +60,46 @@ def main() -> None:
     hf = load_transformers(gguf, dtype, device)
     n = args.new_tokens
     rows = []
-    for prompt in PROMPTS:
-        ids = llm.encode(prompt, chat=True)
-        hf_ids = torch.tensor([ids], device=device)
+    with Interruptible() as run:
+        for prompt in PROMPTS:
+            ids = llm.encode(prompt, chat=True)
+            hf_ids = torch.tensor([ids], device=device)
 
-        def run_ours() -> list[int]:
-            return llm.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids
+            def run_ours() -> list[int]:
+                return llm.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids
 
-        def run_hf() -> list[int]:
-            with torch.inference_mode():
-                out = hf.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), do_sample=False,
-                                  max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-            return out[0, len(ids):].tolist()
+            def run_hf() -> list[int]:
+                with torch.inference_mode():
+                    out = hf.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), do_sample=False,
+                                      max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                return out[0, len(ids):].tolist()
 
-        ours_t, hf_t = [], []
-        for _ in range(args.repeats):  # alternate so load drift affects both engines alike
-            ours_t += time_cpu(run_ours, 1, warmup=0 if ours_t else 1)
-            hf_t += time_cpu(run_hf, 1, warmup=0 if hf_t else 1)
-        same = run_ours() == run_hf()
-        ours_s, hf_s = median(ours_t), median(hf_t)
-        rows.append({
-            "case": f"smollm2-135m {str(dtype).removeprefix('torch.')} greedy prompt={len(ids)} new={n}: {prompt[:32]}",
-            "ours_ms": round(ours_s * 1e3, 2), "baseline": "transformers.generate",
-            "baseline_ms": round(hf_s * 1e3, 2), "speedup": round(hf_s / ours_s, 3),
-            "ours_tokens_per_s": round(n / ours_s, 2), "baseline_tokens_per_s": round(n / hf_s, 2),
-            "same_tokens": same,
-        })
-        print(rows[-1], flush=True)
+            ours_t, hf_t = [], []
+            for _ in range(args.repeats):  # alternate so load drift affects both engines alike
+                ours_t += time_cpu(run_ours, 1, warmup=0 if ours_t else 1)
+                hf_t += time_cpu(run_hf, 1, warmup=0 if hf_t else 1)
+            same = run_ours() == run_hf()
+            ours_s, hf_s = median(ours_t), median(hf_t)
+            rows.append({
+                "case": f"smollm2-135m {str(dtype).removeprefix('torch.')} greedy prompt={len(ids)} new={n}: {prompt[:32]}",
+                "ours_ms": round(ours_s * 1e3, 2), "baseline": "transformers.generate",
+                "baseline_ms": round(hf_s * 1e3, 2), "speedup": round(hf_s / ours_s, 3),
+                "ours_tokens_per_s": round(n / ours_s, 2), "baseline_tokens_per_s": round(n / hf_s, 2),
+                "same_tokens": same,
+            })
+            print(rows[-1], flush=True)
     notes = (f"Wall time of one whole generation (prefill of a chat-templated prompt + {n} greedy new tokens, "
              f"EOS ignored), median of {args.repeats} repeats after one warm-up, engines alternated; "
              f"tokens_per_s = new tokens / wall time. edgespec plain decoding (no speculation). "
              f"same_tokens: both engines produced identical token ids.")
-    path = write_result("e2e_generate", device, rows, notes, model=gguf.name, dtype=str(dtype))
+    path = write_result("e2e_generate", device, rows, notes, model=gguf.name, dtype=str(dtype),
+                        **run.marker(len(rows), len(PROMPTS)))
     geo = 1.0
     for r in rows:
         geo *= r["speedup"]
-    print(f"wrote {path}; geometric-mean speedup {geo ** (1 / len(rows)):.3f}x")
+    print(f"wrote {path}; geometric-mean speedup {geo ** (1 / max(len(rows), 1)):.3f}x")
+    return run.exit_code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

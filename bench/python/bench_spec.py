@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import write_result  # noqa: E402
+from benchlib import Interruptible, write_result  # noqa: E402
 
 import edgespec  # noqa: E402
 from edgespec.loading import default_dtype, resolve_device  # noqa: E402
@@ -69,9 +69,9 @@ def run_prompt(llm: edgespec.LLM, ids: list[int], n: int, ignore_eos: bool) -> t
 
 
 def measure(llm: edgespec.LLM, prompts: list[tuple[str, list[int]]], n: int, spec: dict,
-            ignore_eos: bool) -> list[dict]:
-    """Alternate plain and speculative generation per prompt; one row per prompt."""
-    rows = []
+            ignore_eos: bool, rows: list[dict]) -> list[dict]:
+    """Alternate plain and speculative generation per prompt; appends one row per prompt to `rows`
+    (so an interrupted run keeps the prompts it finished) and returns it."""
     for kind, ids in prompts:
         enable_speculation(llm, None)
         plain_s, plain = run_prompt(llm, ids, n, ignore_eos)
@@ -105,7 +105,7 @@ def aggregate(rows: list[dict]) -> dict:
             "identical_outputs": f"{sum(r['same_tokens'] for r in rows)}/{len(rows)}"}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: edgespec's default for the device")
@@ -141,16 +141,19 @@ def main() -> None:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.sweep.split()]
     load_before = os.getloadavg()
     run_prompt(llm, prompts[0][1], 8, True)  # warm-up (allocations, kernels' first calls)
-    for tree_size, depth, topk in shapes:
-        spec = {"draft": args.draft, "tree_size": tree_size, "depth": depth, "topk": topk,
-                "frspec_vocab": args.frspec_vocab}
-        rows = measure(llm, prompts, args.new_tokens, spec, args.ignore_eos)
-        agg = aggregate(rows)
-        print(f"tree {tree_size:3d} depth {depth} topk {topk}: mean accepted length {agg['accept_len']:.2f}, "
-              f"{agg['tokens_per_s']:.1f} vs {agg['baseline_tokens_per_s']:.1f} tok/s, speedup {agg['speedup']:.2f}x, "
-              f"identical outputs {agg['identical_outputs']}", flush=True)
-    if args.sweep:
-        return
+    rows: list[dict] = []
+    with Interruptible() as run:
+        for tree_size, depth, topk in shapes:
+            spec = {"draft": args.draft, "tree_size": tree_size, "depth": depth, "topk": topk,
+                    "frspec_vocab": args.frspec_vocab}
+            rows = []  # filled in place: an interrupt keeps the prompts already measured
+            measure(llm, prompts, args.new_tokens, spec, args.ignore_eos, rows)
+            agg = aggregate(rows)
+            print(f"tree {tree_size:3d} depth {depth} topk {topk}: mean accepted length {agg['accept_len']:.2f}, "
+                  f"{agg['tokens_per_s']:.1f} vs {agg['baseline_tokens_per_s']:.1f} tok/s, speedup "
+                  f"{agg['speedup']:.2f}x, identical outputs {agg['identical_outputs']}", flush=True)
+    if args.sweep or not rows:
+        return run.exit_code
     load_after = os.getloadavg()
     n = args.new_tokens
     name = f"smollm2-135m {str(dtype).removeprefix('torch.')} greedy max_new={n}"
@@ -180,9 +183,10 @@ def main() -> None:
              f"of decoding it alone (bf16/fp16), so every row should say true.")
     path = write_result("spec", device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
                         dtype=str(dtype), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],
-                                                "topk": shapes[0][2]})
+                                                "topk": shapes[0][2]}, **run.marker(len(rows), len(prompts)))
     print(f"wrote {path}")
+    return run.exit_code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

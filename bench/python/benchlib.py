@@ -97,10 +97,13 @@ def write_result(benchmark: str, device: torch.device | str, rows: list[dict[str
     for row in rows:
         if "baseline_ms" in row and "ours_ms" in row and row["ours_ms"]:
             row.setdefault("speedup", round(row["baseline_ms"] / row["ours_ms"], 3))
+    path = RESULTS_DIR / f"{benchmark}-{device_slug(device)}.json"
+    if not rows and extra.get("interrupted"):
+        print(f"nothing measured before the interrupt: {path} left as it was", file=sys.stderr)
+        return path
     doc = {"benchmark": benchmark, "device": device_name(device), "commit": git_commit(),
            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "notes": notes,
            **extra, "rows": rows}
-    path = RESULTS_DIR / f"{benchmark}-{device_slug(device)}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
