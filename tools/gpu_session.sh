@@ -196,6 +196,8 @@ def results(*paths: str) -> None:
         sp = [r["speedup"] for r in rows if isinstance(r.get("speedup"), (int, float)) and r["speedup"] > 0]
         errs = sum(1 for r in rows if "error" in r)
         text = f"{Path(p).stem}: {len(rows)} rows"
+        if doc.get("interrupted"):
+            text += f" (interrupted {doc['interrupted']})"
         if sp:
             geo = math.exp(sum(map(math.log, sp)) / len(sp))
             text += f", speedup geomean {geo:.2f}x ({min(sp):.2f}-{max(sp):.2f})"
