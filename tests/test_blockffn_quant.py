@@ -118,6 +118,10 @@ def test_bad_4bit_expert_shapes_name_the_tensor() -> None:
         ops.blockffn(x, router, norm, EPS, wrong_up, down)
     with pytest.raises(ValueError, match="up must be"):
         ops.blockffn(x, router, norm, EPS, down, down)
+    meta_up = ops.W4A16Weight(up.qweight.to("meta"), up.scales.to("meta"), None, up.group_size, up.in_features,
+                              up.out_features)
+    with pytest.raises(ValueError, match=r"up is torch.float32 on meta, expected x's torch.float32 on cpu"):
+        ops.blockffn(x, router, norm, EPS, meta_up, down)
 
 
 def test_4bit_kernel_rejections_name_the_problem() -> None:

@@ -60,7 +60,7 @@ def check_blockffn_weights(x: torch.Tensor, router_weight: torch.Tensor, norm_we
         # A 4-bit weight's scales may be in another float dtype: the torch path dequantises to x's.
         dtype = x.dtype if isinstance(t, W4A16Weight) else t.dtype
         if dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"blockffn: {name} is {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}")
+            raise ValueError(f"blockffn: {name} is {dtype} on {t.device}, expected x's {x.dtype} on {x.device}")
     return e, d
 
 
