@@ -8,8 +8,9 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model to 4-bit weights (GPTQ-compatible safetensors)",
-                       description="Quantize every linear layer of a model to 4 bits (embeddings and LM head stay "
-                                   "fp16) and write a checkpoint that edgespec, transformers and GPTQ tools read.")
+                       description="Quantize every linear layer of a model, and the experts of BlockFFN layers, to "
+                                   "4 bits (embeddings, LM head and BlockFFN routers stay fp16) and write a checkpoint "
+                                   "that edgespec, transformers and GPTQ tools read.")
     p.add_argument("--model", required=True, help="a Hugging Face model directory, a .gguf file, or 'demo'")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--method", default="gptq", choices=["gptq", "rtn"],
