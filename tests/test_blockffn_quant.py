@@ -220,6 +220,29 @@ def test_quantize_writes_a_4bit_blockffn_checkpoint(tmp_path: Path, method: str)
         assert 0 < (y - y_ref).norm() < 0.2 * y_ref.norm()
 
 
+def test_malformed_4bit_blockffn_checkpoints_name_the_tensor(tmp_path: Path) -> None:
+    """A config that disagrees with the 4-bit expert tensors, or an expert whose scales are
+    missing, is a ModelFormatError naming the tensor and what was expected."""
+    from safetensors.torch import load_file, save_file
+
+    from edgespec import ModelFormatError
+
+    src = write_random_blockffn(tmp_path / "dense", num_layers=1, num_experts=4, expert_size=32, seed=2)
+    out = quantize_checkpoint(src, tmp_path / "q4", QuantSettings(method="rtn", group_size=32), progress=False)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "expert_size": 16, "intermediate_size": 64}))
+    with pytest.raises(ModelFormatError, match=r"mlp\.up_proj is a 4-bit weight of 96 inputs and 128 outputs, "
+                                               r"expected 96 -> 64"):
+        _load(out)
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["model.layers.0.mlp.down_proj.scales"]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelFormatError, match=r"model\.layers\.0\.mlp\.down_proj\.qweight has no "
+                                               r"model\.layers\.0\.mlp\.down_proj\.scales"):
+        _load(out)
+
+
 def test_gptq_beats_rtn_on_a_blockffn_model(tmp_path: Path) -> None:
     """GPTQ's Hessians for the experts (up: the FFN input; down: the router-scaled hidden state)
     must pay off: lower logit error than round-to-nearest at the same group size."""
