@@ -2,7 +2,10 @@
 
 Same model weights (the demo GGUF, which transformers loads through its own GGUF reader), same
 prompts, same dtype, greedy, the same number of new tokens (EOS ignored on both sides), measured in
-one run, alternating the two engines per repeat so drift in machine load hits both alike.
+one run, alternating the two engines per repeat so drift in machine load hits both alike. On a
+GPU each row also records edgespec with its decode steps replayed as CUDA graphs
+(edgespec.cuda_graphs, opt-in): graphs_ms, graphs_tokens_per_s, and whether its tokens equal the
+eager run's (graphs_same_tokens).
 
     python bench/python/bench_e2e.py [--model PATH] [--device cpu|cuda] [--dtype bf16|fp32] [--new-tokens 128]
 """
@@ -32,6 +35,17 @@ PROMPTS = [
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
+def graph_row(graphed: "edgespec.LLM", ids: list[int], n: int, repeats: int, eager_tokens: list[int]) -> dict:
+    """The CUDA-graph columns of one row (or the error that kept the graphs from running)."""
+    try:
+        tokens = graphed.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids  # captures on first use
+        seconds = median(time_cpu(lambda: graphed.generate(ids, max_new_tokens=n, ignore_eos=True), repeats))
+    except Exception as exc:  # noqa: BLE001 - a failed capture is a result to record, not a crash
+        return {"graphs_error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"graphs_ms": round(seconds * 1e3, 2), "graphs_tokens_per_s": round(n / seconds, 2),
+            "graphs_same_tokens": tokens == eager_tokens}
+
+
 def load_transformers(gguf: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -57,6 +71,13 @@ def main() -> int:
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     gguf = Path(args.model) if args.model else demo_model_path()
     llm = edgespec.LLM.load(str(gguf), device=str(device), dtype=dtype, max_context=2048, draft=None)
+    graphed = None
+    if device.type == "cuda":  # the same weights, decode steps as CUDA graphs (its own cache)
+        from edgespec.generation import PlainDecoding
+        from edgespec.loading import LoadedModel
+
+        graphed = edgespec.LLM(LoadedModel(llm.model, llm.tokenizer, llm.name),
+                               strategy=lambda m, c: PlainDecoding(m, c, cuda_graph=True))
     hf = load_transformers(gguf, dtype, device)
     n = args.new_tokens
     rows = []
@@ -87,6 +108,8 @@ def main() -> int:
                 "ours_tokens_per_s": round(n / ours_s, 2), "baseline_tokens_per_s": round(n / hf_s, 2),
                 "same_tokens": same,
             })
+            if graphed is not None:
+                rows[-1].update(graph_row(graphed, ids, n, args.repeats, run_ours()))
             print(rows[-1], flush=True)
     notes = (f"Wall time of one whole generation (prefill of a chat-templated prompt + {n} greedy new tokens, "
              f"EOS ignored), median of {args.repeats} repeats after one warm-up, engines alternated; "

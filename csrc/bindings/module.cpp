@@ -208,15 +208,17 @@ PYBIND11_MODULE(_C, m) {
       [](const TensorView& q, const TensorView& k, const TensorView& v, const std::optional<TensorView>& tree_mask,
          const TensorView& out, const std::optional<TensorView>& partial_out,
          const std::optional<TensorView>& partial_lse, float scale, int splits, std::uint64_t stream,
-         const std::optional<TensorView>& block_mask) {
-        AttentionArgs a{q, k, v, opt(tree_mask), out, opt(partial_out), opt(partial_lse), scale, splits, opt(block_mask)};
+         const std::optional<TensorView>& block_mask, const std::optional<TensorView>& seqlen) {
+        AttentionArgs a{q,     k,      v,          opt(tree_mask),  out, opt(partial_out), opt(partial_lse),
+                        scale, splits, opt(block_mask), opt(seqlen)};
         raise_if_error("attention", attention(a, as_stream(stream)),
                        {{"q", &q}, {"k", &k}, {"v", &v}, {"tree_mask", opt(tree_mask)}, {"out", &out},
                         {"partial_out", opt(partial_out)}, {"partial_lse", opt(partial_lse)},
-                        {"block_mask", opt(block_mask)}});
+                        {"block_mask", opt(block_mask)}, {"seqlen", opt(seqlen)}});
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tree_mask"), py::arg("out"), py::arg("partial_out"),
       py::arg("partial_lse"), py::arg("scale"), py::arg("splits"), py::arg("stream"), py::arg("block_mask") = py::none(),
+      py::arg("seqlen") = py::none(),
       "Causal or tree-masked GQA attention of the last T of S cache slots, split-KV when splits > 1. "
       "See csrc/kernels/attention.h.");
   m.def("attention_num_splits", &attention_num_splits, py::arg("tokens"), py::arg("seqlen"), py::arg("heads_q"),

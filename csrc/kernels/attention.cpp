@@ -111,6 +111,15 @@ Status check_attention(const AttentionArgs& a) {
     }
   }
 
+  if (a.seqlen != nullptr) {
+    const TensorView& n = *a.seqlen;
+    EDGESPEC_RETURN_IF_ERROR(check_view(n, "seqlen", 1));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(n, "seqlen", DType::kInt32, "the slot count, read on the device"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(n, "seqlen", 0, 1, "one count"));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(q, "q", n, "seqlen"));
+    if (a.block_mask != nullptr) return Status::unsupported("seqlen: a device-side length takes no block mask");
+  }
+
   if (a.splits < 1 || a.splits > kAttentionMaxSplits) {
     return Status::invalid("splits must be in [1, " + std::to_string(kAttentionMaxSplits) + "], got " +
                            std::to_string(a.splits));
@@ -179,6 +188,7 @@ AttentionParams<T> make_params(const AttentionArgs& a) {
   }
   p.tokens = static_cast<int>(a.q.size(0));
   p.seqlen = static_cast<int>(a.k.size(0));
+  p.seqlen_dev = a.seqlen != nullptr ? a.seqlen->ptr<const int>() : nullptr;
   p.heads_q = static_cast<int>(a.q.size(1));
   p.heads_kv = static_cast<int>(a.k.size(1));
   p.group = p.heads_q / p.heads_kv;

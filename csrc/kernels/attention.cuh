@@ -137,14 +137,16 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   const int row0 = tile_m * C::kBlockM;
   const int kv_head = blockIdx.y;
   const int split = blockIdx.z;
-  const int prefix = p.seqlen - p.tokens;
+  // The slots that count: the views' S, or the device-side length of a graph replay.
+  const int seqlen = p.seqlen_dev != nullptr ? max(p.tokens, min(__ldg(p.seqlen_dev), p.seqlen)) : p.seqlen;
+  const int prefix = seqlen - p.tokens;
   const int tok_first = row0 / group;
   const int tok_last = min((row0 + C::kBlockM - 1) / group, p.tokens - 1);
 
   // This block's keys: its split's run of whole tiles, cut after the last slot any row here sees.
-  const int visible_end = kTree ? p.seqlen : prefix + tok_last + 1;
+  const int visible_end = kTree ? seqlen : prefix + tok_last + 1;
   const int tiles_visible = (visible_end + kBlockN - 1) / kBlockN;
-  const int tiles_total = (p.seqlen + kBlockN - 1) / kBlockN;
+  const int tiles_total = (seqlen + kBlockN - 1) / kBlockN;
   const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
   const int tile_begin = split * tiles_per_split;
   const int tile_end = min(tile_begin + tiles_per_split, tiles_visible);
@@ -219,7 +221,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       const int r = i / C::kChunks;
       const int c = i % C::kChunks;
       const int key = key0 + r;
-      const bool valid = key < p.seqlen;
+      const bool valid = key < seqlen;
       const std::int64_t k_off = valid ? key * p.k_stride_s + c * 8 : 0;
       const std::int64_t v_off = valid ? key * p.v_stride_s + c * 8 : 0;
       cp_async_16(k_dst + swizzle<kHeadDim>(r, c), k_head + k_off, valid);

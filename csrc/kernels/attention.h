@@ -27,6 +27,8 @@
 //   (kUnsupported) a call whose block needs more shared memory than the GPU's opt-in limit
 //   (attention_smem_bytes in attention_plan.h: long block masks with a small GQA group on a
 //   99 KB sm_86/sm_89); edgespec/ops/_kernels.py checks the same first and falls back to torch.
+//   seqlen (optional): int32 [1] on q's device, the slots that count, read by the kernels (clamped
+//   to [T, S]); the launch shape and the split plan follow the views' S. Not with a block mask.
 //
 // Launch shape (attention.cuh): packed query rows r = t * G + g (the G query heads sharing one KV
 // head are adjacent rows of one tile, so every K/V tile loaded to shared memory serves all of
@@ -73,7 +75,10 @@ struct AttentionParams {
   float* partial_out = nullptr;  // [splits, T * Hq, D], required iff splits > 1
   float* partial_lse = nullptr;  // [splits, T * Hq] (log2 units)
   int tokens = 0;    // T
-  int seqlen = 0;    // S
+  int seqlen = 0;    // S: slots of the k/v views
+  // If set, the slots that count, read on the device (clamped to [T, seqlen]): a CUDA graph
+  // captured once over a cache view of seqlen slots replays at any cache length.
+  const int* seqlen_dev = nullptr;
   int heads_q = 0;   // Hq
   int heads_kv = 0;  // Hkv
   int group = 0;     // Hq / Hkv
@@ -96,6 +101,7 @@ struct AttentionArgs {
   float scale = 0.f;
   int splits = 1;  // attention_num_splits() picks it; any value in [1, kAttentionMaxSplits] is correct
   const TensorView* block_mask = nullptr;   // int64 [T, Hkv, W] (block-sparse) or nullptr
+  const TensorView* seqlen = nullptr;       // int32 [1]: the slots of k/v that count, or nullptr (all)
 };
 
 // Checks the views, selects their device and launches on `stream`.

@@ -133,13 +133,22 @@ def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
 
 
 class PlainDecoding:
-    """One target forward per token: the baseline every speculative strategy must match."""
+    """One target forward per token: the baseline every speculative strategy must match.
 
-    def __init__(self, model: Decoder, cache: KVCache) -> None:
+    cuda_graph: replay each decode step as one CUDA graph (edgespec.cuda_graphs; None: as
+    EDGESPEC_CUDA_GRAPHS says, and only for a CUDA model).
+    """
+
+    def __init__(self, model: Decoder, cache: KVCache, cuda_graph: bool | None = None) -> None:
+        from . import cuda_graphs  # noqa: PLC0415 - the module imports this package's models
+
         self.model = model
         self.cache = cache
         self.sampler: Sampler | None = None
         self._last: int | None = None
+        if cuda_graph is None:
+            cuda_graph = cuda_graphs.requested() and model.device.type == "cuda"
+        self._graph = cuda_graphs.decode_graph(model, cache) if cuda_graph else None
 
     def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
         self.sampler = Sampler(config, self.model.device)
@@ -153,10 +162,13 @@ class PlainDecoding:
     def step(self) -> list[int]:
         pos = self.cache.length
         dev = self.model.device
-        out = self.model.forward(torch.tensor([self._last], device=dev), torch.tensor([pos], device=dev),
-                                 self.cache, pos)
+        if self._graph is not None:
+            logits = self._graph(self._last, pos)
+        else:
+            out = self.model.forward(torch.tensor([self._last], device=dev), torch.tensor([pos], device=dev),
+                                     self.cache, pos)
+            logits = self.model.logits(out.hidden)
         self.cache.length = pos + 1
-        logits = self.model.logits(out.hidden)
         token = checked_tokens(self.sampler(logits), logits)[0]
         self._last = token
         return [token]

@@ -20,8 +20,16 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v: [T, Hkv, D] at slots [start, start + T) of `layer`."""
+    def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v: [T, Hkv, D] at slots [start, start + T) of `layer`.
+
+        start may be a one-element int64 tensor on the cache's device (a CUDA graph's replays each
+        write at another slot); it is not read on the host, so the caller keeps it in range."""
+        if isinstance(start, torch.Tensor):
+            slots = start.reshape(1) + torch.arange(k.shape[0], device=start.device)
+            self.k[layer].index_copy_(0, slots, k)
+            self.v[layer].index_copy_(0, slots, v)
+            return
         end = start + k.shape[0]
         if end > self.max_len:
             raise IndexError(f"KV cache overflow: writing slots [{start}, {end}) of a cache of {self.max_len}")

@@ -90,7 +90,8 @@ class Decoder:
                        self.dtype, self.device)
 
     def _attention(self, i: int, layer: Layer, h: torch.Tensor, positions: torch.Tensor,
-                   cache: KVCache, start: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
+                   cache: KVCache, start: int | torch.Tensor, tree_mask: torch.Tensor | None,
+                   seqlen: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         t = h.shape[0]
         qkv = layer.qkv(h)  # [T, (Hq + 2 Hkv) * D]
@@ -103,6 +104,10 @@ class Decoder:
             k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
         q, k = ops.apply_rope(q, k, positions, self.rope)
         cache.write(i, start, k, v)
+        if seqlen is not None:  # device-side start: the whole cache, of which seqlen slots count
+            keys, values = cache.view(i, cache.max_len)
+            return layer.o(ops.attention(q, keys, values, self.attn_scale, tree_mask, self.row_invariant_attention,
+                                         seqlen=seqlen).reshape(t, cfg.q_size))
         keys, values = cache.view(i, start + t)                                   # [S, Hkv, D]
         out = None
         if self.sparse is not None:  # None back when every query is below dense_len (or forced dense)
@@ -112,10 +117,14 @@ class Decoder:
                                 self.row_invariant_attention)                    # [T, Hq, D]
         return layer.o(out.reshape(t, cfg.q_size))
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int | torch.Tensor,
                 tree_mask: torch.Tensor | None = None, capture: tuple[int, ...] = (),
                 check_ids: bool = False) -> ForwardOutput:
         """Run T tokens through the model, writing their K/V at cache slots [start, start + T).
+
+        start: a host int, or a one-element int64 tensor on the model's device that no step reads
+        on the host (what a CUDA graph captures: see edgespec.cuda_graphs); the latter needs dense
+        attention (no InfLLM-v2 sparse config).
 
         tokens: [T] int64; positions: [T] int64 RoPE positions (start + i for a chain; prefix length +
         depth for tree tokens); tree_mask: None (causal) or packed int64 [T, ceil(T/64)];
@@ -126,12 +135,17 @@ class Decoder:
         cfg = self.config
         rs = cfg.residual_scale
         captured: dict[int, torch.Tensor] = {}
+        seqlen = None
+        if isinstance(start, torch.Tensor):
+            if self.sparse is not None:
+                raise ValueError("a device-side start needs dense attention; this model has an InfLLM-v2 sparse_config")
+            seqlen = (start.reshape(1) + tokens.shape[0]).to(torch.int32)  # the cache slots that count
         residual = ops.embedding(tokens, self.embed, cfg.embedding_scale, check=check_ids)  # [T, H]
         if 0 in capture:
             captured[0] = residual
         h = ops.rms_norm(residual, self.layers[0].attn_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            a = self._attention(i, layer, h, positions, cache, start, tree_mask)
+            a = self._attention(i, layer, h, positions, cache, start, tree_mask, seqlen)
             if rs != 1.0:
                 a = a * rs
             h, residual = ops.rms_norm(a, layer.ffn_norm, cfg.rms_norm_eps, residual=residual)

@@ -387,7 +387,7 @@ def attention_splits(tokens: int, seqlen: int, heads_q: int, heads_kv: int, tree
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               tree_mask: torch.Tensor | None = None, splits: int | None = None,
-              block_mask: torch.Tensor | None = None) -> torch.Tensor:
+              block_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None) -> torch.Tensor:
     """Attention kernels (csrc/kernels/attention.h); same contract as edgespec.ops.attention.
 
     q: [T, Hq, D] bf16/fp16, D in (64, 128), last dim contiguous; k, v: [S, Hkv, D] with S >= T
@@ -396,12 +396,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     plan for this GPU; any value in [1, 1024] gives the same result up to rounding);
     block_mask: None, or the InfLLM-v2 selection int64 [T, Hkv, W] (bit b % 64 of word b // 64: 64-key
     block b is selected; see block_mask_rejection), restricting each token's prefix keys to it.
+    seqlen: None, or int32 [1] on q's device: only the first seqlen of the S slots count, read by
+    the kernel (the new tokens are slots [seqlen - T, seqlen)), so a CUDA graph captured over a
+    whole cache replays at any length; the split plan then follows S. Not with a block mask.
     Returns [T, Hq, D] contiguous in q's dtype. With splits > 1 two fp32 scratch tensors,
     [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results.
     """
     _require("attention", attention_rejection(q, k, v, tree_mask)
              or (block_mask_rejection(q, k, block_mask) or attention_smem_rejection(q, k, tree_mask, block_mask.shape[2])
-                 if block_mask is not None else None))
+                 if block_mask is not None else None)
+             or (_seqlen_rejection(q, seqlen, block_mask) if seqlen is not None else None))
     if _chunk_rejection("q", q) is not None:
         q = q.contiguous()
     if tree_mask is not None and not tree_mask.is_contiguous():
@@ -417,8 +421,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     _run(_module().attention, _view(q), _view(k), _view(v), None if tree_mask is None else _view(tree_mask),
          _view(out), None if partial_out is None else _view(partial_out),
          None if partial_lse is None else _view(partial_lse), float(scale), int(splits), _stream(q),
-         None if block_mask is None else _view(block_mask))
+         None if block_mask is None else _view(block_mask), None if seqlen is None else _view(seqlen))
     return out
+
+
+def _seqlen_rejection(q: torch.Tensor, seqlen: torch.Tensor, block_mask: torch.Tensor | None) -> str | None:
+    if seqlen.dtype != torch.int32 or seqlen.numel() != 1 or seqlen.device != q.device:
+        return f"seqlen must be int32 [1] on {q.device}, got {seqlen.dtype} {_shape(seqlen)} on {seqlen.device}"
+    if block_mask is not None:
+        return "a device-side seqlen takes no block mask"
+    return None
 
 
 # --- InfLLM-v2 block selection (sparse attention) -----------------------------------------------

@@ -98,6 +98,7 @@ def attention(
     scale: float,
     tree_mask: torch.Tensor | None = None,
     row_invariant: bool = True,
+    seqlen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of T new tokens over S cache slots (the new tokens are the last T).
 
@@ -107,14 +108,22 @@ def attention(
     row_invariant: on the CPU, give a decoded token and a verified tree token bitwise the same
     output (attention_rows; what makes greedy speculative output equal plain output). A draft,
     whose outputs only propose tokens, turns it off for a single masked SDPA call.
+    seqlen: None, or an int32 [1] tensor on q's device: only slots [0, seqlen) of k, v count (the
+    new tokens are the last T of them). The kernel reads it on the device (what a CUDA graph
+    captured over the whole cache needs); the torch path reads it on the host.
     Returns [T, Hq, D] in q's dtype.
     """
     _check(q, k, v, tree_mask)
-    if backend.use_kernel(q, k, v, tree_mask):
+    if backend.use_kernel(q, k, v, tree_mask, seqlen):
         from . import _kernels
 
         if _kernels.supports_attention(q, k, v, tree_mask):
-            return _kernels.attention(q, k, v, scale, tree_mask)
+            return _kernels.attention(q, k, v, scale, tree_mask, seqlen=seqlen)
+    if seqlen is not None:
+        n = int(seqlen.reshape(()).item())
+        if not q.shape[0] <= n <= k.shape[0]:
+            raise ValueError(f"attention: seqlen {n} must hold the {q.shape[0]} new tokens within the {k.shape[0]} slots")
+        k, v = k[:n], v[:n]
     t, s = q.shape[0], k.shape[0]
     prefix = s - t
     if row_invariant and q.device.type == "cpu" and (t == 1 or tree_mask is not None):
