@@ -111,3 +111,23 @@ def test_graph_decoding_matches_eager_decoding_on_a_gpu(tiny_model_dir) -> None:
     for _ in range(2):
         assert graphed.generate(prompt, max_new_tokens=40, ignore_eos=True).token_ids == want
     assert len(cuda_graphs._GRAPHS) >= 1
+
+
+@pytest.mark.gpu
+def test_graph_decoding_of_a_blockffn_model_keeps_its_statistics(tmp_path) -> None:
+    """BlockFFN layers count steps on the host, which a replay skips: the graph counts for them, so
+    the sparsity statistics of a graphed generation equal the eager one's."""
+    from edgespec.models.blockffn import write_random_blockffn
+
+    path = write_random_blockffn(tmp_path / "blockffn", hidden_size=256, num_heads=4, num_kv_heads=2, num_layers=2,
+                                 num_experts=16, expert_size=32, seed=4)
+    model = load_model(str(path), device="cuda", dtype=torch.bfloat16, max_context=128, with_tokenizer=False).model
+    prompt = [5, 17, 23, 42, 8, 99, 150, 3]
+    results = {}
+    for graph in (False, True):
+        llm = LLM(LoadedModel(model, None, "m"), strategy=lambda m, c, g=graph: PlainDecoding(m, c, cuda_graph=g))
+        results[graph] = llm.generate(prompt, max_new_tokens=24, ignore_eos=True)
+    assert results[True].token_ids == results[False].token_ids
+    eager, graphed = results[False].stats.extra, results[True].stats.extra
+    assert graphed["blockffn_steps"] == eager["blockffn_steps"] == 23
+    assert graphed["blockffn_token_sparsity"] == eager["blockffn_token_sparsity"]

@@ -63,6 +63,9 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
             self.logits = self._step()  # [1, V] fp32, rewritten by every replay
+        # Layers that keep host-side step counts (BlockFFN's sparsity statistics): a replay runs no
+        # Python, so __call__ counts for them.
+        self._counted = [layer.ffn for layer in model.layers if hasattr(layer.ffn, "count_step")]
 
     def _step(self) -> torch.Tensor:
         out = self.model.forward(self.token, self.position, self.cache, self.slot)
@@ -76,6 +79,8 @@ class DecodeGraph:
         self.position.fill_(position)
         self.slot.fill_(position)
         self.graph.replay()
+        for ffn in self._counted:
+            ffn.count_step(1)
         return self.logits
 
 

@@ -114,9 +114,14 @@ class BlockFFN:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H] -> [T, H]
         y = ops.blockffn(x, self.router_weight, self.router_norm, self.eps, self.up, self.down, self.counters,
                          self.scratch)
-        self.steps += 1
-        self.tokens += x.shape[0]
+        self.count_step(x.shape[0])
         return y
+
+    def count_step(self, tokens: int) -> None:
+        """Host-side step bookkeeping of one call (the device counters count themselves). A CUDA
+        graph replay runs no Python, so edgespec.cuda_graphs calls this per replay."""
+        self.steps += 1
+        self.tokens += tokens
 
     def reset_stats(self) -> None:
         self.counters.zero_()
