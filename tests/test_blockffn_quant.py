@@ -20,17 +20,10 @@ from edgespec.quant import QuantSettings, quantize_checkpoint, quantize_decoder,
 from conftest import save_word_tokenizer
 from kernel_checks import fake_view
 from oracle.blockffn_ref import blockffn_ref, routed_case, sparsity_ref
-from w4a16_cases import _weight as random_int4
+from w4a16_cases import _weight as random_int4, random_experts
 
 EPS = 1e-5
 spec = pytest.importorskip("edgespec.spec", reason="the speculative decoding package is not available")
-
-
-def experts_4bit(h: int, e: int, d: int, group: int, layout: str = "plain", dtype=torch.float32, seed: int = 0,
-                 act_order: bool = False):
-    up = random_int4(h, e * d, group, "int", seed, g_idx=act_order)
-    down = random_int4(e * d, h, group, "sym", seed + 1)
-    return [w.to_linear(None, "cpu", dtype, layout_name=layout).weight for w in (up, down)]
 
 
 @pytest.mark.parametrize("t", [1, 7, 64, 128])
@@ -39,7 +32,7 @@ def test_torch_path_with_4bit_experts_matches_oracle(t: int, sparsity: float) ->
     e, d, h = 20, 32, 160
     x, router, norm, _, _, active = routed_case(t, h, e, d, sparsity, seed=t + int(100 * sparsity),
                                                 token_density=1.0 if sparsity == 0.0 else 0.5)
-    up, down = experts_4bit(h, e, d, 32, act_order=t == 7)
+    up, down = random_experts(h, e, d, 32, layout="plain", act_order=t == 7)
     counters = torch.zeros(2, dtype=torch.int64)
     y = ops.blockffn(x, router, norm, EPS, up, down, counters)
     ref = blockffn_ref(x, router, norm, EPS, up.dequantize(), down.dequantize())
@@ -83,7 +76,7 @@ def test_uncached_4bit_experts_dequantise_only_the_active_ones(act_order: bool, 
     monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "0")
     e, d, h, t = 16, 32, 96, 3
     x, router, norm, _, _, active = routed_case(t, h, e, d, 0.75, seed=4)
-    up, down = experts_4bit(h, e, d, 32, act_order=act_order)
+    up, down = random_experts(h, e, d, 32, layout="plain", act_order=act_order)
     sizes = []
     real = w4a16.W4A16Weight.dequantize
     monkeypatch.setattr(w4a16.W4A16Weight, "dequantize",
@@ -104,7 +97,7 @@ def test_mixed_dense_and_4bit_experts() -> None:
     """Each projection may be dense or 4-bit on its own (the op dequantises what is 4-bit)."""
     e, d, h, t = 8, 32, 64, 5
     x, router, norm, up_dense, _, _ = routed_case(t, h, e, d, 0.5, seed=3)
-    _, down = experts_4bit(h, e, d, 32)
+    _, down = random_experts(h, e, d, 32, layout="plain")
     y = ops.blockffn(x, router, norm, EPS, up_dense, down)
     torch.testing.assert_close(y, blockffn_ref(x, router, norm, EPS, up_dense, down.dequantize()),
                                rtol=1e-4, atol=1e-5)
@@ -112,8 +105,8 @@ def test_mixed_dense_and_4bit_experts() -> None:
 
 def test_bad_4bit_expert_shapes_name_the_tensor() -> None:
     x, router, norm, _, _, _ = routed_case(3, 64, 8, 32, 0.5)
-    up, down = experts_4bit(64, 8, 32, 32)
-    wrong_up, _ = experts_4bit(64, 8, 16, 32)
+    up, down = random_experts(64, 8, 32, 32, layout="plain")
+    wrong_up, _ = random_experts(64, 8, 16, 32, layout="plain")
     with pytest.raises(ValueError, match=r"down must be \[64, 128\] \(H, E \* d\), got \(64, 256\)"):
         ops.blockffn(x, router, norm, EPS, wrong_up, down)
     with pytest.raises(ValueError, match="up must be"):
@@ -130,25 +123,27 @@ def test_4bit_kernel_rejections_name_the_problem() -> None:
     bf16 = torch.bfloat16
     x, router, norm, _, _, _ = routed_case(4, 128, 6, 64, 0.5)
     x, router, norm = (v.to(bf16) for v in (x, router, norm))
-    up, down = experts_4bit(128, 6, 64, 32, "tile", bf16)
+    up, down = random_experts(128, 6, 64, 32, dtype=bf16)
     assert "not a CUDA device" in reject(x, router, norm, up, down)  # everything else is acceptable
-    assert "plain layout" in reject(x, router, norm, *experts_4bit(128, 6, 64, 32, "plain", bf16))
+    assert "plain layout" in reject(x, router, norm, *random_experts(128, 6, 64, 32, dtype=bf16, layout="plain"))
     assert "bfloat16 or float16" in reject(x.float(), router.float(), norm.float(), up, down)
-    assert "scales has dtype torch.float16" in reject(x, router, norm, *experts_4bit(128, 6, 64, 32, "tile",
-                                                                                     torch.float16))
+    fp16_experts = random_experts(128, 6, 64, 32, dtype=torch.float16)
+    assert "scales has dtype torch.float16" in reject(x, router, norm, *fp16_experts)
     x2, router2, norm2, _, _, _ = routed_case(4, 128, 4, 32, 0.5)
     x2, router2, norm2 = (v.to(bf16) for v in (x2, router2, norm2))
-    assert "expert size 32 is not a multiple of 64" in reject(x2, router2, norm2, *experts_4bit(128, 4, 32, 32, "tile", bf16))
-    up128, down128 = experts_4bit(128, 6, 64, 128, "tile", bf16)
+    assert "expert size 32 is not a multiple of 64" in reject(x2, router2, norm2,
+                                                              *random_experts(128, 4, 32, 32, dtype=bf16))
+    up128, down128 = random_experts(128, 6, 64, 128, dtype=bf16)
     assert "down's group size 128 does not divide the expert size 64" in reject(x, router, norm, up128, down128)
-    act_up, _ = experts_4bit(128, 6, 64, 32, "tile", bf16, act_order=True)
+    act_up, _ = random_experts(128, 6, 64, 32, dtype=bf16, act_order=True)
     assert act_up.perm is not None and "not a CUDA device" in reject(x, router, norm, act_up, down)
-    _, act_down = experts_4bit(128, 6, 64, 32, "tile", bf16)
+    _, act_down = random_experts(128, 6, 64, 32, dtype=bf16)
     act_down.perm = torch.randperm(6 * 64)
     assert "down is act-order" in reject(x, router, norm, up, act_down)
     x3, router3, norm3, _, _, _ = routed_case(4, 96, 6, 64, 0.5)
     x3, router3, norm3 = (v.to(bf16) for v in (x3, router3, norm3))
-    assert "hidden size 96 is not a multiple of 64" in reject(x3, router3, norm3, *experts_4bit(96, 6, 64, 32, "plain", bf16))
+    plain_96 = random_experts(96, 6, 64, 32, dtype=bf16, layout="plain")  # N = 96: no tile layout
+    assert "hidden size 96 is not a multiple of 64" in reject(x3, router3, norm3, *plain_96)
     assert "must map H = 128 -> E * d -> H" in reject(x, router, norm, down, up)
 
 

@@ -16,7 +16,7 @@ import torch
 from edgespec import ops
 from edgespec.ops import _kernels
 from oracle.blockffn_ref import blockffn_ref, routed_case, sparsity_ref
-from w4a16_cases import _weight as random_int4
+from w4a16_cases import random_experts as experts
 
 EPS = 1e-5
 K_TORCH = 2.0
@@ -25,14 +25,6 @@ DTYPES = [torch.bfloat16, torch.float16]
 # d = 128 (one expert per block, a whole pipeline stage per expert in down).
 SHAPES = [(64, 1, 64), (96 + 32, 7, 64), (192, 13, 128)]
 TOKENS = [1, 7, 33, 64, 100, 128]
-
-
-def experts(h: int, e: int, d: int, group: int, zeros: str, dtype: torch.dtype, device: torch.device,
-            seed: int = 0, act_order: bool = False) -> tuple[ops.W4A16Weight, ops.W4A16Weight]:
-    """Random 4-bit up (H -> E * d) and down (E * d -> H) in the kernel's tile layout."""
-    up = random_int4(h, e * d, group, zeros, seed, g_idx=act_order)
-    down = random_int4(e * d, h, group, zeros, seed + 1)
-    return tuple(w.to_linear(None, device, dtype, layout_name="tile").weight for w in (up, down))
 
 
 def case(t: int, h: int, e: int, d: int, sparsity: float, dtype: torch.dtype, device: torch.device, seed: int = 0,

@@ -30,6 +30,16 @@ def _weight(k: int, n: int, group: int, zeros: str, seed: int, g_idx: bool = Fal
     return Int4Weight(q, scales, z, g, gi)
 
 
+def random_experts(h: int, e: int, d: int, group: int, zeros: str = "int", dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu", *, layout: str = "tile", seed: int = 0,
+                   act_order: bool = False):
+    """Random 4-bit BlockFFN experts as W4A16Weights: up (H -> E * d, act-order optional) and down
+    (E * d -> H), in `layout` on `device` with scales in `dtype`."""
+    up = _weight(h, e * d, group, zeros, seed, g_idx=act_order)
+    down = _weight(e * d, h, group, zeros, seed + 1)
+    return tuple(w.to_linear(None, device, dtype, layout_name=layout).weight for w in (up, down))
+
+
 def _oracle(x: torch.Tensor, w: Int4Weight, lin: QuantLinear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(float64 reference, torch at `dtype`) for x [M, K] and the weight exactly as stored on the
     GPU (scales/zeros rounded to dtype). Input-feature order, act-order undone."""

@@ -14,7 +14,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from . import ops
+from . import cuda_graphs, ops
 from .errors import GenerationCancelled, NumericalError
 from .kv_cache import KVCache
 from .models.decoder import Decoder
@@ -140,8 +140,6 @@ class PlainDecoding:
     """
 
     def __init__(self, model: Decoder, cache: KVCache, cuda_graph: bool | None = None) -> None:
-        from . import cuda_graphs  # noqa: PLC0415 - the module imports this package's models
-
         self.model = model
         self.cache = cache
         self.sampler: Sampler | None = None
