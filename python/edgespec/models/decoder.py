@@ -104,17 +104,16 @@ class Decoder:
             k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
         q, k = ops.apply_rope(q, k, positions, self.rope)
         cache.write(i, start, k, v)
+        out = None
         if seqlen is not None:  # device-side start: the whole cache, of which seqlen slots count
             keys, values = cache.view(i, cache.max_len)
-            return layer.o(ops.attention(q, keys, values, self.attn_scale, tree_mask, self.row_invariant_attention,
-                                         seqlen=seqlen).reshape(t, cfg.q_size))
-        keys, values = cache.view(i, start + t)                                   # [S, Hkv, D]
-        out = None
-        if self.sparse is not None:  # None back when every query is below dense_len (or forced dense)
-            out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask)
+        else:
+            keys, values = cache.view(i, start + t)                               # [S, Hkv, D]
+            if self.sparse is not None:  # None back when every query is below dense_len (or forced dense)
+                out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask)
         if out is None:
             out = ops.attention(q, keys, values, self.attn_scale, tree_mask,
-                                self.row_invariant_attention)                    # [T, Hq, D]
+                                self.row_invariant_attention, seqlen=seqlen)     # [T, Hq, D]
         return layer.o(out.reshape(t, cfg.q_size))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int | torch.Tensor,
