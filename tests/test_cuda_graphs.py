@@ -13,13 +13,14 @@ from edgespec.ops import _kernels
 from kernel_checks import assert_attention_close, attention_inputs
 
 
-def _model(tiny_model_dir, device="cpu", dtype=torch.float32, **overrides):
+def _model(tiny_model_dir, device="cpu", dtype=torch.float32, max_context=128, **overrides):
     path = tiny_model_dir("llama", seed=5, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=512, num_hidden_layers=2, **overrides)
-    return load_model(str(path), device=device, dtype=dtype, max_context=128, with_tokenizer=False).model
+                          intermediate_size=512, num_hidden_layers=2, max_position_embeddings=1024, **overrides)
+    return load_model(str(path), device=device, dtype=dtype, max_context=max_context, with_tokenizer=False).model
 
 
-def _steps(model, start_as_tensor: bool, tokens: torch.Tensor, chunks=(7, 1, 1, 5, 1)) -> list[torch.Tensor]:
+def _steps(model, start_as_tensor: bool, tokens: torch.Tensor, chunks=(7, 1, 1, 5, 1),
+           cache_view: int | None = None) -> list[torch.Tensor]:
     """Logits of consecutive forward calls over `tokens`, cut into `chunks`, from slot 0 on."""
     cache = model.new_cache()
     cache.k.fill_(float("nan"))  # slots nobody wrote must never be read
@@ -29,7 +30,7 @@ def _steps(model, start_as_tensor: bool, tokens: torch.Tensor, chunks=(7, 1, 1, 
         part = tokens[start:start + n]
         positions = torch.arange(start, start + n, device=model.device)
         s = torch.tensor([start], device=model.device) if start_as_tensor else start
-        out.append(model.logits(model.forward(part, positions, cache, s).hidden))
+        out.append(model.logits(model.forward(part, positions, cache, s, cache_view=cache_view).hidden))
         start += n
     return out
 
@@ -39,8 +40,14 @@ def test_device_side_start_gives_the_host_side_results_on_cpu(tiny_model_dir) ->
     first `seqlen` slots of the whole cache are bit for bit the host-int path."""
     model = _model(tiny_model_dir)
     tokens = torch.randint(3, 200, (15,), generator=torch.Generator().manual_seed(0))
-    for a, b in zip(_steps(model, True, tokens), _steps(model, False, tokens)):
-        assert torch.equal(a, b)
+    for view in (None, 16, 64):  # the whole cache, or a view of its first slots (a length bucket)
+        for a, b in zip(_steps(model, True, tokens, cache_view=view), _steps(model, False, tokens)):
+            assert torch.equal(a, b)
+
+
+def test_length_buckets() -> None:
+    assert [cuda_graphs.view_bucket(n, 4096) for n in (1, 256, 257, 1000, 4096)] == [256, 256, 512, 1024, 4096]
+    assert cuda_graphs.view_bucket(300, 300) == 300 and cuda_graphs.view_bucket(5, 100) == 100
 
 
 @pytest.mark.emulated
@@ -93,7 +100,9 @@ def test_graphs_are_opt_in_and_need_a_dense_cuda_model(tiny_model_dir, monkeypat
     monkeypatch.setenv("EDGESPEC_CUDA_GRAPHS", "1")
     assert cuda_graphs.requested() and PlainDecoding(model, model.new_cache())._graph is None
     with pytest.raises(ValueError, match="need a CUDA model"):
-        cuda_graphs.DecodeGraph(model, model.new_cache())
+        cuda_graphs.DecodeGraphs(model, model.new_cache())
+    with pytest.raises(ValueError, match="need a CUDA model"):
+        cuda_graphs.DecodeGraph(model, model.new_cache(), 64)
     monkeypatch.setenv("EDGESPEC_CUDA_GRAPHS", "yes")
     with pytest.raises(ValueError, match="EDGESPEC_CUDA_GRAPHS must be 0 or 1"):
         cuda_graphs.requested()
@@ -101,16 +110,16 @@ def test_graphs_are_opt_in_and_need_a_dense_cuda_model(tiny_model_dir, monkeypat
 
 @pytest.mark.gpu
 def test_graph_decoding_matches_eager_decoding_on_a_gpu(tiny_model_dir) -> None:
-    """Greedy tokens of 40 graph-replayed steps equal eager decoding's, twice (the graph is kept
-    per cache and reused by the next generation)."""
-    model = _model(tiny_model_dir, device="cuda", dtype=torch.bfloat16)
+    """Greedy tokens of 300 graph-replayed steps (crossing from the 256-slot view to the 512-slot
+    one) equal eager decoding's, twice (the graphs are kept per cache and reused)."""
+    model = _model(tiny_model_dir, device="cuda", dtype=torch.bfloat16, max_context=640)
     prompt = [5, 17, 23, 42, 8, 99, 150, 3]
     eager = LLM(LoadedModel(model, None, "eager"), strategy=lambda m, c: PlainDecoding(m, c, cuda_graph=False))
     graphed = LLM(LoadedModel(model, None, "graphed"), strategy=lambda m, c: PlainDecoding(m, c, cuda_graph=True))
-    want = eager.generate(prompt, max_new_tokens=40, ignore_eos=True).token_ids
+    want = eager.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids
     for _ in range(2):
-        assert graphed.generate(prompt, max_new_tokens=40, ignore_eos=True).token_ids == want
-    assert len(cuda_graphs._GRAPHS) >= 1
+        assert graphed.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids == want
+    assert sorted(cuda_graphs._GRAPHS[graphed.cache]) == [256, 512]
 
 
 @pytest.mark.gpu

@@ -146,7 +146,7 @@ class PlainDecoding:
         self._last: int | None = None
         if cuda_graph is None:
             cuda_graph = cuda_graphs.requested() and model.device.type == "cuda"
-        self._graph = cuda_graphs.decode_graph(model, cache) if cuda_graph else None
+        self._graph = cuda_graphs.DecodeGraphs(model, cache) if cuda_graph else None
 
     def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
         self.sampler = Sampler(config, self.model.device)

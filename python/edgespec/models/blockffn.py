@@ -117,6 +117,15 @@ class BlockFFN:
         self.count_step(x.shape[0])
         return y
 
+    def snapshot_stats(self) -> tuple[torch.Tensor, int, int]:
+        """The statistics as they stand, for restore_stats (a CUDA graph's warm-up steps are no
+        steps of the generation)."""
+        return self.counters.clone(), self.steps, self.tokens
+
+    def restore_stats(self, snapshot: tuple[torch.Tensor, int, int]) -> None:
+        counters, self.steps, self.tokens = snapshot
+        self.counters.copy_(counters)
+
     def count_step(self, tokens: int) -> None:
         """Host-side step bookkeeping of one call (the device counters count themselves). A CUDA
         graph replay runs no Python, so edgespec.cuda_graphs calls this per replay."""

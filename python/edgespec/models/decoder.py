@@ -91,7 +91,7 @@ class Decoder:
 
     def _attention(self, i: int, layer: Layer, h: torch.Tensor, positions: torch.Tensor,
                    cache: KVCache, start: int | torch.Tensor, tree_mask: torch.Tensor | None,
-                   seqlen: torch.Tensor | None = None) -> torch.Tensor:
+                   seqlen: torch.Tensor | None = None, cache_view: int | None = None) -> torch.Tensor:
         cfg = self.config
         t = h.shape[0]
         qkv = layer.qkv(h)  # [T, (Hq + 2 Hkv) * D]
@@ -105,8 +105,8 @@ class Decoder:
         q, k = ops.apply_rope(q, k, positions, self.rope)
         cache.write(i, start, k, v)
         out = None
-        if seqlen is not None:  # device-side start: the whole cache, of which seqlen slots count
-            keys, values = cache.view(i, cache.max_len)
+        if seqlen is not None:  # device-side start: cache_view slots, of which seqlen count
+            keys, values = cache.view(i, cache_view or cache.max_len)
         else:
             keys, values = cache.view(i, start + t)                               # [S, Hkv, D]
             if self.sparse is not None:  # None back when every query is below dense_len (or forced dense)
@@ -118,12 +118,14 @@ class Decoder:
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int | torch.Tensor,
                 tree_mask: torch.Tensor | None = None, capture: tuple[int, ...] = (),
-                check_ids: bool = False) -> ForwardOutput:
+                check_ids: bool = False, cache_view: int | None = None) -> ForwardOutput:
         """Run T tokens through the model, writing their K/V at cache slots [start, start + T).
 
         start: a host int, or a one-element int64 tensor on the model's device that no step reads
         on the host (what a CUDA graph captures: see edgespec.cuda_graphs); the latter needs dense
-        attention (no InfLLM-v2 sparse config).
+        attention (no InfLLM-v2 sparse config), and attention then views the first `cache_view`
+        slots of the cache (default all; the kernels plan their splits for that many), of which
+        the first start + T count.
 
         tokens: [T] int64; positions: [T] int64 RoPE positions (start + i for a chain; prefix length +
         depth for tree tokens); tree_mask: None (causal) or packed int64 [T, ceil(T/64)];
@@ -144,7 +146,7 @@ class Decoder:
             captured[0] = residual
         h = ops.rms_norm(residual, self.layers[0].attn_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            a = self._attention(i, layer, h, positions, cache, start, tree_mask, seqlen)
+            a = self._attention(i, layer, h, positions, cache, start, tree_mask, seqlen, cache_view)
             if rs != 1.0:
                 a = a * rs
             h, residual = ops.rms_norm(a, layer.ffn_norm, cfg.rms_norm_eps, residual=residual)
