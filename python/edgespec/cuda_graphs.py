@@ -80,8 +80,13 @@ class DecodeGraph:
                 self._step()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
-            self.logits = self._step()  # [1, V] fp32, rewritten by every replay
+        try:
+            with torch.inference_mode(), torch.cuda.graph(self.graph):
+                self.logits = self._step()  # [1, V] fp32, rewritten by every replay
+        except RuntimeError as exc:  # e.g. an op fell back to a torch path that reads the GPU from the host
+            raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({exc}); every op must take "
+                               "its kernel path without a host read: run without EDGESPEC_CUDA_GRAPHS "
+                               "for this model") from exc
         for ffn, snapshot in zip(self._counted, saved):
             ffn.restore_stats(snapshot)
 
