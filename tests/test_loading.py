@@ -20,6 +20,7 @@ from edgespec.errors import DemoModelError
 from edgespec.loading import demo as demo_module
 from edgespec.loading import Tokenizer
 from edgespec.loading.gguf_file import GGUFSource
+from gguf_q4k import quantize_q4k
 from oracle.ops import dequantize_int4
 
 SEQ = [5, 17, 200, 3, 3, 99, 150, 42, 7, 1, 0, 210, 64]
@@ -214,8 +215,10 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
               "mlp.down_proj.weight": "ffn_down.weight"}
 
 
-def write_llama_gguf(path: Path, config: dict, state: dict[str, torch.Tensor], arch: str = "llama") -> Path:
-    """A float32 GGUF of an HF Llama state dict, laid out as llama.cpp's converter does."""
+def write_llama_gguf(path: Path, config: dict, state: dict[str, torch.Tensor], arch: str = "llama",
+                     q4k_linears: bool = False) -> Path:
+    """A float32 GGUF of an HF Llama state dict, laid out as llama.cpp's converter does; with
+    q4k_linears the attention and MLP projections are stored as Q4_K blocks (as in a Q4_K_S file)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -238,7 +241,10 @@ def write_llama_gguf(path: Path, config: dict, state: dict[str, torch.Tensor], a
                 t = llama_cpp_permute(t, config["num_attention_heads"])
             elif hf_suffix == "self_attn.k_proj.weight":
                 t = llama_cpp_permute(t, config["num_key_value_heads"])
-            w.add_tensor(f"blk.{i}.{gguf_suffix}", np.ascontiguousarray(t))
+            if q4k_linears and t.ndim == 2:
+                w.add_tensor(f"blk.{i}.{gguf_suffix}", quantize_q4k(t), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+            else:
+                w.add_tensor(f"blk.{i}.{gguf_suffix}", np.ascontiguousarray(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -253,6 +259,35 @@ def test_gguf_llama_unpermutes_to_transformers_logits(base: dict, tmp_path: Path
                  "model.layers.1.mlp.down_proj.weight"):
         assert torch.equal(src.tensor(name), base["state"][name]), name
     torch.testing.assert_close(logits_of(path), base["hf_logits"], rtol=1e-4, atol=5e-4)
+
+
+def test_gguf_q4_k_linears_import_as_4bit(tmp_path: Path) -> None:
+    """A Llama GGUF whose projections are Q4_K loads them as 4-bit layers (Q/K rows un-permuted)
+    that compute what the dequantised load computes, and the unquantized tensors stay float."""
+    from edgespec.quant import QuantLinear
+
+    d = write_tiny_hf_model(tmp_path / "hf", "llama", seed=4, hidden_size=256, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    path = write_llama_gguf(tmp_path / "q4k.gguf", json.loads((d / "config.json").read_text()),
+                            load_file(str(d / "model.safetensors")), q4k_linears=True)
+    ids = torch.tensor(SEQ)
+
+    def logits(quantized: bool):
+        model = load_model(path, device="cpu", dtype=torch.float32, max_context=64, with_tokenizer=False,
+                           quantized=quantized).model
+        return model, model.logits(model.forward(ids, torch.arange(len(SEQ)), model.new_cache(len(SEQ)), 0).hidden)
+
+    model4, ours = logits(True)
+    dense, ref = logits(False)
+    for layer in model4.layers:
+        assert isinstance(layer.qkv, QuantLinear) and layer.qkv.group_size == 32
+        assert isinstance(layer.o, QuantLinear) and isinstance(layer.ffn.down, QuantLinear)
+    assert not isinstance(dense.layers[0].qkv, QuantLinear)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    # The 4-bit model is still the model it was quantized from (a wrong nibble order or Q/K
+    # un-permutation would leave next to no correlation).
+    cos = torch.nn.functional.cosine_similarity(ours, logits_of(d), dim=-1)
+    assert bool((cos > 0.85).all()) and cos.mean() > 0.9, cos
 
 
 def test_gguf_unsupported_architecture(base: dict, tmp_path: Path) -> None:

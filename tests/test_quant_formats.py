@@ -10,6 +10,7 @@ import torch
 from edgespec.errors import ModelFormatError
 from edgespec.quant import layout
 from edgespec.quant.formats import Int4Weight, read_awq, read_gguf_q4, read_gptq, write_gguf_q4, write_gptq
+from gguf_q4k import pack_q4k, quantize_q4k
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -277,10 +278,50 @@ def test_gguf_q4_real_model_tensor(demo_gguf) -> None:
     torch.testing.assert_close(w.dequantize(), ref.reshape(n, k), rtol=1e-6, atol=1e-6)
 
 
+def test_gguf_q4_k_matches_gguf_package() -> None:
+    """Q4_K super-blocks with every kind of code, including the edge ones (scale code 0: a constant
+    sub-block; min code 0; both 63), read to what the gguf package dequantises."""
+    from gguf import GGMLQuantizationType, quants
+
+    n, s = 6, 3
+    rng = np.random.default_rng(1)
+    d = rng.uniform(1e-3, 2e-2, (n, s))
+    dmin = rng.uniform(1e-3, 2e-2, (n, s))
+    sc, mc = rng.integers(0, 64, (n, s, 8)), rng.integers(0, 64, (n, s, 8))
+    sc[0, 0, :2] = 0    # constant sub-blocks (with and without an offset)
+    mc[0, 0, 1] = 0
+    sc[1, 2, 5], mc[1, 2, 5] = 63, 63
+    mc[2, 1, :] = 0
+    q = rng.integers(0, 16, (n, s * 256))
+    blocks = pack_q4k(d, dmin, sc, mc, q)
+    w = read_gguf_q4(blocks, "Q4_K", s * 256, n)
+    assert w.group_size == 32 and w.scales.shape == (s * 8, n)
+    ref = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType.Q4_K).astype(np.float32))
+    torch.testing.assert_close(w.dequantize(), ref.reshape(n, s * 256), rtol=1e-6, atol=1e-7)
+    # Sub-blocks with a non-zero scale keep their stored nibbles (read in llama.cpp's order).
+    keep = torch.from_numpy(np.repeat(sc.reshape(n, s * 8) != 0, 32, axis=1)).t()
+    assert torch.equal(w.q[keep], torch.from_numpy(q.astype(np.uint8)).t()[keep])
+
+
+def test_gguf_q4_k_of_real_weights_stays_close() -> None:
+    """A quantized float matrix reads back within one quantization step of the original."""
+    x = np.random.default_rng(2).standard_normal((16, 512)).astype(np.float32)
+    w = read_gguf_q4(quantize_q4k(x), "Q4_K", 512, 16)
+    step = w.scales.abs().repeat_interleave(32, dim=0).t()
+    assert bool(((w.dequantize() - torch.from_numpy(x)).abs() <= 0.5 * step + 1e-3).all())
+
+
 def test_gguf_bad_inputs() -> None:
     blocks = np.zeros((4, 40), dtype=np.uint8)
-    with pytest.raises(ModelFormatError, match="Q8_0 is not a 4-bit type"):
+    with pytest.raises(ModelFormatError, match="Q8_0 is not a 4-bit type.*Q4_0, Q4_1, Q4_K"):
         read_gguf_q4(blocks, "Q8_0", 64, 4)
+    with pytest.raises(ModelFormatError, match="Q4_K rows must be a multiple of 256 long, got K=64"):
+        read_gguf_q4(blocks, "Q4_K", 64, 4)
+    with pytest.raises(ModelFormatError, match="expected 576 for a \\[4, 256\\] weight"):
+        read_gguf_q4(np.zeros((4, 140), dtype=np.uint8), "Q4_K", 256, 4)
+    inf = pack_q4k(np.full((1, 1), np.inf), np.ones((1, 1)), np.ones((1, 1, 8)), np.ones((1, 1, 8)), np.ones((1, 256)))
+    with pytest.raises(ModelFormatError, match="non-finite block scales in Q4_K"):
+        read_gguf_q4(inf, "Q4_K", 256, 1)
     with pytest.raises(ModelFormatError, match="expected 160 for a \\[4, 64\\] weight"):
         read_gguf_q4(blocks[:, :30], "Q4_1", 64, 4)
     with pytest.raises(ModelFormatError, match="multiple of 32"):

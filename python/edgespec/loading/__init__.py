@@ -104,7 +104,7 @@ def load_model(model: str | Path, device: str | torch.device | None = None, dtyp
     """Load a model directory, GGUF file or 'demo' onto `device` (default: cuda if present, else cpu).
 
     max_context: positions the KV cache holds (default: the config's max_position_embeddings).
-    quantized: GGUF Q4_0/Q4_1 weights become 4-bit QuantLinears (True) or are dequantised (False);
+    quantized: GGUF Q4_0/Q4_1/Q4_K weights become 4-bit QuantLinears (True) or are dequantised (False);
     None decides per device (edgespec.quant.checkpoint.gguf_q4_by_default). GPTQ/AWQ directories
     always load 4-bit.
     """

@@ -5,7 +5,8 @@ The dequantised weight of input row k, output column n, in group g = k // group_
     w[k, n] = (q[k, n] - z[g, n]) * s[g, n]        (z = 8 when `zeros` is None: symmetric)
 
 with q the 4-bit value (0..15). Every format edgespec reads maps onto this: GPTQ and AWQ store
-integer zero points, GGUF Q4_0 is symmetric and Q4_1's `d * q + m` is z = -m / d.
+integer zero points, GGUF Q4_0 is symmetric, Q4_1's `d * q + m` is z = -m / d and Q4_K's
+`d * sc * q - dmin * mc` is group 32 with s = d * sc, z = dmin * mc / s.
 
 Two paths:
 * kernel: the fragment-ordered CUDA kernel (`csrc/kernels/w4a16.cuh`) for CUDA tensors in the tile

@@ -2,7 +2,7 @@
 
 * QuantLinear: the quantized projection (same interface as ops.DenseLinear), running through
   ops.w4a16_linear (CUDA kernel or torch dequantise + matmul).
-* formats: GPTQ (v1/v2, sym/asym, act-order), AWQ (gemm), GGUF Q4_0/Q4_1 <-> Int4Weight.
+* formats: GPTQ (v1/v2, sym/asym, act-order), AWQ (gemm), GGUF Q4_0/Q4_1/Q4_K <-> Int4Weight (Q4_K read only).
 * layout: the plain and the fragment-ordered (kernel) bit layouts, packing and unpacking.
 * checkpoint: GPTQ/AWQ directories and GGUF Q4 files as weight sources for the loader.
 * quantizer / export: RTN and GPTQ, and the GPTQ-compatible checkpoint writer (`edgespec quantize`).

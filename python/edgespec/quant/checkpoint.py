@@ -1,4 +1,4 @@
-"""Quantized checkpoints as weight sources: GPTQ/AWQ model directories and GGUF Q4_0/Q4_1 files.
+"""Quantized checkpoints as weight sources: GPTQ/AWQ model directories and GGUF Q4_0/Q4_1/Q4_K files.
 
 Both wrap an existing source and change only `linear`: a layer the checkpoint stores quantized
 becomes a QuantLinear, everything else (embeddings, norms, an unquantized LM head) is read as the
@@ -16,7 +16,7 @@ from ..loading.gguf_file import GGUFSource, _unpermute
 from ..loading.hf_dir import HFDirectorySource, read_json
 from ..loading.source import dense_linear
 from ..ops.w4a16 import kernel_available
-from .formats import GGUF_Q4_BLOCK_BYTES, Int4Weight, read_awq, read_gguf_q4, read_gptq
+from .formats import GGUF_4BIT_TYPES, Int4Weight, read_awq, read_gguf_q4, read_gptq
 
 
 def quantization_settings(directory: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -120,7 +120,7 @@ def detect_quantized_checkpoint(directory: Path, cfg: dict[str, Any]) -> Quantiz
 
 
 class GGUFQ4Source(_WrappedSource):
-    """A GGUF file whose Q4_0/Q4_1 linears become QuantLinear straight from the block bytes
+    """A GGUF file whose Q4_0/Q4_1/Q4_K linears become QuantLinear straight from the block bytes
     (no float round trip); other tensors are dequantised as GGUFSource does."""
 
     def __init__(self, base: GGUFSource) -> None:
@@ -133,7 +133,7 @@ class GGUFQ4Source(_WrappedSource):
 
     def is_quantized(self, prefix: str) -> bool:
         name = prefix + ".weight"
-        return self.base.has(name) and self.raw(name).tensor_type.name in GGUF_Q4_BLOCK_BYTES
+        return self.base.has(name) and self.raw(name).tensor_type.name in GGUF_4BIT_TYPES
 
     def int4(self, prefix: str) -> Int4Weight:
         """The Q4 weight of `prefix`, rows in Hugging Face order (llama Q/K un-permuted)."""
@@ -158,7 +158,7 @@ def gguf_q4_by_default(device: torch.device) -> bool:
 
 
 def wrap_gguf(source: GGUFSource, device: torch.device, quantized: bool | None) -> Any:
-    """`source` itself, or a GGUFQ4Source when Q4_0/Q4_1 weights should be imported as 4-bit."""
+    """`source` itself, or a GGUFQ4Source when Q4_0/Q4_1/Q4_K weights should be imported as 4-bit."""
     if quantized is None:
         quantized = gguf_q4_by_default(device)
     return GGUFQ4Source(source) if quantized else source

@@ -18,6 +18,14 @@ GGUF Q4_0 / Q4_1 (llama.cpp), group 32 along K, one row of blocks per output fea
     Q4_0 block (18 bytes): fp16 d, 16 bytes qs; element j < 16 is the low nibble of qs[j], element
          j + 16 the high nibble; w = d * (q - 8)
     Q4_1 block (20 bytes): fp16 d, fp16 m, 16 bytes qs (same order); w = d * q + m, i.e. zero = -m / d.
+GGUF Q4_K (the 4-bit part of llama.cpp's Q4_K_S/Q4_K_M files), super-blocks of 256 along K, eight
+    sub-blocks of 32 each with its own 6-bit scale code sc and min code mc:
+    block (144 bytes): fp16 d, fp16 dmin, 12 bytes of codes, 128 bytes qs. Codes of sub-blocks
+         j < 4 are the low 6 bits of bytes j (sc) and j + 4 (mc); for j >= 4, sc is the low nibble of
+         byte j + 4 with bits 4..5 from the top two bits of byte j - 4, and mc the high nibble of
+         byte j + 4 with bits 4..5 from the top two bits of byte j. qs holds 64 elements per 32
+         bytes: sub-block 2c in the low nibbles of bytes 32c..32c+31, sub-block 2c + 1 in the high.
+    w = d * sc * q - dmin * mc, i.e. group 32 with scale d * sc and zero dmin * mc / (d * sc).
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ from .linear import QuantLinear
 BITS = 4
 GGUF_Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
 GGUF_BLOCK = 32
+GGUF_Q4K_SUPER = 256          # elements per Q4_K super-block
+GGUF_Q4K_BYTES = 144          # bytes per Q4_K super-block
+GGUF_4BIT_TYPES = (*GGUF_Q4_BLOCK_BYTES, "Q4_K")
 
 
 @dataclass
@@ -192,38 +203,66 @@ def read_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, 
 
 
 def read_gguf_q4(data: np.ndarray, type_name: str, k: int, n: int, name: str = "gguf") -> Int4Weight:
-    """A GGUF Q4_0/Q4_1 tensor. data: uint8 [N, K/32 * block bytes] (the ReaderTensor's data)."""
-    if type_name not in GGUF_Q4_BLOCK_BYTES:
+    """A GGUF Q4_0/Q4_1/Q4_K tensor. data: uint8 [N, row bytes] (the ReaderTensor's data)."""
+    if type_name not in GGUF_4BIT_TYPES:
         raise ModelFormatError(f"{name}: GGUF type {type_name} is not a 4-bit type edgespec imports directly "
-                               f"(expected {' or '.join(GGUF_Q4_BLOCK_BYTES)})")
-    if k % GGUF_BLOCK:
-        raise ModelFormatError(f"{name}: GGUF {type_name} rows must be a multiple of {GGUF_BLOCK} long, got K={k}")
-    nbytes = GGUF_Q4_BLOCK_BYTES[type_name]
+                               f"(expected one of {', '.join(GGUF_4BIT_TYPES)})")
+    block, nbytes = (GGUF_Q4K_SUPER, GGUF_Q4K_BYTES) if type_name == "Q4_K" else (GGUF_BLOCK, GGUF_Q4_BLOCK_BYTES[type_name])
+    if k % block:
+        raise ModelFormatError(f"{name}: GGUF {type_name} rows must be a multiple of {block} long, got K={k}")
     blocks = np.ascontiguousarray(data, dtype=np.uint8)
-    if blocks.size != n * (k // GGUF_BLOCK) * nbytes:
+    if blocks.size != n * (k // block) * nbytes:
         raise ModelFormatError(f"{name}: {blocks.size} bytes of {type_name} data, expected "
-                               f"{n * (k // GGUF_BLOCK) * nbytes} for a [{n}, {k}] weight")
-    blocks = blocks.reshape(n, k // GGUF_BLOCK, nbytes)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, G]
-    qs = blocks[..., nbytes - 16:]                                            # [N, G, 16]
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(n, k)            # [N, K]
-    q_t = torch.from_numpy(np.ascontiguousarray(q.T))
-    scales = torch.from_numpy(np.ascontiguousarray(d.T))                      # [G, N]
+                               f"{n * (k // block) * nbytes} for a [{n}, {k}] weight")
+    blocks = blocks.reshape(n, k // block, nbytes)
+    if type_name == "Q4_K":
+        q, scale, offset = _q4k_fields(blocks)
+    else:
+        qs = blocks[..., nbytes - 16:]                                        # [N, G, 16]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)                      # [N, G, 32]
+        scale = _fp16(blocks[..., 0:2])                                        # [N, G]
+        offset = None if type_name == "Q4_0" else -_fp16(blocks[..., 2:4])
+    q_t = torch.from_numpy(np.ascontiguousarray(q.reshape(n, k).T))
+    scales = torch.from_numpy(np.ascontiguousarray(scale.T))                  # [G, N]
     if not torch.isfinite(scales).all():
         raise ModelFormatError(f"{name}: non-finite block scales in {type_name} data")
-    if type_name == "Q4_0":
+    if offset is None:
         return Int4Weight(q_t, scales, None, GGUF_BLOCK)
-    m = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32).T))
+    # w = s * q - o  ==  (q - o / s) * s.
+    o = torch.from_numpy(np.ascontiguousarray(offset.T))
+    if not torch.isfinite(o).all():
+        raise ModelFormatError(f"{name}: non-finite block minimums in {type_name} data")
     flat = scales == 0
-    zeros = torch.where(flat, torch.zeros_like(m), -m / torch.where(flat, torch.ones_like(scales), scales))
+    zeros = torch.where(flat, torch.zeros_like(o), o / torch.where(flat, torch.ones_like(scales), scales))
     if flat.any():
-        # d = 0 makes a constant block (every weight = m), which (q - z) * s cannot express with
-        # s = 0; q = 0, z = 8, s = -m / 8 gives the same values exactly.
+        # A zero scale makes a constant block (every weight = -o), which (q - z) * s cannot express
+        # with s = 0; q = 0, z = 8, s = o / 8 gives the same values exactly.
         rows = flat.repeat_interleave(GGUF_BLOCK, dim=0)
         q_t = torch.where(rows, torch.zeros_like(q_t), q_t)
         zeros = torch.where(flat, torch.full_like(zeros, 8.0), zeros)
-        scales = torch.where(flat, -m / 8.0, scales)
+        scales = torch.where(flat, o / 8.0, scales)
     return Int4Weight(q_t, scales, zeros, GGUF_BLOCK)
+
+
+def _fp16(two_bytes: np.ndarray) -> np.ndarray:
+    """fp32 values of little-endian fp16 fields: uint8 [..., 2] -> [...]."""
+    return two_bytes.copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _q4k_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks uint8 [N, S, 144] -> (q [N, 8S, 32], scale [N, 8S], offset [N, 8S])
+    per 32-element sub-block: w = scale * q - offset (layout in the module docstring)."""
+    n, s, _ = blocks.shape
+    d, dmin = _fp16(blocks[..., 0:2]), _fp16(blocks[..., 2:4])               # [N, S]
+    codes = blocks[..., 4:16]
+    lo, hi, mixed = codes[..., 0:4], codes[..., 4:8], codes[..., 8:12]
+    sc = np.concatenate([lo & 0x3F, (mixed & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [N, S, 8]
+    mc = np.concatenate([hi & 0x3F, (mixed >> 4) | ((hi >> 2) & 0x30)], axis=-1)
+    qs = blocks[..., 16:].reshape(n, s, 4, 1, 32)
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=3).reshape(n, s * 8, 32)
+    scale = (d[..., None] * sc.astype(np.float32)).reshape(n, s * 8)         # exact: 11 x 6 bits
+    offset = (dmin[..., None] * mc.astype(np.float32)).reshape(n, s * 8)
+    return q, scale, offset
 
 
 def write_gguf_q4(w: Int4Weight, type_name: str) -> np.ndarray:
