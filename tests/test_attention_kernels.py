@@ -280,3 +280,38 @@ def test_decoder_forward_matches_torch_path(kernel_device, tiny_model_dir, monke
         assert torch.isfinite(ours).all()
         scale = ref.abs().max().item()
         assert (ours - ref).abs().max().item() <= 2e-2 * scale
+
+
+def test_speculative_greedy_equals_plain_on_the_gpu(kernel_device, tiny_model_dir, tmp_path) -> None:
+    """The speculative invariant on the GPU kernels in bf16. A verified row and a decoded row are
+    summed in different orders (test_decoded_and_verified_rows_are_bitwise_equal), so the two may
+    part only where plain decoding's top two logits are within rounding of each other."""
+    if kernel_device.type != "cuda":
+        pytest.skip("emulated: test_emulated_model.py::test_speculative_greedy_equals_plain_on_the_kernels")
+    from edgespec import LLM
+    from edgespec.loading import load_model
+    from edgespec.spec import disable_speculation, enable_speculation
+    from edgespec.spec.train_head import random_head
+
+    path = tiny_model_dir("llama", seed=3, vocab_size=40, hidden_size=128, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2)
+    llm = LLM(load_model(str(path), device="cuda", dtype=torch.bfloat16, max_context=256, with_tokenizer=False))
+    prompt = [1, 5, 9, 3, 17, 22, 8]
+    disable_speculation(llm)
+    plain = llm.generate(prompt, max_new_tokens=64, ignore_eos=True).token_ids
+    head = random_head(llm.model.config, tmp_path / "head", seed=1, std=0.4)
+    enable_speculation(llm, draft=str(head), tree_size=32, depth=5, topk=4)
+    result = llm.generate(prompt, max_new_tokens=64, ignore_eos=True)
+    histogram = {int(k): v for k, v in result.stats.extra["acceptance_histogram"].items()}
+    assert sum(k * v for k, v in histogram.items()) > sum(histogram.values()), "no draft token was ever accepted"
+    if result.token_ids == plain:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(result.token_ids, plain)) if a != b)
+    model = llm.model
+    ids = torch.tensor(prompt + plain[:first], device="cuda")
+    with torch.inference_mode():
+        logits = model.logits(model.forward(ids, torch.arange(ids.numel(), device="cuda"), model.new_cache(), 0).hidden)[-1]
+    top = logits.float().topk(2).values
+    assert (top[0] - top[1]).item() <= 2e-2 * logits.float().abs().max().item(), (
+        f"speculative and plain greedy output part at token {first} where the top two logits are "
+        f"{top.tolist()}: not a near-tie")
