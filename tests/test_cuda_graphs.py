@@ -1,6 +1,7 @@
-"""Decode steps as CUDA graphs (edgespec.cuda_graphs): what makes one graph serve every step is
+"""Target steps as CUDA graphs (edgespec.cuda_graphs): what makes one graph serve every step is
 checked on the CPU and the emulator (a device-side cache slot and length give the results of the
-host-side ones), the capture and replay themselves on a GPU (`gpu`)."""
+host-side ones; the graphs' static buffers, run eagerly with record=False, give the eager steps'
+tokens for plain and speculative decoding), the capture and replay themselves on a GPU (`gpu`)."""
 from __future__ import annotations
 
 import pytest
@@ -100,12 +101,121 @@ def test_graphs_are_opt_in_and_need_a_dense_cuda_model(tiny_model_dir, monkeypat
     monkeypatch.setenv("EDGESPEC_CUDA_GRAPHS", "1")
     assert cuda_graphs.requested() and PlainDecoding(model, model.new_cache())._graph is None
     with pytest.raises(ValueError, match="need a CUDA model"):
-        cuda_graphs.DecodeGraphs(model, model.new_cache())
+        cuda_graphs.StepGraphs(model, model.new_cache())
     with pytest.raises(ValueError, match="need a CUDA model"):
-        cuda_graphs.DecodeGraph(model, model.new_cache(), 64)
+        cuda_graphs.StepGraph(model, model.new_cache(), 64)
     monkeypatch.setenv("EDGESPEC_CUDA_GRAPHS", "yes")
     with pytest.raises(ValueError, match="EDGESPEC_CUDA_GRAPHS must be 0 or 1"):
         cuda_graphs.requested()
+
+
+def test_step_graph_verify_gives_the_eager_forward(tiny_model_dir) -> None:
+    """A tree step through a graph's static buffers (record=False: run, not replayed) computes the
+    eager forward's logits and captured streams, bit for bit, and writes the same K/V."""
+    from oracle.attention import pack_bits, random_tree, tree_visibility
+
+    model = _model(tiny_model_dir)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 200, (20,), generator=g)
+    parents = random_tree(9, g)
+    tree_tokens = torch.randint(3, 200, (9,), generator=g)
+    depth = tree_visibility(parents).sum(dim=1) - 1
+    mask = pack_bits(tree_visibility(parents))
+    results = []
+    for graphed in (False, True):
+        cache = model.new_cache()
+        model.forward(prompt, torch.arange(20), cache, 0)
+        if graphed:
+            graphs = cuda_graphs.StepGraphs(model, cache, record=False)
+            logits, captured = graphs.verify(tree_tokens, 20 + depth, 20, mask, capture=(0, 2))
+            assert list(graphs.graphs) == [(128, 9, True, (0, 2))]  # the whole cache: 128 slots
+        else:
+            out = model.forward(tree_tokens, 20 + depth, cache, 20, tree_mask=mask, capture=(0, 2))
+            logits, captured = model.logits(out.hidden), out.captured
+        results.append((logits, captured, cache.k[:, :29].clone(), cache.v[:, :29].clone()))
+    (la, ca, ka, va), (lb, cb, kb, vb) = results
+    assert torch.equal(la, lb) and torch.equal(ka, kb) and torch.equal(va, vb)
+    assert sorted(ca) == sorted(cb) == [0, 2] and all(torch.equal(ca[i], cb[i]) for i in ca)
+
+
+def test_step_graph_misuse_is_refused(tiny_model_dir) -> None:
+    model = _model(tiny_model_dir)
+    cache = model.new_cache()
+    tree = cuda_graphs.StepGraph(model, cache, 64, rows=4, tree=True, record=False)
+    decode = cuda_graphs.StepGraph(model, cache, 64, record=False)
+    with pytest.raises(ValueError, match="decode needs a one-row causal graph, this one has 4 rows and a tree mask"):
+        tree.decode(5, 0)
+    with pytest.raises(ValueError, match="verify needs a graph captured with a tree mask"):
+        decode.verify(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), 0, torch.ones(1, 1))
+    ok = torch.zeros(4, dtype=torch.int64)
+    mask = tree.mask.clone()
+    with pytest.raises(ValueError, match=r"positions must be int64 \[4\] for this 4-row graph, got torch.int64 \[3\]"):
+        tree.verify(ok, ok[:3], 0, mask)
+    with pytest.raises(IndexError, match=r"slots \[61, 65\) are outside this graph's view of 64"):
+        tree.verify(ok, ok, 61, mask)
+    with pytest.raises(ValueError, match=r"rows must be in \[1, view = 64\], got 65"):
+        cuda_graphs.StepGraph(model, cache, 64, rows=65, record=False)
+    with pytest.raises(IndexError, match="KV cache overflow: a step needs 129 slots of a cache of 128"):
+        cuda_graphs.StepGraphs(model, cache, record=False).decode(5, 128)
+
+
+def test_plain_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir) -> None:
+    """Decode steps through the one-row graphs' static buffers (record=False), crossing from the
+    256-slot view to the whole cache, give eager decoding's tokens."""
+    model = _model(tiny_model_dir, max_context=400)
+
+    def buffered(m, c):
+        strategy = PlainDecoding(m, c)
+        strategy._graph = cuda_graphs.StepGraphs(m, c, record=False)
+        return strategy
+
+    prompt = [5, 17, 23, 42, 8, 99, 150, 3]
+    want = LLM(LoadedModel(model, None, "m")).generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids
+    llm = LLM(LoadedModel(model, None, "m"), strategy=buffered)
+    assert llm.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids == want
+    assert sorted(cuda_graphs._GRAPHS[llm.cache]) == [(256, 1, False, ()), (400, 1, False, ())]
+
+
+def _speculative_llm(tiny_model_dir, tmp_path, device="cpu", dtype=torch.float32):
+    from edgespec.spec import enable_speculation
+    from edgespec.spec.train_head import random_head
+
+    model = _model(tiny_model_dir, device=device, dtype=dtype, max_context=400, vocab_size=64)
+    llm = LLM(LoadedModel(model, None, "m"))
+    head = random_head(model.config, tmp_path / "head", seed=1, std=0.4)
+    enable_speculation(llm, draft=str(head), tree_size=12, depth=4, topk=3)
+    return llm
+
+
+def _with_graphs(llm, record: bool, calls: list | None = None):
+    """Install llm's speculative strategy with step graphs (record=False: run eagerly)."""
+    inner = llm._strategy_factory
+
+    def make(model, cache):
+        strategy = inner(model, cache)
+        strategy.graphs = cuda_graphs.StepGraphs(model, cache, record=record)
+        if calls is not None:
+            verify = strategy.graphs.verify
+            strategy.graphs.verify = lambda *a, **kw: calls.append(a[0].shape[0]) or verify(*a, **kw)
+        return strategy
+
+    make.drafter, make.settings = inner.drafter, inner.settings
+    llm.set_strategy(make, cache_slack=llm.cache.max_len - llm.model.max_context)
+
+
+def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir, tmp_path) -> None:
+    """Greedy and sampled speculative generations whose full trees are verified through the static
+    buffers (record=False) commit exactly the eager strategy's tokens; trees cut short at the end
+    of the generation run eagerly."""
+    llm = _speculative_llm(tiny_model_dir, tmp_path)
+    prompt = [5, 17, 23, 42, 8, 59, 3]
+    kwargs = [dict(max_new_tokens=40, ignore_eos=True), dict(max_new_tokens=40, ignore_eos=True, temperature=0.8, seed=4)]
+    eager = [llm.generate(prompt, **kw).token_ids for kw in kwargs]
+    calls: list[int] = []
+    _with_graphs(llm, record=False, calls=calls)
+    for kw, want in zip(kwargs, eager):
+        assert llm.generate(prompt, **kw).token_ids == want
+    assert calls and set(calls) == {13}, calls
 
 
 @pytest.mark.gpu
@@ -119,7 +229,7 @@ def test_graph_decoding_matches_eager_decoding_on_a_gpu(tiny_model_dir) -> None:
     want = eager.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids
     for _ in range(2):
         assert graphed.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids == want
-    assert sorted(cuda_graphs._GRAPHS[graphed.cache]) == [256, 512]
+    assert sorted(cuda_graphs._GRAPHS[graphed.cache]) == [(256, 1, False, ()), (512, 1, False, ())]
 
 
 @pytest.mark.gpu
@@ -140,3 +250,24 @@ def test_graph_decoding_of_a_blockffn_model_keeps_its_statistics(tmp_path) -> No
     eager, graphed = results[False].stats.extra, results[True].stats.extra
     assert graphed["blockffn_steps"] == eager["blockffn_steps"] == 23
     assert graphed["blockffn_token_sparsity"] == eager["blockffn_token_sparsity"]
+
+
+@pytest.mark.gpu
+def test_graph_verification_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_path) -> None:
+    """Speculative generations whose full-tree verifications replay CUDA graphs commit the tokens
+    of the same static-buffer steps run eagerly (the same kernels and split plans, so the same
+    bits), twice (graphs kept per cache), for greedy and sampled decoding."""
+    llm = _speculative_llm(tiny_model_dir, tmp_path, device="cuda", dtype=torch.bfloat16)
+    prompt = [5, 17, 23, 42, 8, 59, 3]
+    kwargs = [dict(max_new_tokens=300, ignore_eos=True), dict(max_new_tokens=60, ignore_eos=True, temperature=0.8, seed=4)]
+    _with_graphs(llm, record=False)
+    want = [llm.generate(prompt, **kw) for kw in kwargs]
+    calls: list[int] = []
+    _with_graphs(llm, record=True, calls=calls)
+    for _ in range(2):
+        for kw, ref in zip(kwargs, want):
+            got = llm.generate(prompt, **kw)
+            assert got.token_ids == ref.token_ids
+            assert got.stats.extra["acceptance_histogram"] == ref.stats.extra["acceptance_histogram"]
+    assert calls and set(calls) == {13}
+    assert {key[:3] for key in cuda_graphs._GRAPHS[llm.cache]} >= {(256, 13, True), (512, 13, True)}

@@ -48,7 +48,8 @@ done
 
 # Stages in the order they run; the group is what --only build,tests,bench selects.
 STAGES=(env build cpp_build tests_kernels tests_attention tests_w4a16 tests_sparse tests_blockffn
-        tests_other bench_attention bench_w4a16 bench_sparse bench_blockffn cpp_bench bench_e2e bench_spec)
+        tests_other bench_attention bench_w4a16 bench_sparse bench_blockffn cpp_bench bench_e2e bench_spec
+        bench_spec_graphs)
 declare -A GROUP=([env]=env [build]=build)
 for s in "${STAGES[@]}"; do
   case $s in tests_*) GROUP[$s]=tests ;; bench_*|cpp_*) GROUP[$s]=bench ;; esac
@@ -67,7 +68,8 @@ declare -A CAP=([env]="60 60" [build]="300 300" [extension]="60 60" [cpp_build]=
                 [tests_attention]="100 45" [tests_w4a16]="60 30" [tests_sparse]="50 25"
                 [tests_blockffn]="50 25" [tests_other]="40 20" [bench_attention]="90 40"
                 [bench_w4a16]="90 30" [bench_sparse]="75 30" [bench_blockffn]="60 25"
-                [cpp_bench]="45 0" [bench_e2e]="60 25" [bench_spec]="75 35")
+                [cpp_bench]="45 0" [bench_e2e]="60 25" [bench_spec]="75 35"
+                [bench_spec_graphs]="60 30")
 TESTS_BUDGET=$(( QUICK ? 100 : 200 ))  # all tests_* stages together
 TEST_TIMEOUT=$(( QUICK ? 60 : 90 ))    # one test (pytest-timeout)
 RESERVE_S=20                           # kept back for the summary and the tarball
@@ -591,16 +593,18 @@ else
 fi
 
 DEMO_MISSING=$(python3 "$HELPER" demo 2>&1 | tail -n 1)
-for n in bench_e2e bench_spec; do
+for n in bench_e2e bench_spec bench_spec_graphs; do
   if selected "$n" && [[ -n $DEMO_MISSING ]]; then record "$n" skip - 0 "$DEMO_MISSING"; fi
 done
 if [[ -z $DEMO_MISSING ]]; then
   if [[ $QUICK == 1 ]]; then
     run_bench bench_e2e bench/python/bench_e2e.py --device cuda --new-tokens 64 --repeats 1
     run_bench bench_spec bench/python/bench_spec.py --device cuda --limit 3
+    run_bench bench_spec_graphs bench/python/bench_spec.py --device cuda --limit 2 --cuda-graphs
   else
     run_bench bench_e2e bench/python/bench_e2e.py --device cuda --repeats 2
     run_bench bench_spec bench/python/bench_spec.py --device cuda
+    run_bench bench_spec_graphs bench/python/bench_spec.py --device cuda --limit 3 --cuda-graphs
   fi
 fi
 

@@ -11,6 +11,8 @@ alike. Prompts and topics are disjoint from the head's training prompts.
         [--tree-size N --depth D --topk K] [--draft HEAD] [--frspec-vocab FILE|none] [--threads N]
         [--sweep "12,5,4 8,4,2 ..."]  (prints mean accepted length and speedup per tree shape, no JSON)
         [--prompts-file held_out.jsonl --limit N]  (tune on other prompts than the benchmark's)
+        [--cuda-graphs]  (GPU: both sides replay their target steps as CUDA graphs, plain decode
+                          steps and full-tree verifications; written as spec_graphs-<device>.json)
 
 Heads and tree shapes are chosen on other prompts, never on these: prompts-tuning.jsonl beside this
 file (10 chat, 6 continuations, disjoint from both the benchmark's and the training prompts) is the
@@ -122,10 +124,16 @@ def main() -> int:
     ap.add_argument("--prompts-file", default=None,
                     help="tune on other prompts (.jsonl with 'prompt', and 'chat': false for a text to "
                          "continue), e.g. held-out training prompts")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="both sides replay their target steps as CUDA graphs (EDGESPEC_CUDA_GRAPHS=1)")
     args = ap.parse_args()
+    if args.cuda_graphs:
+        os.environ["EDGESPEC_CUDA_GRAPHS"] = "1"  # read by every strategy the LLM creates
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        ap.error("--cuda-graphs needs a CUDA device")
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     llm = edgespec.LLM.load("demo", device=str(device), dtype=dtype, max_context=2048, draft=None)
     chat = CHAT_PROMPTS[:args.limit]
@@ -157,11 +165,12 @@ def main() -> int:
     load_after = os.getloadavg()
     n = args.new_tokens
     name = f"smollm2-135m {str(dtype).removeprefix('torch.')} greedy max_new={n}"
+    baseline = "edgespec plain decoding, CUDA graphs (same run)" if args.cuda_graphs else "edgespec plain decoding (same run)"
     out_rows = []
     for i, r in enumerate(rows):
         out_rows.append({
             "case": f"{name} {r['kind']} #{i} prompt={r['prompt_tokens']}",
-            "ours_ms": round(r["spec_s"] * 1e3, 1), "baseline": "edgespec plain decoding (same run)",
+            "ours_ms": round(r["spec_s"] * 1e3, 1), "baseline": baseline,
             "baseline_ms": round(r["plain_s"] * 1e3, 1), "speedup": round(r["plain_s"] / r["spec_s"], 3),
             "accept_len": r["accept"], "new_tokens": r["spec_tokens"], "baseline_new_tokens": r["plain_tokens"],
             "tokens_per_s": round(r["spec_tokens"] / r["spec_s"], 2),
@@ -169,7 +178,8 @@ def main() -> int:
             "first_difference": r["first_difference"]})
     for kind in ("chat", "continuation", "all"):
         sel = [r for r in rows if kind in ("all", r["kind"])]
-        out_rows.append({"case": f"{name} {kind} prompts (all {len(sel)} together)", **aggregate(sel)})
+        out_rows.append({"case": f"{name} {kind} prompts (all {len(sel)} together)", **aggregate(sel),
+                         "baseline": baseline})
     notes = (f"Wall time of each whole generation (prefill + up to {n} greedy new tokens, "
              f"{'EOS ignored' if args.ignore_eos else 'stopping at the end-of-turn token'}), plain and "
              f"speculative alternated per prompt, one run each after a warm-up; tokens_per_s = new tokens / wall "
@@ -180,8 +190,11 @@ def main() -> int:
              f"{torch.get_num_threads()} torch threads; load average before/after {load_before[0]:.2f}/"
              f"{load_after[0]:.2f} (machine shared with other jobs). same_tokens compares with plain decoding "
              f"token for token: on the CPU, ops.linear and ops.attention give a verified tree token bitwise the result "
-             f"of decoding it alone (bf16/fp16), so every row should say true.")
-    path = write_result("spec", device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
+             f"of decoding it alone (bf16/fp16), so every row should say true."
+             + (" CUDA graphs: plain decode steps and the verification of every full tree (tree_size + 1 "
+                "nodes) replay captured graphs on both sides; drafting and shorter trees run eagerly."
+                if args.cuda_graphs else ""))
+    path = write_result("spec_graphs" if args.cuda_graphs else "spec", device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
                         dtype=str(dtype), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],
                                                 "topk": shapes[0][2]}, **run.marker(len(rows), len(prompts)))
     print(f"wrote {path}")

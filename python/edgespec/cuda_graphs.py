@@ -1,19 +1,26 @@
-"""CUDA graphs for plain decoding: the one-token step captured per cache-length bucket, replayed per token.
+"""CUDA graphs for the target's steps: a decode step, or the verification of a draft tree, captured
+per (cache-length bucket, row count) and replayed per step.
 
-A decode step launches about ten kernels per layer. For a small model on a fast GPU the launches,
-not the math, set the time per token, and a graph replays them all with one launch. One graph
-serves every step of its bucket because nothing in it is read on the host: the token, its RoPE position and
-its cache slot live in device tensors that each replay reads (Decoder.forward with a tensor
-`start` writes the K/V with index_copy_ and gives the attention kernel a device-side length over a
-fixed view of the cache). The attention kernel plans its key-range splits for the view, so one
-graph is captured per length bucket (views of 256, 512, 1024, ... slots, and the whole cache):
-a short context never pays for the splits of a long one.
+A step launches about ten kernels per layer. For a small model on a fast GPU the launches, not the
+math, set the time per token, and a graph replays them all with one launch. This matters twice
+for speculative decoding: its verification pass is as launch-bound as a decode step, and once
+plain decoding replays graphs, a speculative step that does not would lose to it.
 
-Opt-in (EDGESPEC_CUDA_GRAPHS=1, or PlainDecoding(cuda_graph=True)) until it has been measured and
-checked on a GPU (tests/test_cuda_graphs.py, `gpu` marker). Needs a CUDA model whose ops all take
-their kernel path without a host read: dense attention (no InfLLM-v2 sparse_config), the extension
-built, and shapes the kernels take (a step that falls back to a torch path with a host read fails
-the capture, which raises).
+One graph serves every step of its bucket because nothing in it is read on the host: the tokens,
+their RoPE positions, the first cache slot and the tree mask live in device tensors that each
+replay reads (Decoder.forward with a tensor `start` writes the K/V with index_copy_ and gives the
+attention kernel a device-side length over a fixed view of the cache). The attention kernel plans
+its key-range splits for the view, so one graph is captured per length bucket (views of 256, 512,
+1024, ... slots, and the whole cache): a short context never pays for the splits of a long one.
+A graph has a fixed number of rows: speculative decoding replays one only for full trees
+(tree_size + 1 nodes, the usual case) and runs smaller ones (the last steps of a generation)
+eagerly, so no padding rows reach BlockFFN's sparsity statistics.
+
+Opt-in (EDGESPEC_CUDA_GRAPHS=1, or PlainDecoding/SpeculativeDecoding(cuda_graph=True)) until it
+has been measured and checked on a GPU (tests/test_cuda_graphs.py, `gpu` marker). Needs a CUDA
+model whose ops all take their kernel path without a host read: dense attention (no InfLLM-v2
+sparse_config), the extension built, and shapes the kernels take (a step that falls back to a
+torch path with a host read fails the capture, which raises).
 """
 from __future__ import annotations
 
@@ -24,8 +31,10 @@ import torch
 
 from .kv_cache import KVCache
 from .models.decoder import Decoder
+from .ops.attention import pack_tree_mask
 
-_GRAPHS: "weakref.WeakKeyDictionary[KVCache, dict[int, DecodeGraph]]" = weakref.WeakKeyDictionary()
+GraphKey = tuple[int, int, bool, tuple[int, ...]]  # (view, rows, tree mask?, captured layers)
+_GRAPHS: "weakref.WeakKeyDictionary[KVCache, dict[GraphKey, StepGraph]]" = weakref.WeakKeyDictionary()
 SMALLEST_VIEW = 256
 
 
@@ -39,39 +48,67 @@ def view_bucket(slots: int, max_len: int) -> int:
 
 
 def requested() -> bool:
-    """Whether EDGESPEC_CUDA_GRAPHS asks for decode graphs."""
+    """Whether EDGESPEC_CUDA_GRAPHS asks for step graphs."""
     value = os.environ.get("EDGESPEC_CUDA_GRAPHS", "0")
     if value not in ("0", "1"):
         raise ValueError(f"EDGESPEC_CUDA_GRAPHS must be 0 or 1, got {value!r}")
     return value == "1"
 
 
-class DecodeGraph:
-    """Decoder.forward + logits of one token over the first `view` slots of `cache`, captured once;
-    call it per decode step whose slot is below `view`.
+def _check_model(model: Decoder, record: bool) -> None:
+    if record and model.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
+    if model.sparse is not None:
+        raise ValueError("CUDA graphs need dense attention; this model has an InfLLM-v2 sparse_config")
+
+
+class StepGraph:
+    """Decoder.forward + logits of `rows` tokens over the first `view` slots of `cache`, captured
+    once; `decode` / `verify` run it for a step whose slots lie below `view`.
+
+    tree=False: a causal step (decode: rows = 1); tree=True: a draft tree whose packed mask is an
+    input like the tokens. capture: layers whose input residual stream the step also returns (the
+    drafter's features).
 
     The warm-up runs (allocations, the kernels' shared-memory attributes) and the capture write
-    their K/V at slot view - 1 with position 0. It is captured when a generation first needs this
-    view, so that slot holds nothing yet (the generation overwrites it when it gets there).
+    their K/V at slots [view - rows, view) with position 0. A graph is captured when a generation
+    first needs its view, so those slots hold nothing yet (the generation overwrites them when it
+    gets there).
+
+    record=False keeps the static buffers but runs the step eagerly at every call instead of
+    replaying a capture: the CPU tests check the plumbing this way, and on a GPU it tells a capture
+    problem from a plumbing one.
     """
 
-    def __init__(self, model: Decoder, cache: KVCache, view: int) -> None:
-        if model.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
-        if model.sparse is not None:
-            raise ValueError("CUDA graphs need dense attention; this model has an InfLLM-v2 sparse_config")
+    def __init__(self, model: Decoder, cache: KVCache, view: int, rows: int = 1, tree: bool = False,
+                 capture: tuple[int, ...] = (), record: bool = True) -> None:
+        _check_model(model, record)
         if not 0 < view <= cache.max_len:
             raise ValueError(f"view must be in [1, {cache.max_len}] cache slots, got {view}")
+        if not 0 < rows <= view:
+            raise ValueError(f"rows must be in [1, view = {view}], got {rows}")
         self.model = model
         self.cache = cache
         self.view = view
+        self.rows = rows
+        self.capture = tuple(capture)
         dev = model.device
-        self.token = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.position = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.slot = torch.full((1,), view - 1, dtype=torch.int64, device=dev)
+        self.tokens = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.start = torch.full((1,), view - rows, dtype=torch.int64, device=dev)
+        # A chain until the first verify fills in a real tree: any valid mask serves the warm-up.
+        self.mask = pack_tree_mask(torch.ones(rows, rows, dtype=torch.bool).tril()).to(dev) if tree else None
         # Layers that keep host-side statistics (BlockFFN's sparsity): the warm-up steps must not
-        # count, and a replay runs no Python, so __call__ counts for them.
+        # count, and a replay runs no Python, so replay() counts for them.
         self._counted = [layer.ffn for layer in model.layers if hasattr(layer.ffn, "count_step")]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.captured: dict[int, torch.Tensor] = {}
+        if record:
+            self._record()
+
+    def _record(self) -> None:
+        dev = self.model.device
         saved = [ffn.snapshot_stats() for ffn in self._counted]
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -82,53 +119,97 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.inference_mode(), torch.cuda.graph(self.graph):
-                self.logits = self._step()  # [1, V] fp32, rewritten by every replay
+                # Outputs of the captured kernels, rewritten by every replay.
+                self.logits, self.captured = self._step()
         except RuntimeError as exc:  # e.g. an op fell back to a torch path that reads the GPU from the host
-            raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({exc}); every op must take "
-                               "its kernel path without a host read: run without EDGESPEC_CUDA_GRAPHS "
+            raise RuntimeError(f"capturing a {self.rows}-row step as a CUDA graph failed ({exc}); every op must "
+                               "take its kernel path without a host read: run without EDGESPEC_CUDA_GRAPHS "
                                "for this model") from exc
         for ffn, snapshot in zip(self._counted, saved):
             ffn.restore_stats(snapshot)
 
-    def _step(self) -> torch.Tensor:
-        out = self.model.forward(self.token, self.position, self.cache, self.slot, cache_view=self.view)
-        return self.model.logits(out.hidden)
+    def _step(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        out = self.model.forward(self.tokens, self.positions, self.cache, self.start, tree_mask=self.mask,
+                                 capture=self.capture, cache_view=self.view)
+        return self.model.logits(out.hidden), out.captured
 
-    def __call__(self, token: int, position: int) -> torch.Tensor:
-        """Logits [1, V] of `token` at RoPE position and cache slot `position` (valid until the next call)."""
-        if not 0 <= position < self.view:
-            raise IndexError(f"slot {position} is outside this graph's view of {self.view} cache slots")
-        self.token.fill_(token)
-        self.position.fill_(position)
-        self.slot.fill_(position)
+    def _run(self, first_slot: int) -> None:
+        if not 0 <= first_slot <= self.view - self.rows:
+            raise IndexError(f"slots [{first_slot}, {first_slot + self.rows}) are outside this graph's view of "
+                             f"{self.view} cache slots")
+        self.start.fill_(first_slot)
+        if self.graph is None:
+            with torch.inference_mode():
+                self.logits, self.captured = self._step()
+            return  # the eager forward counted its own statistics
         self.graph.replay()
         for ffn in self._counted:
-            ffn.count_step(1)
+            ffn.count_step(self.rows)
+
+    def decode(self, token: int, position: int) -> torch.Tensor:
+        """Logits [1, V] of `token` at RoPE position and cache slot `position` (valid until the next call)."""
+        if self.rows != 1 or self.mask is not None:
+            raise ValueError(f"decode needs a one-row causal graph, this one has {self.rows} rows"
+                             f"{' and a tree mask' if self.mask is not None else ''}")
+        self.tokens.fill_(token)
+        self.positions.fill_(position)
+        self._run(position)
+        assert self.logits is not None
         return self.logits
 
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,
+               mask: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits [rows, V] and the captured streams of a draft tree (tokens, positions: int64
+        [rows]; mask: packed int64 [rows, words]) at cache slots [start, start + rows); valid until
+        the next call."""
+        if self.mask is None:
+            raise ValueError("verify needs a graph captured with a tree mask")
+        for name, t, shape in (("tokens", tokens, (self.rows,)), ("positions", positions, (self.rows,)),
+                               ("mask", mask, tuple(self.mask.shape))):
+            if tuple(t.shape) != shape or t.dtype != torch.int64:
+                raise ValueError(f"verify: {name} must be int64 {list(shape)} for this {self.rows}-row graph, "
+                                 f"got {t.dtype} {list(t.shape)}")
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.mask.copy_(mask)
+        self._run(start)
+        assert self.logits is not None
+        return self.logits, self.captured
 
-class DecodeGraphs:
-    """The decode graphs of (model, cache), one per view bucket, each captured when a step first
-    needs it and kept while the cache lives (shared by every generation on that cache)."""
 
-    def __init__(self, model: Decoder, cache: KVCache) -> None:
-        if model.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
-        if model.sparse is not None:
-            raise ValueError("CUDA graphs need dense attention; this model has an InfLLM-v2 sparse_config")
+class StepGraphs:
+    """The step graphs of (model, cache), one per (view bucket, rows, mask, captured layers), each
+    captured when a step first needs it and kept while the cache lives (shared by every generation
+    on that cache). record=False: see StepGraph."""
+
+    def __init__(self, model: Decoder, cache: KVCache, record: bool = True) -> None:
+        _check_model(model, record)
         self.model = model
         self.cache = cache
+        self.record = record
         graphs = _GRAPHS.setdefault(cache, {})
-        if any(g.model is not model for g in graphs.values()):
-            graphs.clear()  # the cache now serves another model
+        if any(g.model is not model or (g.graph is not None) != record for g in graphs.values()):
+            graphs.clear()  # the cache now serves another model (or another mode)
         self.graphs = graphs
 
-    def __call__(self, token: int, position: int) -> torch.Tensor:
-        """Logits [1, V] of `token` at RoPE position and cache slot `position` (valid until the next call)."""
-        if not 0 <= position < self.cache.max_len:
-            raise IndexError(f"KV cache overflow: slot {position} of a cache of {self.cache.max_len}")
-        view = view_bucket(position + 1, self.cache.max_len)
-        graph = self.graphs.get(view)
+    def _graph(self, slots_needed: int, rows: int, tree: bool, capture: tuple[int, ...]) -> StepGraph:
+        if slots_needed > self.cache.max_len:
+            raise IndexError(f"KV cache overflow: a step needs {slots_needed} slots of a cache of {self.cache.max_len}")
+        key = (view_bucket(slots_needed, self.cache.max_len), rows, tree, tuple(capture))
+        graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[view] = DecodeGraph(self.model, self.cache, view)
-        return graph(token, position)
+            graph = self.graphs[key] = StepGraph(self.model, self.cache, key[0], rows, tree, capture, self.record)
+        return graph
+
+    def decode(self, token: int, position: int) -> torch.Tensor:
+        """Logits [1, V] of `token` at RoPE position and cache slot `position` (valid until the next call)."""
+        if position < 0:
+            raise IndexError(f"cache slot {position} is negative")
+        return self._graph(position + 1, 1, False, ()).decode(token, position)
+
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor,
+               capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """StepGraph.verify through the graph of this tree's row count and bucket."""
+        if start < 0:
+            raise IndexError(f"cache slot {start} is negative")
+        return self._graph(start + tokens.shape[0], tokens.shape[0], True, capture).verify(tokens, positions, start, mask)

@@ -146,7 +146,7 @@ class PlainDecoding:
         self._last: int | None = None
         if cuda_graph is None:
             cuda_graph = cuda_graphs.requested() and model.device.type == "cuda"
-        self._graph = cuda_graphs.DecodeGraphs(model, cache) if cuda_graph else None
+        self._graph = cuda_graphs.StepGraphs(model, cache) if cuda_graph else None
 
     def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
         self.sampler = Sampler(config, self.model.device)
@@ -161,7 +161,7 @@ class PlainDecoding:
         pos = self.cache.length
         dev = self.model.device
         if self._graph is not None:
-            logits = self._graph(self._last, pos)
+            logits = self._graph.decode(self._last, pos)
         else:
             out = self.model.forward(torch.tensor([self._last], device=dev), torch.tensor([pos], device=dev),
                                      self.cache, pos)

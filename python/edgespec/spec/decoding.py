@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import cuda_graphs
 from ..generation import GenerationConfig, Sampler, checked_tokens, prefill
 from ..kv_cache import KVCache
 from ..models.decoder import Decoder
@@ -35,9 +36,17 @@ def cache_slack(settings: TreeSettings) -> int:
 
 
 class SpeculativeDecoding:
-    """A DecodingStrategy (see edgespec.generation) that drafts with `drafter` and verifies trees."""
+    """A DecodingStrategy (see edgespec.generation) that drafts with `drafter` and verifies trees.
 
-    def __init__(self, model: Decoder, cache: KVCache, drafter: Drafter, settings: TreeSettings) -> None:
+    cuda_graph: replay the verification of every full tree (tree_size + 1 nodes) as one CUDA graph
+    (edgespec.cuda_graphs; None: as EDGESPEC_CUDA_GRAPHS says, and only for a CUDA model).
+    """
+
+    def __init__(self, model: Decoder, cache: KVCache, drafter: Drafter, settings: TreeSettings,
+                 cuda_graph: bool | None = None) -> None:
+        if cuda_graph is None:
+            cuda_graph = cuda_graphs.requested() and model.device.type == "cuda"
+        self.graphs = cuda_graphs.StepGraphs(model, cache) if cuda_graph else None
         self.model = model
         self.cache = cache
         self.drafter = drafter
@@ -82,14 +91,17 @@ class SpeculativeDecoding:
                           self.drafter.lm_head.token_map, max_depth=max(max_depth, 0))
         tokens = torch.tensor(tree.tokens, dtype=torch.int64, device=dev)
         mask = tree.packed_mask(dev) if tree.size > 1 else None
-        out = model.forward(tokens, tree.positions(n, dev), cache, n, tree_mask=mask, capture=self.drafter.capture)
-        logits = model.logits(out.hidden)                                    # [T, V] fp32
+        if self.graphs is not None and tree.size == self.settings.tree_size + 1 > 1:
+            logits, captured = self.graphs.verify(tokens, tree.positions(n, dev), n, mask, self.drafter.capture)
+        else:
+            out = model.forward(tokens, tree.positions(n, dev), cache, n, tree_mask=mask, capture=self.drafter.capture)
+            logits, captured = model.logits(out.hidden), out.captured       # [T, V] fp32
         path, bonus = self._accept(tree, logits)
         path_t = torch.tensor(path, dtype=torch.int64, device=dev)
         cache.compact(path_t + n, n)
         cache.length = n + len(path)
         committed = [tree.tokens[i] for i in path[1:]] + [bonus]
-        target = TargetStates(out.captured).rows(path_t)
+        target = TargetStates(captured).rows(path_t)
         self._root_logits, self._root_state = self.drafter.advance(
             torch.tensor(committed, dtype=torch.int64, device=dev), target)
         self._root = bonus
