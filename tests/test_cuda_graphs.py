@@ -157,6 +157,24 @@ def test_step_graph_misuse_is_refused(tiny_model_dir) -> None:
         cuda_graphs.StepGraph(model, cache, 64, rows=65, record=False)
     with pytest.raises(IndexError, match="KV cache overflow: a step needs 129 slots of a cache of 128"):
         cuda_graphs.StepGraphs(model, cache, record=False).decode(5, 128)
+    # Draft graphs: only drafters whose rounds read their committed length on the device.
+    from types import SimpleNamespace
+
+    from edgespec.spec import TreeSettings
+
+    logits = torch.zeros(64)
+    settings = TreeSettings(12, 4, 3)
+    host_only = SimpleNamespace(name="host-only", cache=cache, committed=0)
+    with pytest.raises(ValueError, match="drafter 'host-only' cannot run its draft rounds from a device-side"):
+        cuda_graphs.DraftGraph(host_only, settings, 64, logits, None, record=False)
+    with pytest.raises(ValueError, match="need a CUDA drafter"):
+        cuda_graphs.DraftGraph(host_only, settings, 64, logits, None)
+    able = SimpleNamespace(name="able", cache=cache, committed=0, device_expand=True)
+    with pytest.raises(ValueError, match=r"view must be in \[9, 128\] draft-cache slots, got 8"):
+        cuda_graphs.DraftGraph(able, settings, 8, logits, None, record=False)
+    able.committed = 120
+    with pytest.raises(IndexError, match="draft KV cache overflow: a tree needs 129 slots of a cache of 128"):
+        cuda_graphs.StepGraphs(model, model.new_cache(), record=False).grow(able, settings, logits, None)
 
 
 def test_plain_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir) -> None:
@@ -176,46 +194,101 @@ def test_plain_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir)
     assert sorted(cuda_graphs._GRAPHS[llm.cache]) == [(256, 1, False, ()), (400, 1, False, ())]
 
 
-def _speculative_llm(tiny_model_dir, tmp_path, device="cpu", dtype=torch.float32):
-    from edgespec.spec import enable_speculation
+def _speculative_llm(tiny_model_dir, tmp_path, device="cpu", dtype=torch.float32, drafter="eagle"):
+    """A random target with an EAGLE head, or with a smaller random model of its vocabulary as the draft."""
+    from edgespec.spec import ModelDrafter, enable_speculation
     from edgespec.spec.train_head import random_head
 
     model = _model(tiny_model_dir, device=device, dtype=dtype, max_context=400, vocab_size=64)
     llm = LLM(LoadedModel(model, None, "m"))
-    head = random_head(model.config, tmp_path / "head", seed=1, std=0.4)
-    enable_speculation(llm, draft=str(head), tree_size=12, depth=4, topk=3)
+    if drafter == "eagle":
+        draft = random_head(model.config, tmp_path / "head", seed=1, std=0.4)
+    else:
+        small = tiny_model_dir("llama", seed=9, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                               intermediate_size=128, num_hidden_layers=1, max_position_embeddings=1024, vocab_size=64)
+        draft = ModelDrafter(load_model(str(small), device=device, dtype=dtype, max_context=400,
+                                        with_tokenizer=False).model)
+    enable_speculation(llm, draft=draft if drafter == "model" else str(draft), tree_size=12, depth=4, topk=3)
     return llm
 
 
 def _with_graphs(llm, record: bool, calls: list | None = None):
-    """Install llm's speculative strategy with step graphs (record=False: run eagerly)."""
+    """Install llm's speculative strategy with step graphs (record=False: run eagerly); `calls`
+    collects ("verify", rows) and ("grow", committed) per graph use."""
     inner = llm._strategy_factory
 
     def make(model, cache):
         strategy = inner(model, cache)
-        strategy.graphs = cuda_graphs.StepGraphs(model, cache, record=record)
+        graphs = strategy.graphs = cuda_graphs.StepGraphs(model, cache, record=record)
         if calls is not None:
-            verify = strategy.graphs.verify
-            strategy.graphs.verify = lambda *a, **kw: calls.append(a[0].shape[0]) or verify(*a, **kw)
+            verify, grow = graphs.verify, graphs.grow
+            graphs.verify = lambda *a, **kw: calls.append(("verify", a[0].shape[0])) or verify(*a, **kw)
+            graphs.grow = lambda d, *a: calls.append(("grow", d.committed)) or grow(d, *a)
         return strategy
 
     make.drafter, make.settings = inner.drafter, inner.settings
     llm.set_strategy(make, cache_slack=llm.cache.max_len - llm.model.max_context)
 
 
-def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir, tmp_path) -> None:
-    """Greedy and sampled speculative generations whose full trees are verified through the static
-    buffers (record=False) commit exactly the eager strategy's tokens; trees cut short at the end
-    of the generation run eagerly."""
-    llm = _speculative_llm(tiny_model_dir, tmp_path)
+@pytest.mark.parametrize("drafter", ["eagle", "model"])
+def test_draft_rounds_read_the_committed_length_only_on_the_device(tiny_model_dir, tmp_path, drafter) -> None:
+    """The draft rounds of a DraftGraph, run with the drafter's host-side committed length set to
+    nonsense (what a replay would see if a capture had baked a host value in), grow the tree that
+    build_tree grows at the true length, step after step."""
+    from edgespec.generation import GenerationConfig
+    from edgespec.spec.tree import build_tree, select_tree
+
+    llm = _speculative_llm(tiny_model_dir, tmp_path, drafter=drafter)
+    strategy = llm._strategy_factory(llm.model, llm.cache)
+    d, settings = strategy.drafter, strategy.settings
+    strategy.begin([5, 17, 23, 42, 8, 59, 3], GenerationConfig(max_new_tokens=40), 40)
+    graphs: dict[int, cuda_graphs.DraftGraph] = {}
+    for _ in range(6):
+        want = build_tree(strategy._root, strategy._root_logits, strategy._root_state, d.expand, settings,
+                          d.lm_head.token_map)
+        true = d.committed
+        view = cuda_graphs.view_bucket(true + cuda_graphs.DraftGraph.slots_written(settings, 64), d.cache.max_len)
+        if view not in graphs:
+            graphs[view] = cuda_graphs.DraftGraph(d, settings, view, strategy._root_logits, strategy._root_state,
+                                                  record=False)
+        g = graphs[view]
+        g.root_logits.copy_(strategy._root_logits)
+        if g.root_state is not None:
+            g.root_state.copy_(strategy._root_state)
+        g.committed.fill_(true)
+        d._committed = 10**6
+        try:
+            got = select_tree(strategy._root, g._rounds(), settings.tree_size)
+        finally:
+            d._committed = true
+        assert (got.tokens, got.parents) == (want.tokens, want.parents)
+        torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(want.scores))
+        # The same through grow(), which fills the inputs itself.
+        again = select_tree(strategy._root, g.grow(strategy._root_logits, strategy._root_state), settings.tree_size)
+        assert (again.tokens, again.parents) == (want.tokens, want.parents)
+        torch.testing.assert_close(torch.tensor(again.scores), torch.tensor(want.scores))
+        strategy.step()
+
+
+@pytest.mark.parametrize("drafter", ["eagle", "model"])
+def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir, tmp_path, drafter) -> None:
+    """Greedy and sampled speculative generations whose full-depth draft rounds and full-tree
+    verifications run through the graphs' static buffers (record=False) commit exactly the eager
+    strategy's tokens (whose CPU draft rounds may also stop early: the same trees); trees cut
+    short at the end of the generation run eagerly."""
+    llm = _speculative_llm(tiny_model_dir, tmp_path, drafter=drafter)
     prompt = [5, 17, 23, 42, 8, 59, 3]
     kwargs = [dict(max_new_tokens=40, ignore_eos=True), dict(max_new_tokens=40, ignore_eos=True, temperature=0.8, seed=4)]
-    eager = [llm.generate(prompt, **kw).token_ids for kw in kwargs]
-    calls: list[int] = []
+    eager = [llm.generate(prompt, **kw) for kw in kwargs]
+    calls: list[tuple[str, int]] = []
     _with_graphs(llm, record=False, calls=calls)
     for kw, want in zip(kwargs, eager):
-        assert llm.generate(prompt, **kw).token_ids == want
-    assert calls and set(calls) == {13}, calls
+        got = llm.generate(prompt, **kw)
+        # The tokens are the target's whatever the draft proposes; the acceptance shows the drafts.
+        assert got.token_ids == want.token_ids
+        assert got.stats.extra["acceptance_histogram"] == want.stats.extra["acceptance_histogram"]
+    assert {rows for kind, rows in calls if kind == "verify"} == {13}, calls
+    assert sum(kind == "grow" for kind, _ in calls) > 5, calls
 
 
 @pytest.mark.gpu
@@ -253,21 +326,25 @@ def test_graph_decoding_of_a_blockffn_model_keeps_its_statistics(tmp_path) -> No
 
 
 @pytest.mark.gpu
-def test_graph_verification_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_path) -> None:
-    """Speculative generations whose full-tree verifications replay CUDA graphs commit the tokens
-    of the same static-buffer steps run eagerly (the same kernels and split plans, so the same
-    bits), twice (graphs kept per cache), for greedy and sampled decoding."""
-    llm = _speculative_llm(tiny_model_dir, tmp_path, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("drafter", ["eagle", "model"])
+def test_graph_speculation_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_path, drafter) -> None:
+    """Speculative generations whose draft rounds and full-tree verifications replay CUDA graphs
+    commit the tokens, with the same acceptance, of the same static-buffer steps run eagerly (the
+    same kernels and split plans, so the same bits), twice (graphs kept per cache), for greedy and
+    sampled decoding."""
+    llm = _speculative_llm(tiny_model_dir, tmp_path, device="cuda", dtype=torch.bfloat16, drafter=drafter)
     prompt = [5, 17, 23, 42, 8, 59, 3]
     kwargs = [dict(max_new_tokens=300, ignore_eos=True), dict(max_new_tokens=60, ignore_eos=True, temperature=0.8, seed=4)]
     _with_graphs(llm, record=False)
     want = [llm.generate(prompt, **kw) for kw in kwargs]
-    calls: list[int] = []
+    calls: list[tuple[str, int]] = []
     _with_graphs(llm, record=True, calls=calls)
     for _ in range(2):
         for kw, ref in zip(kwargs, want):
             got = llm.generate(prompt, **kw)
             assert got.token_ids == ref.token_ids
             assert got.stats.extra["acceptance_histogram"] == ref.stats.extra["acceptance_histogram"]
-    assert calls and set(calls) == {13}
-    assert {key[:3] for key in cuda_graphs._GRAPHS[llm.cache]} >= {(256, 13, True), (512, 13, True)}
+    assert {rows for kind, rows in calls if kind == "verify"} == {13}
+    assert any(kind == "grow" for kind, _ in calls)
+    # 300 tokens cross from the 256-slot view to the whole cache (max_context + the tree slack).
+    assert {key[:3] for key in cuda_graphs._GRAPHS[llm.cache]} >= {(256, 13, True), (llm.cache.max_len, 13, True)}

@@ -16,6 +16,11 @@ A graph has a fixed number of rows: speculative decoding replays one only for fu
 (tree_size + 1 nodes, the usual case) and runs smaller ones (the last steps of a generation)
 eagerly, so no padding rows reach BlockFFN's sparsity statistics.
 
+The draft side is a DraftGraph: all draft rounds of a full-depth tree (spec.tree.grow_candidates:
+a draft forward, top-k and the tree bookkeeping per depth, about 40 launches each) in one graph
+per draft-cache view, with the drafter's committed length as a device input; the final choice of
+the tree (one host read) and the drafter's catch-up on accepted tokens stay eager.
+
 Opt-in (EDGESPEC_CUDA_GRAPHS=1, or PlainDecoding/SpeculativeDecoding(cuda_graph=True)) until it
 has been measured and checked on a GPU (tests/test_cuda_graphs.py, `gpu` marker). Needs a CUDA
 model whose ops all take their kernel path without a host read: dense attention (no InfLLM-v2
@@ -29,12 +34,18 @@ import weakref
 
 import torch
 
+from typing import TYPE_CHECKING, Any, Callable
+
 from .kv_cache import KVCache
 from .models.decoder import Decoder
 from .ops.attention import pack_tree_mask
 
-GraphKey = tuple[int, int, bool, tuple[int, ...]]  # (view, rows, tree mask?, captured layers)
-_GRAPHS: "weakref.WeakKeyDictionary[KVCache, dict[GraphKey, StepGraph]]" = weakref.WeakKeyDictionary()
+if TYPE_CHECKING:  # edgespec.spec imports generation, which imports this module
+    from .spec.tree import Candidates, TreeSettings
+
+# Graphs per KV cache they write: a target cache's StepGraphs keyed (view, rows, tree mask?,
+# captured layers), a draft cache's DraftGraphs keyed ("draft", view, settings, LM head).
+_GRAPHS: "weakref.WeakKeyDictionary[KVCache, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 SMALLEST_VIEW = 256
 
 
@@ -53,6 +64,35 @@ def requested() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"EDGESPEC_CUDA_GRAPHS must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def _capture(step: Callable[[], Any], device: torch.device, what: str) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Warm `step` up twice on a side stream (allocations, the kernels' shared-memory attributes),
+    then capture it; returns the graph and the outputs of the captured run, which every replay
+    rewrites in place."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            outputs = step()
+    except RuntimeError as exc:  # e.g. an op fell back to a torch path that reads the GPU from the host
+        raise RuntimeError(f"capturing {what} as a CUDA graph failed ({exc}); every op must take its kernel "
+                           "path without a host read: run without EDGESPEC_CUDA_GRAPHS for this model") from exc
+    return graph, outputs
+
+
+def _graphs_of(cache: KVCache, owner: Any, record: bool) -> dict[tuple, Any]:
+    """The graphs kept for `cache`, emptied first when another model/drafter (or the other
+    record mode) made them: the cache now serves someone else."""
+    graphs = _GRAPHS.setdefault(cache, {})
+    if any(g.owner is not owner or (g.graph is not None) != record for g in graphs.values()):
+        graphs.clear()
+    return graphs
 
 
 def _check_model(model: Decoder, record: bool) -> None:
@@ -87,7 +127,7 @@ class StepGraph:
             raise ValueError(f"view must be in [1, {cache.max_len}] cache slots, got {view}")
         if not 0 < rows <= view:
             raise ValueError(f"rows must be in [1, view = {view}], got {rows}")
-        self.model = model
+        self.model = self.owner = model
         self.cache = cache
         self.view = view
         self.rows = rows
@@ -108,23 +148,8 @@ class StepGraph:
             self._record()
 
     def _record(self) -> None:
-        dev = self.model.device
         saved = [ffn.snapshot_stats() for ffn in self._counted]
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.inference_mode(), torch.cuda.graph(self.graph):
-                # Outputs of the captured kernels, rewritten by every replay.
-                self.logits, self.captured = self._step()
-        except RuntimeError as exc:  # e.g. an op fell back to a torch path that reads the GPU from the host
-            raise RuntimeError(f"capturing a {self.rows}-row step as a CUDA graph failed ({exc}); every op must "
-                               "take its kernel path without a host read: run without EDGESPEC_CUDA_GRAPHS "
-                               "for this model") from exc
+        self.graph, (self.logits, self.captured) = _capture(self._step, self.model.device, f"a {self.rows}-row step")
         for ffn, snapshot in zip(self._counted, saved):
             ffn.restore_stats(snapshot)
 
@@ -178,19 +203,16 @@ class StepGraph:
 
 
 class StepGraphs:
-    """The step graphs of (model, cache), one per (view bucket, rows, mask, captured layers), each
-    captured when a step first needs it and kept while the cache lives (shared by every generation
-    on that cache). record=False: see StepGraph."""
+    """The step graphs of (model, cache), one per (view bucket, rows, mask, captured layers), and
+    the draft graphs of a drafter's cache, each captured when a step first needs it and kept while
+    its cache lives (shared by every generation on that cache). record=False: see StepGraph."""
 
     def __init__(self, model: Decoder, cache: KVCache, record: bool = True) -> None:
         _check_model(model, record)
         self.model = model
         self.cache = cache
         self.record = record
-        graphs = _GRAPHS.setdefault(cache, {})
-        if any(g.model is not model or (g.graph is not None) != record for g in graphs.values()):
-            graphs.clear()  # the cache now serves another model (or another mode)
-        self.graphs = graphs
+        self.graphs = _graphs_of(cache, model, record)
 
     def _graph(self, slots_needed: int, rows: int, tree: bool, capture: tuple[int, ...]) -> StepGraph:
         if slots_needed > self.cache.max_len:
@@ -213,3 +235,87 @@ class StepGraphs:
         if start < 0:
             raise IndexError(f"cache slot {start} is negative")
         return self._graph(start + tokens.shape[0], tokens.shape[0], True, capture).verify(tokens, positions, start, mask)
+
+    def grow(self, drafter: Any, settings: TreeSettings, root_logits: torch.Tensor,
+             root_state: torch.Tensor | None) -> Candidates:
+        """spec.tree.grow_candidates to the full settings.depth through the graph of the drafter's
+        cache bucket (the drafter must have device_expand); valid until the next call."""
+        cache = drafter.cache
+        rows = DraftGraph.slots_written(settings, root_logits.shape[-1])
+        need = drafter.committed + rows
+        if need > cache.max_len:
+            raise IndexError(f"draft KV cache overflow: a tree needs {need} slots of a cache of {cache.max_len}")
+        graphs = _graphs_of(cache, drafter, self.record)
+        view = view_bucket(need, cache.max_len)
+        key = ("draft", view, settings, id(drafter.lm_head))
+        graph = graphs.get(key)
+        if graph is None:
+            graph = graphs[key] = DraftGraph(drafter, settings, view, root_logits, root_state, self.record)
+        return graph.grow(root_logits, root_state)
+
+
+class DraftGraph:
+    """The draft rounds of a full-depth tree (spec.tree.grow_candidates with depth_limit =
+    settings.depth, no early stop) over the first `view` slots of the drafter's cache, captured
+    once; `grow` runs them for the drafter's current committed length.
+
+    The inputs are the draft logits and state after the root (copied into static buffers shaped
+    like the first call's) and the committed length (a device tensor every ExpandBatch carries);
+    the output is the Candidates, for spec.tree.select_tree. The warm-up and capture write draft
+    K/V at the last slots_written(...) slots of the view, which no committed position holds yet.
+    record=False: see StepGraph.
+    """
+
+    def __init__(self, drafter: Any, settings: TreeSettings, view: int, root_logits: torch.Tensor,
+                 root_state: torch.Tensor | None, record: bool = True) -> None:
+        device = root_logits.device
+        if record and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA drafter, this one is on {device}")
+        if not getattr(drafter, "device_expand", False):
+            raise ValueError(f"drafter {getattr(drafter, 'name', drafter)!r} cannot run its draft rounds from a "
+                             "device-side committed length (device_expand)")
+        rows = self.slots_written(settings, root_logits.shape[-1])
+        if not rows <= view <= drafter.cache.max_len:
+            raise ValueError(f"view must be in [{rows}, {drafter.cache.max_len}] draft-cache slots, got {view}")
+        self.drafter = self.owner = drafter
+        self.settings = settings
+        self.view = view
+        self.root_logits = torch.empty_like(root_logits)
+        self.root_state = None if root_state is None else torch.empty_like(root_state)
+        self.committed = torch.full((1,), view - rows, dtype=torch.int64, device=device)
+        self.root_logits.normal_()  # any finite draft distribution serves the warm-up
+        if self.root_state is not None:
+            self.root_state.normal_()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.candidates: Candidates | None = None
+        if record:
+            self.graph, self.candidates = _capture(self._rounds, device, "the draft rounds")
+
+    @staticmethod
+    def slots_written(settings: TreeSettings, vocab: int) -> int:
+        """Draft-cache slots past the committed length that a full-depth tree's rounds write: the
+        recomputed rows of the last round (topk per depth below the deepest)."""
+        return max(1, min(settings.topk, vocab) * (settings.depth - 1))
+
+    def _rounds(self) -> Candidates:
+        from .spec.tree import grow_candidates  # noqa: PLC0415 - see the TYPE_CHECKING import
+
+        return grow_candidates(self.root_logits, self.root_state, self.drafter.expand, self.settings,
+                               self.drafter.lm_head.token_map, self.settings.depth, stop_early=False,
+                               committed=self.committed, cache_view=self.view)
+
+    def grow(self, root_logits: torch.Tensor, root_state: torch.Tensor | None) -> Candidates:
+        committed = self.drafter.committed
+        if committed + self.slots_written(self.settings, root_logits.shape[-1]) > self.view:
+            raise IndexError(f"a tree at committed length {committed} does not fit this graph's view of "
+                             f"{self.view} draft-cache slots")
+        self.root_logits.copy_(root_logits)
+        if self.root_state is not None:
+            self.root_state.copy_(root_state)
+        self.committed.fill_(committed)
+        if self.graph is None:
+            with torch.inference_mode():
+                return self._rounds()
+        self.graph.replay()
+        assert self.candidates is not None
+        return self.candidates

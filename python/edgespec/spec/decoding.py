@@ -26,7 +26,7 @@ from ..kv_cache import KVCache
 from ..models.decoder import Decoder
 from .accept import accept_greedy, accept_sampling
 from .drafter import Drafter, TargetStates
-from .tree import DraftTree, TreeSettings, build_tree
+from .tree import DraftTree, TreeSettings, build_tree, select_tree
 
 
 def cache_slack(settings: TreeSettings) -> int:
@@ -38,8 +38,9 @@ def cache_slack(settings: TreeSettings) -> int:
 class SpeculativeDecoding:
     """A DecodingStrategy (see edgespec.generation) that drafts with `drafter` and verifies trees.
 
-    cuda_graph: replay the verification of every full tree (tree_size + 1 nodes) as one CUDA graph
-    (edgespec.cuda_graphs; None: as EDGESPEC_CUDA_GRAPHS says, and only for a CUDA model).
+    cuda_graph: replay the draft rounds of every full-depth tree and the verification of every full
+    tree (tree_size + 1 nodes) as CUDA graphs (edgespec.cuda_graphs; None: as EDGESPEC_CUDA_GRAPHS
+    says, and only for a CUDA model).
     """
 
     def __init__(self, model: Decoder, cache: KVCache, drafter: Drafter, settings: TreeSettings,
@@ -87,8 +88,13 @@ class SpeculativeDecoding:
         # Nodes at depth d sit at position n + d: stay inside the context, and drafting deeper than
         # the tokens still wanted is wasted work.
         max_depth = min(model.max_context - 1 - n, self._budget - self._produced - 1)
-        tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
-                          self.drafter.lm_head.token_map, max_depth=max(max_depth, 0))
+        if (self.graphs is not None and max_depth >= self.settings.depth >= 2
+                and getattr(self.drafter, "device_expand", False)):
+            cands = self.graphs.grow(self.drafter, self.settings, self._root_logits, self._root_state)
+            tree = select_tree(self._root, cands, self.settings.tree_size)
+        else:
+            tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
+                              self.drafter.lm_head.token_map, max_depth=max(max_depth, 0))
         tokens = torch.tensor(tree.tokens, dtype=torch.int64, device=dev)
         mask = tree.packed_mask(dev) if tree.size > 1 else None
         if self.graphs is not None and tree.size == self.settings.tree_size + 1 > 1:

@@ -38,6 +38,9 @@ class ModelDrafter:
 
     def __init__(self, model: Decoder, name: str = "model", prefill_chunk: int = 512) -> None:
         self.model = model
+        # expand() honours ExpandBatch.committed (its rounds can be a CUDA graph) unless the model
+        # has InfLLM-v2 sparse attention, which plans on the host.
+        self.device_expand = model.sparse is None
         self.name = name
         self.capture: tuple[int, ...] = ()
         self.prefill_chunk = prefill_chunk
@@ -72,7 +75,9 @@ class ModelDrafter:
         return self._logits(out.hidden), None
 
     def expand(self, batch: ExpandBatch) -> tuple[torch.Tensor, None]:
-        start = self._committed + batch.slot_offset
-        positions = batch.depths + (self._committed - 1)
-        out = self.model.forward(batch.tokens, positions, self.cache, start, tree_mask=batch.tree_mask)
+        committed = self._committed if batch.committed is None else batch.committed
+        start = committed + batch.slot_offset
+        positions = batch.depths + (committed - 1)
+        out = self.model.forward(batch.tokens, positions, self.cache, start, tree_mask=batch.tree_mask,
+                                 cache_view=batch.cache_view)
         return self.lm_head(out.hidden[-batch.new:]), None

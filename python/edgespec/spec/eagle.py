@@ -121,14 +121,19 @@ class EagleHead:
         return self.fc(fused)
 
     def forward(self, tokens: torch.Tensor, states: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                start: int, tree_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                start: int | torch.Tensor, tree_mask: torch.Tensor | None = None,
+                cache_view: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run T (token, state) pairs through the head, writing K/V at cache slots [start, start + T).
 
         tokens: [T] int64 target ids; states: [T, H] (target features or the head's own outputs);
-        positions: [T] int64; tree_mask: None (causal) or packed int64 [T, ceil(T/64)].
+        positions: [T] int64; tree_mask: None (causal) or packed int64 [T, ceil(T/64)];
+        start, cache_view: as Decoder.forward takes them (a device-side start for CUDA graphs).
         Returns (hidden for the LM head [T, H], state for the next draft step [T, H]).
         """
         eps = self.config.rms_norm_eps
+        seqlen = None
+        if isinstance(start, torch.Tensor):
+            seqlen = (start.reshape(1) + tokens.shape[0]).to(torch.int32)  # the cache slots that count
         emb = ops.embedding(tokens, self.embed, check=False)                 # [T, H]
         if self.kind == EAGLE:
             x = self.fc(torch.cat([emb, states.to(emb.dtype)], dim=-1))      # [T, H]
@@ -142,7 +147,7 @@ class EagleHead:
         for i, layer in enumerate(self.layers):
             if m is not None:
                 h, residual = ops.rms_norm(m, layer.attn_norm, eps, residual=residual)
-            a = self.core._attention(i, layer, h, positions, cache, start, tree_mask)
+            a = self.core._attention(i, layer, h, positions, cache, start, tree_mask, seqlen, cache_view)
             h, residual = ops.rms_norm(a, layer.ffn_norm, eps, residual=residual)
             m = layer.ffn(h)
         out = m + residual                                                    # [T, H]
@@ -153,6 +158,8 @@ class EagleHead:
 
 class EagleDrafter:
     """Drafter protocol over an EagleHead with its own KV cache (one slot per committed position)."""
+
+    device_expand = True  # expand() honours ExpandBatch.committed: its rounds can be a CUDA graph
 
     def __init__(self, head: EagleHead, name: str = "eagle", prefill_chunk: int = 1024) -> None:
         self.head = head
@@ -201,9 +208,11 @@ class EagleDrafter:
         return self._commit(tokens, self.head.features(target))
 
     def expand(self, batch: ExpandBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self._committed + batch.slot_offset
-        positions = batch.depths + (self._committed - 1)
-        hidden, state = self.head.forward(batch.tokens, batch.states, positions, self.cache, start, batch.tree_mask)
+        committed = self._committed if batch.committed is None else batch.committed
+        start = committed + batch.slot_offset
+        positions = batch.depths + (committed - 1)
+        hidden, state = self.head.forward(batch.tokens, batch.states, positions, self.cache, start, batch.tree_mask,
+                                          batch.cache_view)
         return self.lm_head(hidden[-batch.new:]), state[-batch.new:]
 
 

@@ -146,6 +146,9 @@ class ExpandBatch:
     tree_mask:  packed int64 [E, ceil(E/64)] visibility among the E rows (they also see the whole
                 committed prefix), or None when the rows form a chain (causal)
     new:        outputs are needed only for the last `new` rows (the frontier being expanded)
+    committed:  None (the drafter's own host-side committed length), or an int64 [1] tensor on the
+                device holding it, which a CUDA graph of the draft rounds reads at every replay
+    cache_view: with `committed`: the draft-cache slots attention views (edgespec.cuda_graphs)
     """
 
     tokens: torch.Tensor
@@ -154,6 +157,8 @@ class ExpandBatch:
     slot_offset: int
     tree_mask: torch.Tensor | None
     new: int
+    committed: torch.Tensor | None = None
+    cache_view: int | None = None
 
 
 # (batch) -> (draft logits [new, Vd] float, draft states [new, Hs] or None)
@@ -167,10 +172,21 @@ def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
+@dataclass
+class Candidates:
+    """Every node a tree's draft rounds proposed, in creation order (parents first), on the device:
+    tokens (target ids), cumulative draft log-prob scores and parents (index into these arrays, -1
+    for a child of the root), all [N]."""
+
+    tokens: torch.Tensor
+    scores: torch.Tensor
+    parents: torch.Tensor
+
+
 def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Tensor | None,
                expand: ExpandFn, settings: TreeSettings, token_map: torch.Tensor | None = None,
                max_depth: int | None = None) -> DraftTree:
-    """Grow an EAGLE-2 dynamic tree below `root_token`.
+    """Grow an EAGLE-2 dynamic tree below `root_token` (grow_candidates, then select_tree).
 
     root_logits: [Vd] float draft logits for the token after the root (from the catch-up pass).
     root_state:  [1, Hs] the draft state the depth-1 nodes consume, or None.
@@ -181,22 +197,36 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
     Growth stops before settings.depth once no deeper node could enter the final top tree_size
     (on the CPU; the tree is the same, the draft rounds are fewer).
     Returns the tree with at most settings.tree_size draft nodes; 0 draft nodes when max_depth is 0.
+    """
+    settings.validate()
+    depth_limit = settings.depth if max_depth is None else min(settings.depth, max_depth)
+    if depth_limit <= 0:
+        return DraftTree([root_token], [-1], [0], [0.0])
+    # The early stop reads scores on the host: free on the CPU, a sync per round on a GPU, where
+    # the default trees are wide enough that it would rarely fire (unmeasured there: CPU only).
+    cands = grow_candidates(root_logits, root_state, expand, settings, token_map, depth_limit,
+                            stop_early=root_logits.device.type == "cpu")
+    return select_tree(root_token, cands, settings.tree_size)
+
+
+def grow_candidates(root_logits: torch.Tensor, root_state: torch.Tensor | None, expand: ExpandFn,
+                    settings: TreeSettings, token_map: torch.Tensor | None, depth_limit: int,
+                    stop_early: bool = False, committed: torch.Tensor | None = None,
+                    cache_view: int | None = None) -> Candidates:
+    """The draft rounds of build_tree (depth_limit >= 1): every candidate node with its score.
+
+    Without stop_early nothing here is read on the host and every shape follows from (settings,
+    depth_limit, the vocabulary), so the rounds can be captured as one CUDA graph; committed and
+    cache_view are then passed to every ExpandBatch (see there).
 
     The expanded nodes of earlier rounds are run through the draft again each round (when topk > 1)
     because the attention op sees every earlier cache slot as prefix: recomputing them under one
     tree mask is how the draft's own attention excludes the other branches. For a chain
     (topk == 1) every earlier node is an ancestor, so only the new node runs, causally.
     """
-    settings.validate()
-    depth_limit = settings.depth if max_depth is None else min(settings.depth, max_depth)
-    if depth_limit <= 0:
-        return DraftTree([root_token], [-1], [0], [0.0])
     device = root_logits.device
     vocab = root_logits.shape[-1]
     k = min(settings.topk, vocab)
-    # The early stop reads scores on the host: free on the CPU, a sync per round on a GPU, where
-    # the default trees are wide enough that it would rarely fire (unmeasured there: CPU only).
-    stop_early = device.type == "cpu"
 
     def to_target(ids: torch.Tensor) -> torch.Tensor:
         return ids if token_map is None else token_map[ids]
@@ -249,10 +279,10 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
         index[frontier_local] = torch.arange(base, base + kf, device=device)
         exp_index_of_cand[depth] = index
         if k == 1:
-            batch = ExpandBatch(tokens_d, frontier_states, exp_depths[-1], base, None, kf)
+            batch = ExpandBatch(tokens_d, frontier_states, exp_depths[-1], base, None, kf, committed, cache_view)
         else:
             batch = ExpandBatch(torch.cat(exp_tokens), torch.cat(exp_states) if exp_states else None,
-                                torch.cat(exp_depths), 0, ops.pack_tree_mask(exp_vis), kf)
+                                torch.cat(exp_depths), 0, ops.pack_tree_mask(exp_vis), kf, committed, cache_view)
         logits, states = expand(batch)                                  # [kf, Vd], [kf, Hs]
         values, ids = top_children(logits)                              # [kf, k]
         scores = cand_scores[depth - 1][frontier_local].unsqueeze(1) + values   # [kf, k]
@@ -264,11 +294,16 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
         frontier = chosen + total
         total += kf * k
         frontier_states = None if states is None else states[chosen // k]
-    all_scores = torch.cat(cand_scores)
-    keep = torch.sort(_stable_top(all_scores, settings.tree_size)).values  # creation order = topological
-    tokens = torch.cat(cand_tokens)[keep].tolist()
-    parents_global = torch.cat(cand_parents)[keep].tolist()
-    scores_kept = all_scores[keep].tolist()
+    return Candidates(torch.cat(cand_tokens), torch.cat(cand_scores), torch.cat(cand_parents))
+
+
+def select_tree(root_token: int, cands: Candidates, tree_size: int) -> DraftTree:
+    """The tree of the best `tree_size` candidates (one host read). A child scores at most its
+    parent and comes after it, so a stable descending sort keeps every kept node's ancestors."""
+    keep = torch.sort(_stable_top(cands.scores, tree_size)).values  # creation order = topological
+    tokens = cands.tokens[keep].tolist()
+    parents_global = cands.parents[keep].tolist()
+    scores_kept = cands.scores[keep].tolist()
     node_of = {g: i + 1 for i, g in enumerate(keep.tolist())}
     parents = [-1] + [0 if p < 0 else node_of[p] for p in parents_global]
     depths = [0]
