@@ -6,6 +6,10 @@ report as a launch error instead of hanging or corrupting memory."""
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +140,20 @@ def test_old_builds_are_pruned_but_not_builds_in_progress(tmp_path) -> None:
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["build0", "build4", "build5", "build6", "running"]
     assert builder.KEEP_BUILDS == 4
+
+
+def test_global_reads_past_a_tensor_are_caught_under_asan(lib) -> None:
+    """Under tools/cuda_emulator/asan.sh, a kernel reading past the end of a tensor is an ASan
+    report (run in a child process, since ASan ends the process it reports in); in bounds, not."""
+    if os.environ.get("CUEMU_SANITIZE") != "address":
+        pytest.skip("the AddressSanitizer build only (tools/cuda_emulator/asan.sh)")
+    script = (f"import ctypes, torch; lib = ctypes.CDLL({os.path.abspath(lib._name)!r}); "
+              "src, out = torch.randn({n}), torch.zeros(32); "
+              "rc = lib.cuemu_selftest_global_read(ctypes.c_void_p(src.data_ptr()), ctypes.c_void_p(out.data_ptr()), 32); "
+              "assert rc == 0 and torch.equal(out[:{n}], src), rc")
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1"}
+    runs = {n: subprocess.run([sys.executable, "-c", script.replace("{n}", str(n))], env=env, capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=120) for n in (32, 20)}
+    assert runs[32].returncode == 0, runs[32].stderr[-2000:]
+    assert runs[20].returncode != 0 and "heap-buffer-overflow" in runs[20].stderr, runs[20].stderr[-2000:]
+    assert "global_read_kernel" in runs[20].stderr

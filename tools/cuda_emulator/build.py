@@ -36,7 +36,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 MODULE_NAME = "_C_emulated"
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-w", "-fno-strict-aliasing"]
+# CUEMU_SANITIZE=address builds an AddressSanitizer variant (tools/cuda_emulator/asan.sh runs the
+# kernel tests on it): a kernel that reads or writes global memory past a tensor's allocation stops
+# with a report instead of reading a neighbour's bytes. Fibers switch with ucontext there, which
+# ASan follows; its own stack switch would confuse ASan's stack bookkeeping.
+SANITIZERS = {"": [], "address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-DCUEMU_UCONTEXT"]}
+SANITIZE = os.environ.get("CUEMU_SANITIZE", "")
+if SANITIZE not in SANITIZERS:
+    raise ValueError(f"CUEMU_SANITIZE must be one of {sorted(SANITIZERS)}, got {SANITIZE!r}")
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-w", "-fno-strict-aliasing", *SANITIZERS[SANITIZE]]
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()]*?>)?)\s*<<<(.*?)>>>", re.S)
 _STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)((?:\[[^\]]+\])*)\s*;")

@@ -133,6 +133,10 @@ __global__ void big_shared_kernel(float* out) {
   out[threadIdx.x] = big[threadIdx.x];
 }
 
+// Each thread copies src[threadIdx.x]: with fewer than blockDim.x floats behind src, the last
+// threads read past the allocation (what tools/cuda_emulator/asan.sh must catch).
+__global__ void global_read_kernel(const float* src, float* out) { out[threadIdx.x] = src[threadIdx.x]; }
+
 }  // namespace
 
 extern "C" {
@@ -180,6 +184,11 @@ int cuemu_selftest_fault(int which, int* ints, float* floats) {
       break;
     default: return -1;
   }
+  return cudaGetLastError();
+}
+
+int cuemu_selftest_global_read(const float* src, float* out, int threads) {
+  global_read_kernel<<<1, threads>>>(src, out);
   return cudaGetLastError();
 }
 
