@@ -161,15 +161,18 @@ def test_step_graph_misuse_is_refused(tiny_model_dir) -> None:
     from types import SimpleNamespace
 
     from edgespec.spec import TreeSettings
+    from edgespec.spec.drafter import TargetStates
 
     logits = torch.zeros(64)
     settings = TreeSettings(12, 4, 3)
     host_only = SimpleNamespace(name="host-only", cache=cache, committed=0)
-    with pytest.raises(ValueError, match="drafter 'host-only' cannot run its draft rounds from a device-side"):
+    with pytest.raises(ValueError, match="drafter 'host-only' cannot run its steps from a device-side committed"):
         cuda_graphs.DraftGraph(host_only, settings, 64, logits, None, record=False)
     with pytest.raises(ValueError, match="need a CUDA drafter"):
         cuda_graphs.DraftGraph(host_only, settings, 64, logits, None)
-    able = SimpleNamespace(name="able", cache=cache, committed=0, device_expand=True)
+    able = SimpleNamespace(name="able", cache=cache, committed=0, graphable=True)
+    with pytest.raises(ValueError, match=r"a catch-up of 3 tokens needs a view in \[3, 128\] draft-cache slots, got 2"):
+        cuda_graphs.CatchUpGraph(able, 2, torch.zeros(3, dtype=torch.int64), TargetStates({}), record=False)
     with pytest.raises(ValueError, match=r"view must be in \[9, 128\] draft-cache slots, got 8"):
         cuda_graphs.DraftGraph(able, settings, 8, logits, None, record=False)
     able.committed = 120
@@ -214,16 +217,17 @@ def _speculative_llm(tiny_model_dir, tmp_path, device="cpu", dtype=torch.float32
 
 def _with_graphs(llm, record: bool, calls: list | None = None):
     """Install llm's speculative strategy with step graphs (record=False: run eagerly); `calls`
-    collects ("verify", rows) and ("grow", committed) per graph use."""
+    collects ("verify", rows), ("grow", committed) and ("catch-up", tokens) per graph use."""
     inner = llm._strategy_factory
 
     def make(model, cache):
         strategy = inner(model, cache)
         graphs = strategy.graphs = cuda_graphs.StepGraphs(model, cache, record=record)
         if calls is not None:
-            verify, grow = graphs.verify, graphs.grow
+            verify, grow, catch_up = graphs.verify, graphs.grow, graphs.catch_up
             graphs.verify = lambda *a, **kw: calls.append(("verify", a[0].shape[0])) or verify(*a, **kw)
             graphs.grow = lambda d, *a: calls.append(("grow", d.committed)) or grow(d, *a)
+            graphs.catch_up = lambda d, t, *a: calls.append(("catch-up", t.numel())) or catch_up(d, t, *a)
         return strategy
 
     make.drafter, make.settings = inner.drafter, inner.settings
@@ -271,6 +275,48 @@ def test_draft_rounds_read_the_committed_length_only_on_the_device(tiny_model_di
 
 
 @pytest.mark.parametrize("drafter", ["eagle", "model"])
+def test_draft_catch_up_reads_the_committed_length_only_on_the_device(tiny_model_dir, tmp_path, drafter) -> None:
+    """A CatchUpGraph's pass, run with the drafter's host-side length set to nonsense, gives the
+    logits, state and draft K/V of the drafter's eager advance() from the same state."""
+    from edgespec.generation import GenerationConfig
+    from edgespec.spec.drafter import TargetStates
+
+    llm = _speculative_llm(tiny_model_dir, tmp_path, drafter=drafter)
+    strategy = llm._strategy_factory(llm.model, llm.cache)
+    d = strategy.drafter
+    strategy.begin([5, 17, 23, 42, 8, 59, 3], GenerationConfig(max_new_tokens=40), 40)
+    for _ in range(2):
+        strategy.step()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 64, (3,), generator=g)
+    target = TargetStates({i: torch.randn(3, 256, generator=g) for i in d.capture})
+    true, k0, v0 = d.committed, d.cache.k.clone(), d.cache.v.clone()
+    want_logits, want_state = d.advance(tokens, target)
+    want_k, want_v = d.cache.k[:, :true + 3].clone(), d.cache.v[:, :true + 3].clone()
+    d.cache.k.copy_(k0)
+    d.cache.v.copy_(v0)
+    d._committed = true
+    graph = cuda_graphs.CatchUpGraph(d, 128, tokens, target, record=False)
+    graph.tokens.copy_(tokens)
+    for i, t in target.captured.items():
+        graph.target.captured[i].copy_(t)
+    graph.committed.fill_(true)
+    d._committed = 10**6
+    try:
+        logits, state = graph._pass()
+    finally:
+        d._committed = true
+    torch.testing.assert_close(logits, want_logits)
+    assert (state is None) == (want_state is None) and (state is None or torch.allclose(state, want_state))
+    torch.testing.assert_close(d.cache.k[:, :true + 3], want_k)
+    torch.testing.assert_close(d.cache.v[:, :true + 3], want_v)
+    # run() fills the inputs itself and counts the tokens on the host.
+    again, _ = graph.run(tokens, target)
+    torch.testing.assert_close(again, want_logits)
+    assert d.committed == true + 3
+
+
+@pytest.mark.parametrize("drafter", ["eagle", "model"])
 def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir, tmp_path, drafter) -> None:
     """Greedy and sampled speculative generations whose full-depth draft rounds and full-tree
     verifications run through the graphs' static buffers (record=False) commit exactly the eager
@@ -289,6 +335,7 @@ def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_mode
         assert got.stats.extra["acceptance_histogram"] == want.stats.extra["acceptance_histogram"]
     assert {rows for kind, rows in calls if kind == "verify"} == {13}, calls
     assert sum(kind == "grow" for kind, _ in calls) > 5, calls
+    assert len({n for kind, n in calls if kind == "catch-up"}) > 1, "catch-ups of several lengths"
 
 
 @pytest.mark.gpu
@@ -345,6 +392,6 @@ def test_graph_speculation_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_pa
             assert got.token_ids == ref.token_ids
             assert got.stats.extra["acceptance_histogram"] == ref.stats.extra["acceptance_histogram"]
     assert {rows for kind, rows in calls if kind == "verify"} == {13}
-    assert any(kind == "grow" for kind, _ in calls)
+    assert any(kind == "grow" for kind, _ in calls) and any(kind == "catch-up" for kind, _ in calls)
     # 300 tokens cross from the 256-slot view to the whole cache (max_context + the tree slack).
     assert {key[:3] for key in cuda_graphs._GRAPHS[llm.cache]} >= {(256, 13, True), (llm.cache.max_len, 13, True)}

@@ -12,8 +12,8 @@ alike. Prompts and topics are disjoint from the head's training prompts.
         [--sweep "12,5,4 8,4,2 ..."]  (prints mean accepted length and speedup per tree shape, no JSON)
         [--prompts-file held_out.jsonl --limit N]  (tune on other prompts than the benchmark's)
         [--cuda-graphs]  (GPU: both sides replay their steps as CUDA graphs: plain decode steps,
-                          full-depth draft rounds and full-tree verifications; written as
-                          spec_graphs-<device>.json)
+                          full-depth draft rounds, full-tree verifications and the draft's
+                          catch-up; written as spec_graphs-<device>.json)
 
 Heads and tree shapes are chosen on other prompts, never on these: prompts-tuning.jsonl beside this
 file (10 chat, 6 continuations, disjoint from both the benchmark's and the training prompts) is the
@@ -192,9 +192,9 @@ def main() -> int:
              f"{load_after[0]:.2f} (machine shared with other jobs). same_tokens compares with plain decoding "
              f"token for token: on the CPU, ops.linear and ops.attention give a verified tree token bitwise the result "
              f"of decoding it alone (bf16/fp16), so every row should say true."
-             + (" CUDA graphs: plain decode steps, the draft rounds of every full-depth tree and the "
-                "verification of every full tree (tree_size + 1 nodes) replay captured graphs; the drafter's "
-                "catch-up and shorter trees run eagerly."
+             + (" CUDA graphs: plain decode steps, the draft rounds of every full-depth tree, the "
+                "verification of every full tree (tree_size + 1 nodes) and the drafter's catch-up replay "
+                "captured graphs; shorter trees run eagerly."
                 if args.cuda_graphs else ""))
     path = write_result("spec_graphs" if args.cuda_graphs else "spec", device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
                         dtype=str(dtype), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],

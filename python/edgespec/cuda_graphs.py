@@ -16,10 +16,11 @@ A graph has a fixed number of rows: speculative decoding replays one only for fu
 (tree_size + 1 nodes, the usual case) and runs smaller ones (the last steps of a generation)
 eagerly, so no padding rows reach BlockFFN's sparsity statistics.
 
-The draft side is a DraftGraph: all draft rounds of a full-depth tree (spec.tree.grow_candidates:
-a draft forward, top-k and the tree bookkeeping per depth, about 40 launches each) in one graph
-per draft-cache view, with the drafter's committed length as a device input; the final choice of
-the tree (one host read) and the drafter's catch-up on accepted tokens stay eager.
+The draft side has two: a DraftGraph holds all draft rounds of a full-depth tree
+(spec.tree.grow_candidates: a draft forward, top-k and the tree bookkeeping per depth, about 40
+launches each) per draft-cache view, and a CatchUpGraph the drafter's pass over the tokens a step
+committed (one per count: 1 to depth + 1), both with the drafter's committed length as a device
+input. What stays on the host is what decides: the final choice of the tree and the acceptance.
 
 Opt-in (EDGESPEC_CUDA_GRAPHS=1, or PlainDecoding/SpeculativeDecoding(cuda_graph=True)) until it
 has been measured and checked on a GPU (tests/test_cuda_graphs.py, `gpu` marker). Needs a CUDA
@@ -41,6 +42,7 @@ from .models.decoder import Decoder
 from .ops.attention import pack_tree_mask
 
 if TYPE_CHECKING:  # edgespec.spec imports generation, which imports this module
+    from .spec.drafter import TargetStates
     from .spec.tree import Candidates, TreeSettings
 
 # Graphs per KV cache they write: a target cache's StepGraphs keyed (view, rows, tree mask?,
@@ -239,7 +241,7 @@ class StepGraphs:
     def grow(self, drafter: Any, settings: TreeSettings, root_logits: torch.Tensor,
              root_state: torch.Tensor | None) -> Candidates:
         """spec.tree.grow_candidates to the full settings.depth through the graph of the drafter's
-        cache bucket (the drafter must have device_expand); valid until the next call."""
+        cache bucket (the drafter must be graphable); valid until the next call."""
         cache = drafter.cache
         rows = DraftGraph.slots_written(settings, root_logits.shape[-1])
         need = drafter.committed + rows
@@ -252,6 +254,85 @@ class StepGraphs:
         if graph is None:
             graph = graphs[key] = DraftGraph(drafter, settings, view, root_logits, root_state, self.record)
         return graph.grow(root_logits, root_state)
+
+    def catch_up(self, drafter: Any, tokens: torch.Tensor,
+                 target: TargetStates) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """drafter.advance(tokens, target) through the graph of this token count and bucket (the
+        drafter must be graphable); valid until the next call."""
+        cache = drafter.cache
+        need = drafter.committed + tokens.numel()
+        if need > cache.max_len:
+            raise IndexError(f"draft KV cache overflow: a catch-up needs {need} slots of a cache of {cache.max_len}")
+        graphs = _graphs_of(cache, drafter, self.record)
+        view = view_bucket(need, cache.max_len)
+        key = ("catch-up", view, tokens.numel(), tuple(sorted(target.captured)))
+        graph = graphs.get(key)
+        if graph is None:
+            graph = graphs[key] = CatchUpGraph(drafter, view, tokens, target, self.record)
+        return graph.run(tokens, target)
+
+
+def _check_drafter(drafter: Any, device: torch.device, record: bool) -> None:
+    if record and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA drafter, this one is on {device}")
+    if not getattr(drafter, "graphable", False):
+        raise ValueError(f"drafter {getattr(drafter, 'name', drafter)!r} cannot run its steps from a "
+                         "device-side committed length (it is not graphable)")
+
+
+class CatchUpGraph:
+    """The drafter's pass over `rows` committed tokens (its advance()) over the first `view` slots of
+    its cache, captured once; `run` replays it at the drafter's committed length and counts the
+    tokens on the host. Inputs: the tokens and the target's captured streams at the positions
+    before them (static buffers shaped like the first call's); outputs: the draft logits and state
+    after the last token. Warm-up and capture write at the view's last `rows` slots.
+    record=False: see StepGraph.
+    """
+
+    def __init__(self, drafter: Any, view: int, tokens: torch.Tensor, target: TargetStates,
+                 record: bool = True) -> None:
+        from .spec.drafter import TargetStates  # noqa: PLC0415 - see the TYPE_CHECKING import
+
+        _check_drafter(drafter, tokens.device, record)
+        rows = tokens.numel()
+        if not 0 < rows <= view <= drafter.cache.max_len:
+            raise ValueError(f"a catch-up of {rows} tokens needs a view in [{rows}, {drafter.cache.max_len}] "
+                             f"draft-cache slots, got {view}")
+        self.drafter = self.owner = drafter
+        self.view = view
+        self.rows = rows
+        self.tokens = tokens.clone()
+        self.target = TargetStates({i: t.clone().normal_() for i, t in target.captured.items()})
+        self.committed = torch.full((1,), view - rows, dtype=torch.int64, device=tokens.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        if record:
+            self.graph, self.outputs = _capture(self._pass, tokens.device, f"a {rows}-token draft catch-up")
+
+    def _pass(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.drafter.catch_up(self.tokens, self.target, self.committed, self.view)
+
+    def run(self, tokens: torch.Tensor, target: TargetStates) -> tuple[torch.Tensor, torch.Tensor | None]:
+        committed = self.drafter.committed
+        if tokens.shape != self.tokens.shape or sorted(target.captured) != sorted(self.target.captured):
+            raise ValueError(f"catch-up graph of {self.rows} tokens and streams {sorted(self.target.captured)} got "
+                             f"{tokens.numel()} tokens and streams {sorted(target.captured)}")
+        if committed + self.rows > self.view:
+            raise IndexError(f"a catch-up at committed length {committed} does not fit this graph's view of "
+                             f"{self.view} draft-cache slots")
+        self.tokens.copy_(tokens)
+        for i, t in target.captured.items():
+            self.target.captured[i].copy_(t)
+        self.committed.fill_(committed)
+        if self.graph is None:
+            with torch.inference_mode():
+                out = self._pass()
+        else:
+            self.graph.replay()
+            assert self.outputs is not None
+            out = self.outputs
+        self.drafter.note_committed(self.rows)
+        return out
 
 
 class DraftGraph:
@@ -269,11 +350,7 @@ class DraftGraph:
     def __init__(self, drafter: Any, settings: TreeSettings, view: int, root_logits: torch.Tensor,
                  root_state: torch.Tensor | None, record: bool = True) -> None:
         device = root_logits.device
-        if record and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA drafter, this one is on {device}")
-        if not getattr(drafter, "device_expand", False):
-            raise ValueError(f"drafter {getattr(drafter, 'name', drafter)!r} cannot run its draft rounds from a "
-                             "device-side committed length (device_expand)")
+        _check_drafter(drafter, device, record)
         rows = self.slots_written(settings, root_logits.shape[-1])
         if not rows <= view <= drafter.cache.max_len:
             raise ValueError(f"view must be in [{rows}, {drafter.cache.max_len}] draft-cache slots, got {view}")

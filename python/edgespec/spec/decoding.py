@@ -38,9 +38,9 @@ def cache_slack(settings: TreeSettings) -> int:
 class SpeculativeDecoding:
     """A DecodingStrategy (see edgespec.generation) that drafts with `drafter` and verifies trees.
 
-    cuda_graph: replay the draft rounds of every full-depth tree and the verification of every full
-    tree (tree_size + 1 nodes) as CUDA graphs (edgespec.cuda_graphs; None: as EDGESPEC_CUDA_GRAPHS
-    says, and only for a CUDA model).
+    cuda_graph: replay the draft rounds of every full-depth tree, the verification of every full
+    tree (tree_size + 1 nodes) and the drafter's catch-up as CUDA graphs (edgespec.cuda_graphs;
+    None: as EDGESPEC_CUDA_GRAPHS says, and only for a CUDA model).
     """
 
     def __init__(self, model: Decoder, cache: KVCache, drafter: Drafter, settings: TreeSettings,
@@ -89,7 +89,7 @@ class SpeculativeDecoding:
         # the tokens still wanted is wasted work.
         max_depth = min(model.max_context - 1 - n, self._budget - self._produced - 1)
         if (self.graphs is not None and max_depth >= self.settings.depth >= 2
-                and getattr(self.drafter, "device_expand", False)):
+                and getattr(self.drafter, "graphable", False)):
             cands = self.graphs.grow(self.drafter, self.settings, self._root_logits, self._root_state)
             tree = select_tree(self._root, cands, self.settings.tree_size)
         else:
@@ -108,8 +108,11 @@ class SpeculativeDecoding:
         cache.length = n + len(path)
         committed = [tree.tokens[i] for i in path[1:]] + [bonus]
         target = TargetStates(captured).rows(path_t)
-        self._root_logits, self._root_state = self.drafter.advance(
-            torch.tensor(committed, dtype=torch.int64, device=dev), target)
+        committed_t = torch.tensor(committed, dtype=torch.int64, device=dev)
+        if self.graphs is not None and getattr(self.drafter, "graphable", False):
+            self._root_logits, self._root_state = self.graphs.catch_up(self.drafter, committed_t, target)
+        else:
+            self._root_logits, self._root_state = self.drafter.advance(committed_t, target)
         self._root = bonus
         self._produced += len(committed)
         self.accept_lengths[len(committed)] += 1

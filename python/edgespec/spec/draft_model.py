@@ -38,9 +38,9 @@ class ModelDrafter:
 
     def __init__(self, model: Decoder, name: str = "model", prefill_chunk: int = 512) -> None:
         self.model = model
-        # expand() honours ExpandBatch.committed (its rounds can be a CUDA graph) unless the model
-        # has InfLLM-v2 sparse attention, which plans on the host.
-        self.device_expand = model.sparse is None
+        # Its steps can be CUDA graphs (expand() honours ExpandBatch.committed, catch_up() takes the
+        # length on the device) unless the model has InfLLM-v2 sparse attention, which plans on the host.
+        self.graphable = model.sparse is None
         self.name = name
         self.capture: tuple[int, ...] = ()
         self.prefill_chunk = prefill_chunk
@@ -73,6 +73,16 @@ class ModelDrafter:
         out = self.model.forward(tokens, positions, self.cache, start)
         self._committed += tokens.numel()
         return self._logits(out.hidden), None
+
+    def catch_up(self, tokens: torch.Tensor, target: TargetStates, committed: torch.Tensor,
+                 cache_view: int) -> tuple[torch.Tensor, None]:
+        """advance() with the committed length read on the device (see EagleDrafter.catch_up)."""
+        positions = committed + torch.arange(tokens.numel(), device=tokens.device)
+        out = self.model.forward(tokens, positions, self.cache, committed, cache_view=cache_view)
+        return self._logits(out.hidden), None
+
+    def note_committed(self, n: int) -> None:
+        self._committed += n
 
     def expand(self, batch: ExpandBatch) -> tuple[torch.Tensor, None]:
         committed = self._committed if batch.committed is None else batch.committed

@@ -159,7 +159,9 @@ class EagleHead:
 class EagleDrafter:
     """Drafter protocol over an EagleHead with its own KV cache (one slot per committed position)."""
 
-    device_expand = True  # expand() honours ExpandBatch.committed: its rounds can be a CUDA graph
+    # Its steps can be CUDA graphs: expand() honours ExpandBatch.committed and catch_up() takes
+    # the committed length as a device tensor (edgespec.cuda_graphs).
+    graphable = True
 
     def __init__(self, head: EagleHead, name: str = "eagle", prefill_chunk: int = 1024) -> None:
         self.head = head
@@ -206,6 +208,20 @@ class EagleDrafter:
 
     def advance(self, tokens: torch.Tensor, target: TargetStates) -> tuple[torch.Tensor, torch.Tensor]:
         return self._commit(tokens, self.head.features(target))
+
+    def catch_up(self, tokens: torch.Tensor, target: TargetStates, committed: torch.Tensor,
+                 cache_view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """advance() with the committed length read on the device (int64 [1]) over `cache_view`
+        draft-cache slots, for a CUDA graph; it leaves the host-side length to the caller
+        (note_committed), since a replay runs no Python."""
+        positions = committed + torch.arange(tokens.numel(), device=tokens.device)
+        hidden, state = self.head.forward(tokens, self.head.features(target), positions, self.cache, committed,
+                                          cache_view=cache_view)
+        return self.lm_head(hidden[-1:])[0], state[-1:]
+
+    def note_committed(self, n: int) -> None:
+        """Count `n` tokens a catch_up replay committed."""
+        self._committed += n
 
     def expand(self, batch: ExpandBatch) -> tuple[torch.Tensor, torch.Tensor]:
         committed = self._committed if batch.committed is None else batch.committed
