@@ -259,3 +259,21 @@ def test_sampling_residual_when_children_hold_all_mass():
         assert len(path) == 2
         seen.add(path[1])
     assert seen == {1, 2}
+
+
+def test_kv_cache_compact_moves_the_path_and_skips_a_path_in_place() -> None:
+    """compact moves the accepted path's K/V (list or tensor slots, overlapping ranges included)
+    and leaves the cache untouched, without a device read, when a list path is already in place."""
+    from edgespec.kv_cache import KVCache
+
+    cache = KVCache(2, 16, 1, 4, torch.float32, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape))
+    cache.v.copy_(torch.randn(cache.v.shape))
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    cache.compact([5, 6, 7], 5)
+    assert torch.equal(cache.k, k0) and torch.equal(cache.v, v0)
+    cache.compact([5, 7, 9], 5)
+    assert torch.equal(cache.k[:, 5:8], k0[:, [5, 7, 9]]) and torch.equal(cache.v[:, 5:8], v0[:, [5, 7, 9]])
+    assert torch.equal(cache.k[:, :5], k0[:, :5]) and torch.equal(cache.k[:, 8:], k0[:, 8:])
+    cache.compact(torch.tensor([6, 8]), 4)
+    assert torch.equal(cache.k[:, 4:6], torch.stack([k0[:, 7], k0[:, 8]], dim=1))  # slots 6, 8 after the move

@@ -40,14 +40,17 @@ class KVCache:
         """K and V of slots [0, end) of `layer`: two [end, Hkv, D] views (no copy)."""
         return self.k[layer, :end], self.v[layer, :end]
 
-    def compact(self, src_slots: torch.Tensor, dst_start: int) -> None:
-        """Move the K/V at `src_slots` ([n] int64, increasing) to slots [dst_start, dst_start + n) of
-        every layer: keeps the accepted path of a verified tree contiguous after the prefix."""
+    def compact(self, src_slots: torch.Tensor | list[int], dst_start: int) -> None:
+        """Move the K/V at `src_slots` ([n] int64 or a list, increasing) to slots [dst_start,
+        dst_start + n) of every layer: keeps the accepted path of a verified tree contiguous after
+        the prefix. A host list lets a path that is already in place (a chain of first children)
+        cost nothing, without reading the device."""
+        if isinstance(src_slots, list):
+            if src_slots == list(range(dst_start, dst_start + len(src_slots))):
+                return
+            src_slots = torch.tensor(src_slots, dtype=torch.int64, device=self.k.device)
         n = src_slots.numel()
         if n == 0:
-            return
-        dst = torch.arange(dst_start, dst_start + n, device=src_slots.device)
-        if torch.equal(src_slots, dst):
             return
         # index_select copies before the write, so overlapping source/destination ranges are safe.
         self.k[:, dst_start:dst_start + n] = self.k.index_select(1, src_slots)

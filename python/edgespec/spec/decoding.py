@@ -104,7 +104,7 @@ class SpeculativeDecoding:
             logits, captured = model.logits(out.hidden), out.captured       # [T, V] fp32
         path, bonus = self._accept(tree, logits)
         path_t = torch.tensor(path, dtype=torch.int64, device=dev)
-        cache.compact(path_t + n, n)
+        cache.compact([n + i for i in path], n)
         cache.length = n + len(path)
         committed = [tree.tokens[i] for i in path[1:]] + [bonus]
         target = TargetStates(captured).rows(path_t)
