@@ -66,7 +66,7 @@ done
 # Per-stage timeouts in seconds (default, --quick), cut further by what is left of the budget.
 declare -A CAP=([env]="60 60" [build]="300 300" [extension]="60 60" [cpp_build]="300 0" [tests_kernels]="100 50"
                 [tests_attention]="100 45" [tests_w4a16]="60 30" [tests_sparse]="50 25"
-                [tests_blockffn]="50 25" [tests_other]="40 20" [bench_attention]="90 40"
+                [tests_blockffn]="50 25" [tests_other]="60 30" [bench_attention]="90 40"
                 [bench_w4a16]="90 30" [bench_sparse]="75 30" [bench_blockffn]="60 25"
                 [cpp_bench]="45 0" [bench_e2e]="60 25" [bench_spec]="75 35"
                 [bench_spec_graphs]="60 30")
