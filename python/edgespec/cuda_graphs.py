@@ -1,5 +1,6 @@
-"""CUDA graphs for the target's steps: a decode step, or the verification of a draft tree, captured
-per (cache-length bucket, row count) and replayed per step.
+"""CUDA graphs for the steps of plain and speculative decoding: a decode step, the verification of
+a draft tree, the draft rounds that grow it and the drafter's catch-up, each captured per
+cache-length bucket (and shape) and replayed per step.
 
 A step launches about ten kernels per layer. For a small model on a fast GPU the launches, not the
 math, set the time per token, and a graph replays them all with one launch. This matters twice
@@ -32,10 +33,9 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-
-from typing import TYPE_CHECKING, Any, Callable
 
 from .kv_cache import KVCache
 from .models.decoder import Decoder
@@ -46,7 +46,8 @@ if TYPE_CHECKING:  # edgespec.spec imports generation, which imports this module
     from .spec.tree import Candidates, TreeSettings
 
 # Graphs per KV cache they write: a target cache's StepGraphs keyed (view, rows, tree mask?,
-# captured layers), a draft cache's DraftGraphs keyed ("draft", view, settings, LM head).
+# captured layers); a draft cache's DraftGraphs keyed ("draft", view, settings, LM head) and
+# CatchUpGraphs keyed ("catch-up", view, tokens, captured layers).
 _GRAPHS: "weakref.WeakKeyDictionary[KVCache, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 SMALLEST_VIEW = 256
 
