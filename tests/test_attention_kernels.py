@@ -290,20 +290,13 @@ def test_speculative_greedy_equals_plain_on_the_gpu(kernel_device, tiny_model_di
         pytest.skip("emulated: test_emulated_model.py::test_speculative_greedy_equals_plain_on_the_kernels")
     from edgespec import LLM
     from edgespec.loading import load_model
-    from edgespec.spec import disable_speculation, enable_speculation
-    from edgespec.spec.train_head import random_head
+    from test_spec_helpers import plain_and_speculative
 
     path = tiny_model_dir("llama", seed=3, vocab_size=40, hidden_size=128, num_attention_heads=2,
                           num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2)
     llm = LLM(load_model(str(path), device="cuda", dtype=torch.bfloat16, max_context=256, with_tokenizer=False))
     prompt = [1, 5, 9, 3, 17, 22, 8]
-    disable_speculation(llm)
-    plain = llm.generate(prompt, max_new_tokens=64, ignore_eos=True).token_ids
-    head = random_head(llm.model.config, tmp_path / "head", seed=1, std=0.4)
-    enable_speculation(llm, draft=str(head), tree_size=32, depth=5, topk=4)
-    result = llm.generate(prompt, max_new_tokens=64, ignore_eos=True)
-    histogram = {int(k): v for k, v in result.stats.extra["acceptance_histogram"].items()}
-    assert sum(k * v for k, v in histogram.items()) > sum(histogram.values()), "no draft token was ever accepted"
+    plain, result = plain_and_speculative(llm, tmp_path / "head", prompt, 64, tree_size=32, depth=5, topk=4)
     if result.token_ids == plain:
         return
     first = next(i for i, (a, b) in enumerate(zip(result.token_ids, plain)) if a != b)

@@ -78,3 +78,20 @@ def eagle3_head(target: ModelConfig, directory: Path, seed: int = 0, draft_vocab
 def run(llm: LLM, prompt: list[int], n: int, **settings) -> list[int]:
     """Token ids of one generation (EOS ignored)."""
     return llm.generate(prompt, max_new_tokens=n, ignore_eos=True, **settings).token_ids
+
+
+def plain_and_speculative(llm: LLM, head_dir: Path, prompt: list[int], n: int, **tree):
+    """Greedy plain token ids of `llm`, then its greedy speculative result with a random EAGLE head
+    written to `head_dir` (tree: tree_size, depth, topk), checked to have accepted some draft token
+    (else the comparison would test nothing). Leaves speculation on."""
+    from edgespec.spec import disable_speculation, enable_speculation
+    from edgespec.spec.train_head import random_head
+
+    disable_speculation(llm)
+    plain = run(llm, prompt, n)
+    head = random_head(llm.model.config, head_dir, seed=1, std=0.4)
+    enable_speculation(llm, draft=str(head), **tree)
+    result = llm.generate(prompt, max_new_tokens=n, ignore_eos=True)
+    histogram = {int(k): v for k, v in result.stats.extra["acceptance_histogram"].items()}
+    assert sum(k * v for k, v in histogram.items()) > sum(histogram.values()), "no draft token was ever accepted"
+    return plain, result
