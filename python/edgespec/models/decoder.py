@@ -38,6 +38,14 @@ class GatedMLP:
         return self.down(ops.silu_and_mul(self.gate_up(x)))
 
 
+def device_length(start: int | torch.Tensor, t: int) -> torch.Tensor | None:
+    """For a device-side start (int64 [1]): the cache slots that count once T tokens are written
+    there, int32 [1] on the device, as the attention op's `seqlen` takes it; None for a host int."""
+    if not isinstance(start, torch.Tensor):
+        return None
+    return (start.reshape(1) + t).to(torch.int32)
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor  # [H]
@@ -136,11 +144,9 @@ class Decoder:
         cfg = self.config
         rs = cfg.residual_scale
         captured: dict[int, torch.Tensor] = {}
-        seqlen = None
-        if isinstance(start, torch.Tensor):
-            if self.sparse is not None:
-                raise ValueError("a device-side start needs dense attention; this model has an InfLLM-v2 sparse_config")
-            seqlen = (start.reshape(1) + tokens.shape[0]).to(torch.int32)  # the cache slots that count
+        if isinstance(start, torch.Tensor) and self.sparse is not None:
+            raise ValueError("a device-side start needs dense attention; this model has an InfLLM-v2 sparse_config")
+        seqlen = device_length(start, tokens.shape[0])
         residual = ops.embedding(tokens, self.embed, cfg.embedding_scale, check=check_ids)  # [T, H]
         if 0 in capture:
             captured[0] = residual

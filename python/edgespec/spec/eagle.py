@@ -34,7 +34,7 @@ from ..errors import ModelFormatError
 from ..kv_cache import KVCache
 from ..loading.hf_dir import HFDirectorySource, read_json
 from ..models.config import ModelConfig, config_from_hf
-from ..models.decoder import Decoder, GatedMLP
+from ..models.decoder import Decoder, GatedMLP, device_length
 from ..ops.linear import DenseLinear, fuse_linears
 from .drafter import TargetStates
 from .frspec import DraftLMHead, dense_weight
@@ -131,9 +131,7 @@ class EagleHead:
         Returns (hidden for the LM head [T, H], state for the next draft step [T, H]).
         """
         eps = self.config.rms_norm_eps
-        seqlen = None
-        if isinstance(start, torch.Tensor):
-            seqlen = (start.reshape(1) + tokens.shape[0]).to(torch.int32)  # the cache slots that count
+        seqlen = device_length(start, tokens.shape[0])
         emb = ops.embedding(tokens, self.embed, check=False)                 # [T, H]
         if self.kind == EAGLE:
             x = self.fc(torch.cat([emb, states.to(emb.dtype)], dim=-1))      # [T, H]
