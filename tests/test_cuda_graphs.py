@@ -338,6 +338,26 @@ def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_mode
     assert len({n for kind, n in calls if kind == "catch-up"}) > 1, "catch-ups of several lengths"
 
 
+def test_cli_option_turns_graphs_on_for_cuda_models_only(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from edgespec.cli import build_parser
+    from edgespec.cli.graph_options import setup_graphs
+
+    monkeypatch.setenv("EDGESPEC_CUDA_GRAPHS", "0")  # restored after the test, whatever setup_graphs sets
+    args = build_parser().parse_args(["generate", "--model", "demo", "--cuda-graphs", "hello"])
+    assert args.cuda_graphs and not build_parser().parse_args(["generate", "--model", "demo", "hi"]).cuda_graphs
+    cpu = SimpleNamespace(name="tiny", model=SimpleNamespace(device=torch.device("cpu"), sparse=None))
+    with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device; tiny runs on cpu"):
+        setup_graphs(cpu, args)
+    sparse = SimpleNamespace(name="minicpm4", model=SimpleNamespace(device=torch.device("cuda"), sparse=object()))
+    with pytest.raises(ValueError, match="--cuda-graphs needs dense attention; minicpm4 has an InfLLM-v2"):
+        setup_graphs(sparse, args)
+    assert not cuda_graphs.requested()
+    setup_graphs(SimpleNamespace(name="m", model=SimpleNamespace(device=torch.device("cuda"), sparse=None)), args)
+    assert cuda_graphs.requested()
+
+
 @pytest.mark.gpu
 def test_graph_decoding_matches_eager_decoding_on_a_gpu(tiny_model_dir) -> None:
     """Greedy tokens of 300 graph-replayed steps (crossing from the 256-slot view to the 512-slot

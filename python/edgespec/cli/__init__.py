@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     importlib.import_module(f"{__name__}.spec_options")  # registers --draft & co. before any parser is built
     importlib.import_module(f"{__name__}.sparse_options")  # registers --sparse
+    importlib.import_module(f"{__name__}.graph_options")  # registers --cuda-graphs
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
