@@ -198,7 +198,8 @@ def test_plain_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir)
 
 
 def _speculative_llm(tiny_model_dir, tmp_path, device="cpu", dtype=torch.float32, drafter="eagle"):
-    """A random target with an EAGLE head, or with a smaller random model of its vocabulary as the draft."""
+    """A random target with an EAGLE-1/2 or EAGLE-3 head, or with a smaller random model of its
+    vocabulary as the draft."""
     from edgespec.spec import ModelDrafter, enable_speculation
     from edgespec.spec.train_head import random_head
 
@@ -206,6 +207,10 @@ def _speculative_llm(tiny_model_dir, tmp_path, device="cpu", dtype=torch.float32
     llm = LLM(LoadedModel(model, None, "m"))
     if drafter == "eagle":
         draft = random_head(model.config, tmp_path / "head", seed=1, std=0.4)
+    elif drafter == "eagle3":  # three fused target layers and a reduced draft vocabulary (token_map)
+        from test_spec_helpers import eagle3_head
+
+        draft = eagle3_head(model.config, tmp_path / "head3", seed=1, draft_vocab=40, layers=[0, 1, 2])
     else:
         small = tiny_model_dir("llama", seed=9, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
                                intermediate_size=128, num_hidden_layers=1, max_position_embeddings=1024, vocab_size=64)
@@ -234,7 +239,7 @@ def _with_graphs(llm, record: bool, calls: list | None = None):
     llm.set_strategy(make, cache_slack=llm.cache.max_len - llm.model.max_context)
 
 
-@pytest.mark.parametrize("drafter", ["eagle", "model"])
+@pytest.mark.parametrize("drafter", ["eagle", "eagle3", "model"])
 def test_draft_rounds_read_the_committed_length_only_on_the_device(tiny_model_dir, tmp_path, drafter) -> None:
     """The draft rounds of a DraftGraph, run with the drafter's host-side committed length set to
     nonsense (what a replay would see if a capture had baked a host value in), grow the tree that
@@ -274,7 +279,7 @@ def test_draft_rounds_read_the_committed_length_only_on_the_device(tiny_model_di
         strategy.step()
 
 
-@pytest.mark.parametrize("drafter", ["eagle", "model"])
+@pytest.mark.parametrize("drafter", ["eagle", "eagle3", "model"])
 def test_draft_catch_up_reads_the_committed_length_only_on_the_device(tiny_model_dir, tmp_path, drafter) -> None:
     """A CatchUpGraph's pass, run with the drafter's host-side length set to nonsense, gives the
     logits, state and draft K/V of the drafter's eager advance() from the same state."""
@@ -316,7 +321,7 @@ def test_draft_catch_up_reads_the_committed_length_only_on_the_device(tiny_model
     assert d.committed == true + 3
 
 
-@pytest.mark.parametrize("drafter", ["eagle", "model"])
+@pytest.mark.parametrize("drafter", ["eagle", "eagle3", "model"])
 def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir, tmp_path, drafter) -> None:
     """Greedy and sampled speculative generations whose full-depth draft rounds and full-tree
     verifications run through the graphs' static buffers (record=False) commit exactly the eager
@@ -393,7 +398,7 @@ def test_graph_decoding_of_a_blockffn_model_keeps_its_statistics(tmp_path) -> No
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("drafter", ["eagle", "model"])
+@pytest.mark.parametrize("drafter", ["eagle", "eagle3", "model"])
 def test_graph_speculation_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_path, drafter) -> None:
     """Speculative generations whose draft rounds and full-tree verifications replay CUDA graphs
     commit the tokens, with the same acceptance, of the same static-buffer steps run eagerly (the
