@@ -432,6 +432,27 @@ def test_emulated_results_do_not_depend_on_the_thread_schedule(monkeypatch):
 
 @pytest.mark.emulated
 @pytest.mark.usefixtures("emulated_kernels")
+@pytest.mark.parametrize("kernel_device, hq, hkv, dim, s, t, tree",
+                         device_cases(ATTENTION_CASES[::2], ATTENTION_CASES + ATTENTION_LONG), indirect=["kernel_device"])
+def test_block_mask_attention_reads_its_length_on_the_device(kernel_device, hq, hkv, dim, s, t, tree):
+    """What a CUDA graph over a cache view needs of the block-sparse kernel: over a longer view
+    (NaN past the length), with the length on the device and the mask widened by zero words to the
+    view's tiles, it gives bit for bit its result over the exact slots."""
+    q, k, v, _, _, packed, _, words = _attention_case(torch.bfloat16, hq, hkv, dim, s, t, tree, seed=s * t,
+                                                      device=kernel_device)
+    scale = dim ** -0.5
+    exact = _K().attention(q, k, v, scale, packed, splits=3, block_mask=words)
+    view = s + 333
+    big_k = torch.full((view, hkv, dim), float("nan"), dtype=k.dtype, device=kernel_device)
+    big_v = big_k.clone()
+    big_k[:s], big_v[:s] = k, v
+    wide = torch.zeros(t, hkv, -(-view // 4096), dtype=torch.int64, device=kernel_device)
+    wide[..., :words.shape[2]] = words
+    seqlen = torch.tensor([s], dtype=torch.int32, device=kernel_device)
+    out = _K().attention(q, big_k, big_v, scale, packed, splits=3, block_mask=wide, seqlen=seqlen)
+    assert torch.equal(out, exact)
+
+
 def test_emulated_block_mask_past_the_gpu_shared_memory_falls_back(monkeypatch):
     """Emulator only (CUEMU_MAX_SMEM). GQA 1, a 130-token chunk (128-row tiles) and a 64-word block
     mask stage 131 selection rows: 106 KB of shared memory per block. An H100 (227 KB) runs it; on

@@ -117,7 +117,6 @@ Status check_attention(const AttentionArgs& a) {
     EDGESPEC_RETURN_IF_ERROR(check_dtype(n, "seqlen", DType::kInt32, "the slot count, read on the device"));
     EDGESPEC_RETURN_IF_ERROR(check_size(n, "seqlen", 0, 1, "one count"));
     EDGESPEC_RETURN_IF_ERROR(check_same_device(q, "q", n, "seqlen"));
-    if (a.block_mask != nullptr) return Status::unsupported("seqlen: a device-side length takes no block mask");
   }
 
   if (a.splits < 1 || a.splits > kAttentionMaxSplits) {

@@ -28,7 +28,8 @@
 //   (attention_smem_bytes in attention_plan.h: long block masks with a small GQA group on a
 //   99 KB sm_86/sm_89); edgespec/ops/_kernels.py checks the same first and falls back to torch.
 //   seqlen (optional): int32 [1] on q's device, the slots that count, read by the kernels (clamped
-//   to [T, S]); the launch shape and the split plan follow the views' S. Not with a block mask.
+//   to [T, S]); the launch shape follows the views' S, the tiles a split visits the device length.
+//   With a block mask, its words cover the tiles of all S slots; tiles past seqlen are never read.
 //
 // Launch shape (attention.cuh): packed query rows r = t * G + g (the G query heads sharing one KV
 // head are adjacent rows of one tile, so every K/V tile loaded to shared memory serves all of

@@ -398,14 +398,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     block b is selected; see block_mask_rejection), restricting each token's prefix keys to it.
     seqlen: None, or int32 [1] on q's device: only the first seqlen of the S slots count, read by
     the kernel (the new tokens are slots [seqlen - T, seqlen)), so a CUDA graph captured over a
-    whole cache replays at any length; the split plan then follows S. Not with a block mask.
+    whole cache replays at any length; the number of splits then follows S. With a block mask the
+    mask's words cover the tiles of all S slots (those past seqlen are never visited).
     Returns [T, Hq, D] contiguous in q's dtype. With splits > 1 two fp32 scratch tensors,
     [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results.
     """
     _require("attention", attention_rejection(q, k, v, tree_mask)
              or (block_mask_rejection(q, k, block_mask) or attention_smem_rejection(q, k, tree_mask, block_mask.shape[2])
                  if block_mask is not None else None)
-             or (_seqlen_rejection(q, seqlen, block_mask) if seqlen is not None else None))
+             or (_seqlen_rejection(q, seqlen) if seqlen is not None else None))
     if _chunk_rejection("q", q) is not None:
         q = q.contiguous()
     if tree_mask is not None and not tree_mask.is_contiguous():
@@ -425,11 +426,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out
 
 
-def _seqlen_rejection(q: torch.Tensor, seqlen: torch.Tensor, block_mask: torch.Tensor | None) -> str | None:
+def _seqlen_rejection(q: torch.Tensor, seqlen: torch.Tensor) -> str | None:
     if seqlen.dtype != torch.int32 or seqlen.numel() != 1 or seqlen.device != q.device:
         return f"seqlen must be int32 [1] on {q.device}, got {seqlen.dtype} {_shape(seqlen)} on {seqlen.device}"
-    if block_mask is not None:
-        return "a device-side seqlen takes no block mask"
     return None
 
 
