@@ -430,8 +430,6 @@ def test_emulated_results_do_not_depend_on_the_thread_schedule(monkeypatch):
             assert torch.equal(a, b), f"output {i} differs under CUEMU_SCHEDULE={schedule}"
 
 
-@pytest.mark.emulated
-@pytest.mark.usefixtures("emulated_kernels")
 @pytest.mark.parametrize("kernel_device, hq, hkv, dim, s, t, tree",
                          device_cases(ATTENTION_CASES[::2], ATTENTION_CASES + ATTENTION_LONG), indirect=["kernel_device"])
 def test_block_mask_attention_reads_its_length_on_the_device(kernel_device, hq, hkv, dim, s, t, tree):
@@ -453,6 +451,8 @@ def test_block_mask_attention_reads_its_length_on_the_device(kernel_device, hq, 
     assert torch.equal(out, exact)
 
 
+@pytest.mark.emulated
+@pytest.mark.usefixtures("emulated_kernels")
 def test_emulated_block_mask_past_the_gpu_shared_memory_falls_back(monkeypatch):
     """Emulator only (CUEMU_MAX_SMEM). GQA 1, a 130-token chunk (128-row tiles) and a 64-word block
     mask stage 131 selection rows: 106 KB of shared memory per block. An H100 (227 KB) runs it; on
