@@ -98,6 +98,19 @@ def _graphs_of(cache: KVCache, owner: Any, record: bool) -> dict[tuple, Any]:
     return graphs
 
 
+def _graph_for(graphs: dict[tuple, Any], cache: KVCache, need: int, what: str,
+               key: Callable[[int], tuple], make: Callable[[int], Any]) -> Any:
+    """The graph in `graphs` for a step that needs the first `need` slots of `cache`: the one of
+    its view bucket, keyed key(view) and made by make(view) on first use."""
+    if need > cache.max_len:
+        raise IndexError(f"{what} needs {need} slots of a cache of {cache.max_len}")
+    view = view_bucket(need, cache.max_len)
+    graph = graphs.get(key(view))
+    if graph is None:
+        graph = graphs[key(view)] = make(view)
+    return graph
+
+
 def _check_model(model: Decoder, record: bool) -> None:
     if record and model.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
@@ -218,13 +231,9 @@ class StepGraphs:
         self.graphs = _graphs_of(cache, model, record)
 
     def _graph(self, slots_needed: int, rows: int, tree: bool, capture: tuple[int, ...]) -> StepGraph:
-        if slots_needed > self.cache.max_len:
-            raise IndexError(f"KV cache overflow: a step needs {slots_needed} slots of a cache of {self.cache.max_len}")
-        key = (view_bucket(slots_needed, self.cache.max_len), rows, tree, tuple(capture))
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self.graphs[key] = StepGraph(self.model, self.cache, key[0], rows, tree, capture, self.record)
-        return graph
+        return _graph_for(self.graphs, self.cache, slots_needed, "KV cache overflow: a step",
+                          lambda view: (view, rows, tree, tuple(capture)),
+                          lambda view: StepGraph(self.model, self.cache, view, rows, tree, capture, self.record))
 
     def decode(self, token: int, position: int) -> torch.Tensor:
         """Logits [1, V] of `token` at RoPE position and cache slot `position` (valid until the next call)."""
@@ -244,16 +253,10 @@ class StepGraphs:
         """spec.tree.grow_candidates to the full settings.depth through the graph of the drafter's
         cache bucket (the drafter must be graphable); valid until the next call."""
         cache = drafter.cache
-        rows = DraftGraph.slots_written(settings, root_logits.shape[-1])
-        need = drafter.committed + rows
-        if need > cache.max_len:
-            raise IndexError(f"draft KV cache overflow: a tree needs {need} slots of a cache of {cache.max_len}")
-        graphs = _graphs_of(cache, drafter, self.record)
-        view = view_bucket(need, cache.max_len)
-        key = ("draft", view, settings, id(drafter.lm_head))
-        graph = graphs.get(key)
-        if graph is None:
-            graph = graphs[key] = DraftGraph(drafter, settings, view, root_logits, root_state, self.record)
+        need = drafter.committed + DraftGraph.slots_written(settings, root_logits.shape[-1])
+        graph = _graph_for(_graphs_of(cache, drafter, self.record), cache, need, "draft KV cache overflow: a tree",
+                           lambda view: ("draft", view, settings, id(drafter.lm_head)),
+                           lambda view: DraftGraph(drafter, settings, view, root_logits, root_state, self.record))
         return graph.grow(root_logits, root_state)
 
     def catch_up(self, drafter: Any, tokens: torch.Tensor,
@@ -261,15 +264,10 @@ class StepGraphs:
         """drafter.advance(tokens, target) through the graph of this token count and bucket (the
         drafter must be graphable); valid until the next call."""
         cache = drafter.cache
-        need = drafter.committed + tokens.numel()
-        if need > cache.max_len:
-            raise IndexError(f"draft KV cache overflow: a catch-up needs {need} slots of a cache of {cache.max_len}")
-        graphs = _graphs_of(cache, drafter, self.record)
-        view = view_bucket(need, cache.max_len)
-        key = ("catch-up", view, tokens.numel(), tuple(sorted(target.captured)))
-        graph = graphs.get(key)
-        if graph is None:
-            graph = graphs[key] = CatchUpGraph(drafter, view, tokens, target, self.record)
+        graph = _graph_for(_graphs_of(cache, drafter, self.record), cache, drafter.committed + tokens.numel(),
+                           "draft KV cache overflow: a catch-up",
+                           lambda view: ("catch-up", view, tokens.numel(), tuple(sorted(target.captured))),
+                           lambda view: CatchUpGraph(drafter, view, tokens, target, self.record))
         return graph.run(tokens, target)
 
 
