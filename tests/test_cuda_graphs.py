@@ -94,7 +94,7 @@ def test_op_torch_path_reads_seqlen_on_the_host() -> None:
         ops.attention(q, full_k, full_v, 0.125, seqlen=torch.tensor([2], dtype=torch.int32))
 
 
-def test_graphs_are_opt_in_and_need_a_dense_cuda_model(tiny_model_dir, monkeypatch) -> None:
+def test_graphs_are_opt_in_and_need_a_cuda_model(tiny_model_dir, monkeypatch) -> None:
     model = _model(tiny_model_dir)
     assert not cuda_graphs.requested()
     assert PlainDecoding(model, model.new_cache())._graph is None  # CPU: never, whatever the environment
@@ -128,7 +128,7 @@ def test_step_graph_verify_gives_the_eager_forward(tiny_model_dir) -> None:
         if graphed:
             graphs = cuda_graphs.StepGraphs(model, cache, record=False)
             logits, captured = graphs.verify(tree_tokens, 20 + depth, 20, mask, capture=(0, 2))
-            assert list(graphs.graphs) == [(128, 9, True, (0, 2))]  # the whole cache: 128 slots
+            assert list(graphs.graphs) == [(128, 9, True, (0, 2), None)]  # the whole cache: 128 slots
         else:
             out = model.forward(tree_tokens, 20 + depth, cache, 20, tree_mask=mask, capture=(0, 2))
             logits, captured = model.logits(out.hidden), out.captured
@@ -194,7 +194,7 @@ def test_plain_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir)
     want = LLM(LoadedModel(model, None, "m")).generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids
     llm = LLM(LoadedModel(model, None, "m"), strategy=buffered)
     assert llm.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids == want
-    assert sorted(cuda_graphs._GRAPHS[llm.cache]) == [(256, 1, False, ()), (400, 1, False, ())]
+    assert sorted(cuda_graphs._GRAPHS[llm.cache]) == [(256, 1, False, (), None), (400, 1, False, (), None)]
 
 
 def _speculative_llm(tiny_model_dir, tmp_path, device="cpu", dtype=torch.float32, drafter="eagle"):
@@ -355,11 +355,8 @@ def test_cli_option_turns_graphs_on_for_cuda_models_only(monkeypatch) -> None:
     cpu = SimpleNamespace(name="tiny", model=SimpleNamespace(device=torch.device("cpu"), sparse=None))
     with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device; tiny runs on cpu"):
         setup_graphs(cpu, args)
-    sparse = SimpleNamespace(name="minicpm4", model=SimpleNamespace(device=torch.device("cuda"), sparse=object()))
-    with pytest.raises(ValueError, match="--cuda-graphs needs dense attention; minicpm4 has an InfLLM-v2"):
-        setup_graphs(sparse, args)
     assert not cuda_graphs.requested()
-    setup_graphs(SimpleNamespace(name="m", model=SimpleNamespace(device=torch.device("cuda"), sparse=None)), args)
+    setup_graphs(SimpleNamespace(name="m", model=SimpleNamespace(device=torch.device("cuda"))), args)
     assert cuda_graphs.requested()
 
 
@@ -374,7 +371,7 @@ def test_graph_decoding_matches_eager_decoding_on_a_gpu(tiny_model_dir) -> None:
     want = eager.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids
     for _ in range(2):
         assert graphed.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids == want
-    assert sorted(cuda_graphs._GRAPHS[graphed.cache]) == [(256, 1, False, ()), (512, 1, False, ())]
+    assert sorted(cuda_graphs._GRAPHS[graphed.cache]) == [(256, 1, False, (), None), (512, 1, False, (), None)]
 
 
 @pytest.mark.gpu

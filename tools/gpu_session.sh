@@ -558,7 +558,7 @@ KERNEL_TESTS=(kernels attention w4a16 sparse blockffn graphs)
 declare -A KERNEL_FILES=([kernels]="test_ops_kernels.py" [attention]="test_attention_kernels.py"
                          [w4a16]="test_w4a16_kernels.py" [sparse]="test_sparse_kernels.py"
                          [blockffn]="test_blockffn_kernels.py test_blockffn_w4a16_kernels.py"
-                         [graphs]="test_cuda_graphs.py")
+                         [graphs]="test_cuda_graphs.py test_cuda_graphs_sparse.py")
 IGNORES=()
 for k in "${KERNEL_TESTS[@]}"; do
   files=()

@@ -23,11 +23,17 @@ launches each) per draft-cache view, and a CatchUpGraph the drafter's pass over 
 committed (one per count: 1 to depth + 1), both with the drafter's committed length as a device
 input. What stays on the host is what decides: the final choice of the tree and the acceptance.
 
+InfLLM-v2 sparse attention (MiniCPM4) is graphed too: whether a step is sparse is decided on the
+host (its length against dense_len) and selects the graph; a sparse step finds the lengths of its
+compressed-key update and block selection in a small device buffer of the cache's SparseState,
+which the host fills before each replay (models.sparse.SparseAttention.prepare_device_step). A
+draft *model* with a sparse_config drafts eagerly (its rounds would need that per draft forward).
+
 Opt-in (EDGESPEC_CUDA_GRAPHS=1, or PlainDecoding/SpeculativeDecoding(cuda_graph=True)) until it
 has been measured and checked on a GPU (tests/test_cuda_graphs.py, `gpu` marker). Needs a CUDA
-model whose ops all take their kernel path without a host read: dense attention (no InfLLM-v2
-sparse_config), the extension built, and shapes the kernels take (a step that falls back to a
-torch path with a host read fails the capture, which raises).
+model whose ops all take their kernel path without a host read: the extension built, and shapes
+the kernels take (a step that falls back to a torch path with a host read fails the capture,
+which raises).
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ if TYPE_CHECKING:  # edgespec.spec imports generation, which imports this module
     from .spec.tree import Candidates, TreeSettings
 
 # Graphs per KV cache they write: a target cache's StepGraphs keyed (view, rows, tree mask?,
-# captured layers); a draft cache's DraftGraphs keyed ("draft", view, settings, LM head) and
+# captured layers, first sparse length or None); a draft cache's DraftGraphs keyed ("draft", view, settings, LM head) and
 # CatchUpGraphs keyed ("catch-up", view, tokens, captured layers).
 _GRAPHS: "weakref.WeakKeyDictionary[KVCache, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 SMALLEST_VIEW = 256
@@ -114,8 +120,6 @@ def _graph_for(graphs: dict[tuple, Any], cache: KVCache, need: int, what: str,
 def _check_model(model: Decoder, record: bool) -> None:
     if record and model.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
-    if model.sparse is not None:
-        raise ValueError("CUDA graphs need dense attention; this model has an InfLLM-v2 sparse_config")
 
 
 class StepGraph:
@@ -124,7 +128,10 @@ class StepGraph:
 
     tree=False: a causal step (decode: rows = 1); tree=True: a draft tree whose packed mask is an
     input like the tokens. capture: layers whose input residual stream the step also returns (the
-    drafter's features).
+    drafter's features). sparse: a step of a model with an InfLLM-v2 sparse_config that runs
+    sparse (SparseAttention.active at its length; StepGraphs keeps one graph for each side of
+    dense_len): the compressed keys are brought up to date and the blocks selected on the device,
+    from lengths the host writes into the cache's SparseState before each replay.
 
     The warm-up runs (allocations, the kernels' shared-memory attributes) and the capture write
     their K/V at slots [view - rows, view) with position 0. A graph is captured when a generation
@@ -137,8 +144,10 @@ class StepGraph:
     """
 
     def __init__(self, model: Decoder, cache: KVCache, view: int, rows: int = 1, tree: bool = False,
-                 capture: tuple[int, ...] = (), record: bool = True) -> None:
+                 capture: tuple[int, ...] = (), record: bool = True, sparse: bool = False) -> None:
         _check_model(model, record)
+        if sparse and model.sparse is None:
+            raise ValueError("a sparse step graph needs a model with an InfLLM-v2 sparse_config")
         if not 0 < view <= cache.max_len:
             raise ValueError(f"view must be in [1, {cache.max_len}] cache slots, got {view}")
         if not 0 < rows <= view:
@@ -148,6 +157,9 @@ class StepGraph:
         self.view = view
         self.rows = rows
         self.capture = tuple(capture)
+        self.sparse = sparse
+        # The host decisions a sparse step bakes in: the graph serves only while they hold.
+        self._dense_len = model.sparse.dense_len() if sparse and model.sparse is not None else None
         dev = model.device
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=dev)
@@ -164,6 +176,9 @@ class StepGraph:
             self._record()
 
     def _record(self) -> None:
+        if self.sparse:  # the warm-up and capture runs then compress no keys (empty ranges)
+            assert self.model.sparse is not None
+            self.model.sparse.state(self.cache).ranges.zero_()
         saved = [ffn.snapshot_stats() for ffn in self._counted]
         self.graph, (self.logits, self.captured) = _capture(self._step, self.model.device, f"a {self.rows}-row step")
         for ffn, snapshot in zip(self._counted, saved):
@@ -171,13 +186,23 @@ class StepGraph:
 
     def _step(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         out = self.model.forward(self.tokens, self.positions, self.cache, self.start, tree_mask=self.mask,
-                                 capture=self.capture, cache_view=self.view)
+                                 capture=self.capture, cache_view=self.view,
+                                 sparse_active=None if self.model.sparse is None else self.sparse)
         return self.model.logits(out.hidden), out.captured
 
     def _run(self, first_slot: int) -> None:
         if not 0 <= first_slot <= self.view - self.rows:
             raise IndexError(f"slots [{first_slot}, {first_slot + self.rows}) are outside this graph's view of "
                              f"{self.view} cache slots")
+        sparse = self.model.sparse
+        if sparse is not None:
+            if sparse.active(first_slot + self.rows) != self.sparse:
+                raise ValueError(f"this graph was captured for {'sparse' if self.sparse else 'dense'} attention; a "
+                                 f"step at slot {first_slot} is {'dense' if self.sparse else 'sparse'}")
+            if self.sparse and sparse.dense_len() != self._dense_len:
+                raise ValueError(f"this graph was captured for sparse attention from {self._dense_len} tokens on; "
+                                 f"the model's sparse mode ({sparse.mode!r}) now says {sparse.dense_len()}")
+            sparse.prepare_device_step(self.cache, first_slot, self.rows, self.mask is not None)
         self.start.fill_(first_slot)
         if self.graph is None:
             with torch.inference_mode():
@@ -231,9 +256,13 @@ class StepGraphs:
         self.graphs = _graphs_of(cache, model, record)
 
     def _graph(self, slots_needed: int, rows: int, tree: bool, capture: tuple[int, ...]) -> StepGraph:
+        sparse = self.model.sparse is not None and self.model.sparse.active(slots_needed)
+        # Keyed by the dense/sparse switch point too: a mode change must not reuse a sparse graph.
+        sparse_from = self.model.sparse.dense_len() if sparse and self.model.sparse is not None else None
         return _graph_for(self.graphs, self.cache, slots_needed, "KV cache overflow: a step",
-                          lambda view: (view, rows, tree, tuple(capture)),
-                          lambda view: StepGraph(self.model, self.cache, view, rows, tree, capture, self.record))
+                          lambda view: (view, rows, tree, tuple(capture), sparse_from),
+                          lambda view: StepGraph(self.model, self.cache, view, rows, tree, capture, self.record,
+                                                 sparse))
 
     def decode(self, token: int, position: int) -> torch.Tensor:
         """Logits [1, V] of `token` at RoPE position and cache slot `position` (valid until the next call)."""

@@ -15,7 +15,7 @@ from .common import LLM_SETUP_HOOKS, MODEL_OPTION_HOOKS
 def add_graph_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each decode step, and each speculative step's drafting, verification and "
-                        "catch-up, as CUDA graphs (GPU, dense attention; opt-in, same as $EDGESPEC_CUDA_GRAPHS=1)")
+                        "catch-up, as CUDA graphs (GPU; opt-in, same as $EDGESPEC_CUDA_GRAPHS=1)")
 
 
 def setup_graphs(llm: LLM, args: argparse.Namespace) -> None:
@@ -24,9 +24,6 @@ def setup_graphs(llm: LLM, args: argparse.Namespace) -> None:
     model = llm.model
     if model.device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device; {llm.name} runs on {model.device}")
-    if model.sparse is not None:
-        raise ValueError(f"--cuda-graphs needs dense attention; {llm.name} has an InfLLM-v2 sparse_config "
-                         "(its block selection is planned on the host)")
     # The strategies read the switch when each generation starts (cuda_graphs.requested()).
     os.environ["EDGESPEC_CUDA_GRAPHS"] = "1"
 

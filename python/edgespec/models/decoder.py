@@ -99,7 +99,8 @@ class Decoder:
 
     def _attention(self, i: int, layer: Layer, h: torch.Tensor, positions: torch.Tensor,
                    cache: KVCache, start: int | torch.Tensor, tree_mask: torch.Tensor | None,
-                   seqlen: torch.Tensor | None = None, cache_view: int | None = None) -> torch.Tensor:
+                   seqlen: torch.Tensor | None = None, cache_view: int | None = None,
+                   sparse_active: bool = False) -> torch.Tensor:
         cfg = self.config
         t = h.shape[0]
         qkv = layer.qkv(h)  # [T, (Hq + 2 Hkv) * D]
@@ -115,6 +116,10 @@ class Decoder:
         out = None
         if seqlen is not None:  # device-side start: cache_view slots, of which seqlen count
             keys, values = cache.view(i, cache_view or cache.max_len)
+            if sparse_active:
+                assert self.sparse is not None
+                out = self.sparse.attend_on_device(i, q, keys, values, positions, cache, self.attn_scale, tree_mask,
+                                                   seqlen)
         else:
             keys, values = cache.view(i, start + t)                               # [S, Hkv, D]
             if self.sparse is not None:  # None back when every query is below dense_len (or forced dense)
@@ -126,14 +131,16 @@ class Decoder:
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int | torch.Tensor,
                 tree_mask: torch.Tensor | None = None, capture: tuple[int, ...] = (),
-                check_ids: bool = False, cache_view: int | None = None) -> ForwardOutput:
+                check_ids: bool = False, cache_view: int | None = None,
+                sparse_active: bool | None = None) -> ForwardOutput:
         """Run T tokens through the model, writing their K/V at cache slots [start, start + T).
 
         start: a host int, or a one-element int64 tensor on the model's device that no step reads
-        on the host (what a CUDA graph captures: see edgespec.cuda_graphs); the latter needs dense
-        attention (no InfLLM-v2 sparse config), and attention then views the first `cache_view`
-        slots of the cache (default all; the kernels plan their splits for that many), of which
-        the first start + T count.
+        on the host (what a CUDA graph captures: see edgespec.cuda_graphs). Attention then views
+        the first `cache_view` slots of the cache (default all; the kernels plan their splits for
+        that many), of which the first start + T count. On a model with an InfLLM-v2 sparse config
+        the host decides whether such a step is sparse and prepares it
+        (SparseAttention.prepare_device_step, which gives `sparse_active`).
 
         tokens: [T] int64; positions: [T] int64 RoPE positions (start + i for a chain; prefix length +
         depth for tree tokens); tree_mask: None (causal) or packed int64 [T, ceil(T/64)];
@@ -144,15 +151,18 @@ class Decoder:
         cfg = self.config
         rs = cfg.residual_scale
         captured: dict[int, torch.Tensor] = {}
-        if isinstance(start, torch.Tensor) and self.sparse is not None:
-            raise ValueError("a device-side start needs dense attention; this model has an InfLLM-v2 sparse_config")
+        if isinstance(start, torch.Tensor) and self.sparse is not None and sparse_active is None:
+            raise ValueError("a device-side start on a model with an InfLLM-v2 sparse_config needs sparse_active, "
+                             "from SparseAttention.prepare_device_step")
+        if sparse_active and (self.sparse is None or not isinstance(start, torch.Tensor)):
+            raise ValueError("sparse_active is for a device-side start on a model with an InfLLM-v2 sparse_config")
         seqlen = device_length(start, tokens.shape[0])
         residual = ops.embedding(tokens, self.embed, cfg.embedding_scale, check=check_ids)  # [T, H]
         if 0 in capture:
             captured[0] = residual
         h = ops.rms_norm(residual, self.layers[0].attn_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            a = self._attention(i, layer, h, positions, cache, start, tree_mask, seqlen, cache_view)
+            a = self._attention(i, layer, h, positions, cache, start, tree_mask, seqlen, cache_view, bool(sparse_active))
             if rs != 1.0:
                 a = a * rs
             h, residual = ops.rms_norm(a, layer.ffn_norm, cfg.rms_norm_eps, residual=residual)

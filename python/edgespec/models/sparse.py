@@ -159,6 +159,10 @@ class SparseState:
         self.max_kernels = max(cfg.num_kernels(max_len), 1)
         self.ck = torch.zeros(num_layers, self.max_kernels, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.valid = [0] * num_layers
+        # The (trusted, kv_limit) lengths of each layer for the next forward whose start lives on
+        # the device (a CUDA graph step): written by SparseAttention.prepare_device_step before
+        # the step, read by it on the device.
+        self.ranges = torch.zeros(num_layers, 2, dtype=torch.int32, device=device)
 
     def update(self, layer: int, keys: torch.Tensor, start: int, end: int) -> None:
         """Bring layer `layer` up to date for tokens [0, end) of keys ([>= end, Hkv, D]), trusting
@@ -229,6 +233,46 @@ class SparseAttention:
         st.update(layer, keys, start, kv_limit)
         return ops.sparse_attention(q, keys, values, scale, st.ck[layer], positions, self.cfg,
                                     dense_len=self.dense_len(), kv_limit=kv_limit, tree_mask=tree_mask)
+
+
+    def prepare_device_step(self, cache: Any, start: int, rows: int, tree: bool) -> bool:
+        """The host side of a forward whose start lives on the device (a CUDA graph step) at the
+        host-known slot `start`, with `rows` tokens, a tree or a chain: whether it runs sparse (the
+        graph to replay depends on it: Decoder.forward's `sparse_active`). A sparse step finds its
+        lengths in the cache's SparseState.ranges, filled here without a host-device sync; `valid`
+        moves as the step will move it."""
+        if not self.active(start + rows):
+            known = self._states.get(cache)
+            if known is not None:
+                known.valid = [min(v, start) for v in known.valid]
+            return False
+        st = self.state(cache)
+        trusted = [min(v, start) for v in st.valid]
+        kv_limit = start if tree else start + rows
+        if len(set(trusted)) == 1:
+            st.ranges[:, 0].fill_(trusted[0])
+        else:
+            for layer, length in enumerate(trusted):
+                st.ranges[layer, 0].fill_(length)
+        st.ranges[:, 1].fill_(kv_limit)
+        st.valid = [kv_limit] * len(st.valid)
+        return True
+
+    def attend_on_device(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         positions: torch.Tensor, cache: Any, scale: float, tree_mask: torch.Tensor | None,
+                         seqlen: torch.Tensor) -> torch.Tensor:
+        """attend() for a sparse step prepared by prepare_device_step, with nothing read on the
+        host: keys, values are a fixed view of the cache of which `seqlen` (int32 [1] on the
+        device) slots count, the new tokens last."""
+        st = self.state(cache)
+        lengths = st.ranges[layer]                                                # (trusted, kv_limit)
+        # The compressed-key kernel computes this many tokens' kernels at once and loops for more
+        # (a step usually has a tree's worth or less to catch up).
+        launch = min(keys.shape[0], q.shape[0] + self.cfg.block_size + self.cfg.kernel_size)
+        ops.compress_keys(keys, st.ck[layer], 0, launch, self.cfg.kernel_size, self.cfg.kernel_stride, lengths=lengths)
+        return ops.sparse_attention(q, keys, values, scale, st.ck[layer], positions, self.cfg,
+                                    dense_len=self.dense_len(), kv_limit=lengths[1:], tree_mask=tree_mask,
+                                    seqlen=seqlen)
 
 
 def for_config(sparse: SparseConfig | None, num_layers: int, num_kv_heads: int, head_dim: int) -> SparseAttention | None:

@@ -56,17 +56,33 @@ def num_kernels(length: int, kernel_size: int, kernel_stride: int) -> int:
     return 0 if length < kernel_size else (length - kernel_size) // kernel_stride + 1
 
 
+def _kernel_compresses(keys: torch.Tensor, ck: torch.Tensor, kernel_size: int, kernel_stride: int) -> bool:
+    from . import _kernels
+
+    return _kernels.supports_compress_keys(keys, ck, kernel_size, kernel_stride)
+
+
 def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len: int,
-                  kernel_size: int, kernel_stride: int) -> None:
+                  kernel_size: int, kernel_stride: int, lengths: torch.Tensor | None = None) -> None:
     """Write the compressed keys complete within [0, end_len) but not within [0, start_len).
 
     keys: [>= end_len, Hkv, D] one layer of the cache; ck: [max_kernels, Hkv, D], same dtype and
     device, updated in place: ck[j] = mean(keys[j*stride : j*stride + kernel_size]) (fp32 sum, one
     rounding to ck's dtype).
+    lengths: None, or int32 [2] on keys' device holding the real (start_len, end_len) (a CUDA
+    graph's input, refreshed before each replay). The kernel reads it on the device, and the host
+    start_len, end_len then only size its launch (it computes that many kernels at once and loops
+    for more); the torch path reads it on the host.
     """
     if keys.dim() != 3 or ck.dim() != 3 or keys.shape[1:] != ck.shape[1:]:
         raise ValueError(f"compress_keys: expected keys [S, Hkv, D] and ck [C, Hkv, D] with equal Hkv, D; "
                          f"got {tuple(keys.shape)} and {tuple(ck.shape)}")
+    if lengths is not None:
+        if lengths.shape != (2,) or lengths.dtype != torch.int32 or lengths.device != keys.device:
+            raise ValueError(f"compress_keys: lengths must be int32 [2] on {keys.device}, got {lengths.dtype} "
+                             f"{list(lengths.shape)} on {lengths.device}")
+        if not backend.use_kernel(keys, ck, lengths) or not _kernel_compresses(keys, ck, kernel_size, kernel_stride):
+            start_len, end_len = (int(x) for x in lengths.tolist())
     if not 0 <= start_len <= end_len <= keys.shape[0]:
         raise ValueError(f"compress_keys: need 0 <= start_len ({start_len}) <= end_len ({end_len}) <= "
                          f"{keys.shape[0]} cache slots")
@@ -76,32 +92,37 @@ def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len:
         raise ValueError(f"compress_keys: {last} compressed keys do not fit the buffer of {ck.shape[0]}")
     if last <= first:
         return
-    if backend.use_kernel(keys, ck):
+    if backend.use_kernel(keys, ck) and _kernel_compresses(keys, ck, kernel_size, kernel_stride):
         from . import _kernels
 
-        if _kernels.supports_compress_keys(keys, ck, kernel_size, kernel_stride):
-            _kernels.compress_keys(keys, ck, start_len, end_len, kernel_size, kernel_stride)
-            return
+        _kernels.compress_keys(keys, ck, start_len, end_len, kernel_size, kernel_stride, lengths=lengths)
+        return
     span = keys[first * kernel_stride:(last - 1) * kernel_stride + kernel_size]   # [L, Hkv, D]
     windows = span.unfold(0, kernel_size, kernel_stride)                         # [last-first, Hkv, D, P]
     ck[first:last] = windows.float().mean(dim=-1).to(ck.dtype)
 
 
 def block_scores(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: SparseSettings,
-                 scale: float, kv_limit: int, num_blocks: int) -> torch.Tensor:
+                 scale: float, kv_limit: int | torch.Tensor, num_blocks: int) -> torch.Tensor:
     """Block scores of each (query, KV head): fp32 [T, Hkv, num_blocks], -inf where no kernel is visible.
 
-    q: [T, Hq, D]; ck: [>= num_kernels(kv_limit), Hkv, D]; positions: [T] int64 absolute positions.
-    Query i sees the kernels complete within its context [0, positions[i] + 1) and within
-    [0, kv_limit); softmax over those of scale * q_h . ck_j per query head, summed over the query
-    heads of each KV head's group, max-pooled (kernel r + 1, stride r, padding 1; r = pool_stride).
+    q: [T, Hq, D]; ck: [C, Hkv, D], up to date for [0, kv_limit); positions: [T] int64 absolute
+    positions. Query i sees the kernels complete within its context [0, positions[i] + 1) and
+    within [0, kv_limit); softmax over those of scale * q_h . ck_j per query head, summed over the
+    query heads of each KV head's group, max-pooled (kernel r + 1, stride r, padding 1; r =
+    pool_stride). kv_limit: an int, or an int [1] tensor on q's device, used there without a host
+    read (a CUDA graph's input). The kernels the blocks can reach are scored either way and those
+    past kv_limit masked, so the two give the same bits.
     """
     t, hq, d = q.shape
     hkv = ck.shape[1]
     g = hq // hkv
-    avail = num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride)
+    avail = min(ck.shape[0], num_kernels(num_blocks * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
     ckf = ck[:avail].float()                                                      # [C, Hkv, D]
-    vis_len = torch.clamp(positions + 1, max=kv_limit)
+    if isinstance(kv_limit, torch.Tensor):
+        vis_len = torch.minimum(positions + 1, kv_limit.reshape(1).to(positions.dtype))
+    else:
+        vis_len = torch.clamp(positions + 1, max=kv_limit)
     n_vis = torch.clamp(torch.div(vis_len - cfg.kernel_size, cfg.kernel_stride, rounding_mode="floor") + 1, min=0)
     hidden = torch.arange(avail, device=q.device) >= n_vis.unsqueeze(1)          # [T, C]
     logits = torch.einsum("tkgd,ckd->tkgc", q.float().view(t, hkv, g, d), ckf) * scale
@@ -142,9 +163,10 @@ def select_from_scores(scores: torch.Tensor, positions: torch.Tensor, cfg: Spars
 
 
 def select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: SparseSettings,
-                  scale: float, dense_len: int, kv_limit: int, num_blocks: int) -> torch.Tensor:
+                  scale: float, dense_len: int, kv_limit: int | torch.Tensor, num_blocks: int) -> torch.Tensor:
     """Selected blocks bool [T, Hkv, num_blocks] of each (query, KV head) (see block_scores and
-    select_from_scores). positions: [T] int64. CUDA tensors take the selection kernels."""
+    select_from_scores). positions: [T] int64; kv_limit: an int or an int32 [1] device tensor.
+    CUDA tensors take the selection kernels."""
     if backend.use_kernel(q, ck, positions):
         from . import _kernels
 
@@ -157,7 +179,8 @@ def select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cf
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor,
-           cfg: SparseSettings, kv_limit: int, tree_mask: torch.Tensor | None) -> None:
+           cfg: SparseSettings, kv_limit: int | torch.Tensor, tree_mask: torch.Tensor | None,
+           seqlen: torch.Tensor | None) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"sparse_attention: expected q [T,Hq,D], k/v [S,Hkv,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -172,10 +195,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, 
         raise ValueError(f"sparse_attention: positions must be int [{t}], got {positions.dtype} {tuple(positions.shape)}")
     if s < t:
         raise ValueError(f"sparse_attention: {s} cache slots cannot hold the {t} new tokens")
-    if not 0 <= kv_limit <= s:
-        raise ValueError(f"sparse_attention: kv_limit={kv_limit} outside [0, {s}]")
-    if num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride) > ck.shape[0]:
-        raise ValueError(f"sparse_attention: {ck.shape[0]} compressed keys cannot cover kv_limit={kv_limit}")
+    for name, length in (("kv_limit", kv_limit), ("seqlen", seqlen)):
+        if isinstance(length, torch.Tensor) and (length.shape != (1,) or length.dtype != torch.int32
+                                                 or length.device != q.device):
+            raise ValueError(f"sparse_attention: a device-side {name} must be int32 [1] on {q.device}, got "
+                             f"{length.dtype} {list(length.shape)} on {length.device}")
+    if not isinstance(kv_limit, torch.Tensor):
+        if not 0 <= kv_limit <= s:
+            raise ValueError(f"sparse_attention: kv_limit={kv_limit} outside [0, {s}]")
+        if num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride) > ck.shape[0]:
+            raise ValueError(f"sparse_attention: {ck.shape[0]} compressed keys cannot cover kv_limit={kv_limit}")
     if tree_mask is not None and (tree_mask.dtype != torch.int64 or tree_mask.shape != (t, tree_mask_words(t))):
         raise ValueError(f"sparse_attention: tree mask must be int64 [{t}, {tree_mask_words(t)}], "
                          f"got {tree_mask.dtype} {tuple(tree_mask.shape)}")
@@ -199,9 +228,11 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
-                             positions: torch.Tensor, cfg: SparseSettings, dense_len: int, kv_limit: int,
-                             tree_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Selection kernels, then the attention kernels with the block mask; None where they do not apply."""
+                             positions: torch.Tensor, cfg: SparseSettings, dense_len: int,
+                             kv_limit: int | torch.Tensor, tree_mask: torch.Tensor | None,
+                             seqlen: torch.Tensor | None) -> torch.Tensor | None:
+    """Selection kernels, then the attention kernels with the block mask; None where they do not apply.
+    With device-side lengths nothing here reads the GPU from the host (CUDA graph capture)."""
     from . import _kernels
 
     t, hq, _ = q.shape
@@ -214,7 +245,7 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if t <= _KERNEL_SELECT_MAX_TOKENS and _kernels.supports_sparse_select(q, ck, positions, cfg, nb):
         words = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb)
     else:
-        chunk = max(1, _CHUNK_ELEMENTS // (hq * max(num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride), 1)))
+        chunk = max(1, _CHUNK_ELEMENTS // (hq * max(num_kernels(s, cfg.kernel_size, cfg.kernel_stride), 1)))
         words = torch.cat([_pack_bits(select_from_scores(
             block_scores(q[a:a + chunk], ck, positions[a:a + chunk], cfg, scale, kv_limit, nb),
             positions[a:a + chunk], cfg, dense_len)) for a in range(0, t, chunk)])
@@ -223,26 +254,37 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     # Splits are planned for the keys a query can select, not for the whole cache.
     selectable = max(dense_len, (cfg.init_blocks + cfg.window_blocks + cfg.topk) * cfg.block_size) + t
     splits = _kernels.attention_splits(t, min(s, selectable), hq, hkv, tree_mask is not None, q.device)
-    return _kernels.attention(q, k, v, scale, tree_mask, splits=splits, block_mask=words)
+    return _kernels.attention(q, k, v, scale, tree_mask, splits=splits, block_mask=words, seqlen=seqlen)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
-                     positions: torch.Tensor, cfg: SparseSettings, dense_len: int, kv_limit: int,
-                     tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     positions: torch.Tensor, cfg: SparseSettings, dense_len: int, kv_limit: int | torch.Tensor,
+                     tree_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None) -> torch.Tensor:
     """Block-sparse attention of T new tokens over S cache slots (the new tokens are the last T).
 
-    q: [T, Hq, D]; k, v: [S, Hkv, D]; ck: compressed keys [>= num_kernels(kv_limit), Hkv, D] of
-    this layer (up to date for [0, kv_limit)); positions: [T] int absolute positions (S - T + i for
-    a chain, prefix + depth for tree tokens); dense_len: queries with positions + 1 < dense_len
-    attend densely; kv_limit: S for a chain, the committed prefix S - T for a tree; tree_mask: None
-    (causal) or packed int64 [T, ceil(T/64)] (ops.attention). Returns [T, Hq, D] in q's dtype.
+    q: [T, Hq, D]; k, v: [S, Hkv, D]; ck: compressed keys [C, Hkv, D] of this layer (up to date for
+    [0, kv_limit)); positions: [T] int absolute positions (S - T + i for a chain, prefix + depth
+    for tree tokens); dense_len: queries with positions + 1 < dense_len attend densely; kv_limit:
+    S for a chain, the committed prefix S - T for a tree; tree_mask: None (causal) or packed int64
+    [T, ceil(T/64)] (ops.attention). Returns [T, Hq, D] in q's dtype.
+
+    Device-side lengths (what a CUDA graph captured over a fixed view of the cache replays with):
+    kv_limit may be an int32 [1] tensor on q's device, and seqlen (int32 [1]) says that only slots
+    [0, seqlen) of k, v count, the new tokens being the last T of them. The kernels read both on
+    the device; the torch path reads seqlen on the host, like ops.attention.
     """
-    _check(q, k, v, ck, positions, cfg, kv_limit, tree_mask)
+    _check(q, k, v, ck, positions, cfg, kv_limit, tree_mask, seqlen)
     positions = positions.long()
-    if backend.use_kernel(q, k, v, ck, positions, tree_mask):
-        out = _kernel_sparse_attention(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask)
+    if backend.use_kernel(q, k, v, ck, positions, tree_mask, seqlen):
+        out = _kernel_sparse_attention(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask, seqlen)
         if out is not None:
             return out
+    if seqlen is not None:
+        n = int(seqlen.item())
+        if not q.shape[0] <= n <= k.shape[0]:
+            raise ValueError(f"sparse_attention: seqlen {n} must hold the {q.shape[0]} new tokens within the "
+                             f"{k.shape[0]} slots")
+        k, v = k[:n], v[:n]
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     g = hq // hkv
@@ -250,8 +292,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     prefix = s - t
     slots = torch.arange(s, device=q.device)
     tree = unpack_tree_mask(tree_mask, t) if tree_mask is not None else None     # [T, T] bool
-    width = max(s, num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride), 1)
-    chunk = max(1, _CHUNK_ELEMENTS // (hq * width))
+    chunk = max(1, _CHUNK_ELEMENTS // (hq * max(s, 1)))
     out = torch.empty_like(q)
     kk = k.transpose(0, 1).unsqueeze(0)                                           # [1, Hkv, S, D]
     vv = v.transpose(0, 1).unsqueeze(0)
