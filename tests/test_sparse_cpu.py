@@ -236,6 +236,42 @@ def test_sparse_attention_rejects_bad_inputs():
         ops.sparse_attention(q, k, k, 1.0, ck, pos, cfg, 0, 98, tree_mask=torch.zeros(2, 2, dtype=torch.int64))
 
 
+def test_device_side_lengths_give_the_host_results():
+    """What a CUDA graph step passes: compressed-key lengths, kv_limit and seqlen as int32 tensors,
+    over a longer view of the cache (NaN past the real length). The torch path gives the host
+    ints' bits (the block scores mask past kv_limit on the device)."""
+    cfg = small(dense_len=64)
+    torch.manual_seed(4)
+    k, v = torch.randn(300, 2, 16), torch.randn(300, 2, 16)
+    ck_host, ck_dev = torch.zeros(80, 2, 16), torch.zeros(80, 2, 16)
+    ops.compress_keys(k, ck_host, 0, 200, cfg.kernel_size, cfg.kernel_stride)
+    ops.compress_keys(k, ck_dev, 0, 120, cfg.kernel_size, cfg.kernel_stride,
+                      lengths=torch.tensor([0, 200], dtype=torch.int32))
+    assert torch.equal(ck_host, ck_dev)
+    q = torch.randn(5, 8, 16)
+    positions = torch.arange(195, 200)
+    scale = 0.25
+    host_scores = ops.block_scores(q, ck_host, positions, cfg, scale, 180, 13)
+    dev_scores = ops.block_scores(q, ck_host, positions, cfg, scale, torch.tensor([180], dtype=torch.int32), 13)
+    assert torch.equal(host_scores, dev_scores) and torch.isinf(host_scores[..., 12]).all()
+    view_k, view_v = torch.full((300, 2, 16), float("nan")), torch.full((300, 2, 16), float("nan"))
+    view_k[:200], view_v[:200] = k[:200], v[:200]
+    for tree in (None, ops.pack_tree_mask(torch.ones(5, 5, dtype=torch.bool).tril())):
+        limit = 195 if tree is not None else 200
+        want = ops.sparse_attention(q, k[:200], v[:200], scale, ck_host, positions, cfg, 64, limit, tree)
+        got = ops.sparse_attention(q, view_k, view_v, scale, ck_host, positions, cfg, 64,
+                                   torch.tensor([limit], dtype=torch.int32), tree,
+                                   seqlen=torch.tensor([200], dtype=torch.int32))
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"lengths must be int32 \[2\] on cpu, got torch.int64"):
+        ops.compress_keys(k, ck_dev, 0, 120, cfg.kernel_size, cfg.kernel_stride, lengths=torch.tensor([0, 200]))
+    with pytest.raises(ValueError, match=r"a device-side kv_limit must be int32 \[1\]"):
+        ops.sparse_attention(q, view_k, view_v, scale, ck_host, positions, cfg, 64, torch.tensor([200, 1]))
+    with pytest.raises(ValueError, match="seqlen 4 must hold the 5 new tokens"):
+        ops.sparse_attention(q, view_k, view_v, scale, ck_host, positions, cfg, 64, 200,
+                             seqlen=torch.tensor([4], dtype=torch.int32))
+
+
 # --- decoder wiring -------------------------------------------------------------------------------
 
 def _minicpm_sparse_dir(tiny_model_dir, **sparse_over):
