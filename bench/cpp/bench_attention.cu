@@ -61,6 +61,8 @@ problem (default: Llama-3.1-8B attention, every phase, contexts 4K..32K)
   --tree-tokens N   tree size for the tree phase                (default 64)
   --dtype T         bf16 | fp16                                 (default bf16)
   --splits N        force the split-KV count (default: the plan for this GPU)
+  --sm90 0|1        prefill on the Hopper wgmma kernel (csrc/kernels/sm90; needs a compute
+                    capability 9.0 GPU and a 90a-real build, else nothing is run: exit 77)
 measurement
   --warmup N        calls before timing                         (default 10)
   --repeats N       timed samples; the median is reported       (default 30)
@@ -76,7 +78,7 @@ exit status: 0 ok; 1 a kernel failed or disagreed with the reference; 2 bad comm
 )";
 
 struct Options {
-  long long heads_q = 32, heads_kv = 8, head_dim = 128, tree_tokens = 64, splits = 0;
+  long long heads_q = 32, heads_kv = 8, head_dim = 128, tree_tokens = 64, splits = 0, sm90 = 0;
   std::string model = "llama3-8b";
   std::vector<std::string> phases = {"decode", "prefill", "tree"};
   std::vector<long long> contexts = {4096, 8192, 16384, 32768};
@@ -115,7 +117,8 @@ std::string parse_args(int argc, char** argv, Options* o, bool* help) {
                             {"--head-dim", &o->head_dim, 1},   {"--tree-tokens", &o->tree_tokens, 1},
                             {"--splits", &o->splits, 1},       {"--warmup", &o->warmup, 0},
                             {"--repeats", &o->repeats, 1},     {"--batch", &o->batch, 1},
-                            {"--check-rows", &o->check_rows, 1}, {"--device", &o->device, 0}};
+                            {"--check-rows", &o->check_rows, 1}, {"--device", &o->device, 0},
+                            {"--sm90", &o->sm90, 0}};
     const Count* count = nullptr;
     for (const Count& c : counts) count = flag == c.name ? &c : count;
     if (count != nullptr) {
@@ -278,7 +281,7 @@ class Bench {
   Result run(const Problem& pb) {
     Result r;
     r.pb = pb;
-    r.name = o_.model + " " + pb.phase + " " + std::to_string(pb.context / 1024) + "K";
+    r.name = o_.model + " " + pb.phase + " " + std::to_string(pb.context / 1024) + "K" + (sm90(pb) ? " sm90" : "");
     r.error = setup(pb, &r);
     if (r.error.empty()) r.error = verify(pb);
     if (r.error.empty()) r.error = time(&r);
@@ -288,6 +291,7 @@ class Bench {
 
  private:
   std::size_t elt() const { return 2; }
+  bool sm90(const Problem& pb) const { return o_.sm90 != 0 && pb.phase == "prefill"; }
 
   template <typename P>
   std::string alloc(P** ptr, std::size_t bytes) {
@@ -345,7 +349,8 @@ class Bench {
     } else {
       r->pb.pairs = static_cast<double>(T) * (S - T) + static_cast<double>(T) * (T + 1) / 2;
     }
-    splits_ = o_.splits > 0 ? static_cast<int>(o_.splits)
+    splits_ = sm90(pb)        ? 1  // the Hopper kernel runs one split
+              : o_.splits > 0 ? static_cast<int>(o_.splits)
                             : attention_num_splits(T, S, static_cast<int>(Hq), static_cast<int>(Hkv),
                                                    tree_ != nullptr, prop_.multiProcessorCount);
     r->splits = splits_;
@@ -402,6 +407,7 @@ class Bench {
     }
     a.scale = 1.f / std::sqrt(static_cast<float>(D));
     a.splits = splits_;
+    a.sm90 = sm90(pb);
     return attention(a, stream_);
   }
 
@@ -546,6 +552,11 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   const int status = start_main("bench_attention", kUsage, help, usage_error, o.device, &prop);
   if (status >= 0) return status;
+  if (o.sm90 != 0 && (prop.major != 9 || prop.minor != 0)) {
+    std::printf("bench_attention: --sm90 needs a compute capability 9.0 GPU, this is %d.%d; nothing run\n", prop.major,
+                prop.minor);
+    return 77;
+  }
   std::printf("%s; %s, %lld q / %lld kv heads, D %lld\n", describe_device(o.device, prop).c_str(),
               dtype_name(o.dtype), o.heads_q, o.heads_kv, o.head_dim);
   std::printf("%-26s %6s %7s %6s %10s %8s %9s %10s %9s\n", "case", "T", "S", "splits", "ms", "TB/s", "TFLOP/s",

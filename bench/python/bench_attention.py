@@ -14,12 +14,14 @@ runs the call on `copies` different input sets (together more than 3x the L2 cac
 from DRAM as in a real model), and timed with CUDA events: median over --repeats replays, divided
 by the number of calls. The DRAM bandwidth is measured in the same run (device-to-device copy of
 1 GiB) and decode rows report the fraction of it they reach. Tree rows report the time of a
-decode step at the same context and their ratio to it.
+decode step at the same context and their ratio to it. On a compute capability 9.0 GPU with an
+sm_90a build, prefill rows also time the Hopper wgmma kernel (csrc/kernels/sm90; `sm90_ms`,
+`sm90_tflops`, `sm90_speedup_vs_baseline`, its largest difference from the generic kernel).
 
     python bench/python/bench_attention.py [--models llama3-8b,minicpm4-8b] [--phases decode,prefill,tree]
         [--dtype bf16|fp16] [--repeats 20] [--quick] [--list]
 
-Writes bench/results/attention-<device-slug>.json (format: /work/shared/STYLE.md, via benchlib).
+Writes bench/results/attention-<device-slug>.json (format: ../shared/STYLE.md, via benchlib).
 Exits 77 (nothing measured) without a CUDA GPU or without the compiled extension.
 """
 from __future__ import annotations
@@ -246,7 +248,18 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, repeats: int,
     else:
         row.update(baseline="torch SDPA (none of its backends ran this case)")
     row["tbps"] = round(inputs.bytes_per_call / (ours_ms * 1e-3) / 1e12, 3)
-    row["tflops"] = round(4 * d * hq * visible_pairs(case, inputs.tree) / (ours_ms * 1e-3) / 1e12, 2)
+    flops = 4 * d * hq * visible_pairs(case, inputs.tree)
+    row["tflops"] = round(flops / (ours_ms * 1e-3) / 1e12, 2)
+    if case.phase == "prefill" and _kernels.sm90_attention_rejection(inputs.q[0], mask) is None:
+        # The Hopper prefill kernel (wgmma), opt-in until measured: its time beside the generic one's.
+        sm90_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, sm90=True)
+                      for i in range(inputs.copies)]
+        sm90_diff = (sm90_calls[0]().float() - ours_out.float()).abs().max().item()
+        sm90_ms, _ = graph_ms(sm90_calls, repeats)
+        row.update(sm90_ms=round(sm90_ms, 5), sm90_tflops=round(flops / (sm90_ms * 1e-3) / 1e12, 2),
+                   sm90_max_abs_diff_vs_ours=round(sm90_diff, 5))
+        if best is not None:
+            row["sm90_speedup_vs_baseline"] = round(best[1] / sm90_ms, 3)
     if case.phase == "decode":
         row["pct_measured_bw"] = round(100 * row["tbps"] / dram_tbps, 1)
     return row
@@ -284,7 +297,8 @@ def main() -> int:
         for case in todo:
             row = run_case(case, dtype, device, args.repeats, l2_bytes, dram_tbps)
             rows.append(row)
-            print({k: row[k] for k in ("case", "ours_ms", "baseline", "baseline_ms", "speedup", "tbps", "tflops")
+            print({k: row[k] for k in ("case", "ours_ms", "baseline", "baseline_ms", "speedup", "tbps", "tflops",
+                                       "sm90_ms", "sm90_tflops")
                    if k in row} if "error" not in row else row, flush=True)
             torch.cuda.empty_cache()
     decode = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["ours_ms"] for r in rows if r.get("phase") == "decode"}

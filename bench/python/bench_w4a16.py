@@ -22,7 +22,7 @@ Llama-3.2-1B shapes >= 2.5x torch.matmul bf16.
 
 --cpp also runs the C++ binary on the same shapes in the same session (its JSON goes next to
 this one as w4a16_gemm_cpp-<device-slug>.json). Writes bench/results/w4a16_gemm-<device-slug>.json
-(format: /work/shared/STYLE.md, via benchlib). Exits 77 (nothing measured) without a CUDA GPU or
+(format: ../shared/STYLE.md, via benchlib). Exits 77 (nothing measured) without a CUDA GPU or
 without the compiled extension.
 """
 from __future__ import annotations

@@ -208,9 +208,9 @@ PYBIND11_MODULE(_C, m) {
       [](const TensorView& q, const TensorView& k, const TensorView& v, const std::optional<TensorView>& tree_mask,
          const TensorView& out, const std::optional<TensorView>& partial_out,
          const std::optional<TensorView>& partial_lse, float scale, int splits, std::uint64_t stream,
-         const std::optional<TensorView>& block_mask, const std::optional<TensorView>& seqlen) {
+         const std::optional<TensorView>& block_mask, const std::optional<TensorView>& seqlen, bool sm90) {
         AttentionArgs a{q,     k,      v,          opt(tree_mask),  out, opt(partial_out), opt(partial_lse),
-                        scale, splits, opt(block_mask), opt(seqlen)};
+                        scale, splits, opt(block_mask), opt(seqlen), sm90};
         raise_if_error("attention", attention(a, as_stream(stream)),
                        {{"q", &q}, {"k", &k}, {"v", &v}, {"tree_mask", opt(tree_mask)}, {"out", &out},
                         {"partial_out", opt(partial_out)}, {"partial_lse", opt(partial_lse)},
@@ -218,9 +218,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tree_mask"), py::arg("out"), py::arg("partial_out"),
       py::arg("partial_lse"), py::arg("scale"), py::arg("splits"), py::arg("stream"), py::arg("block_mask") = py::none(),
-      py::arg("seqlen") = py::none(),
-      "Causal or tree-masked GQA attention of the last T of S cache slots, split-KV when splits > 1. "
-      "See csrc/kernels/attention.h.");
+      py::arg("seqlen") = py::none(), py::arg("sm90") = false,
+      "Causal or tree-masked GQA attention of the last T of S cache slots, split-KV when splits > 1; "
+      "sm90: the Hopper causal-prefill kernel (csrc/kernels/sm90/attention_sm90.h). See csrc/kernels/attention.h.");
   m.def("attention_num_splits", &attention_num_splits, py::arg("tokens"), py::arg("seqlen"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("tree"), py::arg("num_sms"),
         "Key-range splits the attention kernels use for this shape on a GPU with num_sms SMs (host only, "

@@ -9,6 +9,9 @@
 #include "common/device_guard.h"
 #include "common/dispatch.h"
 #include "common/launch.h"
+#ifdef EDGESPEC_HAS_SM90
+#include "kernels/sm90/attention_sm90.h"
+#endif
 
 namespace edgespec {
 
@@ -199,6 +202,17 @@ AttentionParams<T> make_params(const AttentionArgs& a) {
 template <typename T>
 Status launch_for_head_dim(const AttentionArgs& a, cudaStream_t stream) {
   const AttentionParams<T> p = make_params<T>(a);
+  if (a.sm90) {
+#ifdef EDGESPEC_HAS_SM90
+    switch (a.q.size(2)) {
+      case 64: return launch_attention_prefill_sm90<T, 64>(p, stream);
+      case 128: return launch_attention_prefill_sm90<T, 128>(p, stream);
+      default: break;  // check_attention allows 64 and 128 only
+    }
+#else
+    return Status::unsupported("attention: this build has no sm90 kernels (EDGESPEC_CUDA_ARCHS lacks 90a-real)");
+#endif
+  }
   switch (a.q.size(2)) {
     case 64: return launch_attention<T, 64>(p, stream);
     case 128: return launch_attention<T, 128>(p, stream);

@@ -9,7 +9,8 @@ The sources are copied with four mechanical rewrites, nothing else:
 * `extern __shared__ T name[];` becomes `T* name = static_cast<T*>(::cuemu::dynamic_shared());`;
 * `__shared__ T name[N];` becomes a function-local static registered with the runtime, which fills
   it with 0xFF bytes (NaN, -1) before every block, like uninitialised shared memory;
-* csrc/common/mma.cuh (all the inline PTX) is replaced by mma.cuh of this directory;
+* csrc/common/mma.cuh and csrc/kernels/sm90/wgmma.cuh (all the inline PTX) are replaced by mma.cuh
+  and wgmma.cuh of this directory;
 and the module is named `_C_emulated` (C++ namespace `edgespec_emulated`). selftest.cu (the
 emulator's own checks) is compiled into it too. The build is cached under
 build/cuda-emulator/<hash of the inputs>, so tests pay for it once per source change (about 25 s
@@ -79,7 +80,7 @@ def rewrite(text: str) -> str:
 
 
 def _sources() -> list[Path]:
-    files = [p for p in sorted(CSRC.rglob("*")) if p.suffix in {".cpp", ".cu", ".h", ".cuh"} and "sm90" not in p.parts]
+    files = [p for p in sorted(CSRC.rglob("*")) if p.suffix in {".cpp", ".cu", ".h", ".cuh"}]
     mine = [p for p in sorted(HERE.iterdir()) if p.suffix in {".h", ".cuh", ".cpp", ".cu", ".py"}]
     return files + mine
 
@@ -150,16 +151,19 @@ def _build_into(work: Path, target: Path, compiler: str, cuda_inc: Path, pybind1
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_text(rewrite(p.read_text()))
     shutil.copy(HERE / "mma.cuh", src / "common" / "mma.cuh")
+    shutil.copy(HERE / "wgmma.cuh", src / "kernels" / "sm90" / "wgmma.cuh")
 
     # The emulator's own checks (tests/test_cuda_emulator.py), rewritten like the kernels.
     (src / "selftest.cu").write_text(rewrite((HERE / "selftest.cu").read_text()))
-    units = [p for p in sorted(src.rglob("*")) if p.suffix in {".cpp", ".cu"} and "sm90" not in p.parts]
+    units = [p for p in sorted(src.rglob("*")) if p.suffix in {".cpp", ".cu"}]
     units.append(HERE / "runtime.cpp")
     includes = ["-I", str(HERE), "-I", str(src), "-I", str(cuda_inc), "-I", pybind11_inc,
                 "-I", sysconfig.get_paths()["include"]]
     # Another namespace for every C++ name: pybind11 registers types by their C++ type, so the real
     # edgespec._C and this module could not both be imported into one process otherwise.
-    defines = ['-DEDGESPEC_CUDA_ARCHS="emulated"', "-Dedgespec=edgespec_emulated"]
+    # The Hopper kernels (csrc/kernels/sm90) are built and dispatched as on an sm_90a build.
+    defines = ['-DEDGESPEC_CUDA_ARCHS="emulated"', "-Dedgespec=edgespec_emulated", "-DEDGESPEC_HAS_SM90=1",
+               "-DEDGESPEC_EMULATED_SM90=1"]
     objects = []
     commands = []
     for unit in units:

@@ -34,6 +34,8 @@ float element(std::uint32_t reg, int half) {
 
 }  // namespace emulated
 
+inline std::uint32_t smem_address(const void* ptr) { return ::cuemu::shared_window_address(ptr); }
+
 inline void cp_async_16(void* smem, const void* gmem, bool valid) { ::cuemu::cp_async(smem, gmem, valid); }
 
 // The L2 eviction hint changes nothing a program can observe.

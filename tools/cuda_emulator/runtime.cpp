@@ -386,6 +386,20 @@ const unsigned char* warp_collective(const char* what, const void* data, std::si
 
 void* dynamic_shared() { return smem.data(); }
 
+std::uint32_t shared_window_address(const void* ptr) {
+  const auto* p = static_cast<const unsigned char*>(ptr);
+  if (p < smem.data() || p > smem.data() + smem_bytes) fail("shared address of a pointer outside dynamic shared memory");
+  return kSharedWindowBase + static_cast<std::uint32_t>(p - smem.data());
+}
+
+const unsigned char* shared_window_pointer(std::uint32_t address, std::size_t bytes, const char* what) {
+  if (address < kSharedWindowBase || address - kSharedWindowBase + bytes > smem_bytes) {
+    fail(std::string(what) + ": shared address " + std::to_string(address) + " (+" + std::to_string(bytes) +
+         " bytes) is outside the block's " + std::to_string(smem_bytes) + " bytes of dynamic shared memory");
+  }
+  return smem.data() + (address - kSharedWindowBase);
+}
+
 void check_shared(const void* ptr, std::size_t bytes, std::size_t align, const char* what) {
   const auto* p = static_cast<const unsigned char*>(ptr);
   if (reinterpret_cast<std::uintptr_t>(p) % align != 0) {
@@ -493,6 +507,12 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
       return cudaSuccess;
     case cudaDevAttrMultiProcessorCount:
       *value = 132;  // an H100 SXM, as tests/conftest.py's EMULATED_SMS
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:  // the sm90 kernels run here too (tools/cuda_emulator/wgmma.cuh)
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
       return cudaSuccess;
     default:
       return cuemu::launch_error("cudaDeviceGetAttribute: attribute " + std::to_string(static_cast<int>(attr)) +

@@ -78,6 +78,13 @@ struct SharedRegion {
 
 // Dynamic shared memory of the running block (extern __shared__ arrays point here).
 void* dynamic_shared();
+// Shared-window addresses (what __cvta_generic_to_shared gives, what wgmma descriptors hold): the
+// dynamic shared memory starts at kSharedWindowBase, on purpose not a multiple of 1024, so a kernel
+// that needs 1024-byte-aligned swizzle atoms must align them itself, as on a GPU.
+constexpr std::uint32_t kSharedWindowBase = 0x480;
+std::uint32_t shared_window_address(const void* ptr);
+// The bytes at a shared-window address; fails unless [address, address + bytes) is dynamic shared memory.
+const unsigned char* shared_window_pointer(std::uint32_t address, std::size_t bytes, const char* what);
 // Fails unless [ptr, ptr + bytes) lies in the block's dynamic shared memory and ptr is aligned.
 void check_shared(const void* ptr, std::size_t bytes, std::size_t align, const char* what);
 

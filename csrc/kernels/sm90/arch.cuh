@@ -16,6 +16,8 @@
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define EDGESPEC_SM90_ENABLED 1
+#elif defined(EDGESPEC_EMULATED_SM90)  // the CPU emulator's build (tools/cuda_emulator/wgmma.cuh)
+#define EDGESPEC_SM90_ENABLED 1
 #else
 #define EDGESPEC_SM90_ENABLED 0
 #endif

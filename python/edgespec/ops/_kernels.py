@@ -18,6 +18,7 @@ launches on torch's current stream of the tensors' device, so graph capture reco
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from types import ModuleType
 from typing import Any, Callable
@@ -387,7 +388,8 @@ def attention_splits(tokens: int, seqlen: int, heads_q: int, heads_kv: int, tree
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               tree_mask: torch.Tensor | None = None, splits: int | None = None,
-              block_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None) -> torch.Tensor:
+              block_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None,
+              sm90: bool = False) -> torch.Tensor:
     """Attention kernels (csrc/kernels/attention.h); same contract as edgespec.ops.attention.
 
     q: [T, Hq, D] bf16/fp16, D in (64, 128), last dim contiguous; k, v: [S, Hkv, D] with S >= T
@@ -400,6 +402,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     the kernel (the new tokens are slots [seqlen - T, seqlen)), so a CUDA graph captured over a
     whole cache replays at any length; the number of splits then follows S. With a block mask the
     mask's words cover the tiles of all S slots (those past seqlen are never visited).
+    sm90: run the Hopper causal-prefill kernel (wgmma; csrc/kernels/sm90/attention_sm90.h): causal,
+    no block mask, no seqlen, splits 1 (sm90_attention_rejection says why not), a compute
+    capability 9.0 GPU and a build with 90a-real.
     Returns [T, Hq, D] contiguous in q's dtype. With splits > 1 two fp32 scratch tensors,
     [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results.
     """
@@ -412,6 +417,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if tree_mask is not None and not tree_mask.is_contiguous():
         tree_mask = tree_mask.contiguous()
     t, hq, d = q.shape
+    if sm90:
+        _require("attention (sm90)", sm90_attention_rejection(q, tree_mask, block_mask, seqlen))
+        splits = 1
     if splits is None:
         splits = attention_splits(t, k.shape[0], hq, k.shape[1], tree_mask is not None, q.device)
     out = _new_output(q.shape, q.dtype, q.device)
@@ -422,8 +430,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     _run(_module().attention, _view(q), _view(k), _view(v), None if tree_mask is None else _view(tree_mask),
          _view(out), None if partial_out is None else _view(partial_out),
          None if partial_lse is None else _view(partial_lse), float(scale), int(splits), _stream(q),
-         None if block_mask is None else _view(block_mask), None if seqlen is None else _view(seqlen))
+         None if block_mask is None else _view(block_mask), None if seqlen is None else _view(seqlen), bool(sm90))
     return out
+
+
+# Prefill chunks from this many tokens on take the Hopper kernel when it is asked for.
+SM90_MIN_PREFILL_TOKENS = 64
+
+
+def sm90_attention_requested(q: torch.Tensor, tree_mask: torch.Tensor | None, seqlen: torch.Tensor | None) -> bool:
+    """Whether ops.attention runs this call on the Hopper prefill kernel: EDGESPEC_SM90_ATTENTION=1
+    (opt-in until a GPU session has checked and timed it: bench_attention.py's sm90 columns) and a
+    causal chunk of at least SM90_MIN_PREFILL_TOKENS tokens that the kernel takes."""
+    value = os.environ.get("EDGESPEC_SM90_ATTENTION", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"EDGESPEC_SM90_ATTENTION must be 0 or 1, got {value!r}")
+    return (value == "1" and q.shape[0] >= SM90_MIN_PREFILL_TOKENS
+            and sm90_attention_rejection(q, tree_mask, None, seqlen) is None)
+
+
+def sm90_attention_rejection(q: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                             block_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None) -> str | None:
+    """Why the Hopper prefill kernel cannot take this attention call (None: it can), beyond
+    attention_rejection: it is the causal prefill of an sm_90a build on a compute capability 9.0 GPU."""
+    if not _module().build_info().get("sm90_kernels", False):
+        return "this build has no sm90 kernels (EDGESPEC_CUDA_ARCHS lacks 90a-real)"
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) != (9, 0):
+        return f"the sm90 kernels need a compute capability 9.0 GPU, {q.device} is {torch.cuda.get_device_capability(q.device)}"
+    for name, given in (("tree mask", tree_mask), ("block mask", block_mask), ("device-side seqlen", seqlen)):
+        if given is not None:
+            return f"the sm90 kernel is the causal prefill: it takes no {name}"
+    return None
 
 
 def _seqlen_rejection(q: torch.Tensor, seqlen: torch.Tensor) -> str | None:
