@@ -47,7 +47,7 @@ while (($#)); do
 done
 
 # Stages in the order they run; the group is what --only build,tests,bench selects.
-STAGES=(env build cpp_build tests_kernels tests_attention tests_w4a16 tests_sparse tests_blockffn
+STAGES=(env build cpp_build tests_kernels tests_attention tests_sm90 tests_w4a16 tests_sparse tests_blockffn
         tests_graphs tests_other bench_attention bench_w4a16 bench_sparse bench_blockffn cpp_bench bench_e2e bench_spec
         bench_spec_graphs)
 declare -A GROUP=([env]=env [build]=build)
@@ -65,7 +65,7 @@ done
 
 # Per-stage timeouts in seconds (default, --quick), cut further by what is left of the budget.
 declare -A CAP=([env]="60 60" [build]="300 300" [extension]="60 60" [cpp_build]="300 0" [tests_kernels]="100 50"
-                [tests_attention]="100 45" [tests_w4a16]="60 30" [tests_sparse]="50 25"
+                [tests_attention]="100 45" [tests_sm90]="40 25" [tests_w4a16]="60 30" [tests_sparse]="50 25"
                 [tests_blockffn]="50 25" [tests_graphs]="50 25" [tests_other]="40 20" [bench_attention]="90 40"
                 [bench_w4a16]="90 30" [bench_sparse]="75 30" [bench_blockffn]="60 25"
                 [cpp_bench]="45 0" [bench_e2e]="60 25" [bench_spec]="75 35"
@@ -551,11 +551,12 @@ fi
 start_cpp_build
 
 TESTS_DEADLINE=$(( $(date +%s) + TESTS_BUDGET ))
-KERNEL_TESTS=(kernels attention w4a16 sparse blockffn graphs)
+KERNEL_TESTS=(kernels attention sm90 w4a16 sparse blockffn graphs)
 # The test modules of each kernel family's stage (GPU-only modules, or device-parametrized ones
 # whose `gpu` cases run here and whose `emulated` cases run in CI), and the CUDA-graph tests in a
 # process of their own (a capture gone wrong cannot take the other tests down).
-declare -A KERNEL_FILES=([kernels]="test_ops_kernels.py" [attention]="test_attention_kernels.py test_attention_sm90_kernels.py"
+declare -A KERNEL_FILES=([kernels]="test_ops_kernels.py" [attention]="test_attention_kernels.py"
+                         [sm90]="test_attention_sm90_kernels.py"
                          [w4a16]="test_w4a16_kernels.py" [sparse]="test_sparse_kernels.py"
                          [blockffn]="test_blockffn_kernels.py test_blockffn_w4a16_kernels.py"
                          [graphs]="test_cuda_graphs.py test_cuda_graphs_sparse.py")
