@@ -61,8 +61,8 @@ problem (default: Llama-3.1-8B attention, every phase, contexts 4K..32K)
   --tree-tokens N   tree size for the tree phase                (default 64)
   --dtype T         bf16 | fp16                                 (default bf16)
   --splits N        force the split-KV count (default: the plan for this GPU)
-  --sm90 0|1        prefill on the Hopper wgmma kernel (csrc/kernels/sm90; needs a compute
-                    capability 9.0 GPU and a 90a-real build, else nothing is run: exit 77)
+  --sm90 0|1        prefill and tree phases on the Hopper wgmma kernels (csrc/kernels/sm90; needs a
+                    compute capability 9.0 GPU and a 90a-real build, else nothing is run: exit 77)
 measurement
   --warmup N        calls before timing                         (default 10)
   --repeats N       timed samples; the median is reported       (default 30)
@@ -291,7 +291,7 @@ class Bench {
 
  private:
   std::size_t elt() const { return 2; }
-  bool sm90(const Problem& pb) const { return o_.sm90 != 0 && pb.phase == "prefill"; }
+  bool sm90(const Problem& pb) const { return o_.sm90 != 0 && pb.phase != "decode"; }
 
   template <typename P>
   std::string alloc(P** ptr, std::size_t bytes) {
@@ -349,8 +349,9 @@ class Bench {
     } else {
       r->pb.pairs = static_cast<double>(T) * (S - T) + static_cast<double>(T) * (T + 1) / 2;
     }
-    splits_ = sm90(pb)        ? 1  // the Hopper kernel runs one split
-              : o_.splits > 0 ? static_cast<int>(o_.splits)
+    splits_ = o_.splits > 0 ? static_cast<int>(o_.splits)
+              : sm90(pb)      ? attention_sm90_num_splits(T, S, static_cast<int>(Hq), static_cast<int>(Hkv),
+                                                          prop_.multiProcessorCount)
                             : attention_num_splits(T, S, static_cast<int>(Hq), static_cast<int>(Hkv),
                                                    tree_ != nullptr, prop_.multiProcessorCount);
     r->splits = splits_;

@@ -15,8 +15,9 @@ from DRAM as in a real model), and timed with CUDA events: median over --repeats
 by the number of calls. The DRAM bandwidth is measured in the same run (device-to-device copy of
 1 GiB) and decode rows report the fraction of it they reach. Tree rows report the time of a
 decode step at the same context and their ratio to it. On a compute capability 9.0 GPU with an
-sm_90a build, prefill rows also time the Hopper wgmma kernel (csrc/kernels/sm90; `sm90_ms`,
-`sm90_tflops`, `sm90_speedup_vs_baseline`, its largest difference from the generic kernel).
+sm_90a build, prefill and tree rows also time the Hopper wgmma kernels (csrc/kernels/sm90;
+`sm90_ms`, `sm90_tflops`, `sm90_speedup_vs_baseline`, `sm90_splits`, their largest difference
+from the generic kernel; tree rows also `sm90_tree_over_decode` against the generic decode).
 
     python bench/python/bench_attention.py [--models llama3-8b,minicpm4-8b] [--phases decode,prefill,tree]
         [--dtype bf16|fp16] [--repeats 20] [--quick] [--list]
@@ -250,14 +251,16 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, repeats: int,
     row["tbps"] = round(inputs.bytes_per_call / (ours_ms * 1e-3) / 1e12, 3)
     flops = 4 * d * hq * visible_pairs(case, inputs.tree)
     row["tflops"] = round(flops / (ours_ms * 1e-3) / 1e12, 2)
-    if case.phase == "prefill" and _kernels.sm90_attention_rejection(inputs.q[0], mask) is None:
-        # The Hopper prefill kernel (wgmma), opt-in until measured: its time beside the generic one's.
-        sm90_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, sm90=True)
+    if case.phase != "decode" and _kernels.sm90_attention_rejection(inputs.q[0]) is None:
+        # The Hopper kernels (wgmma), opt-in until measured: their time beside the generic one's.
+        sm90_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, mask, sm90=True)
                       for i in range(inputs.copies)]
         sm90_diff = (sm90_calls[0]().float() - ours_out.float()).abs().max().item()
         sm90_ms, _ = graph_ms(sm90_calls, repeats)
         row.update(sm90_ms=round(sm90_ms, 5), sm90_tflops=round(flops / (sm90_ms * 1e-3) / 1e12, 2),
-                   sm90_max_abs_diff_vs_ours=round(sm90_diff, 5))
+                   sm90_max_abs_diff_vs_ours=round(sm90_diff, 5),
+                   sm90_splits=_kernels.attention_splits(case.tokens, case.seqlen, hq, hkv, mask is not None, device,
+                                                         sm90=True))
         if best is not None:
             row["sm90_speedup_vs_baseline"] = round(best[1] / sm90_ms, 3)
     if case.phase == "decode":
@@ -308,6 +311,8 @@ def main() -> int:
             if key in decode:
                 r["decode_ms_same_context"] = decode[key]
                 r["tree_over_decode"] = round(r["ours_ms"] / decode[key], 3)
+                if "sm90_ms" in r:
+                    r["sm90_tree_over_decode"] = round(r["sm90_ms"] / decode[key], 3)
     notes = (f"{args.dtype}; ours = edgespec attention kernels via edgespec.ops._kernels.attention (KV-cache layout "
              f"[S, Hkv, D]); baseline = fastest torch SDPA backend that runs the case, native GQA where supported, "
              f"[1, H, S, D] layout; CUDA events around CUDA-graph replays of `copies` calls on distinct inputs "

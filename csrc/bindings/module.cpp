@@ -225,6 +225,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("heads_kv"), py::arg("tree"), py::arg("num_sms"),
         "Key-range splits the attention kernels use for this shape on a GPU with num_sms SMs (host only, "
         "no GPU needed). See csrc/kernels/attention_plan.h.");
+  m.def("attention_sm90_num_splits", &attention_sm90_num_splits, py::arg("tokens"), py::arg("seqlen"),
+        py::arg("heads_q"), py::arg("heads_kv"), py::arg("num_sms"),
+        "Key-range splits the Hopper attention kernels use for this shape (host only). See attention_plan.h.");
   m.def("attention_smem_bytes", &attention_smem_bytes, py::arg("head_dim"), py::arg("tokens"), py::arg("group"),
         py::arg("tree"), py::arg("mask_words"), py::arg("block_words"),
         "Shared memory (bytes) one attention block needs for this call (host only). See attention_plan.h.");

@@ -205,8 +205,8 @@ Status launch_for_head_dim(const AttentionArgs& a, cudaStream_t stream) {
   if (a.sm90) {
 #ifdef EDGESPEC_HAS_SM90
     switch (a.q.size(2)) {
-      case 64: return launch_attention_prefill_sm90<T, 64>(p, stream);
-      case 128: return launch_attention_prefill_sm90<T, 128>(p, stream);
+      case 64: return launch_attention_sm90<T, 64>(p, stream);
+      case 128: return launch_attention_sm90<T, 128>(p, stream);
       default: break;  // check_attention allows 64 and 128 only
     }
 #else

@@ -1,6 +1,7 @@
 // Attention kernels and their launcher; see attention.h for the contract and attention_plan.h for
-// the choice of tile shape and splits. Included only by the generated instance files
-// csrc/instances/attention_<dtype>_hd<D>.cu.
+// the choice of tile shape and splits. Included by the generated instance files
+// csrc/instances/attention_<dtype>_hd<D>.cu, and by the Hopper kernels (csrc/kernels/sm90/attention.cu)
+// for the split combine kernel.
 //
 // One block: kBlockM packed query rows (r = token * G + head-in-group) of one KV head, one split
 // of the key range. Prologue: the block's tree-mask rows (one 64-bit word per row per 64 tree

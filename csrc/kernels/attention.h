@@ -103,9 +103,10 @@ struct AttentionArgs {
   int splits = 1;  // attention_num_splits() picks it; any value in [1, kAttentionMaxSplits] is correct
   const TensorView* block_mask = nullptr;   // int64 [T, Hkv, W] (block-sparse) or nullptr
   const TensorView* seqlen = nullptr;       // int32 [1]: the slots of k/v that count, or nullptr (all)
-  // Run the Hopper (sm_90a) causal-prefill kernel instead (csrc/kernels/sm90/attention_sm90.h): an
-  // error (kUnsupported) when the build has no sm90 kernels, the GPU is not compute capability 9.0
-  // or the call is not one it takes (attention_sm90_rejection).
+  // Run the Hopper (sm_90a) wgmma kernels instead (csrc/kernels/sm90/attention_sm90.h; plan the
+  // splits with attention_sm90_num_splits): an error (kUnsupported) when the build has no sm90
+  // kernels, the GPU is not compute capability 9.0 or the call is one they do not take
+  // (attention_sm90_rejection: a block mask).
   bool sm90 = false;
 };
 

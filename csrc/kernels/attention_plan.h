@@ -108,18 +108,11 @@ inline std::int64_t attention_smem_bytes(int head_dim, std::int64_t tokens, int 
 
 inline std::int64_t attention_ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
-// Number of key-range splits for a call; 1 means no partials and no combine kernel.
-// num_sms <= 0 (unknown) disables splitting.
-inline int attention_num_splits(std::int64_t tokens, std::int64_t seqlen, int heads_q, int heads_kv,
-                                bool tree, int num_sms) {
+// Number of key-range splits that brings `blocks` blocks (row tiles x Hkv) up to about `target`;
+// 1 means no partials and no combine kernel.
+inline int attention_splits_for_blocks(std::int64_t blocks, std::int64_t seqlen, std::int64_t target) {
   using namespace attention_plan_detail;
-  if (num_sms <= 0 || heads_kv <= 0 || heads_q % heads_kv != 0 || tokens <= 0 || seqlen <= 0) return 1;
-  const int group = heads_q / heads_kv;
-  const AttentionTileShape shape = attention_tile_shape(tokens, group, tree);
-  const std::int64_t row_tiles = attention_ceil_div(tokens * group, shape.block_m());
-  const std::int64_t blocks = row_tiles * heads_kv;
-  const std::int64_t target = std::int64_t{kTargetBlocksPerSm} * num_sms;
-  if (blocks >= target) return 1;
+  if (blocks <= 0 || seqlen <= 0 || blocks >= target) return 1;
   const std::int64_t tiles = attention_ceil_div(seqlen, kAttentionBlockN);
   std::int64_t splits = attention_ceil_div(target, blocks);
   splits = std::min<std::int64_t>({splits, attention_ceil_div(tiles, kMinTilesPerSplit), kMaxAutoSplits});
@@ -127,6 +120,29 @@ inline int attention_num_splits(std::int64_t tokens, std::int64_t seqlen, int he
   // Equal runs of whole tiles; recount so that no split of the full key range is empty.
   const std::int64_t per_split = attention_ceil_div(tiles, splits);
   return static_cast<int>(attention_ceil_div(tiles, per_split));
+}
+
+// Number of key-range splits for a call of the generic kernels; num_sms <= 0 (unknown) disables
+// splitting.
+inline int attention_num_splits(std::int64_t tokens, std::int64_t seqlen, int heads_q, int heads_kv,
+                                bool tree, int num_sms) {
+  using namespace attention_plan_detail;
+  if (num_sms <= 0 || heads_kv <= 0 || heads_q % heads_kv != 0 || tokens <= 0 || seqlen <= 0) return 1;
+  const int group = heads_q / heads_kv;
+  const AttentionTileShape shape = attention_tile_shape(tokens, group, tree);
+  const std::int64_t row_tiles = attention_ceil_div(tokens * group, shape.block_m());
+  return attention_splits_for_blocks(row_tiles * heads_kv, seqlen, std::int64_t{kTargetBlocksPerSm} * num_sms);
+}
+
+// Packed query rows per block of the Hopper kernels (csrc/kernels/sm90: two warpgroups of 64), of
+// which one block fits an SM (registers): their splits aim at one block per SM.
+constexpr int kAttentionSm90BlockRows = 128;
+
+inline int attention_sm90_num_splits(std::int64_t tokens, std::int64_t seqlen, int heads_q, int heads_kv,
+                                     int num_sms) {
+  if (num_sms <= 0 || heads_kv <= 0 || heads_q % heads_kv != 0 || tokens <= 0 || seqlen <= 0) return 1;
+  const std::int64_t row_tiles = attention_ceil_div(tokens * (heads_q / heads_kv), kAttentionSm90BlockRows);
+  return attention_splits_for_blocks(row_tiles * heads_kv, seqlen, num_sms);
 }
 
 }  // namespace edgespec

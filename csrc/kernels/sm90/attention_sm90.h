@@ -1,6 +1,8 @@
-// Hopper (sm_90a) attention kernels: causal prefill on wgmma. Same contract as attention.h for the
-// calls they take (attention_sm90_rejection says which); csrc/kernels/attention.cpp dispatches to
-// them when AttentionArgs::sm90 asks and the build has them (EDGESPEC_HAS_SM90).
+// Hopper (sm_90a) attention kernels on wgmma: causal prefill / chunks and tree verification, split-KV
+// and device-side lengths included. Same contract as attention.h for the calls they take
+// (attention_sm90_rejection says which); csrc/kernels/attention.cpp dispatches to them when
+// AttentionArgs::sm90 asks and the build has them (EDGESPEC_HAS_SM90). Splits:
+// attention_sm90_num_splits (attention_plan.h) plans them for these kernels' 128-row blocks.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -10,19 +12,15 @@
 
 namespace edgespec {
 
-// Why the sm90 prefill kernel cannot take this call (nullptr: it can): causal only (no tree mask,
-// no block mask), no device-side length, one split.
+// Why the sm90 kernels cannot take this call (nullptr: they can): an InfLLM-v2 block mask.
 template <typename T>
 const char* attention_sm90_rejection(const AttentionParams<T>& p) {
-  if (p.tree_mask != nullptr) return "a tree mask (the sm90 kernel is the causal prefill)";
-  if (p.block_mask != nullptr) return "a block mask (the sm90 kernel is the causal prefill)";
-  if (p.seqlen_dev != nullptr) return "a device-side seqlen";
-  if (p.splits != 1) return "key-range splits (the sm90 kernel runs one split)";
+  if (p.block_mask != nullptr) return "a block mask (block-sparse attention runs on the generic kernels)";
   return nullptr;
 }
 
-// Instantiated for bf16/fp16 x head dims 64/128 in csrc/kernels/sm90/attention_prefill.cu.
+// Instantiated for bf16/fp16 x head dims 64/128 in csrc/kernels/sm90/attention.cu.
 template <typename T, int kHeadDim>
-Status launch_attention_prefill_sm90(const AttentionParams<T>& p, cudaStream_t stream);
+Status launch_attention_sm90(const AttentionParams<T>& p, cudaStream_t stream);
 
 }  // namespace edgespec

@@ -381,8 +381,11 @@ def _sm_count(device_index: int) -> int:
 
 
 def attention_splits(tokens: int, seqlen: int, heads_q: int, heads_kv: int, tree: bool,
-                     device: torch.device) -> int:
-    """How many key-range splits the kernels use for this shape on `device` (csrc/kernels/attention_plan.h)."""
+                     device: torch.device, sm90: bool = False) -> int:
+    """How many key-range splits the kernels (sm90: the Hopper kernels) use for this shape on
+    `device` (csrc/kernels/attention_plan.h)."""
+    if sm90:
+        return _module().attention_sm90_num_splits(tokens, seqlen, heads_q, heads_kv, _sm_count(device.index or 0))
     return _module().attention_num_splits(tokens, seqlen, heads_q, heads_kv, tree, _sm_count(device.index or 0))
 
 
@@ -402,9 +405,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     the kernel (the new tokens are slots [seqlen - T, seqlen)), so a CUDA graph captured over a
     whole cache replays at any length; the number of splits then follows S. With a block mask the
     mask's words cover the tiles of all S slots (those past seqlen are never visited).
-    sm90: run the Hopper causal-prefill kernel (wgmma; csrc/kernels/sm90/attention_sm90.h): causal,
-    no block mask, no seqlen, splits 1 (sm90_attention_rejection says why not), a compute
-    capability 9.0 GPU and a build with 90a-real.
+    sm90: run the Hopper kernels (wgmma; csrc/kernels/sm90/attention_sm90.h), which take every
+    call but a block-sparse one (sm90_attention_rejection) on a compute capability 9.0 GPU with a
+    90a-real build; splits=None then plans for them.
     Returns [T, Hq, D] contiguous in q's dtype. With splits > 1 two fp32 scratch tensors,
     [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results.
     """
@@ -418,10 +421,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         tree_mask = tree_mask.contiguous()
     t, hq, d = q.shape
     if sm90:
-        _require("attention (sm90)", sm90_attention_rejection(q, tree_mask, block_mask, seqlen))
-        splits = 1
+        _require("attention (sm90)", sm90_attention_rejection(q, block_mask))
     if splits is None:
-        splits = attention_splits(t, k.shape[0], hq, k.shape[1], tree_mask is not None, q.device)
+        splits = attention_splits(t, k.shape[0], hq, k.shape[1], tree_mask is not None, q.device, sm90)
     out = _new_output(q.shape, q.dtype, q.device)
     partial_out = partial_lse = None
     if splits > 1:
@@ -434,32 +436,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out
 
 
-# Prefill chunks from this many tokens on take the Hopper kernel when it is asked for.
-SM90_MIN_PREFILL_TOKENS = 64
+# Calls with this many packed query rows (tokens x query heads per KV head: one warpgroup's wgmma
+# tile) and more take the Hopper kernels when they are asked for; fewer (decode steps, small
+# trees) stay on the generic kernels, whose 16-row tiles fit them.
+SM90_MIN_ROWS = 64
 
 
-def sm90_attention_requested(q: torch.Tensor, tree_mask: torch.Tensor | None, seqlen: torch.Tensor | None) -> bool:
-    """Whether ops.attention runs this call on the Hopper prefill kernel: EDGESPEC_SM90_ATTENTION=1
-    (opt-in until a GPU session has checked and timed it: bench_attention.py's sm90 columns) and a
-    causal chunk of at least SM90_MIN_PREFILL_TOKENS tokens that the kernel takes."""
+def sm90_attention_requested(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor | None = None) -> bool:
+    """Whether ops.attention runs this call on the Hopper kernels: EDGESPEC_SM90_ATTENTION=1 (opt-in
+    until a GPU session has checked and timed them: bench_attention.py's sm90 columns) and a call
+    of at least SM90_MIN_ROWS packed rows that they take."""
     value = os.environ.get("EDGESPEC_SM90_ATTENTION", "0")
     if value not in ("0", "1"):
         raise ValueError(f"EDGESPEC_SM90_ATTENTION must be 0 or 1, got {value!r}")
-    return (value == "1" and q.shape[0] >= SM90_MIN_PREFILL_TOKENS
-            and sm90_attention_rejection(q, tree_mask, None, seqlen) is None)
+    return (value == "1" and q.shape[0] * (q.shape[1] // k.shape[1]) >= SM90_MIN_ROWS
+            and sm90_attention_rejection(q, block_mask) is None)
 
 
-def sm90_attention_rejection(q: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                             block_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None) -> str | None:
-    """Why the Hopper prefill kernel cannot take this attention call (None: it can), beyond
-    attention_rejection: it is the causal prefill of an sm_90a build on a compute capability 9.0 GPU."""
+def sm90_attention_rejection(q: torch.Tensor, block_mask: torch.Tensor | None = None) -> str | None:
+    """Why the Hopper kernels cannot take this attention call (None: they can), beyond
+    attention_rejection: an sm_90a build, a compute capability 9.0 GPU, no block mask."""
     if not _module().build_info().get("sm90_kernels", False):
         return "this build has no sm90 kernels (EDGESPEC_CUDA_ARCHS lacks 90a-real)"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) != (9, 0):
         return f"the sm90 kernels need a compute capability 9.0 GPU, {q.device} is {torch.cuda.get_device_capability(q.device)}"
-    for name, given in (("tree mask", tree_mask), ("block mask", block_mask), ("device-side seqlen", seqlen)):
-        if given is not None:
-            return f"the sm90 kernel is the causal prefill: it takes no {name}"
+    if block_mask is not None:
+        return "block-sparse attention (a block mask) runs on the generic kernels"
     return None
 
 

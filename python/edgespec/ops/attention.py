@@ -119,7 +119,7 @@ def attention(
 
         if _kernels.supports_attention(q, k, v, tree_mask):
             return _kernels.attention(q, k, v, scale, tree_mask, seqlen=seqlen,
-                                      sm90=_kernels.sm90_attention_requested(q, tree_mask, seqlen))
+                                      sm90=_kernels.sm90_attention_requested(q, k))
     if seqlen is not None:
         n = int(seqlen.reshape(()).item())
         if not q.shape[0] <= n <= k.shape[0]:
