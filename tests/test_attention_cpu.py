@@ -98,6 +98,7 @@ def _bf16(*shape: int) -> torch.Tensor:
     return torch.randn(*shape).to(torch.bfloat16)
 
 
+@pytest.mark.cpu_paths
 def test_rejection_reasons_name_the_problem() -> None:
     q, k = _bf16(3, 8, 64), _bf16(40, 2, 64)
     assert "dtype" in _kernels.attention_rejection(q.float(), k.float(), k.float())
@@ -162,6 +163,7 @@ def _attention_error(q, k, v, mask=None, out=None, partial=None, lse=None, split
 
 
 @needs_extension
+@pytest.mark.cpu_paths
 def test_attention_rechecks_in_cpp() -> None:
     q, k, v = _fake((3, 8, 64)), _fake((40, 2, 64), offset=1 << 20), _fake((40, 2, 64), offset=1 << 24)
     msg = _attention_error(_fake((3, 8, 96)), _fake((40, 2, 96), offset=1 << 20), _fake((40, 2, 96), offset=1 << 24))

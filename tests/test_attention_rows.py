@@ -11,6 +11,9 @@ from edgespec import ops
 from edgespec.ops import attention_rows
 from oracle.attention import attention_ref, random_tree, tree_visibility
 
+# The CPU path's exact rows: under --emulated-ops CPU tensors take the (not row-invariant) kernels.
+pytestmark = pytest.mark.cpu_paths
+
 CASES = [  # prefix n, tree tokens T, query heads, KV heads, head dim
     (0, 1, 4, 4, 64), (5, 7, 9, 3, 64), (60, 13, 9, 3, 64), (63, 3, 4, 1, 64), (127, 19, 6, 2, 128),
     (130, 70, 8, 8, 128), (1000, 21, 6, 2, 64), (511, 90, 12, 4, 64),

@@ -261,6 +261,7 @@ def test_plain_mlp_models_report_no_sparsity(tiny_model_dir) -> None:
 
 # ---- kernel boundary (device-independent checks run on CPU tensors) ---------------------------
 
+@pytest.mark.cpu_paths
 def test_kernel_rejections_name_the_problem() -> None:
     from edgespec.ops import _kernels
 

@@ -55,6 +55,24 @@ def test_mma_follows_the_documented_fragment_layout(lib, dtype) -> None:
     torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
 
 
+def test_wgmma_follows_the_documented_layouts_and_completes_at_its_wait(lib) -> None:
+    """Hopper wgmma (tools/cuda_emulator/wgmma.cuh): 128-byte-swizzled K-major and MN-major
+    operands read through descriptors (csrc/kernels/sm90/gmma_desc.h), A from registers, the
+    accumulator layout of csrc/kernels/sm90/wgmma.cuh, and the accumulators unchanged until the
+    wait that retires the product."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(64, 16, generator=g).to(torch.bfloat16)
+    b = torch.randn(16, 64, generator=g).to(torch.bfloat16)
+    v = torch.randn(16, 64, generator=g).to(torch.bfloat16)
+    before, d, e = (torch.full((64, 64), float("nan")) for _ in range(3))
+    bt = b.t().contiguous()
+    rc = lib.cuemu_selftest_wgmma(*(_ptr(x.view(torch.int16)) for x in (a, bt, v)), _ptr(before), _ptr(d), _ptr(e))
+    assert rc == 0, _message(lib)
+    assert torch.equal(before, torch.full((64, 64), 7.0))  # read between issue and wait: untouched
+    torch.testing.assert_close(d.double(), a.double() @ b.double() + 7.0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(e.double(), a.double() @ v.double(), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("trans", [False, True])
 def test_ldmatrix_x4_follows_the_documented_layout(lib, trans) -> None:
     m = torch.arange(32 * 8, dtype=torch.int16).view(32, 8)  # four 8 x 8 matrices, distinct values

@@ -219,6 +219,7 @@ def test_gguf_q4_direct_import_matches_dequantised_load(demo_gguf, demo_llm) -> 
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.cpu_paths
 def test_kernel_constraints_are_stated_and_fall_back() -> None:
     """The CUDA kernel's predicate names why it refuses a weight (checked before any device test,
     so on CPU tensors); the op then takes the torch path."""

@@ -6,8 +6,11 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "common/mma.cuh"
+#include "kernels/sm90/gmma_desc.h"
+#include "kernels/sm90/wgmma.cuh"
 
 namespace {
 
@@ -137,6 +140,49 @@ __global__ void big_shared_kernel(float* out) {
 // threads read past the allocation (what tools/cuda_emulator/asan.sh must catch).
 __global__ void global_read_kernel(const float* src, float* out) { out[threadIdx.x] = src[threadIdx.x]; }
 
+// One warpgroup: D = A [64 x 16] . B [16 x 64] with A and B^T staged K-major in 128-byte-swizzled
+// shared memory (gmma_desc.h: element (i, k) at sw128_offset), then E = A . V [16 x 64] with A from
+// registers (the mma.m16n8k16 A layout per warp) and V staged MN-major (element (k, n) at
+// sw128_offset(16, k, n)). Every thread writes, per accumulator of d[4i + e] (row 16w + g + 8(e/2),
+// column 8i + 2c + e % 2): `before` its value between the wgmma and its wait (a wgmma completes at
+// the wait that retires it), then D and E. a, bt, v: bf16 bits, row-major [64][16], [64][16], [16][64].
+__global__ void wgmma_kernel(const std::uint16_t* a, const std::uint16_t* bt, const std::uint16_t* v,
+                             float* before, float* d_out, float* e_out) {
+  extern __shared__ __align__(16) unsigned char raw[];
+  const std::uint32_t raw_addr = edgespec::smem_address(raw);
+  const std::uint32_t pad = (1024 - raw_addr % 1024) % 1024;
+  unsigned char* tiles = raw + pad;  // A (8 KB: 64 rows of 128 bytes), B^T (8 KB), V (2 KB)
+  const std::uint32_t base = raw_addr + pad;
+  const int t = threadIdx.x, lane = t % 32, w = t / 32, g = lane / 4, c = lane % 4;
+  for (int i = t; i < 64 * 16; i += 128) {
+    const int r = i / 16, k = i % 16;
+    std::memcpy(tiles + edgespec::sw128_offset(64, r, k), a + i, 2);
+    std::memcpy(tiles + 8192 + edgespec::sw128_offset(64, r, k), bt + i, 2);
+  }
+  for (int i = t; i < 16 * 64; i += 128) std::memcpy(tiles + 16384 + edgespec::sw128_offset(16, i / 64, i % 64), v + i, 2);
+  edgespec::fence_proxy_async();
+  __syncthreads();
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 7.f;
+  edgespec::wgmma_fence();
+  edgespec::wgmma_ss<__nv_bfloat16, 64>(d, edgespec::gmma_desc_sw128(base, 16, 1024),
+                                        edgespec::gmma_desc_sw128(base + 8192, 16, 1024), 1);
+  edgespec::wgmma_commit();
+  auto at = [&](int i) { return (16 * w + g + 8 * ((i % 4) / 2)) * 64 + 8 * (i / 4) + 2 * c + i % 2; };
+  for (int i = 0; i < 32; ++i) before[at(i)] = d[i];
+  edgespec::wgmma_wait<0>();
+  for (int i = 0; i < 32; ++i) d_out[at(i)] = d[i];
+  const int r0 = 16 * w + g;
+  const std::uint32_t af[4] = {pair(a + r0 * 16 + 2 * c), pair(a + (r0 + 8) * 16 + 2 * c), pair(a + r0 * 16 + 2 * c + 8),
+                               pair(a + (r0 + 8) * 16 + 2 * c + 8)};
+  float e[32] = {};
+  edgespec::wgmma_fence();
+  edgespec::wgmma_rs_mn<__nv_bfloat16, 64>(e, af, edgespec::gmma_desc_sw128(base + 16384, 8192, 1024), 0);
+  edgespec::wgmma_commit();
+  edgespec::wgmma_wait<0>();
+  for (int i = 0; i < 32; ++i) e_out[at(i)] = e[i];
+}
+
 }  // namespace
 
 extern "C" {
@@ -152,6 +198,12 @@ int cuemu_selftest_mma(const std::uint16_t* a, const std::uint16_t* b_t, float* 
 
 int cuemu_selftest_ldmatrix(const std::uint16_t* m, std::uint32_t* out, int trans) {
   ldmatrix_kernel<<<1, 32, 32 * 16>>>(m, out, trans);
+  return cudaGetLastError();
+}
+
+int cuemu_selftest_wgmma(const std::uint16_t* a, const std::uint16_t* bt, const std::uint16_t* v, float* before,
+                         float* d, float* e) {
+  wgmma_kernel<<<1, 128, 1024 + 8192 + 8192 + 2048>>>(a, bt, v, before, d, e);
   return cudaGetLastError();
 }
 
