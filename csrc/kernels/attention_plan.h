@@ -31,9 +31,18 @@
 //   way: parity with cuDNN/FA3-backed SDPA on Hopper needs wgmma; on A100/Ada mma.sync is the
 //   right instruction.
 //
-// Status: correct on the CPU emulator (tests/test_attention_kernels.py), never run on a GPU.
-// Tuning history: first version, written without access to a GPU; the constants above are
-// first estimates from the roofline. Retune on a lent H100/H200/A100 with
+// The Hopper kernels (csrc/kernels/sm90/attention.cu, opt-in: EDGESPEC_SM90_ATTENTION=1) take
+// prefill and trees on wgmma with 128-row blocks, one per SM (168 registers x 256 threads), and plan
+// their splits with attention_sm90_num_splits. Predictions to check on the first H100 run
+// (bench_attention.py's sm90_* columns): prefill 4K-32K at 450-550 TFLOP/s against the generic
+// kernel's ~300 (S and P.V products are serialised with the softmax inside a warpgroup, so not
+// FA3's ~650); Llama-3.1-8B tree-64 at 32K in 60-75 us, 1.3-1.7x the decode step. A miss below
+// 400 TFLOP/s points at the lockstep of the two warpgroups (both wait at every tile's barrier):
+// the next step is FA3's ping-pong (named barriers) and a TMA producer warp.
+//
+// Status: correct on the CPU emulator (tests/test_attention_kernels.py, test_attention_sm90_kernels.py),
+// never run on a GPU. Tuning history: first version, written without access to a GPU; the constants
+// above are first estimates from the roofline. Retune on a lent H100/H200/A100 with
 // bench/python/bench_attention.py (and bench/cpp/bench_attention) and record what changed and why
 // here.
 #pragma once
