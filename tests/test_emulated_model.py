@@ -208,3 +208,35 @@ def test_minicpm4_sparse_model_on_the_kernels(tiny_model_dir, kernel_calls, monk
     err, torch_err, scale = _max_error_vs_fp32(path, torch.bfloat16, run, monkeypatch)
     assert kernel_calls["compress_keys"] == 2 and kernel_calls["sparse_select_blocks"] == 2 * 4  # per layer: prefill; decodes
     assert err <= 2 * torch_err + 1e-3 * scale, f"{err:.3g} vs torch path {torch_err:.3g}"
+
+
+def test_hopper_attention_inside_the_decoder(tiny_model_dir, monkeypatch) -> None:
+    """EDGESPEC_SM90_ATTENTION=1: a prefill and a tree verification of 64+ packed rows run on the
+    Hopper (wgmma) kernels inside the decoder (q a view of the fused QKV projection), the decode
+    step on the generic one, and the logits match the torch path's accuracy."""
+    path = tiny_model_dir("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
+                          intermediate_size=512, num_hidden_layers=2)
+    tokens = torch.randint(3, 200, (91,), generator=torch.Generator().manual_seed(2))
+    parents = [-1] + [i // 2 for i in range(19)]  # a 20-token binary tree: 80 packed rows
+    tree = tree_visibility(parents)
+    calls = []
+    real = _kernels.attention
+
+    def spy(*args, sm90=False, **kwargs):
+        calls.append(sm90)
+        return real(*args, sm90=sm90, **kwargs)
+
+    def run(model):
+        cache = model.new_cache()
+        out = [model.logits(model.forward(tokens[:70], torch.arange(70), cache, 0).hidden[-4:])]
+        out.append(model.logits(model.forward(tokens[70:71], torch.tensor([70]), cache, 70).hidden))
+        depth = tree.sum(dim=1) - 1
+        out.append(model.logits(model.forward(tokens[71:91], 71 + depth, cache, 71, tree_mask=pack_bits(tree)).hidden))
+        return torch.cat(out)
+
+    monkeypatch.setenv("EDGESPEC_SM90_ATTENTION", "1")
+    monkeypatch.setattr(_kernels, "attention", spy)
+    err, torch_err, scale = _max_error_vs_fp32(path, torch.bfloat16, run, monkeypatch)
+    layers = 2
+    assert calls == [True] * layers + [False] * layers + [True] * layers  # the torch-path runs call none
+    assert err <= 2 * torch_err + 1e-3 * scale, f"{err:.3g} vs torch path {torch_err:.3g}"
