@@ -107,15 +107,20 @@ class RandomTableDraft:
         return self.table[batch.tokens[-batch.new:]], None
 
 
+def random_settings_and_root(g: torch.Generator, vocab: int, max_size: int, max_depth: int):
+    """Random tree settings (sizes below max_size, depths below max_depth, top-k 1..4) and root log-probs."""
+    settings = TreeSettings(tree_size=int(torch.randint(1, max_size, (1,), generator=g)),
+                            depth=int(torch.randint(2, max_depth, (1,), generator=g)),
+                            topk=int(torch.randint(1, 5, (1,), generator=g)))
+    return settings, (torch.randn(vocab, generator=g) * 3).log_softmax(-1)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_early_stop_gives_the_tree_of_full_depth(seed, monkeypatch):
     import edgespec.spec.tree as tree_module
     g = torch.Generator().manual_seed(1000 + seed)
     vocab = 8
-    settings = TreeSettings(tree_size=int(torch.randint(1, 40, (1,), generator=g)),
-                            depth=int(torch.randint(2, 9, (1,), generator=g)),
-                            topk=int(torch.randint(1, 5, (1,), generator=g)))
-    root = (torch.randn(vocab, generator=g) * 3).log_softmax(-1)
+    settings, root = random_settings_and_root(g, vocab, max_size=40, max_depth=9)
     fast_draft = RandomTableDraft(vocab, seed)
     fast = build_tree(0, root, None, fast_draft, settings)
     monkeypatch.setattr(tree_module, "_deeper_nodes_cannot_enter", lambda *args: False)
@@ -123,6 +128,37 @@ def test_early_stop_gives_the_tree_of_full_depth(seed, monkeypatch):
     full = build_tree(0, root, None, full_draft, settings)
     assert (fast.tokens, fast.parents, fast.scores) == (full.tokens, full.parents, full.scores)
     assert fast_draft.rounds <= full_draft.rounds == settings.depth - 1
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_device_selection_and_greedy_acceptance_equal_the_host_ones(seed):
+    """select_tree_on_device and accept_greedy_on_device (what graphed speculation runs, with no
+    host read until the accepted path) give select_tree's tree and accept_greedy's path and bonus,
+    on random drafts and on targets that follow a random path of the tree deep."""
+    from edgespec.spec.accept import accept_greedy_on_device
+    from edgespec.spec.tree import grow_candidates, select_tree, select_tree_on_device
+
+    g = torch.Generator().manual_seed(2000 + seed)
+    vocab = 10
+    settings, root_logits = random_settings_and_root(g, vocab, max_size=30, max_depth=7)
+    cands = grow_candidates(root_logits, None, RandomTableDraft(vocab, seed), settings, None, settings.depth)
+    want = select_tree(7, cands, settings.tree_size)
+    got = select_tree_on_device(torch.tensor([7]), cands, settings.tree_size, settings.depth)
+    host = got.to_host()
+    assert (host.tokens, host.parents, host.depths) == (want.tokens, want.parents, want.depths)
+    assert torch.equal(got.mask, want.packed_mask()) and torch.equal(got.positions(40), want.positions(40))
+    # Targets: the argmax after each node is a random token, or (to accept deep paths) the token
+    # of a random child.
+    for trial in range(4):
+        best = torch.randint(0, vocab, (want.size,), generator=g)
+        for i, children in enumerate(want.children):
+            if children and torch.rand((), generator=g) < 0.8:
+                best[i] = want.tokens[children[int(torch.randint(len(children), (1,), generator=g))]]
+        logits = onehot_logits(best.tolist(), vocab)
+        path, bonus = accept_greedy(want, logits)
+        assert accept_greedy_on_device(got, logits) == (path, [want.tokens[i] for i in path], bonus)
+    with pytest.raises(Exception, match="non-finite logits"):
+        accept_greedy_on_device(got, torch.full((want.size, vocab), float("nan")))
 
 
 def test_nan_draft_logits_give_a_valid_tree():

@@ -20,7 +20,7 @@ import torch
 
 from .. import ops
 from ..generation import checked_tokens
-from .tree import DraftTree
+from .tree import DeviceTree, DraftTree
 
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
@@ -39,6 +39,29 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int
             return path, want
         path.append(nxt)
         node = nxt
+
+
+def accept_greedy_on_device(tree: DeviceTree, logits: torch.Tensor) -> tuple[list[int], list[int], int]:
+    """accept_greedy on a DeviceTree with one host read (the path and the bonus token).
+
+    A node is accepted when its token is the target's argmax after its parent and its parent is
+    accepted; siblings hold distinct tokens (top-k of one distribution), so the accepted nodes form
+    one path from the root, and its deepest node is where the walk stops.
+    Returns (accepted node indices starting with the root, their tokens, bonus token id).
+    """
+    best = ops.argmax(logits)                                                  # [N]
+    match = tree.tokens == best[tree.parents.clamp(min=0)]
+    match[0] = True
+    accepted = match
+    step = tree.parents.clamp(min=0)
+    for _ in range(tree.max_depth):  # a node stays accepted while its ancestors all are
+        accepted = accepted & accepted[step]
+    end = torch.where(accepted, tree.depths, -1).argmax()
+    path_bits = tree.visible[end]
+    n = tree.size
+    values = checked_tokens(torch.cat([path_bits.long(), tree.tokens, best[end].reshape(1)]), logits)
+    path = [i for i in range(n) if values[i]]
+    return path, [values[n + i] for i in path], values[-1]
 
 
 def accept_sampling(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:

@@ -24,9 +24,9 @@ from .. import cuda_graphs
 from ..generation import GenerationConfig, Sampler, checked_tokens, prefill
 from ..kv_cache import KVCache
 from ..models.decoder import Decoder
-from .accept import accept_greedy, accept_sampling
+from .accept import accept_greedy, accept_greedy_on_device, accept_sampling
 from .drafter import Drafter, TargetStates
-from .tree import DraftTree, TreeSettings, build_tree, select_tree
+from .tree import DeviceTree, DraftTree, TreeSettings, build_tree, select_tree_on_device
 
 
 def cache_slack(settings: TreeSettings) -> int:
@@ -90,23 +90,29 @@ class SpeculativeDecoding:
         max_depth = min(model.max_context - 1 - n, self._budget - self._produced - 1)
         if (self.graphs is not None and max_depth >= self.settings.depth >= 2
                 and getattr(self.drafter, "graphable", False)):
+            # Graphed drafting: the tree stays on the device until the acceptance reads its path.
             cands = self.graphs.grow(self.drafter, self.settings, self._root_logits, self._root_state)
-            tree = select_tree(self._root, cands, self.settings.tree_size)
+            root = torch.full((1,), self._root, dtype=torch.int64, device=dev)
+            tree: DeviceTree | DraftTree = select_tree_on_device(root, cands, self.settings.tree_size,
+                                                                 self.settings.depth)
         else:
             tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
                               self.drafter.lm_head.token_map, max_depth=max(max_depth, 0))
-        tokens = torch.tensor(tree.tokens, dtype=torch.int64, device=dev)
-        mask = tree.packed_mask(dev) if tree.size > 1 else None
-        if self.graphs is not None and tree.size == self.settings.tree_size + 1 > 1:
-            logits, captured = self.graphs.verify(tokens, tree.positions(n, dev), n, mask, self.drafter.capture)
+        if isinstance(tree, DeviceTree):
+            tokens, positions, mask = tree.tokens, tree.positions(n), tree.mask
         else:
-            out = model.forward(tokens, tree.positions(n, dev), cache, n, tree_mask=mask, capture=self.drafter.capture)
+            tokens = torch.tensor(tree.tokens, dtype=torch.int64, device=dev)
+            positions, mask = tree.positions(n, dev), tree.packed_mask(dev) if tree.size > 1 else None
+        if self.graphs is not None and tree.size == self.settings.tree_size + 1 > 1:
+            logits, captured = self.graphs.verify(tokens, positions, n, mask, self.drafter.capture)
+        else:
+            out = model.forward(tokens, positions, cache, n, tree_mask=mask, capture=self.drafter.capture)
             logits, captured = model.logits(out.hidden), out.captured       # [T, V] fp32
-        path, bonus = self._accept(tree, logits)
+        path, path_tokens, bonus = self._accept(tree, logits)
         path_t = torch.tensor(path, dtype=torch.int64, device=dev)
         cache.compact([n + i for i in path], n)
         cache.length = n + len(path)
-        committed = [tree.tokens[i] for i in path[1:]] + [bonus]
+        committed = path_tokens[1:] + [bonus]
         target = TargetStates(captured).rows(path_t)
         committed_t = torch.tensor(committed, dtype=torch.int64, device=dev)
         if self.graphs is not None and getattr(self.drafter, "graphable", False):
@@ -119,12 +125,18 @@ class SpeculativeDecoding:
         self.tree_sizes.append(tree.size - 1)
         return committed
 
-    def _accept(self, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    def _accept(self, tree: DeviceTree | DraftTree, logits: torch.Tensor) -> tuple[list[int], list[int], int]:
+        """(accepted node indices from the root, their tokens, the bonus token)."""
         assert self.sampler is not None
+        if self.sampler.config.greedy and isinstance(tree, DeviceTree):
+            return accept_greedy_on_device(tree, logits)  # one host read
+        host = tree.to_host() if isinstance(tree, DeviceTree) else tree
         if self.sampler.config.greedy:
-            return accept_greedy(tree, logits)
-        checked_tokens(torch.empty(0, dtype=torch.int64, device=logits.device), logits)  # NaN: an error, not a token
-        return accept_sampling(tree, self.sampler.probs(logits), self.sampler.generator)
+            path, bonus = accept_greedy(host, logits)
+        else:
+            checked_tokens(torch.empty(0, dtype=torch.int64, device=logits.device), logits)  # NaN: an error, not a token
+            path, bonus = accept_sampling(host, self.sampler.probs(logits), self.sampler.generator)
+        return path, [host.tokens[i] for i in path], bonus
 
     def stats(self) -> dict[str, Any]:
         """Speculation statistics merged into GenerationStats (and `--stats`' JSON line)."""

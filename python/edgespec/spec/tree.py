@@ -175,12 +175,44 @@ def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
 @dataclass
 class Candidates:
     """Every node a tree's draft rounds proposed, in creation order (parents first), on the device:
-    tokens (target ids), cumulative draft log-prob scores and parents (index into these arrays, -1
-    for a child of the root), all [N]."""
+    tokens (target ids), cumulative draft log-prob scores, parents (index into these arrays, -1
+    for a child of the root) and depths (1 for a child of the root), all [N]."""
 
     tokens: torch.Tensor
     scores: torch.Tensor
     parents: torch.Tensor
+    depths: torch.Tensor
+
+
+@dataclass
+class DeviceTree:
+    """A draft tree that stays on the device (select_tree_on_device): what a verification and a
+    greedy acceptance need, with no host copy. N = size nodes, node 0 the root, creation order.
+
+    tokens, parents (root -1), depths: int64 [N]; visible: bool [N, N], row i true at i and its
+    ancestors; mask: the same packed as ops.attention takes it; max_depth: a host bound on depths.
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    visible: torch.Tensor
+    mask: torch.Tensor
+    max_depth: int
+
+    @property
+    def size(self) -> int:
+        return self.tokens.numel()
+
+    def positions(self, start: int) -> torch.Tensor:
+        """RoPE positions int64 [N]: the root at `start`, a node at depth d at start + d."""
+        return self.depths + start
+
+    def to_host(self) -> DraftTree:
+        """The same tree as a DraftTree (one host read)."""
+        n = self.size
+        values = torch.cat([self.tokens, self.parents, self.depths]).tolist()
+        return DraftTree(values[:n], values[n:2 * n], values[2 * n:], [0.0] * n)
 
 
 def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Tensor | None,
@@ -294,7 +326,9 @@ def grow_candidates(root_logits: torch.Tensor, root_state: torch.Tensor | None, 
         frontier = chosen + total
         total += kf * k
         frontier_states = None if states is None else states[chosen // k]
-    return Candidates(torch.cat(cand_tokens), torch.cat(cand_scores), torch.cat(cand_parents))
+    depths = torch.cat([torch.full((t.numel(),), d + 1, dtype=torch.int64, device=device)
+                        for d, t in enumerate(cand_tokens)])
+    return Candidates(torch.cat(cand_tokens), torch.cat(cand_scores), torch.cat(cand_parents), depths)
 
 
 def select_tree(root_token: int, cands: Candidates, tree_size: int) -> DraftTree:
@@ -310,6 +344,34 @@ def select_tree(root_token: int, cands: Candidates, tree_size: int) -> DraftTree
     for p in parents[1:]:
         depths.append(depths[p] + 1)
     return DraftTree([root_token] + tokens, parents, depths, [0.0] + scores_kept)
+
+
+def select_tree_on_device(root_token: torch.Tensor, cands: Candidates, tree_size: int, max_depth: int) -> DeviceTree:
+    """select_tree without the host: the same nodes in the same order, as a DeviceTree.
+
+    root_token: int64 [1] on the candidates' device; max_depth: the rounds' depth limit (the
+    ancestor walk runs that many steps, so nothing here is read on the host).
+    """
+    keep = torch.sort(_stable_top(cands.scores, tree_size)).values    # creation order = topological
+    n = keep.numel() + 1
+    device = keep.device
+    node_of = torch.zeros(cands.tokens.numel(), dtype=torch.int64, device=device)
+    node_of[keep] = torch.arange(1, n, device=device)
+    kept_parents = cands.parents[keep]
+    parents = torch.cat([torch.full((1,), -1, dtype=torch.int64, device=device),
+                         torch.where(kept_parents < 0, 0, node_of[kept_parents.clamp(min=0)])])
+    tokens = torch.cat([root_token.reshape(1).to(torch.int64), cands.tokens[keep]])
+    depths = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), cands.depths[keep]])
+    # Row i: i and its ancestors, by following parent pointers max_depth times (the root is its
+    # own parent here, so finished walks stay put).
+    step = parents.clamp(min=0)
+    visible = torch.eye(n, dtype=torch.bool, device=device)
+    rows = torch.arange(n, device=device)
+    up = step
+    for _ in range(max_depth):
+        visible[rows, up] = True
+        up = step[up]
+    return DeviceTree(tokens, parents, depths, visible, ops.pack_tree_mask(visible), max_depth)
 
 
 def _deeper_nodes_cannot_enter(cand_scores: list[torch.Tensor], frontier_scores: torch.Tensor, tree_size: int) -> bool:
