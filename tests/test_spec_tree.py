@@ -135,7 +135,7 @@ def test_device_selection_and_greedy_acceptance_equal_the_host_ones(seed):
     """select_tree_on_device and accept_greedy_on_device (what graphed speculation runs, with no
     host read until the accepted path) give select_tree's tree and accept_greedy's path and bonus,
     on random drafts and on targets that follow a random path of the tree deep."""
-    from edgespec.spec.accept import accept_greedy_on_device
+    from edgespec.spec.accept import accept_greedy_on_device, accept_sampling_on_device
     from edgespec.spec.tree import grow_candidates, select_tree, select_tree_on_device
 
     g = torch.Generator().manual_seed(2000 + seed)
@@ -143,9 +143,15 @@ def test_device_selection_and_greedy_acceptance_equal_the_host_ones(seed):
     settings, root_logits = random_settings_and_root(g, vocab, max_size=30, max_depth=7)
     cands = grow_candidates(root_logits, None, RandomTableDraft(vocab, seed), settings, None, settings.depth)
     want = select_tree(7, cands, settings.tree_size)
-    got = select_tree_on_device(torch.tensor([7]), cands, settings.tree_size, settings.depth)
+    got = select_tree_on_device(torch.tensor([7]), cands, settings.tree_size, settings.depth, settings.topk)
     host = got.to_host()
     assert (host.tokens, host.parents, host.depths) == (want.tokens, want.parents, want.depths)
+    # Sampled acceptance draws the same random numbers on both (per sibling slot up to top-k).
+    drafted = select_tree(7, cands, settings.tree_size, min(settings.topk, vocab))
+    probs = torch.softmax(torch.randn(want.size, vocab, generator=g) * 2, dim=-1)
+    sampled = accept_sampling_on_device(got, probs, torch.Generator().manual_seed(seed))
+    path, bonus = accept_sampling(drafted, probs, torch.Generator().manual_seed(seed))
+    assert sampled == (path, [want.tokens[i] for i in path], bonus)
     assert torch.equal(got.mask, want.packed_mask()) and torch.equal(got.positions(40), want.positions(40))
     # Targets: the argmax after each node is a random token, or (to accept deep paths) the token
     # of a random child.
@@ -159,6 +165,15 @@ def test_device_selection_and_greedy_acceptance_equal_the_host_ones(seed):
         assert accept_greedy_on_device(got, logits) == (path, [want.tokens[i] for i in path], bonus)
     with pytest.raises(Exception, match="non-finite logits"):
         accept_greedy_on_device(got, torch.full((want.size, vocab), float("nan")))
+
+
+def test_children_table_lists_siblings_in_creation_order():
+    from edgespec.spec.tree import DeviceTree
+
+    tree = DraftTree.from_parents([0, 5, 7, 9, 5, 3, 8], [-1, 0, 1, 0, 1, 3, 0])  # siblings not adjacent
+    table = DeviceTree.from_host(tree, "cpu").children_table().tolist()
+    assert table == [c + [-1] * (3 - len(c)) for c in tree.children] == [[1, 3, 6], [2, 4, -1], [-1, -1, -1],
+                                                                          [5, -1, -1], [-1] * 3, [-1] * 3, [-1] * 3]
 
 
 def test_nan_draft_logits_give_a_valid_tree():
@@ -263,7 +278,7 @@ def test_sampling_first_token_matches_the_target_distribution():
     the residual) against p itself; 40,000 draws, p-value threshold 1e-3. A test of the test: the
     same statistic rejects a biased scheme that accepts the first child whenever p(x) >= 0.2."""
     p = torch.tensor([0.05, 0.1, 0.02, 0.08, 0.0, 0.25, 0.05, 0.3, 0.05, 0.05, 0.03, 0.02])
-    probs = p.expand(7, 12).clone()
+    probs = p.expand(3, 12).clone()
     tree = DraftTree.from_parents([0, 5, 7], [-1, 0, 0])
     g = torch.Generator().manual_seed(123)
     n = 40_000
@@ -286,7 +301,7 @@ def test_sampling_residual_when_children_hold_all_mass():
     # All mass on the two children: one of them is always accepted, never a residual draw.
     p = torch.zeros(12)
     p[5], p[7] = 0.4, 0.6
-    probs = p.expand(7, 12).clone()
+    probs = p.expand(3, 12).clone()
     tree = DraftTree.from_parents([0, 5, 7], [-1, 0, 0])
     g = torch.Generator().manual_seed(5)
     seen = set()

@@ -41,27 +41,41 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int
         node = nxt
 
 
+def _accepted_path_end(tree: DeviceTree, accepted_child: torch.Tensor) -> torch.Tensor:
+    """The deepest node of the accepted path, as a device scalar: a node is on it when it is its
+    parent's accepted child and its parent is on it (the root always is)."""
+    on_path = accepted_child[tree.parents.clamp(min=0)] == torch.arange(tree.size, device=tree.tokens.device)
+    on_path[0] = True
+    step = tree.parents.clamp(min=0)
+    for _ in range(tree.max_depth):
+        on_path = on_path & on_path[step]
+    return torch.where(on_path, tree.depths, -1).argmax()
+
+
+def _read_path(tree: DeviceTree, end: torch.Tensor, bonus: torch.Tensor,
+               logits: torch.Tensor | None) -> tuple[list[int], list[int], int]:
+    """(path node indices, their tokens, bonus) in one host read (with the logits' NaN check)."""
+    n = tree.size
+    packed = torch.cat([tree.visible[end].long(), tree.tokens, bonus.reshape(1).long()])
+    values = checked_tokens(packed, logits) if logits is not None else packed.tolist()
+    path = [i for i in range(n) if values[i]]
+    return path, [values[n + i] for i in path], values[-1]
+
+
 def accept_greedy_on_device(tree: DeviceTree, logits: torch.Tensor) -> tuple[list[int], list[int], int]:
     """accept_greedy on a DeviceTree with one host read (the path and the bonus token).
 
-    A node is accepted when its token is the target's argmax after its parent and its parent is
-    accepted; siblings hold distinct tokens (top-k of one distribution), so the accepted nodes form
-    one path from the root, and its deepest node is where the walk stops.
+    A node's accepted child is the one whose token is the target's argmax after it; siblings hold
+    distinct tokens (top-k of one distribution), so there is at most one, and the accepted nodes
+    form one path from the root whose deepest node is where the walk stops.
     Returns (accepted node indices starting with the root, their tokens, bonus token id).
     """
     best = ops.argmax(logits)                                                  # [N]
-    match = tree.tokens == best[tree.parents.clamp(min=0)]
-    match[0] = True
-    accepted = match
-    step = tree.parents.clamp(min=0)
-    for _ in range(tree.max_depth):  # a node stays accepted while its ancestors all are
-        accepted = accepted & accepted[step]
-    end = torch.where(accepted, tree.depths, -1).argmax()
-    path_bits = tree.visible[end]
-    n = tree.size
-    values = checked_tokens(torch.cat([path_bits.long(), tree.tokens, best[end].reshape(1)]), logits)
-    path = [i for i in range(n) if values[i]]
-    return path, [values[n + i] for i in path], values[-1]
+    children = tree.children_table()                                           # [N, k]
+    matches = (tree.tokens[children.clamp(min=0)] == best.unsqueeze(1)) & (children >= 0)
+    accepted_child = torch.where(matches, children, -1).max(dim=1).values     # -1: none
+    end = _accepted_path_end(tree, accepted_child)
+    return _read_path(tree, end, best[end], logits)
 
 
 def accept_sampling(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
@@ -71,26 +85,46 @@ def accept_sampling(tree: DraftTree, probs: torch.Tensor, generator: torch.Gener
     generator: the engine's seeded generator (same device as probs), so seeded runs reproduce.
     Returns (accepted node indices starting with the root, bonus token id).
     """
-    node = 0
-    path = [0]
-    while True:
-        residual = probs[node].clone()  # unnormalised: rejected children are zeroed
-        accepted = None
-        for child in tree.children[node]:
-            x = tree.tokens[child]
-            px = float(residual[x])
-            if px <= 0.0:
-                continue  # p(x) = 0: rejected with certainty; removing it changes nothing
-            mass = float(residual.sum())
-            u = float(torch.rand((), generator=generator, device=probs.device))
-            # u * mass < px  <=>  u < p_residual(x); when x holds all the remaining mass it is
-            # accepted outright so rounding cannot leave an empty residual.
-            if u * mass < px or mass - px <= 0.0:
-                accepted = child
-                break
-            residual[x] = 0.0
-        if accepted is None:
-            bonus = int(ops.sample((residual / residual.sum()).unsqueeze(0), generator)[0])
-            return path, bonus
-        path.append(accepted)
-        node = accepted
+    path, _, bonus = accept_sampling_on_device(DeviceTree.from_host(tree, probs.device), probs, generator)
+    return path, bonus
+
+
+def accept_sampling_on_device(tree: DeviceTree, probs: torch.Tensor, generator: torch.Generator,
+                              logits: torch.Tensor | None = None) -> tuple[list[int], list[int], int]:
+    """accept_sampling on a DeviceTree with one host read (which also checks `logits`, the verify
+    logits probs came from, for NaN/inf: NumericalError).
+
+    Every node runs its siblings' rejection sequence at once (a node's decisions depend only on
+    its own distribution and its own uniforms, so deciding at nodes the walk never reaches changes
+    nothing about the nodes it does); then the walk follows the accepted children from the root,
+    and the bonus token is drawn from the residual of the node where it stops.
+    Returns (accepted node indices starting with the root, their tokens, bonus token id).
+    """
+    n = tree.size
+    if probs.dim() != 2 or probs.shape[0] != n:
+        raise ValueError(f"accept_sampling: probs must be [{n}, V], one row per tree node, got {tuple(probs.shape)}")
+    children = tree.children_table()                                           # [N, k]
+    residual = probs.clone()                                                   # unnormalised
+    accepted_child = torch.full((n,), -1, dtype=torch.int64, device=probs.device)
+    for s in range(children.shape[1]):  # sibling s of every node, in creation order
+        child = children[:, s]
+        x = tree.tokens[child.clamp(min=0)].unsqueeze(1)                       # [N, 1]
+        px = residual.gather(1, x).squeeze(1)
+        mass = residual.sum(dim=1)
+        u = torch.rand(n, generator=generator, device=probs.device)
+        # p(x) = 0: rejected with certainty (removing it changes nothing). u * mass < px <=>
+        # u < p_residual(x); a child holding all the remaining mass is accepted outright, so
+        # rounding cannot leave an empty residual.
+        open_ = (child >= 0) & (accepted_child < 0) & (px > 0)
+        take = open_ & ((u * mass < px) | (mass - px <= 0))
+        accepted_child = torch.where(take, child, accepted_child)
+        residual.scatter_(1, x, torch.where(open_ & ~take, 0.0, px).unsqueeze(1))
+    end = _accepted_path_end(tree, accepted_child)
+    row = residual.index_select(0, end.reshape(1))                            # [1, V]
+    # Non-finite logits make NaN rows: sample from a harmless row instead (no device assert), the
+    # read below raises for them.
+    row = row.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
+    total = row.sum(dim=1, keepdim=True)
+    row = torch.where(total > 0, row / total.clamp(min=torch.finfo(row.dtype).tiny), 1.0 / row.shape[1])
+    bonus = ops.sample(row, generator)
+    return _read_path(tree, end, bonus, logits)

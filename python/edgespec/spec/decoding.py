@@ -24,9 +24,9 @@ from .. import cuda_graphs
 from ..generation import GenerationConfig, Sampler, checked_tokens, prefill
 from ..kv_cache import KVCache
 from ..models.decoder import Decoder
-from .accept import accept_greedy, accept_greedy_on_device, accept_sampling
+from .accept import accept_greedy, accept_greedy_on_device, accept_sampling, accept_sampling_on_device
 from .drafter import Drafter, TargetStates
-from .tree import DeviceTree, DraftTree, TreeSettings, build_tree, select_tree_on_device
+from .tree import DeviceTree, DraftTree, TreeSettings, build_tree, children_bound, select_tree_on_device
 
 
 def cache_slack(settings: TreeSettings) -> int:
@@ -94,7 +94,8 @@ class SpeculativeDecoding:
             cands = self.graphs.grow(self.drafter, self.settings, self._root_logits, self._root_state)
             root = torch.full((1,), self._root, dtype=torch.int64, device=dev)
             tree: DeviceTree | DraftTree = select_tree_on_device(root, cands, self.settings.tree_size,
-                                                                 self.settings.depth)
+                                                                 self.settings.depth,
+                                                                 children_bound(self.settings, self._root_logits.shape[-1]))
         else:
             tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
                               self.drafter.lm_head.token_map, max_depth=max(max_depth, 0))
@@ -128,15 +129,17 @@ class SpeculativeDecoding:
     def _accept(self, tree: DeviceTree | DraftTree, logits: torch.Tensor) -> tuple[list[int], list[int], int]:
         """(accepted node indices from the root, their tokens, the bonus token)."""
         assert self.sampler is not None
-        if self.sampler.config.greedy and isinstance(tree, DeviceTree):
-            return accept_greedy_on_device(tree, logits)  # one host read
-        host = tree.to_host() if isinstance(tree, DeviceTree) else tree
-        if self.sampler.config.greedy:
-            path, bonus = accept_greedy(host, logits)
+        greedy = self.sampler.config.greedy
+        if isinstance(tree, DeviceTree):  # one host read, for the accepted path
+            if greedy:
+                return accept_greedy_on_device(tree, logits)
+            return accept_sampling_on_device(tree, self.sampler.probs(logits), self.sampler.generator, logits)
+        if greedy:
+            path, bonus = accept_greedy(tree, logits)
         else:
             checked_tokens(torch.empty(0, dtype=torch.int64, device=logits.device), logits)  # NaN: an error, not a token
-            path, bonus = accept_sampling(host, self.sampler.probs(logits), self.sampler.generator)
-        return path, [host.tokens[i] for i in path], bonus
+            path, bonus = accept_sampling(tree, self.sampler.probs(logits), self.sampler.generator)
+        return path, [tree.tokens[i] for i in path], bonus
 
     def stats(self) -> dict[str, Any]:
         """Speculation statistics merged into GenerationStats (and `--stats`' JSON line)."""

@@ -64,12 +64,16 @@ class DraftTree:
     parents: [N] parent node of each node, -1 for the root, parents[i] < i
     depths:  [N] distance from the root (root 0)
     scores:  [N] cumulative draft log-probability (root 0.0); informative only
+    children_bound: the most children a node may have (the drafting top-k), or 0: as many as the
+             tree has. Sampled acceptance draws its random numbers per sibling slot up to it, so a
+             drafted tree consumes the same ones here as its DeviceTree does (spec.accept).
     """
 
     tokens: list[int]
     parents: list[int]
     depths: list[int]
     scores: list[float]
+    children_bound: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -190,7 +194,8 @@ class DeviceTree:
     greedy acceptance need, with no host copy. N = size nodes, node 0 the root, creation order.
 
     tokens, parents (root -1), depths: int64 [N]; visible: bool [N, N], row i true at i and its
-    ancestors; mask: the same packed as ops.attention takes it; max_depth: a host bound on depths.
+    ancestors; mask: the same packed as ops.attention takes it; max_depth and max_children: host
+    bounds on depths and on the children of a node.
     """
 
     tokens: torch.Tensor
@@ -199,6 +204,28 @@ class DeviceTree:
     visible: torch.Tensor
     mask: torch.Tensor
     max_depth: int
+    max_children: int
+
+    @classmethod
+    def from_host(cls, tree: DraftTree, device: torch.device | str) -> "DeviceTree":
+        visible = tree.visibility().to(device)
+        return cls(torch.tensor(tree.tokens, dtype=torch.int64, device=device),
+                   torch.tensor(tree.parents, dtype=torch.int64, device=device),
+                   torch.tensor(tree.depths, dtype=torch.int64, device=device), visible,
+                   tree.packed_mask(device), tree.max_depth,
+                   max(tree.children_bound, max(map(len, tree.children))))
+
+    def children_table(self) -> torch.Tensor:
+        """int64 [N, max_children]: the children of each node in creation order, -1 padded."""
+        n, k = self.size, self.max_children
+        idx = torch.arange(n, device=self.tokens.device)
+        earlier_siblings = (self.parents.unsqueeze(1) == self.parents.unsqueeze(0)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
+        rank = earlier_siblings.sum(dim=1)
+        # Column k of a scratch row collects the root (no parent) and anything past max_children.
+        table = torch.full((n * (k + 1),), -1, dtype=torch.int64, device=idx.device)
+        slot = torch.where((self.parents >= 0) & (rank < k), self.parents.clamp(min=0) * (k + 1) + rank, k)
+        table.scatter_(0, slot, torch.where(slot == k, -1, idx))
+        return table.view(n, k + 1)[:, :k]
 
     @property
     def size(self) -> int:
@@ -212,7 +239,7 @@ class DeviceTree:
         """The same tree as a DraftTree (one host read)."""
         n = self.size
         values = torch.cat([self.tokens, self.parents, self.depths]).tolist()
-        return DraftTree(values[:n], values[n:2 * n], values[2 * n:], [0.0] * n)
+        return DraftTree(values[:n], values[n:2 * n], values[2 * n:], [0.0] * n, self.max_children)
 
 
 def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Tensor | None,
@@ -238,7 +265,7 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
     # the default trees are wide enough that it would rarely fire (unmeasured there: CPU only).
     cands = grow_candidates(root_logits, root_state, expand, settings, token_map, depth_limit,
                             stop_early=root_logits.device.type == "cpu")
-    return select_tree(root_token, cands, settings.tree_size)
+    return select_tree(root_token, cands, settings.tree_size, children_bound(settings, root_logits.shape[-1]))
 
 
 def grow_candidates(root_logits: torch.Tensor, root_state: torch.Tensor | None, expand: ExpandFn,
@@ -258,7 +285,7 @@ def grow_candidates(root_logits: torch.Tensor, root_state: torch.Tensor | None, 
     """
     device = root_logits.device
     vocab = root_logits.shape[-1]
-    k = min(settings.topk, vocab)
+    k = children_bound(settings, vocab)
 
     def to_target(ids: torch.Tensor) -> torch.Tensor:
         return ids if token_map is None else token_map[ids]
@@ -331,7 +358,12 @@ def grow_candidates(root_logits: torch.Tensor, root_state: torch.Tensor | None, 
     return Candidates(torch.cat(cand_tokens), torch.cat(cand_scores), torch.cat(cand_parents), depths)
 
 
-def select_tree(root_token: int, cands: Candidates, tree_size: int) -> DraftTree:
+def children_bound(settings: TreeSettings, vocab: int) -> int:
+    """The most children a drafted node gets: top-k of a vocabulary of `vocab` draft tokens."""
+    return min(settings.topk, vocab)
+
+
+def select_tree(root_token: int, cands: Candidates, tree_size: int, max_children: int = 0) -> DraftTree:
     """The tree of the best `tree_size` candidates (one host read). A child scores at most its
     parent and comes after it, so a stable descending sort keeps every kept node's ancestors."""
     keep = torch.sort(_stable_top(cands.scores, tree_size)).values  # creation order = topological
@@ -343,14 +375,16 @@ def select_tree(root_token: int, cands: Candidates, tree_size: int) -> DraftTree
     depths = [0]
     for p in parents[1:]:
         depths.append(depths[p] + 1)
-    return DraftTree([root_token] + tokens, parents, depths, [0.0] + scores_kept)
+    return DraftTree([root_token] + tokens, parents, depths, [0.0] + scores_kept, max_children)
 
 
-def select_tree_on_device(root_token: torch.Tensor, cands: Candidates, tree_size: int, max_depth: int) -> DeviceTree:
+def select_tree_on_device(root_token: torch.Tensor, cands: Candidates, tree_size: int, max_depth: int,
+                          max_children: int) -> DeviceTree:
     """select_tree without the host: the same nodes in the same order, as a DeviceTree.
 
     root_token: int64 [1] on the candidates' device; max_depth: the rounds' depth limit (the
-    ancestor walk runs that many steps, so nothing here is read on the host).
+    ancestor walk runs that many steps, so nothing here is read on the host); max_children: their
+    top-k.
     """
     keep = torch.sort(_stable_top(cands.scores, tree_size)).values    # creation order = topological
     n = keep.numel() + 1
@@ -371,7 +405,7 @@ def select_tree_on_device(root_token: torch.Tensor, cands: Candidates, tree_size
     for _ in range(max_depth):
         visible[rows, up] = True
         up = step[up]
-    return DeviceTree(tokens, parents, depths, visible, ops.pack_tree_mask(visible), max_depth)
+    return DeviceTree(tokens, parents, depths, visible, ops.pack_tree_mask(visible), max_depth, max_children)
 
 
 def _deeper_nodes_cannot_enter(cand_scores: list[torch.Tensor], frontier_scores: torch.Tensor, tree_size: int) -> bool:
