@@ -56,7 +56,9 @@ def _read_path(tree: DeviceTree, end: torch.Tensor, bonus: torch.Tensor,
                logits: torch.Tensor | None) -> tuple[list[int], list[int], int]:
     """(path node indices, their tokens, bonus) in one host read (with the logits' NaN check)."""
     n = tree.size
-    packed = torch.cat([tree.visible[end].long(), tree.tokens, bonus.reshape(1).long()])
+    # index_select, not [end]: indexing with a 0-dim tensor reads it on the host.
+    on_path = tree.visible.index_select(0, end.reshape(1)).reshape(-1)
+    packed = torch.cat([on_path.long(), tree.tokens, bonus.reshape(1).long()])
     values = checked_tokens(packed, logits) if logits is not None else packed.tolist()
     path = [i for i in range(n) if values[i]]
     return path, [values[n + i] for i in path], values[-1]
@@ -75,7 +77,7 @@ def accept_greedy_on_device(tree: DeviceTree, logits: torch.Tensor) -> tuple[lis
     matches = (tree.tokens[children.clamp(min=0)] == best.unsqueeze(1)) & (children >= 0)
     accepted_child = torch.where(matches, children, -1).max(dim=1).values     # -1: none
     end = _accepted_path_end(tree, accepted_child)
-    return _read_path(tree, end, best[end], logits)
+    return _read_path(tree, end, best.index_select(0, end.reshape(1)), logits)
 
 
 def accept_sampling(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
