@@ -417,3 +417,36 @@ def test_graph_speculation_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_pa
     assert any(kind == "grow" for kind, _ in calls) and any(kind == "catch-up" for kind, _ in calls)
     # 300 tokens cross from the 256-slot view to the whole cache (max_context + the tree slack).
     assert {key[:3] for key in cuda_graphs._GRAPHS[llm.cache]} >= {(256, 13, True), (llm.cache.max_len, 13, True)}
+
+
+@pytest.mark.emulated
+@pytest.mark.usefixtures("emulated_ops")
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_graphed_speculative_step_reads_the_host_once(tiny_model_dir, tmp_path, monkeypatch, sampled) -> None:
+    """DESIGN.md: no host synchronisation inside a speculative step beyond reading the accepted
+    length. Through the graphs' buffers (record=False), with the ops on the (emulated) kernels as
+    on a GPU, a step converts exactly one tensor to Python values (the accepted path, its tokens
+    and the bonus), for greedy and sampled acceptance."""
+    import traceback
+
+    from edgespec.generation import GenerationConfig
+
+    llm = _speculative_llm(tiny_model_dir, tmp_path, dtype=torch.bfloat16)
+    _with_graphs(llm, record=False)
+    strategy = llm._strategy_factory(llm.model, llm.cache)
+    config = GenerationConfig(max_new_tokens=40, temperature=0.8 if sampled else 0.0, seed=3)
+    strategy.begin([5, 17, 23, 42, 8, 59, 3], config, 40)
+    reads: list[tuple[str, str]] = []  # (method, where it was called)
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            where = " < ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in traceback.extract_stack()[-2:-6:-1])
+            reads.append((_name, where))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(3):
+        reads.clear()
+        strategy.step()
+        assert [name for name, _ in reads] == ["tolist"], reads
