@@ -53,6 +53,20 @@ def assert_matches_oracle(what: str, got: torch.Tensor, torch_out: torch.Tensor,
         f"{what}: max error {err:.3g} vs oracle exceeds {K_TORCH} x torch's {base:.3g} + atol {atol:.3g}")
 
 
+SCHEDULES = ("forward", "reverse", "random:1", "serial", "serial-reverse")
+
+
+def assert_schedule_independent(run, monkeypatch: pytest.MonkeyPatch, schedules=SCHEDULES) -> None:
+    """Emulator only: run() gives bit-identical outputs under each thread schedule (CUEMU_SCHEDULE,
+    see conftest's emulated_kernels); a race between the threads of a block changes them."""
+    outputs = []
+    for schedule in schedules:
+        monkeypatch.setenv("CUEMU_SCHEDULE", schedule)
+        outputs.append(run())
+    for schedule, other in zip(schedules[1:], outputs[1:]):
+        assert torch.equal(outputs[0], other), f"schedule {schedule} gives other bits than {schedules[0]}"
+
+
 def attention_inputs(t: int, prefix: int, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int,
                      device: str | torch.device):
     """q [T, Hq, D] and k, v [S = prefix + T, Hkv, D] views of layer 1 of a KVCache whose other

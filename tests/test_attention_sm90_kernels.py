@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgespec.ops import _kernels
-from kernel_checks import assert_attention_close, attention_inputs, device_cases
+from kernel_checks import assert_attention_close, assert_schedule_independent, attention_inputs, device_cases
 from oracle.attention import pack_bits, random_tree, tree_visibility
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -148,12 +148,7 @@ def test_emulated_sm90_output_does_not_depend_on_thread_order(case: str, monkeyp
     cpu = torch.device("cpu")
     t, prefix, mask, splits = {"prefill": (77, 64, None, 1), "tree split": (70, 150, _tree(70, 2, cpu), 3)}[case]
     q, k, v = attention_inputs(t, prefix, 8, 2, 128, torch.bfloat16, 21, cpu)
-    outputs = []
-    for schedule in ["forward", "reverse", "random:1", "serial", "serial-reverse"]:
-        monkeypatch.setenv("CUEMU_SCHEDULE", schedule)
-        outputs.append(_sm90(q, k, v, 0.1, mask, splits=splits))
-    for other in outputs[1:]:
-        assert torch.equal(outputs[0], other)
+    assert_schedule_independent(lambda: _sm90(q, k, v, 0.1, mask, splits=splits), monkeypatch)
 
 
 @pytest.mark.emulated
