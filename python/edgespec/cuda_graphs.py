@@ -22,9 +22,8 @@ The draft side has two: a DraftGraph holds all draft rounds of a full-depth tree
 launches each) per draft-cache view, and a CatchUpGraph the drafter's pass over the tokens a step
 committed (one per count: 1 to depth + 1), both with the drafter's committed length as a device
 input. Between the graphs the tree stays on the device too (spec.tree.select_tree_on_device feeds
-the verification), and greedy acceptance runs there (spec.accept.accept_greedy_on_device): a
-greedy step reads the host once, for the accepted path and the bonus token, as DESIGN.md asks.
-Sampled acceptance still walks the tree on the host.
+the verification), and so does the acceptance, greedy or sampled (spec.accept's *_on_device): a
+step reads the host once, for the accepted path and the bonus token, as DESIGN.md asks.
 
 InfLLM-v2 sparse attention (MiniCPM4) is graphed too: whether a step is sparse is decided on the
 host (its length against dense_len) and selects the graph; a sparse step finds the lengths of its

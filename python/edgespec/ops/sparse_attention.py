@@ -56,12 +56,6 @@ def num_kernels(length: int, kernel_size: int, kernel_stride: int) -> int:
     return 0 if length < kernel_size else (length - kernel_size) // kernel_stride + 1
 
 
-def _kernel_compresses(keys: torch.Tensor, ck: torch.Tensor, kernel_size: int, kernel_stride: int) -> bool:
-    from . import _kernels
-
-    return _kernels.supports_compress_keys(keys, ck, kernel_size, kernel_stride)
-
-
 def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len: int,
                   kernel_size: int, kernel_stride: int, lengths: torch.Tensor | None = None) -> None:
     """Write the compressed keys complete within [0, end_len) but not within [0, start_len).
@@ -77,12 +71,16 @@ def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len:
     if keys.dim() != 3 or ck.dim() != 3 or keys.shape[1:] != ck.shape[1:]:
         raise ValueError(f"compress_keys: expected keys [S, Hkv, D] and ck [C, Hkv, D] with equal Hkv, D; "
                          f"got {tuple(keys.shape)} and {tuple(ck.shape)}")
-    if lengths is not None:
-        if lengths.shape != (2,) or lengths.dtype != torch.int32 or lengths.device != keys.device:
-            raise ValueError(f"compress_keys: lengths must be int32 [2] on {keys.device}, got {lengths.dtype} "
-                             f"{list(lengths.shape)} on {lengths.device}")
-        if not backend.use_kernel(keys, ck, lengths) or not _kernel_compresses(keys, ck, kernel_size, kernel_stride):
-            start_len, end_len = (int(x) for x in lengths.tolist())
+    if lengths is not None and (lengths.shape != (2,) or lengths.dtype != torch.int32 or lengths.device != keys.device):
+        raise ValueError(f"compress_keys: lengths must be int32 [2] on {keys.device}, got {lengths.dtype} "
+                         f"{list(lengths.shape)} on {lengths.device}")
+    on_kernel = backend.use_kernel(keys, ck, lengths)
+    if on_kernel:
+        from . import _kernels
+
+        on_kernel = _kernels.supports_compress_keys(keys, ck, kernel_size, kernel_stride)
+    if lengths is not None and not on_kernel:
+        start_len, end_len = (int(x) for x in lengths.tolist())
     if not 0 <= start_len <= end_len <= keys.shape[0]:
         raise ValueError(f"compress_keys: need 0 <= start_len ({start_len}) <= end_len ({end_len}) <= "
                          f"{keys.shape[0]} cache slots")
@@ -92,9 +90,7 @@ def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len:
         raise ValueError(f"compress_keys: {last} compressed keys do not fit the buffer of {ck.shape[0]}")
     if last <= first:
         return
-    if backend.use_kernel(keys, ck) and _kernel_compresses(keys, ck, kernel_size, kernel_stride):
-        from . import _kernels
-
+    if on_kernel:
         _kernels.compress_keys(keys, ck, start_len, end_len, kernel_size, kernel_stride, lengths=lengths)
         return
     span = keys[first * kernel_stride:(last - 1) * kernel_stride + kernel_size]   # [L, Hkv, D]

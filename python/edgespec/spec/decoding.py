@@ -93,9 +93,9 @@ class SpeculativeDecoding:
             # Graphed drafting: the tree stays on the device until the acceptance reads its path.
             cands = self.graphs.grow(self.drafter, self.settings, self._root_logits, self._root_state)
             root = torch.full((1,), self._root, dtype=torch.int64, device=dev)
+            k = children_bound(self.settings, self._root_logits.shape[-1])
             tree: DeviceTree | DraftTree = select_tree_on_device(root, cands, self.settings.tree_size,
-                                                                 self.settings.depth,
-                                                                 children_bound(self.settings, self._root_logits.shape[-1]))
+                                                                 self.settings.depth, k)
         else:
             tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
                               self.drafter.lm_head.token_map, max_depth=max(max_depth, 0))

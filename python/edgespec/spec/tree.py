@@ -219,8 +219,8 @@ class DeviceTree:
         """int64 [N, max_children]: the children of each node in creation order, -1 padded."""
         n, k = self.size, self.max_children
         idx = torch.arange(n, device=self.tokens.device)
-        earlier_siblings = (self.parents.unsqueeze(1) == self.parents.unsqueeze(0)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
-        rank = earlier_siblings.sum(dim=1)
+        same_parent = self.parents.unsqueeze(1) == self.parents.unsqueeze(0)
+        rank = (same_parent & (idx.unsqueeze(0) < idx.unsqueeze(1))).sum(dim=1)  # earlier siblings
         # Column k of a scratch row collects the root (no parent) and anything past max_children.
         table = torch.full((n * (k + 1),), -1, dtype=torch.int64, device=idx.device)
         slot = torch.where((self.parents >= 0) & (rank < k), self.parents.clamp(min=0) * (k + 1) + rank, k)
@@ -234,12 +234,6 @@ class DeviceTree:
     def positions(self, start: int) -> torch.Tensor:
         """RoPE positions int64 [N]: the root at `start`, a node at depth d at start + d."""
         return self.depths + start
-
-    def to_host(self) -> DraftTree:
-        """The same tree as a DraftTree (one host read)."""
-        n = self.size
-        values = torch.cat([self.tokens, self.parents, self.depths]).tolist()
-        return DraftTree(values[:n], values[n:2 * n], values[2 * n:], [0.0] * n, self.max_children)
 
 
 def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Tensor | None,
