@@ -156,7 +156,8 @@ def test_emulated_sm90_output_does_not_depend_on_thread_order(case: str, monkeyp
 def test_ops_attention_takes_the_sm90_kernels_only_when_asked(monkeypatch) -> None:
     """EDGESPEC_SM90_ATTENTION=1 sends calls of 64 packed rows and more (chunks, trees) to the
     Hopper kernels; decode steps and small trees keep the generic kernels; without it nothing
-    changes."""
+    changes. Trees of a target model (row_invariant, the default) stay on the generic kernels'
+    row-invariant mode."""
     from edgespec import ops
 
     calls = []
@@ -179,8 +180,9 @@ def test_ops_attention_takes_the_sm90_kernels_only_when_asked(monkeypatch) -> No
         out = ops.attention(*chunk, 0.1)
         ops.attention(*decode, 0.1)
         ops.attention(*small_tree, 0.1, masks[0])
-        tree_out = ops.attention(*big_tree, 0.1, masks[1])
-        assert calls == [asked == "1", False, False, asked == "1"]
+        tree_out = ops.attention(*big_tree, 0.1, masks[1], row_invariant=False)
+        ops.attention(*big_tree, 0.1, masks[1])
+        assert calls == [asked == "1", False, False, asked == "1", False]
         assert_attention_close(out, *chunk, 0.1, None, monkeypatch, f"ops chunk, EDGESPEC_SM90_ATTENTION={asked}")
         assert_attention_close(tree_out, *big_tree, 0.1, masks[1], monkeypatch, f"ops tree, asked={asked}")
     monkeypatch.setenv("EDGESPEC_SM90_ATTENTION", "yes")

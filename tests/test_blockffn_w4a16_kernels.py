@@ -138,7 +138,7 @@ def test_forced_splits_and_repeated_calls(kernel_device: torch.device, splits: i
     """Every split count on both gathers (down: more splits than active k16 tiles, so some add
     zeros), then calls with other active sets on the same arrival counters, which the last block of
     each column tile must leave at zero."""
-    monkeypatch.setattr(_kernels, "w4a16_splits", lambda m, n, k, device: splits)
+    monkeypatch.setattr(_kernels, "w4a16_splits", lambda n, k, device: splits)
     h, e, d, t = 128, 10, 64, 7
     up, down = experts(h, e, d, 64, "int", torch.bfloat16, kernel_device, seed=9)
     sync = torch.zeros(1, dtype=torch.int32, device=kernel_device)
@@ -182,7 +182,7 @@ def test_ops_layer_takes_the_4bit_kernel_path(kernel_device: torch.device, monke
 def test_emulated_schedules_give_bit_identical_results(monkeypatch: pytest.MonkeyPatch) -> None:
     """Emulator only: threads and blocks in forward, reverse, random and run-ahead (serial) orders,
     split on both gathers. A result that changes with the order is a race."""
-    monkeypatch.setattr(_kernels, "w4a16_splits", lambda m, n, k, device: 3)
+    monkeypatch.setattr(_kernels, "w4a16_splits", lambda n, k, device: 3)
     h, e, d, t = 128, 11, 64, 20
     inputs, _ = case(t, h, e, d, 0.6, torch.float16, torch.device("cpu"), seed=12)
     up, down = experts(h, e, d, 32, "int", torch.float16, torch.device("cpu"), seed=13)

@@ -128,7 +128,7 @@ def test_step_graph_verify_gives_the_eager_forward(tiny_model_dir) -> None:
         if graphed:
             graphs = cuda_graphs.StepGraphs(model, cache, record=False)
             logits, captured = graphs.verify(tree_tokens, 20 + depth, 20, mask, capture=(0, 2))
-            assert list(graphs.graphs) == [(128, 9, True, (0, 2), None)]  # the whole cache: 128 slots
+            assert list(graphs.graphs) == [(128, 9, True, (0, 2), None, 128)]  # the whole cache: 128 slots
         else:
             out = model.forward(tree_tokens, 20 + depth, cache, 20, tree_mask=mask, capture=(0, 2))
             logits, captured = model.logits(out.hidden), out.captured
@@ -194,7 +194,8 @@ def test_plain_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir)
     want = LLM(LoadedModel(model, None, "m")).generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids
     llm = LLM(LoadedModel(model, None, "m"), strategy=buffered)
     assert llm.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids == want
-    assert sorted(cuda_graphs._GRAPHS[llm.cache]) == [(256, 1, False, (), None), (400, 1, False, (), None)]
+    span = llm.cache.attention_span  # 8 + 300 slots: min(1024, the cache)
+    assert sorted(cuda_graphs._GRAPHS[llm.cache]) == [(256, 1, False, (), None, span), (400, 1, False, (), None, span)]
 
 
 def _speculative_llm(tiny_model_dir, tmp_path, device="cpu", dtype=torch.float32, drafter="eagle"):

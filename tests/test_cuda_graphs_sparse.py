@@ -60,8 +60,9 @@ def test_decode_steps_through_graph_buffers_give_the_eager_bits(tiny_model_dir) 
                 logits.append(model.logits(model.forward(tokens[pos:pos + 1], torch.tensor([pos]), cache, pos).hidden))
         runs.append((torch.cat(logits), *_ck(model, cache)))
         if graphed:
+            span = cache.attention_span
             assert sorted(graphs.graphs, key=str) == sorted(
-                [(256, 1, False, (), None), (256, 1, False, (), 128), (400, 1, False, (), 128)], key=str)
+                [(256, 1, False, (), None, span), (256, 1, False, (), 128, span), (400, 1, False, (), 128, span)], key=str)
     (la, cka, va), (lb, ckb, vb) = runs
     assert torch.equal(la, lb)
     assert va == vb == [300, 300] and all(torch.equal(a, b) for a, b in zip(cka, ckb))
@@ -163,7 +164,7 @@ def test_sparse_graph_misuse_is_refused(tiny_model_dir) -> None:
         # StepGraphs keys its graphs by the switch point: a new one for the new mode.
         graphs = cuda_graphs.StepGraphs(model, cache, record=False)
         graphs.decode(5, 3)
-        assert list(graphs.graphs) == [(256, 1, False, (), 0)]
+        assert list(graphs.graphs) == [(256, 1, False, (), 0, cache.max_len)]
     finally:
         model.sparse.mode = "auto"
     dense = load_model(str(tiny_model_dir("llama")), device="cpu", max_context=64, with_tokenizer=False).model

@@ -16,12 +16,12 @@ from edgespec.ops import _kernels
 from edgespec.spec import ModelDrafter, enable_speculation
 from oracle.attention import pack_bits, tree_visibility
 from sparse_cases import SMALL
-from test_spec_helpers import plain_and_speculative
+from test_spec_helpers import assert_tree_rows_decode_alike, plain_and_speculative
 
 pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulated_ops")]
 
 KERNELS = ("embedding", "rms_norm", "apply_rope", "attention", "silu_and_mul", "blockffn", "blockffn_w4a16",
-           "w4a16_linear", "compress_keys", "sparse_select_blocks")
+           "w4a16_linear", "dense_linear", "compress_keys", "sparse_select_blocks")
 
 
 @pytest.fixture
@@ -85,6 +85,18 @@ def test_speculative_greedy_equals_plain_on_the_kernels(tiny_model_dir, tmp_path
                                           tree_size=16, depth=4, topk=4)
     assert result.token_ids == plain
     assert kernel_calls["attention"] > 0
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "w4a16"])
+def test_verified_logits_equal_decoded_logits_bitwise(tiny_model_dir, kernel_calls, quantized: bool) -> None:
+    """Row invariance through a whole model on the kernels (dense GEMM or W4A16, attention's
+    invariant mode, norms, RoPE, the LM head): see test_spec_helpers.assert_tree_rows_decode_alike."""
+    path = tiny_model_dir("llama", seed=7, vocab_size=128, hidden_size=256, num_attention_heads=4,
+                          num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2)  # head dim 64, GQA 4
+    model = load_model(str(path), device="cpu", dtype=torch.bfloat16, max_context=256, with_tokenizer=False).model
+    assert_tree_rows_decode_alike(model, quantized)
+    assert kernel_calls["attention"] > 0
+    assert kernel_calls["w4a16_linear"] > 0 if quantized else kernel_calls["dense_linear"] > 0
 
 
 def _max_error_vs_fp32(path, dtype: torch.dtype, run, monkeypatch) -> tuple[float, float, float]:
@@ -213,7 +225,9 @@ def test_minicpm4_sparse_model_on_the_kernels(tiny_model_dir, kernel_calls, monk
 def test_hopper_attention_inside_the_decoder(tiny_model_dir, monkeypatch) -> None:
     """EDGESPEC_SM90_ATTENTION=1: a prefill and a tree verification of 64+ packed rows run on the
     Hopper (wgmma) kernels inside the decoder (q a view of the fused QKV projection), the decode
-    step on the generic one, and the logits match the torch path's accuracy."""
+    step on the generic one, and the logits match the torch path's accuracy. (A target model's
+    verification stays on the generic kernels' row-invariant mode: the model here opts out of it,
+    as a draft does.)"""
     path = tiny_model_dir("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
                           intermediate_size=512, num_hidden_layers=2)
     tokens = torch.randint(3, 200, (91,), generator=torch.Generator().manual_seed(2))
@@ -227,6 +241,7 @@ def test_hopper_attention_inside_the_decoder(tiny_model_dir, monkeypatch) -> Non
         return real(*args, sm90=sm90, **kwargs)
 
     def run(model):
+        model.row_invariant_attention = False
         cache = model.new_cache()
         out = [model.logits(model.forward(tokens[:70], torch.arange(70), cache, 0).hidden[-4:])]
         out.append(model.logits(model.forward(tokens[70:71], torch.tensor([70]), cache, 70).hidden))

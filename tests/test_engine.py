@@ -89,6 +89,24 @@ def test_greedy_is_deterministic(llm: LLM, greedy) -> None:
     assert len(set(tokens)) > 3, "degenerate continuation: the engine tests would prove little"
 
 
+def test_each_generation_plans_its_attention_span(llm: LLM, monkeypatch) -> None:
+    """The GPU's row-invariant attention chunks its keys by the generation's span (KVCache.plan_span):
+    one value per generation, from the prompt and the budget, handed to every attention call."""
+    from edgespec import ops
+    from edgespec.kv_cache import MIN_ATTENTION_SPAN, KVCache
+
+    spans = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, span=None, **kw: spans.append(span) or real(*a, span=span, **kw))
+    llm.generate(PROMPT, max_new_tokens=5, ignore_eos=True)
+    assert spans and set(spans) == {min(MIN_ATTENTION_SPAN, llm.cache.max_len)}
+    cache = KVCache(1, 5000, 1, 8, torch.float32, "cpu")
+    assert cache.attention_span == 5000
+    for end, span in ((1, 1024), (1024, 1024), (1025, 2048), (4097, 5000)):
+        cache.plan_span(end)
+        assert cache.attention_span == span, end
+
+
 def test_seeded_sampling_is_reproducible_and_seeds_differ(llm: LLM) -> None:
     settings = dict(max_new_tokens=24, temperature=1.5, top_k=100, ignore_eos=True)
     a = llm.generate(PROMPT, seed=7, **settings).token_ids

@@ -173,6 +173,24 @@ def test_bias_act_order_and_strided_input(kernel_device, dtype: torch.dtype, mon
     _check(out, ref + b, low + b, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_row_gets_the_same_bits_whatever_rows_come_with_it(kernel_device, dtype: torch.dtype) -> None:
+    """Row invariance (w4a16.h): the planned split-K does not depend on M, so a token decoded
+    alone (M = 1) and the same token among the rows of a verified tree get bitwise the same
+    projection. The shape splits K on the emulator's SM count and on a GPU's."""
+    k, n = 2048, 640
+    assert _kernels.w4a16_splits(n, k, kernel_device) > 1
+    w, lin = _tile_linear(k, n, 128, "int", dtype, seed=21, device=kernel_device, bias=True)
+    x = _x(100, k, dtype, seed=21, device=kernel_device)
+    alone = torch.cat([_kernels.w4a16_linear(x[i:i + 1], lin.weight, lin.bias) for i in (0, 6, 32, 63, 64, 99)])
+    for rows in (7, 33, 64, 100):  # one, three and four m16 tiles; 100: two launches
+        many = _kernels.w4a16_linear(x[:rows], lin.weight, lin.bias)
+        for j, i in enumerate((0, 6, 32, 63, 64, 99)):
+            if i < rows:
+                assert torch.equal(many[i], alone[j]), f"row {i} of {rows}"
+    _counters_clear(lin)
+
+
 @pytest.mark.parametrize("rows", [65, 100, 256])
 def test_more_than_64_rows_run_in_chunks(kernel_device, rows: int) -> None:
     dtype = torch.bfloat16

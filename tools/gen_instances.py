@@ -34,6 +34,7 @@ FAMILIES = {
     "sparse_compress": ("kernels/sparse_attention.cuh", "launch_sparse_compress_keys", "SparseCompressParams", False),
     "sparse_scores": ("kernels/sparse_attention.cuh", "launch_sparse_scores", "SparseScoreParams", False),
     "w4a16": ("kernels/w4a16.cuh", "launch_w4a16", "W4A16Params", False),
+    "dense_gemm": ("kernels/w4a16.cuh", "launch_dense_gemm", "W4A16Params", False),
 }
 
 # Families specialised per head dim too: family -> (header, launcher, params struct, dtypes, head

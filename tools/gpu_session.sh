@@ -555,9 +555,10 @@ KERNEL_TESTS=(kernels attention sm90 w4a16 sparse blockffn graphs)
 # The test modules of each kernel family's stage (GPU-only modules, or device-parametrized ones
 # whose `gpu` cases run here and whose `emulated` cases run in CI), and the CUDA-graph tests in a
 # process of their own (a capture gone wrong cannot take the other tests down).
-declare -A KERNEL_FILES=([kernels]="test_ops_kernels.py" [attention]="test_attention_kernels.py"
+declare -A KERNEL_FILES=([kernels]="test_ops_kernels.py"
+                         [attention]="test_attention_kernels.py test_invariant_attention_kernels.py"
                          [sm90]="test_attention_sm90_kernels.py"
-                         [w4a16]="test_w4a16_kernels.py" [sparse]="test_sparse_kernels.py"
+                         [w4a16]="test_w4a16_kernels.py test_dense_gemm_kernels.py" [sparse]="test_sparse_kernels.py"
                          [blockffn]="test_blockffn_kernels.py test_blockffn_w4a16_kernels.py"
                          [graphs]="test_cuda_graphs.py test_cuda_graphs_sparse.py")
 IGNORES=()

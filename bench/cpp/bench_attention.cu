@@ -63,6 +63,8 @@ problem (default: Llama-3.1-8B attention, every phase, contexts 4K..32K)
   --splits N        force the split-KV count (default: the plan for this GPU)
   --sm90 0|1        prefill and tree phases on the Hopper wgmma kernels (csrc/kernels/sm90; needs a
                     compute capability 9.0 GPU and a 90a-real build, else nothing is run: exit 77)
+  --invariant SPAN  decode and tree phases in the row-invariant mode (csrc/kernels/attention.h), key
+                    chunks planned for a cache of SPAN tokens (e.g. 32K); 0: off (default)
 measurement
   --warmup N        calls before timing                         (default 10)
   --repeats N       timed samples; the median is reported       (default 30)
@@ -78,7 +80,7 @@ exit status: 0 ok; 1 a kernel failed or disagreed with the reference; 2 bad comm
 )";
 
 struct Options {
-  long long heads_q = 32, heads_kv = 8, head_dim = 128, tree_tokens = 64, splits = 0, sm90 = 0;
+  long long heads_q = 32, heads_kv = 8, head_dim = 128, tree_tokens = 64, splits = 0, sm90 = 0, invariant = 0;
   std::string model = "llama3-8b";
   std::vector<std::string> phases = {"decode", "prefill", "tree"};
   std::vector<long long> contexts = {4096, 8192, 16384, 32768};
@@ -118,7 +120,7 @@ std::string parse_args(int argc, char** argv, Options* o, bool* help) {
                             {"--splits", &o->splits, 1},       {"--warmup", &o->warmup, 0},
                             {"--repeats", &o->repeats, 1},     {"--batch", &o->batch, 1},
                             {"--check-rows", &o->check_rows, 1}, {"--device", &o->device, 0},
-                            {"--sm90", &o->sm90, 0}};
+                            {"--sm90", &o->sm90, 0},           {"--invariant", &o->invariant, 0}};
     const Count* count = nullptr;
     for (const Count& c : counts) count = flag == c.name ? &c : count;
     if (count != nullptr) {
@@ -281,7 +283,8 @@ class Bench {
   Result run(const Problem& pb) {
     Result r;
     r.pb = pb;
-    r.name = o_.model + " " + pb.phase + " " + std::to_string(pb.context / 1024) + "K" + (sm90(pb) ? " sm90" : "");
+    r.name = o_.model + " " + pb.phase + " " + std::to_string(pb.context / 1024) + "K" + (sm90(pb) ? " sm90" : "") +
+             (invariant(pb) ? " invariant" : "");
     r.error = setup(pb, &r);
     if (r.error.empty()) r.error = verify(pb);
     if (r.error.empty()) r.error = time(&r);
@@ -292,6 +295,7 @@ class Bench {
  private:
   std::size_t elt() const { return 2; }
   bool sm90(const Problem& pb) const { return o_.sm90 != 0 && pb.phase != "decode"; }
+  bool invariant(const Problem& pb) const { return o_.invariant > 0 && pb.phase != "prefill" && !sm90(pb); }
 
   template <typename P>
   std::string alloc(P** ptr, std::size_t bytes) {
@@ -349,13 +353,21 @@ class Bench {
     } else {
       r->pb.pairs = static_cast<double>(T) * (S - T) + static_cast<double>(T) * (T + 1) / 2;
     }
-    splits_ = o_.splits > 0 ? static_cast<int>(o_.splits)
+    chunk_tiles_ = invariant(pb) ? attention_invariant_chunk_tiles(o_.invariant, static_cast<int>(Hq),
+                                                                   static_cast<int>(Hkv), prop_.multiProcessorCount)
+                                 : 0;
+    splits_ = chunk_tiles_ > 0   ? attention_invariant_splits(S, chunk_tiles_)
+              : o_.splits > 0 ? static_cast<int>(o_.splits)
               : sm90(pb)      ? attention_sm90_num_splits(T, S, static_cast<int>(Hq), static_cast<int>(Hkv),
                                                           prop_.multiProcessorCount)
                             : attention_num_splits(T, S, static_cast<int>(Hq), static_cast<int>(Hkv),
                                                    tree_ != nullptr, prop_.multiProcessorCount);
     r->splits = splits_;
-    if (splits_ > 1) {
+    const bool tails = chunk_tiles_ > 0 && tree_ != nullptr;  // an invariant tree: partials and resume state
+    if (tails && !(err = alloc(&resume_, T * Hq * attention_resume_stride(static_cast<int>(D)) * 4)).empty()) {
+      return err;
+    }
+    if (splits_ > 1 || tails) {
       if (!(err = alloc(&partial_out_, splits_ * q_elems_ * 4)).empty()) return err;
       if (!(err = alloc(&partial_lse_, splits_ * T * Hq * 4)).empty()) return err;
     }
@@ -400,7 +412,13 @@ class Bench {
       mask = view(tree_, 0, {T, words_}, DType::kInt64);
       a.tree_mask = &mask;
     }
-    if (splits_ > 1) {
+    TensorView resume;
+    if (resume_ != nullptr) {
+      resume = view(resume_, 0, {T * Hq, attention_resume_stride(static_cast<int>(D))}, DType::kFloat32);
+      a.resume = &resume;
+    }
+    a.chunk_tiles = chunk_tiles_;
+    if (partial_out_ != nullptr) {
       po = view(partial_out_, 0, {splits_, T * Hq, D}, DType::kFloat32);
       pl = view(partial_lse_, 0, {splits_, T * Hq}, DType::kFloat32);
       a.partial_out = &po;
@@ -505,7 +523,7 @@ class Bench {
     owned_.clear();
     q_ = k_ = v_ = out_ = nullptr;
     tree_ = nullptr;
-    partial_out_ = partial_lse_ = nullptr;
+    partial_out_ = partial_lse_ = resume_ = nullptr;
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     stream_ = nullptr;
   }
@@ -515,7 +533,8 @@ class Bench {
   std::vector<void*> owned_;
   void *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *out_ = nullptr, *copy_src_ = nullptr, *copy_dst_ = nullptr;
   std::uint64_t* tree_ = nullptr;
-  float *partial_out_ = nullptr, *partial_lse_ = nullptr;
+  float *partial_out_ = nullptr, *partial_lse_ = nullptr, *resume_ = nullptr;
+  int chunk_tiles_ = 0;
   std::int64_t q_elems_ = 0, kv_elems_ = 0;
   std::size_t copy_bytes_ = 0;
   long long copies_ = 1;

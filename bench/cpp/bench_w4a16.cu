@@ -275,7 +275,7 @@ class Bench {
     if (err.empty()) err = alloc(&x_, m * k * elem());
     if (err.empty()) err = alloc(&out_, m * n * elem());
     splits_ = o_.splits > 0 ? static_cast<int>(std::min<long long>(o_.splits, k / 16))
-                            : w4a16_num_splits(m, n, k, prop_.multiProcessorCount);
+                            : w4a16_num_splits(n, k, prop_.multiProcessorCount);
     if (err.empty() && splits_ > 1) err = alloc(&partial_, sizeof(float) * splits_ * m * n);
     if (err.empty()) err = alloc(&counters_, sizeof(int) * (n / 64));
     // The copy baseline moves K * N bytes each way: the K * N * 2 bytes a bf16 GEMM reads.

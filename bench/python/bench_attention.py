@@ -18,6 +18,9 @@ decode step at the same context and their ratio to it. On a compute capability 9
 sm_90a build, prefill and tree rows also time the Hopper wgmma kernels (csrc/kernels/sm90;
 `sm90_ms`, `sm90_tflops`, `sm90_speedup_vs_baseline`, `sm90_splits`, their largest difference
 from the generic kernel; tree rows also `sm90_tree_over_decode` against the generic decode).
+Decode and tree rows also time the row-invariant mode the engine's target model runs
+(csrc/kernels/attention.h "Row invariance": `invariant_ms`, `invariant_over_ours`, its chunk
+length for a 32K cache; tree rows `invariant_tree_over_decode` against the invariant decode).
 
     python bench/python/bench_attention.py [--models llama3-8b,minicpm4-8b] [--phases decode,prefill,tree]
         [--dtype bf16|fp16] [--repeats 20] [--quick] [--list]
@@ -54,6 +57,8 @@ CONTEXTS = {"decode": [4096, 8192, 16384, 32768, 65536, 131072],
             "tree": [4096, 8192, 16384, 32768]}
 QUICK_CONTEXTS = {"decode": [4096, 32768], "prefill": [4096], "tree": [4096, 32768]}
 TREE_TOKENS = 64
+# The cache length the row-invariant columns plan their chunks for (a generation's cache).
+INVARIANT_SPAN = 32768
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_SKIPPED = 77
 
@@ -263,6 +268,16 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, repeats: int,
                                                          sm90=True))
         if best is not None:
             row["sm90_speedup_vs_baseline"] = round(best[1] / sm90_ms, 3)
+    if case.phase != "prefill" and _kernels.invariant_rejection(inputs.q[0], inputs.k[0], mask) is None:
+        # The row-invariant mode the engine's target model runs (decoded == verified, bitwise),
+        # chunked for a cache of INVARIANT_SPAN slots (or the case's length, if longer).
+        chunk = _kernels.invariant_chunk_tiles(max(INVARIANT_SPAN, case.seqlen), hq, hkv, device)
+        inv_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, mask,
+                                                    chunk_tiles=chunk) for i in range(inputs.copies)]
+        inv_diff = (inv_calls[0]().float() - ours_out.float()).abs().max().item()
+        inv_ms, _ = graph_ms(inv_calls, repeats)
+        row.update(invariant_ms=round(inv_ms, 5), invariant_chunk_tiles=chunk,
+                   invariant_over_ours=round(inv_ms / ours_ms, 3), invariant_max_abs_diff_vs_ours=round(inv_diff, 5))
     if case.phase == "decode":
         row["pct_measured_bw"] = round(100 * row["tbps"] / dram_tbps, 1)
     return row
@@ -305,6 +320,8 @@ def main() -> int:
                    if k in row} if "error" not in row else row, flush=True)
             torch.cuda.empty_cache()
     decode = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["ours_ms"] for r in rows if r.get("phase") == "decode"}
+    decode_invariant = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["invariant_ms"]
+                        for r in rows if r.get("phase") == "decode" and "invariant_ms" in r}
     for r in rows:
         if r.get("phase") == "tree":
             key = (r["case"].split()[0], r["seqlen"] - r["tokens"])
@@ -313,6 +330,8 @@ def main() -> int:
                 r["tree_over_decode"] = round(r["ours_ms"] / decode[key], 3)
                 if "sm90_ms" in r:
                     r["sm90_tree_over_decode"] = round(r["sm90_ms"] / decode[key], 3)
+            if key in decode_invariant and "invariant_ms" in r:
+                r["invariant_tree_over_decode"] = round(r["invariant_ms"] / decode_invariant[key], 3)
     notes = (f"{args.dtype}; ours = edgespec attention kernels via edgespec.ops._kernels.attention (KV-cache layout "
              f"[S, Hkv, D]); baseline = fastest torch SDPA backend that runs the case, native GQA where supported, "
              f"[1, H, S, D] layout; CUDA events around CUDA-graph replays of `copies` calls on distinct inputs "

@@ -13,6 +13,10 @@ not timed); CUDA events around graph replays, median of --repeats, divided by th
 bandwidth is measured in the same run (device-to-device copy of 1 GiB) and every row reports our
 achieved GB/s (4-bit weights + scales (+ zeros) + activations + output) and its share of it.
 
+The torch.matmul rows also time edgespec's row-invariant dense kernel on the same 16-bit weights
+(csrc/kernels/dense_gemm.h: `edgespec_dense_ms`, `edgespec_dense_over_baseline`): the price of
+bitwise speculative == plain decoding for unquantized models.
+
 Targets (issue 5; checked here and printed, never asserted in pytest): at M <= 16 on Llama-3.1-8B
 shapes >= 3.5x torch.matmul bf16, >= 85% of the measured DRAM bandwidth and >= 1.3x tinygemm; on
 Llama-3.2-1B shapes >= 2.5x torch.matmul bf16.
@@ -169,8 +173,19 @@ def run_case(case: Case, dtype: torch.dtype, zeros: bool, device: torch.device, 
 
     bf16_ms, _ = graph_ms([lambda d=d: F.linear(x, d) for d in w.dense], repeats)
     ok, err = close(F.linear(x, w.dense[0]), ref, dtype)
-    rows.append(common | {"baseline": BF16 if dtype == torch.bfloat16 else "torch.matmul fp16",
-                          "baseline_ms": round(bf16_ms, 5), "speedup": round(bf16_ms / ours_ms, 3)})
+    dense_row = {"baseline": BF16 if dtype == torch.bfloat16 else "torch.matmul fp16",
+                 "baseline_ms": round(bf16_ms, 5), "speedup": round(bf16_ms / ours_ms, 3)}
+    if _kernels.dense_rejection(x, w.dense[0]) is None:
+        # edgespec's row-invariant dense kernel (csrc/kernels/dense_gemm.h) on the same 16-bit
+        # weights: what the engine runs for unquantized projections of few rows, against cuBLAS.
+        ok, err = close(_kernels.dense_linear(x, w.dense[0]), ref, dtype)
+        if ok:
+            dense_ms, _ = graph_ms([lambda d=d: _kernels.dense_linear(x, d) for d in w.dense], repeats)
+            dense_row.update(edgespec_dense_ms=round(dense_ms, 5), edgespec_dense_over_baseline=round(dense_ms / bf16_ms, 3),
+                             edgespec_dense_pct_peak_bw=round(100 * k * n * 2 / (dense_ms * 1e6) / dram_gbps, 1))
+        else:
+            dense_row["edgespec_dense_error"] = f"dense kernel disagrees with the reference (rel. error {err:.3g})"
+    rows.append(common | dense_row)
 
     tiny = w.tiny[0]
     if isinstance(tiny, str) or dtype != torch.bfloat16:

@@ -24,6 +24,7 @@
 #include "kernels/activation.h"
 #include "kernels/attention.h"
 #include "kernels/attention_plan.h"
+#include "kernels/dense_gemm.h"
 #include "kernels/embedding.h"
 #include "kernels/moe.h"
 #include "kernels/norm.h"
@@ -208,19 +209,26 @@ PYBIND11_MODULE(_C, m) {
       [](const TensorView& q, const TensorView& k, const TensorView& v, const std::optional<TensorView>& tree_mask,
          const TensorView& out, const std::optional<TensorView>& partial_out,
          const std::optional<TensorView>& partial_lse, float scale, int splits, std::uint64_t stream,
-         const std::optional<TensorView>& block_mask, const std::optional<TensorView>& seqlen, bool sm90) {
-        AttentionArgs a{q,     k,      v,          opt(tree_mask),  out, opt(partial_out), opt(partial_lse),
-                        scale, splits, opt(block_mask), opt(seqlen), sm90};
+         const std::optional<TensorView>& block_mask, const std::optional<TensorView>& seqlen, bool sm90,
+         int chunk_tiles, const std::optional<TensorView>& resume) {
+        AttentionArgs a{q, k, v, opt(tree_mask), out, opt(partial_out), opt(partial_lse), scale, splits};
+        a.block_mask = opt(block_mask);
+        a.seqlen = opt(seqlen);
+        a.chunk_tiles = chunk_tiles;
+        a.resume = opt(resume);
+        a.sm90 = sm90;
         raise_if_error("attention", attention(a, as_stream(stream)),
                        {{"q", &q}, {"k", &k}, {"v", &v}, {"tree_mask", opt(tree_mask)}, {"out", &out},
                         {"partial_out", opt(partial_out)}, {"partial_lse", opt(partial_lse)},
-                        {"block_mask", opt(block_mask)}, {"seqlen", opt(seqlen)}});
+                        {"block_mask", opt(block_mask)}, {"seqlen", opt(seqlen)}, {"resume", opt(resume)}});
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tree_mask"), py::arg("out"), py::arg("partial_out"),
       py::arg("partial_lse"), py::arg("scale"), py::arg("splits"), py::arg("stream"), py::arg("block_mask") = py::none(),
-      py::arg("seqlen") = py::none(), py::arg("sm90") = false,
+      py::arg("seqlen") = py::none(), py::arg("sm90") = false, py::arg("chunk_tiles") = 0,
+      py::arg("resume") = py::none(),
       "Causal or tree-masked GQA attention of the last T of S cache slots, split-KV when splits > 1; "
-      "sm90: the Hopper causal-prefill kernel (csrc/kernels/sm90/attention_sm90.h). See csrc/kernels/attention.h.");
+      "chunk_tiles > 0: row-invariant (decoded and verified tokens bitwise equal); sm90: the Hopper kernels "
+      "(csrc/kernels/sm90/attention_sm90.h). See csrc/kernels/attention.h.");
   m.def("attention_num_splits", &attention_num_splits, py::arg("tokens"), py::arg("seqlen"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("tree"), py::arg("num_sms"),
         "Key-range splits the attention kernels use for this shape on a GPU with num_sms SMs (host only, "
@@ -228,6 +236,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_sm90_num_splits", &attention_sm90_num_splits, py::arg("tokens"), py::arg("seqlen"),
         py::arg("heads_q"), py::arg("heads_kv"), py::arg("num_sms"),
         "Key-range splits the Hopper attention kernels use for this shape (host only). See attention_plan.h.");
+  m.def("attention_invariant_chunk_tiles", &attention_invariant_chunk_tiles, py::arg("span"), py::arg("heads_q"),
+        py::arg("heads_kv"), py::arg("num_sms"),
+        "Tiles per key chunk of the row-invariant attention mode for a cache of `span` slots (host only). "
+        "See csrc/kernels/attention_plan.h.");
+  m.def("attention_invariant_splits", &attention_invariant_splits, py::arg("seqlen"), py::arg("chunk_tiles"),
+        "Chunks (splits) of a row-invariant attention call over seqlen slots (host only).");
+  m.def("attention_tail_smem_bytes", &attention_tail_smem_bytes, py::arg("head_dim"), py::arg("tokens"),
+        py::arg("group"), py::arg("mask_words"),
+        "Shared memory (bytes) of one tail block of a row-invariant tree call (host only).");
+  m.attr("ATTENTION_MAX_TAIL_GROUP") = kAttentionMaxTailGroup;
   m.def("attention_smem_bytes", &attention_smem_bytes, py::arg("head_dim"), py::arg("tokens"), py::arg("group"),
         py::arg("tree"), py::arg("mask_words"), py::arg("block_words"),
         "Shared memory (bytes) one attention block needs for this call (host only). See attention_plan.h.");
@@ -336,6 +354,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("gather_rows") = false,
       "out = x @ dequant(qweight).T (+ bias) with 4-bit fragment-ordered weights, optionally over the active "
       "experts only (BlockFFN). See csrc/kernels/w4a16.h.");
-  m.def("w4a16_num_splits", &w4a16_num_splits, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_sms"),
-        "Split-K factor the W4A16 kernel uses for this shape (host only, no GPU needed).");
+  m.def(
+      "dense_gemm",
+      [](const TensorView& x, const TensorView& weight, const std::optional<TensorView>& bias, const TensorView& out,
+         const std::optional<TensorView>& partial, const std::optional<TensorView>& counters, int splits,
+         std::uint64_t stream) {
+        DenseGemmArgs a{x, weight, opt(bias), out, opt(partial), opt(counters), splits};
+        raise_if_error("dense_gemm", dense_gemm(a, as_stream(stream)),
+                       {{"x", &x}, {"weight", &weight}, {"bias", opt(bias)}, {"out", &out}, {"partial", opt(partial)},
+                        {"counters", opt(counters)}});
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("partial"), py::arg("counters"),
+      py::arg("splits"), py::arg("stream"),
+      "out = x @ weight.T (+ bias), 16-bit weights [N, K], M <= 64 rows, row-invariant. See "
+      "csrc/kernels/dense_gemm.h.");
+  m.def("w4a16_num_splits", &w4a16_num_splits, py::arg("n"), py::arg("k"), py::arg("num_sms"),
+        "Split-K factor the W4A16 kernel uses for this shape, whatever the row count (host only, no GPU "
+        "needed). See csrc/kernels/w4a16.h.");
 }

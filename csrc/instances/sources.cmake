@@ -8,6 +8,9 @@ set(EDGESPEC_INSTANCE_SOURCES
   csrc/instances/attention_bf16_hd64.cu
   csrc/instances/attention_fp16_hd128.cu
   csrc/instances/attention_fp16_hd64.cu
+  csrc/instances/dense_gemm_bf16.cu
+  csrc/instances/dense_gemm_fp16.cu
+  csrc/instances/dense_gemm_fp32.cu
   csrc/instances/embedding_bf16.cu
   csrc/instances/embedding_fp16.cu
   csrc/instances/embedding_fp32.cu

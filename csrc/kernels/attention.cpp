@@ -4,11 +4,13 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/device_guard.h"
 #include "common/dispatch.h"
 #include "common/launch.h"
+#include "kernels/attention_plan.h"
 #ifdef EDGESPEC_HAS_SM90
 #include "kernels/sm90/attention_sm90.h"
 #endif
@@ -126,13 +128,51 @@ Status check_attention(const AttentionArgs& a) {
     return Status::invalid("splits must be in [1, " + std::to_string(kAttentionMaxSplits) + "], got " +
                            std::to_string(a.splits));
   }
+  const bool invariant = a.chunk_tiles != 0;
+  const bool invariant_tree = invariant && a.tree_mask != nullptr;
+  if (invariant) {
+    if (a.chunk_tiles < 0) return Status::invalid("chunk_tiles must be >= 0, got " + std::to_string(a.chunk_tiles));
+    if (a.block_mask != nullptr || a.sm90) {
+      return Status::unsupported(std::string("attention: the row-invariant mode (chunk_tiles > 0) does not take ") +
+                                 (a.sm90 ? "the sm90 kernels" : "a block mask"));
+    }
+    const int chunks = attention_invariant_splits(seqlen, a.chunk_tiles);
+    if (a.splits != chunks) {
+      return Status::invalid("splits = " + std::to_string(a.splits) + " but chunk_tiles = " +
+                             std::to_string(a.chunk_tiles) + " cuts the " + std::to_string(seqlen) + " slots into " +
+                             std::to_string(chunks) + " chunks (attention_invariant_splits)");
+    }
+    if (invariant_tree && heads_q / heads_kv > kAttentionMaxTailGroup) {
+      return Status::unsupported("attention: the row-invariant tree mode takes at most " +
+                                 std::to_string(kAttentionMaxTailGroup) + " query heads per KV head, got " +
+                                 std::to_string(heads_q / heads_kv));
+    }
+  } else if (a.resume != nullptr) {
+    return Status::invalid("resume is scratch of the row-invariant tree mode (chunk_tiles > 0); pass none here");
+  }
+  if (invariant_tree) {
+    if (a.resume == nullptr) return Status::invalid("a row-invariant tree call needs the resume scratch");
+    const TensorView& r = *a.resume;
+    const char* why = "resume is fp32 [T * Hq, attention_resume_stride(D)]";
+    EDGESPEC_RETURN_IF_ERROR(check_view(r, "resume", 2));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(r, "resume", DType::kFloat32, why));
+    EDGESPEC_RETURN_IF_ERROR(check_size(r, "resume", 0, tokens * heads_q, why));
+    EDGESPEC_RETURN_IF_ERROR(check_size(r, "resume", 1, attention_resume_stride(static_cast<int>(head_dim)), why));
+    EDGESPEC_RETURN_IF_ERROR(check_contiguous(r, "resume"));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(q, "q", r, "resume"));
+    if (r.data % 16 != 0) return Status::invalid("resume: data address is not 16-byte aligned");
+    for (const auto& [view, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&a.out, "out"}}) {
+      EDGESPEC_RETURN_IF_ERROR(check_disjoint(r, "resume", *view, name));
+    }
+  }
   const bool partials = a.partial_out != nullptr || a.partial_lse != nullptr;
-  if (a.splits == 1) {
+  if (a.splits == 1 && !invariant_tree) {
     if (partials) return Status::invalid("partial_out/partial_lse are scratch for splits > 1; pass none with splits 1");
     return Status::success();
   }
   if (a.partial_out == nullptr || a.partial_lse == nullptr) {
-    return Status::invalid("splits " + std::to_string(a.splits) + " needs both partial_out and partial_lse");
+    return Status::invalid("splits " + std::to_string(a.splits) + (invariant_tree ? " (a row-invariant tree)" : "") +
+                           " needs both partial_out and partial_lse");
   }
   const TensorView& po = *a.partial_out;
   const TensorView& pl = *a.partial_lse;
@@ -157,6 +197,7 @@ Status check_attention(const AttentionArgs& a) {
     EDGESPEC_RETURN_IF_ERROR(check_disjoint(*scratch, name, k, "k"));
     EDGESPEC_RETURN_IF_ERROR(check_disjoint(*scratch, name, v, "v"));
     EDGESPEC_RETURN_IF_ERROR(check_disjoint(*scratch, name, a.out, "out"));
+    if (a.resume != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*scratch, name, *a.resume, "resume"));
   }
   return check_disjoint(po, "partial_out", pl, "partial_lse");
 }
@@ -184,10 +225,12 @@ AttentionParams<T> make_params(const AttentionArgs& a) {
   p.out = a.out.ptr<T>();
   p.out_stride_t = a.out.stride(0);
   p.out_stride_h = a.out.stride(1);
-  if (a.splits > 1) {
+  if (a.partial_out != nullptr) {
     p.partial_out = a.partial_out->ptr<float>();
     p.partial_lse = a.partial_lse->ptr<float>();
   }
+  p.chunk_tiles = a.chunk_tiles;
+  if (a.resume != nullptr) p.resume = a.resume->ptr<float>();
   p.tokens = static_cast<int>(a.q.size(0));
   p.seqlen = static_cast<int>(a.k.size(0));
   p.seqlen_dev = a.seqlen != nullptr ? a.seqlen->ptr<const int>() : nullptr;

@@ -54,25 +54,24 @@ struct Tile {
   static constexpr int kWarps = kWarpsM * kWarpsN;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarpsM;
-  static constexpr int kWarpKeys = kBlockN / kWarpsN;  // keys of every tile that one warp scores
   static constexpr int kChunks = kHeadDim / 8;          // 16-byte chunks per row
-  static constexpr int kKeyFrags = kWarpKeys / 8;       // n8 blocks of S per warp
-  static constexpr int kDimFrags = kHeadDim / 8;        // n8 blocks of O per warp
+  static constexpr int kKeyFrags = kBlockN / 8;         // n8 blocks of S (every warp scores the whole tile)
+  static constexpr int kDimFrags = kHeadDim / 8 / kWarpsN;  // n8 blocks of O per warp (its slice of D)
   static constexpr int kDimSteps = kHeadDim / 16;       // k16 steps of Q.K^T
-  static constexpr int kKeySteps = kWarpKeys / 16;      // k16 steps of P.V
+  static constexpr int kKeySteps = kBlockN / 16;        // k16 steps of P.V
   static constexpr int kTileElems = kBlockN * kHeadDim;  // one K or V tile
   static constexpr int kStageElems = 2 * kTileElems;     // K tile, then V tile
   // fp32 epilogue rows padded by 8 floats: the float2 stores of one fragment row then spread
   // over all 32 banks instead of hitting the same 8.
   static constexpr int kORow = kHeadDim + 8;
   // Two stages of 16-bit K and V, or (reused) the epilogue's rows; then the row statistics.
-  static constexpr int kMainBytes = attention_main_bytes(kHeadDim, kWarpsM, kWarpsN);
-  static constexpr int kStatBytes = attention_stat_bytes(kWarpsM, kWarpsN);
-  static_assert(kMainBytes >= 2 * kStageElems * 2 && kMainBytes >= kWarpsN * kBlockM * kORow * 4,
+  static constexpr int kMainBytes = attention_main_bytes(kHeadDim, kWarpsM);
+  static constexpr int kStatBytes = attention_stat_bytes(kWarpsM);
+  static_assert(kMainBytes >= 2 * kStageElems * 2 && kMainBytes >= kBlockM * kORow * 4,
                 "attention_main_bytes covers the pipeline and the epilogue");
 
   static_assert(kBlockM * kHeadDim <= kStageElems, "the Q tile is staged in the second pipeline stage");
-  static_assert(kWarpKeys % 16 == 0, "a warp's key slice must be whole k16 steps of P.V");
+  static_assert(kDimFrags % 2 == 0, "a warp's slice of the head dim must be whole pairs of n8 blocks");
   static_assert((kBlockN * kChunks) % kThreads == 0, "every thread copies the same number of K/V chunks");
 };
 
@@ -107,24 +106,29 @@ __device__ __forceinline__ int nth_set_tile(const std::uint64_t* words, int nwor
   return -1;
 }
 
-template <typename T, int kHeadDim, int kWarpsM, int kWarpsN, bool kTree>
+// kTail (row-invariant tree calls only; attention.h "Row invariance"): the block attends one tree
+// token's tail (blockIdx.x), the gathered tiles from the tree's first tile to the token's own,
+// within one chunk (the tree's first chunk + blockIdx.z), resuming the main kernel's state there.
+template <typename T, int kHeadDim, int kWarpsM, int kWarpsN, bool kTree, bool kTail>
 __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     attention_kernel(const AttentionParams<T> p) {
+  static_assert(kTree || !kTail, "tail blocks exist for tree calls only");
   using C = Tile<kHeadDim, kWarpsM, kWarpsN>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const pipe = reinterpret_cast<T*>(smem);     // [2 stages][K | V][kBlockN][kHeadDim], swizzled
   T* const q_tile = pipe + C::kStageElems;        // stage 1, until Q is in registers
-  float* const o_part = reinterpret_cast<float*>(smem);  // epilogue: [kWarpsN][kBlockM][kORow]
-  float* const stat_max = reinterpret_cast<float*>(smem + C::kMainBytes);  // [kWarpsN][kBlockM]
-  float* const stat_sum = stat_max + kWarpsN * C::kBlockM;                 // [kWarpsN][kBlockM]
-  float* const row_inv = stat_sum + kWarpsN * C::kBlockM;                  // [kBlockM]
-  float* const row_lse = row_inv + C::kBlockM;                             // [kBlockM]
+  float* const o_part = reinterpret_cast<float*>(smem);  // epilogue: [kBlockM][kORow]
+  float* const row_inv = reinterpret_cast<float*>(smem + C::kMainBytes);  // [kBlockM]
+  float* const row_lse = row_inv + C::kBlockM;                            // [kBlockM]
   std::uint64_t* const mask_rows = reinterpret_cast<std::uint64_t*>(row_lse + C::kBlockM);
   // Block-sparse: the selected-tile words of the block's tokens, then their union and intersection.
-  const int span_tokens = mask_tokens_per_block(C::kBlockM, p.group, p.tokens);
+  const int span_tokens = kTail ? 1 : mask_tokens_per_block(C::kBlockM, p.group, p.tokens);
   std::uint64_t* const sel_rows = mask_rows + (kTree ? span_tokens * p.mask_words : 0);
   std::uint64_t* const sel_any = sel_rows + span_tokens * p.block_words;
   std::uint64_t* const sel_all = sel_any + p.block_words;
+  // Tail blocks: the depth of every tree token, then the token's ancestors by depth (tree indices).
+  short* const depth_of = reinterpret_cast<short*>(sel_rows);
+  short* const ancestor = depth_of + p.tokens;
 
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -135,35 +139,87 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   const int rows = p.tokens * group;
   // Causal row tiles further down see more keys; launching them first shortens the tail.
   const int tile_m = kTree ? static_cast<int>(blockIdx.x) : static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  const int row0 = tile_m * C::kBlockM;
+  // A tail block holds the G rows of token blockIdx.x (the rest of its row block is padding).
+  const int row0 = kTail ? tile_m * group : tile_m * C::kBlockM;
+  const int row_end = kTail ? row0 + group : rows;
   const int kv_head = blockIdx.y;
-  const int split = blockIdx.z;
   // The slots that count: the views' S, or the device-side length of a graph replay.
   const int seqlen = p.seqlen_dev != nullptr ? max(p.tokens, min(__ldg(p.seqlen_dev), p.seqlen)) : p.seqlen;
   const int prefix = seqlen - p.tokens;
   const int tok_first = row0 / group;
-  const int tok_last = min((row0 + C::kBlockM - 1) / group, p.tokens - 1);
+  const int tok_last = kTail ? tok_first : min((row0 + C::kBlockM - 1) / group, p.tokens - 1);
+  const bool invariant = p.chunk_tiles > 0;
+  // Row-invariant trees: the tiles from here on hold tree tokens, attended as per-token tails.
+  const int tree_tile = prefix / kBlockN;
+  // A tail token's last logical key: its own position (the prefix, then its depth).
+  int last_key = 0;
+  if constexpr (kTail) {
+    int bits = 0;
+    for (int w = 0; w < p.mask_words; ++w) {
+      bits += __popcll(__ldg(p.tree_mask + static_cast<std::int64_t>(tok_first) * p.mask_words + w));
+    }
+    last_key = prefix + bits - 1;
+  }
 
   // This block's keys: its split's run of whole tiles, cut after the last slot any row here sees.
   const int visible_end = kTree ? seqlen : prefix + tok_last + 1;
   const int tiles_visible = (visible_end + kBlockN - 1) / kBlockN;
   const int tiles_total = (seqlen + kBlockN - 1) / kBlockN;
-  const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
-  const int tile_begin = split * tiles_per_split;
-  const int tile_end = min(tile_begin + tiles_per_split, tiles_visible);
+  int split = blockIdx.z;
+  int tile_begin, tile_end;
+  if (invariant) {
+    // Fixed chunks; a tree's tiles from tree_tile on belong to the tail blocks.
+    if constexpr (kTail) split += tree_tile / p.chunk_tiles;
+    tile_begin = split * p.chunk_tiles;
+    tile_end = min(tile_begin + p.chunk_tiles, tiles_visible);
+    if constexpr (kTail) {
+      tile_begin = max(tile_begin, tree_tile);
+      tile_end = min(tile_end, last_key / kBlockN + 1);
+    } else if constexpr (kTree) {
+      tile_end = min(tile_end, tree_tile);
+    }
+  } else {
+    const int tiles_per_split = (tiles_total + p.splits - 1) / p.splits;
+    tile_begin = split * tiles_per_split;
+    tile_end = min(tile_begin + tiles_per_split, tiles_visible);
+  }
+  // The token's tail misses this chunk: nothing to write. (The first tail chunk always writes its
+  // partial, even for a malformed row that sees no tree token, so no stale partial is combined.)
+  if (kTail && blockIdx.z > 0 && tile_begin >= tile_end) return;
+  // The chunk holding the tree's first tile, when it also holds committed tiles before it: the
+  // main kernel hands its rows' state over to the tail blocks there instead of finishing them.
+  const bool handover = kTree && invariant && split == tree_tile / p.chunk_tiles && tree_tile % p.chunk_tiles != 0;
   const bool sparse = p.block_mask != nullptr;
   // The tiles this block visits: [tile_first, ...) in order, tile_count of them (sparse: the set
   // tiles of sel_any, the splits sharing them out by rank).
   int tile_first = tile_begin;
   int tile_count = max(tile_end - tile_begin, 0);
   // Slots below full_end are visible to every row of the block: tiles entirely below it skip
-  // the mask (for a long prefix, all but the last one or two tiles).
-  const int full_end = kTree ? prefix : prefix + tok_first + 1;
+  // the mask (for a long prefix, all but the last one or two tiles). Tail tiles are always masked.
+  const int full_end = kTail ? 0 : kTree ? prefix : prefix + tok_first + 1;
 
   if constexpr (kTree) {
     const int words = (tok_last - tok_first + 1) * p.mask_words;
     const std::uint64_t* src = p.tree_mask + static_cast<std::int64_t>(tok_first) * p.mask_words;
     for (int i = tid; i < words; i += C::kThreads) mask_rows[i] = src[i];
+  }
+
+  if constexpr (kTail) {
+    // Ancestors by depth: tree token j sits at depth popcount(row j) - 1, and the token's row
+    // sets exactly its ancestors and itself, one per depth.
+    for (int j = tid; j < p.tokens; j += C::kThreads) {
+      ancestor[j] = -1;  // stays -1 only for a malformed mask (a depth the row has no token at)
+      int bits = 0;
+      for (int w = 0; w < p.mask_words; ++w) {
+        bits += __popcll(__ldg(p.tree_mask + static_cast<std::int64_t>(j) * p.mask_words + w));
+      }
+      depth_of[j] = static_cast<short>(bits - 1);
+    }
+    __syncthreads();
+    for (int j = tid; j < p.tokens; j += C::kThreads) {
+      if (((mask_rows[j >> 6] >> (j & 63)) & 1u) && depth_of[j] >= 0) ancestor[depth_of[j]] = static_cast<short>(j);
+    }
+    __syncthreads();  // the tile loads below read the ancestors
   }
 
   if (sparse) {
@@ -176,14 +232,14 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     __syncthreads();
     // Tiles holding tree slots are always visited (the tree mask decides there); tiles past what
     // the block can see never are.
-    const int tree_tile = kTree ? prefix / kBlockN : tiles_total;
+    const int first_tree_tile = kTree ? tree_tile : tiles_total;
     for (int w = tid; w < bw; w += C::kThreads) {
       std::uint64_t any = 0, all = ~0ull;
       for (int u = 0; u < span; ++u) {
         any |= sel_rows[u * bw + w];
         all &= sel_rows[u * bw + w];
       }
-      any |= ~bits_below(tree_tile - w * 64);
+      any |= ~bits_below(first_tree_tile - w * 64);
       sel_any[w] = any & bits_below(tiles_visible - w * 64);
       sel_all[w] = all;
     }
@@ -199,7 +255,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     const int r = i / C::kChunks;
     const int c = i % C::kChunks;
     const int row = row0 + r;
-    const bool valid = row < rows;
+    const bool valid = row < row_end;
     const T* src = p.q;
     if (valid) {
       const int tok = row / group;
@@ -222,9 +278,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       const int r = i / C::kChunks;
       const int c = i % C::kChunks;
       const int key = key0 + r;
-      const bool valid = key < seqlen;
-      const std::int64_t k_off = valid ? key * p.k_stride_s + c * 8 : 0;
-      const std::int64_t v_off = valid ? key * p.v_stride_s + c * 8 : 0;
+      // Tail tiles are logical: committed keys in place, then the token's ancestors by depth.
+      const int node = kTail && key >= prefix && key <= last_key ? ancestor[key - prefix] : 0;
+      const bool valid = kTail ? key <= last_key && node >= 0 : key < seqlen;
+      const int slot = kTail && key >= prefix ? prefix + node : key;
+      const std::int64_t k_off = valid ? slot * p.k_stride_s + c * 8 : 0;
+      const std::int64_t v_off = valid ? slot * p.v_stride_s + c * 8 : 0;
       cp_async_16(k_dst + swizzle<kHeadDim>(r, c), k_head + k_off, valid);
       cp_async_16(v_dst + swizzle<kHeadDim>(r, c), v_head + v_off, valid);
     }
@@ -247,18 +306,40 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   const int lr0 = wm * 16 + lane / 4;
   int row_tok[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) row_tok[i] = min((row0 + lr0 + 8 * i) / group, p.tokens - 1);
+  for (int i = 0; i < 2; ++i) row_tok[i] = kTail ? tok_first : min((row0 + lr0 + 8 * i) / group, p.tokens - 1);
+
+  // The packed (token * Hq + head) index of a block row: partials, lse and resume rows.
+  auto packed_row = [&](int row) {
+    return static_cast<std::int64_t>(row / group) * p.heads_q + kv_head * group + row % group;
+  };
+  constexpr int kResume = kHeadDim + kAttentionResumeExtra;  // attention_resume_stride
+  const int dim0 = wn * C::kDimFrags * 8 + (lane % 4) * 2;  // this thread's first O column
 
   float o_acc[C::kDimFrags][4];
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this thread's columns only; reduced over the quad at the end
 #pragma unroll
   for (int d = 0; d < C::kDimFrags; ++d) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) o_acc[d][e] = 0.f;
   }
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // this thread's columns only; reduced over the quad at the end
+  if (kTail && handover) {
+    // Resume the state the main kernel left after the chunk's committed tiles (exact fp32).
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = row0 + lr0 + 8 * i;
+      if (row >= row_end) continue;
+      const float* src = p.resume + packed_row(row) * kResume;
+#pragma unroll
+      for (int d = 0; d < C::kDimFrags; ++d) {
+        o_acc[d][2 * i] = src[dim0 + d * 8];
+        o_acc[d][2 * i + 1] = src[dim0 + d * 8 + 1];
+      }
+      row_max[i] = src[kHeadDim];
+      row_sum[i] = src[kHeadDim + 1 + lane % 4];
+    }
+  }
 
-  const int warp_key0 = wn * C::kWarpKeys;
   int tile = tile_first;
   for (int it = 0; it < tile_count; ++it) {
     const int stage = it & 1;
@@ -282,7 +363,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       for (int kp = 0; kp < C::kKeyFrags / 2; ++kp) {
         // Matrices: keys +0..7 | +0..7 | +8..15 | +8..15 of this pair of n8 blocks, dims
         // low | high 8 of this k16 step: b[0..1] feed n-block 2kp, b[2..3] n-block 2kp + 1.
-        const int key = warp_key0 + kp * 16 + lane % 8 + (lane / 16) * 8;
+        const int key = kp * 16 + lane % 8 + (lane / 16) * 8;
         std::uint32_t b[4];
         ldmatrix_x4(b, k_tile + swizzle<kHeadDim>(key, ks * 2 + (lane / 8) % 2));
         mma_16816<T>(s[2 * kp], q_frag[ks], b[0], b[1]);
@@ -299,7 +380,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
         row_sel[i] = (sel_rows[(row_tok[i] - tok_first) * p.block_words + (tile >> 6)] >> (tile & 63)) & 1u;
       }
     }
-    const int key_base = tile * kBlockN + warp_key0 + (lane % 4) * 2;
+    const int key_base = tile * kBlockN + (lane % 4) * 2;
 #pragma unroll
     for (int j = 0; j < C::kKeyFrags; ++j) {
 #pragma unroll
@@ -309,7 +390,9 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
           const int key = key_base + j * 8 + (e & 1);
           const int tok = row_tok[e / 2];
           bool visible;
-          if constexpr (kTree) {
+          if constexpr (kTail) {
+            visible = key <= last_key;  // a logical key: committed, an ancestor or the token itself
+          } else if constexpr (kTree) {
             const int node = key - prefix;
             visible = node < 0 ? row_sel[e / 2]
                                : (node < p.tokens &&
@@ -358,10 +441,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
 #pragma unroll
       for (int dp = 0; dp < C::kDimFrags / 2; ++dp) {
         // Transposed matrices: keys +0..7 | +8..15 | +0..7 | +8..15, dims low | low | high | high
-        // 8 of this pair of n8 blocks: b[0..1] feed dim block 2dp, b[2..3] dim block 2dp + 1.
-        const int key = warp_key0 + kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+        // 8 of this pair of n8 blocks (of the warp's slice of D): b[0..1] feed dim block 2dp,
+        // b[2..3] dim block 2dp + 1.
+        const int key = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
         std::uint32_t b[4];
-        ldmatrix_x4_trans(b, v_tile + swizzle<kHeadDim>(key, dp * 2 + lane / 16));
+        ldmatrix_x4_trans(b, v_tile + swizzle<kHeadDim>(key, wn * C::kDimFrags + dp * 2 + lane / 16));
         mma_16816<T>(o_acc[2 * dp], a, b[0], b[1]);
         mma_16816<T>(o_acc[2 * dp + 1], a, b[2], b[3]);
       }
@@ -370,7 +454,28 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     tile = next;
   }
 
-  // ---- epilogue: merge the warps of each row block, normalise, write ----
+  if (!kTail && handover) {
+    // Hand the rows' raw state to the tail blocks (attention.h): o, max and the lanes' sums.
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = row0 + lr0 + 8 * i;
+      if (row >= row_end) continue;
+      float* dst = p.resume + packed_row(row) * kResume;
+#pragma unroll
+      for (int d = 0; d < C::kDimFrags; ++d) {
+        dst[dim0 + d * 8] = o_acc[d][2 * i];
+        dst[dim0 + d * 8 + 1] = o_acc[d][2 * i + 1];
+      }
+      if (wn == 0) {  // every warp of the row holds the same max and sums
+        if (lane % 4 == 0) dst[kHeadDim] = row_max[i];
+        dst[kHeadDim + 1 + lane % 4] = row_sum[i];
+      }
+    }
+    return;
+  }
+
+  // ---- epilogue: normalise, write ----
   cp_async_wait<0>();
   __syncthreads();  // o_part aliases the pipeline
 #pragma unroll
@@ -378,36 +483,21 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     row_sum[i] += __shfl_xor_sync(kFullMask, row_sum[i], 1);
     row_sum[i] += __shfl_xor_sync(kFullMask, row_sum[i], 2);
   }
-  if (lane % 4 == 0) {
+  if (wn == 0 && lane % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      stat_max[wn * C::kBlockM + lr0 + 8 * i] = row_max[i];
-      stat_sum[wn * C::kBlockM + lr0 + 8 * i] = row_sum[i];
+      const float total = row_sum[i];
+      row_inv[lr0 + 8 * i] = total > 0.f ? 1.f / total : 0.f;
+      row_lse[lr0 + 8 * i] = total > 0.f ? row_max[i] + log2f(total) : -INFINITY;
     }
   }
 #pragma unroll
   for (int d = 0; d < C::kDimFrags; ++d) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float* dst = o_part + (wn * C::kBlockM + lr0 + 8 * i) * C::kORow + d * 8 + (lane % 4) * 2;
+      float* dst = o_part + (lr0 + 8 * i) * C::kORow + dim0 + d * 8;
       *reinterpret_cast<float2*>(dst) = make_float2(o_acc[d][2 * i], o_acc[d][2 * i + 1]);
     }
-  }
-  __syncthreads();
-
-  for (int r = tid; r < C::kBlockM; r += C::kThreads) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarpsN; ++w) mx = fmaxf(mx, stat_max[w * C::kBlockM + r]);
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarpsN; ++w) {
-      const float factor = mx == -INFINITY ? 0.f : exp2f(stat_max[w * C::kBlockM + r] - mx);
-      stat_max[w * C::kBlockM + r] = factor;  // from here on: the warp's weight for this row
-      total += factor * stat_sum[w * C::kBlockM + r];
-    }
-    row_inv[r] = total > 0.f ? 1.f / total : 0.f;
-    row_lse[r] = total > 0.f ? mx + log2f(total) : -INFINITY;
   }
   __syncthreads();
 
@@ -416,22 +506,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     const int r = i / C::kChunks;
     const int c = i % C::kChunks;
     const int row = row0 + r;
-    if (row >= rows) continue;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < kWarpsN; ++w) {
-      const float factor = stat_max[w * C::kBlockM + r];
-      const float4* src = reinterpret_cast<const float4*>(o_part + (w * C::kBlockM + r) * C::kORow + c * 8);
-      const float4 lo = src[0], hi = src[1];
-      acc[0] += factor * lo.x;
-      acc[1] += factor * lo.y;
-      acc[2] += factor * lo.z;
-      acc[3] += factor * lo.w;
-      acc[4] += factor * hi.x;
-      acc[5] += factor * hi.y;
-      acc[6] += factor * hi.z;
-      acc[7] += factor * hi.w;
-    }
+    if (row >= row_end) continue;
+    const float4* src = reinterpret_cast<const float4*>(o_part + r * C::kORow + c * 8);
+    const float4 lo = src[0], hi = src[1];
+    const float acc[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
     const float inv = row_inv[r];
     const int tok = row / group;
     const int head = kv_head * group + row % group;
@@ -441,8 +519,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(acc[e] * inv);
       store_vec<T, 8>(p.out + tok * p.out_stride_t + head * p.out_stride_h + c * 8, out);
     } else {
-      const std::int64_t prow = static_cast<std::int64_t>(split) * partial_rows +
-                                static_cast<std::int64_t>(tok) * p.heads_q + head;
+      const std::int64_t prow = static_cast<std::int64_t>(split) * partial_rows + packed_row(row);
       float4* dst = reinterpret_cast<float4*>(p.partial_out + prow * kHeadDim + c * 8);
       dst[0] = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
       dst[1] = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
@@ -489,14 +566,17 @@ __global__ void __launch_bounds__(kCombineWarps * 32) attention_combine_kernel(c
   store_vec<T, kPerLane>(p.out + tok * p.out_stride_t + head * p.out_stride_h + lane * kPerLane, out);
 }
 
-template <typename T, int kHeadDim, int kWarpsM, int kWarpsN, bool kTree>
+template <typename T, int kHeadDim, int kWarpsM, int kWarpsN, bool kTree, bool kTail = false>
 Status launch_attention_tiles(const AttentionParams<T>& p, cudaStream_t stream) {
   using C = Tile<kHeadDim, kWarpsM, kWarpsN>;
   const std::int64_t rows = static_cast<std::int64_t>(p.tokens) * p.group;
-  const std::int64_t row_tiles = (rows + C::kBlockM - 1) / C::kBlockM;
+  // Tail blocks: one per tree token (and KV head, and chunk its tail can touch).
+  const std::int64_t row_tiles = kTail ? p.tokens : (rows + C::kBlockM - 1) / C::kBlockM;
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, kMaxGridX, "attention: number of query row tiles"));
-  const std::int64_t smem = attention_smem_bytes(kHeadDim, p.tokens, p.group, kTree, kTree ? p.mask_words : 0,
-                                                 p.block_mask != nullptr ? p.block_words : 0);
+  const std::int64_t smem =
+      kTail ? attention_tail_smem_bytes(kHeadDim, p.tokens, p.group, p.mask_words)
+            : attention_smem_bytes(kHeadDim, p.tokens, p.group, kTree, kTree ? p.mask_words : 0,
+                                   p.block_mask != nullptr ? p.block_words : 0);
   int device = 0, optin = 0;
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaGetDevice(&device), "attention: cudaGetDevice"));
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
@@ -507,14 +587,14 @@ Status launch_attention_tiles(const AttentionParams<T>& p, cudaStream_t stream) 
                                " bytes of shared memory per block, the GPU allows " + std::to_string(optin) +
                                " (tree-mask and block-selection rows grow with the tokens a block spans)");
   }
-  auto* kernel = attention_kernel<T, kHeadDim, kWarpsM, kWarpsN, kTree>;
+  auto* kernel = attention_kernel<T, kHeadDim, kWarpsM, kWarpsN, kTree, kTail>;
   // Above 48 KB of dynamic shared memory a kernel must opt in (per kernel, not per launch, but
   // the call is cheap, needs no synchronisation and is legal during stream capture).
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
       "attention: requesting dynamic shared memory for attention_kernel"));
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv),
-                  static_cast<unsigned>(p.splits));
+  const int grid_z = kTail ? attention_tail_chunks(p.tokens, p.chunk_tiles) : p.splits;
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(grid_z));
   kernel<<<grid, C::kThreads, static_cast<std::size_t>(smem), stream>>>(p);
   EDGESPEC_CHECK_LAUNCH("attention_kernel");
   return Status::success();
@@ -543,7 +623,15 @@ Status launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
                                std::to_string(shape.warps_n) + "-warp tile" + (tree ? " with a tree mask" : ""));
   }
   EDGESPEC_RETURN_IF_ERROR(status);
-  if (p.splits == 1) return Status::success();
+  // Row-invariant trees: the tail blocks attend each token's gathered tiles (attention.h).
+  const bool tails = tree && p.chunk_tiles > 0;
+  if (tails) {
+    const AttentionTileShape tail = attention_tail_shape(p.group);
+    const Status launched = tail.warps_m == 1 ? launch_attention_tiles<T, kHeadDim, 1, 4, true, true>(p, stream)
+                                              : launch_attention_tiles<T, kHeadDim, 4, 1, true, true>(p, stream);
+    EDGESPEC_RETURN_IF_ERROR(launched);
+  }
+  if (p.splits == 1 && !tails) return Status::success();
   const std::int64_t rows = static_cast<std::int64_t>(p.tokens) * p.heads_q;
   const std::int64_t blocks = (rows + kCombineWarps - 1) / kCombineWarps;
   EDGESPEC_RETURN_IF_ERROR(check_fits(blocks, kMaxGridX, "attention: number of combine blocks"));

@@ -37,6 +37,25 @@
 // split's share of the K/V tiles of kAttentionBlockN keys through a two-stage cp.async pipeline.
 // With splits > 1 each block writes an fp32 partial output and log-sum-exp and a second kernel
 // merges the splits (flash-decoding). Tile shapes and split counts: attention_plan.h.
+//
+// Row invariance (chunk_tiles > 0). A token decoded alone at position p and the same token
+// verified inside a draft tree get bitwise the same output, so greedy speculative decoding on the
+// GPU emits exactly plain greedy's tokens. Three things make a row's arithmetic depend on its own
+// logical keys only:
+//   1. every warp scores whole 64-key tiles in every tile shape (attention_plan.h), so the order of
+//      a row's sums does not depend on how many rows share its block;
+//   2. splits are chunks of chunk_tiles tiles at fixed positions (one chunk length for a whole
+//      generation: attention_invariant_chunk_tiles), not a fraction of the current length; the
+//      combine adds empty chunks as exact zeros;
+//   3. a tree token's keys from the tree's first tile on (the committed keys of that tile, then
+//      its ancestors in depth order, then itself) are gathered into tiles at their logical
+//      positions, exactly where a decode step finds them in the cache. The main kernel attends the
+//      whole tiles below the tree's first tile, shared by every tree token; it stops there and
+//      leaves each row's online-softmax state (unnormalised, fp32, exact) in `resume`; a tail
+//      kernel with one block per (tree token, KV head, chunk) resumes it over the gathered tiles.
+//      Masked keys and fully masked tiles change nothing, bit for bit (exp2(-inf) = 0, x * 1 = x).
+// Causal calls need only 1 and 2: their keys are in logical order already. Not with a block
+// mask (InfLLM-v2 selection), nor the sm90 kernels.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -85,7 +104,19 @@ struct AttentionParams {
   int group = 0;     // Hq / Hkv
   int splits = 1;
   float scale_log2 = 0.f;  // scale * log2(e): the softmax runs in base 2 (exp2 is one MUFU op)
+  // Row-invariant mode (see "Row invariance" above): split z is the chunk of tiles
+  // [z * chunk_tiles, (z + 1) * chunk_tiles); 0: the splits share the visible tiles out evenly.
+  int chunk_tiles = 0;
+  // Invariant tree calls: per packed row (token * Hq + head), kResumeStride floats: the raw
+  // online-softmax state of the chunk holding the tree's first tile (o[D], row max, the four
+  // lanes' partial row sums), handed from the main kernel to the tail kernel.
+  float* resume = nullptr;
 };
+
+// Floats per row of the resume buffer past the head dim: the row max, the 4 lanes' partial sums,
+// padding to 16 bytes.
+constexpr int kAttentionResumeExtra = 8;
+constexpr int attention_resume_stride(int head_dim) { return head_dim + kAttentionResumeExtra; }
 
 // Instantiated per (dtype, head dim) in csrc/instances/attention_<dtype>_hd<D>.cu.
 template <typename T, int kHeadDim>
@@ -103,6 +134,11 @@ struct AttentionArgs {
   int splits = 1;  // attention_num_splits() picks it; any value in [1, kAttentionMaxSplits] is correct
   const TensorView* block_mask = nullptr;   // int64 [T, Hkv, W] (block-sparse) or nullptr
   const TensorView* seqlen = nullptr;       // int32 [1]: the slots of k/v that count, or nullptr (all)
+  // Row-invariant mode: chunk_tiles > 0 (attention_invariant_chunk_tiles); splits must then be
+  // attention_invariant_splits(S, chunk_tiles). A tree call also needs partial_out/partial_lse
+  // (even with one split) and resume: fp32 [T * Hq, attention_resume_stride(D)] scratch.
+  int chunk_tiles = 0;
+  const TensorView* resume = nullptr;
   // Run the Hopper (sm_90a) wgmma kernels instead (csrc/kernels/sm90/attention_sm90.h; plan the
   // splits with attention_sm90_num_splits): an error (kUnsupported) when the build has no sm90
   // kernels, the GPU is not compute capability 9.0 or the call is one they do not take

@@ -2,11 +2,13 @@
 // launcher, the Python binding (which sizes the split-KV scratch) and bench/cpp/bench_attention.
 //
 // Tile shapes. Query rows are packed (token, query head of the group); a warp owns 16 rows (one
-// m16n8k16 row block) and the block streams K/V tiles of kAttentionBlockN = 64 keys.
+// m16n8k16 row block) and the block streams K/V tiles of kAttentionBlockN = 64 keys. Every warp
+// scores whole tiles: a row's arithmetic (the order of its sums) is the same in every shape, which
+// is what makes the row-invariant mode below possible.
 //   * rows <= 16 (decode, and trees/chunks with T * G <= 16): one row block, and the four warps
-//     split each 64-key tile between them (16 keys each) with private softmax states merged at
-//     the end. A decode step is memory-bound; what matters is that one block keeps many K/V bytes
-//     in flight and that the G heads of a group share every load, not that the mma rows are full.
+//     split the head dim of P.V between them (each scores the whole tile, redundantly: a decode
+//     step is memory-bound, four times the Q.K^T mma work costs nothing measurable next to the
+//     K/V bytes, and one block keeps four warps' worth of loads in flight).
 //   * otherwise 4 warps x 16 rows (64-row tiles, 128 threads): tree verification and short
 //     chunks, where few row tiles exist and splits supply the parallelism.
 //   * causal with more than 128 packed rows: 8 warps x 16 rows (128-row tiles, 256 threads), so
@@ -64,7 +66,7 @@ namespace edgespec {
 
 struct AttentionTileShape {
   int warps_m = 4;  // warps along the packed query rows (16 rows each)
-  int warps_n = 1;  // warps sharing one row block, each on its own slice of every K/V tile
+  int warps_n = 1;  // warps sharing one row block, each on its own slice of the head dim (P.V)
 
   int block_m() const { return 16 * warps_m; }
   int threads() const { return 32 * warps_m * warps_n; }
@@ -95,14 +97,14 @@ EDGESPEC_HOST_DEVICE inline int mask_tokens_per_block(int block_m, int group, in
 // failing the launch), and edgespec/ops/_kernels.py asks for it (through the binding) to fall back
 // to torch first. The variable parts: the tree-mask rows and the block-selection rows (plus their
 // union and intersection words) of the tokens a block spans.
-constexpr int attention_main_bytes(int head_dim, int warps_m, int warps_n) {
-  const int pipe = 2 * 2 * kAttentionBlockN * head_dim * 2;       // two stages of 16-bit K and V tiles
-  const int epilogue = warps_n * 16 * warps_m * (head_dim + 8) * 4;  // fp32 rows padded by 8 (reuses pipe)
+constexpr int attention_main_bytes(int head_dim, int warps_m) {
+  const int pipe = 2 * 2 * kAttentionBlockN * head_dim * 2;  // two stages of 16-bit K and V tiles
+  const int epilogue = 16 * warps_m * (head_dim + 8) * 4;     // fp32 rows padded by 8 (reuses pipe)
   return pipe > epilogue ? pipe : epilogue;
 }
 
-constexpr int attention_stat_bytes(int warps_m, int warps_n) {
-  return (2 * warps_n + 2) * 16 * warps_m * 4;  // per-warp row max and sum, then per-row 1/l and lse
+constexpr int attention_stat_bytes(int warps_m) {
+  return 2 * 16 * warps_m * 4;  // per-row 1/l and lse
 }
 
 inline std::int64_t attention_smem_bytes(int head_dim, std::int64_t tokens, int group, bool tree, int mask_words,
@@ -111,8 +113,8 @@ inline std::int64_t attention_smem_bytes(int head_dim, std::int64_t tokens, int 
   const int span = mask_tokens_per_block(shape.block_m(), group, static_cast<int>(tokens));
   const std::int64_t mask_bytes = tree ? std::int64_t{span} * mask_words * 8 : 0;
   const std::int64_t sel_bytes = block_words > 0 ? std::int64_t{span + 2} * block_words * 8 : 0;
-  return attention_main_bytes(head_dim, shape.warps_m, shape.warps_n) +
-         attention_stat_bytes(shape.warps_m, shape.warps_n) + mask_bytes + sel_bytes;
+  return attention_main_bytes(head_dim, shape.warps_m) + attention_stat_bytes(shape.warps_m) + mask_bytes +
+         sel_bytes;
 }
 
 inline std::int64_t attention_ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
@@ -141,6 +143,58 @@ inline int attention_num_splits(std::int64_t tokens, std::int64_t seqlen, int he
   const AttentionTileShape shape = attention_tile_shape(tokens, group, tree);
   const std::int64_t row_tiles = attention_ceil_div(tokens * group, shape.block_m());
   return attention_splits_for_blocks(row_tiles * heads_kv, seqlen, std::int64_t{kTargetBlocksPerSm} * num_sms);
+}
+
+// ---- Row-invariant mode (AttentionParams::chunk_tiles > 0; attention.h "Row invariance") ----
+//
+// Key chunks of a fixed length replace the splits: one length for a whole generation, so a token
+// decoded at position p and the same token verified in a tree sum their keys over the same
+// partition. Chosen from the longest context the generation can reach (`span`: the engine plans
+// it per generation from the prompt and the token budget, KVCache.plan_span):
+//   * decode at a full cache gets about kTargetBlocksPerSm blocks per SM (Hkv x chunks);
+//   * a 64-token tree's fp32 partials (2 x 64 x G x D x 4 bytes per chunk and KV head, written and
+//     read) stay below the chunk's K/V bytes (C x D x 2 x 2): C >= 128 G keys, i.e. 2 G tiles;
+//   * at least 4 tiles, and no more chunks than the combine kernel takes.
+// The price, to measure on a GPU (bench_attention.py's invariant columns): the early steps of a long
+// generation decode on fewer blocks than the heuristic splits would give them.
+inline int attention_invariant_chunk_tiles(std::int64_t span, int heads_q, int heads_kv, int num_sms) {
+  using namespace attention_plan_detail;
+  const std::int64_t tiles = attention_ceil_div(std::max<std::int64_t>(span, 1), kAttentionBlockN);
+  const int group = heads_kv > 0 ? std::max(heads_q / heads_kv, 1) : 1;
+  const std::int64_t fill = num_sms > 0 ? attention_ceil_div(tiles * std::max(heads_kv, 1),
+                                                              std::int64_t{kTargetBlocksPerSm} * num_sms)
+                                        : tiles;
+  const std::int64_t chunk = std::max<std::int64_t>({4, fill, 2 * std::int64_t{group},
+                                                     attention_ceil_div(tiles, kAttentionMaxSplits)});
+  return static_cast<int>(std::min<std::int64_t>(chunk, tiles < 4 ? 4 : tiles));
+}
+
+// Chunks of the key range [0, seqlen) with chunk_tiles tiles each: the splits of an invariant call.
+inline int attention_invariant_splits(std::int64_t seqlen, int chunk_tiles) {
+  return static_cast<int>(attention_ceil_div(attention_ceil_div(std::max<std::int64_t>(seqlen, 1), kAttentionBlockN),
+                                             std::max(chunk_tiles, 1)));
+}
+
+// The tail blocks of an invariant tree call (attention.cuh): one token's query rows, G of them,
+// in the smallest generic shape that holds them.
+inline AttentionTileShape attention_tail_shape(int group) { return group <= 16 ? AttentionTileShape{1, 4} : AttentionTileShape{4, 1}; }
+
+// Largest group the tail blocks take (one token's rows in one 64-row block).
+constexpr int kAttentionMaxTailGroup = 64;
+
+// Chunks one token's tail can touch: its tiles run from the tree's first tile to the tile of its
+// own position, at most ceil((63 + T) / 64) + 1 tiles (grid.z of the tail kernel; empty ones exit).
+inline int attention_tail_chunks(std::int64_t tokens, int chunk_tiles) {
+  const std::int64_t tiles = (63 + tokens - 1) / kAttentionBlockN + 1;
+  return static_cast<int>(attention_ceil_div(tiles, std::max(chunk_tiles, 1)) + 1);
+}
+
+// Shared memory of one tail block: the generic tile's, one tree-mask row, and the tree tokens'
+// depths and the token's ancestor slots (int16 [T] each).
+inline std::int64_t attention_tail_smem_bytes(int head_dim, std::int64_t tokens, int group, int mask_words) {
+  const AttentionTileShape shape = attention_tail_shape(group);
+  return attention_main_bytes(head_dim, shape.warps_m) + attention_stat_bytes(shape.warps_m) +
+         std::int64_t{mask_words} * 8 + attention_ceil_div(4 * tokens, 16) * 16;
 }
 
 // Packed query rows per block of the Hopper kernels (csrc/kernels/sm90: two warpgroups of 64), of

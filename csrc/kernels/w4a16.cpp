@@ -1,24 +1,26 @@
-// Checked entry point of the W4A16 family (host only; the kernel lives in w4a16.cuh).
+// Checked entry points of the W4A16 family and its dense variant (host only; the kernel lives in
+// w4a16.cuh).
 #include "kernels/w4a16.h"
 
 #include <algorithm>
 #include <string>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/device_guard.h"
 #include "common/dispatch.h"
+#include "kernels/dense_gemm.h"
 
 namespace edgespec {
 
-int w4a16_num_splits(std::int64_t m, std::int64_t n, std::int64_t k, int num_sms) {
+int w4a16_num_splits(std::int64_t n, std::int64_t k, int num_sms) {
   const std::int64_t k_tiles = k / kW4A16TileK;
-  if (m <= 0 || n <= 0 || k_tiles <= 0) return 1;
+  if (n <= 0 || k_tiles <= 0) return 1;
   const std::int64_t block_cols = n % (2 * kW4A16TileN) == 0 ? n / (2 * kW4A16TileN) : n / kW4A16TileN;
   const std::int64_t want = std::max<std::int64_t>(1, (2 * std::max(num_sms, 1) + block_cols - 1) / block_cols);
   // fp32 partials cost splits * M * N * 8 bytes (written, then read); keep them at most the
-  // K * N / 2 weight bytes. At M = 64 that still allows the splits that occupy every SM, which
-  // matters there: the tile's FLOPs, not its bytes, set the time.
-  const std::int64_t traffic_cap = std::max<std::int64_t>(1, k / (16 * m));
+  // K * N / 2 weight bytes at M = kW4A16SplitRows (w4a16.h: the plan must not depend on M).
+  const std::int64_t traffic_cap = std::max<std::int64_t>(1, k / (16 * kW4A16SplitRows));
   std::int64_t splits = std::min({want, traffic_cap, k_tiles});
   // Whole k16 tiles per split, and no empty split: re-derive the count from the tiles per split.
   const std::int64_t per = (k_tiles + splits - 1) / splits;
@@ -79,8 +81,9 @@ Status check_gather(const W4A16Args& a, std::int64_t m, std::int64_t n, std::int
   return check_disjoint(a.out, "out", active, "active");
 }
 
-Status check_w4a16(const W4A16Args& a) {
-  const TensorView& x = a.x;
+// The activations of either weight format: [M <= 64, K] of bf16/fp16, K a multiple of 16,
+// rows on 16-byte boundaries.
+Status check_x(const TensorView& x) {
   EDGESPEC_RETURN_IF_ERROR(check_view(x, "x", 2));
   EDGESPEC_RETURN_IF_ERROR(check_rows_contiguous(x, "x"));
   EDGESPEC_RETURN_IF_ERROR(check_dtype_in(x, "x", {DType::kBFloat16, DType::kFloat16}));
@@ -94,6 +97,67 @@ Status check_w4a16(const W4A16Args& a) {
   if ((m > 1 && x.stride(0) % 8 != 0) || !is_aligned(x.ptr<const void>(), 16)) {
     return Status::invalid("x: rows must start on 16-byte boundaries (row stride " + str(x.stride(0)) + ")");
   }
+  return Status::success();
+}
+
+using NamedInputs = std::initializer_list<std::pair<const TensorView*, const char*>>;
+
+// Bias, output and split-K scratch of either weight format, for N columns. `weights` are the
+// weight's tensors (null entries skipped): no output or scratch may overlap an input.
+Status check_outputs(const TensorView& x, const TensorView* bias, const TensorView& out, const TensorView* partial,
+                     const TensorView* counters, int splits, std::int64_t n, NamedInputs weights) {
+  const std::int64_t m = x.size(0), k = x.size(1);
+  if (bias != nullptr) {
+    EDGESPEC_RETURN_IF_ERROR(check_view(*bias, "bias", 1));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(*bias, "bias", x.dtype, "the dtype of x"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(*bias, "bias", 0, n, "N columns"));
+    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*bias, "bias"));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *bias, "bias"));
+  }
+  EDGESPEC_RETURN_IF_ERROR(check_view(out, "out", 2));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype(out, "out", x.dtype, "the dtype of x"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(out, "out", 0, m, "the rows of x"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(out, "out", 1, n, "N columns"));
+  EDGESPEC_RETURN_IF_ERROR(check_contiguous(out, "out"));
+  EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", out, "out"));
+  // Every input, so that no block overwrites what another block still reads.
+  auto disjoint_from_inputs = [&](const TensorView& v, const char* name) -> Status {
+    EDGESPEC_RETURN_IF_ERROR(check_disjoint(v, name, x, "x"));
+    for (const auto& [input, input_name] : weights) {
+      if (input != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(v, name, *input, input_name));
+    }
+    if (bias != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(v, name, *bias, "bias"));
+    return Status::success();
+  };
+  EDGESPEC_RETURN_IF_ERROR(disjoint_from_inputs(out, "out"));
+
+  if (splits < 1 || splits > k / kW4A16TileK) {
+    return Status::invalid("splits = " + str(splits) + " must be in [1, K / 16 = " + str(k / kW4A16TileK) + "]");
+  }
+  if (splits == 1) return Status::success();
+  if (partial == nullptr || counters == nullptr) {
+    return Status::invalid("splits = " + str(splits) + " needs the partial and counters scratch tensors");
+  }
+  EDGESPEC_RETURN_IF_ERROR(check_view(*partial, "partial", 3));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype(*partial, "partial", DType::kFloat32, "fp32 split-K sums"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(*partial, "partial", 0, splits, "splits"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(*partial, "partial", 1, m, "the rows of x"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(*partial, "partial", 2, n, "N columns"));
+  EDGESPEC_RETURN_IF_ERROR(check_contiguous(*partial, "partial"));
+  EDGESPEC_RETURN_IF_ERROR(check_view(*counters, "counters", 1));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype(*counters, "counters", DType::kInt32, "arrival counters"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(*counters, "counters", 0, n / kW4A16TileN, "N / 64 column tiles"));
+  EDGESPEC_RETURN_IF_ERROR(check_contiguous(*counters, "counters"));
+  EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *partial, "partial"));
+  EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *counters, "counters"));
+  EDGESPEC_RETURN_IF_ERROR(check_disjoint(*partial, "partial", out, "out"));
+  return disjoint_from_inputs(*partial, "partial");
+}
+
+Status check_w4a16(const W4A16Args& a) {
+  const TensorView& x = a.x;
+  EDGESPEC_RETURN_IF_ERROR(check_x(x));
+  const std::int64_t m = x.size(0), k = x.size(1);
   EDGESPEC_RETURN_IF_ERROR(check_view(a.qweight, "qweight", 2));
   EDGESPEC_RETURN_IF_ERROR(check_dtype(a.qweight, "qweight", DType::kInt32, "packed 4-bit words"));
   EDGESPEC_RETURN_IF_ERROR(check_size(a.qweight, "qweight", 0, k / kW4A16TileK, "K / 16 tile rows"));
@@ -123,55 +187,31 @@ Status check_w4a16(const W4A16Args& a) {
     EDGESPEC_RETURN_IF_ERROR(check_aligned16(*view, name));
     EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *view, name));
   }
-  if (a.bias != nullptr) {
-    EDGESPEC_RETURN_IF_ERROR(check_view(*a.bias, "bias", 1));
-    EDGESPEC_RETURN_IF_ERROR(check_dtype(*a.bias, "bias", x.dtype, "the dtype of x"));
-    EDGESPEC_RETURN_IF_ERROR(check_size(*a.bias, "bias", 0, n, "N columns"));
-    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*a.bias, "bias"));
-    EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *a.bias, "bias"));
-  }
-  EDGESPEC_RETURN_IF_ERROR(check_view(a.out, "out", 2));
-  EDGESPEC_RETURN_IF_ERROR(check_dtype(a.out, "out", x.dtype, "the dtype of x"));
-  EDGESPEC_RETURN_IF_ERROR(check_size(a.out, "out", 0, m, "the rows of x"));
-  EDGESPEC_RETURN_IF_ERROR(check_size(a.out, "out", 1, n, "N columns"));
-  EDGESPEC_RETURN_IF_ERROR(check_contiguous(a.out, "out"));
-  EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", a.out, "out"));
-  // Every input, so that no block overwrites what another block still reads (w4a16.h).
-  EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", x, "x"));
-  EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", a.qweight, "qweight"));
-  EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", a.scales, "scales"));
-  if (a.zeros != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", *a.zeros, "zeros"));
-  if (a.bias != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(a.out, "out", *a.bias, "bias"));
-
-  if (a.splits < 1 || a.splits > k / kW4A16TileK) {
-    return Status::invalid("splits = " + str(a.splits) + " must be in [1, K / 16 = " + str(k / kW4A16TileK) + "]");
-  }
-  if (a.splits > 1) {
-    if (a.partial == nullptr || a.counters == nullptr) {
-      return Status::invalid("splits = " + str(a.splits) + " needs the partial and counters scratch tensors");
-    }
-    EDGESPEC_RETURN_IF_ERROR(check_view(*a.partial, "partial", 3));
-    EDGESPEC_RETURN_IF_ERROR(check_dtype(*a.partial, "partial", DType::kFloat32, "fp32 split-K sums"));
-    EDGESPEC_RETURN_IF_ERROR(check_size(*a.partial, "partial", 0, a.splits, "splits"));
-    EDGESPEC_RETURN_IF_ERROR(check_size(*a.partial, "partial", 1, m, "the rows of x"));
-    EDGESPEC_RETURN_IF_ERROR(check_size(*a.partial, "partial", 2, n, "N columns"));
-    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*a.partial, "partial"));
-    EDGESPEC_RETURN_IF_ERROR(check_view(*a.counters, "counters", 1));
-    EDGESPEC_RETURN_IF_ERROR(check_dtype(*a.counters, "counters", DType::kInt32, "arrival counters"));
-    EDGESPEC_RETURN_IF_ERROR(check_size(*a.counters, "counters", 0, n / kW4A16TileN, "N / 64 column tiles"));
-    EDGESPEC_RETURN_IF_ERROR(check_contiguous(*a.counters, "counters"));
-    EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *a.partial, "partial"));
-    EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", *a.counters, "counters"));
-    EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", a.out, "out"));
-    EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", x, "x"));
-    EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", a.qweight, "qweight"));
-    EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", a.scales, "scales"));
-    if (a.zeros != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", *a.zeros, "zeros"));
-    if (a.bias != nullptr) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*a.partial, "partial", *a.bias, "bias"));
-  }
+  EDGESPEC_RETURN_IF_ERROR(check_outputs(x, a.bias, a.out, a.partial, a.counters, a.splits, n,
+                                         {{&a.qweight, "qweight"}, {&a.scales, "scales"}, {a.zeros, "zeros"}}));
   if (a.active != nullptr) return check_gather(a, m, n, k);
   if (a.expert_weights != nullptr) return Status::invalid("expert_weights: given without an active expert list");
   return Status::success();
+}
+
+Status check_dense(const DenseGemmArgs& a) {
+  const TensorView& x = a.x;
+  EDGESPEC_RETURN_IF_ERROR(check_x(x));
+  const TensorView& w = a.weight;
+  EDGESPEC_RETURN_IF_ERROR(check_view(w, "weight", 2));
+  EDGESPEC_RETURN_IF_ERROR(check_dtype(w, "weight", x.dtype, "the dtype of x"));
+  EDGESPEC_RETURN_IF_ERROR(check_size(w, "weight", 1, x.size(1), "K, the columns of x"));
+  EDGESPEC_RETURN_IF_ERROR(check_rows_contiguous(w, "weight"));
+  const std::int64_t n = w.size(0);
+  if (n <= 0 || n % kW4A16TileN != 0) {
+    return Status::unsupported("weight: N = " + str(n) + "; the kernel needs a positive multiple of " +
+                               str(kW4A16TileN));
+  }
+  if ((n > 1 && w.stride(0) % 8 != 0) || !is_aligned(w.ptr<const void>(), 16)) {
+    return Status::invalid("weight: rows must start on 16-byte boundaries (row stride " + str(w.stride(0)) + ")");
+  }
+  EDGESPEC_RETURN_IF_ERROR(check_same_device(x, "x", w, "weight"));
+  return check_outputs(x, a.bias, a.out, a.partial, a.counters, a.splits, n, {{&w, "weight"}});
 }
 
 }  // namespace
@@ -205,6 +245,30 @@ Status w4a16_gemm(const W4A16Args& args, cudaStream_t stream) {
       p.gather_rows = args.gather_rows;
     }
     return launch_w4a16<T>(p, stream);
+  });
+}
+
+Status dense_gemm(const DenseGemmArgs& args, cudaStream_t stream) {
+  EDGESPEC_RETURN_IF_ERROR(check_dense(args));
+  if (args.out.numel() == 0) return Status::success();
+  DeviceGuard guard;
+  EDGESPEC_RETURN_IF_ERROR(guard.enter(args.x.device));
+  return EDGESPEC_FLOAT_SWITCH(args.x.dtype, "dense_gemm", T, [&] {
+    W4A16Params<T> p;
+    p.x = args.x.ptr<const T>();
+    p.x_stride = args.x.stride(0);
+    p.weight = args.weight.ptr<const T>();
+    p.w_stride = args.weight.stride(0);
+    p.bias = args.bias != nullptr ? args.bias->ptr<const T>() : nullptr;
+    p.out = args.out.ptr<T>();
+    p.partial = args.partial != nullptr ? args.partial->ptr<float>() : nullptr;
+    p.counters = args.counters != nullptr ? args.counters->ptr<int>() : nullptr;
+    p.m = static_cast<int>(args.x.size(0));
+    p.n = static_cast<int>(args.weight.size(0));
+    p.k = static_cast<int>(args.x.size(1));
+    p.group_size = p.k;  // unused by the dense variant; a valid divisor all the same
+    p.splits = args.splits;
+    return launch_dense_gemm<T>(p, stream);
   });
 }
 

@@ -25,6 +25,11 @@
 // * The expert gather (BlockFFN's 4-bit experts) changes addresses only: the stored column tile
 //   (up) or k16 tile (down) and scale rows of each compact tile come from the active list at copy
 //   time, so the dequantisation and mma loop is the plain GEMM's.
+// * The dense variant (kDense, dense_gemm.h: 16-bit weights [N, K] as torch stores them) is the
+//   same pipeline, split-K and reduction with the dequantisation replaced by ldmatrix: the weight
+//   stage is 64 rows of W x 128 k (16 KB, swizzled like the activations), and a warp reads the B
+//   fragments of its k16 x 64 block with four ldmatrix.x4. One column tile per block (kNU = 1):
+//   the 4x larger weight stages must fit the same 99 KB.
 //
 // Status: correct on the CPU emulator (tests/test_w4a16_kernels.py), never run on a GPU.
 // Tuning status: untuned; written and compiled without a GPU. kNU (column tiles per block) and
@@ -35,6 +40,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "common/checks.h"
@@ -115,24 +121,26 @@ __device__ __forceinline__ void dequant_word(std::uint32_t word, const ColumnQua
   }
 }
 
-template <int kMB, int kNU, int kStages>
+template <int kMB, int kNU, int kStages, bool kDense = false>
 struct Smem {
   static constexpr int kRows = kMB * 16;
   static constexpr int kColsN = kNU * kW4A16TileN;
   // Activations: [kRows][128] 16-bit, rows of 16 chunks of 16 bytes, chunk c of row r stored at
   // c ^ (r & 7) so the 8 row addresses of an ldmatrix phase hit 8 different bank groups.
   static constexpr int kABytes = kRows * kW4A16StageK * 2;
-  static constexpr int kBBytes = kStageTiles * kNU * kTileWords * 4;
-  static constexpr int kSBytes = kMaxStageGroups * kColsN * 2;
+  // Weights: the 4-bit tile words, or (dense) [kColsN][128] 16-bit rows of W swizzled like A.
+  static constexpr int kBBytes = kDense ? kColsN * kW4A16StageK * 2 : kStageTiles * kNU * kTileWords * 4;
+  static constexpr int kSBytes = kDense ? 0 : kMaxStageGroups * kColsN * 2;
   static constexpr int kStageBytes = kABytes + kBBytes + 2 * kSBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
   static constexpr int kReduceBytes = kRows * kColsN * 4;
   static constexpr int kBytes = kPipeBytes > kReduceBytes ? kPipeBytes : kReduceBytes;
 };
 
-template <typename T, int kMB, int kNU, int kStages, bool kZeros>
+template <typename T, int kMB, int kNU, int kStages, bool kZeros, bool kDense = false>
 __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p) {
-  using S = Smem<kMB, kNU, kStages>;
+  static_assert(!kDense || (kNU == 1 && !kZeros), "the dense variant reads one column tile per block, no zeros");
+  using S = Smem<kMB, kNU, kStages, kDense>;
   constexpr int kWarpsK = kWarps / kNU;       // warps sharing one column tile
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_ticket;
@@ -184,6 +192,20 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
       const T* src = p.x + (valid ? static_cast<std::int64_t>(row) * p.x_stride + kt0 * kW4A16TileK + c * 8 : 0);
       cp_async_16(a + row * kW4A16StageK + ((c ^ (row & 7)) * 8), src, valid);
     }
+    if constexpr (kDense) {
+      // 64 rows of W (this block's columns) x the stage's k16 tiles, 16-byte chunks, swizzled.
+      T* b = reinterpret_cast<T*>(b_smem(slot));
+#pragma unroll
+      for (int i = 0; i < S::kColsN * 16 / kThreads; ++i) {
+        const int chunk = tid + i * kThreads;
+        const int row = chunk >> 4, c = chunk & 15;
+        if ((c >> 1) < tiles) {  // chunks past K are never read (their k16 tile is skipped)
+          cp_async_16_stream(b + row * kW4A16StageK + ((c ^ (row & 7)) * 8),
+                             p.weight + static_cast<std::int64_t>(n0 + row) * p.w_stride + kt0 * kW4A16TileK + c * 8);
+        }
+      }
+      return;  // no scales
+    }
     std::uint32_t* b = b_smem(slot);
 #pragma unroll
     for (int i = 0; i < kNU; ++i) {
@@ -231,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
 
     const int slot = stage % kStages;
     const int kt0 = kt_begin + stage * kStageTiles;
-    const int g0 = first_group(stage);
+    const int g0 = kDense ? 0 : first_group(stage);
     const T* a = a_smem(slot);
     const std::uint32_t* b = b_smem(slot);
     const T* sc = s_smem(slot);
@@ -240,12 +262,23 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
     for (int i = 0; i < kNU; ++i) {
       const int t = kw + i * kWarpsK;  // this warp's k16 tile of the stage
       if (kt0 + t >= kt_end) break;
-      const int grow = (kt0 + t) * kW4A16TileK / p.group_size - g0;
-      const uint4 words = *reinterpret_cast<const uint4*>(b + ((t * kNU + nu) * 32 + lane) * 4);
-      const std::uint32_t w4[4] = {words.x, words.y, words.z, words.w};
       std::uint32_t breg[4][4];
+      if constexpr (kDense) {
+        // Matrices: columns +0..7 | +0..7 | +8..15 | +8..15 of this n16 group, k low | high 8 of
+        // the k16 tile: breg[j][0..1] feed sub-tile 2j, breg[j][2..3] sub-tile 2j + 1.
+        const T* bt = reinterpret_cast<const T*>(b);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < 4; ++j) {
+          const int row = 16 * j + lane % 8 + (lane / 16) * 8;
+          const int chunk = 2 * t + (lane / 8) % 2;
+          ldmatrix_x4(breg[j], bt + row * kW4A16StageK + ((chunk ^ (row & 7)) * 8));
+        }
+      }
+      const int grow = kDense ? 0 : (kt0 + t) * kW4A16TileK / p.group_size - g0;
+      const uint4 words = kDense ? uint4{} : *reinterpret_cast<const uint4*>(b + ((t * kNU + nu) * 32 + lane) * 4);
+      const std::uint32_t w4[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+      for (int j = 0; j < (kDense ? 0 : 4); ++j) {
         const int col = nu * kW4A16TileN + 16 * j + (lane >> 2);
         ColumnQuant<T> cq;
         cq.scale[0] = splat<T>(sc[grow * S::kColsN + col]);
@@ -335,14 +368,14 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
   if (tid == 0) p.counters[blockIdx.x] = 0;
 }
 
-template <typename T, int kMB, int kNU, bool kZeros>
+template <typename T, int kMB, int kNU, bool kZeros, bool kDense = false>
 Status launch_shape(const W4A16Params<T>& p, cudaStream_t stream) {
   // Deeper pipelines for small M; at M > 32 three stages keep the footprint under the 99 KB a
   // block may use on sm_89 (the activation tile grows with M).
   constexpr int kStages = kMB <= 2 ? 4 : 3;
-  using S = Smem<kMB, kNU, kStages>;
+  using S = Smem<kMB, kNU, kStages, kDense>;
   static_assert(S::kBytes <= 99 * 1024, "shared memory must fit the 99 KB opt-in limit of sm_86/sm_89");
-  auto* kernel = w4a16_kernel<T, kMB, kNU, kStages, kZeros>;
+  auto* kernel = w4a16_kernel<T, kMB, kNU, kStages, kZeros, kDense>;
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kBytes),
       "w4a16: requesting dynamic shared memory for w4a16_kernel"));
@@ -352,31 +385,46 @@ Status launch_shape(const W4A16Params<T>& p, cudaStream_t stream) {
   return Status::success();
 }
 
-template <typename T, int kMB>
+template <typename T, int kMB, bool kDense>
 Status launch_rows(const W4A16Params<T>& p, cudaStream_t stream) {
-  // Two column tiles per block when N allows: twice the bytes per stage and per ldmatrix.
-  const bool wide = p.n % (2 * kW4A16TileN) == 0;
-  const bool zeros = p.zeros != nullptr;
-  if (wide) {
-    return zeros ? launch_shape<T, kMB, 2, true>(p, stream) : launch_shape<T, kMB, 2, false>(p, stream);
+  if constexpr (kDense) {
+    return launch_shape<T, kMB, 1, false, true>(p, stream);
+  } else {
+    // Two column tiles per block when N allows: twice the bytes per stage and per ldmatrix.
+    const bool wide = p.n % (2 * kW4A16TileN) == 0;
+    const bool zeros = p.zeros != nullptr;
+    if (wide) {
+      return zeros ? launch_shape<T, kMB, 2, true>(p, stream) : launch_shape<T, kMB, 2, false>(p, stream);
+    }
+    return zeros ? launch_shape<T, kMB, 1, true>(p, stream) : launch_shape<T, kMB, 1, false>(p, stream);
   }
-  return zeros ? launch_shape<T, kMB, 1, true>(p, stream) : launch_shape<T, kMB, 1, false>(p, stream);
+}
+
+// Both weight formats: the m16 tiles of the row count pick the instance.
+template <typename T, bool kDense>
+Status launch_format(const W4A16Params<T>& p, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Status::unsupported(std::string(kDense ? "dense_gemm" : "w4a16") +
+                               ": the tensor-core kernel takes bf16 or fp16 activations, not fp32");
+  } else {
+    if (p.m == 0 || p.n == 0) return Status::success();
+    if (p.m <= 16) return launch_rows<T, 1, kDense>(p, stream);
+    if (p.m <= 32) return launch_rows<T, 2, kDense>(p, stream);
+    if (p.m <= 48) return launch_rows<T, 3, kDense>(p, stream);
+    return launch_rows<T, 4, kDense>(p, stream);
+  }
 }
 
 }  // namespace w4a16_detail
 
 template <typename T>
+Status launch_dense_gemm(const W4A16Params<T>& p, cudaStream_t stream) {
+  return w4a16_detail::launch_format<T, true>(p, stream);
+}
+
+template <typename T>
 Status launch_w4a16(const W4A16Params<T>& p, cudaStream_t stream) {
-  using namespace w4a16_detail;
-  if constexpr (std::is_same_v<T, float>) {
-    return Status::unsupported("w4a16: the tensor-core kernel takes bf16 or fp16 activations, not fp32");
-  } else {
-    if (p.m == 0 || p.n == 0) return Status::success();
-    if (p.m <= 16) return launch_rows<T, 1>(p, stream);
-    if (p.m <= 32) return launch_rows<T, 2>(p, stream);
-    if (p.m <= 48) return launch_rows<T, 3>(p, stream);
-    return launch_rows<T, 4>(p, stream);
-  }
+  return w4a16_detail::launch_format<T, false>(p, stream);
 }
 
 }  // namespace edgespec

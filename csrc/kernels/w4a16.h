@@ -67,6 +67,8 @@ struct W4A16Params {
   const T* x = nullptr;                 // [m, k], row stride x_stride
   std::int64_t x_stride = 0;
   const std::uint32_t* qweight = nullptr;  // tile layout [k / 16, 2n]
+  const T* weight = nullptr;            // dense_gemm.h only: [n, k], row stride w_stride
+  std::int64_t w_stride = 0;
   const T* scales = nullptr;            // [groups, n]
   const T* zeros = nullptr;             // [groups, n] or null (z = 8)
   const T* bias = nullptr;              // [n] or null
@@ -89,12 +91,23 @@ struct W4A16Params {
 // Instantiated per dtype in csrc/instances/w4a16_<dtype>.cu (fp32 returns kUnsupported).
 template <typename T>
 Status launch_w4a16(const W4A16Params<T>& p, cudaStream_t stream);
+// The dense variant (dense_gemm.h): p.weight instead of qweight/scales/zeros, no gather.
+template <typename T>
+Status launch_dense_gemm(const W4A16Params<T>& p, cudaStream_t stream);
 
 // Split-K factor for this shape on a GPU with num_sms SMs (host only; edgespec/ops/_kernels.py
 // calls it through the binding). Untuned heuristic, written without a GPU: aim for about two
 // blocks per SM, split in whole k16 tiles, and cap the fp32 partial traffic (splits * M * N * 8
-// bytes) at the weight bytes (K * N / 2).
-int w4a16_num_splits(std::int64_t m, std::int64_t n, std::int64_t k, int num_sms);
+// bytes) at the weight bytes (K * N / 2) for M = kW4A16SplitRows.
+//
+// It does not depend on M, and that is the point: a row's sums then run over the same K
+// partition in the same order whatever the number of rows it comes with (the M tiles only pick
+// which mma rows hold it), so a token decoded alone (M = 1) and the same token verified in a
+// draft tree (M = T) get bitwise the same projection: the row invariance greedy speculative
+// decoding needs (csrc/kernels/attention.h has the attention half). Larger M pay more partial
+// traffic than an M-aware plan would (at M = 64, up to 4x the weight bytes, through L2).
+constexpr std::int64_t kW4A16SplitRows = 16;
+int w4a16_num_splits(std::int64_t n, std::int64_t k, int num_sms);
 
 struct W4A16Args {
   TensorView x;                          // [M, K]

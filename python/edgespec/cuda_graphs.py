@@ -54,7 +54,8 @@ if TYPE_CHECKING:  # edgespec.spec imports generation, which imports this module
     from .spec.tree import Candidates, TreeSettings
 
 # Graphs per KV cache they write: a target cache's StepGraphs keyed (view, rows, tree mask?,
-# captured layers, first sparse length or None); a draft cache's DraftGraphs keyed ("draft", view, settings, LM head) and
+# captured layers, first sparse length or None, the generation's attention span: it sets the
+# invariant attention's chunks); a draft cache's DraftGraphs keyed ("draft", view, settings, LM head) and
 # CatchUpGraphs keyed ("catch-up", view, tokens, captured layers).
 _GRAPHS: "weakref.WeakKeyDictionary[KVCache, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 SMALLEST_VIEW = 256
@@ -262,7 +263,7 @@ class StepGraphs:
         # Keyed by the dense/sparse switch point too: a mode change must not reuse a sparse graph.
         sparse_from = self.model.sparse.dense_len() if sparse and self.model.sparse is not None else None
         return _graph_for(self.graphs, self.cache, slots_needed, "KV cache overflow: a step",
-                          lambda view: (view, rows, tree, tuple(capture), sparse_from),
+                          lambda view: (view, rows, tree, tuple(capture), sparse_from, self.cache.attention_span),
                           lambda view: StepGraph(self.model, self.cache, view, rows, tree, capture, self.record,
                                                  sparse))
 

@@ -181,6 +181,7 @@ class LLM:
             return
         device = self.model.device
         self.cache.length = 0
+        self.cache.plan_span(len(prompt_ids) + budget)
         strategy = self._strategy_factory(self.model, self.cache)
         with torch.inference_mode():
             t0 = time.perf_counter()

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+# Generations that reach fewer slots than this share one attention plan (plan_span).
+MIN_ATTENTION_SPAN = 1024
+
 
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions, allocated once.
@@ -19,6 +22,20 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        # The most slots the current generation can reach, rounded up to a power of two: the GPU's
+        # row-invariant attention cuts the keys into chunks sized from it, one plan for the whole
+        # generation (ops.attention's `span`). plan_span sets it; the default plans for a full cache.
+        self.attention_span = max_len
+
+    def plan_span(self, end: int) -> None:
+        """Declare that the coming generation attends at most `end` slots. Any value keeps decoded
+        and verified tokens bitwise alike (the plan only has to stay fixed for the generation); a
+        close one gives a short generation in a long cache short key chunks, i.e. more parallel
+        blocks per decode step. Powers of two, so few plans (and CUDA graph sets) ever exist."""
+        span = MIN_ATTENTION_SPAN
+        while span < end:
+            span *= 2
+        self.attention_span = min(span, self.max_len)
 
     def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v: [T, Hkv, D] at slots [start, start + T) of `layer`.

@@ -126,7 +126,7 @@ class Decoder:
                 out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask)
         if out is None:
             out = ops.attention(q, keys, values, self.attn_scale, tree_mask,
-                                self.row_invariant_attention, seqlen=seqlen)     # [T, Hq, D]
+                                self.row_invariant_attention, seqlen=seqlen, span=cache.attention_span)  # [T, Hq, D]
         return layer.o(out.reshape(t, cfg.q_size))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int | torch.Tensor,

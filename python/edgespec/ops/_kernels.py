@@ -389,10 +389,31 @@ def attention_splits(tokens: int, seqlen: int, heads_q: int, heads_kv: int, tree
     return _module().attention_num_splits(tokens, seqlen, heads_q, heads_kv, tree, _sm_count(device.index or 0))
 
 
+def invariant_chunk_tiles(span: int, heads_q: int, heads_kv: int, device: torch.device) -> int:
+    """Tiles (64 keys) per chunk of the row-invariant attention mode for a cache of `span` slots on
+    `device` (csrc/kernels/attention_plan.h): one value for a whole generation."""
+    return int(_module().attention_invariant_chunk_tiles(span, heads_q, heads_kv, _sm_count(device.index or 0)))
+
+
+def invariant_rejection(q: torch.Tensor, k: torch.Tensor, tree_mask: torch.Tensor | None) -> str | None:
+    """Why the row-invariant mode cannot take this (otherwise supported) call, or None: a tree with
+    more query heads per KV head than a tail block holds, or whose tail block needs more shared
+    memory than the GPU allows."""
+    if tree_mask is None:
+        return None
+    t, hq, d = q.shape
+    group = hq // k.shape[1]
+    if group > _module().ATTENTION_MAX_TAIL_GROUP:
+        return f"{group} query heads per KV head; the invariant tree mode takes at most {_module().ATTENTION_MAX_TAIL_GROUP}"
+    need = _module().attention_tail_smem_bytes(d, t, group, tree_mask.shape[1])
+    limit = _smem_optin(q.device.index or 0)
+    return f"a tail block needs {need} bytes of shared memory; the GPU allows {limit}" if need > limit else None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               tree_mask: torch.Tensor | None = None, splits: int | None = None,
               block_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None,
-              sm90: bool = False) -> torch.Tensor:
+              sm90: bool = False, chunk_tiles: int | None = None) -> torch.Tensor:
     """Attention kernels (csrc/kernels/attention.h); same contract as edgespec.ops.attention.
 
     q: [T, Hq, D] bf16/fp16, D in (64, 128), last dim contiguous; k, v: [S, Hkv, D] with S >= T
@@ -408,8 +429,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     sm90: run the Hopper kernels (wgmma; csrc/kernels/sm90/attention_sm90.h), which take every
     call but a block-sparse one (sm90_attention_rejection) on a compute capability 9.0 GPU with a
     90a-real build; splits=None then plans for them.
+    chunk_tiles: None, or the row-invariant mode (csrc/kernels/attention.h "Row invariance"): keys
+    cut into chunks of chunk_tiles x 64 at fixed positions (invariant_chunk_tiles; the same value
+    for every call of a generation), so a decoded token and the same token verified in a tree get
+    bitwise the same output. Not with a block mask or sm90; splits must be None.
     Returns [T, Hq, D] contiguous in q's dtype. With splits > 1 two fp32 scratch tensors,
-    [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results.
+    [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results (an invariant
+    tree call always has them, and a third, fp32 [T * Hq, D + 8], for the state its tail blocks
+    resume).
     """
     _require("attention", attention_rejection(q, k, v, tree_mask)
              or (block_mask_rejection(q, k, block_mask) or attention_smem_rejection(q, k, tree_mask, block_mask.shape[2])
@@ -422,17 +449,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     t, hq, d = q.shape
     if sm90:
         _require("attention (sm90)", sm90_attention_rejection(q, block_mask))
-    if splits is None:
+    resume = None
+    if chunk_tiles is not None:
+        if splits is not None or block_mask is not None or sm90:
+            raise ValueError("attention: the row-invariant mode (chunk_tiles) plans its own splits and takes "
+                             "no block mask and no sm90 kernels")
+        if chunk_tiles < 1:
+            raise ValueError(f"attention: chunk_tiles must be >= 1, got {chunk_tiles}")
+        _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask))
+        splits = int(_module().attention_invariant_splits(k.shape[0], chunk_tiles))
+        if tree_mask is not None:
+            resume = _new_output((t * hq, d + 8), torch.float32, q.device)
+    elif splits is None:
         splits = attention_splits(t, k.shape[0], hq, k.shape[1], tree_mask is not None, q.device, sm90)
     out = _new_output(q.shape, q.dtype, q.device)
     partial_out = partial_lse = None
-    if splits > 1:
+    if splits > 1 or resume is not None:
         partial_out = _new_output((splits, t * hq, d), torch.float32, q.device)
         partial_lse = _new_output((splits, t * hq), torch.float32, q.device)
     _run(_module().attention, _view(q), _view(k), _view(v), None if tree_mask is None else _view(tree_mask),
          _view(out), None if partial_out is None else _view(partial_out),
          None if partial_lse is None else _view(partial_lse), float(scale), int(splits), _stream(q),
-         None if block_mask is None else _view(block_mask), None if seqlen is None else _view(seqlen), bool(sm90))
+         None if block_mask is None else _view(block_mask), None if seqlen is None else _view(seqlen), bool(sm90),
+         int(chunk_tiles or 0), None if resume is None else _view(resume))
     return out
 
 
@@ -811,9 +850,10 @@ def supports_w4a16(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) ->
     return w4a16_rejection(x, w, bias) is None
 
 
-def w4a16_splits(m: int, n: int, k: int, device: torch.device) -> int:
-    """Split-K factor of the W4A16 kernel for this shape on `device` (csrc/kernels/w4a16.cpp)."""
-    return int(_module().w4a16_num_splits(m, n, k, _sm_count(device.index or 0)))
+def w4a16_splits(n: int, k: int, device: torch.device) -> int:
+    """Split-K factor of the W4A16 kernel for this shape on `device` (csrc/kernels/w4a16.h). The
+    row count has no say: that keeps a row's result independent of the rows it comes with."""
+    return int(_module().w4a16_num_splits(n, k, _sm_count(device.index or 0)))
 
 
 def _w4a16_counters(w: Any) -> torch.Tensor:
@@ -839,6 +879,69 @@ def _w4a16_gemm(x: torch.Tensor, w: Any, bias: torch.Tensor | None, out: torch.T
          None if w.zeros is None else _view(w.zeros), None if bias is None else _view(bias), _view(out),
          None if partial is None else _view(partial), None if splits == 1 else _view(_w4a16_counters(w)),
          int(w.group_size), int(splits), _stream(x), **extra)
+
+
+# --- dense GEMM for few rows (csrc/kernels/dense_gemm.h) ----------------------------------------
+
+# Rows past this run on cuBLAS (a prefill: no row invariance needed, and its tiles suit it).
+DENSE_MAX_ROWS = W4A16_MAX_CHUNKED_ROWS
+_dense_counters: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+
+def dense_rejection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """Why csrc/kernels/dense_gemm.h cannot take x [..., K] @ weight [N, K].T (+ bias), or None."""
+    if x.dtype not in W4A16_DTYPES:
+        return f"x has dtype {x.dtype}; the dense kernel takes bfloat16 or float16 (tensor cores)"
+    reason = _first(_same_dtype("weight", weight, "x", x), None if bias is None else _same_dtype("bias", bias, "x", x))
+    if reason:
+        return reason
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        return f"x {_shape(x)} and weight {_shape(weight)} do not form x @ weight.T"
+    n, k = weight.shape
+    if k % 16 or n % 64:
+        return f"K = {k} must be a multiple of 16 and N = {n} a multiple of 64"
+    if x.numel() // max(k, 1) > DENSE_MAX_ROWS:
+        return f"{x.numel() // k} rows; above {DENSE_MAX_ROWS} the dense kernel leaves the call to cuBLAS"
+    if weight.stride(-1) != 1 or (n > 1 and weight.stride(0) % 8) or weight.data_ptr() % 16:
+        return f"weight {_shape(weight)} must have contiguous 16-byte aligned rows"
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        return f"bias must be contiguous [{n}], got {_shape(bias)}"
+    tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
+    return _one_cuda_device(**tensors)
+
+
+def _dense_counters_for(device: torch.device, stream: int, n: int) -> torch.Tensor:
+    # Split-K arrival counters the kernel leaves at zero: one buffer per (device, stream, N / 64),
+    # made on first use, shared by the weights of that width (their launches on one stream never
+    # overlap).
+    key = (device, stream, n // 64)
+    counters = _dense_counters.get(key)
+    if counters is None:
+        counters = _dense_counters[key] = torch.zeros(n // 64, dtype=torch.int32, device=device)
+    return counters
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 splits: int | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias) on the row-invariant dense kernel: a row's result
+    does not depend on how many rows come with it (csrc/kernels/dense_gemm.h). Up to
+    DENSE_MAX_ROWS rows, in 64-row launches; splits: None (the plan for this GPU, which does not
+    depend on the row count) or a forced split-K in [1, K/16]. Returns [..., N] contiguous."""
+    _require("dense_linear", dense_rejection(x, weight, bias))
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = _aligned_rows(x.reshape(-1, k))
+    rows = x2.shape[0]
+    out = _new_output((rows, n), x.dtype, x.device)
+    s = splits if splits is not None else w4a16_splits(n, k, x.device)
+    stream = _stream(x)
+    for start in range(0, rows, W4A16_MAX_ROWS):
+        m = min(W4A16_MAX_ROWS, rows - start)
+        partial = _new_output((s, m, n), torch.float32, x.device) if s > 1 else None
+        _run(_module().dense_gemm, _view(x2[start:start + m]), _view(weight), None if bias is None else _view(bias),
+             _view(out[start:start + m]), None if partial is None else _view(partial),
+             None if s == 1 else _view(_dense_counters_for(x.device, stream, n)), int(s), stream)
+    return out.view(*lead, n)
 
 
 def _aligned_rows(x2: torch.Tensor) -> torch.Tensor:
@@ -868,7 +971,7 @@ def w4a16_linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None, spli
     out = _new_output((rows, n), x.dtype, x.device)
     for start in range(0, rows, W4A16_MAX_ROWS):
         m = min(W4A16_MAX_ROWS, rows - start)
-        s = splits if splits is not None else w4a16_splits(m, n, k, x.device)
+        s = splits if splits is not None else w4a16_splits(n, k, x.device)
         _w4a16_gemm(x2[start:start + m], w, bias, out[start:start + m], s)
     return out.view(*lead, n)
 
@@ -943,8 +1046,8 @@ def blockffn_w4a16(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: to
     for start in range(0, t, W4A16_MAX_ROWS):
         m = min(W4A16_MAX_ROWS, t - start)
         rows = slice(start, start + m)
-        _w4a16_gemm(x_up[rows], up, None, hidden[rows], w4a16_splits(m, planned, h, x.device),
+        _w4a16_gemm(x_up[rows], up, None, hidden[rows], w4a16_splits(planned, h, x.device),
                     {"active": active, "expert_weights": weights[rows], "expert_size": d, "gather_rows": False})
-        _w4a16_gemm(hidden[rows], down, None, out[rows], w4a16_splits(m, h, planned, x.device),
+        _w4a16_gemm(hidden[rows], down, None, out[rows], w4a16_splits(h, planned, x.device),
                     {"active": active, "expert_size": d, "gather_rows": True})
     return out

@@ -20,6 +20,10 @@ from . import backend
 from .attention_rows import RowPlan, attend_rows, plan_rows
 
 
+# The cache length the GPU's row-invariant chunks are planned for when a call does not say (span).
+DEFAULT_SPAN = 32768
+
+
 def tree_mask_words(num_tokens: int) -> int:
     """Number of int64 words per row of a packed tree mask for `num_tokens` tree tokens."""
     return (num_tokens + 63) // 64
@@ -99,15 +103,20 @@ def attention(
     tree_mask: torch.Tensor | None = None,
     row_invariant: bool = True,
     seqlen: torch.Tensor | None = None,
+    span: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention of T new tokens over S cache slots (the new tokens are the last T).
 
     q: [T, Hq, D]; k, v: [S, Hkv, D] with Hq % Hkv == 0 (grouped-query attention);
     scale: multiplier of q·k (usually D ** -0.5);
     tree_mask: None for causal attention, or packed int64 [T, ceil(T/64)] (module docstring).
-    row_invariant: on the CPU, give a decoded token and a verified tree token bitwise the same
-    output (attention_rows; what makes greedy speculative output equal plain output). A draft,
-    whose outputs only propose tokens, turns it off for a single masked SDPA call.
+    row_invariant: give a decoded token and a verified tree token bitwise the same output (what
+    makes greedy speculative output equal plain output): on the CPU attention_rows, on the GPU the
+    kernels' row-invariant mode (csrc/kernels/attention.h). A draft, whose outputs only propose
+    tokens, turns it off (one masked SDPA call on the CPU, the heuristic splits on the GPU).
+    span: the most cache slots this generation can reach (KVCache.attention_span). The GPU's
+    row-invariant mode cuts the keys into chunks sized from it, the same for every step of the
+    generation; calls that leave it out share DEFAULT_SPAN, so they agree with each other.
     seqlen: None, or an int32 [1] tensor on q's device: only slots [0, seqlen) of k, v count (the
     new tokens are the last T of them). The kernel reads it on the device (what a CUDA graph
     captured over the whole cache needs); the torch path reads it on the host.
@@ -118,6 +127,11 @@ def attention(
         from . import _kernels
 
         if _kernels.supports_attention(q, k, v, tree_mask):
+            # Decoded and verified tokens need the invariant mode; a prefill does not (and may take sm90).
+            invariant = row_invariant and (q.shape[0] == 1 or tree_mask is not None) and backend.row_invariant_kernels()
+            if invariant and _kernels.invariant_rejection(q, k, tree_mask) is None:
+                chunk = _kernels.invariant_chunk_tiles(span or DEFAULT_SPAN, q.shape[1], k.shape[1], q.device)
+                return _kernels.attention(q, k, v, scale, tree_mask, seqlen=seqlen, chunk_tiles=chunk)
             return _kernels.attention(q, k, v, scale, tree_mask, seqlen=seqlen,
                                       sm90=_kernels.sm90_attention_requested(q, k))
     if seqlen is not None:

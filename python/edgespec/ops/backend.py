@@ -51,3 +51,16 @@ def use_kernel(*tensors: torch.Tensor | None) -> bool:
             )
         return False
     return True
+
+
+def row_invariant_kernels() -> bool:
+    """Whether the GPU runs the row-invariant kernels (EDGESPEC_ROW_INVARIANT, default 1): the
+    dense projections of few rows on csrc/kernels/dense_gemm.h instead of cuBLAS, and decode and
+    tree attention in the kernels' row-invariant mode. With them a token decoded alone and the
+    same token verified in a draft tree get bitwise the same logits, so greedy speculative output
+    equals plain greedy output token for token. 0 trades that for cuBLAS and the heuristic
+    attention splits (bench_spec.py measures both)."""
+    value = os.environ.get("EDGESPEC_ROW_INVARIANT", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"EDGESPEC_ROW_INVARIANT must be 0 or 1, got {value!r}")
+    return value == "1"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import backend
+
 
 # Rows per CPU GEMM call within which a row's result does not depend on the row count (measured
 # with torch 2.13's CPU BLAS on SmolLM2 to Llama-8B shapes, 1 and 2 threads: bf16 and fp16 agree
@@ -21,15 +23,23 @@ _CPU_ROW_BLOCK = {torch.bfloat16: 32, torch.float16: 32}
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias. x: [..., K]; weight: [N, K]; bias: [N] or None. Returns [..., N].
 
-    Row-invariant on the CPU: a row's result does not depend on how many rows come with it, so a
-    token decoded alone and the same token inside a verified draft tree get bitwise the same
+    Row-invariant: a row's result does not depend on how many rows come with it, so a token
+    decoded alone and the same token inside a verified draft tree get bitwise the same
     projections (with ops.attention's row-invariant path, greedy speculative output equals plain
-    output bit for bit in bf16 and fp16). One row runs as two (the same row twice, no copy); more
-    rows than _CPU_ROW_BLOCK run in blocks of at most that many. Neither costs anything measurable for the
-    few rows of a decode or verify step: the weight read, not the row count, sets their time.
+    output bit for bit in bf16 and fp16). On the CPU one row runs as two (the same row twice, no
+    copy) and more rows than _CPU_ROW_BLOCK run in blocks of at most that many; neither costs
+    anything measurable for the few rows of a decode or verify step (the weight read, not the row
+    count, sets their time). On the GPU up to 256 rows run on csrc/kernels/dense_gemm.h, whose
+    split-K does not depend on the row count (EDGESPEC_ROW_INVARIANT=0: cuBLAS instead).
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features but weight is {tuple(weight.shape)}")
+    if backend.use_kernel(x, weight, bias) and backend.row_invariant_kernels():
+        from . import _kernels  # noqa: PLC0415 - only with the compiled extension
+
+        # Few rows (decode, verification) on the GPU: the row-invariant dense kernel, not cuBLAS.
+        if _kernels.dense_rejection(x, weight, bias) is None:
+            return _kernels.dense_linear(x, weight, bias)
     block = _CPU_ROW_BLOCK.get(x.dtype) if x.device.type == "cpu" else None
     if block is None:
         return F.linear(x, weight, bias)
