@@ -5,7 +5,8 @@ prompts, same dtype, greedy, the same number of new tokens (EOS ignored on both 
 one run, alternating the two engines per repeat so drift in machine load hits both alike. On a
 GPU each row also records edgespec with its decode steps replayed as CUDA graphs
 (edgespec.cuda_graphs, opt-in): graphs_ms, graphs_tokens_per_s, and whether its tokens equal the
-eager run's (graphs_same_tokens).
+eager run's (graphs_same_tokens), and the price of the row-invariant kernels (the same run with
+EDGESPEC_ROW_INVARIANT=0: without_row_invariance_ms, row_invariance_cost = ours / that).
 
     python bench/python/bench_e2e.py [--model PATH] [--device cpu|cuda] [--dtype bf16|fp32] [--new-tokens 128]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +46,22 @@ def graph_row(graphed: "edgespec.LLM", ids: list[int], n: int, repeats: int, eag
         return {"graphs_error": f"{type(exc).__name__}: {exc}"[:300]}
     return {"graphs_ms": round(seconds * 1e3, 2), "graphs_tokens_per_s": round(n / seconds, 2),
             "graphs_same_tokens": tokens == eager_tokens}
+
+
+def invariance_row(run_ours, repeats: int, ours_ms: float) -> dict:
+    """The price of the row-invariant kernels (EDGESPEC_ROW_INVARIANT, on by default): the same
+    generation with cuBLAS projections and the heuristic attention splits instead."""
+    before = os.environ.get("EDGESPEC_ROW_INVARIANT")
+    os.environ["EDGESPEC_ROW_INVARIANT"] = "0"
+    try:
+        seconds = median(time_cpu(run_ours, repeats))
+    finally:
+        if before is None:
+            del os.environ["EDGESPEC_ROW_INVARIANT"]
+        else:
+            os.environ["EDGESPEC_ROW_INVARIANT"] = before
+    return {"without_row_invariance_ms": round(seconds * 1e3, 2),
+            "row_invariance_cost": round(ours_ms / (seconds * 1e3), 3)}
 
 
 def load_transformers(gguf: Path, dtype: torch.dtype, device: torch.device):
@@ -110,6 +128,8 @@ def main() -> int:
             })
             if graphed is not None:
                 rows[-1].update(graph_row(graphed, ids, n, args.repeats, run_ours()))
+            if device.type == "cuda":
+                rows[-1].update(invariance_row(run_ours, args.repeats, rows[-1]["ours_ms"]))
             print(rows[-1], flush=True)
     notes = (f"Wall time of one whole generation (prefill of a chat-templated prompt + {n} greedy new tokens, "
              f"EOS ignored), median of {args.repeats} repeats after one warm-up, engines alternated; "
