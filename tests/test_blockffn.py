@@ -280,18 +280,16 @@ def test_kernel_rejections_name_the_problem() -> None:
     assert not _kernels.supports_blockffn(x, router, norm, up, down)
 
 
-@pytest.mark.parametrize("tokens", [1, 8, 17, 64, 128])
-def test_kernel_split_factors_respect_the_launch_limits(tokens: int) -> None:
+def test_kernel_split_factors_respect_the_launch_limits() -> None:
+    # (They take no token count: a token's sums must not depend on the step's size.)
     from edgespec.ops import _kernels
 
     for hidden, experts, expert_size in [(32, 1, 32), (576, 36, 64), (2560, 80, 128), (4096, 1024, 32)]:
         for sms in (1, 46, 132):
-            router, up, down = _kernels.blockffn_splits(tokens, hidden, experts, expert_size, sms)
+            router, up, down = _kernels.blockffn_splits(hidden, experts, expert_size, sms)
             assert 1 <= router <= min(8, hidden // 32)
-            assert 1 <= up <= hidden // 32
-            assert 1 <= down <= 16
-            if tokens > 64:
-                assert up == 1  # partial sums of [T, E*d] per split would dwarf the weights read
+            assert 1 <= up <= min(4, hidden // 32)  # partial sums of [T, E*d] per split stay below the weights
+            assert 1 <= down <= 8
 
 
 _C = ops.compiled_module()

@@ -38,6 +38,7 @@
 
 #include "common/checks.h"
 #include "common/mma.cuh"
+#include "common/search.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 #include "kernels/moe.h"
@@ -171,9 +172,20 @@ __global__ void __launch_bounds__(kThreads) blockffn_gemm_kernel(const BlockFFNP
   }
 
   const int chunks = depth / kMoeChunk;
-  const int per_split = (chunks + splits - 1) / splits;
-  const int c_begin = min(chunks, split * per_split);
-  const int c_end = min(chunks, c_begin + per_split);
+  int c_begin, c_end;
+  if constexpr (kMode == Mode::kDown) {
+    // Split s reduces over the active experts among [s * per, (s + 1) * per) of all E, not over an
+    // even share of the step's A: a token's experts then fall in the same splits, in the same
+    // order, whatever the step's other tokens activate (their chunks add exact zeros for it), so
+    // a token decoded alone and verified in a tree gets the same bits (row invariance, moe.h).
+    const int per = (p.experts + splits - 1) / splits;
+    c_begin = count_below(s_active, num_active, split * per) * (d / kMoeChunk);
+    c_end = count_below(s_active, num_active, (split + 1) * per) * (d / kMoeChunk);
+  } else {
+    const int per_split = (chunks + splits - 1) / splits;
+    c_begin = min(chunks, split * per_split);
+    c_end = min(chunks, c_begin + per_split);
+  }
 
   // This lane's two B rows (one per n-tile) and whether they exist.
   const int r0 = n0 + warp * kWarpRows + g;

@@ -23,6 +23,13 @@
 // Kernels read A from the device (blocks past the active rows return at once), so the launch
 // shapes are fixed by (T, H, E, d) alone and the three launches can be captured in a CUDA graph.
 //
+// Row invariance: a token's output does not depend on the other tokens of its step, so a token
+// decoded alone and the same token verified in a draft tree get bitwise the same result. The
+// split counts are planned without T (edgespec/ops/_kernels.py blockffn_splits); down's split s
+// reduces over the active experts among [s * ceil(E / splits), ...) of all E, in expert order,
+// so a token's experts fall in the same splits whatever the union is; the other tokens' experts
+// add exact zeros for it (its router weight there is 0).
+//
 // Preconditions (checked by blockffn() below; edgespec/ops/_kernels.py checks the same first):
 //   * T = x rows in [1, 128]; dtype T in {bf16, fp16} (tensor-core mma.m16n8k16, sm_80+);
 //   * H % 32 == 0, d % 32 == 0, 1 <= E <= 1024; router [E, H], up [E*d, H], down [H, E*d],

@@ -45,6 +45,7 @@
 
 #include "common/checks.h"
 #include "common/mma.cuh"
+#include "common/search.cuh"
 #include "common/vec.cuh"
 #include "kernels/w4a16.h"
 
@@ -163,9 +164,21 @@ __global__ void __launch_bounds__(kThreads) w4a16_kernel(const W4A16Params<T> p)
   auto stored_group = [&](int g) { return gather_rows ? stored(g * p.group_size) / p.group_size : g; };
 
   const int k_tiles = (gather_rows ? gathered : p.k) / kW4A16TileK;
-  const int per = (k_tiles + p.splits - 1) / p.splits;
-  const int kt_begin = min(k_tiles, static_cast<int>(blockIdx.y) * per);
-  const int kt_end = min(k_tiles, kt_begin + per);
+  int kt_begin, kt_end;
+  if (gather_rows) {
+    // Split s reduces over the active experts among [s * per, (s + 1) * per) of all E, not over an
+    // even share of the step's: a token's experts then fall in the same splits whatever the other
+    // tokens activate (row invariance; with d % 128 == 0 they also keep their stage and warp).
+    const int per = (p.experts + p.splits - 1) / p.splits;
+    const int count = gathered / p.expert_size;
+    const int split = static_cast<int>(blockIdx.y);
+    kt_begin = count_below(p.active, count, split * per) * (p.expert_size / kW4A16TileK);
+    kt_end = count_below(p.active, count, (split + 1) * per) * (p.expert_size / kW4A16TileK);
+  } else {
+    const int per = (k_tiles + p.splits - 1) / p.splits;
+    kt_begin = min(k_tiles, static_cast<int>(blockIdx.y) * per);
+    kt_end = min(k_tiles, kt_begin + per);
+  }
   const int stages = (kt_end - kt_begin + kStageTiles - 1) / kStageTiles;
 
   auto a_smem = [&](int slot) { return reinterpret_cast<T*>(smem + slot * S::kStageBytes); };

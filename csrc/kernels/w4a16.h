@@ -36,7 +36,11 @@
 // out[:, j*d + c] for the j-th active expert's column c, and its epilogue is
 // silu(acc) * expert_weights[m, active[j]] (BlockFFN's up + router scaling; no bias); rows mode reads
 // x[:, j*d + r] against the j-th active expert's row r. Blocks past the active columns return at
-// once; splits past the active rows add zeros. Extra preconditions: columns mode d % 64 == 0
+// once; splits past the active rows add zeros. In rows mode split s covers the active experts
+// among [s * ceil(E / splits), ...) of all E (not an even share of the A active ones): with
+// d % 128 == 0 each expert then keeps its split, pipeline stage and warp whatever the union is,
+// and a token's result does not depend on the step's other tokens (row invariance; with other d
+// the stages mix experts and it holds up to rounding). Extra preconditions: columns mode d % 64 == 0
 // (whole column tiles), rows mode d % 16 == 0 and group_size dividing d or per-channel, no bias.
 //
 // Launch shape (w4a16.cuh): grid (N / (64 * kNU), splits), 256 threads = 8 warps; block (nt, s)

@@ -725,15 +725,17 @@ def blockffn_sync_words(hidden: int, experts: int, expert_size: int) -> int:
     return int(_module().blockffn_sync_words(hidden, experts, expert_size))
 
 
-def blockffn_splits(tokens: int, hidden: int, experts: int, expert_size: int, sms: int) -> tuple[int, int, int]:
+def blockffn_splits(hidden: int, experts: int, expert_size: int, sms: int) -> tuple[int, int, int]:
     """Split-K factors (router, up, down) for the launch shapes of csrc/kernels/moe.cuh.
 
     Untuned heuristic (written without a GPU): give each GEMM a few blocks per SM so the weight
-    stream has enough loads in flight, assuming about a third of the up tiles are active, and split
-    less as T grows (more token tiles per block; partial sums cost T * N * 4 bytes per split).
+    stream has enough loads in flight, assuming about a third of the up tiles are active, with
+    the split count capped (partial sums cost T * N * 4 bytes per split). The step's token count
+    has no say: a token's sums must not depend on how many tokens share its step (row invariance,
+    csrc/kernels/moe.h).
     """
     chunks = hidden // MOE_CHUNK
-    cap = 8 if tokens <= 16 else 4 if tokens <= 32 else 2 if tokens <= 64 else 1
+    cap = 4
     ceil = lambda a, b: -(-a // b)  # noqa: E731
     router = max(1, min(8, chunks, 2 * sms // ceil(experts, MOE_BLOCK_ROWS)))
     up = max(1, min(cap, chunks, round(8 * sms / ceil(experts * expert_size, MOE_BLOCK_ROWS))))
@@ -777,7 +779,7 @@ def blockffn(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: torch.Te
     d = up.shape[0] // e
     sync = _checked_sync(sync, blockffn_sync_words(h, e, d), x.device)
     kernel_counters = _kernel_counters(counters, x.device)
-    splits = blockffn_splits(t, h, e, d, _sm_count(x.device.index))
+    splits = blockffn_splits(h, e, d, _sm_count(x.device.index))
     out = _new_output((t, h), x.dtype, x.device)
     # Scratch comes from _new_output too, so the poisoned-output tests also prove it is written before read.
     weights = _new_output((t, e), torch.float32, x.device)
@@ -1029,7 +1031,7 @@ def blockffn_w4a16(x: torch.Tensor, router_weight: torch.Tensor, norm_weight: to
     d = up.out_features // e
     sync = _checked_sync(sync, 1, x.device)
     kernel_counters = _kernel_counters(counters, x.device)
-    router_splits = blockffn_splits(t, h, e, d, _sm_count(x.device.index))[0]
+    router_splits = blockffn_splits(h, e, d, _sm_count(x.device.index))[0]
     weights = _new_output((t, e), torch.float32, x.device)
     active = _new_output((e + 1,), torch.int32, x.device)
     partial = _new_output((router_splits * t * e,), torch.float32, x.device)

@@ -104,6 +104,8 @@ def load_drafter(draft: Any, llm: "LLM", frspec_vocab: str | Path | None = None)
                                 with_tokenizer=False)
             draft_tok = _tokenizer_or_none(path) if llm.tokenizer is not None else None
             check_same_vocabulary(target, loaded.model, llm.tokenizer, draft_tok, where=f"draft model {path}")
+            # The draft only proposes: its attention needs no row invariance (the fast path).
+            loaded.model.row_invariant_attention = False
             drafter = ModelDrafter(loaded.model, name=f"model:{Path(path).name}")
     vocab = default_vocab if frspec_vocab is None else (None if str(frspec_vocab).lower() == "none" else frspec_vocab)
     if vocab is not None:
