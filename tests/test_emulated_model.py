@@ -141,6 +141,16 @@ def test_blockffn_model_on_the_kernels(tmp_path, kernel_calls, monkeypatch) -> N
     assert fast.stats.extra["blockffn_tokens_per_step"] > 1.0
 
 
+def test_blockffn_verified_logits_equal_decoded_logits_bitwise(tmp_path, kernel_calls) -> None:
+    """Row invariance through a BlockFFN model on the kernels: a tree's steps activate the union of
+    its tokens' experts, a decoded token only its own, and the logits agree bit for bit."""
+    path = write_random_blockffn(tmp_path / "blockffn", hidden_size=256, num_heads=4, num_kv_heads=1, num_layers=2,
+                                 num_experts=16, expert_size=32, seed=4)
+    model = load_model(str(path), device="cpu", dtype=torch.bfloat16, max_context=256, with_tokenizer=False).model
+    assert_tree_rows_decode_alike(model)
+    assert kernel_calls["blockffn"] > 0 and kernel_calls["attention"] > 0
+
+
 def _tile_layout(model):
     """The model with every 4-bit weight repacked into the kernel's tile layout (what loading onto
     a GPU does; on the CPU the loader keeps the plain layout the torch path reads faster)."""
