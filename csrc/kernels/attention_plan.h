@@ -32,6 +32,10 @@
 //   default is 12) stay under the decode time with mma.sync. Prefill is compute-bound the same
 //   way: parity with cuDNN/FA3-backed SDPA on Hopper needs wgmma; on A100/Ada mma.sync is the
 //   right instruction.
+//   The engine's target model verifies trees in the row-invariant mode (below), on mma.sync: a
+//   Llama-shape 64-token tree at 32K then sits near the ~2.2x estimate, the price of bitwise
+//   speculative == plain output. EDGESPEC_ROW_INVARIANT=0 with EDGESPEC_SM90_ATTENTION=1 trades
+//   the guarantee for the wgmma tree path; smaller trees (16 tokens) need neither.
 //
 // The Hopper kernels (csrc/kernels/sm90/attention.cu, opt-in: EDGESPEC_SM90_ATTENTION=1) take
 // prefill and trees on wgmma with 128-row blocks, one per SM (168 registers x 256 threads), and plan
