@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     for (int j = 0; j < C::kKeyFrags; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[j][e] * p.scale_log2;
+        float x = __fmul_rn(s[j][e], p.scale_log2);
         if (masked) {
           const int key = key_base + j * 8 + (e & 1);
           const int tok = row_tok[e / 2];
@@ -416,19 +416,21 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
       // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
       const float base = mx == -INFINITY ? 0.f : mx;
-      const float correction = exp2f(row_max[i] - base);
+      // Explicitly rounded operations (never fused into an FMA): a row's arithmetic must be the
+      // same instructions in every instance of this kernel (row invariance, attention.h).
+      const float correction = exp2f(__fsub_rn(row_max[i], base));
       row_max[i] = mx;
-      row_sum[i] *= correction;
+      row_sum[i] = __fmul_rn(row_sum[i], correction);
 #pragma unroll
       for (int d = 0; d < C::kDimFrags; ++d) {
-        o_acc[d][2 * i] *= correction;
-        o_acc[d][2 * i + 1] *= correction;
+        o_acc[d][2 * i] = __fmul_rn(o_acc[d][2 * i], correction);
+        o_acc[d][2 * i + 1] = __fmul_rn(o_acc[d][2 * i + 1], correction);
       }
 #pragma unroll
       for (int j = 0; j < C::kKeyFrags; ++j) {
-        s[j][2 * i] = exp2f(s[j][2 * i] - base);
-        s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - base);
-        row_sum[i] += s[j][2 * i] + s[j][2 * i + 1];
+        s[j][2 * i] = exp2f(__fsub_rn(s[j][2 * i], base));
+        s[j][2 * i + 1] = exp2f(__fsub_rn(s[j][2 * i + 1], base));
+        row_sum[i] = __fadd_rn(row_sum[i], __fadd_rn(s[j][2 * i], s[j][2 * i + 1]));
       }
     }
 
@@ -480,8 +482,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   __syncthreads();  // o_part aliases the pipeline
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    row_sum[i] += __shfl_xor_sync(kFullMask, row_sum[i], 1);
-    row_sum[i] += __shfl_xor_sync(kFullMask, row_sum[i], 2);
+    row_sum[i] = __fadd_rn(row_sum[i], __shfl_xor_sync(kFullMask, row_sum[i], 1));
+    row_sum[i] = __fadd_rn(row_sum[i], __shfl_xor_sync(kFullMask, row_sum[i], 2));
   }
   if (wn == 0 && lane % 4 == 0) {
 #pragma unroll
@@ -516,13 +518,15 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     if (p.partial_out == nullptr) {
       Vec<T, 8> out;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(acc[e] * inv);
+      for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(__fmul_rn(acc[e], inv));
       store_vec<T, 8>(p.out + tok * p.out_stride_t + head * p.out_stride_h + c * 8, out);
     } else {
       const std::int64_t prow = static_cast<std::int64_t>(split) * partial_rows + packed_row(row);
       float4* dst = reinterpret_cast<float4*>(p.partial_out + prow * kHeadDim + c * 8);
-      dst[0] = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
-      dst[1] = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
+      dst[0] = make_float4(__fmul_rn(acc[0], inv), __fmul_rn(acc[1], inv), __fmul_rn(acc[2], inv),
+                           __fmul_rn(acc[3], inv));
+      dst[1] = make_float4(__fmul_rn(acc[4], inv), __fmul_rn(acc[5], inv), __fmul_rn(acc[6], inv),
+                           __fmul_rn(acc[7], inv));
       if (c == 0) p.partial_lse[prow] = row_lse[r];
     }
   }
