@@ -11,12 +11,16 @@
 // scale, mask (only tiles that cross the causal diagonal, hold tree tokens or, block-sparse, are
 // not selected by every token of the block pay for it), online
 // softmax in base 2; O += P.V with P re-packed from the S accumulators as A fragments (no shared
-// memory round trip). Epilogue: the warps' softmax states are merged through shared memory (the
-// decode shape has four warps on one row block) and the block writes either the normalised
-// output or, with splits, an fp32 partial output and its log-sum-exp for the combine kernel.
+// memory round trip; the decode shape's four warps each take a quarter of the head dim here, all
+// scoring the whole tile). Epilogue: the rows go through shared memory to coalesced stores of
+// either the normalised output or, with splits, an fp32 partial output and its log-sum-exp for
+// the combine kernel.
 // Block-sparse (InfLLM-v2 block mask): the block visits only the union of the tiles its tokens
 // selected (a bitset in shared memory; splits share that union out by rank), and masks each row's
 // keys outside its own token's selection.
+// Row-invariant trees (attention.h "Row invariance"): the same kernel with kTail runs the tail
+// blocks, whose tiles are gathered per token in logical order and whose state resumes where the
+// main kernel handed it over (`resume`).
 #pragma once
 
 #include <cuda_runtime_api.h>

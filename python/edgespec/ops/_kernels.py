@@ -885,8 +885,10 @@ def _w4a16_gemm(x: torch.Tensor, w: Any, bias: torch.Tensor | None, out: torch.T
 
 # --- dense GEMM for few rows (csrc/kernels/dense_gemm.h) ----------------------------------------
 
-# Rows past this run on cuBLAS (a prefill: no row invariance needed, and its tiles suit it).
-DENSE_MAX_ROWS = W4A16_MAX_CHUNKED_ROWS
+# Rows past this run on cuBLAS: one launch of the kernel reads the weights once, like cuBLAS; more
+# rows would stream them again per 64. Decode steps and trees of up to 64 tokens (the defaults)
+# are row-invariant; longer prefill chunks need not be (plain and speculative decoding prefill alike).
+DENSE_MAX_ROWS = W4A16_MAX_ROWS
 _dense_counters: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
 
@@ -927,8 +929,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  splits: int | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias) on the row-invariant dense kernel: a row's result
     does not depend on how many rows come with it (csrc/kernels/dense_gemm.h). Up to
-    DENSE_MAX_ROWS rows, in 64-row launches; splits: None (the plan for this GPU, which does not
-    depend on the row count) or a forced split-K in [1, K/16]. Returns [..., N] contiguous."""
+    DENSE_MAX_ROWS rows, one launch; splits: None (the plan for this GPU, which does not depend on
+    the row count) or a forced split-K in [1, K/16]. Returns [..., N] contiguous."""
     _require("dense_linear", dense_rejection(x, weight, bias))
     n, k = weight.shape
     lead = x.shape[:-1]
@@ -937,12 +939,10 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = _new_output((rows, n), x.dtype, x.device)
     s = splits if splits is not None else w4a16_splits(n, k, x.device)
     stream = _stream(x)
-    for start in range(0, rows, W4A16_MAX_ROWS):
-        m = min(W4A16_MAX_ROWS, rows - start)
-        partial = _new_output((s, m, n), torch.float32, x.device) if s > 1 else None
-        _run(_module().dense_gemm, _view(x2[start:start + m]), _view(weight), None if bias is None else _view(bias),
-             _view(out[start:start + m]), None if partial is None else _view(partial),
-             None if s == 1 else _view(_dense_counters_for(x.device, stream, n)), int(s), stream)
+    partial = _new_output((s, rows, n), torch.float32, x.device) if s > 1 else None
+    _run(_module().dense_gemm, _view(x2), _view(weight), None if bias is None else _view(bias), _view(out),
+         None if partial is None else _view(partial),
+         None if s == 1 else _view(_dense_counters_for(x.device, stream, n)), int(s), stream)
     return out.view(*lead, n)
 
 
