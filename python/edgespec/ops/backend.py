@@ -59,7 +59,7 @@ def row_invariant_kernels() -> bool:
     tree attention in the kernels' row-invariant mode. With them a token decoded alone and the
     same token verified in a draft tree get bitwise the same logits, so greedy speculative output
     equals plain greedy output token for token. 0 trades that for cuBLAS and the heuristic
-    attention splits (bench_spec.py measures both)."""
+    attention splits (bench_e2e.py measures the difference on a GPU)."""
     value = os.environ.get("EDGESPEC_ROW_INVARIANT", "1").strip()
     if value not in ("0", "1"):
         raise ValueError(f"EDGESPEC_ROW_INVARIANT must be 0 or 1, got {value!r}")
