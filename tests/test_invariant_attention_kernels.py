@@ -98,11 +98,11 @@ def test_a_device_length_over_a_longer_view_changes_no_bit(kernel_device, tree: 
     assert torch.equal(exact, graphed)
 
 
-def test_the_chunk_plan_is_fixed_per_cache() -> None:
-    from edgespec import _C
-
+def test_the_chunk_plan_follows_the_span() -> None:
+    _C = pytest.importorskip("edgespec._C", reason="the plan is C++ (attention_plan.h), built with the extension")
     plan = _C.attention_invariant_chunk_tiles
-    # Llama-3.1-8B (32 / 8 heads) in a 32K cache on 132 SMs: 1024-key chunks, 32 of them when full.
+    # One plan per generation, from its span. Llama-3.1-8B (32 / 8 heads), a 32K span on 132 SMs:
+    # 1024-key chunks, 32 of them when full.
     assert plan(32768, 32, 8, 132) == 16
     assert _C.attention_invariant_splits(32768, 16) == 32 and _C.attention_invariant_splits(1, 16) == 1
     # MiniCPM4 (G = 16): chunks of >= 2G tiles keep a 64-token tree's partials below its K/V bytes.
