@@ -63,8 +63,10 @@ def expected_counters(active: torch.Tensor) -> list[int]:
 
 
 def arrivals_left_zero(*weights: ops.W4A16Weight) -> bool:
-    """The W4A16 split-K arrival counters (made on the first split launch) are back at zero."""
-    return all(w._counters is None or int(w._counters.abs().sum()) == 0 for w in weights)
+    """The W4A16 split-K arrival counters of the weights' widths (made on the first split launch,
+    shared per stream) are back at zero."""
+    widths = {w.out_features // 64 for w in weights}
+    return all(int(c.abs().sum()) == 0 for (_, _, tiles), c in _kernels._split_counters.items() if tiles in widths)
 
 
 def run(inputs, up, down, counters=None, sync=None) -> torch.Tensor:

@@ -246,6 +246,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("group"), py::arg("mask_words"),
         "Shared memory (bytes) of one tail block of a row-invariant tree call (host only).");
   m.attr("ATTENTION_MAX_TAIL_GROUP") = kAttentionMaxTailGroup;
+  m.attr("ATTENTION_RESUME_EXTRA") = kAttentionResumeExtra;
   m.def("attention_smem_bytes", &attention_smem_bytes, py::arg("head_dim"), py::arg("tokens"), py::arg("group"),
         py::arg("tree"), py::arg("mask_words"), py::arg("block_words"),
         "Shared memory (bytes) one attention block needs for this call (host only). See attention_plan.h.");

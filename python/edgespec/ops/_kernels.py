@@ -459,7 +459,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask))
         splits = int(_module().attention_invariant_splits(k.shape[0], chunk_tiles))
         if tree_mask is not None:
-            resume = _new_output((t * hq, d + 8), torch.float32, q.device)
+            resume = _new_output((t * hq, d + _module().ATTENTION_RESUME_EXTRA), torch.float32, q.device)
     elif splits is None:
         splits = attention_splits(t, k.shape[0], hq, k.shape[1], tree_mask is not None, q.device, sm90)
     out = _new_output(q.shape, q.dtype, q.device)
@@ -858,13 +858,17 @@ def w4a16_splits(n: int, k: int, device: torch.device) -> int:
     return int(_module().w4a16_num_splits(n, k, _sm_count(device.index or 0)))
 
 
-def _w4a16_counters(w: Any) -> torch.Tensor:
-    # Arrival counters the kernel leaves at zero: one zeroed buffer per weight, made on first use
-    # (so no memset runs per call). Two concurrent launches on one weight would share it.
-    counters = getattr(w, "_counters", None)
-    if counters is None or counters.device != w.qweight.device:
-        counters = torch.zeros(w.out_features // 64, dtype=torch.int32, device=w.qweight.device)
-        w._counters = counters
+# Split-K arrival counters of the W4A16 and dense GEMMs (w4a16.h, dense_gemm.h), which the kernels
+# leave at zero: one zeroed buffer per (device, stream, N / 64), made on first use (no memset per
+# call) and shared by every weight of that width, since launches on one stream never overlap.
+_split_counters: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+
+def _split_counters_for(device: torch.device, stream: int, n: int) -> torch.Tensor:
+    key = (device, stream, n // 64)
+    counters = _split_counters.get(key)
+    if counters is None:
+        counters = _split_counters[key] = torch.zeros(n // 64, dtype=torch.int32, device=device)
     return counters
 
 
@@ -879,7 +883,8 @@ def _w4a16_gemm(x: torch.Tensor, w: Any, bias: torch.Tensor | None, out: torch.T
         extra = {key: (_view(v) if isinstance(v, torch.Tensor) else v) for key, v in gather.items()}
     _run(_module().w4a16_gemm, _view(x), _view(w.qweight), _view(w.scales),
          None if w.zeros is None else _view(w.zeros), None if bias is None else _view(bias), _view(out),
-         None if partial is None else _view(partial), None if splits == 1 else _view(_w4a16_counters(w)),
+         None if partial is None else _view(partial),
+         None if splits == 1 else _view(_split_counters_for(x.device, _stream(x), n)),
          int(w.group_size), int(splits), _stream(x), **extra)
 
 
@@ -889,7 +894,6 @@ def _w4a16_gemm(x: torch.Tensor, w: Any, bias: torch.Tensor | None, out: torch.T
 # rows would stream them again per 64. Decode steps and trees of up to 64 tokens (the defaults)
 # are row-invariant; longer prefill chunks need not be (plain and speculative decoding prefill alike).
 DENSE_MAX_ROWS = W4A16_MAX_ROWS
-_dense_counters: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
 
 def dense_rejection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
@@ -914,17 +918,6 @@ def dense_rejection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _one_cuda_device(**tensors)
 
 
-def _dense_counters_for(device: torch.device, stream: int, n: int) -> torch.Tensor:
-    # Split-K arrival counters the kernel leaves at zero: one buffer per (device, stream, N / 64),
-    # made on first use, shared by the weights of that width (their launches on one stream never
-    # overlap).
-    key = (device, stream, n // 64)
-    counters = _dense_counters.get(key)
-    if counters is None:
-        counters = _dense_counters[key] = torch.zeros(n // 64, dtype=torch.int32, device=device)
-    return counters
-
-
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  splits: int | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias) on the row-invariant dense kernel: a row's result
@@ -942,7 +935,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     partial = _new_output((s, rows, n), torch.float32, x.device) if s > 1 else None
     _run(_module().dense_gemm, _view(x2), _view(weight), None if bias is None else _view(bias), _view(out),
          None if partial is None else _view(partial),
-         None if s == 1 else _view(_dense_counters_for(x.device, stream, n)), int(s), stream)
+         None if s == 1 else _view(_split_counters_for(x.device, stream, n)), int(s), stream)
     return out.view(*lead, n)
 
 

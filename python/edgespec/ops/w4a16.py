@@ -52,7 +52,6 @@ class W4A16Weight:
     layout: str = "plain"
     perm: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)      # torch path cache
-    _counters: torch.Tensor | None = field(default=None, repr=False)   # kernel split-K arrivals
 
     def __post_init__(self) -> None:
         k, n, g = self.in_features, self.out_features, self.group_size
