@@ -368,10 +368,13 @@ def attention_smem_rejection(q: torch.Tensor, k: torch.Tensor, tree_mask: torch.
     t, hq, d = q.shape
     need = _module().attention_smem_bytes(d, t, hq // k.shape[1], tree_mask is not None,
                                           0 if tree_mask is None else tree_mask.shape[1], block_words)
-    limit = _smem_optin(q.device.index or 0)
-    if need > limit:
-        return f"this call needs {need} bytes of shared memory per block; the GPU allows {limit}"
-    return None
+    return _smem_rejection("this call", need, q.device)
+
+
+def _smem_rejection(what: str, need: int, device: torch.device) -> str | None:
+    """Why `what`, needing `need` bytes of shared memory per block, exceeds the GPU's opt-in limit, or None."""
+    limit = _smem_optin(device.index or 0)
+    return f"{what} needs {need} bytes of shared memory per block; the GPU allows {limit}" if need > limit else None
 
 
 @lru_cache(maxsize=None)
@@ -405,9 +408,8 @@ def invariant_rejection(q: torch.Tensor, k: torch.Tensor, tree_mask: torch.Tenso
     group = hq // k.shape[1]
     if group > _module().ATTENTION_MAX_TAIL_GROUP:
         return f"{group} query heads per KV head; the invariant tree mode takes at most {_module().ATTENTION_MAX_TAIL_GROUP}"
-    need = _module().attention_tail_smem_bytes(d, t, group, tree_mask.shape[1])
-    limit = _smem_optin(q.device.index or 0)
-    return f"a tail block needs {need} bytes of shared memory; the GPU allows {limit}" if need > limit else None
+    return _smem_rejection("a tail block", _module().attention_tail_smem_bytes(d, t, group, tree_mask.shape[1]),
+                           q.device)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
