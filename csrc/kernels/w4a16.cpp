@@ -214,6 +214,23 @@ Status check_dense(const DenseGemmArgs& a) {
   return check_outputs(x, a.bias, a.out, a.partial, a.counters, a.splits, n, {{&w, "weight"}});
 }
 
+// The parameters both weight formats share: activations, bias, output, split-K scratch (checked).
+template <typename T>
+W4A16Params<T> common_params(const TensorView& x, const TensorView* bias, const TensorView& out,
+                             const TensorView* partial, const TensorView* counters, int splits) {
+  W4A16Params<T> p;
+  p.x = x.ptr<const T>();
+  p.x_stride = x.stride(0);
+  p.bias = bias != nullptr ? bias->ptr<const T>() : nullptr;
+  p.out = out.ptr<T>();
+  p.partial = partial != nullptr ? partial->ptr<float>() : nullptr;
+  p.counters = counters != nullptr ? counters->ptr<int>() : nullptr;
+  p.m = static_cast<int>(x.size(0));
+  p.k = static_cast<int>(x.size(1));
+  p.splits = splits;
+  return p;
+}
+
 }  // namespace
 
 Status w4a16_gemm(const W4A16Args& args, cudaStream_t stream) {
@@ -222,21 +239,12 @@ Status w4a16_gemm(const W4A16Args& args, cudaStream_t stream) {
   DeviceGuard guard;
   EDGESPEC_RETURN_IF_ERROR(guard.enter(args.x.device));
   return EDGESPEC_FLOAT_SWITCH(args.x.dtype, "w4a16_gemm", T, [&] {
-    W4A16Params<T> p;
-    p.x = args.x.ptr<const T>();
-    p.x_stride = args.x.stride(0);
+    W4A16Params<T> p = common_params<T>(args.x, args.bias, args.out, args.partial, args.counters, args.splits);
     p.qweight = args.qweight.ptr<const std::uint32_t>();
     p.scales = args.scales.ptr<const T>();
     p.zeros = args.zeros != nullptr ? args.zeros->ptr<const T>() : nullptr;
-    p.bias = args.bias != nullptr ? args.bias->ptr<const T>() : nullptr;
-    p.out = args.out.ptr<T>();
-    p.partial = args.partial != nullptr ? args.partial->ptr<float>() : nullptr;
-    p.counters = args.counters != nullptr ? args.counters->ptr<int>() : nullptr;
-    p.m = static_cast<int>(args.x.size(0));
     p.n = static_cast<int>(args.qweight.size(1) / 2);
-    p.k = static_cast<int>(args.x.size(1));
     p.group_size = static_cast<int>(std::min<std::int64_t>(args.group_size, args.x.size(1)));
-    p.splits = args.splits;
     if (args.active != nullptr) {
       p.active = args.active->ptr<const int>();
       p.expert_weights = args.expert_weights != nullptr ? args.expert_weights->ptr<const float>() : nullptr;
@@ -254,20 +262,11 @@ Status dense_gemm(const DenseGemmArgs& args, cudaStream_t stream) {
   DeviceGuard guard;
   EDGESPEC_RETURN_IF_ERROR(guard.enter(args.x.device));
   return EDGESPEC_FLOAT_SWITCH(args.x.dtype, "dense_gemm", T, [&] {
-    W4A16Params<T> p;
-    p.x = args.x.ptr<const T>();
-    p.x_stride = args.x.stride(0);
+    W4A16Params<T> p = common_params<T>(args.x, args.bias, args.out, args.partial, args.counters, args.splits);
     p.weight = args.weight.ptr<const T>();
     p.w_stride = args.weight.stride(0);
-    p.bias = args.bias != nullptr ? args.bias->ptr<const T>() : nullptr;
-    p.out = args.out.ptr<T>();
-    p.partial = args.partial != nullptr ? args.partial->ptr<float>() : nullptr;
-    p.counters = args.counters != nullptr ? args.counters->ptr<int>() : nullptr;
-    p.m = static_cast<int>(args.x.size(0));
     p.n = static_cast<int>(args.weight.size(0));
-    p.k = static_cast<int>(args.x.size(1));
     p.group_size = p.k;  // unused by the dense variant; a valid divisor all the same
-    p.splits = args.splits;
     return launch_dense_gemm<T>(p, stream);
   });
 }
