@@ -18,6 +18,7 @@ from edgespec import ops
 from edgespec.errors import ModelFormatError
 from edgespec.models.config import config_from_hf
 from edgespec.models.sparse import SparseAttention, SparseConfig, mode_from_env, parse_sparse_config
+from edgespec.ops.sparse_attention import path_kernels
 from oracle import sparse_ref
 
 MINICPM4_8B = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
@@ -129,7 +130,8 @@ def _compare(cfg: SparseConfig, q, k, v, positions, kv_limit, tree=None, dense_l
     packed = ops.pack_tree_mask(tree) if tree is not None else None
     out = ops.sparse_attention(q, k, v, scale, ck, pos, cfg, dense_len=dense_len, kv_limit=kv_limit, tree_mask=packed)
     nb = (s + cfg.block_size - 1) // cfg.block_size
-    sel = ops.select_blocks(q, ck, pos, cfg, scale, dense_len, kv_limit, nb)
+    path = None if tree is None else path_kernels(k, kv_limit, tree, cfg.kernel_size, cfg.kernel_stride)
+    sel = ops.select_blocks(q, ck, pos, cfg, scale, dense_len, kv_limit, nb, path)
     ref = sparse_ref.sparse_attention(q, k, v, positions, scale, params(cfg), kv_limit, tree, dense_len)
     p = params(cfg)
     differ, sparse_queries = set(), 0
@@ -284,10 +286,10 @@ def _minicpm_sparse_dir(tiny_model_dir, **sparse_over):
     return path
 
 
-def _load(path):
+def _load(path, dtype=torch.float32):
     from edgespec.loading import load_model
 
-    return load_model(str(path), device="cpu", dtype=torch.float32, max_context=1024, with_tokenizer=False).model
+    return load_model(str(path), device="cpu", dtype=dtype, max_context=1024, with_tokenizer=False).model
 
 
 def _run(model, tokens, chunks, cache=None):
@@ -410,7 +412,7 @@ def test_generated_tokens_older_than_the_window_stay_selectable(tiny_model_dir, 
     assert picked_old > 0  # some block of generated tokens from more than a window ago was chosen
 
 
-def test_tree_verification_in_the_decoder_uses_the_committed_prefix(tiny_model_dir, monkeypatch):
+def test_tree_verification_in_the_decoder_matches_the_oracle(tiny_model_dir, monkeypatch):
     model = _load(_minicpm_sparse_dir(tiny_model_dir))
     torch.manual_seed(5)
     tokens = torch.randint(0, model.config.vocab_size, (300,))
@@ -428,6 +430,63 @@ def test_tree_verification_in_the_decoder_uses_the_committed_prefix(tiny_model_d
         ref = sparse_ref.sparse_attention(call["q"], call["k"], call["v"], call["positions"], call["scale"], p,
                                           300, tree, call["dense_len"])
         torch.testing.assert_close(call["out"].double(), ref.out, rtol=1e-4, atol=1e-4)
+
+
+def test_path_kernels_are_the_decoded_paths_compressed_keys():
+    """Each tree token's own kernels are bitwise the compressed keys that the cache's compression
+    gives its decoded path (prefix, ancestors by depth, itself), for every kernel its context completes."""
+    cfg = small()
+    gen = torch.Generator().manual_seed(3)
+    for prefix, t in ((389, 70), (400, 9), (5, 30)):
+        tree, depth = _random_tree(t, gen)
+        k = torch.randn(prefix + t, 2, 16, generator=gen).to(torch.bfloat16)
+        path = path_kernels(k, prefix, tree, cfg.kernel_size, cfg.kernel_stride)
+        first = cfg.num_kernels(prefix)
+        checked = 0
+        for i in range(t):
+            order = sorted((j for j in range(t) if tree[i, j]), key=lambda j: depth[j])
+            seq = torch.cat([k[:prefix], k[prefix + torch.tensor(order)]])
+            ck = torch.zeros(cfg.num_kernels(seq.shape[0]) + 1, 2, 16, dtype=torch.bfloat16)
+            ops.compress_keys(seq, ck, 0, seq.shape[0], cfg.kernel_size, cfg.kernel_stride)
+            own = cfg.num_kernels(seq.shape[0]) - first
+            assert torch.equal(path[i, :own], ck[first:first + own]), f"tree token {i}"
+            checked += own
+        assert checked > 0  # some tokens complete kernels of their own
+
+
+@pytest.mark.parametrize("prompt_len, sparse_over", [
+    (187, {"dense_len": 64}),   # a tree across a block and kernel boundaries, its ancestors outside a one-block window
+    (250, {"dense_len": 256}),  # a tree across dense_len: its first rows decode dense
+])
+def test_verified_tree_rows_equal_decoded_rows_bitwise(tiny_model_dir, prompt_len, sparse_over):
+    """bf16: every verified tree node's logits are bitwise its decoded logits (the sparse path's
+    selection and attention run per position on the CPU)."""
+    from test_spec_helpers import assert_tree_rows_decode_alike
+
+    path = _minicpm_sparse_dir(tiny_model_dir, window_size=64, topk=1, **sparse_over)
+    model = _load(path, torch.bfloat16)
+    assert_tree_rows_decode_alike(model, prompt_len=prompt_len)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_speculative_greedy_equals_plain_on_a_sparse_model(tiny_model_dir, dtype):
+    """The model as its own draft, sparse from the start and across dense_len mid-generation, with a
+    one-block window and top-1 (every selection matters): the speculative output is the plain one."""
+    from edgespec.spec import disable_speculation, enable_speculation
+    from test_spec_helpers import tiny_llm
+
+    path = _minicpm_sparse_dir(tiny_model_dir, window_size=64, topk=1, dense_len=240)
+    llm = tiny_llm(path, max_context=1024, dtype=dtype)
+    gen = torch.Generator().manual_seed(7)
+    for prompt_len in (400, 200):
+        prompt = torch.randint(0, llm.model.config.vocab_size, (prompt_len,), generator=gen).tolist()
+        disable_speculation(llm)
+        plain = llm.generate(prompt, max_new_tokens=70, ignore_eos=True).token_ids
+        enable_speculation(llm, draft=str(path), tree_size=12, depth=6, topk=2)
+        spec = llm.generate(prompt, max_new_tokens=70, ignore_eos=True)
+        assert spec.token_ids == plain, f"prompt of {prompt_len} tokens: speculative != plain"
+        hist = {int(k): v for k, v in spec.stats.extra["acceptance_histogram"].items()}
+        assert max(hist) >= 3  # whole paths were verified and kept
 
 
 def test_dense_mode_equals_a_model_without_sparse_config(tiny_model_dir):

@@ -97,12 +97,12 @@ def plain_and_speculative(llm: LLM, head_dir: Path, prompt: list[int], n: int, *
     return plain, result
 
 
-def assert_tree_rows_decode_alike(model, quantized: bool = False) -> None:
+def assert_tree_rows_decode_alike(model, quantized: bool = False, prompt_len: int = 60) -> None:
     """The logits of every node of a verified tree are bitwise those of decoding its path one token
     at a time (what makes greedy speculative output equal plain output in any precision). The
-    tree starts 4 slots before a 64-key tile boundary and is deeper than that, so its rows' keys
-    span two tiles. quantized: the model's projections become 4-bit (RTN, group 64, tile layout)
-    first. Runs on the model's device."""
+    tree (depths up to 8) starts after `prompt_len` tokens: by default 4 slots before a 64-key tile
+    boundary, so its rows' keys span two tiles. quantized: the model's projections become 4-bit
+    (RTN, group 64, tile layout) first. Runs on the model's device."""
     from edgespec.ops.attention import pack_tree_mask
     from edgespec.quant.quantizer import QuantSettings, quantize_rtn
 
@@ -117,8 +117,8 @@ def assert_tree_rows_decode_alike(model, quantized: bool = False) -> None:
             layer.ffn.gate_up, layer.ffn.down = four_bit(layer.ffn.gate_up), four_bit(layer.ffn.down)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(3, vocab, (60,), generator=g).to(device)
-    parents = [-1, 0, 0, 1, 2, 3, 5, 6, 6, 8, 9]  # depths up to 8: positions 60..68
+    prompt = torch.randint(3, vocab, (prompt_len,), generator=g).to(device)
+    parents = [-1, 0, 0, 1, 2, 3, 5, 6, 6, 8, 9]  # depths up to 8
     tree = torch.zeros(len(parents), len(parents), dtype=torch.bool)
     for i, p in enumerate(parents):
         tree[i, i] = True
@@ -128,16 +128,18 @@ def assert_tree_rows_decode_alike(model, quantized: bool = False) -> None:
     tokens = torch.randint(3, vocab, (len(parents),), generator=g).to(device)
     with torch.inference_mode():
         cache = model.new_cache()
-        model.forward(prompt, torch.arange(60, device=device), cache, 0)
-        verified = model.logits(model.forward(tokens, 60 + depth, cache, 60, tree_mask=pack_tree_mask(tree).to(device)).hidden)
+        model.forward(prompt, torch.arange(prompt_len, device=device), cache, 0)
+        mask = pack_tree_mask(tree).to(device)
+        verified = model.logits(model.forward(tokens, prompt_len + depth, cache, prompt_len, tree_mask=mask).hidden)
         for node in (4, 7, 10):  # depths 2, 5, 7
             chain = [node]
             while parents[chain[-1]] >= 0:
                 chain.append(parents[chain[-1]])
             chain.reverse()
             cache = model.new_cache()
-            model.forward(prompt, torch.arange(60, device=device), cache, 0)
+            model.forward(prompt, torch.arange(prompt_len, device=device), cache, 0)
             for i, t in enumerate(chain):
-                out = model.forward(tokens[t:t + 1], torch.tensor([60 + i], device=device), cache, 60 + i)
+                out = model.forward(tokens[t:t + 1], torch.tensor([prompt_len + i], device=device), cache,
+                                    prompt_len + i)
             decoded = model.logits(out.hidden)
             assert torch.equal(verified[node:node + 1], decoded), f"node {node}: verified and decoded logits differ"

@@ -13,8 +13,9 @@ All lengths are in tokens. For a query at absolute position p (context [0, p + 1
 5. attention over the tokens of the selected blocks (causal), or over every earlier token when
    p + 1 < dense_len.
 
-Tree verification: tree tokens score only the kernels of the committed prefix (kv_limit), select
-prefix blocks, and see tree tokens through the boolean tree mask.
+Tree verification: a tree token is computed exactly as decoding its path would compute it: on its
+logical sequence (the committed prefix, then its ancestors in depth order, then itself), with the
+compressed keys of that sequence (those its path completes included) and its blocks.
 
 Computes in float64 unless a `dtype` is given. Never imports edgespec.
 """
@@ -128,67 +129,88 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
                      p: SparseParams, kv_limit: int, tree: torch.Tensor | None = None,
                      dense_len: int | None = None, dtype: torch.dtype = torch.float64) -> SparseResult:
     """q: [T, Hq, D]; k, v: [S, Hkv, D] (the T new tokens are the last T slots); positions: T ints;
-    kv_limit: tokens whose kernels may be scored (S for a chain, S - T for a tree);
-    tree: None (causal chain) or bool [T, T] (row i: tree tokens visible to tree token i);
-    dense_len: overrides p.dense_len (0 forces sparse)."""
+    kv_limit: tokens whose kernels may be scored (S for a chain; for a tree, the committed prefix
+    S - T: its tokens score their own paths' kernels past it);
+    tree: None (causal chain) or bool [T, T] (row i: tree tokens visible to tree token i, its
+    ancestors and itself); dense_len: overrides p.dense_len (0 forces sparse)."""
     t, hq, d = q.shape
     s, hkv, _ = k.shape
-    group = hq // hkv
     prefix = s - t
     dense_from = p.dense_len if dense_len is None else dense_len
     num_blocks = (s + p.block_size - 1) // p.block_size
-    all_ck = compressed_keys(k, kv_limit, p, dtype)
+    chain_ck = compressed_keys(k, kv_limit, p, dtype)
     out = torch.zeros(t, hq, d, dtype=dtype)
     selected: list[list[list[int]] | None] = []
     all_scores: list[list[list[float]] | None] = []
     for i in range(t):
         pos = positions[i]
         q_blk = pos // p.block_size
+        if tree is None:
+            seq_k, seq_v, limit, all_ck = k, v, kv_limit, chain_ck
+        else:
+            assert kv_limit == prefix, "a tree's tokens follow the committed prefix"
+            path = sorted((j for j in range(t) if tree[i, j]), key=lambda j: int(tree[j].sum()))
+            slots = list(range(prefix)) + [prefix + j for j in path]
+            assert pos == len(slots) - 1, f"tree token {i} at position {pos} has a path of {len(path)} tokens"
+            seq_k, seq_v, limit = k[slots], v[slots], len(slots)
+            all_ck = compressed_keys(seq_k, limit, p, dtype)
         if pos + 1 < dense_from:
             blocks = [list(range(q_blk + 1)) for _ in range(hkv)]
             selected.append(None)
             all_scores.append(None)
         else:
-            visible = kernel_count(min(pos + 1, kv_limit), p)
+            visible = kernel_count(min(pos + 1, limit), p)
             scores = block_scores(q[i], all_ck[:visible], scale, num_blocks, p, dtype)
             blocks = [select(scores[g], pos, p) for g in range(hkv)]
             selected.append(blocks)
             all_scores.append(scores)
-        out[i] = _attend_one(q[i], k, v, pos, prefix, blocks, p.block_size, scale,
-                             None if tree is None else tree[i], dtype)
+        out[i] = _attend_one(q[i], seq_k, seq_v, pos, blocks, p.block_size, scale, dtype)
     return SparseResult(out, selected, all_scores)
 
 
-def _attend_one(q_i: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, prefix: int,
-                blocks: list[list[int]], block_size: int, scale: float, tree_row: torch.Tensor | None,
-                dtype: torch.dtype) -> torch.Tensor:
-    """One query [Hq, D] over the slots of its KV heads' selected blocks -> [Hq, D]."""
+def _attend_keys(q_i: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: list[list[int]], scale: float,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """One query [Hq, D] over the slots keys[g] of k, v [S, Hkv, D] for its query heads of KV head g -> [Hq, D]."""
     hq, d = q_i.shape
-    hkv = k.shape[1]
-    group = hq // hkv
+    group = hq // k.shape[1]
     out = torch.zeros(hq, d, dtype=dtype)
     for h in range(hq):
         g = h // group
-        chosen = set(blocks[g])
-        if tree_row is None:
-            keys = [slot for slot in range(pos + 1) if slot // block_size in chosen]
-        else:
-            keys = [slot for slot in range(prefix) if slot // block_size in chosen]
-            keys += [prefix + j for j in range(tree_row.shape[0]) if bool(tree_row[j])]
-        if not keys:
+        if not keys[g]:
             continue  # a row that sees nothing is zeros (the attention kernels' contract)
-        idx = torch.tensor(keys, dtype=torch.long)
+        idx = torch.tensor(keys[g], dtype=torch.long)
         weights = torch.softmax(k[idx, g].to(dtype) @ q_i[h].to(dtype) * scale, dim=0)   # [n]
         out[h] = weights @ v[idx, g].to(dtype)
     return out
 
 
+def _block_slots(end: int, chosen: list[int], block_size: int) -> list[int]:
+    """The slots before `end` that lie in the chosen blocks."""
+    wanted = set(chosen)
+    return [slot for slot in range(end) if slot // block_size in wanted]
+
+
+def _attend_one(q_i: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, blocks: list[list[int]],
+                block_size: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """One query at position `pos` of the sequence k, v over its KV heads' selected blocks (causal)."""
+    return _attend_keys(q_i, k, v, [_block_slots(pos + 1, row, block_size) for row in blocks], scale, dtype)
+
+
 def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int], scale: float,
                   block_size: int, blocks: list[list[list[int]]], tree: torch.Tensor | None = None,
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Attention over given selections: blocks[i][g] lists the blocks query i sees through KV head g
-    (causal within them; tree slots from `tree` bool [T, T] as in sparse_attention). -> [T, Hq, D]."""
+    """Attention over given selections (the block-sparse attention kernel's contract): blocks[i][g]
+    lists the blocks query i sees through KV head g, causal within them; with a tree (bool [T, T],
+    as in sparse_attention) the blocks select among the committed prefix's slots and every tree
+    token sees the tree tokens its row shows. -> [T, Hq, D]."""
     t = q.shape[0]
     prefix = k.shape[0] - t
-    return torch.stack([_attend_one(q[i], k, v, positions[i], prefix, blocks[i], block_size, scale,
-                                    None if tree is None else tree[i], dtype) for i in range(t)])
+    outs = []
+    for i in range(t):
+        if tree is None:
+            outs.append(_attend_one(q[i], k, v, positions[i], blocks[i], block_size, scale, dtype))
+        else:
+            own = [prefix + j for j in range(t) if tree[i, j]]
+            keys = [_block_slots(prefix, row, block_size) + own for row in blocks[i]]
+            outs.append(_attend_keys(q[i], k, v, keys, scale, dtype))
+    return torch.stack(outs)

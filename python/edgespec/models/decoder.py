@@ -116,17 +116,20 @@ class Decoder:
         out = None
         if seqlen is not None:  # device-side start: cache_view slots, of which seqlen count
             keys, values = cache.view(i, cache_view or cache.max_len)
-            if sparse_active:
-                assert self.sparse is not None
-                out = self.sparse.attend_on_device(i, q, keys, values, positions, cache, self.attn_scale, tree_mask,
-                                                   seqlen)
         else:
             keys, values = cache.view(i, start + t)                               # [S, Hkv, D]
-            if self.sparse is not None:  # None back when every query is below dense_len (or forced dense)
-                out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask)
+
+        def dense() -> torch.Tensor:  # [T, Hq, D]
+            return ops.attention(q, keys, values, self.attn_scale, tree_mask, self.row_invariant_attention,
+                                 seqlen=seqlen, span=cache.attention_span)
+
+        if sparse_active:
+            assert self.sparse is not None and seqlen is not None
+            out = self.sparse.attend_on_device(i, q, keys, values, positions, cache, self.attn_scale, tree_mask, seqlen)
+        elif self.sparse is not None and seqlen is None:  # None back when every query is below dense_len
+            out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask, dense)
         if out is None:
-            out = ops.attention(q, keys, values, self.attn_scale, tree_mask,
-                                self.row_invariant_attention, seqlen=seqlen, span=cache.attention_span)  # [T, Hq, D]
+            out = dense()
         return layer.o(out.reshape(t, cfg.q_size))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int | torch.Tensor,

@@ -24,9 +24,12 @@ ctx = p + 1 (what plain decoding would see), per KV head g:
 Queries with ctx < dense_len use dense attention (HF: `kv_seq_len < dense_len`). The switch is per
 query, so a chunked prefill, a one-shot prefill and token-by-token decoding give the same result.
 
-Speculative tree verification: the prefix [0, start) is committed, tree tokens are not. Tree
-tokens use the compressed keys of the committed prefix only, select blocks of the prefix (window
-relative to their own position prefix + depth) and see the tree through the tree mask.
+Speculative tree verification: the prefix [0, start) is committed, tree tokens are not (the cache's
+compressed keys stop at the prefix). A tree token is verified exactly as decoding its path would
+compute it, so speculative output equals plain output: it also scores the kernels its own path
+completes (ops.sparse_attention.path_kernels), selects among the blocks before its position
+prefix + depth, and sees an ancestor only in a selected block of the ancestor's position. A tree
+that crosses dense_len gives its rows below it the dense attention's result, as decoding does.
 
 Differences from the Hugging Face MiniCPM4 code, on purpose: (a) HF scores with a softmax whose
 normaliser comes from a coarser kernel level (kernel 4·P, stride 4·s); we use the exact softmax
@@ -43,7 +46,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -213,12 +216,14 @@ class SparseAttention:
 
     def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                positions: torch.Tensor, cache: Any, start: int, scale: float,
-               tree_mask: torch.Tensor | None) -> torch.Tensor | None:
+               tree_mask: torch.Tensor | None, dense: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """Sparse attention for one layer, or None when every query is dense (caller runs ops.attention).
 
         q: [T, Hq, D]; keys, values: [start + T, Hkv, D] (new tokens last); positions: [T] int64
         (start + i for a chain, start + depth for tree tokens); tree_mask: None or packed int64
-        [T, ceil(T/64)]. Returns [T, Hq, D] in q's dtype.
+        [T, ceil(T/64)]; dense: the step's dense attention (ops.attention), called for a tree that
+        crosses dense_len: its rows below it take their rows from there, as decoding them would.
+        Returns [T, Hq, D] in q's dtype.
         """
         t = q.shape[0]
         if not self.active(start + t):
@@ -231,8 +236,13 @@ class SparseAttention:
         # Tree tokens are not committed: the compressed keys stop at the prefix.
         kv_limit = start if tree_mask is not None else start + t
         st.update(layer, keys, start, kv_limit)
-        return ops.sparse_attention(q, keys, values, scale, st.ck[layer], positions, self.cfg,
-                                    dense_len=self.dense_len(), kv_limit=kv_limit, tree_mask=tree_mask)
+        out = ops.sparse_attention(q, keys, values, scale, st.ck[layer], positions, self.cfg,
+                                   dense_len=self.dense_len(), kv_limit=kv_limit, tree_mask=tree_mask)
+        if tree_mask is not None and start + 1 < self.dense_len():
+            # Same semantics either way (a row below dense_len selects every block), but a decoded
+            # token below dense_len runs ops.attention: its tree row takes those bits.
+            out = torch.where((positions + 1 < self.dense_len()).view(-1, 1, 1), dense(), out)
+        return out
 
 
     def prepare_device_step(self, cache: Any, start: int, rows: int, tree: bool) -> bool:

@@ -12,12 +12,22 @@ Layout is the one of ops.attention: the cache holds slots [0, S), the T new toke
 for a tree the prefix [0, S - T) is committed and the tree tokens see each other through the tree
 mask only.
 
+A tree token is verified exactly as decoding its path would compute it (what keeps speculative
+output equal to plain output): it scores the committed prefix's compressed keys *and* the kernels
+that its path completes (path_kernels: built from the prefix's last keys and its ancestors' keys
+in depth order), and sees an ancestor only where plain decoding would, in a selected block of
+the ancestor's own position.
+
 Kernel paths (CUDA tensors, `_C` built): compress_keys and the block scores + selection run in
-csrc/kernels/sparse_attention.h (a few queries per call; larger calls score as a torch GEMM) and
-give a bit-packed block mask; the attention over the selected
-blocks is the attention kernel family's block-sparse variant (csrc/kernels/attention.h), which
-needs block_size == 64 (its key tile) and bf16/fp16 with head dim 64 or 128. Other shapes, and
-CPU tensors, take the torch path below (masked SDPA, a query chunk at a time).
+csrc/kernels/sparse_attention.h (a few queries of a chain per call; larger chunks, and trees with
+their paths' kernels, score as a torch GEMM) and give a bit-packed block mask; the attention over
+the selected blocks is the attention kernel family's block-sparse variant
+(csrc/kernels/attention.h), which needs block_size == 64 (its key tile) and bf16/fp16 with head
+dim 64 or 128. Other shapes, and CPU tensors, take the torch path below: masked SDPA a query chunk
+at a time for prefill chunks, and for decode steps and trees one batch of calls per position,
+row-invariant (_attend_by_position), so that on the CPU a verified tree token gets its decoded
+bits. On the GPU the selection of a decode step (kernel) and of a tree (GEMM) round differently,
+so there the two agree up to near-tied block scores.
 """
 from __future__ import annotations
 
@@ -54,6 +64,11 @@ class SparseSettings(Protocol):
 def num_kernels(length: int, kernel_size: int, kernel_stride: int) -> int:
     """Compressed keys complete within the first `length` tokens."""
     return 0 if length < kernel_size else (length - kernel_size) // kernel_stride + 1
+
+
+def _num_kernels_of(lengths: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
+    """num_kernels of every element of an integer tensor (on its device, no host read)."""
+    return torch.clamp(torch.div(lengths - kernel_size, kernel_stride, rounding_mode="floor") + 1, min=0)
 
 
 def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len: int,
@@ -98,8 +113,40 @@ def compress_keys(keys: torch.Tensor, ck: torch.Tensor, start_len: int, end_len:
     ck[first:last] = windows.float().mean(dim=-1).to(ck.dtype)
 
 
+def path_kernels(keys: torch.Tensor, prefix: int | torch.Tensor, visible: torch.Tensor,
+                 kernel_size: int, kernel_stride: int) -> torch.Tensor:
+    """The compressed keys that decoding each tree token's path would add to the prefix's.
+
+    keys: [>= prefix + T, Hkv, D] one layer of the cache (the tree's T tokens at slots prefix ..);
+    prefix: the committed length (an int, or an int32 [1] tensor on keys' device: no host read);
+    visible: bool [T, T], the unpacked tree mask. Token i's logical sequence is the prefix, then its
+    ancestors by depth, then itself (what plain decoding would hold at positions prefix .. prefix +
+    depth_i). Returns [T, E, Hkv, D] in keys' dtype, E = ceil(T / kernel_stride): entry e of token
+    i is compressed key num_kernels(prefix) + e of that sequence, meaningful for the kernels
+    complete within the token's context, e < num_kernels(prefix + depth_i + 1) - num_kernels(prefix)
+    (the others are means of padding). They are computed by ops.compress_keys over the gathered
+    sequences, so each equals, bit for bit, the key the cache's own compression gives the decoded path.
+    """
+    t = visible.shape[0]
+    _, hkv, d = keys.shape
+    depth = visible.sum(dim=1) - 1                                                  # [T]
+    ancestors = torch.where(visible, depth.unsqueeze(0), t + 1).argsort(dim=1, stable=True)  # [T, T]
+    count = -(-t // kernel_stride)                          # a path of <= T tokens completes <= this many
+    length = (count - 1) * kernel_stride + kernel_size
+    base = torch.as_tensor(prefix, device=keys.device).reshape(()).long()
+    first = _num_kernels_of(base, kernel_size, kernel_stride) * kernel_stride       # the first new kernel's token
+    logical = first + torch.arange(length, device=keys.device)                     # [L] positions
+    depth_of = (logical - base).clamp(0, t - 1).expand(t, length)                  # [T, L]
+    slots = torch.where(logical < base, logical, base + ancestors.gather(1, depth_of))
+    seq = keys.index_select(0, slots.t().reshape(-1)).view(length, t * hkv, d)     # [L, T * Hkv, D]
+    out = torch.empty(count, t * hkv, d, dtype=keys.dtype, device=keys.device)
+    compress_keys(seq, out, 0, length, kernel_size, kernel_stride)
+    return out.view(count, t, hkv, d).transpose(0, 1)
+
+
 def block_scores(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: SparseSettings,
-                 scale: float, kv_limit: int | torch.Tensor, num_blocks: int) -> torch.Tensor:
+                 scale: float, kv_limit: int | torch.Tensor, num_blocks: int,
+                 path: torch.Tensor | None = None) -> torch.Tensor:
     """Block scores of each (query, KV head): fp32 [T, Hkv, num_blocks], -inf where no kernel is visible.
 
     q: [T, Hq, D]; ck: [C, Hkv, D], up to date for [0, kv_limit); positions: [T] int64 absolute
@@ -109,25 +156,47 @@ def block_scores(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg
     pool_stride). kv_limit: an int, or an int [1] tensor on q's device, used there without a host
     read (a CUDA graph's input). The kernels the blocks can reach are scored either way and those
     past kv_limit masked, so the two give the same bits.
+
+    path: tree tokens' own kernels past kv_limit, [T, E, Hkv, D] (path_kernels, with kv_limit the
+    committed prefix): kernel num_kernels(kv_limit) + e of query i is path[i, e], and every kernel
+    complete within the query's context counts, as when its path is decoded.
     """
     t, hq, d = q.shape
     hkv = ck.shape[1]
     g = hq // hkv
     avail = min(ck.shape[0], num_kernels(num_blocks * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
     ckf = ck[:avail].float()                                                      # [C, Hkv, D]
-    if isinstance(kv_limit, torch.Tensor):
+    if path is not None:
+        vis_len = positions + 1
+    elif isinstance(kv_limit, torch.Tensor):
         vis_len = torch.minimum(positions + 1, kv_limit.reshape(1).to(positions.dtype))
     else:
         vis_len = torch.clamp(positions + 1, max=kv_limit)
-    n_vis = torch.clamp(torch.div(vis_len - cfg.kernel_size, cfg.kernel_stride, rounding_mode="floor") + 1, min=0)
-    hidden = torch.arange(avail, device=q.device) >= n_vis.unsqueeze(1)          # [T, C]
-    logits = torch.einsum("tkgd,ckd->tkgc", q.float().view(t, hkv, g, d), ckf) * scale
+    n_vis = _num_kernels_of(vis_len, cfg.kernel_size, cfg.kernel_stride)
+    kernel = torch.arange(avail, device=q.device)
+    hidden = kernel >= n_vis.unsqueeze(1)                                         # [T, C]
+    qg = q.float().view(t, hkv, g, d)
+    logits = torch.einsum("tkgd,ckd->tkgc", qg, ckf) * scale
+    if path is not None:
+        # Kernels from num_kernels(kv_limit) on are the path's own: score them instead.
+        own = kernel - _num_kernels_of(torch.as_tensor(kv_limit, device=q.device).reshape(()).long(),
+                                       cfg.kernel_size, cfg.kernel_stride)       # [C]
+        path_logits = torch.einsum("tkgd,tekd->tkge", qg, path.float()) * scale   # [T, Hkv, g, E]
+        picked = path_logits.gather(-1, own.clamp(0, path.shape[1] - 1).expand(t, hkv, g, avail))
+        logits = torch.where(own >= 0, picked, logits)
+    return _pool_scores(logits, hidden, cfg, num_blocks)
+
+
+def _pool_scores(logits: torch.Tensor, hidden: torch.Tensor, cfg: SparseSettings, num_blocks: int) -> torch.Tensor:
+    """Block scores fp32 [T, Hkv, num_blocks] from the scaled kernel logits fp32 [T, Hkv, g, C] and
+    the kernels each query may not see, bool [T, C] (C <= pool_stride * num_blocks)."""
+    t, hkv, _, avail = logits.shape
     logits = logits.masked_fill(hidden[:, None, None, :], float("-inf"))
     # A query with no visible kernel softmaxes an all -inf row: NaN, cleared right after.
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=2)             # [T, Hkv, C]
     probs = probs.masked_fill(hidden[:, None, :], float("-inf"))
     r = cfg.pool_stride
-    padded = torch.full((t, hkv, r * num_blocks), float("-inf"), device=q.device)
+    padded = torch.full((t, hkv, r * num_blocks), float("-inf"), device=logits.device)
     padded[..., :avail] = probs
     pooled = F.max_pool1d(padded.view(t * hkv, 1, -1), kernel_size=r + 1, stride=r, padding=1)
     return pooled.view(t, hkv, -1)[..., :num_blocks]
@@ -159,19 +228,32 @@ def select_from_scores(scores: torch.Tensor, positions: torch.Tensor, cfg: Spars
 
 
 def select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: SparseSettings,
-                  scale: float, dense_len: int, kv_limit: int | torch.Tensor, num_blocks: int) -> torch.Tensor:
+                  scale: float, dense_len: int, kv_limit: int | torch.Tensor, num_blocks: int,
+                  path: torch.Tensor | None = None) -> torch.Tensor:
     """Selected blocks bool [T, Hkv, num_blocks] of each (query, KV head) (see block_scores and
-    select_from_scores). positions: [T] int64; kv_limit: an int or an int32 [1] device tensor.
-    CUDA tensors take the selection kernels."""
-    if backend.use_kernel(q, ck, positions):
+    select_from_scores). positions: [T] int64; kv_limit: an int or an int32 [1] device tensor;
+    path: tree tokens' own kernels (block_scores). CUDA tensors take the selection kernels (chains)."""
+    if path is None and backend.use_kernel(q, ck, positions):
         from . import _kernels
 
         if _kernels.supports_sparse_select(q, ck, positions, cfg, num_blocks):
             words = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, num_blocks)
             t, hkv, w = words.shape
             return unpack_tree_mask(words.view(t * hkv, w), num_blocks).view(t, hkv, num_blocks)
-    scores = block_scores(q, ck, positions, cfg, scale, kv_limit, num_blocks)
+    scores = block_scores(q, ck, positions, cfg, scale, kv_limit, num_blocks, path)
     return select_from_scores(scores, positions, cfg, dense_len)
+
+
+def ancestors_in_window(positions: torch.Tensor, prefix: int | torch.Tensor, cfg: SparseSettings) -> bool:
+    """Whether every tree token's ancestors surely lie in blocks of its local window (always
+    selected): then the tree mask alone shows each token the ancestors plain decoding would attend.
+    Any tree of up to window_size - block_size + 1 tokens passes without a host read (MiniCPM4:
+    1,985); a larger one needs a host prefix and reads the deepest position."""
+    if positions.shape[0] <= cfg.window_size - cfg.block_size + 1:
+        return True
+    if isinstance(prefix, torch.Tensor):
+        return False
+    return int(positions.max()) // cfg.block_size - prefix // cfg.block_size < cfg.window_blocks
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor,
@@ -238,12 +320,19 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return None
     if _kernels.attention_smem_rejection(q, k, tree_mask, -(-nb // 64)) is not None:
         return None  # the block-selection rows would not fit the GPU's shared memory: torch path
-    if t <= _KERNEL_SELECT_MAX_TOKENS and _kernels.supports_sparse_select(q, ck, positions, cfg, nb):
+    path = None
+    if tree_mask is not None:
+        # The kernel's tree mask shows a token all its ancestors, whatever blocks it selected.
+        if not ancestors_in_window(positions, kv_limit, cfg):
+            return None
+        path = path_kernels(k, kv_limit, unpack_tree_mask(tree_mask, t), cfg.kernel_size, cfg.kernel_stride)
+    if path is None and t <= _KERNEL_SELECT_MAX_TOKENS and _kernels.supports_sparse_select(q, ck, positions, cfg, nb):
         words = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb)
     else:
         chunk = max(1, _CHUNK_ELEMENTS // (hq * max(num_kernels(s, cfg.kernel_size, cfg.kernel_stride), 1)))
         words = torch.cat([_pack_bits(select_from_scores(
-            block_scores(q[a:a + chunk], ck, positions[a:a + chunk], cfg, scale, kv_limit, nb),
+            block_scores(q[a:a + chunk], ck, positions[a:a + chunk], cfg, scale, kv_limit, nb,
+                         None if path is None else path[a:a + chunk]),
             positions[a:a + chunk], cfg, dense_len)) for a in range(0, t, chunk)])
     if _kernels.block_mask_rejection(q, k, words) is not None:
         return None
@@ -281,13 +370,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             raise ValueError(f"sparse_attention: seqlen {n} must hold the {q.shape[0]} new tokens within the "
                              f"{k.shape[0]} slots")
         k, v = k[:n], v[:n]
+    if tree_mask is not None or q.shape[0] == 1:
+        limit = int(kv_limit) if isinstance(kv_limit, torch.Tensor) else kv_limit
+        return _attend_by_position(q, k, v, scale, ck, positions, cfg, dense_len, limit, tree_mask)
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     g = hq // hkv
     nb = (s + cfg.block_size - 1) // cfg.block_size
-    prefix = s - t
     slots = torch.arange(s, device=q.device)
-    tree = unpack_tree_mask(tree_mask, t) if tree_mask is not None else None     # [T, T] bool
     chunk = max(1, _CHUNK_ELEMENTS // (hq * max(s, 1)))
     out = torch.empty_like(q)
     kk = k.transpose(0, 1).unsqueeze(0)                                           # [1, Hkv, S, D]
@@ -296,15 +386,75 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         b = min(a + chunk, t)
         pos = positions[a:b]
         sel = select_blocks(q[a:b], ck, pos, cfg, scale, dense_len, kv_limit, nb)  # [Tc, Hkv, nB]
-        allowed = sel.repeat_interleave(cfg.block_size, dim=-1)[..., :s]         # [Tc, Hkv, S]
-        if tree is None:
-            allowed = allowed & (slots <= pos.unsqueeze(1)).unsqueeze(1)
-        else:
-            allowed = allowed & (slots < prefix)
-            allowed[..., prefix:] = tree[a:b].unsqueeze(1)
+        allowed = sel.repeat_interleave(cfg.block_size, dim=-1)[..., :s] & (slots <= pos.unsqueeze(1)).unsqueeze(1)
         mask = allowed.unsqueeze(2).expand(b - a, hkv, g, s).reshape(b - a, hq, s)
         o = F.scaled_dot_product_attention(
             q[a:b].transpose(0, 1).unsqueeze(0), kk, vv,                          # [1, Hq, Tc, D]
             attn_mask=mask.transpose(0, 1).unsqueeze(0), scale=scale, enable_gqa=g > 1)
         out[a:b] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _attend_by_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
+                        positions: torch.Tensor, cfg: SparseSettings, dense_len: int, kv_limit: int,
+                        tree_mask: torch.Tensor | None) -> torch.Tensor:
+    """The torch path of one decoded token (T = 1, no tree mask) or of a tree, row-invariant: every
+    row runs the calls a decode step at its position runs, with the same shapes on the same bits,
+    so a verified tree token gets bitwise its decoded output.
+
+    A row at position p works on its logical sequence of p + 1 tokens (the committed prefix, then
+    its ancestors by depth, then itself), gathered from the cache: its compressed keys are the
+    prefix's and its path's (path_kernels, computed like the cache's own), scored against p's
+    blocks; it attends the selected blocks of that sequence. Rows of one position share the calls
+    (batched: torch's CPU GEMMs and attention do not round a batch entry by the batch size).
+    """
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    g = hq // hkv
+    prefix = s - t
+    visible = (torch.ones(1, 1, dtype=torch.bool, device=q.device) if tree_mask is None
+               else unpack_tree_mask(tree_mask, t))
+    depth = visible.sum(dim=1) - 1                                                    # [T]
+    if not torch.equal(positions, prefix + depth):
+        raise ValueError(f"sparse_attention: positions {positions.tolist()} are not the slots' logical positions "
+                         f"{(prefix + depth).tolist()} (the committed {prefix} slots, then each token's depth)")
+    if tree_mask is not None and kv_limit != prefix:
+        raise ValueError(f"sparse_attention: a tree's kv_limit must be its committed prefix {prefix}, got {kv_limit}")
+    ancestors = torch.where(visible, depth.unsqueeze(0), t + 1).argsort(dim=1, stable=True)
+    path = None if tree_mask is None else path_kernels(k, prefix, visible, cfg.kernel_size, cfg.kernel_stride)
+    committed = num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride)
+    out = torch.empty_like(q)
+    for level in sorted(set(depth.tolist())):
+        rows = (depth == level).nonzero().flatten()
+        length = prefix + level + 1                                               # p + 1
+        logical = torch.arange(length, device=q.device)
+        slots = torch.where(logical < prefix, logical,
+                            prefix + ancestors[rows].gather(1, (logical - prefix).clamp(min=0).expand(len(rows), -1)))
+        nb = -(-length // cfg.block_size)
+        avail = min(ck.shape[0], num_kernels(nb * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
+        seen = length if path is not None else min(length, kv_limit)            # tokens whose kernels count
+        hidden = (torch.arange(avail, device=q.device)
+                  >= num_kernels(seen, cfg.kernel_size, cfg.kernel_stride)).unsqueeze(0)     # [1, C]
+        pos = torch.full((1,), length - 1, dtype=torch.long, device=q.device)
+        step = max(1, _CHUNK_ELEMENTS // (length * hkv * d))
+        for a in range(0, len(rows), step):
+            part = rows[a:a + step]
+            b = len(part)
+            # The row's compressed keys: the committed ones, then its path's.
+            kernels = ck[:avail].unsqueeze(0).expand(b, -1, -1, -1)                # [B, C, Hkv, D]
+            if path is not None and avail > committed:
+                own = path[part, :avail - committed]                            # (those past it: hidden)
+                kernels = torch.cat([kernels[:, :committed], own, kernels[:, committed + own.shape[1]:]], dim=1)
+            qg = q[part].float().view(b, hkv, g, d)
+            logits = torch.matmul(qg, kernels.float().permute(0, 2, 3, 1)) * scale  # [B, Hkv, g, C]
+            scores = _pool_scores(logits, hidden.expand(b, -1), cfg, nb)
+            sel = select_from_scores(scores, pos.expand(b), cfg, dense_len)        # [B, Hkv, nB]
+            allowed = sel.repeat_interleave(cfg.block_size, dim=-1)[..., :length]  # [B, Hkv, L]
+            mask = allowed.unsqueeze(2).expand(b, hkv, g, length).reshape(b, hq, 1, length)
+            gather = slots[a:a + step].reshape(-1)
+            kl = k.index_select(0, gather).view(b, length, hkv, d).transpose(1, 2)   # [B, Hkv, L, D]
+            vl = v.index_select(0, gather).view(b, length, hkv, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[part].unsqueeze(2), kl, vl, attn_mask=mask, scale=scale,
+                                               enable_gqa=g > 1)                   # [B, Hq, 1, D]
+            out[part] = o.squeeze(2)
     return out
