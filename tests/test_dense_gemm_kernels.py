@@ -83,6 +83,12 @@ def test_a_row_gets_the_same_bits_whatever_rows_come_with_it(kernel_device, dtyp
         for i in picks:
             if i < rows:
                 assert torch.equal(many[i:i + 1], alone[i]), f"row {i} of {rows}"
+    # Trees past 64 tokens: 64-row launches, the row at 64 + i landing where row i would.
+    wide = _kernels.dense_linear(torch.cat([x, x[:37]]), w, b)
+    for i in picks:
+        assert torch.equal(wide[i:i + 1], alone[i]), f"row {i} of 101"
+        if i < 37:
+            assert torch.equal(wide[64 + i:65 + i], alone[i]), f"row {64 + i} of 101"
 
 
 def test_strided_rows_and_leading_dims(kernel_device) -> None:
@@ -103,7 +109,8 @@ def test_rejections_and_cpp_checks(kernel_device) -> None:
     assert "multiple of 64" in _kernels.dense_rejection(x, w[:100])
     assert "multiple of 16" in _kernels.dense_rejection(x[:, :40], w[:, :40])
     assert "dtype" in _kernels.dense_rejection(x, w.bfloat16())
-    assert "cuBLAS" in _kernels.dense_rejection(torch.zeros(65, 64, dtype=x.dtype, device=x.device), w)
+    assert _kernels.dense_rejection(torch.zeros(128, 64, dtype=x.dtype, device=x.device), w) is None
+    assert "cuBLAS" in _kernels.dense_rejection(torch.zeros(129, 64, dtype=x.dtype, device=x.device), w)
     assert "float16" in _kernels.dense_rejection(x.float(), w.float())
     with pytest.raises(ValueError, match="dense_linear"):
         _kernels.dense_linear(x, w[:100])
@@ -134,14 +141,15 @@ def test_ops_linear_takes_the_kernel_for_few_rows(monkeypatch) -> None:
     calls = []
     real = _kernels.dense_linear
     monkeypatch.setattr(_kernels, "dense_linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    x, w, b = _operands(65, 64, 128, torch.bfloat16, 2, torch.device("cpu"), bias=True)
+    x, w, b = _operands(129, 64, 128, torch.bfloat16, 2, torch.device("cpu"), bias=True)
     ops.linear(x[:5], w, b)
-    ops.linear(x, w, b)           # a 65-token prefill chunk: cuBLAS (here the CPU's BLAS)
+    ops.linear(x[:65], w, b)      # a 65-token tree: two launches
+    ops.linear(x, w, b)           # a 129-token prefill chunk: cuBLAS (here the CPU's BLAS)
     ops.linear(x[:5, :48], w[:100, :48])  # N not a multiple of 64: the torch path
-    assert calls == [5]
+    assert calls == [5, 65]
     monkeypatch.setenv("EDGESPEC_ROW_INVARIANT", "0")
     ops.linear(x[:5], w, b)
-    assert calls == [5]
+    assert calls == [5, 65]
     monkeypatch.setenv("EDGESPEC_ROW_INVARIANT", "maybe")
     with pytest.raises(ValueError, match="EDGESPEC_ROW_INVARIANT"):
         ops.linear(x[:5], w, b)

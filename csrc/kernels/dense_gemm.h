@@ -1,7 +1,8 @@
 // Row-invariant dense GEMM for few rows: out = x @ weight^T (+ bias) with 16-bit weights stored
 // as torch stores a Linear's ([N, K], rows contiguous), for the M = 1..64 rows of decode steps and
-// speculative tree verification. The W4A16 kernel's pipeline, split-K and reduction with the
-// dequantisation replaced by ldmatrix (w4a16.cuh, kDense).
+// speculative tree verification (trees of up to 128 tokens launch per 64 rows: ops/_kernels.py).
+// The W4A16 kernel's pipeline, split-K and reduction with the dequantisation replaced by ldmatrix
+// (w4a16.cuh, kDense).
 //
 // Why not cuBLAS: cuBLAS picks its kernel, tiles and split-K by M, so a token's projection rounds
 // differently when it comes alone (a decode step) than among the T rows of a verified tree, and

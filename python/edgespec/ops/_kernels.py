@@ -892,10 +892,12 @@ def _w4a16_gemm(x: torch.Tensor, w: Any, bias: torch.Tensor | None, out: torch.T
 
 # --- dense GEMM for few rows (csrc/kernels/dense_gemm.h) ----------------------------------------
 
-# Rows past this run on cuBLAS: one launch of the kernel reads the weights once, like cuBLAS; more
-# rows would stream them again per 64. Decode steps and trees of up to 64 tokens (the defaults)
-# are row-invariant; longer prefill chunks need not be (plain and speculative decoding prefill alike).
+# Rows per launch of the dense kernel (one launch reads the weights once, like cuBLAS), and the
+# most rows it takes as 64-row launches: trees of up to 128 tokens stay row-invariant at the price
+# of a second weight read past 64 rows. More rows (prefill chunks, which plain and speculative
+# decoding run alike and which need no invariance) go to cuBLAS.
 DENSE_MAX_ROWS = W4A16_MAX_ROWS
+DENSE_MAX_CHUNKED_ROWS = 128
 
 
 def dense_rejection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
@@ -910,8 +912,8 @@ def dense_rejection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     n, k = weight.shape
     if k % 16 or n % 64:
         return f"K = {k} must be a multiple of 16 and N = {n} a multiple of 64"
-    if x.numel() // max(k, 1) > DENSE_MAX_ROWS:
-        return f"{x.numel() // k} rows; above {DENSE_MAX_ROWS} the dense kernel leaves the call to cuBLAS"
+    if x.numel() // max(k, 1) > DENSE_MAX_CHUNKED_ROWS:
+        return f"{x.numel() // k} rows; above {DENSE_MAX_CHUNKED_ROWS} the dense kernel leaves the call to cuBLAS"
     if weight.stride(-1) != 1 or (n > 1 and weight.stride(0) % 8) or weight.data_ptr() % 16:
         return f"weight {_shape(weight)} must have contiguous 16-byte aligned rows"
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
@@ -924,8 +926,9 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  splits: int | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias) on the row-invariant dense kernel: a row's result
     does not depend on how many rows come with it (csrc/kernels/dense_gemm.h). Up to
-    DENSE_MAX_ROWS rows, one launch; splits: None (the plan for this GPU, which does not depend on
-    the row count) or a forced split-K in [1, K/16]. Returns [..., N] contiguous."""
+    DENSE_MAX_CHUNKED_ROWS rows, as launches of DENSE_MAX_ROWS; splits: None (the plan for this GPU,
+    which does not depend on the row count) or a forced split-K in [1, K/16]. Returns [..., N]
+    contiguous."""
     _require("dense_linear", dense_rejection(x, weight, bias))
     n, k = weight.shape
     lead = x.shape[:-1]
@@ -934,10 +937,12 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = _new_output((rows, n), x.dtype, x.device)
     s = splits if splits is not None else w4a16_splits(n, k, x.device)
     stream = _stream(x)
-    partial = _new_output((s, rows, n), torch.float32, x.device) if s > 1 else None
-    _run(_module().dense_gemm, _view(x2), _view(weight), None if bias is None else _view(bias), _view(out),
-         None if partial is None else _view(partial),
-         None if s == 1 else _view(_split_counters_for(x.device, stream, n)), int(s), stream)
+    for start in range(0, rows, DENSE_MAX_ROWS):
+        m = min(DENSE_MAX_ROWS, rows - start)
+        partial = _new_output((s, m, n), torch.float32, x.device) if s > 1 else None
+        _run(_module().dense_gemm, _view(x2[start:start + m]), _view(weight), None if bias is None else _view(bias),
+             _view(out[start:start + m]), None if partial is None else _view(partial),
+             None if s == 1 else _view(_split_counters_for(x.device, stream, n)), int(s), stream)
     return out.view(*lead, n)
 
 

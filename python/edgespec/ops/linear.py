@@ -29,9 +29,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     output bit for bit in bf16 and fp16). On the CPU one row runs as two (the same row twice, no
     copy) and more rows than _CPU_ROW_BLOCK run in blocks of at most that many; neither costs
     anything measurable for the few rows of a decode or verify step (the weight read, not the row
-    count, sets their time). On the GPU up to 64 rows (decode steps, trees up to 64 tokens) run on
-    csrc/kernels/dense_gemm.h, whose split-K does not depend on the row count; more rows, and
-    EDGESPEC_ROW_INVARIANT=0, run on cuBLAS.
+    count, sets their time). On the GPU up to 128 rows (decode steps, trees up to 128 tokens) run
+    on csrc/kernels/dense_gemm.h, whose split-K does not depend on the row count, 64 rows per
+    launch; more rows, and EDGESPEC_ROW_INVARIANT=0, run on cuBLAS.
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features but weight is {tuple(weight.shape)}")
