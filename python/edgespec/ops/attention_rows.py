@@ -4,8 +4,10 @@ output token for token in bf16 too (and sampled verification draws from the very
 
 Why one masked SDPA call is not enough (measured on torch's CPU flash-attention kernel):
 * a row's rounding depends on how many query rows share its call (M = 1 takes a GEMV path; in
-  fp32 every M rounds its own way), though never on where it sits among them, on the batch size,
-  or on strides (a cache view and a gathered copy of the same keys give the same bits);
+  fp32 every M rounds its own way), though never on where it sits among them, on the batch size
+  (except masked fp32 calls on several threads, seen on an AVX-512 machine: fp32 rows agree only
+  up to rounding there, as the engine's fp32 GEMMs do anyway), or on strides (a cache view and a
+  gathered copy of the same keys give the same bits);
 * a tree token's visible keys do not sit where plain decoding has them: its ancestors are spread
   among masked siblings, and the kernel sums exp() and P·V by vector lane and key block, so the
   same keys at other offsets round differently.
