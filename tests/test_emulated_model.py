@@ -232,6 +232,22 @@ def test_minicpm4_sparse_model_on_the_kernels(tiny_model_dir, kernel_calls, monk
     assert err <= 2 * torch_err + 1e-3 * scale, f"{err:.3g} vs torch path {torch_err:.3g}"
 
 
+def test_minicpm4_sparse_verified_logits_equal_decoded_logits_bitwise(tiny_model_dir, kernel_calls) -> None:
+    """Row invariance through a sparse model on the kernels, past dense_len (test_spec_helpers.
+    assert_tree_rows_decode_alike): a tree across a block and kernel boundaries, its ancestors
+    outside a one-block window, top-1 selection; the selection kernels score the tree with its
+    paths' kernels and the attention kernels run the invariant mode with the block mask."""
+    path = tiny_model_dir("llama", seed=3, num_attention_heads=4, num_key_value_heads=1, hidden_size=256,
+                          intermediate_size=512, num_hidden_layers=2, max_position_embeddings=4096)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="minicpm", scale_emb=2.0, scale_depth=1.4, dim_model_base=256,
+                  sparse_config={**SMALL, "dense_len": 64, "window_size": 64, "topk": 1})
+    (path / "config.json").write_text(json.dumps(config))
+    model = load_model(str(path), device="cpu", dtype=torch.bfloat16, max_context=512, with_tokenizer=False).model
+    assert_tree_rows_decode_alike(model, prompt_len=187)
+    assert kernel_calls["sparse_select_blocks"] > 0 and kernel_calls["attention"] > 0
+
+
 def test_hopper_attention_inside_the_decoder(tiny_model_dir, monkeypatch) -> None:
     """EDGESPEC_SM90_ATTENTION=1: a prefill and a tree verification of 64+ packed rows run on the
     Hopper (wgmma) kernels inside the decoder (q a view of the fused QKV projection), the decode

@@ -67,6 +67,43 @@ def test_verified_tree_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv
         assert torch.equal(verified[node:node + 1], decoded), f"node {node} (depth {int(visible[node].sum()) - 1})"
 
 
+SPARSE_TREES = device_cases(emulated=[(20, 124, 8, 2, 64, 1), (12, 250, 16, 1, 128, 2)],
+                            gpu=[(t, p, hq, hkv, d, c) for t in (20, 70) for p in (120, 4095) for hq, hkv in ((8, 2), (32, 2))
+                                 for d in (64, 128) for c in (1, 3, 16)])
+
+
+@pytest.mark.parametrize("kernel_device, t, prefix, hq, hkv, d, chunk", SPARSE_TREES, indirect=["kernel_device"])
+def test_verified_sparse_tree_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, chunk) -> None:
+    """With a block mask (InfLLM-v2): a tree token's row selects, tile by logical tile, what its
+    decoded path selects, ancestors' tiles included; the rows of other tokens' selections add
+    nothing. Each token's own random selection (block 0, its own block, a third of the others)."""
+    from oracle import sparse_ref
+    from sparse_cases import random_selection
+
+    dtype = torch.bfloat16
+    q, k, v = attention_inputs(t, prefix, hq, hkv, d, dtype, t + prefix + chunk, kernel_device)
+    parents, visible = _tree(t, t * 7 + prefix)
+    depth = (visible.sum(dim=1) - 1).tolist()
+    positions = [prefix + x for x in depth]
+    nb = -(-(prefix + t) // 64)
+    blocks, words = random_selection(positions, hkv, nb, 64, torch.Generator().manual_seed(prefix), 0.34)
+    words = words.to(kernel_device)
+    mask = pack_bits(visible).to(kernel_device)
+    scale = d ** -0.5
+    verified = _kernels.attention(q, k, v, scale, mask, block_mask=words, chunk_tiles=chunk)
+    rows = range(t) if kernel_device.type == "cuda" else sorted({0, t - 1, *range(1, t, max(1, t // 4))})
+    for node in rows:
+        path = _path(parents, node)
+        slots = torch.cat([torch.arange(prefix), prefix + torch.tensor(path)]).to(k.device)
+        k_log, v_log = k.index_select(0, slots), v.index_select(0, slots)
+        decoded = _kernels.attention(q[node:node + 1], k_log, v_log, scale, block_mask=words[node:node + 1],
+                                     chunk_tiles=chunk)
+        assert torch.equal(verified[node:node + 1], decoded), f"node {node} (depth {depth[node]})"
+        ref = sparse_ref.attend_blocks(q[node:node + 1].cpu(), k_log.cpu(), v_log.cpu(), [positions[node]], scale,
+                                       64, [blocks[node]])
+        torch.testing.assert_close(decoded.double().cpu(), ref, rtol=3e-2, atol=3e-2)
+
+
 CAUSAL = device_cases(emulated=[(7, 57, 8, 2, 128, 1), (19, 120, 16, 1, 64, 2), (33, 0, 4, 4, 64, 1)],
                       gpu=[(t, p, hq, hkv, d, c) for t in (7, 33, 200) for p in (57, 4000) for hq, hkv in ((8, 2), (32, 2))
                            for d in (64, 128) for c in (1, 16)])
@@ -140,5 +177,13 @@ def test_emulated_tail_blocks_do_not_depend_on_thread_order(monkeypatch) -> None
     # shows up as a schedule-dependent result.
     cpu = torch.device("cpu")
     q, k, v = attention_inputs(20, 60, 8, 2, 64, torch.bfloat16, 9, cpu)
-    mask = pack_bits(_tree(20, 4)[1])
+    _, visible = _tree(20, 4)
+    mask = pack_bits(visible)
     assert_schedule_independent(lambda: _kernels.attention(q, k, v, 0.1, mask, chunk_tiles=1), monkeypatch)
+    # With a block mask the tail also stages its token's selection (after the ancestor table).
+    from sparse_cases import random_selection
+
+    positions = (60 + visible.sum(dim=1) - 1).tolist()
+    _, words = random_selection(positions, 2, 2, 64, torch.Generator().manual_seed(2), 0.5)
+    assert_schedule_independent(lambda: _kernels.attention(q, k, v, 0.1, mask, block_mask=words, chunk_tiles=1),
+                                monkeypatch)

@@ -311,8 +311,9 @@ class _Spy:
         self.calls = []
         real = ops.sparse_attention
 
-        def spy(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask=None):
-            out = real(q, k, v, scale, ck, positions, cfg, dense_len=dense_len, kv_limit=kv_limit, tree_mask=tree_mask)
+        def spy(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask=None, **invariance):
+            out = real(q, k, v, scale, ck, positions, cfg, dense_len=dense_len, kv_limit=kv_limit, tree_mask=tree_mask,
+                       **invariance)
             self.calls.append(dict(q=q.clone(), k=k.clone(), v=v.clone(), ck=ck.clone(), positions=positions.tolist(),
                                    scale=scale, dense_len=dense_len, kv_limit=kv_limit, tree_mask=tree_mask, out=out))
             return out

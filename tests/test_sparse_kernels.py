@@ -236,6 +236,57 @@ def test_select_tree_uses_the_prefix_and_ignores_scratch_contents(kernel_device,
         assert torch.equal(again, words)
 
 
+@pytest.mark.parametrize("raw, prefix, t", [(FINE, 300, 20), (SMALL, 700, 12)])
+def test_select_tree_with_its_paths_kernels_scores_as_decoding_does(kernel_device, monkeypatch, raw, prefix, t):
+    """Row invariance of the selection: a tree token scored with its path's own kernels (the ones
+    its path completes past the prefix) and a fixed score split length gets bitwise the block
+    scores (the scratch is compared) and the selection of decoding its path, whatever T and the
+    cache length, and whatever empty splits the tree's longer cache adds."""
+    from edgespec.ops import backend
+    from edgespec.ops.sparse_attention import path_kernels
+    from test_sparse_cpu import _random_tree
+
+    monkeypatch.setattr(backend, "use_kernel", lambda *tensors: True)  # path_kernels compresses on the kernel
+    cfg = parse_sparse_config(raw)
+    K = _K()
+    captured = []
+    real_new = K._new_output
+
+    def recording(shape, dtype, device):
+        out = real_new(shape, dtype, device)
+        captured.append(out)
+        return out
+
+    monkeypatch.setattr(K, "_new_output", recording)
+    per_split = K.SPARSE_SCORE_CHUNK  # many splits: their merge is part of what must not vary
+
+    def select(q, ck, positions, kv_limit, nb, path=None):
+        captured.clear()
+        words = K.sparse_select_blocks(q, ck, positions, cfg, 0.125, 0, kv_limit, nb, path, per_split)
+        scores = next(x for x in captured if x.dim() == 3 and x.dtype == torch.float32)
+        return words, scores
+
+    tree, depth = _random_tree(t, torch.Generator().manual_seed(t))
+    q, k, _ = random_case(8, 2, 64, prefix + t, t, torch.bfloat16, seed=prefix, device=kernel_device)
+    positions = torch.tensor([prefix + x for x in depth], device=kernel_device)
+    nb = -(-(prefix + t) // cfg.block_size)
+    path = path_kernels(k, prefix, tree.to(kernel_device), cfg.kernel_size, cfg.kernel_stride)
+    words, scores = select(q, _compressed(cfg, k, prefix), positions, prefix, nb, path)
+    own_kernels = 0
+    for node in range(t):
+        order = sorted((j for j in range(t) if tree[node, j]), key=lambda j: depth[j])
+        seq = torch.cat([k[:prefix], k[prefix + torch.tensor(order, device=k.device)]])
+        length = seq.shape[0]
+        dec_words, dec_scores = select(q[node:node + 1], _compressed(cfg, seq, length), positions[node:node + 1],
+                                       length, -(-length // cfg.block_size))
+        visible = cfg.num_kernels(length)
+        own_kernels += visible - cfg.num_kernels(prefix)
+        assert torch.equal(scores[node, :, :visible], dec_scores[0, :, :visible]), f"tree token {node}"
+        width = dec_words.shape[-1]
+        assert torch.equal(words[node, :, :width], dec_words[0]) and not words[node, :, width:].any()
+    assert own_kernels > 0  # tokens whose paths complete kernels were checked
+
+
 def test_device_lengths_follow_decode_steps(kernel_device):
     """The graph replay test's launches without the graph: the same launches (host bounds fixed for
     a jump of up to 48 tokens), with only the device-side lengths, kv_limit and position changing."""
@@ -373,8 +424,9 @@ def test_sparse_attention_op_on_kernels_matches_oracle(kernel_device, dtype, t, 
                                dense_len=cfg.dense_len, kv_limit=kv_limit, tree_mask=tree_mask)
     names = [c[0] for c in calls]
     assert names[0] == "compress_keys" and names[-1] == "attention" and calls[-1][1] is not None
-    # Trees score in torch, their paths' own kernels included (compressed by the kernel too).
-    assert ("sparse_select_blocks" in names) == (t <= 8 and not tree)
+    # Chains of a few tokens and trees (the row-invariant mode, their paths' own kernels compressed by
+    # the kernel too) score on the kernel; longer chains as a torch GEMM.
+    assert ("sparse_select_blocks" in names) == (t <= 8)
     assert names.count("compress_keys") == 1 + tree
     ref = sparse_ref.sparse_attention(q.cpu(), k.cpu(), v.cpu(), positions, 0.125, params(cfg), kv_limit, tree=vis)
     tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
@@ -509,6 +561,18 @@ def test_kernel_entry_points_reject_bad_inputs(kernel_device):
     with pytest.raises(KernelError, match="block_size"):
         K.sparse_select_blocks(q, ck, pos, bad, 1.0, 0, 102, 3)
     assert "one per token" in K.sparse_select_rejection(q, ck, pos[:1], cfg, 3)
+    # A tree's path kernels must be [T, E, Hkv, D] of q's dtype; C++ re-checks what Python sent.
+    path = torch.zeros(2, 3, 2, 64, dtype=torch.bfloat16, device=dev)
+    with pytest.raises(ValueError, match="path must be"):
+        K.sparse_select_blocks(q, ck, pos, cfg, 1.0, 0, 100, 3, path=path[:1])
+    with pytest.raises(ValueError, match="path must be"):
+        K.sparse_select_blocks(q, ck, pos, cfg, 1.0, 0, 100, 3, path=path.float())
+    assert K.sparse_select_blocks(q, ck, pos, cfg, 1.0, 0, 100, 3, path=path, per_split=32).shape == (2, 2, 1)
+    with pytest.raises(KernelError, match="path"):
+        K._run(K._module().sparse_select_blocks, K._view(q), K._view(ck), K._view(pos), K._view(
+            torch.tensor([100], dtype=torch.int32, device=dev)), K._view(torch.empty(1, 2, 8, 2, device=dev)),
+            K._view(torch.empty(2, 2, 32, device=dev)), K._view(torch.empty(2, 2, 1, dtype=torch.int64, device=dev)),
+            3, 64, 32, 16, 1, 2, 4, 0, 32, 1.0, K._stream(q), K._view(path[:, :, :1]))
     # Group 64 with head dim 256 is within the group and head-dim bounds but needs 107 KB of score
     # shared memory: rejected here (the op layer then takes its torch path), not by a KernelError.
     big_q = torch.randn(2, 64, 256, device=dev).bfloat16()

@@ -89,13 +89,22 @@ class SparseCalls:
         hq, hkv, _ = case.heads
         selectable = max(cfg.dense_len, cfg.max_selected_blocks * cfg.block_size) + t
         self.splits = _kernels.attention_splits(t, min(s, selectable), hq, hkv, False, device)
+        # The row-invariant mode's plans (what the engine's target decodes with), for a generation
+        # whose span is this context rounded up to a power of two (KVCache.plan_span).
+        span = 1 << max(10, (s - 1).bit_length())
+        self.per_split = _kernels.sparse_invariant_per_split(span, hkv, cfg, device)
+        self.chunk_tiles = _kernels.invariant_chunk_tiles(span, hq, hkv, device)
 
-    def decode(self, i: int) -> torch.Tensor:
+    def decode(self, i: int, invariant: bool = False) -> torch.Tensor:
         cfg, K = self.cfg, self.k_
         q, k, v = self.inputs.q[i], self.inputs.k[i], self.inputs.v[i]
         # Host bounds size the launch for one new kernel; the device range picks it.
         K.compress_keys(k, self.ck[i], self.prefix - cfg.kernel_stride, self.prefix + 1, cfg.kernel_size,
                         cfg.kernel_stride, lengths=self.lengths)
+        if invariant:
+            words = K.sparse_select_blocks(q, self.ck[i], self.positions, cfg, self.scale, 0, self.kv_limit, self.nb,
+                                           per_split=self.per_split)
+            return K.attention(q, k, v, self.scale, None, block_mask=words, chunk_tiles=self.chunk_tiles)
         words = K.sparse_select_blocks(q, self.ck[i], self.positions, cfg, self.scale, 0, self.kv_limit, self.nb)
         return K.attention(q, k, v, self.scale, None, splits=self.splits, block_mask=words)
 
@@ -144,6 +153,13 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
         common["sparsity"] = round(1 - common["selected_blocks"] / sparse.nb, 4)
     ours_ms, mode = graph_ms(ours_calls, repeats)
     common.update(ours_ms=round(ours_ms, 5), timing=mode)
+    if case.phase == "decode":
+        # The price of row invariance (fixed score splits and key chunks): what the target pays.
+        invariant_calls = [lambda i=i: sparse.decode(i, invariant=True) for i in range(inputs.copies)]
+        diff = (invariant_calls[0]().float() - ours_out.float()).abs().max().item()
+        invariant_ms, _ = graph_ms(invariant_calls, repeats)
+        common.update(invariant_ms=round(invariant_ms, 5), invariant_over_ours=round(invariant_ms / ours_ms, 3),
+                      invariant_max_abs_diff=round(diff, 5))
 
     rows = []
     dense_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale)
@@ -206,7 +222,8 @@ def main() -> int:
              "in query chunks + attention kernels with the block mask, sparse for every query); baselines = "
              "edgespec dense attention kernels and the fastest torch SDPA backend, same inputs, same run; CUDA "
              f"events around CUDA-graph replays of `copies` calls on distinct inputs (> 3x L2), median of "
-             f"{args.repeats}; sparse_config {SPARSE_CONFIG}")
+             f"{args.repeats}; sparse_config {SPARSE_CONFIG}; decode rows also time the row-invariant mode "
+             "(invariant_ms: score splits and key chunks fixed per generation, what the engine's target runs)")
     path = write_result("sparse_attention", device, rows, notes, dtype="bf16", measured_dram_tbps=round(dram_tbps, 3),
                         **run.marker(done, len(todo)))
     print(f"wrote {path}")

@@ -243,7 +243,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_invariant_splits", &attention_invariant_splits, py::arg("seqlen"), py::arg("chunk_tiles"),
         "Chunks (splits) of a row-invariant attention call over seqlen slots (host only).");
   m.def("attention_tail_smem_bytes", &attention_tail_smem_bytes, py::arg("head_dim"), py::arg("tokens"),
-        py::arg("group"), py::arg("mask_words"),
+        py::arg("group"), py::arg("mask_words"), py::arg("block_words") = 0,
         "Shared memory (bytes) of one tail block of a row-invariant tree call (host only).");
   m.attr("ATTENTION_MAX_TAIL_GROUP") = kAttentionMaxTailGroup;
   m.attr("ATTENTION_RESUME_EXTRA") = kAttentionResumeExtra;
@@ -280,18 +280,21 @@ PYBIND11_MODULE(_C, m) {
       [](const TensorView& q, const TensorView& ck, const TensorView& positions, const TensorView& kv_limit,
          const TensorView& partial, const TensorView& scores, const TensorView& block_mask, int num_blocks,
          int block_size, int kernel_size, int kernel_stride, int init_blocks, int window_blocks, int topk,
-         int dense_len, int kernels_per_split, float scale, std::uint64_t stream) {
+         int dense_len, int kernels_per_split, float scale, std::uint64_t stream,
+         const std::optional<TensorView>& path) {
         SparseSelectArgs a{q, ck, positions, kv_limit, partial, scores, block_mask, num_blocks, block_size,
                            kernel_size, kernel_stride, init_blocks, window_blocks, topk, dense_len,
-                           kernels_per_split, scale};
+                           kernels_per_split, scale, opt(path)};
         raise_if_error("sparse_select_blocks", sparse_select_blocks(a, as_stream(stream)),
                        {{"q", &q}, {"ck", &ck}, {"positions", &positions}, {"kv_limit", &kv_limit},
-                        {"partial", &partial}, {"scores", &scores}, {"block_mask", &block_mask}});
+                        {"partial", &partial}, {"scores", &scores}, {"block_mask", &block_mask},
+                        {"path", opt(path)}});
       },
       py::arg("q"), py::arg("ck"), py::arg("positions"), py::arg("kv_limit"), py::arg("partial"), py::arg("scores"),
       py::arg("block_mask"), py::arg("num_blocks"), py::arg("block_size"), py::arg("kernel_size"),
       py::arg("kernel_stride"), py::arg("init_blocks"), py::arg("window_blocks"), py::arg("topk"),
       py::arg("dense_len"), py::arg("kernels_per_split"), py::arg("scale"), py::arg("stream"),
+      py::arg("path") = py::none(),
       "InfLLM-v2 block scores and selection -> bit-packed block mask. See csrc/kernels/sparse_attention.h.");
 
   m.def(

@@ -132,10 +132,7 @@ Status check_attention(const AttentionArgs& a) {
   const bool invariant_tree = invariant && a.tree_mask != nullptr;
   if (invariant) {
     if (a.chunk_tiles < 0) return Status::invalid("chunk_tiles must be >= 0, got " + std::to_string(a.chunk_tiles));
-    if (a.block_mask != nullptr || a.sm90) {
-      return Status::unsupported(std::string("attention: the row-invariant mode (chunk_tiles > 0) does not take ") +
-                                 (a.sm90 ? "the sm90 kernels" : "a block mask"));
-    }
+    if (a.sm90) return Status::unsupported("attention: the row-invariant mode (chunk_tiles > 0) does not take the sm90 kernels");
     const int chunks = attention_invariant_splits(seqlen, a.chunk_tiles);
     if (a.splits != chunks) {
       return Status::invalid("splits = " + std::to_string(a.splits) + " but chunk_tiles = " +

@@ -127,12 +127,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   std::uint64_t* const mask_rows = reinterpret_cast<std::uint64_t*>(row_lse + C::kBlockM);
   // Block-sparse: the selected-tile words of the block's tokens, then their union and intersection.
   const int span_tokens = kTail ? 1 : mask_tokens_per_block(C::kBlockM, p.group, p.tokens);
-  std::uint64_t* const sel_rows = mask_rows + (kTree ? span_tokens * p.mask_words : 0);
+  std::uint64_t* const tree_index = mask_rows + (kTree ? span_tokens * p.mask_words : 0);
+  // Tail blocks: the depth of every tree token, then the token's ancestors by depth (tree indices).
+  short* const depth_of = reinterpret_cast<short*>(tree_index);
+  short* const ancestor = depth_of + p.tokens;
+  std::uint64_t* const sel_rows = tree_index + (kTail ? attention_tail_index_bytes(p.tokens) / 8 : 0);
   std::uint64_t* const sel_any = sel_rows + span_tokens * p.block_words;
   std::uint64_t* const sel_all = sel_any + p.block_words;
-  // Tail blocks: the depth of every tree token, then the token's ancestors by depth (tree indices).
-  short* const depth_of = reinterpret_cast<short*>(sel_rows);
-  short* const ancestor = depth_of + p.tokens;
 
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -235,8 +236,9 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     }
     __syncthreads();
     // Tiles holding tree slots are always visited (the tree mask decides there); tiles past what
-    // the block can see never are.
-    const int first_tree_tile = kTree ? tree_tile : tiles_total;
+    // the block can see never are. A tail's tiles are logical: its token's selection decides,
+    // exactly as for the decoded token (ancestors included).
+    const int first_tree_tile = kTree && !kTail ? tree_tile : tiles_total;
     for (int w = tid; w < bw; w += C::kThreads) {
       std::uint64_t any = 0, all = ~0ull;
       for (int u = 0; u < span; ++u) {
@@ -248,11 +250,21 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       sel_all[w] = all;
     }
     __syncthreads();
-    int total = 0;
-    for (int w = 0; w < bw; ++w) total += __popcll(sel_any[w]);
-    const int per_split = (total + p.splits - 1) / p.splits;
-    tile_count = max(min(per_split, total - split * per_split), 0);
-    tile_first = tile_count > 0 ? nth_set_tile(sel_any, bw, split * per_split) : 0;
+    if (invariant) {
+      // Row-invariant: the chunk's own tiles that a row here selected, in order. The others are
+      // skipped; a row's unselected tiles among them are fully masked, which changes nothing.
+      tile_count = 0;
+      for (int w = tile_begin >> 6; w < bw && w * 64 < tile_end; ++w) {
+        tile_count += __popcll(sel_any[w] & ~bits_below(tile_begin - w * 64) & bits_below(tile_end - w * 64));
+      }
+      tile_first = tile_count > 0 ? next_set_tile(sel_any, bw, tile_begin - 1) : 0;
+    } else {
+      int total = 0;
+      for (int w = 0; w < bw; ++w) total += __popcll(sel_any[w]);
+      const int per_split = (total + p.splits - 1) / p.splits;
+      tile_count = max(min(per_split, total - split * per_split), 0);
+      tile_first = tile_count > 0 ? nth_set_tile(sel_any, bw, split * per_split) : 0;
+    }
   }
 
   for (int i = tid; i < C::kBlockM * C::kChunks; i += C::kThreads) {
@@ -582,7 +594,8 @@ Status launch_attention_tiles(const AttentionParams<T>& p, cudaStream_t stream) 
   const std::int64_t row_tiles = kTail ? p.tokens : (rows + C::kBlockM - 1) / C::kBlockM;
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, kMaxGridX, "attention: number of query row tiles"));
   const std::int64_t smem =
-      kTail ? attention_tail_smem_bytes(kHeadDim, p.tokens, p.group, p.mask_words)
+      kTail ? attention_tail_smem_bytes(kHeadDim, p.tokens, p.group, p.mask_words,
+                                        p.block_mask != nullptr ? p.block_words : 0)
             : attention_smem_bytes(kHeadDim, p.tokens, p.group, kTree, kTree ? p.mask_words : 0,
                                    p.block_mask != nullptr ? p.block_words : 0);
   int device = 0, optin = 0;

@@ -54,8 +54,11 @@
 //      leaves each row's online-softmax state (unnormalised, fp32, exact) in `resume`; a tail
 //      kernel with one block per (tree token, KV head, chunk) resumes it over the gathered tiles.
 //      Masked keys and fully masked tiles change nothing, bit for bit (exp2(-inf) = 0, x * 1 = x).
-// Causal calls need only 1 and 2: their keys are in logical order already. Not with a block
-// mask (InfLLM-v2 selection), nor the sm90 kernels.
+// Causal calls need only 1 and 2: their keys are in logical order already. With a block mask
+// (InfLLM-v2 selection) a block visits, in each of its chunks, the tiles some row of it selected,
+// in order (a row's unselected ones among them are fully masked); a tail's logical tiles follow
+// its own token's selection, so a tree token sees an ancestor exactly where its decoded path does.
+// Not the sm90 kernels.
 #pragma once
 
 #include <cuda_runtime_api.h>

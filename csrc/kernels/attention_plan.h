@@ -193,12 +193,18 @@ inline int attention_tail_chunks(std::int64_t tokens, int chunk_tiles) {
   return static_cast<int>(attention_ceil_div(tiles, std::max(chunk_tiles, 1)) + 1);
 }
 
-// Shared memory of one tail block: the generic tile's, one tree-mask row, and the tree tokens'
-// depths and the token's ancestor slots (int16 [T] each).
-inline std::int64_t attention_tail_smem_bytes(int head_dim, std::int64_t tokens, int group, int mask_words) {
+// Bytes of a tail block's tree index: the tree tokens' depths and the token's ancestor slots
+// (int16 [T] each), rounded up to 16.
+EDGESPEC_HOST_DEVICE inline int attention_tail_index_bytes(int tokens) { return (4 * tokens + 15) / 16 * 16; }
+
+// Shared memory of one tail block: the generic tile's, one tree-mask row, the tree index, and
+// with a block mask (block_words > 0) the token's selection row with its union and intersection.
+inline std::int64_t attention_tail_smem_bytes(int head_dim, std::int64_t tokens, int group, int mask_words,
+                                              int block_words = 0) {
   const AttentionTileShape shape = attention_tail_shape(group);
   return attention_main_bytes(head_dim, shape.warps_m) + attention_stat_bytes(shape.warps_m) +
-         std::int64_t{mask_words} * 8 + attention_ceil_div(4 * tokens, 16) * 16;
+         std::int64_t{mask_words} * 8 + attention_tail_index_bytes(static_cast<int>(tokens)) +
+         (block_words > 0 ? std::int64_t{3} * block_words * 8 : 0);
 }
 
 // Packed query rows per block of the Hopper kernels (csrc/kernels/sm90: two warpgroups of 64), of

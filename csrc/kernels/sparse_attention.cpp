@@ -142,6 +142,18 @@ Status check_select(const SparseSelectArgs& a, int* splits_out) {
     EDGESPEC_RETURN_IF_ERROR(check_disjoint(*outs[i], out_names[i], a.positions, "positions"));
     for (int j = 0; j < i; ++j) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*outs[i], out_names[i], *outs[j], out_names[j]));
   }
+  if (a.path != nullptr) {
+    const TensorView& path = *a.path;
+    EDGESPEC_RETURN_IF_ERROR(check_view(path, "path", 4));
+    EDGESPEC_RETURN_IF_ERROR(check_dtype(path, "path", q.dtype, "the dtype of q"));
+    EDGESPEC_RETURN_IF_ERROR(check_same_device(q, "q", path, "path"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(path, "path", 0, tokens, "the tokens of q"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(path, "path", 2, heads_kv, "the KV heads"));
+    EDGESPEC_RETURN_IF_ERROR(check_size(path, "path", 3, dim, "the head dim of q"));
+    if (path.stride(3) != 1) return Status::invalid("path: the head dim must be contiguous");
+    EDGESPEC_RETURN_IF_ERROR(check_fits(path.size(1), kMaxInt, "path kernels"));
+    for (int i = 0; i < 3; ++i) EDGESPEC_RETURN_IF_ERROR(check_disjoint(*outs[i], out_names[i], path, "path"));
+  }
   const int smem = static_cast<int>(sizeof(float)) *
                    static_cast<int>((heads_q / heads_kv) * dim + kSparseScoreChunk * (dim + 1) +
                                     (heads_q / heads_kv) * kSparseScoreChunk + 2 * (heads_q / heads_kv));
@@ -211,6 +223,13 @@ Status sparse_select_blocks(const SparseSelectArgs& args, cudaStream_t stream) {
     p.splits = splits;
     p.kernels_per_split = args.kernels_per_split;
     p.scale = args.scale;
+    if (args.path != nullptr) {
+      p.path = args.path->ptr<const T>();
+      p.path_stride_t = args.path->stride(0);
+      p.path_stride_e = args.path->stride(1);
+      p.path_stride_h = args.path->stride(2);
+      p.path_kernels = static_cast<int>(args.path->size(1));
+    }
     return launch_sparse_scores<T>(p, stream);
   }));
   SparseSelectParams s;
@@ -231,6 +250,7 @@ Status sparse_select_blocks(const SparseSelectArgs& args, cudaStream_t stream) {
   s.window_blocks = args.window_blocks;
   s.topk = args.topk;
   s.dense_len = args.dense_len;
+  s.path_kernels = args.path != nullptr ? static_cast<int>(args.path->size(1)) : -1;
   return launch_sparse_select(s, stream);
 }
 

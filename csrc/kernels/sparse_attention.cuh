@@ -13,6 +13,7 @@
 #include "common/checks.h"
 #include "common/vec.cuh"
 #include "kernels/sparse_attention.h"
+#include "kernels/sparse_kernels.cuh"
 
 namespace edgespec {
 
@@ -20,12 +21,6 @@ namespace sparse_detail {
 
 constexpr int kCompressThreads = 128;
 constexpr int kScoreThreads = 128;
-
-__device__ __forceinline__ int num_kernels(int length, int kernel_size, int kernel_stride) {
-  return length < kernel_size ? 0 : (length - kernel_size) / kernel_stride + 1;
-}
-
-__device__ __forceinline__ std::int64_t min64(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 
 // One block per compressed-key slot stride; every thread sums kernel_size keys of its dims in
 // fp32. Kernels complete within [0, from) are left alone: they cover committed tokens only.
@@ -69,8 +64,9 @@ __global__ void __launch_bounds__(kScoreThreads) scores_kernel(const SparseScore
   const int tid = threadIdx.x;
   const int head0 = g * group;
   const std::int64_t pos = p.positions[t];
-  const int limit = static_cast<int>(min64(pos + 1, static_cast<std::int64_t>(*p.kv_limit)));
-  const int visible = min(num_kernels(limit, p.kernel_size, p.kernel_stride), p.max_kernels);
+  const int committed = num_kernels(*p.kv_limit, p.kernel_size, p.kernel_stride);
+  const int visible = scored_kernels(pos, *p.kv_limit, p.kernel_size, p.kernel_stride, p.max_kernels,
+                                     p.path != nullptr ? p.path_kernels : -1);
   const int begin = split * p.kernels_per_split;
   const int end = begin + p.kernels_per_split;
   const std::int64_t part_row = static_cast<std::int64_t>(t) * p.heads_q + head0;
@@ -105,8 +101,12 @@ __global__ void __launch_bounds__(kScoreThreads) scores_kernel(const SparseScore
     const int n = min(kSparseScoreChunk, run_end - c0);
     for (int i = tid; i < n * dim; i += kScoreThreads) {
       const int j = i / dim;
-      ck_s[j * ck_row + i % dim] =
-          to_float(p.ck[static_cast<std::int64_t>(c0 + j) * p.ck_stride_c + g * p.ck_stride_h + i % dim]);
+      const int kernel = c0 + j;
+      // A tree token's kernels past the committed ones are its path's own.
+      const T* src = p.path != nullptr && kernel >= committed
+                         ? p.path + t * p.path_stride_t + (kernel - committed) * p.path_stride_e + g * p.path_stride_h
+                         : p.ck + static_cast<std::int64_t>(kernel) * p.ck_stride_c + g * p.ck_stride_h;
+      ck_s[j * ck_row + i % dim] = to_float(src[i % dim]);
     }
     __syncthreads();
     for (int i = tid; i < group * kSparseScoreChunk; i += kScoreThreads) {

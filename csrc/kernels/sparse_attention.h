@@ -13,7 +13,12 @@
 //                         query head h of the group: p_h(j) = softmax_j(scale * q[t, h] . ck[j, g]);
 //                         scores[t, g, j] = sum_h p_h(j) for j < n(t), -inf for n(t) <= j < C.
 //                         Two passes (log-sum-exp partials per split, then probabilities), so
-//                         no [T, Hq, C] logits are ever stored.
+//                         no [T, Hq, C] logits are ever stored. A tree (path given) scores each
+//                         token with its own path's kernels past *kv_limit and n(t) =
+//                         num_kernels(pos[t] + 1). A query's sums run over its kernels in splits
+//                         of kernels_per_split in order, whatever T or C: with one
+//                         kernels_per_split per generation, a tree token scores bitwise as its
+//                         decoded path does (empty splits merge as exact zeros).
 //   sparse_select         block b <= pos[t] / B scores max(scores[t, g, r*b - 1 .. r*b + r - 1])
 //                         (a max-pool of kernel r + 1, stride r, padding 1; -inf when no kernel of
 //                         the window is visible). Selected: blocks < init_blocks, the
@@ -89,6 +94,13 @@ struct SparseScoreParams {
   int splits = 1;
   int kernels_per_split = 0;  // a multiple of kSparseScoreChunk
   float scale = 0.f;
+  // Tree verification (null otherwise): each token's own kernels [T, E, Hkv, D], the compressed
+  // keys its path completes past the committed prefix *kv_limit (edgespec/ops/sparse_attention.py
+  // path_kernels). Kernel j >= num_kernels(*kv_limit) of token t is read from path[t, j - that],
+  // and every kernel complete within the token's context counts: decoding the path scores the same.
+  const T* path = nullptr;
+  std::int64_t path_stride_t = 0, path_stride_e = 0, path_stride_h = 0;
+  int path_kernels = 0;  // E
 };
 
 struct SparseSelectParams {
@@ -109,6 +121,7 @@ struct SparseSelectParams {
   int window_blocks = 0;
   int topk = 0;
   int dense_len = 0;
+  int path_kernels = -1;  // >= 0: the scores came with the tokens' path kernels (SparseScoreParams::path)
 };
 
 // Instantiated per dtype in csrc/instances/sparse_<dtype>.cu.
@@ -145,6 +158,7 @@ struct SparseSelectArgs {
   int dense_len = 0;
   int kernels_per_split = 0;
   float scale = 0.f;
+  const TensorView* path = nullptr;  // [T, E, Hkv, D] of q's dtype (tree verification) or nullptr
 };
 
 // Checks the views, selects their device and launches on `stream`.

@@ -7,18 +7,16 @@
 
 #include "common/checks.h"
 #include "kernels/sparse_attention.h"
+#include "kernels/sparse_kernels.cuh"
 
 namespace edgespec {
 
 namespace {
 
+using sparse_detail::min64;
+using sparse_detail::scored_kernels;
+
 constexpr int kSelectThreads = 256;
-
-__device__ __forceinline__ int num_kernels(int length, int kernel_size, int kernel_stride) {
-  return length < kernel_size ? 0 : (length - kernel_size) / kernel_stride + 1;
-}
-
-__device__ __forceinline__ std::int64_t min64(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 
 // Sort order of candidates: higher score first, then lower block index (the torch path's stable
 // descending sort gives the same order).
@@ -53,8 +51,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SparseSele
     return;
   }
 
-  const int limit = static_cast<int>(min64(pos + 1, static_cast<std::int64_t>(*p.kv_limit)));
-  const int visible = min(num_kernels(limit, p.kernel_size, p.kernel_stride), p.max_kernels);
+  const int visible = scored_kernels(pos, *p.kv_limit, p.kernel_size, p.kernel_stride, p.max_kernels, p.path_kernels);
   const int r = p.block_size / p.kernel_stride;
   const float* row = p.scores + (static_cast<std::int64_t>(t) * p.heads_kv + g) * p.score_cols;
   for (int b = tid; b < sort_len; b += kSelectThreads) {

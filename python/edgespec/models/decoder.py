@@ -123,11 +123,14 @@ class Decoder:
             return ops.attention(q, keys, values, self.attn_scale, tree_mask, self.row_invariant_attention,
                                  seqlen=seqlen, span=cache.attention_span)
 
+        invariant = {"row_invariant": self.row_invariant_attention, "span": cache.attention_span}
         if sparse_active:
             assert self.sparse is not None and seqlen is not None
-            out = self.sparse.attend_on_device(i, q, keys, values, positions, cache, self.attn_scale, tree_mask, seqlen)
+            out = self.sparse.attend_on_device(i, q, keys, values, positions, cache, self.attn_scale, tree_mask, seqlen,
+                                               **invariant)
         elif self.sparse is not None and seqlen is None:  # None back when every query is below dense_len
-            out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask, dense)
+            out = self.sparse.attend(i, q, keys, values, positions, cache, start, self.attn_scale, tree_mask, dense,
+                                     **invariant)
         if out is None:
             out = dense()
         return layer.o(out.reshape(t, cfg.q_size))

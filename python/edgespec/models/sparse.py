@@ -216,14 +216,15 @@ class SparseAttention:
 
     def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                positions: torch.Tensor, cache: Any, start: int, scale: float,
-               tree_mask: torch.Tensor | None, dense: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+               tree_mask: torch.Tensor | None, dense: Callable[[], torch.Tensor], row_invariant: bool = True,
+               span: int | None = None) -> torch.Tensor | None:
         """Sparse attention for one layer, or None when every query is dense (caller runs ops.attention).
 
         q: [T, Hq, D]; keys, values: [start + T, Hkv, D] (new tokens last); positions: [T] int64
         (start + i for a chain, start + depth for tree tokens); tree_mask: None or packed int64
         [T, ceil(T/64)]; dense: the step's dense attention (ops.attention), called for a tree that
-        crosses dense_len: its rows below it take their rows from there, as decoding them would.
-        Returns [T, Hq, D] in q's dtype.
+        crosses dense_len: its rows below it take their rows from there, as decoding them would;
+        row_invariant, span: as for ops.sparse_attention. Returns [T, Hq, D] in q's dtype.
         """
         t = q.shape[0]
         if not self.active(start + t):
@@ -237,7 +238,8 @@ class SparseAttention:
         kv_limit = start if tree_mask is not None else start + t
         st.update(layer, keys, start, kv_limit)
         out = ops.sparse_attention(q, keys, values, scale, st.ck[layer], positions, self.cfg,
-                                   dense_len=self.dense_len(), kv_limit=kv_limit, tree_mask=tree_mask)
+                                   dense_len=self.dense_len(), kv_limit=kv_limit, tree_mask=tree_mask,
+                                   row_invariant=row_invariant, span=span)
         if tree_mask is not None and start + 1 < self.dense_len():
             # Same semantics either way (a row below dense_len selects every block), but a decoded
             # token below dense_len runs ops.attention: its tree row takes those bits.
@@ -270,7 +272,7 @@ class SparseAttention:
 
     def attend_on_device(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          positions: torch.Tensor, cache: Any, scale: float, tree_mask: torch.Tensor | None,
-                         seqlen: torch.Tensor) -> torch.Tensor:
+                         seqlen: torch.Tensor, row_invariant: bool = True, span: int | None = None) -> torch.Tensor:
         """attend() for a sparse step prepared by prepare_device_step, with nothing read on the
         host: keys, values are a fixed view of the cache of which `seqlen` (int32 [1] on the
         device) slots count, the new tokens last."""
@@ -282,7 +284,7 @@ class SparseAttention:
         ops.compress_keys(keys, st.ck[layer], 0, launch, self.cfg.kernel_size, self.cfg.kernel_stride, lengths=lengths)
         return ops.sparse_attention(q, keys, values, scale, st.ck[layer], positions, self.cfg,
                                     dense_len=self.dense_len(), kv_limit=lengths[1:], tree_mask=tree_mask,
-                                    seqlen=seqlen)
+                                    seqlen=seqlen, row_invariant=row_invariant, span=span)
 
 
 def for_config(sparse: SparseConfig | None, num_layers: int, num_kv_heads: int, head_dim: int) -> SparseAttention | None:

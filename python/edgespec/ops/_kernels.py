@@ -398,18 +398,19 @@ def invariant_chunk_tiles(span: int, heads_q: int, heads_kv: int, device: torch.
     return int(_module().attention_invariant_chunk_tiles(span, heads_q, heads_kv, _sm_count(device.index or 0)))
 
 
-def invariant_rejection(q: torch.Tensor, k: torch.Tensor, tree_mask: torch.Tensor | None) -> str | None:
+def invariant_rejection(q: torch.Tensor, k: torch.Tensor, tree_mask: torch.Tensor | None,
+                        block_words: int = 0) -> str | None:
     """Why the row-invariant mode cannot take this (otherwise supported) call, or None: a tree with
-    more query heads per KV head than a tail block holds, or whose tail block needs more shared
-    memory than the GPU allows."""
+    more query heads per KV head than a tail block holds, or whose tail block (with a block mask
+    of block_words words per row) needs more shared memory than the GPU allows."""
     if tree_mask is None:
         return None
     t, hq, d = q.shape
     group = hq // k.shape[1]
     if group > _module().ATTENTION_MAX_TAIL_GROUP:
         return f"{group} query heads per KV head; the invariant tree mode takes at most {_module().ATTENTION_MAX_TAIL_GROUP}"
-    return _smem_rejection("a tail block", _module().attention_tail_smem_bytes(d, t, group, tree_mask.shape[1]),
-                           q.device)
+    need = _module().attention_tail_smem_bytes(d, t, group, tree_mask.shape[1], block_words)
+    return _smem_rejection("a tail block", need, q.device)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -453,12 +454,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         _require("attention (sm90)", sm90_attention_rejection(q, block_mask))
     resume = None
     if chunk_tiles is not None:
-        if splits is not None or block_mask is not None or sm90:
+        if splits is not None or sm90:
             raise ValueError("attention: the row-invariant mode (chunk_tiles) plans its own splits and takes "
-                             "no block mask and no sm90 kernels")
+                             "no sm90 kernels")
         if chunk_tiles < 1:
             raise ValueError(f"attention: chunk_tiles must be >= 1, got {chunk_tiles}")
-        _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask))
+        words = 0 if block_mask is None else block_mask.shape[2]
+        _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask, words))
         splits = int(_module().attention_invariant_splits(k.shape[0], chunk_tiles))
         if tree_mask is not None:
             resume = _new_output((t * hq, d + _module().ATTENTION_RESUME_EXTRA), torch.float32, q.device)
@@ -630,17 +632,33 @@ def _score_plan(tokens: int, heads_kv: int, readable: int, device: torch.device)
     return max(1, -(-readable // per_split)), per_split
 
 
+def sparse_invariant_per_split(span: int, heads_kv: int, cfg: Any, device: torch.device) -> int:
+    """kernels_per_split of the row-invariant selection: the score kernels' plan for one query over
+    a `span`-slot context, one value for a whole generation (as invariant_chunk_tiles is)."""
+    return _score_plan(1, heads_kv, _num_kernels(span, cfg.kernel_size, cfg.kernel_stride), device)[1]
+
+
 def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: Any, scale: float,
-                         dense_len: int, kv_limit: int | torch.Tensor, num_blocks: int) -> torch.Tensor:
+                         dense_len: int, kv_limit: int | torch.Tensor, num_blocks: int,
+                         path: torch.Tensor | None = None, per_split: int | None = None) -> torch.Tensor:
     """Block-selection kernels (csrc/kernels/sparse_attention.h): the InfLLM-v2 selection of
     edgespec.ops.select_blocks as a bit-packed mask int64 [T, Hkv, ceil(num_blocks / 64)] (bit b % 64
     of word b // 64 set iff block b is selected). kv_limit: an int, or an int32 [1] device tensor
-    (graph capture)."""
+    (graph capture); path: a tree's own kernels [T, E, Hkv, D] past kv_limit (ops.sparse_attention
+    path_kernels) or None; per_split: None (a plan for this call) or the kernels per score split
+    (sparse_invariant_per_split: then a query's scores do not depend on T or num_blocks)."""
     _require("sparse_select_blocks", sparse_select_rejection(q, ck, positions, cfg, num_blocks))
     t, hq, _ = q.shape
     hkv = ck.shape[1]
     readable = min(ck.shape[0], _num_kernels(num_blocks * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
-    splits, per_split = _score_plan(t, hkv, readable, q.device)
+    if per_split is None:
+        splits, per_split = _score_plan(t, hkv, readable, q.device)
+    else:
+        splits = max(1, -(-readable // per_split))
+    if path is not None and (path.dim() != 4 or path.shape[0] != t or path.shape[2:] != ck.shape[1:]
+                             or path.dtype != q.dtype or path.stride(-1) != 1):
+        raise ValueError(f"sparse_select_blocks: path must be [{t}, E, {hkv}, {ck.shape[2]}] of {q.dtype} with "
+                         f"a contiguous head dim, got {path.dtype} {_shape(path)}")
     partial = _new_output((splits, t, hq, 2), torch.float32, q.device)
     scores = _new_output((t, hkv, splits * per_split), torch.float32, q.device)
     mask = _new_output((t, hkv, (num_blocks + 63) // 64), torch.int64, q.device)
@@ -648,7 +666,7 @@ def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Ten
     _run(_module().sparse_select_blocks, _view(q), _view(ck), _view(positions.contiguous()), _view(limit),
          _view(partial), _view(scores), _view(mask), int(num_blocks), int(cfg.block_size), int(cfg.kernel_size),
          int(cfg.kernel_stride), int(cfg.init_blocks), int(cfg.window_blocks), int(cfg.topk), int(dense_len),
-         int(per_split), float(scale), _stream(q))
+         int(per_split), float(scale), _stream(q), None if path is None else _view(path))
     return mask
 
 

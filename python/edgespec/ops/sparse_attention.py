@@ -19,15 +19,17 @@ in depth order), and sees an ancestor only where plain decoding would, in a sele
 the ancestor's own position.
 
 Kernel paths (CUDA tensors, `_C` built): compress_keys and the block scores + selection run in
-csrc/kernels/sparse_attention.h (a few queries of a chain per call; larger chunks, and trees with
-their paths' kernels, score as a torch GEMM) and give a bit-packed block mask; the attention over
+csrc/kernels/sparse_attention.h (decode steps, trees, and chains of a few queries; larger chunks
+score as a torch GEMM) and give a bit-packed block mask; the attention over
 the selected blocks is the attention kernel family's block-sparse variant
 (csrc/kernels/attention.h), which needs block_size == 64 (its key tile) and bf16/fp16 with head
 dim 64 or 128. Other shapes, and CPU tensors, take the torch path below: masked SDPA a query chunk
 at a time for prefill chunks, and for decode steps and trees one batch of calls per position,
 row-invariant (_attend_by_position), so that on the CPU a verified tree token gets its decoded
-bits. On the GPU the selection of a decode step (kernel) and of a tree (GEMM) round differently,
-so there the two agree up to near-tied block scores.
+bits. On the GPU decode steps and trees run the kernels' row-invariant mode for the same property:
+the selection kernels with a score split length fixed per generation (trees read their paths'
+kernels), and the attention kernels' fixed key chunks with a block mask (attention.h "Row
+invariance"; a tree token's tail tiles are logical, selected by its own row).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend
-from .attention import tree_mask_words, unpack_tree_mask
+from .attention import DEFAULT_SPAN, tree_mask_words, unpack_tree_mask
 
 # Upper bound on the elements of one query chunk's [Tc, Hq, max(S, C)] temporaries in the torch path.
 _CHUNK_ELEMENTS = 1 << 24
@@ -308,7 +310,7 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
                              positions: torch.Tensor, cfg: SparseSettings, dense_len: int,
                              kv_limit: int | torch.Tensor, tree_mask: torch.Tensor | None,
-                             seqlen: torch.Tensor | None) -> torch.Tensor | None:
+                             seqlen: torch.Tensor | None, row_invariant: bool, span: int | None) -> torch.Tensor | None:
     """Selection kernels, then the attention kernels with the block mask; None where they do not apply.
     With device-side lengths nothing here reads the GPU from the host (CUDA graph capture)."""
     from . import _kernels
@@ -316,35 +318,49 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     t, hq, _ = q.shape
     s, hkv, _ = k.shape
     nb = (s + cfg.block_size - 1) // cfg.block_size
+    words = -(-nb // 64)
     if cfg.block_size != _kernels.ATTENTION_BLOCK_KEYS or not _kernels.supports_attention(q, k, v, tree_mask):
         return None
-    if _kernels.attention_smem_rejection(q, k, tree_mask, -(-nb // 64)) is not None:
+    if _kernels.attention_smem_rejection(q, k, tree_mask, words) is not None:
         return None  # the block-selection rows would not fit the GPU's shared memory: torch path
-    path = None
-    if tree_mask is not None:
-        # The kernel's tree mask shows a token all its ancestors, whatever blocks it selected.
-        if not ancestors_in_window(positions, kv_limit, cfg):
+    path = None if tree_mask is None else path_kernels(k, kv_limit, unpack_tree_mask(tree_mask, t),
+                                                       cfg.kernel_size, cfg.kernel_stride)
+    # Decoded and verified tokens: the row-invariant mode (a tree token gets its decoded bits), with
+    # one score split length and one key chunk length for the whole generation (planned from span).
+    invariant = (row_invariant and (t == 1 or tree_mask is not None) and backend.row_invariant_kernels()
+                 and _kernels.invariant_rejection(q, k, tree_mask, words) is None
+                 and _kernels.supports_sparse_select(q, ck, positions, cfg, nb))
+    if invariant:
+        plan_span = span or DEFAULT_SPAN
+        per_split = _kernels.sparse_invariant_per_split(plan_span, hkv, cfg, q.device)
+        mask = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb, path, per_split)
+        if _kernels.block_mask_rejection(q, k, mask) is not None:
             return None
-        path = path_kernels(k, kv_limit, unpack_tree_mask(tree_mask, t), cfg.kernel_size, cfg.kernel_stride)
+        chunk = _kernels.invariant_chunk_tiles(plan_span, hq, hkv, q.device)
+        return _kernels.attention(q, k, v, scale, tree_mask, block_mask=mask, seqlen=seqlen, chunk_tiles=chunk)
+    # The heuristic mode's tree mask shows a token all its ancestors, whatever blocks it selected.
+    if tree_mask is not None and not ancestors_in_window(positions, kv_limit, cfg):
+        return None
     if path is None and t <= _KERNEL_SELECT_MAX_TOKENS and _kernels.supports_sparse_select(q, ck, positions, cfg, nb):
-        words = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb)
+        mask = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb)
     else:
         chunk = max(1, _CHUNK_ELEMENTS // (hq * max(num_kernels(s, cfg.kernel_size, cfg.kernel_stride), 1)))
-        words = torch.cat([_pack_bits(select_from_scores(
+        mask = torch.cat([_pack_bits(select_from_scores(
             block_scores(q[a:a + chunk], ck, positions[a:a + chunk], cfg, scale, kv_limit, nb,
                          None if path is None else path[a:a + chunk]),
             positions[a:a + chunk], cfg, dense_len)) for a in range(0, t, chunk)])
-    if _kernels.block_mask_rejection(q, k, words) is not None:
+    if _kernels.block_mask_rejection(q, k, mask) is not None:
         return None
     # Splits are planned for the keys a query can select, not for the whole cache.
     selectable = max(dense_len, (cfg.init_blocks + cfg.window_blocks + cfg.topk) * cfg.block_size) + t
     splits = _kernels.attention_splits(t, min(s, selectable), hq, hkv, tree_mask is not None, q.device)
-    return _kernels.attention(q, k, v, scale, tree_mask, splits=splits, block_mask=words, seqlen=seqlen)
+    return _kernels.attention(q, k, v, scale, tree_mask, splits=splits, block_mask=mask, seqlen=seqlen)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
                      positions: torch.Tensor, cfg: SparseSettings, dense_len: int, kv_limit: int | torch.Tensor,
-                     tree_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None) -> torch.Tensor:
+                     tree_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None,
+                     row_invariant: bool = True, span: int | None = None) -> torch.Tensor:
     """Block-sparse attention of T new tokens over S cache slots (the new tokens are the last T).
 
     q: [T, Hq, D]; k, v: [S, Hkv, D]; ck: compressed keys [C, Hkv, D] of this layer (up to date for
@@ -357,11 +373,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     kv_limit may be an int32 [1] tensor on q's device, and seqlen (int32 [1]) says that only slots
     [0, seqlen) of k, v count, the new tokens being the last T of them. The kernels read both on
     the device; the torch path reads seqlen on the host, like ops.attention.
+
+    row_invariant, span: as for ops.attention. On the GPU decode steps and trees then run the
+    selection and attention kernels' row-invariant mode (a verified tree token gets its decoded
+    token's bits), planned from span; the CPU's torch path is row-invariant for them regardless.
     """
     _check(q, k, v, ck, positions, cfg, kv_limit, tree_mask, seqlen)
     positions = positions.long()
     if backend.use_kernel(q, k, v, ck, positions, tree_mask, seqlen):
-        out = _kernel_sparse_attention(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask, seqlen)
+        out = _kernel_sparse_attention(q, k, v, scale, ck, positions, cfg, dense_len, kv_limit, tree_mask, seqlen,
+                                       row_invariant, span)
         if out is not None:
             return out
     if seqlen is not None:
