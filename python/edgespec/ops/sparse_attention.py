@@ -472,9 +472,14 @@ def _attend_by_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
             sel = select_from_scores(scores, pos.expand(b), cfg, dense_len)        # [B, Hkv, nB]
             allowed = sel.repeat_interleave(cfg.block_size, dim=-1)[..., :length]  # [B, Hkv, L]
             mask = allowed.unsqueeze(2).expand(b, hkv, g, length).reshape(b, hq, 1, length)
-            gather = slots[a:a + step].reshape(-1)
-            kl = k.index_select(0, gather).view(b, length, hkv, d).transpose(1, 2)   # [B, Hkv, L, D]
-            vl = v.index_select(0, gather).view(b, length, hkv, d).transpose(1, 2)
+            if tree_mask is None:
+                # A decode step's logical sequence is the cache itself: read in place (torch's
+                # attention gives a view and a gathered copy of the same keys the same bits).
+                kl, vl = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)   # [1, Hkv, S, D]
+            else:
+                gather = slots[a:a + step].reshape(-1)
+                kl = k.index_select(0, gather).view(b, length, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+                vl = v.index_select(0, gather).view(b, length, hkv, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(q[part].unsqueeze(2), kl, vl, attn_mask=mask, scale=scale,
                                                enable_gqa=g > 1)                   # [B, Hq, 1, D]
             out[part] = o.squeeze(2)
