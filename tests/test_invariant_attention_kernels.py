@@ -67,21 +67,25 @@ def test_verified_tree_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv
         assert torch.equal(verified[node:node + 1], decoded), f"node {node} (depth {int(visible[node].sum()) - 1})"
 
 
+# (T, prefix, Hq, Hkv, D, rank tiles): trees across a tile boundary (124, 250), one to three
+# selected tiles per split (so most tokens' selections span several), GQA 4 and 16, both head dims.
 SPARSE_TREES = device_cases(emulated=[(20, 124, 8, 2, 64, 1), (12, 250, 16, 1, 128, 2)],
-                            gpu=[(t, p, hq, hkv, d, c) for t in (20, 70) for p in (120, 4095) for hq, hkv in ((8, 2), (32, 2))
-                                 for d in (64, 128) for c in (1, 3, 16)])
+                            gpu=[(t, p, hq, hkv, d, r) for t in (20, 70) for p in (124, 4095) for hq, hkv in ((8, 2), (32, 2))
+                                 for d in (64, 128) for r in (1, 3, 8)])
 
 
-@pytest.mark.parametrize("kernel_device, t, prefix, hq, hkv, d, chunk", SPARSE_TREES, indirect=["kernel_device"])
-def test_verified_sparse_tree_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, chunk) -> None:
-    """With a block mask (InfLLM-v2): a tree token's row selects, tile by logical tile, what its
-    decoded path selects, ancestors' tiles included; the rows of other tokens' selections add
-    nothing. Each token's own random selection (block 0, its own block, a third of the others)."""
+@pytest.mark.parametrize("kernel_device, t, prefix, hq, hkv, d, rank", SPARSE_TREES, indirect=["kernel_device"])
+def test_verified_sparse_tree_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, rank) -> None:
+    """The block-sparse invariant mode (rank_tiles): a tree token's row attends, tile by logical
+    tile and split by split, what its decoded path attends, ancestors' tiles included, and the
+    other tokens' selections add nothing. Each token's own random selection (block 0, its own
+    block, a third of the others); the decoded step has fewer splits than the tree (its cache is
+    shorter): the extra ones are empty."""
     from oracle import sparse_ref
     from sparse_cases import random_selection
 
     dtype = torch.bfloat16
-    q, k, v = attention_inputs(t, prefix, hq, hkv, d, dtype, t + prefix + chunk, kernel_device)
+    q, k, v = attention_inputs(t, prefix, hq, hkv, d, dtype, t + prefix + rank, kernel_device)
     parents, visible = _tree(t, t * 7 + prefix)
     depth = (visible.sum(dim=1) - 1).tolist()
     positions = [prefix + x for x in depth]
@@ -90,14 +94,16 @@ def test_verified_sparse_tree_rows_equal_decoded_rows(kernel_device, t, prefix, 
     words = words.to(kernel_device)
     mask = pack_bits(visible).to(kernel_device)
     scale = d ** -0.5
-    verified = _kernels.attention(q, k, v, scale, mask, block_mask=words, chunk_tiles=chunk)
+    splits = _kernels.rank_splits(nb, rank)
+    verified = _kernels.attention(q, k, v, scale, mask, block_mask=words, rank_tiles=rank, splits=splits)
     rows = range(t) if kernel_device.type == "cuda" else sorted({0, t - 1, *range(1, t, max(1, t // 4))})
     for node in rows:
         path = _path(parents, node)
         slots = torch.cat([torch.arange(prefix), prefix + torch.tensor(path)]).to(k.device)
         k_log, v_log = k.index_select(0, slots), v.index_select(0, slots)
+        own_splits = _kernels.rank_splits(-(-len(slots) // 64), rank)
         decoded = _kernels.attention(q[node:node + 1], k_log, v_log, scale, block_mask=words[node:node + 1],
-                                     chunk_tiles=chunk)
+                                     rank_tiles=rank, splits=own_splits)
         assert torch.equal(verified[node:node + 1], decoded), f"node {node} (depth {depth[node]})"
         ref = sparse_ref.attend_blocks(q[node:node + 1].cpu(), k_log.cpu(), v_log.cpu(), [positions[node]], scale,
                                        64, [blocks[node]])
@@ -155,6 +161,14 @@ def test_invariant_mode_refuses_what_it_cannot_take(kernel_device) -> None:
         _kernels.attention(q, k, v, 0.1, splits=2, chunk_tiles=1)
     with pytest.raises(ValueError, match="chunk_tiles"):
         _kernels.attention(q, k, v, 0.1, chunk_tiles=0)
+    # The block-sparse mode needs a block mask and its splits; the chunked mode takes no block mask.
+    words = torch.full((3, 2, 1), -1, dtype=torch.int64, device=kernel_device)
+    with pytest.raises(ValueError, match="block mask"):
+        _kernels.attention(q, k, v, 0.1, rank_tiles=2, splits=2)
+    with pytest.raises(ValueError, match="splits"):
+        _kernels.attention(q, k, v, 0.1, block_mask=words, rank_tiles=2)
+    with pytest.raises(ValueError, match="no block mask"):
+        _kernels.attention(q, k, v, 0.1, block_mask=words, chunk_tiles=1)
     # The C++ entry point re-checks: splits that are not the chunk count of the view.
     out = torch.empty_like(q)
     with pytest.raises(KernelError, match="chunks"):
@@ -180,10 +194,10 @@ def test_emulated_tail_blocks_do_not_depend_on_thread_order(monkeypatch) -> None
     _, visible = _tree(20, 4)
     mask = pack_bits(visible)
     assert_schedule_independent(lambda: _kernels.attention(q, k, v, 0.1, mask, chunk_tiles=1), monkeypatch)
-    # With a block mask the tail also stages its token's selection (after the ancestor table).
+    # The block-sparse mode's tails also stage their token's selection (after the ancestor table).
     from sparse_cases import random_selection
 
     positions = (60 + visible.sum(dim=1) - 1).tolist()
     _, words = random_selection(positions, 2, 2, 64, torch.Generator().manual_seed(2), 0.5)
-    assert_schedule_independent(lambda: _kernels.attention(q, k, v, 0.1, mask, block_mask=words, chunk_tiles=1),
-                                monkeypatch)
+    assert_schedule_independent(lambda: _kernels.attention(q, k, v, 0.1, mask, block_mask=words, rank_tiles=1,
+                                                           splits=2), monkeypatch)

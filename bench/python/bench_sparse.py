@@ -93,7 +93,7 @@ class SparseCalls:
         # whose span is this context rounded up to a power of two (KVCache.plan_span).
         span = 1 << max(10, (s - 1).bit_length())
         self.per_split = _kernels.sparse_invariant_per_split(span, hkv, cfg, device)
-        self.chunk_tiles = _kernels.invariant_chunk_tiles(span, hq, hkv, device)
+        self.rank_splits = _kernels.rank_splits(max(-(-cfg.dense_len // cfg.block_size), cfg.max_selected_blocks))
 
     def decode(self, i: int, invariant: bool = False) -> torch.Tensor:
         cfg, K = self.cfg, self.k_
@@ -104,7 +104,8 @@ class SparseCalls:
         if invariant:
             words = K.sparse_select_blocks(q, self.ck[i], self.positions, cfg, self.scale, 0, self.kv_limit, self.nb,
                                            per_split=self.per_split)
-            return K.attention(q, k, v, self.scale, None, block_mask=words, chunk_tiles=self.chunk_tiles)
+            return K.attention(q, k, v, self.scale, None, block_mask=words, rank_tiles=K.RANK_TILES,
+                               splits=self.rank_splits)
         words = K.sparse_select_blocks(q, self.ck[i], self.positions, cfg, self.scale, 0, self.kv_limit, self.nb)
         return K.attention(q, k, v, self.scale, None, splits=self.splits, block_mask=words)
 
@@ -223,7 +224,8 @@ def main() -> int:
              "edgespec dense attention kernels and the fastest torch SDPA backend, same inputs, same run; CUDA "
              f"events around CUDA-graph replays of `copies` calls on distinct inputs (> 3x L2), median of "
              f"{args.repeats}; sparse_config {SPARSE_CONFIG}; decode rows also time the row-invariant mode "
-             "(invariant_ms: score splits and key chunks fixed per generation, what the engine's target runs)")
+             "(invariant_ms: score splits fixed per generation, attention split by selected-tile rank; what the "
+             "engine's target runs)")
     path = write_result("sparse_attention", device, rows, notes, dtype="bf16", measured_dram_tbps=round(dram_tbps, 3),
                         **run.marker(done, len(todo)))
     print(f"wrote {path}")

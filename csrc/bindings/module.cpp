@@ -210,12 +210,13 @@ PYBIND11_MODULE(_C, m) {
          const TensorView& out, const std::optional<TensorView>& partial_out,
          const std::optional<TensorView>& partial_lse, float scale, int splits, std::uint64_t stream,
          const std::optional<TensorView>& block_mask, const std::optional<TensorView>& seqlen, bool sm90,
-         int chunk_tiles, const std::optional<TensorView>& resume) {
+         int chunk_tiles, const std::optional<TensorView>& resume, int rank_tiles) {
         AttentionArgs a{q, k, v, opt(tree_mask), out, opt(partial_out), opt(partial_lse), scale, splits};
         a.block_mask = opt(block_mask);
         a.seqlen = opt(seqlen);
         a.chunk_tiles = chunk_tiles;
         a.resume = opt(resume);
+        a.rank_tiles = rank_tiles;
         a.sm90 = sm90;
         raise_if_error("attention", attention(a, as_stream(stream)),
                        {{"q", &q}, {"k", &k}, {"v", &v}, {"tree_mask", opt(tree_mask)}, {"out", &out},
@@ -225,9 +226,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tree_mask"), py::arg("out"), py::arg("partial_out"),
       py::arg("partial_lse"), py::arg("scale"), py::arg("splits"), py::arg("stream"), py::arg("block_mask") = py::none(),
       py::arg("seqlen") = py::none(), py::arg("sm90") = false, py::arg("chunk_tiles") = 0,
-      py::arg("resume") = py::none(),
+      py::arg("resume") = py::none(), py::arg("rank_tiles") = 0,
       "Causal or tree-masked GQA attention of the last T of S cache slots, split-KV when splits > 1; "
-      "chunk_tiles > 0: row-invariant (decoded and verified tokens bitwise equal); sm90: the Hopper kernels "
+      "chunk_tiles > 0 (rank_tiles > 0 with a block mask): row-invariant (decoded and verified tokens bitwise "
+      "equal); sm90: the Hopper kernels "
       "(csrc/kernels/sm90/attention_sm90.h). See csrc/kernels/attention.h.");
   m.def("attention_num_splits", &attention_num_splits, py::arg("tokens"), py::arg("seqlen"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("tree"), py::arg("num_sms"),

@@ -130,9 +130,24 @@ Status check_attention(const AttentionArgs& a) {
   }
   const bool invariant = a.chunk_tiles != 0;
   const bool invariant_tree = invariant && a.tree_mask != nullptr;
+  if (a.rank_tiles != 0) {
+    if (a.rank_tiles < 0) return Status::invalid("rank_tiles must be >= 0, got " + std::to_string(a.rank_tiles));
+    if (a.block_mask == nullptr || invariant || a.sm90) {
+      return Status::unsupported("attention: the row-invariant block-sparse mode (rank_tiles > 0) needs a block mask "
+                                 "and takes neither chunk_tiles nor the sm90 kernels");
+    }
+    if (a.tree_mask != nullptr && heads_q / heads_kv > kAttentionMaxTailGroup) {
+      return Status::unsupported("attention: the row-invariant tree mode takes at most " +
+                                 std::to_string(kAttentionMaxTailGroup) + " query heads per KV head, got " +
+                                 std::to_string(heads_q / heads_kv));
+    }
+  }
   if (invariant) {
     if (a.chunk_tiles < 0) return Status::invalid("chunk_tiles must be >= 0, got " + std::to_string(a.chunk_tiles));
-    if (a.sm90) return Status::unsupported("attention: the row-invariant mode (chunk_tiles > 0) does not take the sm90 kernels");
+    if (a.block_mask != nullptr || a.sm90) {
+      return Status::unsupported(std::string("attention: the row-invariant mode (chunk_tiles > 0) does not take ") +
+                                 (a.sm90 ? "the sm90 kernels" : "a block mask (rank_tiles is its block-sparse twin)"));
+    }
     const int chunks = attention_invariant_splits(seqlen, a.chunk_tiles);
     if (a.splits != chunks) {
       return Status::invalid("splits = " + std::to_string(a.splits) + " but chunk_tiles = " +
@@ -227,6 +242,7 @@ AttentionParams<T> make_params(const AttentionArgs& a) {
     p.partial_lse = a.partial_lse->ptr<float>();
   }
   p.chunk_tiles = a.chunk_tiles;
+  p.rank_tiles = a.rank_tiles;
   if (a.resume != nullptr) p.resume = a.resume->ptr<float>();
   p.tokens = static_cast<int>(a.q.size(0));
   p.seqlen = static_cast<int>(a.k.size(0));

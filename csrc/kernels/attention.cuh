@@ -154,6 +154,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   const int tok_first = row0 / group;
   const int tok_last = kTail ? tok_first : min((row0 + C::kBlockM - 1) / group, p.tokens - 1);
   const bool invariant = p.chunk_tiles > 0;
+  // Row-invariant block-sparse mode (attention.h): split z takes selected tiles by rank.
+  const bool ranked = p.rank_tiles > 0;
   // Row-invariant trees: the tiles from here on hold tree tokens, attended as per-token tails.
   const int tree_tile = prefix / kBlockN;
   // A tail token's last logical key: its own position (the prefix, then its depth).
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   }
 
   // This block's keys: its split's run of whole tiles, cut after the last slot any row here sees.
-  const int visible_end = kTree ? seqlen : prefix + tok_last + 1;
+  const int visible_end = kTail ? last_key + 1 : kTree ? seqlen : prefix + tok_last + 1;
   const int tiles_visible = (visible_end + kBlockN - 1) / kBlockN;
   const int tiles_total = (seqlen + kBlockN - 1) / kBlockN;
   int split = blockIdx.z;
@@ -190,7 +192,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   }
   // The token's tail misses this chunk: nothing to write. (The first tail chunk always writes its
   // partial, even for a malformed row that sees no tree token, so no stale partial is combined.)
-  if (kTail && blockIdx.z > 0 && tile_begin >= tile_end) return;
+  if (kTail && invariant && blockIdx.z > 0 && tile_begin >= tile_end) return;
   // The chunk holding the tree's first tile, when it also holds committed tiles before it: the
   // main kernel hands its rows' state over to the tail blocks there instead of finishing them.
   const bool handover = kTree && invariant && split == tree_tile / p.chunk_tiles && tree_tile % p.chunk_tiles != 0;
@@ -250,21 +252,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
       sel_all[w] = all;
     }
     __syncthreads();
-    if (invariant) {
-      // Row-invariant: the chunk's own tiles that a row here selected, in order. The others are
-      // skipped; a row's unselected tiles among them are fully masked, which changes nothing.
-      tile_count = 0;
-      for (int w = tile_begin >> 6; w < bw && w * 64 < tile_end; ++w) {
-        tile_count += __popcll(sel_any[w] & ~bits_below(tile_begin - w * 64) & bits_below(tile_end - w * 64));
-      }
-      tile_first = tile_count > 0 ? next_set_tile(sel_any, bw, tile_begin - 1) : 0;
-    } else {
-      int total = 0;
-      for (int w = 0; w < bw; ++w) total += __popcll(sel_any[w]);
-      const int per_split = (total + p.splits - 1) / p.splits;
-      tile_count = max(min(per_split, total - split * per_split), 0);
-      tile_first = tile_count > 0 ? nth_set_tile(sel_any, bw, split * per_split) : 0;
-    }
+    int total = 0;
+    for (int w = 0; w < bw; ++w) total += __popcll(sel_any[w]);
+    // Ranked: a fixed number of tiles per split, so a token's splits do not depend on the call.
+    const int per_split = ranked ? p.rank_tiles : (total + p.splits - 1) / p.splits;
+    tile_count = max(min(per_split, total - split * per_split), 0);
+    tile_first = tile_count > 0 ? nth_set_tile(sel_any, bw, split * per_split) : 0;
   }
 
   for (int i = tid; i < C::kBlockM * C::kChunks; i += C::kThreads) {
@@ -614,7 +607,7 @@ Status launch_attention_tiles(const AttentionParams<T>& p, cudaStream_t stream) 
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
       "attention: requesting dynamic shared memory for attention_kernel"));
-  const int grid_z = kTail ? attention_tail_chunks(p.tokens, p.chunk_tiles) : p.splits;
+  const int grid_z = kTail && p.rank_tiles == 0 ? attention_tail_chunks(p.tokens, p.chunk_tiles) : p.splits;
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(grid_z));
   kernel<<<grid, C::kThreads, static_cast<std::size_t>(smem), stream>>>(p);
   EDGESPEC_CHECK_LAUNCH("attention_kernel");
@@ -631,7 +624,9 @@ Status launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
   const bool tree = p.tree_mask != nullptr;
   const AttentionTileShape shape = attention_tile_shape(p.tokens, p.group, tree);
   Status status;
-  if (shape.warps_m == 1 && shape.warps_n == 4) {
+  if (tree && p.rank_tiles > 0) {
+    // A ranked tree runs as tail blocks alone (attention.h): no shared prefix pass.
+  } else if (shape.warps_m == 1 && shape.warps_n == 4) {
     status = tree ? launch_attention_tiles<T, kHeadDim, 1, 4, true>(p, stream)
                   : launch_attention_tiles<T, kHeadDim, 1, 4, false>(p, stream);
   } else if (shape.warps_m == 4 && shape.warps_n == 1) {
@@ -645,14 +640,14 @@ Status launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
   }
   EDGESPEC_RETURN_IF_ERROR(status);
   // Row-invariant trees: the tail blocks attend each token's gathered tiles (attention.h).
-  const bool tails = tree && p.chunk_tiles > 0;
+  const bool tails = tree && (p.chunk_tiles > 0 || p.rank_tiles > 0);
   if (tails) {
     const AttentionTileShape tail = attention_tail_shape(p.group);
     const Status launched = tail.warps_m == 1 ? launch_attention_tiles<T, kHeadDim, 1, 4, true, true>(p, stream)
                                               : launch_attention_tiles<T, kHeadDim, 4, 1, true, true>(p, stream);
     EDGESPEC_RETURN_IF_ERROR(launched);
   }
-  if (p.splits == 1 && !tails) return Status::success();
+  if (p.splits == 1 && !(tree && p.chunk_tiles > 0)) return Status::success();
   const std::int64_t rows = static_cast<std::int64_t>(p.tokens) * p.heads_q;
   const std::int64_t blocks = (rows + kCombineWarps - 1) / kCombineWarps;
   EDGESPEC_RETURN_IF_ERROR(check_fits(blocks, kMaxGridX, "attention: number of combine blocks"));

@@ -54,11 +54,17 @@
 //      leaves each row's online-softmax state (unnormalised, fp32, exact) in `resume`; a tail
 //      kernel with one block per (tree token, KV head, chunk) resumes it over the gathered tiles.
 //      Masked keys and fully masked tiles change nothing, bit for bit (exp2(-inf) = 0, x * 1 = x).
-// Causal calls need only 1 and 2: their keys are in logical order already. With a block mask
-// (InfLLM-v2 selection) a block visits, in each of its chunks, the tiles some row of it selected,
-// in order (a row's unselected ones among them are fully masked); a tail's logical tiles follow
-// its own token's selection, so a tree token sees an ancestor exactly where its decoded path does.
-// Not the sm90 kernels.
+// Causal calls need only 1 and 2: their keys are in logical order already. Not the sm90 kernels.
+//
+// Block-sparse calls (InfLLM-v2) are row-invariant by rank instead (rank_tiles > 0): a token
+// visits only the few tiles it selected, so fixed key chunks would leave most chunks empty (a
+// partial per row each) and put the whole local window in one chunk. Split z attends the token's
+// selected tiles of ranks [z * rank_tiles, (z + 1) * rank_tiles), in order. A decode step's block
+// holds one token; a tree runs as tail blocks alone, one per (token, KV head, split), over its
+// logical tiles (committed ones in place, ancestors gathered, as in 3) as its own row selects
+// them, so a tree token sees an ancestor exactly where its decoded path does. `splits` is the
+// same for every step (from the sparse config: at most init + window + top-k tiles, or dense_len's);
+// chunks past a token's tiles are empty and add exact zeros.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -110,6 +116,9 @@ struct AttentionParams {
   // Row-invariant mode (see "Row invariance" above): split z is the chunk of tiles
   // [z * chunk_tiles, (z + 1) * chunk_tiles); 0: the splits share the visible tiles out evenly.
   int chunk_tiles = 0;
+  // Row-invariant block-sparse mode (see above): split z is the selected tiles of ranks
+  // [z * rank_tiles, (z + 1) * rank_tiles); trees run as tail blocks only.
+  int rank_tiles = 0;
   // Invariant tree calls: per packed row (token * Hq + head), kResumeStride floats: the raw
   // online-softmax state of the chunk holding the tree's first tile (o[D], row max, the four
   // lanes' partial row sums), handed from the main kernel to the tail kernel.
@@ -142,6 +151,10 @@ struct AttentionArgs {
   // (even with one split) and resume: fp32 [T * Hq, attention_resume_stride(D)] scratch.
   int chunk_tiles = 0;
   const TensorView* resume = nullptr;
+  // Row-invariant block-sparse mode: rank_tiles > 0 with a block mask (not with chunk_tiles); any
+  // splits >= 1, the same for the steps that must agree. A tree call needs partial_out/partial_lse
+  // when splits > 1, and no resume.
+  int rank_tiles = 0;
   // Run the Hopper (sm_90a) wgmma kernels instead (csrc/kernels/sm90/attention_sm90.h; plan the
   // splits with attention_sm90_num_splits): an error (kUnsupported) when the build has no sm90
   // kernels, the GPU is not compute capability 9.0 or the call is one they do not take

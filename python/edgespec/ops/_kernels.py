@@ -416,7 +416,7 @@ def invariant_rejection(q: torch.Tensor, k: torch.Tensor, tree_mask: torch.Tenso
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               tree_mask: torch.Tensor | None = None, splits: int | None = None,
               block_mask: torch.Tensor | None = None, seqlen: torch.Tensor | None = None,
-              sm90: bool = False, chunk_tiles: int | None = None) -> torch.Tensor:
+              sm90: bool = False, chunk_tiles: int | None = None, rank_tiles: int | None = None) -> torch.Tensor:
     """Attention kernels (csrc/kernels/attention.h); same contract as edgespec.ops.attention.
 
     q: [T, Hq, D] bf16/fp16, D in (64, 128), last dim contiguous; k, v: [S, Hkv, D] with S >= T
@@ -436,6 +436,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     cut into chunks of chunk_tiles x 64 at fixed positions (invariant_chunk_tiles; the same value
     for every call of a generation), so a decoded token and the same token verified in a tree get
     bitwise the same output. Not with a block mask or sm90; splits must be None.
+    rank_tiles: None, or the row-invariant block-sparse mode (with a block mask; attention.h): split
+    z attends each token's selected tiles of ranks [z * rank_tiles, (z + 1) * rank_tiles), trees as
+    per-token tail blocks; splits is then required (rank_splits: the same for every call that must agree).
     Returns [T, Hq, D] contiguous in q's dtype. With splits > 1 two fp32 scratch tensors,
     [splits, T * Hq, D] and [splits, T * Hq], are allocated for the partial results (an invariant
     tree call always has them, and a third, fp32 [T * Hq, D + 8], for the state its tail blocks
@@ -453,14 +456,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if sm90:
         _require("attention (sm90)", sm90_attention_rejection(q, block_mask))
     resume = None
-    if chunk_tiles is not None:
-        if splits is not None or sm90:
+    if rank_tiles is not None:
+        if block_mask is None or chunk_tiles is not None or sm90 or splits is None or rank_tiles < 1:
+            raise ValueError("attention: the row-invariant block-sparse mode (rank_tiles >= 1) needs a block mask "
+                             "and splits (rank_splits), and takes neither chunk_tiles nor the sm90 kernels")
+        _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask, block_mask.shape[2]))
+    elif chunk_tiles is not None:
+        if splits is not None or block_mask is not None or sm90:
             raise ValueError("attention: the row-invariant mode (chunk_tiles) plans its own splits and takes "
-                             "no sm90 kernels")
+                             "no block mask (rank_tiles is its block-sparse twin) and no sm90 kernels")
         if chunk_tiles < 1:
             raise ValueError(f"attention: chunk_tiles must be >= 1, got {chunk_tiles}")
-        words = 0 if block_mask is None else block_mask.shape[2]
-        _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask, words))
+        _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask))
         splits = int(_module().attention_invariant_splits(k.shape[0], chunk_tiles))
         if tree_mask is not None:
             resume = _new_output((t * hq, d + _module().ATTENTION_RESUME_EXTRA), torch.float32, q.device)
@@ -475,8 +482,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
          _view(out), None if partial_out is None else _view(partial_out),
          None if partial_lse is None else _view(partial_lse), float(scale), int(splits), _stream(q),
          None if block_mask is None else _view(block_mask), None if seqlen is None else _view(seqlen), bool(sm90),
-         int(chunk_tiles or 0), None if resume is None else _view(resume))
+         int(chunk_tiles or 0), None if resume is None else _view(resume), int(rank_tiles or 0))
     return out
+
+
+# Selected tiles per split of the row-invariant block-sparse mode: a decode step of MiniCPM4-8B
+# (1 + 32 + 64 selected tiles, 2 KV heads) spreads over 26 blocks of 8 tiles, and a 64-token tree
+# writes 13 partials per row. Untuned: bench_sparse.py's invariant_* columns measure it.
+RANK_TILES = 8
+
+
+def rank_splits(max_tiles: int, rank_tiles: int = RANK_TILES) -> int:
+    """Splits of the row-invariant block-sparse mode for tokens that select at most max_tiles tiles."""
+    return max(1, -(-max_tiles // rank_tiles))
 
 
 # Calls with this many packed query rows (tokens x query heads per KV head: one warpgroup's wgmma

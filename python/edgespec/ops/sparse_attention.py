@@ -28,8 +28,9 @@ at a time for prefill chunks, and for decode steps and trees one batch of calls 
 row-invariant (_attend_by_position), so that on the CPU a verified tree token gets its decoded
 bits. On the GPU decode steps and trees run the kernels' row-invariant mode for the same property:
 the selection kernels with a score split length fixed per generation (trees read their paths'
-kernels), and the attention kernels' fixed key chunks with a block mask (attention.h "Row
-invariance"; a tree token's tail tiles are logical, selected by its own row).
+kernels), and the attention kernels' block-sparse invariant mode, split by the rank of a token's
+selected tiles (attention.h "Row invariance"; a tree token's tiles are logical, as its decoded
+path has them).
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ class SparseSettings(Protocol):
 
     @property
     def pool_stride(self) -> int: ...
+
+    @property
+    def max_selected_blocks(self) -> int: ...
 
     def num_kernels(self, length: int) -> int: ...
 
@@ -325,19 +329,20 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return None  # the block-selection rows would not fit the GPU's shared memory: torch path
     path = None if tree_mask is None else path_kernels(k, kv_limit, unpack_tree_mask(tree_mask, t),
                                                        cfg.kernel_size, cfg.kernel_stride)
-    # Decoded and verified tokens: the row-invariant mode (a tree token gets its decoded bits), with
-    # one score split length and one key chunk length for the whole generation (planned from span).
+    # Decoded and verified tokens: the row-invariant mode (a tree token gets its decoded bits): one
+    # score split length for the whole generation (planned from span), and attention split by the
+    # rank of a token's selected tiles, into as many splits as the config lets a token select.
     invariant = (row_invariant and (t == 1 or tree_mask is not None) and backend.row_invariant_kernels()
                  and _kernels.invariant_rejection(q, k, tree_mask, words) is None
                  and _kernels.supports_sparse_select(q, ck, positions, cfg, nb))
     if invariant:
-        plan_span = span or DEFAULT_SPAN
-        per_split = _kernels.sparse_invariant_per_split(plan_span, hkv, cfg, q.device)
+        per_split = _kernels.sparse_invariant_per_split(span or DEFAULT_SPAN, hkv, cfg, q.device)
         mask = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb, path, per_split)
         if _kernels.block_mask_rejection(q, k, mask) is not None:
             return None
-        chunk = _kernels.invariant_chunk_tiles(plan_span, hq, hkv, q.device)
-        return _kernels.attention(q, k, v, scale, tree_mask, block_mask=mask, seqlen=seqlen, chunk_tiles=chunk)
+        most = max(-(-dense_len // cfg.block_size), cfg.max_selected_blocks)
+        return _kernels.attention(q, k, v, scale, tree_mask, block_mask=mask, seqlen=seqlen,
+                                  rank_tiles=_kernels.RANK_TILES, splits=_kernels.rank_splits(most))
     # The heuristic mode's tree mask shows a token all its ancestors, whatever blocks it selected.
     if tree_mask is not None and not ancestors_in_window(positions, kv_limit, cfg):
         return None
