@@ -219,10 +219,12 @@ def test_sparse_steps_on_the_emulated_kernels_read_their_lengths_on_the_device(t
             decode = graphs.decode(int(tokens[170]), 170).clone()
             tree, _ = graphs.verify(tree_tokens, 171 + depth, 171, mask)
             st = model.sparse.state(cache)
-            state_calls = [x for x in seen["compress"] if x is not None]
-            assert len(state_calls) == 4 and all(x.data_ptr() == st.ranges[i % 2].data_ptr()
-                                                 for i, x in enumerate(state_calls))
-            assert len(seen["compress"]) == 6  # and the tree's path kernels per layer (static lengths)
+            # Every call reads its lengths on the device: the state's ranges (decode and tree, each
+            # layer), and per layer of the tree its path kernels' lengths, made on the device too.
+            assert len(seen["compress"]) == 6 and all(x is not None and x.is_cuda == st.ranges.is_cuda
+                                                      for x in seen["compress"])
+            ranges = [x for x in seen["compress"] if x.data_ptr() in (st.ranges[0].data_ptr(), st.ranges[1].data_ptr())]
+            assert [x.data_ptr() for x in ranges] == [st.ranges[i % 2].data_ptr() for i in range(4)]
             assert len(seen["select"]) == 4 and all(isinstance(x, torch.Tensor) for x in seen["select"])
             assert len(seen["attention"]) == 4 and all(sparse and isinstance(n, torch.Tensor)
                                                        for sparse, n in seen["attention"])

@@ -9,6 +9,10 @@ One attention layer per call, in the same run and on the same inputs:
            every query (torch GEMM scoring over query chunks), attend (attention kernels with the
            block mask). Sparse from the first query (EDGESPEC_SPARSE=sparse): the engine would run
            the first dense_len queries dense.
+  tree     T = 64 draft-tree tokens (a random tree) over a committed context. Ours: the op layer's
+           verification in the row-invariant mode the engine's target runs (each token's path
+           kernels, selection kernels, per-token rank-split attention); `heuristic_ms` the same
+           without invariance. The issue's tree target is relative to decode at the same context.
 
 Baselines, one row each per case: `torch SDPA dense` (the fastest torch SDPA backend that runs the
 case, native GQA where it can) and `edgespec dense` (the same attention kernels without a block
@@ -18,7 +22,7 @@ verified against the op layer's torch path (same selection rule) before timing.
 
 Targets (issue 6, H100/H200): decode 128K >= 5x torch SDPA dense; prefill 128K >= 4x dense.
 
-    python bench/python/bench_sparse.py [--phases decode,prefill] [--contexts 16K,32K,64K,128K]
+    python bench/python/bench_sparse.py [--phases decode,tree,prefill] [--contexts 16K,32K,64K,128K]
         [--repeats 20] [--quick] [--list]
 
 Writes bench/results/sparse_attention-<device-slug>.json (STYLE.md format, via benchlib).
@@ -92,7 +96,12 @@ class SparseCalls:
         # The row-invariant mode's plans (what the engine's target decodes with), for a generation
         # whose span is this context rounded up to a power of two (KVCache.plan_span).
         span = 1 << max(10, (s - 1).bit_length())
+        self.span = span
         self.per_split = _kernels.sparse_invariant_per_split(span, hkv, cfg, device)
+        if inputs.tree is not None:
+            depth = inputs.tree.sum(dim=1) - 1
+            self.positions = (self.prefix + depth).to(device)
+            self.prefix_dev = torch.tensor([self.prefix], dtype=torch.int32, device=device)
         self.rank_splits = _kernels.rank_splits(max(-(-cfg.dense_len // cfg.block_size), cfg.max_selected_blocks))
 
     def decode(self, i: int, invariant: bool = False) -> torch.Tensor:
@@ -109,6 +118,13 @@ class SparseCalls:
         words = K.sparse_select_blocks(q, self.ck[i], self.positions, cfg, self.scale, 0, self.kv_limit, self.nb)
         return K.attention(q, k, v, self.scale, None, splits=self.splits, block_mask=words)
 
+    def tree(self, i: int, invariant: bool = True) -> torch.Tensor:
+        # kv_limit on the device (as a graphed step has it): no host value enters the capture.
+        q, k, v = self.inputs.q[i], self.inputs.k[i], self.inputs.v[i]
+        return ops.sparse_attention(q, k, v, self.scale, self.ck[i], self.positions, self.cfg, dense_len=0,
+                                    kv_limit=self.prefix_dev, tree_mask=self.inputs.packed, row_invariant=invariant,
+                                    span=self.span)
+
     def prefill(self, i: int) -> torch.Tensor:
         cfg = self.cfg
         q, k, v = self.inputs.q[i], self.inputs.k[i], self.inputs.v[i]
@@ -123,8 +139,10 @@ def torch_path_reference(calls: SparseCalls, i: int) -> torch.Tensor:
     os.environ["EDGESPEC_BACKEND"] = "torch"
     try:
         inputs, case = calls.inputs, calls.case
+        tree = case.phase == "tree"
         return ops.sparse_attention(inputs.q[i], inputs.k[i], inputs.v[i], calls.scale, calls.ck[i], calls.positions,
-                                    calls.cfg, dense_len=0, kv_limit=case.seqlen)
+                                    calls.cfg, dense_len=0, kv_limit=calls.prefix if tree else case.seqlen,
+                                    tree_mask=inputs.packed if tree else None)
     finally:
         if previous is None:
             os.environ.pop("EDGESPEC_BACKEND")
@@ -139,21 +157,26 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
     scale = d ** -0.5
     inputs = Inputs(case, dtype, device, l2_bytes, seed=zlib.crc32(case.name.encode()))
     sparse = SparseCalls(case, inputs, cfg, scale)
-    make: Callable[[int], Callable[[], torch.Tensor]] = (
-        (lambda i: lambda: sparse.decode(i)) if case.phase == "decode" else (lambda i: lambda: sparse.prefill(i)))
+    make: Callable[[int], Callable[[], torch.Tensor]] = {
+        "decode": lambda i: lambda: sparse.decode(i), "tree": lambda i: lambda: sparse.tree(i),
+        "prefill": lambda i: lambda: sparse.prefill(i)}[case.phase]
     ours_calls = [make(i) for i in range(inputs.copies)]
     ours_out = ours_calls[0]()
     common = {"phase": case.phase, "tokens": case.tokens, "seqlen": case.seqlen, "heads_q": hq, "heads_kv": hkv,
               "head_dim": d, "copies": inputs.copies}
-    if case.phase == "decode":
+    if case.phase in ("decode", "tree"):
         ref = torch_path_reference(sparse, 0)
         common["max_abs_diff_vs_torch_path"] = round((ref.float() - ours_out.float()).abs().max().item(), 5)
+    if case.phase == "decode":
         words = _kernels.sparse_select_blocks(inputs.q[0], sparse.ck[0], sparse.positions, cfg, scale, 0,
                                               case.seqlen, sparse.nb)
         common["selected_blocks"] = int(ops.unpack_tree_mask(words.view(-1, words.shape[-1]), sparse.nb).sum()) // hkv
         common["sparsity"] = round(1 - common["selected_blocks"] / sparse.nb, 4)
     ours_ms, mode = graph_ms(ours_calls, repeats)
     common.update(ours_ms=round(ours_ms, 5), timing=mode)
+    if case.phase == "tree":
+        heuristic_ms, _ = graph_ms([lambda i=i: sparse.tree(i, invariant=False) for i in range(inputs.copies)], repeats)
+        common.update(heuristic_ms=round(heuristic_ms, 5), invariant_over_heuristic=round(ours_ms / heuristic_ms, 3))
     if case.phase == "decode":
         # The price of row invariance (fixed score splits and key chunks): what the target pays.
         invariant_calls = [lambda i=i: sparse.decode(i, invariant=True) for i in range(inputs.copies)]
@@ -163,7 +186,7 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
                       invariant_max_abs_diff=round(diff, 5))
 
     rows = []
-    dense_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale)
+    dense_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, inputs.packed)
                    for i in range(inputs.copies)]
     dense_ms, _ = graph_ms(dense_calls, repeats)
     rows.append({"case": case.name, **common, "baseline": "edgespec dense", "baseline_ms": round(dense_ms, 5)})
@@ -181,15 +204,15 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phases", default="decode,prefill")
+    ap.add_argument("--phases", default="decode,tree,prefill")
     ap.add_argument("--contexts", default=None, help="comma-separated, e.g. 16K,128K (default: 16K,32K,64K,128K)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="16K and 128K only")
     ap.add_argument("--list", action="store_true", help="print the cases and exit (needs no GPU)")
     args = ap.parse_args()
     phases = args.phases.split(",")
-    if any(p not in ("decode", "prefill") for p in phases):
-        ap.error(f"phases are decode and prefill, got {phases}")
+    if any(p not in ("decode", "prefill", "tree") for p in phases):
+        ap.error(f"phases are decode, prefill and tree, got {phases}")
     contexts = parse_contexts(args.contexts) if args.contexts else (QUICK_CONTEXTS if args.quick else CONTEXTS)
     todo = [Case(MODEL, phase, ctx) for phase in phases for ctx in contexts]
     if args.list:

@@ -146,7 +146,10 @@ def path_kernels(keys: torch.Tensor, prefix: int | torch.Tensor, visible: torch.
     slots = torch.where(logical < base, logical, base + ancestors.gather(1, depth_of))
     seq = keys.index_select(0, slots.t().reshape(-1)).view(length, t * hkv, d)     # [L, T * Hkv, D]
     out = torch.empty(count, t * hkv, d, dtype=keys.dtype, device=keys.device)
-    compress_keys(seq, out, 0, length, kernel_size, kernel_stride)
+    # The lengths (0, length) made on the device, not copied from the host: a graph capture allows
+    # no host-to-device copy.
+    lengths = torch.arange(2, dtype=torch.int32, device=keys.device) * length
+    compress_keys(seq, out, 0, length, kernel_size, kernel_stride, lengths=lengths)
     return out.view(count, t, hkv, d).transpose(0, 1)
 
 
