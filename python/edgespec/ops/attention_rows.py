@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .tree_paths import ancestors_by_depth, logical_slots
+
 # Keys per tail: each row gathers and attends SPLIT tail slots per layer, and every position past
 # SPLIT pays a head call and a merge.
 SPLIT = 64
@@ -90,9 +92,7 @@ def plan_rows(n: int, visible: torch.Tensor | None) -> RowPlan:
     if visible is None:
         visible = torch.ones(1, 1, dtype=torch.bool)
     t = visible.shape[0]
-    depth = visible.sum(dim=1) - 1                                                    # [T]
-    # Row i's ancestors (itself included) in depth order: sort its visible columns by depth.
-    order = torch.where(visible, depth.unsqueeze(0), t + 1).argsort(dim=1, stable=True)  # [T, T]
+    depth, order = ancestors_by_depth(visible)                                        # [T], [T, T]
     positions = depth + n
     starts = positions // SPLIT * SPLIT
 
@@ -100,9 +100,8 @@ def plan_rows(n: int, visible: torch.Tensor | None) -> RowPlan:
         """Cache slots of each row's logical keys [lo_r, lo_r + length) (past its position: slot 0
         as padding): int64 [R, length]."""
         logical = lo.unsqueeze(1) + torch.arange(length)                                  # [R, L]
-        tree = order[rows].gather(1, (logical - n).clamp(0, t - 1)) + n
         past = logical > positions[rows].unsqueeze(1)
-        return torch.where(logical < n, logical, tree).masked_fill(past, 0)
+        return logical_slots(order[rows], n, logical).masked_fill(past, 0)
 
     everyone = torch.arange(t)
     tail_slots = slots(everyone, starts, SPLIT)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from . import backend
 from .attention import DEFAULT_SPAN, tree_mask_words, unpack_tree_mask
+from .tree_paths import ancestors_by_depth, logical_slots
 
 # Upper bound on the elements of one query chunk's [Tc, Hq, max(S, C)] temporaries in the torch path.
 _CHUNK_ELEMENTS = 1 << 24
@@ -135,15 +136,12 @@ def path_kernels(keys: torch.Tensor, prefix: int | torch.Tensor, visible: torch.
     """
     t = visible.shape[0]
     _, hkv, d = keys.shape
-    depth = visible.sum(dim=1) - 1                                                  # [T]
-    ancestors = torch.where(visible, depth.unsqueeze(0), t + 1).argsort(dim=1, stable=True)  # [T, T]
+    _, order = ancestors_by_depth(visible)
     count = -(-t // kernel_stride)                          # a path of <= T tokens completes <= this many
     length = (count - 1) * kernel_stride + kernel_size
     base = torch.as_tensor(prefix, device=keys.device).reshape(()).long()
     first = _num_kernels_of(base, kernel_size, kernel_stride) * kernel_stride       # the first new kernel's token
-    logical = first + torch.arange(length, device=keys.device)                     # [L] positions
-    depth_of = (logical - base).clamp(0, t - 1).expand(t, length)                  # [T, L]
-    slots = torch.where(logical < base, logical, base + ancestors.gather(1, depth_of))
+    slots = logical_slots(order, base, first + torch.arange(length, device=keys.device))   # [T, L]
     seq = keys.index_select(0, slots.t().reshape(-1)).view(length, t * hkv, d)     # [L, T * Hkv, D]
     out = torch.empty(count, t * hkv, d, dtype=keys.dtype, device=keys.device)
     # The lengths (0, length) made on the device, not copied from the host: a graph capture allows
@@ -443,22 +441,19 @@ def _attend_by_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     prefix = s - t
     visible = (torch.ones(1, 1, dtype=torch.bool, device=q.device) if tree_mask is None
                else unpack_tree_mask(tree_mask, t))
-    depth = visible.sum(dim=1) - 1                                                    # [T]
+    depth, order = ancestors_by_depth(visible)                                        # [T], [T, T]
     if not torch.equal(positions, prefix + depth):
         raise ValueError(f"sparse_attention: positions {positions.tolist()} are not the slots' logical positions "
                          f"{(prefix + depth).tolist()} (the committed {prefix} slots, then each token's depth)")
     if tree_mask is not None and kv_limit != prefix:
         raise ValueError(f"sparse_attention: a tree's kv_limit must be its committed prefix {prefix}, got {kv_limit}")
-    ancestors = torch.where(visible, depth.unsqueeze(0), t + 1).argsort(dim=1, stable=True)
     path = None if tree_mask is None else path_kernels(k, prefix, visible, cfg.kernel_size, cfg.kernel_stride)
     committed = num_kernels(kv_limit, cfg.kernel_size, cfg.kernel_stride)
     out = torch.empty_like(q)
     for level in sorted(set(depth.tolist())):
         rows = (depth == level).nonzero().flatten()
         length = prefix + level + 1                                               # p + 1
-        logical = torch.arange(length, device=q.device)
-        slots = torch.where(logical < prefix, logical,
-                            prefix + ancestors[rows].gather(1, (logical - prefix).clamp(min=0).expand(len(rows), -1)))
+        slots = logical_slots(order[rows], prefix, torch.arange(length, device=q.device))   # [R, L]
         nb = -(-length // cfg.block_size)
         avail = min(ck.shape[0], num_kernels(nb * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
         seen = length if path is not None else min(length, kv_limit)            # tokens whose kernels count
