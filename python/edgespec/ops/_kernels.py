@@ -487,8 +487,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 
 # Selected tiles per split of the row-invariant block-sparse mode: a decode step of MiniCPM4-8B
-# (1 + 32 + 64 selected tiles, 2 KV heads) spreads over 26 blocks of 8 tiles, and a 64-token tree
-# writes 13 partials per row. Untuned: bench_sparse.py's invariant_* columns measure it.
+# (1 + 32 + 64 selected tiles, 2 KV heads) spreads over 26 busy blocks of 8 tiles, and a 64-token
+# tree writes 16 partials per row (dense_len's 128 tiles bound the splits). Untuned:
+# bench_sparse.py's invariant_ms and heuristic_ms columns measure it.
 RANK_TILES = 8
 
 
