@@ -707,3 +707,25 @@ def test_generation_keeps_old_generated_tokens_selectable(kernel_device, tiny_mo
             assert got == want or sparse_ref.equivalent_selection(got, want, scores[g], positions[0], p, TIE)
             picked += sum(b in old_generated for b in got)
     assert picked > 0, "no block of tokens generated more than a window ago was ever chosen"
+
+
+def test_sparse_speculation_is_lossless_on_the_gpu(kernel_device, tiny_model_dir, tmp_path):
+    """On the GPU kernels, past dense_len (a one-block window, top-1): every verified tree node's
+    logits are bitwise its decoded logits, and greedy speculative output (the model as its own
+    draft) equals plain output (emulated: test_emulated_model.py and test_sparse_cpu.py)."""
+    _gpu_only(kernel_device)
+    from edgespec import LLM
+    from edgespec.loading import load_model
+    from edgespec.spec import disable_speculation, enable_speculation
+    from test_sparse_cpu import _minicpm_sparse_dir
+    from test_spec_helpers import assert_tree_rows_decode_alike
+
+    path = _minicpm_sparse_dir(tiny_model_dir, window_size=64, topk=1, dense_len=64)
+    model = load_model(str(path), device="cuda", dtype=torch.bfloat16, max_context=1024, with_tokenizer=False).model
+    assert_tree_rows_decode_alike(model, prompt_len=187)
+    llm = LLM(model)
+    prompt = torch.randint(0, model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    disable_speculation(llm)
+    plain = llm.generate(prompt, max_new_tokens=60, ignore_eos=True).token_ids
+    enable_speculation(llm, draft=str(path), tree_size=12, depth=6, topk=2)
+    assert llm.generate(prompt, max_new_tokens=60, ignore_eos=True).token_ids == plain
