@@ -86,8 +86,11 @@ def test_mode_switch_from_env_and_setter(monkeypatch):
     monkeypatch.delenv("EDGESPEC_SPARSE")
     sa = SparseAttention(small(), 2, 2, 8)
     assert sa.mode == "auto" and sa.active(256) and not sa.active(255)
+    # A tree after 250 slots crosses dense_len (256) when its last rows reach it.
+    assert sa.crosses_dense_len(250, 6) and sa.crosses_dense_len(254, 9)
+    assert not sa.crosses_dense_len(250, 5) and not sa.crosses_dense_len(255, 9)
     sa.mode = "sparse"
-    assert sa.active(1)
+    assert sa.active(1) and not sa.crosses_dense_len(0, 9)
     sa.mode = "dense"
     assert not sa.active(10_000)
     with pytest.raises(ValueError, match="not one of"):

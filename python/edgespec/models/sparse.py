@@ -205,6 +205,12 @@ class SparseAttention:
         """Whether a forward writing up to slot `end` can contain sparse queries (host decision)."""
         return self.mode != "dense" and end >= self.dense_len()
 
+    def crosses_dense_len(self, start: int, rows: int) -> bool:
+        """Whether a tree of `rows` tokens after `start` committed slots has rows on both sides of
+        dense_len: attend() then gives the rows below it the dense attention's bits, as decoding
+        them would (a graphed step does not; the driver verifies such a tree eagerly)."""
+        return self.active(start + rows) and start + 1 < self.dense_len()
+
     def state(self, cache: Any) -> SparseState:
         """The state of `cache` (a KVCache: k [L, max_len, Hkv, D]), created on first use."""
         st = self._states.get(cache)
@@ -240,7 +246,7 @@ class SparseAttention:
         out = ops.sparse_attention(q, keys, values, scale, st.ck[layer], positions, self.cfg,
                                    dense_len=self.dense_len(), kv_limit=kv_limit, tree_mask=tree_mask,
                                    row_invariant=row_invariant, span=span)
-        if tree_mask is not None and start + 1 < self.dense_len():
+        if tree_mask is not None and self.crosses_dense_len(start, t):
             # Same semantics either way (a row below dense_len selects every block), but a decoded
             # token below dense_len runs ops.attention: its tree row takes those bits.
             out = torch.where((positions + 1 < self.dense_len()).view(-1, 1, 1), dense(), out)

@@ -104,7 +104,10 @@ class SpeculativeDecoding:
         else:
             tokens = torch.tensor(tree.tokens, dtype=torch.int64, device=dev)
             positions, mask = tree.positions(n, dev), tree.packed_mask(dev) if tree.size > 1 else None
-        if self.graphs is not None and tree.size == self.settings.tree_size + 1 > 1:
+        # A full tree runs as a graph, except one across a sparse model's dense_len (its dense rows
+        # take the dense attention's bits there, which only the eager step does).
+        crossing = model.sparse is not None and model.sparse.crosses_dense_len(n, tree.size)
+        if self.graphs is not None and tree.size == self.settings.tree_size + 1 > 1 and not crossing:
             logits, captured = self.graphs.verify(tokens, positions, n, mask, self.drafter.capture)
         else:
             out = model.forward(tokens, positions, cache, n, tree_mask=mask, capture=self.drafter.capture)
