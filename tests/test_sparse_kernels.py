@@ -164,6 +164,35 @@ def test_select_chunk_crossing_dense_threshold_matches_oracle(kernel_device, hq,
     _check_selection(cfg, q, k, positions, s, cfg.dense_len)
 
 
+@pytest.mark.parametrize("hq, hkv, dim, t", [(32, 2, 128, 40), (4, 2, 64, 70), (8, 1, 128, 17), (2, 1, 64, 33)])
+def test_select_prefill_chunks_score_on_tensor_cores(kernel_device, monkeypatch, hq, hkv, dim, t):
+    """Chains of 16+ 16-bit queries with head dim 64 or 128 and G dividing 16 (MiniCPM4-8B: G 16,
+    head dim 128) score on the tensor-core kernels: their selections match the oracle up to ties,
+    and their row statistics are the SIMT kernels' in base 2 (which also shows that they ran)."""
+    cfg = parse_sparse_config(SMALL)
+    K = _K()
+    s = 1_500
+    positions = _positions(600, s - 1, t - 1, [s - 1], seed=t)
+    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.bfloat16, seed=hq + t, device=kernel_device)
+    ck = _compressed(cfg, k, s)
+    assert K.sparse_scores_mma(q, ck) and not K.sparse_scores_mma(q[:15], ck)
+    captured = []
+    real_new = K._new_output
+    monkeypatch.setattr(K, "_new_output", lambda shape, dtype, device: captured.append(real_new(shape, dtype, device))
+                        or captured[-1])
+
+    def row_max() -> torch.Tensor:  # the largest scaled logit of each (token, head), from the partials
+        partial = next(x for x in captured if x.dim() == 4)
+        return partial[..., 0].amax(dim=0)
+
+    _check_selection(cfg, q, k, positions, s, 0, ck=ck)
+    mma_max = row_max()
+    captured.clear()
+    pos = torch.tensor(positions, device=kernel_device)
+    K.sparse_select_blocks(q, ck, pos, cfg, dim ** -0.5, 0, s, -(-s // 64), per_split=32)  # not a 64-multiple: SIMT
+    torch.testing.assert_close(mma_max, row_max() * math.log2(math.e), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("init_blocks, window_size, topk", [
     (0, 16, 0),     # no init blocks, a one-block window, nothing scored
     (2, 32, 7),
@@ -459,6 +488,12 @@ def test_emulated_results_do_not_depend_on_the_thread_schedule(monkeypatch):
     cfg = parse_sparse_config(FINE)
     s, t = 1_037, 3
     q, k, _ = random_case(16, 2, 128, s, t, torch.bfloat16, seed=77, device=kernel_device)
+    chunk = random_case(16, 2, 128, s, 20, torch.bfloat16, seed=78, device=kernel_device)[0]  # tensor-core scores
+    K = _K()
+    real_new = K._new_output
+    scratch = []
+    monkeypatch.setattr(K, "_new_output", lambda shape, dtype, device: scratch.append(real_new(shape, dtype, device))
+                        or scratch[-1])
     cases = [_attention_case(torch.bfloat16, *shape, seed=i) for i, shape in enumerate([
         (16, 2, 128, 1_037, 3, False),  # 4x1-warp tiles
         (32, 2, 128, 900, 1, False),    # decode: four warps on one row block, merged at the end
@@ -472,9 +507,13 @@ def test_emulated_results_do_not_depend_on_the_thread_schedule(monkeypatch):
         _K().compress_keys(k, ck, 500, s, cfg.kernel_size, cfg.kernel_stride)
         # Three queries, two KV heads: nine score splits, then the 256-entry sort.
         words = _K().sparse_select_blocks(q, ck, torch.arange(s - t, s), cfg, 128 ** -0.5, 0, s, (s + 15) // 16)
+        scratch.clear()
+        chunk_words = _K().sparse_select_blocks(chunk, ck, torch.arange(s - 20, s), cfg, 128 ** -0.5, 0, s,
+                                                (s + 15) // 16)
+        scores = next(x for x in scratch if x.dim() == 3 and x.dtype == torch.float32)
         outs = [_K().attention(cq, ck_, cv, 0.1, packed, splits=splits, block_mask=mask)
                 for cq, ck_, cv, _, _, packed, _, mask in cases for splits in (None, 3)]
-        return [ck.view(torch.int16), words] + [o.view(torch.int16) for o in outs]
+        return [ck.view(torch.int16), words, chunk_words, scores] + [o.view(torch.int16) for o in outs]
 
     monkeypatch.setenv("CUEMU_SCHEDULE", "forward")
     base = run()

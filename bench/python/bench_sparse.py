@@ -6,8 +6,8 @@ One attention layer per call, in the same run and on the same inputs:
            token (device-side range), score + select blocks (selection kernels), attend over the
            selected blocks (attention kernels with the block mask).
   prefill  T = context new tokens, causal, empty prefix. Ours: compress every kernel, select for
-           every query (torch GEMM scoring over query chunks), attend (attention kernels with the
-           block mask). Sparse from the first query (EDGESPEC_SPARSE=sparse): the engine would run
+           every query (tensor-core score kernels over query chunks), attend (attention kernels
+           with the block mask). Sparse from the first query (EDGESPEC_SPARSE=sparse): the engine would run
            the first dense_len queries dense.
   tree     T = 64 draft-tree tokens (a random tree) over a committed context. Ours: the op layer's
            verification in the row-invariant mode the engine's target runs (each token's path
@@ -242,8 +242,8 @@ def main() -> int:
             torch.cuda.empty_cache()
             done += 1
     notes = ("bf16, one attention layer; ours = InfLLM-v2 sparse attention (decode: compressed-key update + "
-             "selection kernels + attention kernels with the block mask; prefill: compress + torch GEMM scoring "
-             "in query chunks + attention kernels with the block mask, sparse for every query); baselines = "
+             "selection kernels + attention kernels with the block mask; prefill: compress + tensor-core score "
+             "kernels in query chunks + attention kernels with the block mask, sparse for every query); baselines = "
              "edgespec dense attention kernels and the fastest torch SDPA backend, same inputs, same run; CUDA "
              f"events around CUDA-graph replays of `copies` calls on distinct inputs (> 3x L2), median of "
              f"{args.repeats}; sparse_config {SPARSE_CONFIG}; decode rows also time the row-invariant mode "

@@ -9,11 +9,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/vec.cuh"
 #include "kernels/sparse_attention.h"
 #include "kernels/sparse_kernels.cuh"
+#include "kernels/sparse_scores_mma.cuh"
 
 namespace edgespec {
 
@@ -176,22 +178,17 @@ template <typename T>
 Status launch_sparse_scores(const SparseScoreParams<T>& p, cudaStream_t stream) {
   using namespace sparse_detail;
   if (p.tokens == 0) return Status::success();
+  if constexpr (!std::is_same_v<T, float>) {
+    if (sparse_scores_mma_applies(p.tokens, p.group, p.head_dim, 2, p.path != nullptr) &&
+        p.kernels_per_split % kSparseMmaKernels == 0 && scores_mma_aligned(p)) {
+      return p.head_dim == 64 ? launch_scores_mma<T, 64>(p, stream) : launch_scores_mma<T, 128>(p, stream);
+    }
+  }
   const int smem = score_smem_bytes(p.group, p.head_dim);
   EDGESPEC_RETURN_IF_ERROR(check_fits(p.tokens, 0x7fffffff, "sparse scores: tokens"));
   EDGESPEC_RETURN_IF_ERROR(check_fits(p.splits, 65535, "sparse scores: splits"));
   const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.splits));
-  auto* lse = scores_kernel<T, false>;
-  auto* probs = scores_kernel<T, true>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in (legal during stream capture).
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
-      cudaFuncSetAttribute(lse, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "sparse scores: shared memory"));
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
-      cudaFuncSetAttribute(probs, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "sparse scores: shared memory"));
-  lse<<<grid, kScoreThreads, smem, stream>>>(p);
-  EDGESPEC_CHECK_LAUNCH("sparse scores_kernel (log-sum-exp pass)");
-  probs<<<grid, kScoreThreads, smem, stream>>>(p);
-  EDGESPEC_CHECK_LAUNCH("sparse scores_kernel (probability pass)");
-  return Status::success();
+  return launch_score_passes(scores_kernel<T, false>, scores_kernel<T, true>, p, grid, kScoreThreads, smem, stream);
 }
 
 }  // namespace edgespec

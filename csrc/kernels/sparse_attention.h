@@ -36,7 +36,9 @@
 // Launch shapes: compress, grid (kernel slots, Hkv) x 128 threads, each thread one or more of the
 // D dims of one compressed key (coalesced rows). Scores: grid (T, Hkv, splits) x 128 threads;
 // each block stages q of the group's G heads and chunks of kSparseScoreChunk compressed keys in
-// shared memory (fp32) and walks its split's run of kernels. Select: grid (T, Hkv) x 256
+// shared memory (fp32) and walks its split's run of kernels. Chains of kSparseMmaMinTokens
+// queries and more (prefill chunks) take the tensor-core score kernels where they apply
+// (sparse_scores_mma.cuh: 64 packed query rows per block, logits in registers). Select: grid (T, Hkv) x 256
 // threads; the block scores of one (query, KV head) are sorted in shared memory (bitonic,
 // padded to a power of two).
 #pragma once
@@ -55,6 +57,18 @@ constexpr int kSparseMaxGroup = 64;
 // 4096 blocks of 64 tokens: contexts up to 256K tokens (the sort stages 8 bytes per block).
 constexpr int kSparseMaxBlocks = 4096;
 constexpr int kSparseScoreChunk = 32;
+// Calls with this many queries and more (prefill chunks) score on the tensor-core kernels when
+// they take the call (16-bit, head dim 64 or 128, G dividing 16, no tree path; sparse_scores_mma.cuh);
+// their kernels_per_split must then be a multiple of kSparseMmaKernels.
+constexpr int kSparseMmaMinTokens = 16;
+constexpr int kSparseMmaKernels = 64;
+
+// Whether the tensor-core score kernels take a call with these shapes (sparse_scores_mma.cuh;
+// the launcher also needs 16-byte aligned rows of q and ck, else it runs the SIMT kernels).
+inline bool sparse_scores_mma_applies(int tokens, int group, int head_dim, int elem_bytes, bool path) {
+  return elem_bytes == 2 && (head_dim == 64 || head_dim == 128) && group >= 1 && 16 % group == 0 && !path &&
+         tokens >= kSparseMmaMinTokens;
+}
 
 template <typename T>
 struct SparseCompressParams {

@@ -642,13 +642,22 @@ def block_mask_rejection(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Ten
     return _one_cuda_device(q=q, block_mask=block_mask)
 
 
-def _score_plan(tokens: int, heads_kv: int, readable: int, device: torch.device) -> tuple[int, int]:
-    """(splits, kernels_per_split) of the score kernels: enough blocks for about two per SM."""
-    chunks = max(1, -(-readable // SPARSE_SCORE_CHUNK))
+def _score_plan(tokens: int, heads_kv: int, readable: int, device: torch.device,
+                align: int = SPARSE_SCORE_CHUNK) -> tuple[int, int]:
+    """(splits, kernels_per_split) of the score kernels: enough blocks for about two per SM;
+    kernels_per_split a multiple of `align` (the tensor-core kernels' 64-kernel tiles)."""
+    chunks = max(1, -(-readable // align))
     target = 2 * _sm_count(device.index or 0)
     splits = min(chunks, max(1, -(-target // max(1, tokens * heads_kv))), 65535)
-    per_split = -(-chunks // splits) * SPARSE_SCORE_CHUNK
+    per_split = -(-chunks // splits) * align
     return max(1, -(-readable // per_split)), per_split
+
+
+def sparse_scores_mma(q: torch.Tensor, ck: torch.Tensor, path: torch.Tensor | None = None) -> bool:
+    """Whether a selection call scores on the tensor-core kernels (csrc/kernels/sparse_scores_mma.cuh:
+    prefill chunks of 16-bit queries, head dim 64 or 128, G dividing 16, no tree path)."""
+    group = q.shape[1] // ck.shape[1]
+    return bool(_module().sparse_scores_mma_applies(q.shape[0], group, q.shape[2], q.element_size(), path is not None))
 
 
 def sparse_invariant_per_split(span: int, heads_kv: int, cfg: Any, device: torch.device) -> int:
@@ -671,7 +680,8 @@ def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Ten
     hkv = ck.shape[1]
     readable = min(ck.shape[0], _num_kernels(num_blocks * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
     if per_split is None:
-        splits, per_split = _score_plan(t, hkv, readable, q.device)
+        align = int(_module().SPARSE_MMA_KERNELS) if sparse_scores_mma(q, ck, path) else SPARSE_SCORE_CHUNK
+        splits, per_split = _score_plan(t, hkv, readable, q.device, align)
     else:
         splits = max(1, -(-readable // per_split))
     if path is not None and (path.dim() != 4 or path.shape[0] != t or path.shape[2:] != ck.shape[1:]

@@ -19,8 +19,9 @@ in depth order), and sees an ancestor only where plain decoding would, in a sele
 the ancestor's own position.
 
 Kernel paths (CUDA tensors, `_C` built): compress_keys and the block scores + selection run in
-csrc/kernels/sparse_attention.h (decode steps, trees, and chains of a few queries; larger chunks
-score as a torch GEMM) and give a bit-packed block mask; the attention over
+csrc/kernels/sparse_attention.h (decode steps, trees and short chains one query per block; prefill
+chunks on tensor cores, csrc/kernels/sparse_scores_mma.cuh, else as a torch GEMM) and give a
+bit-packed block mask; the attention over
 the selected blocks is the attention kernel family's block-sparse variant
 (csrc/kernels/attention.h), which needs block_size == 64 (its key tile) and bf16/fp16 with head
 dim 64 or 128. Other shapes, and CPU tensors, take the torch path below: masked SDPA a query chunk
@@ -295,10 +296,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, 
                          f"got {tree_mask.dtype} {tuple(tree_mask.shape)}")
 
 
-# The selection kernels score one query per block (SIMT, built for decode); more queries per call
-# (prefill, chunks, trees) score faster as a torch GEMM over query chunks until a tensor-core
-# scoring kernel exists.
+# The SIMT selection kernels score one query per block (built for decode and trees); chains of
+# more queries score on the tensor-core kernels where they apply (_kernels.sparse_scores_mma),
+# else as a torch GEMM over query chunks.
 _KERNEL_SELECT_MAX_TOKENS = 8
+# fp32 score scratch per selection-kernel call of a long chain: its query chunk follows from it.
+_SCORE_BYTES = 256 << 20
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -347,8 +350,13 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     # The heuristic mode's tree mask shows a token all its ancestors, whatever blocks it selected.
     if tree_mask is not None and not ancestors_in_window(positions, kv_limit, cfg):
         return None
-    if path is None and t <= _KERNEL_SELECT_MAX_TOKENS and _kernels.supports_sparse_select(q, ck, positions, cfg, nb):
-        mask = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb)
+    if path is None and _kernels.supports_sparse_select(q, ck, positions, cfg, nb) and (
+            t <= _KERNEL_SELECT_MAX_TOKENS or _kernels.sparse_scores_mma(q, ck)):
+        # Query chunks bound the kernels' fp32 score scratch ([rows, Hkv, C]) for long prefills.
+        columns = max(num_kernels(s, cfg.kernel_size, cfg.kernel_stride), 1)
+        rows = max(_KERNEL_SELECT_MAX_TOKENS, _SCORE_BYTES // (4 * hkv * columns))
+        mask = torch.cat([_kernels.sparse_select_blocks(q[a:a + rows], ck, positions[a:a + rows], cfg, scale,
+                                                        dense_len, kv_limit, nb) for a in range(0, t, rows)])
     else:
         chunk = max(1, _CHUNK_ELEMENTS // (hq * max(num_kernels(s, cfg.kernel_size, cfg.kernel_stride), 1)))
         mask = torch.cat([_pack_bits(select_from_scores(

@@ -1,0 +1,301 @@
+// Tensor-core block scores of InfLLM-v2 for many queries (prefill chunks): the contract of
+// sparse_attention.cuh's scores_kernel (sparse_attention.h, `sparse_scores`), computed with
+// m16n8k16 mma instead of one query per block. Included by sparse_attention.cuh.
+//
+// Why: a prefill chunk scores every query against every compressed key it sees; the SIMT kernel
+// and the torch GEMM both make that a [T, Hq, C] fp32 logits stream (about 0.5 TB for a 128K
+// MiniCPM4 prefill). Here the logits live in registers: pass 1 keeps each row's running base-2
+// max and sum, pass 2 recomputes them, turns them into probabilities and sums the G rows of each
+// token in registers, so only the [T, Hkv, C] group sums reach memory.
+//
+// One block: kMmaRows = 64 packed rows (row r = token * G + head-in-group, G dividing 16, so
+// that a token's rows never straddle a warp's m16 tile) of one KV head and one split of the
+// kernel range. Q goes to shared memory once and stays in registers as A fragments; tiles of 64
+// compressed keys (zero-filled past the split's end) stream through two cp.async stages and give
+// S = Q.CK^T as B fragments, as in the attention kernels (csrc/kernels/attention.cuh).
+//
+// Status: correct on the CPU emulator (tests/test_sparse_kernels.py), never run on a GPU.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/checks.h"
+#include "common/mma.cuh"
+#include "common/vec.cuh"
+#include "kernels/sparse_attention.h"
+#include "kernels/sparse_kernels.cuh"
+
+namespace edgespec {
+namespace sparse_detail {
+
+constexpr int kMmaKernels = kSparseMmaKernels;  // compressed keys per tile (kernels_per_split is a multiple)
+constexpr int kMmaWarps = 4;                // 16 packed rows each
+constexpr int kMmaRows = 16 * kMmaWarps;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kAllLanes = 0xffffffffu;
+
+// 16-byte chunk c of row r at chunk position c ^ (r % 8): conflict-free cp.async and ldmatrix
+// (the attention kernels' layout).
+template <int kHeadDim>
+__device__ __forceinline__ int mma_swizzle(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+inline int scores_mma_smem_bytes(int head_dim) { return 3 * kMmaRows * head_dim * 2; }  // Q, two CK stages
+
+// Sums v over the rows of each token in an m16 tile: lane l holds row l / 4 (first) or
+// l / 4 + 8 (second) of the tile, and the token's G rows differ in the lane bits 2.. of l.
+__device__ __forceinline__ float token_row_sum(float v, int group) {
+  for (int offset = 4; offset < 4 * min(group, 8); offset *= 2) v += __shfl_xor_sync(kAllLanes, v, offset);
+  return v;
+}
+
+template <typename T, int kHeadDim, bool kProbs>
+__global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseScoreParams<T> p) {
+  constexpr int kChunks = kHeadDim / 8;         // 16-byte chunks per row
+  constexpr int kDimSteps = kHeadDim / 16;      // k16 steps of S = Q.CK^T
+  constexpr int kKeyFrags = kMmaKernels / 8;    // n8 blocks of S
+  constexpr int kTileElems = kMmaRows * kHeadDim;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const q_tile = reinterpret_cast<T*>(smem_raw);
+  T* const ck_tiles = q_tile + kTileElems;      // [2 stages][64 kernels][kHeadDim]
+  __shared__ int block_visible;
+
+  const int g = blockIdx.y;
+  const int split = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int group = p.group;
+  const int rows = p.tokens * group;
+  const int row0 = blockIdx.x * kMmaRows;
+  const int tok_first = row0 / group;
+  const int tok_last = min((row0 + kMmaRows - 1) / group, p.tokens - 1);
+  const int kv_limit = *p.kv_limit;
+  const std::int64_t part_rows = static_cast<std::int64_t>(p.tokens) * p.heads_q;
+
+  if (tid == 0) {
+    int most = 0;
+    for (int t = tok_first; t <= tok_last; ++t) {
+      most = max(most, scored_kernels(p.positions[t], kv_limit, p.kernel_size, p.kernel_stride, p.max_kernels, -1));
+    }
+    block_visible = most;
+  }
+  // This thread's two fragment rows (lane / 4 and lane / 4 + 8 of its warp's 16): their token,
+  // query head, visible kernels and packed partial row.
+  int row_tok[2], row_vis[2];
+  std::int64_t row_part[2];
+  bool row_ok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row0 + warp * 16 + lane / 4 + 8 * i;
+    row_ok[i] = r < rows;
+    row_tok[i] = row_ok[i] ? r / group : tok_last;
+    const int head = g * group + r % group;
+    row_vis[i] = row_ok[i] ? scored_kernels(p.positions[row_tok[i]], kv_limit, p.kernel_size, p.kernel_stride,
+                                            p.max_kernels, -1)
+                           : 0;
+    row_part[i] = static_cast<std::int64_t>(row_tok[i]) * p.heads_q + head;
+  }
+
+  for (int i = tid; i < kMmaRows * kChunks; i += kMmaThreads) {
+    const int r = i / kChunks;
+    const int c = i % kChunks;
+    const int row = row0 + r;
+    const bool valid = row < rows;
+    const T* src = p.q;
+    if (valid) src = p.q + (row / group) * p.q_stride_t + (g * group + row % group) * p.q_stride_h + c * 8;
+    cp_async_16(q_tile + mma_swizzle<kHeadDim>(r, c), src, valid);
+  }
+  cp_async_commit();
+  __syncthreads();  // block_visible
+
+  const int begin = split * p.kernels_per_split;
+  const int end = min(begin + p.kernels_per_split, block_visible);
+  const int tiles = end > begin ? (end - begin + kMmaKernels - 1) / kMmaKernels : 0;
+  auto load_tile = [&](int tile, int stage) {
+    T* dst = ck_tiles + stage * kMmaKernels * kHeadDim;
+    const int j0 = begin + tile * kMmaKernels;
+    for (int i = tid; i < kMmaKernels * kChunks; i += kMmaThreads) {
+      const int r = i / kChunks;
+      const int c = i % kChunks;
+      const bool valid = j0 + r < end;
+      const T* src = valid ? p.ck + static_cast<std::int64_t>(j0 + r) * p.ck_stride_c + g * p.ck_stride_h + c * 8 : p.ck;
+      cp_async_16(dst + mma_swizzle<kHeadDim>(r, c), src, valid);
+    }
+  };
+  if (tiles > 0) load_tile(0, 0);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q has landed
+  __syncthreads();
+  std::uint32_t q_frag[kDimSteps][4];
+#pragma unroll
+  for (int ks = 0; ks < kDimSteps; ++ks) {
+    ldmatrix_x4(q_frag[ks], q_tile + mma_swizzle<kHeadDim>(warp * 16 + lane % 16, ks * 2 + lane / 16));
+  }
+
+  const float scale2 = p.scale * kLog2e;  // base-2 logits: exp2 throughout
+  // Pass 1: this thread's share of each row's running max and sum (the max is shared by the quad).
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+  // Pass 2: each row's base-2 log-sum-exp over every split (+inf: no kernel, every probability 0).
+  float row_lse[2] = {INFINITY, INFINITY};
+  if constexpr (kProbs) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+      for (int z = 0; z < p.splits; ++z) mx = fmaxf(mx, p.partial[(z * part_rows + row_part[i]) * 2]);
+      float total = 0.f;
+      if (mx != -INFINITY) {
+        for (int z = 0; z < p.splits; ++z) {
+          const float* st = p.partial + (z * part_rows + row_part[i]) * 2;
+          total += st[1] * exp2f(st[0] - mx);
+        }
+      }
+      row_lse[i] = total > 0.f ? mx + log2f(total) : INFINITY;
+    }
+  }
+
+  for (int it = 0; it < tiles; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < tiles) load_tile(it + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* const tile = ck_tiles + stage * kMmaKernels * kHeadDim;
+    float s[kKeyFrags][4];
+#pragma unroll
+    for (int j = 0; j < kKeyFrags; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < kDimSteps; ++ks) {
+#pragma unroll
+      for (int kp = 0; kp < kKeyFrags / 2; ++kp) {
+        std::uint32_t b[4];
+        ldmatrix_x4(b, tile + mma_swizzle<kHeadDim>(kp * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
+        mma_16816<T>(s[2 * kp], q_frag[ks], b[0], b[1]);
+        mma_16816<T>(s[2 * kp + 1], q_frag[ks], b[2], b[3]);
+      }
+    }
+    const int col0 = begin + it * kMmaKernels + (lane % 4) * 2;  // this thread's first column
+    if constexpr (!kProbs) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = row_max[i];
+#pragma unroll
+        for (int j = 0; j < kKeyFrags; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float x = col0 + j * 8 + e < row_vis[i] ? s[j][2 * i + e] * scale2 : -INFINITY;
+            s[j][2 * i + e] = x;
+            mx = fmaxf(mx, x);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(kAllLanes, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(kAllLanes, mx, 2));
+        if (mx == -INFINITY) continue;  // nothing visible yet: max and sum stay (-inf, 0)
+        float sum = row_sum[i] * exp2f(row_max[i] - mx);
+#pragma unroll
+        for (int j = 0; j < kKeyFrags; ++j) sum += exp2f(s[j][2 * i] - mx) + exp2f(s[j][2 * i + 1] - mx);
+        row_max[i] = mx;
+        row_sum[i] = sum;
+      }
+    } else {
+      // Probabilities, summed over each token's G rows (a token's rows share their visibility).
+#pragma unroll
+      for (int j = 0; j < kKeyFrags; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + j * 8 + e;
+          float v[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) v[i] = col < row_vis[i] ? exp2f(s[j][2 * i + e] * scale2 - row_lse[i]) : 0.f;
+          // G = 16: both rows belong to one token, whose sum lane 4k + c then holds; else each
+          // row's token sums its own G rows, held by the lanes of its first row.
+          const int sums = group == 16 ? 1 : 2;
+          if (group == 16) v[0] += v[1];
+          for (int i = 0; i < sums; ++i) v[i] = token_row_sum(v[i], group);
+          if ((lane / 4) % group == 0) {
+            for (int i = 0; i < sums; ++i) {
+              if (!row_ok[i]) continue;
+              float* out = p.scores + (static_cast<std::int64_t>(row_tok[i]) * p.heads_kv + g) * p.score_cols;
+              out[col] = col < row_vis[i] ? v[i] : -INFINITY;
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+
+  if constexpr (kProbs) {
+    // Columns of this split past the last tile (and past what the block sees): -inf, so that no
+    // element of a token's split is left unwritten.
+    const int written = begin + tiles * kMmaKernels;
+    const int from = max(begin, written);
+    const int count = max(begin + p.kernels_per_split - from, 0);
+    for (int i = tid; i < (tok_last - tok_first + 1) * count; i += kMmaThreads) {
+      const int t = tok_first + i / count;
+      p.scores[(static_cast<std::int64_t>(t) * p.heads_kv + g) * p.score_cols + from + i % count] = -INFINITY;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float sum = row_sum[i];
+      sum += __shfl_xor_sync(kAllLanes, sum, 1);
+      sum += __shfl_xor_sync(kAllLanes, sum, 2);
+      if (row_ok[i] && lane % 4 == 0) {
+        float* st = p.partial + (split * part_rows + row_part[i]) * 2;
+        st[0] = row_max[i];
+        st[1] = sum;
+      }
+    }
+  }
+}
+
+}  // namespace sparse_detail
+}  // namespace edgespec
+
+namespace edgespec {
+namespace sparse_detail {
+
+template <typename T>
+bool scores_mma_aligned(const SparseScoreParams<T>& p) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+  return aligned(p.q) && aligned(p.ck) && p.q_stride_t % 8 == 0 && p.q_stride_h % 8 == 0 && p.ck_stride_c % 8 == 0 &&
+         p.ck_stride_h % 8 == 0;
+}
+
+// Launches a score kernel's two passes (log-sum-exp partials, then probabilities), each with
+// `smem` bytes of dynamic shared memory (above 48 KB a kernel must opt in; legal during capture).
+template <typename P>
+Status launch_score_passes(void (*lse)(const P), void (*probs)(const P), const P& p, dim3 grid, int threads,
+                           int smem, cudaStream_t stream) {
+  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
+      cudaFuncSetAttribute(lse, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "sparse scores: shared memory"));
+  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
+      cudaFuncSetAttribute(probs, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "sparse scores: shared memory"));
+  lse<<<grid, threads, smem, stream>>>(p);
+  EDGESPEC_CHECK_LAUNCH("sparse scores (log-sum-exp pass)");
+  probs<<<grid, threads, smem, stream>>>(p);
+  EDGESPEC_CHECK_LAUNCH("sparse scores (probability pass)");
+  return Status::success();
+}
+
+template <typename T, int kHeadDim>
+Status launch_scores_mma(const SparseScoreParams<T>& p, cudaStream_t stream) {
+  const std::int64_t row_tiles = (static_cast<std::int64_t>(p.tokens) * p.group + kMmaRows - 1) / kMmaRows;
+  EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, 0x7fffffff, "sparse scores: row tiles"));
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.splits));
+  return launch_score_passes(scores_mma_kernel<T, kHeadDim, false>, scores_mma_kernel<T, kHeadDim, true>, p, grid,
+                             kMmaThreads, scores_mma_smem_bytes(kHeadDim), stream);
+}
+
+}  // namespace sparse_detail
+}  // namespace edgespec
