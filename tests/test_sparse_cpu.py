@@ -239,6 +239,14 @@ def test_sparse_attention_rejects_bad_inputs():
         ops.sparse_attention(q, k, k, 1.0, ck[:3], pos, cfg, 0, 100)
     with pytest.raises(ValueError, match="tree mask must be"):
         ops.sparse_attention(q, k, k, 1.0, ck, pos, cfg, 0, 98, tree_mask=torch.zeros(2, 2, dtype=torch.int64))
+    # A decoded token and a tree's tokens sit at their logical positions (the prefix, then depths).
+    with pytest.raises(ValueError, match="not the slots' logical positions"):
+        ops.sparse_attention(q[:1], k, k, 1.0, ck, torch.tensor([97]), cfg, 0, 100)
+    chain = ops.pack_tree_mask(torch.ones(2, 2, dtype=torch.bool).tril())
+    with pytest.raises(ValueError, match="not the slots' logical positions"):
+        ops.sparse_attention(q, k, k, 1.0, ck, torch.tensor([98, 98]), cfg, 0, 98, tree_mask=chain)
+    with pytest.raises(ValueError, match="kv_limit must be its committed prefix 98"):
+        ops.sparse_attention(q, k, k, 1.0, ck, pos, cfg, 0, 97, tree_mask=chain)
 
 
 def test_device_side_lengths_give_the_host_results():
