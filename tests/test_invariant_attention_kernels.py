@@ -96,7 +96,7 @@ def test_verified_sparse_tree_rows_equal_decoded_rows(kernel_device, t, prefix, 
     scale = d ** -0.5
     splits = _kernels.rank_splits(nb, rank)
     verified = _kernels.attention(q, k, v, scale, mask, block_mask=words, rank_tiles=rank, splits=splits)
-    rows = range(t) if kernel_device.type == "cuda" else sorted({0, t - 1, *range(1, t, max(1, t // 4))})
+    rows = range(t) if kernel_device.type == "cuda" else sorted({0, t // 2, t - 1, *range(1, t, max(1, t // 4))})
     for node in rows:
         path = _path(parents, node)
         slots = torch.cat([torch.arange(prefix), prefix + torch.tensor(path)]).to(k.device)
@@ -105,9 +105,10 @@ def test_verified_sparse_tree_rows_equal_decoded_rows(kernel_device, t, prefix, 
         decoded = _kernels.attention(q[node:node + 1], k_log, v_log, scale, block_mask=words[node:node + 1],
                                      rank_tiles=rank, splits=own_splits)
         assert torch.equal(verified[node:node + 1], decoded), f"node {node} (depth {depth[node]})"
-        ref = sparse_ref.attend_blocks(q[node:node + 1].cpu(), k_log.cpu(), v_log.cpu(), [positions[node]], scale,
-                                       64, [blocks[node]])
-        torch.testing.assert_close(decoded.double().cpu(), ref, rtol=3e-2, atol=3e-2)
+        if node in (0, t // 2, t - 1):  # the (slow, loop-written) oracle on a few rows
+            ref = sparse_ref.attend_blocks(q[node:node + 1].cpu(), k_log.cpu(), v_log.cpu(), [positions[node]],
+                                           scale, 64, [blocks[node]])
+            torch.testing.assert_close(decoded.double().cpu(), ref, rtol=3e-2, atol=3e-2)
 
 
 CAUSAL = device_cases(emulated=[(7, 57, 8, 2, 128, 1), (19, 120, 16, 1, 64, 2), (33, 0, 4, 4, 64, 1)],
