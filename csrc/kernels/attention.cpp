@@ -136,11 +136,12 @@ Status check_attention(const AttentionArgs& a) {
       return Status::unsupported("attention: the row-invariant block-sparse mode (rank_tiles > 0) needs a block mask "
                                  "and takes neither chunk_tiles nor the sm90 kernels");
     }
-    if (a.tree_mask != nullptr && heads_q / heads_kv > kAttentionMaxTailGroup) {
-      return Status::unsupported("attention: the row-invariant tree mode takes at most " +
-                                 std::to_string(kAttentionMaxTailGroup) + " query heads per KV head, got " +
-                                 std::to_string(heads_q / heads_kv));
-    }
+  }
+  // Both row-invariant tree modes run tail blocks, one token's G rows each.
+  if (a.tree_mask != nullptr && (invariant || a.rank_tiles > 0) && heads_q / heads_kv > kAttentionMaxTailGroup) {
+    return Status::unsupported("attention: the row-invariant tree mode takes at most " +
+                               std::to_string(kAttentionMaxTailGroup) + " query heads per KV head, got " +
+                               std::to_string(heads_q / heads_kv));
   }
   if (invariant) {
     if (a.chunk_tiles < 0) return Status::invalid("chunk_tiles must be >= 0, got " + std::to_string(a.chunk_tiles));
@@ -153,11 +154,6 @@ Status check_attention(const AttentionArgs& a) {
       return Status::invalid("splits = " + std::to_string(a.splits) + " but chunk_tiles = " +
                              std::to_string(a.chunk_tiles) + " cuts the " + std::to_string(seqlen) + " slots into " +
                              std::to_string(chunks) + " chunks (attention_invariant_splits)");
-    }
-    if (invariant_tree && heads_q / heads_kv > kAttentionMaxTailGroup) {
-      return Status::unsupported("attention: the row-invariant tree mode takes at most " +
-                                 std::to_string(kAttentionMaxTailGroup) + " query heads per KV head, got " +
-                                 std::to_string(heads_q / heads_kv));
     }
   } else if (a.resume != nullptr) {
     return Status::invalid("resume is scratch of the row-invariant tree mode (chunk_tiles > 0); pass none here");
