@@ -331,14 +331,17 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return None
     if _kernels.attention_smem_rejection(q, k, tree_mask, words) is not None:
         return None  # the block-selection rows would not fit the GPU's shared memory: torch path
-    path = None if tree_mask is None else path_kernels(k, kv_limit, unpack_tree_mask(tree_mask, t),
-                                                       cfg.kernel_size, cfg.kernel_stride)
     # Decoded and verified tokens: the row-invariant mode (a tree token gets its decoded bits): one
     # score split length for the whole generation (planned from span), and attention split by the
     # rank of a token's selected tiles, into as many splits as the config lets a token select.
     invariant = (row_invariant and (t == 1 or tree_mask is not None) and backend.row_invariant_kernels()
                  and _kernels.invariant_rejection(q, k, tree_mask, words) is None
                  and _kernels.supports_sparse_select(q, ck, positions, cfg, nb))
+    # The heuristic mode's tree mask shows a token all its ancestors, whatever blocks it selected.
+    if not invariant and tree_mask is not None and not ancestors_in_window(positions, kv_limit, cfg):
+        return None
+    path = None if tree_mask is None else path_kernels(k, kv_limit, unpack_tree_mask(tree_mask, t),
+                                                       cfg.kernel_size, cfg.kernel_stride)
     if invariant:
         per_split = _kernels.sparse_invariant_per_split(span or DEFAULT_SPAN, hkv, cfg, q.device)
         mask = _kernels.sparse_select_blocks(q, ck, positions, cfg, scale, dense_len, kv_limit, nb, path, per_split)
@@ -347,9 +350,6 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         most = max(-(-dense_len // cfg.block_size), cfg.max_selected_blocks)
         return _kernels.attention(q, k, v, scale, tree_mask, block_mask=mask, seqlen=seqlen,
                                   rank_tiles=_kernels.RANK_TILES, splits=_kernels.rank_splits(most))
-    # The heuristic mode's tree mask shows a token all its ancestors, whatever blocks it selected.
-    if tree_mask is not None and not ancestors_in_window(positions, kv_limit, cfg):
-        return None
     if path is None and _kernels.supports_sparse_select(q, ck, positions, cfg, nb) and (
             t <= _KERNEL_SELECT_MAX_TOKENS or _kernels.sparse_scores_mma(q, ck)):
         # Query chunks bound the kernels' fp32 score scratch ([rows, Hkv, C]) for long prefills.
