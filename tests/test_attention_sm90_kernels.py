@@ -116,11 +116,14 @@ def test_sm90_takes_a_query_view_of_fused_qkv(hopper, monkeypatch) -> None:
     assert_attention_close(_sm90(view, k, v, 0.1), q, k, v, 0.1, None, monkeypatch, "strided q")
 
 
-def test_sm90_refuses_block_masks(hopper) -> None:
+def test_sm90_refuses_the_row_invariant_modes(hopper) -> None:
+    """Those run on the generic kernels (their tail blocks hold one token each)."""
     q, k, v = attention_inputs(5, 123, 8, 2, 64, torch.bfloat16, 1, hopper)
     blocks = torch.ones(5, 2, 1, dtype=torch.int64, device=hopper)
-    with pytest.raises(ValueError, match="block-sparse attention .* runs on the generic kernels"):
-        _kernels.attention(q, k, v, 0.1, block_mask=blocks, sm90=True)
+    with pytest.raises(ValueError, match="takes neither chunk_tiles nor the sm90 kernels"):
+        _kernels.attention(q, k, v, 0.1, block_mask=blocks, sm90=True, rank_tiles=1, splits=1)
+    with pytest.raises(ValueError, match="no sm90 kernels"):
+        _kernels.attention(q, k, v, 0.1, sm90=True, chunk_tiles=1)
 
 
 def test_sm90_split_plan() -> None:
@@ -140,15 +143,21 @@ def test_sm90_split_plan() -> None:
 
 @pytest.mark.emulated
 @pytest.mark.usefixtures("emulated_kernels")
-@pytest.mark.parametrize("case", ["prefill", "tree split"])
+@pytest.mark.parametrize("case", ["prefill", "tree split", "block-sparse prefill"])
 def test_emulated_sm90_output_does_not_depend_on_thread_order(case: str, monkeypatch) -> None:
     """A missing barrier, wait or fence between the cp.async copies, the stage refill and the
     asynchronous wgmma reads changes the result under some schedule (the emulator computes a
-    wgmma when its group is waited for, reading shared memory then)."""
+    wgmma when its group is waited for, reading shared memory then); block-sparse, also between
+    the selection words staged in shared memory and their unions."""
     cpu = torch.device("cpu")
-    t, prefix, mask, splits = {"prefill": (77, 64, None, 1), "tree split": (70, 150, _tree(70, 2, cpu), 3)}[case]
+    t, prefix, mask, splits = {"prefill": (77, 64, None, 1), "tree split": (70, 150, _tree(70, 2, cpu), 3),
+                               "block-sparse prefill": (40, 700, None, 2)}[case]
     q, k, v = attention_inputs(t, prefix, 8, 2, 128, torch.bfloat16, 21, cpu)
-    assert_schedule_independent(lambda: _sm90(q, k, v, 0.1, mask, splits=splits), monkeypatch)
+    blocks = None
+    if case == "block-sparse prefill":  # random selections (bits past a token's blocks are ignored)
+        blocks = torch.randint(-2 ** 62, 2 ** 62, (t, 2, 1), generator=torch.Generator().manual_seed(3))
+    assert_schedule_independent(
+        lambda: _kernels.attention(q, k, v, 0.1, mask, splits=splits, block_mask=blocks, sm90=True), monkeypatch)
 
 
 @pytest.mark.emulated

@@ -400,14 +400,19 @@ ATTENTION_LONG = [(32, 2, 128, 9_000, 1, False), (32, 2, 128, 5_000, 77, False),
 @pytest.mark.parametrize("kernel_device, hq, hkv, dim, s, t, tree",
                          device_cases(ATTENTION_CASES, ATTENTION_CASES + ATTENTION_LONG), indirect=["kernel_device"])
 @pytest.mark.parametrize("splits", [None, 1, 7])
-def test_attention_kernel_with_block_mask_matches_oracle(kernel_device, dtype, hq, hkv, dim, s, t, tree, splits):
+@pytest.mark.parametrize("sm90", [False, True], ids=["generic", "sm90"])
+def test_attention_kernel_with_block_mask_matches_oracle(kernel_device, dtype, hq, hkv, dim, s, t, tree, splits, sm90):
+    """The generic kernels and the Hopper ones (skipped on a GPU that is not compute capability 9.0),
+    whose 128-row blocks span up to 129 tokens' selections (GQA 1) or a few (GQA 16)."""
     # splits=7 also runs on strided views and with a spare mask word.
     q, k, v, vis, positions, packed, blocks, words = _attention_case(
         dtype, hq, hkv, dim, s, t, tree, seed=s + t, extra_words=int(splits == 7), strided=splits == 7,
         device=kernel_device)
     assert _K().block_mask_rejection(q, k, words) is None
+    if sm90 and _K().sm90_attention_rejection(q) is not None:
+        pytest.skip(_K().sm90_attention_rejection(q))
     scale = dim ** -0.5
-    out = _K().attention(q, k, v, scale, packed, splits=splits, block_mask=words)
+    out = _K().attention(q, k, v, scale, packed, splits=splits, block_mask=words, sm90=sm90)
     ref = sparse_ref.attend_blocks(q.cpu(), k.cpu(), v.cpu(), positions, scale, 64, blocks, vis)
     # PyTorch's own error at this precision, with the same mask, sets the tolerance (a row that
     # sees nothing is NaN there, zeros in the kernel and the oracle).
@@ -460,6 +465,34 @@ def test_sparse_attention_op_on_kernels_matches_oracle(kernel_device, dtype, t, 
     ref = sparse_ref.sparse_attention(q.cpu(), k.cpu(), v.cpu(), positions, 0.125, params(cfg), kv_limit, tree=vis)
     tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
     torch.testing.assert_close(out.cpu().double(), ref.out, rtol=tol, atol=tol)
+
+
+def test_sparse_prefill_takes_the_sm90_kernels_when_asked(kernel_device, monkeypatch):
+    """EDGESPEC_SM90_ATTENTION=1 sends a block-sparse prefill chunk (64 packed rows and more) to the
+    Hopper kernels, which match the oracle; a decode step keeps the generic kernels' row-invariant
+    mode. Skipped on a GPU that is not compute capability 9.0."""
+    from edgespec.ops import backend
+
+    monkeypatch.setattr(backend, "use_kernel", lambda *tensors: True)
+    monkeypatch.setenv("EDGESPEC_SM90_ATTENTION", "1")
+    K = _K()
+    cfg = parse_sparse_config(SMALL)
+    s = 900
+    chunk = random_case(8, 2, 64, s, 20, torch.bfloat16, seed=8, device=kernel_device)  # 20 tokens x 4 heads
+    if K.sm90_attention_rejection(chunk[0]) is not None:
+        pytest.skip(K.sm90_attention_rejection(chunk[0]))
+    calls = []
+    real = K.attention
+    monkeypatch.setattr(K, "attention", lambda *a, **kw: calls.append(kw.get("sm90", False)) or real(*a, **kw))
+    ck = torch.zeros(cfg.num_kernels(s), 2, 64, dtype=torch.bfloat16, device=kernel_device)
+    ops.compress_keys(chunk[1], ck, 0, s, cfg.kernel_size, cfg.kernel_stride)
+    for t, q in ((20, chunk[0]), (1, chunk[0][-1:])):
+        positions = list(range(s - t, s))
+        out = ops.sparse_attention(q, *chunk[1:], 0.125, ck, torch.tensor(positions, device=kernel_device), cfg,
+                                   dense_len=cfg.dense_len, kv_limit=s)
+        assert calls[-1] == (t == 20), f"T={t}: sm90 {calls[-1]}"
+        ref = sparse_ref.sparse_attention(q.cpu(), chunk[1].cpu(), chunk[2].cpu(), positions, 0.125, params(cfg), s)
+        torch.testing.assert_close(out.cpu().double(), ref.out, rtol=3e-2, atol=3e-2)
 
 
 def test_select_past_the_score_shared_memory_falls_back_to_torch(kernel_device, monkeypatch):

@@ -16,6 +16,10 @@
 // global memory: a few words per row per tile), the online softmax and the rescale of O run on
 // the accumulators in registers; O += P.V is 4 wgmma m64nDk16 steps with P from registers (the S
 // accumulators, rounded and packed: the wgmma A layout) and V from shared memory (MN-major).
+// Block-sparse (InfLLM-v2 block mask, the generic kernel's rule): the block streams the union of
+// the tiles its tokens selected, a warpgroup attends those its own tokens selected, and a row's
+// prefix keys outside its token's selection are masked; a long sparse prefill (MiniCPM4: 8
+// tokens of 16 heads per block, neighbours selecting mostly the same blocks) is the case.
 #include <cuda_runtime_api.h>
 
 #include <cmath>
@@ -32,6 +36,10 @@
 namespace edgespec {
 
 namespace sm90_attention {
+
+using attention_detail::bits_below;
+using attention_detail::next_set_tile;
+using attention_detail::nth_set_tile;
 
 constexpr int kWarpgroups = 2;               // consumers of every K/V tile
 constexpr int kThreads = 128 * kWarpgroups;
@@ -50,6 +58,7 @@ struct Smem {
   // A Q tile per warpgroup, two stages of K and V, and room to move the start to a 1024-byte
   // boundary of the shared window.
   static constexpr int kBytes = (kWarpgroups + 4) * kTileBytes + static_cast<int>(kGmmaSwizzleAtomBytes);
+  static_assert(kBytes == attention_sm90_tile_bytes(kHeadDim), "attention_plan.h sizes the launches");
 };
 
 // Copies 64 rows of kHeadDim elements into a swizzled tile: row i from src_row(i) (nullptr: zeros;
@@ -69,19 +78,21 @@ __device__ __forceinline__ void load_tile(unsigned char* tile, const T* any, Row
 
 // What one thread needs to mask its two rows (16 w + g and + 8 of its warpgroup's 64, w = warp in
 // the warpgroup): causal, the last slot each sees; tree, each row's tree-mask row (nullptr for a
-// row past the last token) and the first tree slot.
+// row past the last token) and the first tree slot; block-sparse, whether each row's token
+// selected the current tile (always true without a block mask).
 struct RowMask {
   int limit[2];
   const std::uint64_t* tree[2];
   int prefix = 0, tree_tokens = 0;
+  bool selected[2] = {true, true};
 };
 
 // Whether slot `slot` is visible to row h (0 or 1) of this thread, in a tile that needs a mask.
 template <bool kTree>
 __device__ __forceinline__ bool visible(const RowMask& m, int h, int slot) {
-  if (!kTree) return slot <= m.limit[h];
+  if (!kTree) return slot <= m.limit[h] && m.selected[h];
   const int j = slot - m.prefix;
-  if (j < 0) return true;
+  if (j < 0) return m.selected[h];  // a prefix slot; tree slots are governed by the tree mask alone
   if (j >= m.tree_tokens || m.tree[h] == nullptr) return false;
   return (__ldg(m.tree[h] + j / 64) >> (j % 64)) & 1ull;
 }
@@ -209,6 +220,59 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionP
   const int tile_end = min(tile_begin + per_split, visible_tiles(m0, kBlockM));
   const int my_end = min(tile_begin + per_split, visible_tiles(mine, kRowsPerGroup));
   const int whole = (kTree ? prefix : prefix + mine / group + 1) / kBlockN;
+  // The tiles this block visits: [tile_first, ...) in order, tile_count of them.
+  int tile_first = tile_begin;
+  int tile_count = max(tile_end - tile_begin, 0);
+
+  // Block-sparse (attention.h): the block visits the union of the tiles its tokens selected, the
+  // splits sharing it out by rank; a warpgroup attends the tiles its own tokens selected (union
+  // per warpgroup, so the choice is uniform per warpgroup as wgmma requires) and skips the
+  // per-row mask where all of them did (intersection). Words past the tiles a row can see are
+  // ignored; tiles holding tree slots are always visited (the tree mask decides there).
+  const bool sparse = p.block_mask != nullptr;
+  const int bw = p.block_words;
+  const int tok_first = m0 / group;
+  const int tok_last = min((m0 + kBlockM - 1) / group, p.tokens - 1);
+  std::uint64_t* const sel_rows = reinterpret_cast<std::uint64_t*>(smem_raw + S::kBytes);  // [span][bw]
+  std::uint64_t* const sel_any = sel_rows + (tok_last - tok_first + 1) * bw;                 // [bw]
+  std::uint64_t* const group_any = sel_any + bw;                                             // [2][bw]
+  std::uint64_t* const group_all = group_any + kWarpgroups * bw;                             // [2][bw]
+  if (sparse) {
+    const int span = tok_last - tok_first + 1;
+    for (int i = static_cast<int>(threadIdx.x); i < span * bw; i += kThreads) {
+      const std::int64_t tok = tok_first + i / bw;
+      sel_rows[i] = __ldg(p.block_mask + (tok * p.heads_kv + kv) * bw + i % bw);
+    }
+    __syncthreads();
+    const int first_tree_tile = kTree ? prefix / kBlockN : tiles_total;
+    // part 0: the whole block; part 1 + w: warpgroup w.
+    for (int i = static_cast<int>(threadIdx.x); i < (1 + kWarpgroups) * bw; i += kThreads) {
+      const int part = i / bw, w = i % bw;
+      const int first_row = part == 0 ? m0 : m0 + kRowsPerGroup * (part - 1);
+      const int rows = part == 0 ? kBlockM : kRowsPerGroup;
+      const int end = visible_tiles(first_row, rows);  // 0 for a warpgroup past the last row
+      const int u_end = end > 0 ? min((first_row + rows - 1) / group, p.tokens - 1) : -1;
+      std::uint64_t any = 0, all = ~0ull;
+      for (int u = first_row / group; u <= u_end; ++u) {
+        any |= sel_rows[(u - tok_first) * bw + w];
+        all &= sel_rows[(u - tok_first) * bw + w];
+      }
+      any = (any | ~bits_below(first_tree_tile - w * 64)) & bits_below(end - w * 64);
+      if (part == 0) {
+        sel_any[w] = any;
+      } else {
+        group_any[(part - 1) * bw + w] = any;
+        group_all[(part - 1) * bw + w] = all;
+      }
+    }
+    __syncthreads();
+    int total = 0;
+    for (int w = 0; w < bw; ++w) total += __popcll(sel_any[w]);
+    const int per_rank = (total + p.splits - 1) / p.splits;
+    tile_count = max(min(per_rank, total - split * per_rank), 0);
+    tile_first = tile_count > 0 ? nth_set_tile(sel_any, bw, split * per_rank) : 0;
+  }
+  auto has_tile = [](const std::uint64_t* words, int tile) { return ((words[tile >> 6] >> (tile & 63)) & 1ull) != 0; };
 
   auto row_q = [&](int r) -> const T* {
     if (r >= rows_total) return nullptr;
@@ -229,33 +293,46 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionP
     load_tile<T, kHeadDim>(smem + S::k(stage), p.k, key_row(p.k, p.k_stride_s, p.k_stride_h));
     load_tile<T, kHeadDim>(smem + S::v(stage), p.v, key_row(p.v, p.v_stride_s, p.v_stride_h));
   };
-  if (tile_begin < tile_end) load_kv(tile_begin, 0);
+  if (tile_count > 0) load_kv(tile_first, 0);
   cp_async_commit();
 
   RowMask mask;
   mask.prefix = prefix;
   mask.tree_tokens = p.tokens;
+  int row_token[2];  // a padding row past the last token borrows it (its Q is zero, never written)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = mine + 16 * (warp % 4) + g + 8 * h;
     mask.limit[h] = prefix + r / group;
     mask.tree[h] = kTree && r < rows_total ? p.tree_mask + static_cast<std::int64_t>(r / group) * p.mask_words : nullptr;
+    row_token[h] = min(r / group, p.tokens - 1);
   }
   RowState<kHeadDim> st;
 
-  for (int tile = tile_begin; tile < tile_end; ++tile) {
-    const int stage = (tile - tile_begin) & 1;
+  int tile = tile_first;
+  for (int it = 0; it < tile_count; ++it) {
+    const int stage = it & 1;
     cp_async_wait<0>();
     fence_proxy_async();  // the cp.async writes, before the wgmma reads of the async proxy
     __syncthreads();      // every thread's copies landed; the other stage is free again
-    if (tile + 1 < tile_end) load_kv(tile + 1, stage ^ 1);
+    const int next = it + 1 < tile_count ? (sparse ? next_set_tile(sel_any, bw, tile) : tile + 1) : -1;
+    if (next >= 0) load_kv(next, stage ^ 1);
     cp_async_commit();
-    if (tile < my_end) {  // uniform per warpgroup, as wgmma requires
+    // Uniform per warpgroup, as wgmma requires.
+    const bool attend = sparse ? has_tile(group_any + wg * bw, tile) : tile < my_end;
+    if (attend) {
+      bool masked = tile >= whole;
+      if (sparse) {
+        masked = masked || !has_tile(group_all + wg * bw, tile);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) mask.selected[h] = has_tile(sel_rows + (row_token[h] - tok_first) * bw, tile);
+      }
       attend_tile<T, kHeadDim, kTree>(st, mask, base + static_cast<std::uint32_t>(S::q(wg)),
                                       base + static_cast<std::uint32_t>(S::k(stage)),
-                                      base + static_cast<std::uint32_t>(S::v(stage)), tile * kBlockN, tile >= whole,
+                                      base + static_cast<std::uint32_t>(S::v(stage)), tile * kBlockN, masked,
                                       p.scale_log2);
     }
+    tile = next;
   }
   cp_async_wait<0>();
 
@@ -297,7 +374,15 @@ Status launch(const AttentionParams<T>& p, cudaStream_t stream) {
   const std::int64_t row_tiles = (rows + kBlockM - 1) / kBlockM;
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, kMaxGridX, "attention (sm90): number of query row tiles"));
   auto* kernel = attention_kernel<T, kHeadDim, kTree>;
-  constexpr int smem = Smem<kHeadDim>::kBytes;
+  const int smem = attention_sm90_smem_bytes(kHeadDim, p.tokens, p.group, p.block_mask != nullptr ? p.block_words : 0);
+  int device = 0, optin = 0;
+  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaGetDevice(&device), "attention (sm90): cudaGetDevice"));
+  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                                             "attention (sm90): reading the GPU's shared memory limit"));
+  if (smem > optin) {
+    return Status::unsupported("attention (sm90): this call needs " + std::to_string(smem) +
+                               " bytes of shared memory per block, the GPU allows " + std::to_string(optin));
+  }
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
       "attention (sm90): requesting dynamic shared memory"));

@@ -1,5 +1,5 @@
-// Hopper (sm_90a) attention kernels on wgmma: causal prefill / chunks and tree verification, split-KV
-// and device-side lengths included. Same contract as attention.h for the calls they take
+// Hopper (sm_90a) attention kernels on wgmma: causal prefill / chunks and tree verification, split-KV,
+// device-side lengths and InfLLM-v2 block masks included. Same contract as attention.h for the calls they take
 // (attention_sm90_rejection says which); csrc/kernels/attention.cpp dispatches to them when
 // AttentionArgs::sm90 asks and the build has them (EDGESPEC_HAS_SM90). Splits:
 // attention_sm90_num_splits (attention_plan.h) plans them for these kernels' 128-row blocks.
@@ -12,10 +12,11 @@
 
 namespace edgespec {
 
-// Why the sm90 kernels cannot take this call (nullptr: they can): an InfLLM-v2 block mask.
+// Why the sm90 kernels cannot take this call (nullptr: they can): a row-invariant mode (those run
+// on the generic kernels, attention.h "Row invariance").
 template <typename T>
 const char* attention_sm90_rejection(const AttentionParams<T>& p) {
-  if (p.block_mask != nullptr) return "a block mask (block-sparse attention runs on the generic kernels)";
+  if (p.chunk_tiles > 0 || p.rank_tiles > 0) return "a row-invariant mode (chunk_tiles / rank_tiles)";
   return nullptr;
 }
 

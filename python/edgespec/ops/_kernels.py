@@ -430,8 +430,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     whole cache replays at any length; the number of splits then follows S. With a block mask the
     mask's words cover the tiles of all S slots (those past seqlen are never visited).
     sm90: run the Hopper kernels (wgmma; csrc/kernels/sm90/attention_sm90.h), which take every
-    call but a block-sparse one (sm90_attention_rejection) on a compute capability 9.0 GPU with a
-    90a-real build; splits=None then plans for them.
+    call but the row-invariant modes, block masks included, on a compute capability 9.0 GPU with a
+    90a-real build (sm90_attention_rejection); splits=None then plans for them.
     chunk_tiles: None, or the row-invariant mode (csrc/kernels/attention.h "Row invariance"): keys
     cut into chunks of chunk_tiles x 64 at fixed positions (invariant_chunk_tiles; the same value
     for every call of a generation), so a decoded token and the same token verified in a tree get
@@ -454,7 +454,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         tree_mask = tree_mask.contiguous()
     t, hq, d = q.shape
     if sm90:
-        _require("attention (sm90)", sm90_attention_rejection(q, block_mask))
+        _require("attention (sm90)", sm90_attention_rejection(q))
     resume = None
     if rank_tiles is not None:
         if block_mask is None or chunk_tiles is not None or sm90 or splits is None or rank_tiles < 1:
@@ -504,7 +504,7 @@ def rank_splits(max_tiles: int, rank_tiles: int = RANK_TILES) -> int:
 SM90_MIN_ROWS = 64
 
 
-def sm90_attention_requested(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor | None = None) -> bool:
+def sm90_attention_requested(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ops.attention runs this call on the Hopper kernels: EDGESPEC_SM90_ATTENTION=1 (opt-in
     until a GPU session has checked and timed them: bench_attention.py's sm90 columns) and a call
     of at least SM90_MIN_ROWS packed rows that they take."""
@@ -512,18 +512,16 @@ def sm90_attention_requested(q: torch.Tensor, k: torch.Tensor, block_mask: torch
     if value not in ("0", "1"):
         raise ValueError(f"EDGESPEC_SM90_ATTENTION must be 0 or 1, got {value!r}")
     return (value == "1" and q.shape[0] * (q.shape[1] // k.shape[1]) >= SM90_MIN_ROWS
-            and sm90_attention_rejection(q, block_mask) is None)
+            and sm90_attention_rejection(q) is None)
 
 
-def sm90_attention_rejection(q: torch.Tensor, block_mask: torch.Tensor | None = None) -> str | None:
+def sm90_attention_rejection(q: torch.Tensor) -> str | None:
     """Why the Hopper kernels cannot take this attention call (None: they can), beyond
-    attention_rejection: an sm_90a build, a compute capability 9.0 GPU, no block mask."""
+    attention_rejection: they need an sm_90a build and a compute capability 9.0 GPU."""
     if not _module().build_info().get("sm90_kernels", False):
         return "this build has no sm90 kernels (EDGESPEC_CUDA_ARCHS lacks 90a-real)"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) != (9, 0):
         return f"the sm90 kernels need a compute capability 9.0 GPU, {q.device} is {torch.cuda.get_device_capability(q.device)}"
-    if block_mask is not None:
-        return "block-sparse attention (a block mask) runs on the generic kernels"
     return None
 
 

@@ -365,10 +365,12 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             positions[a:a + chunk], cfg, dense_len)) for a in range(0, t, chunk)])
     if _kernels.block_mask_rejection(q, k, mask) is not None:
         return None
-    # Splits are planned for the keys a query can select, not for the whole cache.
+    # Splits are planned for the keys a query can select, not for the whole cache. A long prefill
+    # (and a heuristic-mode tree) may take the Hopper kernels (EDGESPEC_SM90_ATTENTION=1).
     selectable = max(dense_len, (cfg.init_blocks + cfg.window_blocks + cfg.topk) * cfg.block_size) + t
-    splits = _kernels.attention_splits(t, min(s, selectable), hq, hkv, tree_mask is not None, q.device)
-    return _kernels.attention(q, k, v, scale, tree_mask, splits=splits, block_mask=mask, seqlen=seqlen)
+    sm90 = _kernels.sm90_attention_requested(q, k)
+    splits = _kernels.attention_splits(t, min(s, selectable), hq, hkv, tree_mask is not None, q.device, sm90)
+    return _kernels.attention(q, k, v, scale, tree_mask, splits=splits, block_mask=mask, seqlen=seqlen, sm90=sm90)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ck: torch.Tensor,
