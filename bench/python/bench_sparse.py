@@ -16,7 +16,9 @@ One attention layer per call, in the same run and on the same inputs:
 
 Baselines, one row each per case: `torch SDPA dense` (the fastest torch SDPA backend that runs the
 case, native GQA where it can) and `edgespec dense` (the same attention kernels without a block
-mask). Timing as in bench_attention.py: CUDA-graph replays (eager if capture fails) of `copies`
+mask); on an H100/H200 prefill cases also carry `sm90_ms` (the same sparse prefill with
+EDGESPEC_SM90_ATTENTION=1: block-sparse attention on the wgmma kernels) and a third baseline row,
+`edgespec dense (sm90)`. Timing as in bench_attention.py: CUDA-graph replays (eager if capture fails) of `copies`
 calls on distinct inputs (> 3x L2 together), CUDA events, median over --repeats. Decode rows are
 verified against the op layer's torch path (same selection rule) before timing.
 
@@ -31,6 +33,7 @@ Exits 77 (nothing measured) without a CUDA GPU or without the compiled extension
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import zlib
@@ -133,21 +136,28 @@ class SparseCalls:
         return ops.sparse_attention(q, k, v, self.scale, self.ck[i], self.positions, cfg, dense_len=0, kv_limit=s)
 
 
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    """The variable set to value inside the block, restored after it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = previous
+
+
 def torch_path_reference(calls: SparseCalls, i: int) -> torch.Tensor:
     """The op layer's torch path on the same inputs (selection in torch, masked SDPA)."""
-    previous = os.environ.get("EDGESPEC_BACKEND")
-    os.environ["EDGESPEC_BACKEND"] = "torch"
-    try:
+    with environment("EDGESPEC_BACKEND", "torch"):
         inputs, case = calls.inputs, calls.case
         tree = case.phase == "tree"
         return ops.sparse_attention(inputs.q[i], inputs.k[i], inputs.v[i], calls.scale, calls.ck[i], calls.positions,
                                     calls.cfg, dense_len=0, kv_limit=calls.prefix if tree else case.seqlen,
                                     tree_mask=inputs.packed if tree else None)
-    finally:
-        if previous is None:
-            os.environ.pop("EDGESPEC_BACKEND")
-        else:
-            os.environ["EDGESPEC_BACKEND"] = previous
 
 
 def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats: int, l2_bytes: int) -> list[dict]:
@@ -177,6 +187,13 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
     if case.phase == "tree":
         heuristic_ms, _ = graph_ms([lambda i=i: sparse.tree(i, invariant=False) for i in range(inputs.copies)], repeats)
         common.update(heuristic_ms=round(heuristic_ms, 5), invariant_over_heuristic=round(ours_ms / heuristic_ms, 3))
+    if case.phase == "prefill" and _kernels.sm90_attention_rejection(inputs.q[0]) is None:
+        # The block-sparse attention on the Hopper kernels (wgmma; opt-in until measured).
+        with environment("EDGESPEC_SM90_ATTENTION", "1"):
+            diff = (ours_calls[0]().float() - ours_out.float()).abs().max().item()
+            sm90_ms, _ = graph_ms(ours_calls, repeats)
+        common.update(sm90_ms=round(sm90_ms, 5), sm90_over_ours=round(sm90_ms / ours_ms, 3),
+                      sm90_max_abs_diff_vs_ours=round(diff, 5))
     if case.phase == "decode":
         # The price of row invariance (fixed score splits and key chunks): what the target pays.
         invariant_calls = [lambda i=i: sparse.decode(i, invariant=True) for i in range(inputs.copies)]
@@ -190,6 +207,11 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
                    for i in range(inputs.copies)]
     dense_ms, _ = graph_ms(dense_calls, repeats)
     rows.append({"case": case.name, **common, "baseline": "edgespec dense", "baseline_ms": round(dense_ms, 5)})
+    if "sm90_ms" in common:  # our best dense prefill on Hopper
+        sm90_dense = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, sm90=True)
+                      for i in range(inputs.copies)]
+        rows.append({"case": case.name, **common, "baseline": "edgespec dense (sm90)",
+                     "baseline_ms": round(graph_ms(sm90_dense, repeats)[0], 5)})
     best = None
     for name, calls, _ in sdpa_variants(case, inputs, scale):
         ms, _ = graph_ms(calls, repeats)
