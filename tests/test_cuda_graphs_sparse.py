@@ -189,9 +189,9 @@ def test_sparse_steps_on_the_emulated_kernels_read_their_lengths_on_the_device(t
         seen["compress"].append(lengths)
         return real_compress(*args, lengths=lengths, **kw)
 
-    def select(q, ck, positions, cfg, scale, dense_len, kv_limit, num_blocks, *rest):
+    def select(q, ck, positions, cfg, scale, dense_len, kv_limit, num_blocks, *rest, **kw):
         seen["select"].append(kv_limit)
-        return real_select(q, ck, positions, cfg, scale, dense_len, kv_limit, num_blocks, *rest)
+        return real_select(q, ck, positions, cfg, scale, dense_len, kv_limit, num_blocks, *rest, **kw)
 
     def attention(*args, block_mask=None, seqlen=None, **kw):
         seen["attention"].append((block_mask is not None, seqlen))

@@ -132,16 +132,17 @@ def _compressed(cfg, k, length):
     return ck
 
 
-def _check_selection(cfg, q, k, positions, kv_limit, dense_len, ck=None):
-    """Kernel selection vs the oracle on the same (rounded) compressed keys. Returns the words
-    int64 [T, Hkv, W] and the queries where the kernel took an equivalent tie."""
+def _check_selection(cfg, q, k, positions, kv_limit, dense_len, ck=None, sm90=False):
+    """Kernel selection (sm90: scored on the Hopper kernels) vs the oracle on the same (rounded)
+    compressed keys. Returns the words int64 [T, Hkv, W] and the queries where the kernel took an
+    equivalent tie."""
     s, hkv = k.shape[0], k.shape[1]
     nb = (s + cfg.block_size - 1) // cfg.block_size
     ck = _compressed(cfg, k, kv_limit) if ck is None else ck
     pos = torch.tensor(positions, device=q.device)
     scale = q.shape[-1] ** -0.5
     assert _K().supports_sparse_select(q, ck, pos, cfg, nb)
-    words = _K().sparse_select_blocks(q, ck, pos, cfg, scale, dense_len, kv_limit, nb)
+    words = _K().sparse_select_blocks(q, ck, pos, cfg, scale, dense_len, kv_limit, nb, sm90=sm90)
     assert words.shape == (len(positions), hkv, (nb + 63) // 64)
     bits = _unpack(words)
     assert not bits[..., nb:].any(), "bits past the last block must be 0"
@@ -164,22 +165,29 @@ def test_select_chunk_crossing_dense_threshold_matches_oracle(kernel_device, hq,
     _check_selection(cfg, q, k, positions, s, cfg.dense_len)
 
 
+def _prefill_chunk_case(hq, hkv, dim, t, device, monkeypatch):
+    """A chain of t queries past 600 over 1500 slots, its compressed keys, and a list that collects
+    every scratch tensor the kernels' wrapper allocates (partials, scores)."""
+    cfg = parse_sparse_config(SMALL)
+    s = 1_500
+    positions = _positions(600, s - 1, t - 1, [s - 1], seed=t)
+    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.bfloat16, seed=hq + t, device=device)
+    ck = _compressed(cfg, k, s)
+    captured = []
+    real_new = _K()._new_output
+    monkeypatch.setattr(_K(), "_new_output", lambda shape, dtype, dev: captured.append(real_new(shape, dtype, dev))
+                        or captured[-1])
+    return cfg, q, k, ck, positions, s, captured
+
+
 @pytest.mark.parametrize("hq, hkv, dim, t", [(32, 2, 128, 40), (4, 2, 64, 70), (8, 1, 128, 17), (2, 1, 64, 33)])
 def test_select_prefill_chunks_score_on_tensor_cores(kernel_device, monkeypatch, hq, hkv, dim, t):
     """Chains of 16+ 16-bit queries with head dim 64 or 128 and G dividing 16 (MiniCPM4-8B: G 16,
     head dim 128) score on the tensor-core kernels: their selections match the oracle up to ties,
     and their row statistics are the SIMT kernels' in base 2 (which also shows that they ran)."""
-    cfg = parse_sparse_config(SMALL)
+    cfg, q, k, ck, positions, s, captured = _prefill_chunk_case(hq, hkv, dim, t, kernel_device, monkeypatch)
     K = _K()
-    s = 1_500
-    positions = _positions(600, s - 1, t - 1, [s - 1], seed=t)
-    q, k, _ = random_case(hq, hkv, dim, s, len(positions), torch.bfloat16, seed=hq + t, device=kernel_device)
-    ck = _compressed(cfg, k, s)
     assert K.sparse_scores_mma(q, ck) and not K.sparse_scores_mma(q[:15], ck)
-    captured = []
-    real_new = K._new_output
-    monkeypatch.setattr(K, "_new_output", lambda shape, dtype, device: captured.append(real_new(shape, dtype, device))
-                        or captured[-1])
 
     def row_max() -> torch.Tensor:  # the largest scaled logit of each (token, head), from the partials
         partial = next(x for x in captured if x.dim() == 4)
@@ -191,6 +199,39 @@ def test_select_prefill_chunks_score_on_tensor_cores(kernel_device, monkeypatch,
     pos = torch.tensor(positions, device=kernel_device)
     K.sparse_select_blocks(q, ck, pos, cfg, dim ** -0.5, 0, s, -(-s // 64), per_split=32)  # not a 64-multiple: SIMT
     torch.testing.assert_close(mma_max, row_max() * math.log2(math.e), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hq, hkv, dim, t", [(32, 2, 128, 40), (4, 2, 64, 70), (8, 1, 128, 17), (2, 1, 64, 33)])
+def test_select_prefill_chunks_score_on_the_sm90_kernels(kernel_device, monkeypatch, hq, hkv, dim, t):
+    """The Hopper score kernels (S = Q.CK^T on wgmma): selections match the oracle up to ties, and
+    the summed probabilities are the mma.sync kernels' up to the order of fp32 sums. Skipped on a
+    GPU that is not compute capability 9.0."""
+    cfg, q, k, ck, positions, s, captured = _prefill_chunk_case(hq, hkv, dim, t, kernel_device, monkeypatch)
+    if _K().sparse_scores_sm90_rejection(q, ck) is not None:
+        pytest.skip(_K().sparse_scores_sm90_rejection(q, ck))
+
+    def scores() -> torch.Tensor:  # the probabilities summed over each group, [T, Hkv, columns]
+        return next(x for x in captured if x.dim() == 3 and x.dtype == torch.float32).clone()
+
+    _check_selection(cfg, q, k, positions, s, 0, ck=ck, sm90=True)
+    sm90_scores = scores()
+    captured.clear()
+    _check_selection(cfg, q, k, positions, s, 0, ck=ck)
+    mma_scores = scores()
+    assert torch.isfinite(sm90_scores).any() and sm90_scores.isneginf().any()  # visible and masked kernels
+    torch.testing.assert_close(sm90_scores, mma_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_sm90_scores_refuse_what_the_tensor_core_kernels_do_not_take(kernel_device):
+    cfg = parse_sparse_config(SMALL)
+    q, k, _ = random_case(8, 2, 64, 900, 20, torch.bfloat16, seed=1, device=kernel_device)
+    ck = _compressed(cfg, k, 900)
+    if _K().sm90_attention_rejection(q) is not None:
+        pytest.skip(_K().sm90_attention_rejection(q))
+    pos = torch.arange(880, 900, device=kernel_device)
+    for bad in (q[:15], q.float()):  # too few tokens for a tensor-core tile; fp32
+        with pytest.raises(ValueError, match="tensor-core score kernels take"):
+            _K().sparse_select_blocks(bad, ck.to(bad.dtype), pos[:bad.shape[0]], cfg, 0.125, 0, 900, 15, sm90=True)
 
 
 @pytest.mark.parametrize("init_blocks, window_size, topk", [
@@ -469,8 +510,8 @@ def test_sparse_attention_op_on_kernels_matches_oracle(kernel_device, dtype, t, 
 
 def test_sparse_prefill_takes_the_sm90_kernels_when_asked(kernel_device, monkeypatch):
     """EDGESPEC_SM90_ATTENTION=1 sends a block-sparse prefill chunk (64 packed rows and more) to the
-    Hopper kernels, which match the oracle; a decode step keeps the generic kernels' row-invariant
-    mode. Skipped on a GPU that is not compute capability 9.0."""
+    Hopper kernels, its scores and its attention, which match the oracle; a decode step keeps the
+    generic kernels' row-invariant mode. Skipped on a GPU that is not compute capability 9.0."""
     from edgespec.ops import backend
 
     monkeypatch.setattr(backend, "use_kernel", lambda *tensors: True)
@@ -481,16 +522,18 @@ def test_sparse_prefill_takes_the_sm90_kernels_when_asked(kernel_device, monkeyp
     chunk = random_case(8, 2, 64, s, 20, torch.bfloat16, seed=8, device=kernel_device)  # 20 tokens x 4 heads
     if K.sm90_attention_rejection(chunk[0]) is not None:
         pytest.skip(K.sm90_attention_rejection(chunk[0]))
-    calls = []
-    real = K.attention
+    calls, selects = [], []
+    real, real_select = K.attention, K.sparse_select_blocks
     monkeypatch.setattr(K, "attention", lambda *a, **kw: calls.append(kw.get("sm90", False)) or real(*a, **kw))
+    monkeypatch.setattr(K, "sparse_select_blocks",
+                        lambda *a, **kw: selects.append(kw.get("sm90", False)) or real_select(*a, **kw))
     ck = torch.zeros(cfg.num_kernels(s), 2, 64, dtype=torch.bfloat16, device=kernel_device)
     ops.compress_keys(chunk[1], ck, 0, s, cfg.kernel_size, cfg.kernel_stride)
     for t, q in ((20, chunk[0]), (1, chunk[0][-1:])):
         positions = list(range(s - t, s))
         out = ops.sparse_attention(q, *chunk[1:], 0.125, ck, torch.tensor(positions, device=kernel_device), cfg,
                                    dense_len=cfg.dense_len, kv_limit=s)
-        assert calls[-1] == (t == 20), f"T={t}: sm90 {calls[-1]}"
+        assert calls[-1] == selects[-1] == (t == 20), f"T={t}: sm90 attention {calls[-1]}, scores {selects[-1]}"
         ref = sparse_ref.sparse_attention(q.cpu(), chunk[1].cpu(), chunk[2].cpu(), positions, 0.125, params(cfg), s)
         torch.testing.assert_close(out.cpu().double(), ref.out, rtol=3e-2, atol=3e-2)
 
@@ -544,9 +587,14 @@ def test_emulated_results_do_not_depend_on_the_thread_schedule(monkeypatch):
         chunk_words = _K().sparse_select_blocks(chunk, ck, torch.arange(s - 20, s), cfg, 128 ** -0.5, 0, s,
                                                 (s + 15) // 16)
         scores = next(x for x in scratch if x.dim() == 3 and x.dtype == torch.float32)
+        scratch.clear()
+        sm90_words = _K().sparse_select_blocks(chunk, ck, torch.arange(s - 20, s), cfg, 128 ** -0.5, 0, s,
+                                               (s + 15) // 16, sm90=True)  # the Hopper score kernels
+        sm90_scores = next(x for x in scratch if x.dim() == 3 and x.dtype == torch.float32)
         outs = [_K().attention(cq, ck_, cv, 0.1, packed, splits=splits, block_mask=mask)
                 for cq, ck_, cv, _, _, packed, _, mask in cases for splits in (None, 3)]
-        return [ck.view(torch.int16), words, chunk_words, scores] + [o.view(torch.int16) for o in outs]
+        return ([ck.view(torch.int16), words, chunk_words, scores, sm90_words, sm90_scores]
+                + [o.view(torch.int16) for o in outs])
 
     monkeypatch.setenv("CUEMU_SCHEDULE", "forward")
     base = run()

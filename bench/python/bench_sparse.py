@@ -17,10 +17,11 @@ One attention layer per call, in the same run and on the same inputs:
 Baselines, one row each per case: `torch SDPA dense` (the fastest torch SDPA backend that runs the
 case, native GQA where it can) and `edgespec dense` (the same attention kernels without a block
 mask); on an H100/H200 prefill cases also carry `sm90_ms` (the same sparse prefill with
-EDGESPEC_SM90_ATTENTION=1: block-sparse attention on the wgmma kernels) and a third baseline row,
-`edgespec dense (sm90)`. Timing as in bench_attention.py: CUDA-graph replays (eager if capture fails) of `copies`
-calls on distinct inputs (> 3x L2 together), CUDA events, median over --repeats. Decode rows are
-verified against the op layer's torch path (same selection rule) before timing.
+EDGESPEC_SM90_ATTENTION=1: its scores and its block-sparse attention on the wgmma kernels) and a
+third baseline row, `edgespec dense (sm90)`. Timing as in bench_attention.py: CUDA-graph replays
+(eager if capture fails) of `copies` calls on distinct inputs (> 3x L2 together), CUDA events,
+median over --repeats. Decode rows are verified against the op layer's torch path (same selection
+rule) before timing.
 
 Targets (issue 6, H100/H200): decode 128K >= 5x torch SDPA dense; prefill 128K >= 4x dense.
 
@@ -188,7 +189,7 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
         heuristic_ms, _ = graph_ms([lambda i=i: sparse.tree(i, invariant=False) for i in range(inputs.copies)], repeats)
         common.update(heuristic_ms=round(heuristic_ms, 5), invariant_over_heuristic=round(ours_ms / heuristic_ms, 3))
     if case.phase == "prefill" and _kernels.sm90_attention_rejection(inputs.q[0]) is None:
-        # The block-sparse attention on the Hopper kernels (wgmma; opt-in until measured).
+        # The scores and the block-sparse attention on the Hopper kernels (wgmma; opt-in until measured).
         with environment("EDGESPEC_SM90_ATTENTION", "1"):
             diff = (ours_calls[0]().float() - ours_out.float()).abs().max().item()
             sm90_ms, _ = graph_ms(ours_calls, repeats)

@@ -281,16 +281,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("head_dim"), py::arg("elem_bytes"), py::arg("path"),
         "Whether the tensor-core score kernels take a selection call of these shapes (host only).");
   m.attr("SPARSE_MMA_KERNELS") = kSparseMmaKernels;
+  m.attr("SPARSE_MMA_MIN_TOKENS") = kSparseMmaMinTokens;
   m.def(
       "sparse_select_blocks",
       [](const TensorView& q, const TensorView& ck, const TensorView& positions, const TensorView& kv_limit,
          const TensorView& partial, const TensorView& scores, const TensorView& block_mask, int num_blocks,
          int block_size, int kernel_size, int kernel_stride, int init_blocks, int window_blocks, int topk,
          int dense_len, int kernels_per_split, float scale, std::uint64_t stream,
-         const std::optional<TensorView>& path) {
+         const std::optional<TensorView>& path, bool sm90) {
         SparseSelectArgs a{q, ck, positions, kv_limit, partial, scores, block_mask, num_blocks, block_size,
                            kernel_size, kernel_stride, init_blocks, window_blocks, topk, dense_len,
-                           kernels_per_split, scale, opt(path)};
+                           kernels_per_split, scale, opt(path), sm90};
         raise_if_error("sparse_select_blocks", sparse_select_blocks(a, as_stream(stream)),
                        {{"q", &q}, {"ck", &ck}, {"positions", &positions}, {"kv_limit", &kv_limit},
                         {"partial", &partial}, {"scores", &scores}, {"block_mask", &block_mask},
@@ -300,7 +301,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("block_mask"), py::arg("num_blocks"), py::arg("block_size"), py::arg("kernel_size"),
       py::arg("kernel_stride"), py::arg("init_blocks"), py::arg("window_blocks"), py::arg("topk"),
       py::arg("dense_len"), py::arg("kernels_per_split"), py::arg("scale"), py::arg("stream"),
-      py::arg("path") = py::none(),
+      py::arg("path") = py::none(), py::arg("sm90") = false,
       "InfLLM-v2 block scores and selection -> bit-packed block mask. See csrc/kernels/sparse_attention.h.");
 
   m.def(

@@ -5,10 +5,14 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/device_guard.h"
 #include "common/dispatch.h"
+#ifdef EDGESPEC_HAS_SM90
+#include "kernels/sm90/sparse_scores_sm90.h"
+#endif
 
 namespace edgespec {
 
@@ -160,6 +164,18 @@ Status check_select(const SparseSelectArgs& a, int* splits_out) {
   if (smem > kMaxScoreSmem) {
     return Status::unsupported("sparse scores would need " + std::to_string(smem) + " bytes of shared memory");
   }
+  if (a.sm90) {
+    const bool aligned = q.data % 16 == 0 && a.ck.data % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 &&
+                         a.ck.stride(0) % 8 == 0 && a.ck.stride(1) % 8 == 0;
+    if (!sparse_scores_mma_applies(static_cast<int>(tokens), static_cast<int>(heads_q / heads_kv), static_cast<int>(dim),
+                                   dtype_size(q.dtype), a.path != nullptr) ||
+        a.kernels_per_split % kSparseMmaKernels != 0 || !aligned) {
+      return Status::unsupported("sparse scores (sm90) take what the tensor-core score kernels take: 16-bit q and ck "
+                                 "with 16-byte aligned rows, head dim 64 or 128, a GQA group dividing 16, no tree "
+                                 "path, at least " + std::to_string(kSparseMmaMinTokens) +
+                                 " tokens, kernels_per_split a multiple of " + std::to_string(kSparseMmaKernels));
+    }
+  }
   *splits_out = static_cast<int>(splits);
   return Status::success();
 }
@@ -229,6 +245,15 @@ Status sparse_select_blocks(const SparseSelectArgs& args, cudaStream_t stream) {
       p.path_stride_e = args.path->stride(1);
       p.path_stride_h = args.path->stride(2);
       p.path_kernels = static_cast<int>(args.path->size(1));
+    }
+    if (args.sm90) {
+#ifdef EDGESPEC_HAS_SM90
+      if constexpr (!std::is_same_v<T, float>) {  // check_select allows 16-bit, head dims 64 and 128 only
+        return p.head_dim == 64 ? launch_sparse_scores_sm90<T, 64>(p, stream) : launch_sparse_scores_sm90<T, 128>(p, stream);
+      }
+#else
+      return Status::unsupported("sparse scores: this build has no sm90 kernels (EDGESPEC_CUDA_ARCHS lacks 90a-real)");
+#endif
     }
     return launch_sparse_scores<T>(p, stream);
   }));

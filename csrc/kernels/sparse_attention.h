@@ -38,7 +38,8 @@
 // each block stages q of the group's G heads and chunks of kSparseScoreChunk compressed keys in
 // shared memory (fp32) and walks its split's run of kernels. Chains of kSparseMmaMinTokens
 // queries and more (prefill chunks) take the tensor-core score kernels where they apply
-// (sparse_scores_mma.cuh: 64 packed query rows per block, logits in registers). Select: grid (T, Hkv) x 256
+// (sparse_scores_mma.cuh: 64 packed query rows per block, logits in registers; on wgmma with
+// SparseSelectArgs::sm90, csrc/kernels/sm90/sparse_scores_sm90.h). Select: grid (T, Hkv) x 256
 // threads; the block scores of one (query, KV head) are sorted in shared memory (bitonic,
 // padded to a power of two).
 #pragma once
@@ -173,6 +174,10 @@ struct SparseSelectArgs {
   int kernels_per_split = 0;
   float scale = 0.f;
   const TensorView* path = nullptr;  // [T, E, Hkv, D] of q's dtype (tree verification) or nullptr
+  // Score on the Hopper (sm_90a) wgmma kernels (csrc/kernels/sm90/sparse_scores_sm90.h): an error
+  // (kUnsupported) when the build has no sm90 kernels, the GPU is not compute capability 9.0 or
+  // the tensor-core score kernels do not take the call.
+  bool sm90 = false;
 };
 
 // Checks the views, selects their device and launches on `stream`.

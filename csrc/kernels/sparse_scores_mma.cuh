@@ -14,6 +14,9 @@
 // compressed keys (zero-filled past the split's end) stream through two cp.async stages and give
 // S = Q.CK^T as B fragments, as in the attention kernels (csrc/kernels/attention.cuh).
 //
+// The product S = Q.CK^T is a policy (MmaScoreProduct below: mma.sync; the Hopper kernels'
+// WgmmaScoreProduct in csrc/kernels/sm90/sparse_scores.cu), the passes around it are shared.
+//
 // Status: correct on the CPU emulator (tests/test_sparse_kernels.py), never run on a GPU.
 #pragma once
 
@@ -45,7 +48,51 @@ __device__ __forceinline__ int mma_swizzle(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
 }
 
-inline int scores_mma_smem_bytes(int head_dim) { return 3 * kMmaRows * head_dim * 2; }  // Q, two CK stages
+// S = Q.CK^T of one warp's 16 packed rows x one tile of kMmaKernels kernels, left in
+// mma.m16n8k16's C layout: s[j][e] is row lane / 4 + 8 (e >= 2), kernel 8 j + 2 (lane % 4) + (e & 1)
+// of the tile, which is what the passes below read. Q and the kernel tiles live in shared memory,
+// 64 rows of kHeadDim 16-bit elements each, the 16-byte chunk `chunk` of row `row` at byte
+// offset(row, chunk) of its tile. Two products with this interface: mma.sync with Q kept in
+// registers (here, every sm_80+ GPU) and Hopper's wgmma with both operands read from shared memory
+// (csrc/kernels/sm90/sparse_scores.cu).
+template <typename T, int kHeadDim>
+struct MmaScoreProduct {
+  static constexpr int kAlign = 16;  // tile alignment in shared memory (what dynamic shared memory has)
+  __device__ static int offset(int row, int chunk) { return 2 * mma_swizzle<kHeadDim>(row, chunk); }
+  __device__ static void landed() {}  // between a thread's cp.async wait and the barrier
+
+  std::uint32_t q_frag[kHeadDim / 16][4];
+
+  __device__ void load_q(const unsigned char* q_tile, int warp, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) ldmatrix_x4(q_frag[ks], q_tile + offset(warp * 16 + lane % 16, ks * 2 + lane / 16));
+  }
+
+  __device__ void product(float (&s)[kMmaKernels / 8][4], const unsigned char*, const unsigned char* ck_tile,
+                          int lane) {
+#pragma unroll
+    for (int j = 0; j < kMmaKernels / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+#pragma unroll
+      for (int kp = 0; kp < kMmaKernels / 16; ++kp) {
+        std::uint32_t b[4];
+        ldmatrix_x4(b, ck_tile + offset(kp * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
+        mma_16816<T>(s[2 * kp], q_frag[ks], b[0], b[1]);
+        mma_16816<T>(s[2 * kp + 1], q_frag[ks], b[2], b[3]);
+      }
+    }
+  }
+};
+
+// Q and two stages of kernel tiles, and room to align them to the product's boundary.
+template <typename Product>
+constexpr int scores_mma_smem_bytes(int head_dim) {
+  return 3 * kMmaRows * head_dim * 2 + (Product::kAlign > 16 ? Product::kAlign : 0);
+}
 
 // Sums v over the rows of each token in an m16 tile: lane l holds row l / 4 (first) or
 // l / 4 + 8 (second) of the tile, and the token's G rows differ in the lane bits 2.. of l.
@@ -54,16 +101,20 @@ __device__ __forceinline__ float token_row_sum(float v, int group) {
   return v;
 }
 
-template <typename T, int kHeadDim, bool kProbs>
+template <typename T, int kHeadDim, bool kProbs, typename Product>
 __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseScoreParams<T> p) {
   constexpr int kChunks = kHeadDim / 8;         // 16-byte chunks per row
-  constexpr int kDimSteps = kHeadDim / 16;      // k16 steps of S = Q.CK^T
   constexpr int kKeyFrags = kMmaKernels / 8;    // n8 blocks of S
-  constexpr int kTileElems = kMmaRows * kHeadDim;
+  constexpr int kTileBytes = kMmaRows * kHeadDim * 2;
+  static_assert(kMmaRows == kMmaKernels, "Q and kernel tiles share one layout");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* const q_tile = reinterpret_cast<T*>(smem_raw);
-  T* const ck_tiles = q_tile + kTileElems;      // [2 stages][64 kernels][kHeadDim]
+  // Tiles start on the product's boundary (the 128-byte swizzle of wgmma is a function of the
+  // shared-window address).
+  const std::uint32_t misalign = smem_address(smem_raw) % Product::kAlign;
+  unsigned char* const q_tile = smem_raw + (misalign == 0 ? 0 : Product::kAlign - misalign);
+  unsigned char* const ck_tiles = q_tile + kTileBytes;  // [2 stages][64 kernels][kHeadDim]
   __shared__ int block_visible;
+  Product product;
 
   const int g = blockIdx.y;
   const int split = blockIdx.z;
@@ -109,7 +160,7 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
     const bool valid = row < rows;
     const T* src = p.q;
     if (valid) src = p.q + (row / group) * p.q_stride_t + (g * group + row % group) * p.q_stride_h + c * 8;
-    cp_async_16(q_tile + mma_swizzle<kHeadDim>(r, c), src, valid);
+    cp_async_16(q_tile + Product::offset(r, c), src, valid);
   }
   cp_async_commit();
   __syncthreads();  // block_visible
@@ -118,25 +169,22 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
   const int end = min(begin + p.kernels_per_split, block_visible);
   const int tiles = end > begin ? (end - begin + kMmaKernels - 1) / kMmaKernels : 0;
   auto load_tile = [&](int tile, int stage) {
-    T* dst = ck_tiles + stage * kMmaKernels * kHeadDim;
+    unsigned char* dst = ck_tiles + stage * kTileBytes;
     const int j0 = begin + tile * kMmaKernels;
     for (int i = tid; i < kMmaKernels * kChunks; i += kMmaThreads) {
       const int r = i / kChunks;
       const int c = i % kChunks;
       const bool valid = j0 + r < end;
       const T* src = valid ? p.ck + static_cast<std::int64_t>(j0 + r) * p.ck_stride_c + g * p.ck_stride_h + c * 8 : p.ck;
-      cp_async_16(dst + mma_swizzle<kHeadDim>(r, c), src, valid);
+      cp_async_16(dst + Product::offset(r, c), src, valid);
     }
   };
   if (tiles > 0) load_tile(0, 0);
   cp_async_commit();
   cp_async_wait<1>();  // Q has landed
+  Product::landed();
   __syncthreads();
-  std::uint32_t q_frag[kDimSteps][4];
-#pragma unroll
-  for (int ks = 0; ks < kDimSteps; ++ks) {
-    ldmatrix_x4(q_frag[ks], q_tile + mma_swizzle<kHeadDim>(warp * 16 + lane % 16, ks * 2 + lane / 16));
-  }
+  product.load_q(q_tile, warp, lane);
 
   const float scale2 = p.scale * kLog2e;  // base-2 logits: exp2 throughout
   // Pass 1: this thread's share of each row's running max and sum (the max is shared by the quad).
@@ -165,24 +213,10 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
     if (it + 1 < tiles) load_tile(it + 1, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
+    Product::landed();
     __syncthreads();
-    const T* const tile = ck_tiles + stage * kMmaKernels * kHeadDim;
     float s[kKeyFrags][4];
-#pragma unroll
-    for (int j = 0; j < kKeyFrags; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-    }
-#pragma unroll
-    for (int ks = 0; ks < kDimSteps; ++ks) {
-#pragma unroll
-      for (int kp = 0; kp < kKeyFrags / 2; ++kp) {
-        std::uint32_t b[4];
-        ldmatrix_x4(b, tile + mma_swizzle<kHeadDim>(kp * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
-        mma_16816<T>(s[2 * kp], q_frag[ks], b[0], b[1]);
-        mma_16816<T>(s[2 * kp + 1], q_frag[ks], b[2], b[3]);
-      }
-    }
+    product.product(s, q_tile, ck_tiles + stage * kTileBytes, lane);
     const int col0 = begin + it * kMmaKernels + (lane % 4) * 2;  // this thread's first column
     if constexpr (!kProbs) {
 #pragma unroll
@@ -288,13 +322,14 @@ Status launch_score_passes(void (*lse)(const P), void (*probs)(const P), const P
   return Status::success();
 }
 
-template <typename T, int kHeadDim>
+// Both passes of the tensor-core score kernels with `Product` (MmaScoreProduct, or the sm90 one).
+template <typename T, int kHeadDim, typename Product = MmaScoreProduct<T, kHeadDim>>
 Status launch_scores_mma(const SparseScoreParams<T>& p, cudaStream_t stream) {
   const std::int64_t row_tiles = (static_cast<std::int64_t>(p.tokens) * p.group + kMmaRows - 1) / kMmaRows;
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, 0x7fffffff, "sparse scores: row tiles"));
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.splits));
-  return launch_score_passes(scores_mma_kernel<T, kHeadDim, false>, scores_mma_kernel<T, kHeadDim, true>, p, grid,
-                             kMmaThreads, scores_mma_smem_bytes(kHeadDim), stream);
+  return launch_score_passes(scores_mma_kernel<T, kHeadDim, false, Product>, scores_mma_kernel<T, kHeadDim, true, Product>,
+                             p, grid, kMmaThreads, scores_mma_smem_bytes<Product>(kHeadDim), stream);
 }
 
 }  // namespace sparse_detail

@@ -31,6 +31,7 @@
 #include "kernels/attention.cuh"  // the split combine kernel
 #include "kernels/sm90/arch.cuh"
 #include "kernels/sm90/attention_sm90.h"
+#include "kernels/sm90/qk_product.cuh"
 #include "kernels/sm90/wgmma.cuh"
 
 namespace edgespec {
@@ -114,17 +115,7 @@ __device__ __forceinline__ void attend_tile(RowState<kHeadDim>& st, const RowMas
   constexpr int kO = kHeadDim / 2;
   const int c = static_cast<int>(threadIdx.x) % 4;
   float s[32] = {};  // overwritten by the first step (accumulate = 0)
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    // Dims 16kk..16kk+15: column block kk / 4 (64 rows x 128 bytes), 32 bytes per k16 step in it.
-    const std::uint32_t slice = static_cast<std::uint32_t>((kk / 4) * 64 * 128 + (kk % 4) * 32);
-    wgmma_ss<T, 64>(s, gmma_desc_sw128(q + slice, 16, 1024), gmma_desc_sw128(k + slice, 16, 1024), kk > 0);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < 32; ++i) wgmma_fence_operand(s[i]);
+  qk_product_64x64<T, kHeadDim>(s, q, k);
 
   // Scale to base 2 and mask: s[4i + e] is row e / 2, key 8i + 2c + e % 2 of the tile.
   float tile_max[2] = {-INFINITY, -INFINITY};
@@ -406,16 +397,7 @@ Status launch_attention_sm90(const AttentionParams<T>& p, cudaStream_t stream) {
     return Status::unsupported(std::string("attention (sm90): cannot take ") + why);
   }
   if (p.tokens == 0 || p.heads_q == 0) return Status::success();
-  int device = 0, major = 0, minor = 0;
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaGetDevice(&device), "attention (sm90): cudaGetDevice"));
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-                                             "attention (sm90): reading the compute capability"));
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
-                                             "attention (sm90): reading the compute capability"));
-  if (major != 9 || minor != 0) {
-    return Status::unsupported("attention (sm90): needs a compute capability 9.0 GPU (H100/H200), this is " +
-                               std::to_string(major) + "." + std::to_string(minor));
-  }
+  EDGESPEC_RETURN_IF_ERROR(check_sm90_device("attention (sm90)"));
   return p.tree_mask != nullptr ? sm90_attention::launch<T, kHeadDim, true>(p, stream)
                                 : sm90_attention::launch<T, kHeadDim, false>(p, stream);
 }

@@ -505,7 +505,8 @@ SM90_MIN_ROWS = 64
 
 
 def sm90_attention_requested(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ops.attention runs this call on the Hopper kernels: EDGESPEC_SM90_ATTENTION=1 (opt-in
+    """Whether ops.attention (and ops.sparse_attention, a prefill's scores included) runs this call
+    on the Hopper kernels: EDGESPEC_SM90_ATTENTION=1 (opt-in
     until a GPU session has checked and timed them: bench_attention.py's sm90 columns) and a call
     of at least SM90_MIN_ROWS packed rows that they take."""
     value = os.environ.get("EDGESPEC_SM90_ATTENTION", "0")
@@ -658,6 +659,16 @@ def sparse_scores_mma(q: torch.Tensor, ck: torch.Tensor, path: torch.Tensor | No
     return bool(_module().sparse_scores_mma_applies(q.shape[0], group, q.shape[2], q.element_size(), path is not None))
 
 
+def sparse_scores_sm90_rejection(q: torch.Tensor, ck: torch.Tensor, path: torch.Tensor | None = None) -> str | None:
+    """Why the Hopper score kernels cannot take this selection call (None: they can): they need what
+    the sm90 attention kernels need and take the calls the tensor-core score kernels take."""
+    if not sparse_scores_mma(q, ck, path):
+        return ("the tensor-core score kernels take 16-bit q with head dim 64 or 128, a GQA group dividing 16, "
+                f"no tree path and at least {_module().SPARSE_MMA_MIN_TOKENS} tokens, got {q.dtype} {_shape(q)} with ck "
+                f"{_shape(ck)}{' and a path' if path is not None else ''}")
+    return sm90_attention_rejection(q)
+
+
 def sparse_invariant_per_split(span: int, heads_kv: int, cfg: Any, device: torch.device) -> int:
     """kernels_per_split of the row-invariant selection: the score kernels' plan for one query over
     a `span`-slot context, one value for a whole generation (as invariant_chunk_tiles is)."""
@@ -666,14 +677,18 @@ def sparse_invariant_per_split(span: int, heads_kv: int, cfg: Any, device: torch
 
 def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: Any, scale: float,
                          dense_len: int, kv_limit: int | torch.Tensor, num_blocks: int,
-                         path: torch.Tensor | None = None, per_split: int | None = None) -> torch.Tensor:
+                         path: torch.Tensor | None = None, per_split: int | None = None,
+                         sm90: bool = False) -> torch.Tensor:
     """Block-selection kernels (csrc/kernels/sparse_attention.h): the InfLLM-v2 selection of
     edgespec.ops.select_blocks as a bit-packed mask int64 [T, Hkv, ceil(num_blocks / 64)] (bit b % 64
     of word b // 64 set iff block b is selected). kv_limit: an int, or an int32 [1] device tensor
     (graph capture); path: a tree's own kernels [T, E, Hkv, D] past kv_limit (ops.sparse_attention
     path_kernels) or None; per_split: None (a plan for this call) or the kernels per score split
-    (sparse_invariant_per_split: then a query's scores do not depend on T or num_blocks)."""
+    (sparse_invariant_per_split: then a query's scores do not depend on T or num_blocks); sm90: score
+    on the Hopper kernels (csrc/kernels/sm90/sparse_scores_sm90.h; sparse_scores_sm90_rejection)."""
     _require("sparse_select_blocks", sparse_select_rejection(q, ck, positions, cfg, num_blocks))
+    if sm90:
+        _require("sparse_select_blocks (sm90)", sparse_scores_sm90_rejection(q, ck, path))
     t, hq, _ = q.shape
     hkv = ck.shape[1]
     readable = min(ck.shape[0], _num_kernels(num_blocks * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
@@ -693,7 +708,7 @@ def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Ten
     _run(_module().sparse_select_blocks, _view(q), _view(ck), _view(positions.contiguous()), _view(limit),
          _view(partial), _view(scores), _view(mask), int(num_blocks), int(cfg.block_size), int(cfg.kernel_size),
          int(cfg.kernel_stride), int(cfg.init_blocks), int(cfg.window_blocks), int(cfg.topk), int(dense_len),
-         int(per_split), float(scale), _stream(q), None if path is None else _view(path))
+         int(per_split), float(scale), _stream(q), None if path is None else _view(path), bool(sm90))
     return mask
 
 

@@ -350,13 +350,17 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         most = max(-(-dense_len // cfg.block_size), cfg.max_selected_blocks)
         return _kernels.attention(q, k, v, scale, tree_mask, block_mask=mask, seqlen=seqlen,
                                   rank_tiles=_kernels.RANK_TILES, splits=_kernels.rank_splits(most))
+    # A long prefill (and a heuristic-mode tree) may take the Hopper kernels (EDGESPEC_SM90_ATTENTION=1):
+    # the prefill's scores and its attention.
+    sm90 = _kernels.sm90_attention_requested(q, k)
     if path is None and _kernels.supports_sparse_select(q, ck, positions, cfg, nb) and (
             t <= _KERNEL_SELECT_MAX_TOKENS or _kernels.sparse_scores_mma(q, ck)):
         # Query chunks bound the kernels' fp32 score scratch ([rows, Hkv, C]) for long prefills.
         columns = max(num_kernels(s, cfg.kernel_size, cfg.kernel_stride), 1)
         rows = max(_KERNEL_SELECT_MAX_TOKENS, _SCORE_BYTES // (4 * hkv * columns))
-        mask = torch.cat([_kernels.sparse_select_blocks(q[a:a + rows], ck, positions[a:a + rows], cfg, scale,
-                                                        dense_len, kv_limit, nb) for a in range(0, t, rows)])
+        mask = torch.cat([_kernels.sparse_select_blocks(
+            q[a:a + rows], ck, positions[a:a + rows], cfg, scale, dense_len, kv_limit, nb,
+            sm90=sm90 and _kernels.sparse_scores_mma(q[a:a + rows], ck)) for a in range(0, t, rows)])
     else:
         chunk = max(1, _CHUNK_ELEMENTS // (hq * max(num_kernels(s, cfg.kernel_size, cfg.kernel_stride), 1)))
         mask = torch.cat([_pack_bits(select_from_scores(
@@ -365,10 +369,8 @@ def _kernel_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             positions[a:a + chunk], cfg, dense_len)) for a in range(0, t, chunk)])
     if _kernels.block_mask_rejection(q, k, mask) is not None:
         return None
-    # Splits are planned for the keys a query can select, not for the whole cache. A long prefill
-    # (and a heuristic-mode tree) may take the Hopper kernels (EDGESPEC_SM90_ATTENTION=1).
+    # Splits are planned for the keys a query can select, not for the whole cache.
     selectable = max(dense_len, (cfg.init_blocks + cfg.window_blocks + cfg.topk) * cfg.block_size) + t
-    sm90 = _kernels.sm90_attention_requested(q, k)
     splits = _kernels.attention_splits(t, min(s, selectable), hq, hkv, tree_mask is not None, q.device, sm90)
     return _kernels.attention(q, k, v, scale, tree_mask, splits=splits, block_mask=mask, seqlen=seqlen, sm90=sm90)
 
