@@ -234,6 +234,27 @@ def test_sm90_scores_refuse_what_the_tensor_core_kernels_do_not_take(kernel_devi
             _K().sparse_select_blocks(bad, ck.to(bad.dtype), pos[:bad.shape[0]], cfg, 0.125, 0, 900, 15, sm90=True)
 
 
+@pytest.mark.parametrize("t", [3, 40])  # 6 (query, KV head) blocks of 1024 threads; 80 of 256
+def test_select_breaks_exact_ties_by_the_lower_block(kernel_device, t):
+    """Every compressed key the same: every kernel of a query has the same probability, so every
+    candidate block scores exactly the same; the top-k are then the lowest-numbered candidates, as
+    the torch path's stable sort picks them."""
+    cfg = parse_sparse_config(SMALL)
+    s = 1_500
+    q, k, _ = random_case(8, 2, 64, s, t, torch.bfloat16, seed=t, device=kernel_device)
+    ck = _compressed(cfg, k, s)
+    ck[:] = ck[:1].clone()
+    positions = torch.arange(s - t, s, device=kernel_device)
+    words = _K().sparse_select_blocks(q, ck, positions, cfg, 0.125, 0, s, -(-s // 64))
+    bits = _unpack(words)[..., :24].cpu()
+    window = cfg.window_size // cfg.block_size
+    for i, pos in enumerate(positions.tolist()):
+        own = pos // 64
+        want = {0} | set(range(1, 1 + cfg.topk)) | set(range(own - window + 1, own + 1))
+        got = [set(torch.nonzero(bits[i, g]).flatten().tolist()) for g in range(2)]
+        assert got == [want, want], f"query at {pos}: {got} vs {sorted(want)}"
+
+
 @pytest.mark.parametrize("init_blocks, window_size, topk", [
     (0, 16, 0),     # no init blocks, a one-block window, nothing scored
     (2, 32, 7),

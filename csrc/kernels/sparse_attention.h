@@ -40,8 +40,8 @@
 // queries and more (prefill chunks) take the tensor-core score kernels where they apply
 // (sparse_scores_mma.cuh: 64 packed query rows per block, logits in registers; on wgmma with
 // SparseSelectArgs::sm90, csrc/kernels/sm90/sparse_scores_sm90.h). Select: grid (T, Hkv) x 256
-// threads; the block scores of one (query, KV head) are sorted in shared memory (bitonic,
-// padded to a power of two).
+// threads (1024 for at most 64 blocks: decode steps, small trees); the top-k of one (query, KV
+// head) by a radix select over ranking keys in shared memory (sparse_select.cu).
 #pragma once
 
 #include <cuda_runtime_api.h>
