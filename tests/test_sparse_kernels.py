@@ -627,14 +627,17 @@ def test_emulated_results_do_not_depend_on_the_thread_schedule(monkeypatch):
 
 @pytest.mark.parametrize("kernel_device, hq, hkv, dim, s, t, tree",
                          device_cases(ATTENTION_CASES[::2], ATTENTION_CASES + ATTENTION_LONG), indirect=["kernel_device"])
-def test_block_mask_attention_reads_its_length_on_the_device(kernel_device, hq, hkv, dim, s, t, tree):
-    """What a CUDA graph over a cache view needs of the block-sparse kernel: over a longer view
-    (NaN past the length), with the length on the device and the mask widened by zero words to the
-    view's tiles, it gives bit for bit its result over the exact slots."""
+@pytest.mark.parametrize("sm90", [False, True], ids=["generic", "sm90"])
+def test_block_mask_attention_reads_its_length_on_the_device(kernel_device, hq, hkv, dim, s, t, tree, sm90):
+    """What a CUDA graph over a cache view needs of the block-sparse kernels (generic and Hopper):
+    over a longer view (NaN past the length), with the length on the device and the mask widened by
+    zero words to the view's tiles, they give bit for bit their result over the exact slots."""
     q, k, v, _, _, packed, _, words = _attention_case(torch.bfloat16, hq, hkv, dim, s, t, tree, seed=s * t,
                                                       device=kernel_device)
+    if sm90 and _K().sm90_attention_rejection(q) is not None:
+        pytest.skip(_K().sm90_attention_rejection(q))
     scale = dim ** -0.5
-    exact = _K().attention(q, k, v, scale, packed, splits=3, block_mask=words)
+    exact = _K().attention(q, k, v, scale, packed, splits=3, block_mask=words, sm90=sm90)
     view = s + 333
     big_k = torch.full((view, hkv, dim), float("nan"), dtype=k.dtype, device=kernel_device)
     big_v = big_k.clone()
@@ -642,7 +645,7 @@ def test_block_mask_attention_reads_its_length_on_the_device(kernel_device, hq, 
     wide = torch.zeros(t, hkv, -(-view // 4096), dtype=torch.int64, device=kernel_device)
     wide[..., :words.shape[2]] = words
     seqlen = torch.tensor([s], dtype=torch.int32, device=kernel_device)
-    out = _K().attention(q, big_k, big_v, scale, packed, splits=3, block_mask=wide, seqlen=seqlen)
+    out = _K().attention(q, big_k, big_v, scale, packed, splits=3, block_mask=wide, seqlen=seqlen, sm90=sm90)
     assert torch.equal(out, exact)
 
 
