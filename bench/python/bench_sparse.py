@@ -108,19 +108,26 @@ class SparseCalls:
             self.prefix_dev = torch.tensor([self.prefix], dtype=torch.int32, device=device)
         self.rank_splits = _kernels.rank_splits(max(-(-cfg.dense_len // cfg.block_size), cfg.max_selected_blocks))
 
-    def decode(self, i: int, invariant: bool = False) -> torch.Tensor:
-        cfg, K = self.cfg, self.k_
-        q, k, v = self.inputs.q[i], self.inputs.k[i], self.inputs.v[i]
+    def compress(self, i: int) -> None:
+        cfg = self.cfg
         # Host bounds size the launch for one new kernel; the device range picks it.
-        K.compress_keys(k, self.ck[i], self.prefix - cfg.kernel_stride, self.prefix + 1, cfg.kernel_size,
-                        cfg.kernel_stride, lengths=self.lengths)
+        self.k_.compress_keys(self.inputs.k[i], self.ck[i], self.prefix - cfg.kernel_stride, self.prefix + 1,
+                              cfg.kernel_size, cfg.kernel_stride, lengths=self.lengths)
+
+    def select(self, i: int, invariant: bool) -> torch.Tensor:
+        return self.k_.sparse_select_blocks(self.inputs.q[i], self.ck[i], self.positions, self.cfg, self.scale, 0,
+                                            self.kv_limit, self.nb, per_split=self.per_split if invariant else None)
+
+    def attend(self, i: int, words: torch.Tensor, invariant: bool) -> torch.Tensor:
+        K, (q, k, v) = self.k_, (self.inputs.q[i], self.inputs.k[i], self.inputs.v[i])
         if invariant:
-            words = K.sparse_select_blocks(q, self.ck[i], self.positions, cfg, self.scale, 0, self.kv_limit, self.nb,
-                                           per_split=self.per_split)
             return K.attention(q, k, v, self.scale, None, block_mask=words, rank_tiles=K.RANK_TILES,
                                splits=self.rank_splits)
-        words = K.sparse_select_blocks(q, self.ck[i], self.positions, cfg, self.scale, 0, self.kv_limit, self.nb)
         return K.attention(q, k, v, self.scale, None, splits=self.splits, block_mask=words)
+
+    def decode(self, i: int, invariant: bool = False) -> torch.Tensor:
+        self.compress(i)
+        return self.attend(i, self.select(i, invariant), invariant)
 
     def tree(self, i: int, invariant: bool = True) -> torch.Tensor:
         # kv_limit on the device (as a graphed step has it): no host value enters the capture.
@@ -202,6 +209,12 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
         invariant_ms, _ = graph_ms(invariant_calls, repeats)
         common.update(invariant_ms=round(invariant_ms, 5), invariant_over_ours=round(invariant_ms / ours_ms, 3),
                       invariant_max_abs_diff=round(diff, 5))
+        # Where the invariant step's time goes, each stage replayed alone (launch gaps included).
+        words = [sparse.select(i, True) for i in range(inputs.copies)]
+        stages = {"compress": [lambda i=i: sparse.compress(i) for i in range(inputs.copies)],
+                  "select": [lambda i=i: sparse.select(i, True) for i in range(inputs.copies)],
+                  "attention": [lambda i=i: sparse.attend(i, words[i], True) for i in range(inputs.copies)]}
+        common["invariant_stage_ms"] = {name: round(graph_ms(calls, repeats)[0], 5) for name, calls in stages.items()}
 
     rows = []
     dense_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, inputs.packed)
@@ -271,7 +284,8 @@ def main() -> int:
              f"events around CUDA-graph replays of `copies` calls on distinct inputs (> 3x L2), median of "
              f"{args.repeats}; sparse_config {SPARSE_CONFIG}; decode rows also time the row-invariant mode "
              "(invariant_ms: score splits fixed per generation, attention split by selected-tile rank; what the "
-             "engine's target runs)")
+             "engine's target runs; invariant_stage_ms: its compressed-key update, selection (two score passes + "
+             "top-k) and attention, each replayed alone)")
     path = write_result("sparse_attention", device, rows, notes, dtype="bf16", measured_dram_tbps=round(dram_tbps, 3),
                         **run.marker(done, len(todo)))
     print(f"wrote {path}")
