@@ -20,8 +20,8 @@ mask); on an H100/H200 prefill cases also carry `sm90_ms` (the same sparse prefi
 EDGESPEC_SM90_ATTENTION=1: its scores and its block-sparse attention on the wgmma kernels) and a
 third baseline row, `edgespec dense (sm90)`. Timing as in bench_attention.py: CUDA-graph replays
 (eager if capture fails) of `copies` calls on distinct inputs (> 3x L2 together), CUDA events,
-median over --repeats. Decode rows are verified against the op layer's torch path (same selection
-rule) before timing.
+median over --repeats (a quarter of it, at least 3, for 64K and 128K prefill). Decode rows are
+verified against the op layer's torch path (same selection rule) before timing.
 
 Targets (issue 6, H100/H200): decode 128K >= 5x torch SDPA dense; prefill 128K >= 4x dense.
 
@@ -59,6 +59,10 @@ SPARSE_CONFIG = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "bloc
 CONTEXTS = [16384, 32768, 65536, 131072]
 QUICK_CONTEXTS = [16384, 131072]
 EXIT_SKIPPED = 77
+# Cases with this many (query, slot) pairs and more (prefill at 64K and 128K: dense calls of 0.1-0.5 s
+# on an H100) replay a quarter of --repeats, at least 3: a compute-bound replay varies by about 1%,
+# and the whole run must fit a GPU session's stage budget (tools/gpu_session.sh).
+LONG_CASE_PAIRS = 1 << 32
 
 
 def parse_contexts(text: str) -> list[int]:
@@ -173,6 +177,8 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
 
     hq, hkv, d = case.heads
     scale = d ** -0.5
+    if case.tokens * case.seqlen >= LONG_CASE_PAIRS:
+        repeats = max(3, repeats // 4)
     inputs = Inputs(case, dtype, device, l2_bytes, seed=zlib.crc32(case.name.encode()))
     sparse = SparseCalls(case, inputs, cfg, scale)
     make: Callable[[int], Callable[[], torch.Tensor]] = {
@@ -181,7 +187,7 @@ def run_case(case: Case, cfg, dtype: torch.dtype, device: torch.device, repeats:
     ours_calls = [make(i) for i in range(inputs.copies)]
     ours_out = ours_calls[0]()
     common = {"phase": case.phase, "tokens": case.tokens, "seqlen": case.seqlen, "heads_q": hq, "heads_kv": hkv,
-              "head_dim": d, "copies": inputs.copies}
+              "head_dim": d, "copies": inputs.copies, "repeats": repeats}
     if case.phase in ("decode", "tree"):
         ref = torch_path_reference(sparse, 0)
         common["max_abs_diff_vs_torch_path"] = round((ref.float() - ours_out.float()).abs().max().item(), 5)
@@ -282,7 +288,7 @@ def main() -> int:
              "kernels in query chunks + attention kernels with the block mask, sparse for every query); baselines = "
              "edgespec dense attention kernels and the fastest torch SDPA backend, same inputs, same run; CUDA "
              f"events around CUDA-graph replays of `copies` calls on distinct inputs (> 3x L2), median of "
-             f"{args.repeats}; sparse_config {SPARSE_CONFIG}; decode rows also time the row-invariant mode "
+             f"`repeats` ({args.repeats}, a quarter of it for 64K and 128K prefill); sparse_config {SPARSE_CONFIG}; decode rows also time the row-invariant mode "
              "(invariant_ms: score splits fixed per generation, attention split by selected-tile rank; what the "
              "engine's target runs; invariant_stage_ms: its compressed-key update, selection (two score passes + "
              "top-k) and attention, each replayed alone)")
