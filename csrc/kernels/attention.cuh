@@ -591,16 +591,8 @@ Status launch_attention_tiles(const AttentionParams<T>& p, cudaStream_t stream) 
                                         p.block_mask != nullptr ? p.block_words : 0)
             : attention_smem_bytes(kHeadDim, p.tokens, p.group, kTree, kTree ? p.mask_words : 0,
                                    p.block_mask != nullptr ? p.block_words : 0);
-  int device = 0, optin = 0;
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaGetDevice(&device), "attention: cudaGetDevice"));
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-      "attention: reading the GPU's shared memory limit"));
-  if (smem > optin) {
-    return Status::unsupported("attention: this call needs " + std::to_string(smem) +
-                               " bytes of shared memory per block, the GPU allows " + std::to_string(optin) +
-                               " (tree-mask and block-selection rows grow with the tokens a block spans)");
-  }
+  EDGESPEC_RETURN_IF_ERROR(
+      check_smem_optin(smem, "attention", "tree-mask and block-selection rows grow with the tokens a block spans"));
   auto* kernel = attention_kernel<T, kHeadDim, kWarpsM, kWarpsN, kTree, kTail>;
   // Above 48 KB of dynamic shared memory a kernel must opt in (per kernel, not per launch, but
   // the call is cheap, needs no synchronisation and is legal during stream capture).

@@ -366,14 +366,7 @@ Status launch(const AttentionParams<T>& p, cudaStream_t stream) {
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, kMaxGridX, "attention (sm90): number of query row tiles"));
   auto* kernel = attention_kernel<T, kHeadDim, kTree>;
   const int smem = attention_sm90_smem_bytes(kHeadDim, p.tokens, p.group, p.block_mask != nullptr ? p.block_words : 0);
-  int device = 0, optin = 0;
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaGetDevice(&device), "attention (sm90): cudaGetDevice"));
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                                             "attention (sm90): reading the GPU's shared memory limit"));
-  if (smem > optin) {
-    return Status::unsupported("attention (sm90): this call needs " + std::to_string(smem) +
-                               " bytes of shared memory per block, the GPU allows " + std::to_string(optin));
-  }
+  EDGESPEC_RETURN_IF_ERROR(check_smem_optin(smem, "attention (sm90)", "block-selection rows grow with the tokens a block spans"));
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
       "attention (sm90): requesting dynamic shared memory"));
