@@ -104,13 +104,12 @@ __global__ void __launch_bounds__(kSelectThreadsFew) select_kernel(const SparseS
     // The k-th largest key, digit by digit from the top; keys are distinct, so exactly k keys are
     // >= it.
     if (tid == 0) remaining = k;
-    std::uint64_t mask = 0;
+    std::uint64_t found = 0;  // the key bits `prefix` holds so far
     for (int shift = kKeyBits - kRadixBits; shift > -kRadixBits; shift -= kRadixBits) {
       const int s = max(shift, 0);  // the last pass takes the remaining low bits
-      const std::uint64_t high = mask;
       for (int b = tid; b < nb; b += threads) {
         const std::uint64_t key = keys[b];
-        if (key != 0 && (key & high) == prefix) atomicAdd(&hist[(key >> s) & (kRadixBins - 1)], 1);
+        if (key != 0 && (key & found) == prefix) atomicAdd(&hist[(key >> s) & (kRadixBins - 1)], 1);
       }
       __syncthreads();
       if (tid < 32) {
@@ -141,7 +140,7 @@ __global__ void __launch_bounds__(kSelectThreadsFew) select_kernel(const SparseS
         __syncwarp();
         for (int i = 0; i < kPerLane; ++i) hist[tid * kPerLane + i] = 0;  // ready for the next pass
       }
-      mask |= static_cast<std::uint64_t>(kRadixBins - 1) << s;
+      found |= static_cast<std::uint64_t>(kRadixBins - 1) << s;
       __syncthreads();
     }
   }
