@@ -33,8 +33,9 @@ inline Status row_chunk_grid(std::int64_t rows, std::int64_t items_per_row, int 
 inline Status check_smem_optin(std::int64_t bytes, const std::string& op, const std::string& why) {
   int device = 0, optin = 0;
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaGetDevice(&device), op + ": cudaGetDevice"));
-  EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                                             op + ": reading the GPU's shared memory limit"));
+  EDGESPEC_RETURN_IF_ERROR(
+      Status::from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                        op + ": reading the GPU's shared memory limit"));
   if (bytes > optin) {
     return Status::unsupported(op + ": this call needs " + std::to_string(bytes) +
                                " bytes of shared memory per block, the GPU allows " + std::to_string(optin) + " (" +

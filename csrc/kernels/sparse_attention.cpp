@@ -167,9 +167,9 @@ Status check_select(const SparseSelectArgs& a, int* splits_out) {
   if (a.sm90) {
     const bool aligned = q.data % 16 == 0 && a.ck.data % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 &&
                          a.ck.stride(0) % 8 == 0 && a.ck.stride(1) % 8 == 0;
-    if (!sparse_scores_mma_applies(static_cast<int>(tokens), static_cast<int>(heads_q / heads_kv), static_cast<int>(dim),
-                                   dtype_size(q.dtype), a.path != nullptr) ||
-        a.kernels_per_split % kSparseMmaKernels != 0 || !aligned) {
+    const bool applies = sparse_scores_mma_applies(static_cast<int>(tokens), static_cast<int>(heads_q / heads_kv),
+                                                   static_cast<int>(dim), dtype_size(q.dtype), a.path != nullptr);
+    if (!applies || a.kernels_per_split % kSparseMmaKernels != 0 || !aligned) {
       return Status::unsupported("sparse scores (sm90) take what the tensor-core score kernels take: 16-bit q and ck "
                                  "with 16-byte aligned rows, head dim 64 or 128, a GQA group dividing 16, no tree "
                                  "path, at least " + std::to_string(kSparseMmaMinTokens) +
@@ -249,7 +249,8 @@ Status sparse_select_blocks(const SparseSelectArgs& args, cudaStream_t stream) {
     if (args.sm90) {
 #ifdef EDGESPEC_HAS_SM90
       if constexpr (!std::is_same_v<T, float>) {  // check_select allows 16-bit, head dims 64 and 128 only
-        return p.head_dim == 64 ? launch_sparse_scores_sm90<T, 64>(p, stream) : launch_sparse_scores_sm90<T, 128>(p, stream);
+        return p.head_dim == 64 ? launch_sparse_scores_sm90<T, 64>(p, stream)
+                                : launch_sparse_scores_sm90<T, 128>(p, stream);
       }
 #else
       return Status::unsupported("sparse scores: this build has no sm90 kernels (EDGESPEC_CUDA_ARCHS lacks 90a-real)");

@@ -65,7 +65,9 @@ struct MmaScoreProduct {
 
   __device__ void load_q(const unsigned char* q_tile, int warp, int lane) {
 #pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) ldmatrix_x4(q_frag[ks], q_tile + offset(warp * 16 + lane % 16, ks * 2 + lane / 16));
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      ldmatrix_x4(q_frag[ks], q_tile + offset(warp * 16 + lane % 16, ks * 2 + lane / 16));
+    }
   }
 
   __device__ void product(float (&s)[kMmaKernels / 8][4], const unsigned char*, const unsigned char* ck_tile,
@@ -328,8 +330,9 @@ Status launch_scores_mma(const SparseScoreParams<T>& p, cudaStream_t stream) {
   const std::int64_t row_tiles = (static_cast<std::int64_t>(p.tokens) * p.group + kMmaRows - 1) / kMmaRows;
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, 0x7fffffff, "sparse scores: row tiles"));
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.splits));
-  return launch_score_passes(scores_mma_kernel<T, kHeadDim, false, Product>, scores_mma_kernel<T, kHeadDim, true, Product>,
-                             p, grid, kMmaThreads, scores_mma_smem_bytes<Product>(kHeadDim), stream);
+  return launch_score_passes(scores_mma_kernel<T, kHeadDim, false, Product>,
+                             scores_mma_kernel<T, kHeadDim, true, Product>, p, grid, kMmaThreads,
+                             scores_mma_smem_bytes<Product>(kHeadDim), stream);
 }
 
 }  // namespace sparse_detail

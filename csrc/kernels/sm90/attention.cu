@@ -366,7 +366,8 @@ Status launch(const AttentionParams<T>& p, cudaStream_t stream) {
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, kMaxGridX, "attention (sm90): number of query row tiles"));
   auto* kernel = attention_kernel<T, kHeadDim, kTree>;
   const int smem = attention_sm90_smem_bytes(kHeadDim, p.tokens, p.group, p.block_mask != nullptr ? p.block_words : 0);
-  EDGESPEC_RETURN_IF_ERROR(check_smem_optin(smem, "attention (sm90)", "block-selection rows grow with the tokens a block spans"));
+  EDGESPEC_RETURN_IF_ERROR(
+      check_smem_optin(smem, "attention (sm90)", "block-selection rows grow with the tokens a block spans"));
   EDGESPEC_RETURN_IF_ERROR(Status::from_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
       "attention (sm90): requesting dynamic shared memory"));
