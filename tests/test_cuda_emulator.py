@@ -23,6 +23,7 @@ FAULTS = {  # selftest.cu cuemu_selftest_fault(which): what the error must say
     3: "wrote past the end of its 128 bytes of dynamic shared memory",
     4: "not 16-byte aligned",
     5: "above the 49152 the kernel is allowed",
+    7: "no fence.proxy.async by that thread",  # wgmma reading cp.async bytes without the proxy fence
 }
 
 

@@ -75,6 +75,7 @@ struct Fiber {
   int collectives = 0;                   // warp collectives this thread has entered
   std::vector<Copy> open_group;          // cp.async since the last commit
   std::deque<std::vector<Copy>> groups;  // committed, not yet waited for
+  std::vector<std::size_t> unfenced;     // 16-byte chunks its landed cp.async wrote since its last proxy fence
 };
 
 // Two rounds of slots per warp: a lane can be at most one collective ahead of the slowest lane
@@ -114,6 +115,10 @@ cudaError_t last_error = cudaSuccess;
 std::string last_message;
 std::vector<unsigned char> smem;  // dynamic shared memory + canary
 std::size_t smem_bytes = 0;
+// The async proxy (what wgmma reads shared memory through): per 16-byte chunk of dynamic shared
+// memory, 1 + the index of the fiber whose cp.async wrote it last, until that fiber runs
+// fence.proxy.async; 0 when no such write is pending.
+std::vector<int> proxy_pending;
 void* stacks = nullptr;
 std::size_t stacks_count = 0;
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
@@ -133,13 +138,18 @@ void release_barrier_if_complete() {
   at_barrier = 0;
 }
 
+// Lands the copies of the current fiber (they were issued by it).
 void run_copies(const std::vector<Copy>& copies) {
+  const int writer = static_cast<int>(current - fibers.data()) + 1;
   for (const Copy& c : copies) {
     if (c.valid) {
       std::memcpy(c.dst, c.src, 16);
     } else {
       std::memset(c.dst, 0, 16);
     }
+    const auto chunk = static_cast<std::size_t>(static_cast<unsigned char*>(c.dst) - smem.data()) / 16;
+    proxy_pending[chunk] = writer;
+    current->unfenced.push_back(chunk);
   }
 }
 
@@ -262,6 +272,7 @@ bool run_block(Schedule& schedule) {
     f.collectives = 0;
     f.open_group.clear();
     f.groups.clear();
+    f.unfenced.clear();
     make_context(f.context, static_cast<char*>(stacks) + i * (kStackBytes + kGuardBytes) + kGuardBytes, kStackBytes,
                  fiber_entry);
   }
@@ -271,6 +282,7 @@ bool run_block(Schedule& schedule) {
   }
   std::memset(smem.data(), kSmemPoison, smem_bytes);
   std::memset(smem.data() + smem_bytes, kCanary, kCanaryBytes);
+  std::fill(proxy_pending.begin(), proxy_pending.end(), 0);
   for (const auto& [address, bytes] : static_shared) std::memset(address, kSmemPoison, bytes);
   live = static_cast<int>(n);
   at_barrier = 0;
@@ -392,6 +404,27 @@ std::uint32_t shared_window_address(const void* ptr) {
   return kSharedWindowBase + static_cast<std::uint32_t>(p - smem.data());
 }
 
+void fence_proxy_async() {
+  const int me = static_cast<int>(current - fibers.data()) + 1;
+  for (std::size_t chunk : current->unfenced) {
+    if (proxy_pending[chunk] == me) proxy_pending[chunk] = 0;
+  }
+  current->unfenced.clear();
+}
+
+const unsigned char* async_proxy_pointer(std::uint32_t address, std::size_t bytes, const char* what) {
+  const unsigned char* p = shared_window_pointer(address, bytes, what);
+  const std::size_t first = (address - kSharedWindowBase) / 16, last = (address - kSharedWindowBase + bytes - 1) / 16;
+  for (std::size_t chunk = first; chunk <= last; ++chunk) {
+    if (proxy_pending[chunk] != 0) {
+      fail(std::string(what) + ": reads shared memory (offset " + std::to_string(chunk * 16) + ") that a cp.async of " +
+           describe_thread(fibers[proxy_pending[chunk] - 1]) +
+           " wrote, with no fence.proxy.async by that thread since (the async proxy may see stale bytes)");
+    }
+  }
+  return p;
+}
+
 const unsigned char* shared_window_pointer(std::uint32_t address, std::size_t bytes, const char* what) {
   if (address < kSharedWindowBase || address - kSharedWindowBase + bytes > smem_bytes) {
     fail(std::string(what) + ": shared address " + std::to_string(address) + " (+" + std::to_string(bytes) +
@@ -467,6 +500,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, std::size_t dynami
   ensure_stacks(threads);
   smem_bytes = dynamic_smem;
   smem.assign(dynamic_smem + kCanaryBytes, 0);
+  proxy_pending.assign(dynamic_smem / 16 + 1, 0);
   block_dim = block;
   grid_dim = grid;
   body = &fn;

@@ -88,6 +88,12 @@ const unsigned char* shared_window_pointer(std::uint32_t address, std::size_t by
 // Fails unless [ptr, ptr + bytes) lies in the block's dynamic shared memory and ptr is aligned.
 void check_shared(const void* ptr, std::size_t bytes, std::size_t align, const char* what);
 
+// The async proxy: fence.proxy.async of the current thread, and the bytes at a shared-window
+// address read through the async proxy (wgmma operands), which fails when a cp.async wrote them and
+// its thread has not fenced since: on a GPU wgmma may then read stale bytes.
+void fence_proxy_async();
+const unsigned char* async_proxy_pointer(std::uint32_t address, std::size_t bytes, const char* what);
+
 // cp.async: queued per thread, copied when a wait_group retires the group.
 void cp_async(void* smem, const void* gmem, bool valid);
 void cp_async_commit();

@@ -128,6 +128,25 @@ __global__ void misaligned_cp_async_kernel(const float* src) {
   cp_async_wait<0>();
 }
 
+// One warpgroup stages two 64 x 64 bf16 tiles with cp.async (zero-filled) and multiplies them with
+// wgmma without fence.proxy.async between the copies and the product: the async proxy may read
+// stale bytes on a GPU, so the emulator fails the launch.
+__global__ void unfenced_wgmma_kernel(const float* src) {
+  extern __shared__ __align__(16) unsigned char raw[];
+  const std::uint32_t raw_addr = edgespec::smem_address(raw);
+  const std::uint32_t pad = (1024 - raw_addr % 1024) % 1024;
+  for (int i = threadIdx.x; i < 2 * 8192 / 16; i += blockDim.x) cp_async_16(raw + pad + 16 * i, src, false);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();  // a barrier orders the generic proxy only
+  float d[32] = {};
+  edgespec::wgmma_fence();
+  edgespec::wgmma_ss<__nv_bfloat16, 64>(d, edgespec::gmma_desc_sw128(raw_addr + pad, 16, 1024),
+                                        edgespec::gmma_desc_sw128(raw_addr + pad + 8192, 16, 1024), 0);
+  edgespec::wgmma_commit();
+  edgespec::wgmma_wait<0>();
+}
+
 // One instance per test case: the opt-in attribute is remembered per kernel.
 template <int kCase>
 __global__ void big_shared_kernel(float* out) {
@@ -234,6 +253,7 @@ int cuemu_selftest_fault(int which, int* ints, float* floats) {
       cudaFuncSetAttribute(big_shared_kernel<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
       big_shared_kernel<6><<<1, 32, 64 * 1024>>>(floats);
       break;
+    case 7: unfenced_wgmma_kernel<<<1, 128, 1024 + 2 * 8192>>>(floats); break;
     default: return -1;
   }
   return cudaGetLastError();

@@ -7,9 +7,10 @@
 // from the warp, and the descriptors) and computes at the wgmma_wait that retires its group,
 // reading shared memory then and writing the accumulators then. So a kernel that reads the
 // accumulators before waiting, or overwrites the operand tiles while a product is in flight, gets
-// wrong results here as it would on a GPU. Not modelled: the async proxy (a missing
-// fence_proxy_async() goes unnoticed) and the rounding order inside the tensor cores (the 16
-// products of a k16 step are summed in fp32 in k order).
+// wrong results here as it would on a GPU. The async proxy is modelled for cp.async: a wgmma that
+// reads bytes a cp.async wrote before its thread ran fence_proxy_async() fails the launch (plain
+// stores to shared memory are not tracked). Not modelled: the rounding order inside the tensor
+// cores (the 16 products of a k16 step are summed in fp32 in k order).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -74,7 +75,7 @@ inline std::uint32_t swizzle128(std::uint32_t address) { return address ^ (((add
 template <typename T>
 float load(std::uint32_t address, const char* what) {
   std::uint16_t bits;
-  std::memcpy(&bits, ::cuemu::shared_window_pointer(swizzle128(address), 2, what), 2);
+  std::memcpy(&bits, ::cuemu::async_proxy_pointer(swizzle128(address), 2, what), 2);
   return emulated::half_to_float(bits, static_cast<T*>(nullptr));
 }
 
@@ -127,7 +128,7 @@ inline void wgmma_wait() {
   }
 }
 
-inline void fence_proxy_async() {}
+inline void fence_proxy_async() { ::cuemu::fence_proxy_async(); }
 inline void wgmma_fence_operand(float&) {}
 inline void wgmma_fence_operand(std::uint32_t&) {}
 
