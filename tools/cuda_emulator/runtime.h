@@ -13,8 +13,9 @@
 // error, instead of a hang or silent garbage): warp collectives reached by only some lanes or by
 // lanes at different collectives, deadlocked barriers, cp.async / ldmatrix addresses that are
 // misaligned or outside the block's dynamic shared memory, writes past the end of dynamic shared
-// memory (a canary), more than 48 KB of dynamic shared memory without the opt-in attribute, and
-// launch shapes over the hardware limits. Dynamic shared memory starts as NaN bytes.
+// memory (a canary), more than 48 KB of dynamic shared memory without the opt-in attribute,
+// wgmma operands that a cp.async wrote with no fence.proxy.async by its thread since (the async
+// proxy), and launch shapes over the hardware limits. Dynamic shared memory starts as NaN bytes.
 //
 // What it does not model: timing, memory coalescing, bank conflicts, register limits, the
 // weak memory ordering between blocks (blocks run one at a time) and the exact rounding order
