@@ -67,3 +67,20 @@ def test_an_interrupted_benchmark_keeps_its_rows(tmp_path: Path, monkeypatch: py
     with pytest.raises(ValueError), benchlib.Interruptible():
         raise ValueError("other errors pass through")
 
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_environment_sets_a_variable_for_its_block_and_restores_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  before: str | None) -> None:
+    import os
+
+    benchlib = load_copy(tmp_path)
+    if before is None:
+        monkeypatch.delenv("EDGESPEC_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("EDGESPEC_BACKEND", before)
+    with pytest.raises(RuntimeError, match="inside"):
+        with benchlib.environment("EDGESPEC_BACKEND", "torch"):
+            assert os.environ["EDGESPEC_BACKEND"] == "torch"
+            raise RuntimeError("inside")  # restored on the way out of an exception too
+    assert os.environ.get("EDGESPEC_BACKEND") == before

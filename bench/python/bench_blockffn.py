@@ -26,7 +26,6 @@ kernel (`dense_w4a16_ms`), i.e. what the 4-bit model would cost without the expe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from benchlib import Interruptible, median, time_cpu, time_cuda, write_result  # noqa: E402
+from benchlib import Interruptible, environment, median, time_cpu, time_cuda, write_result  # noqa: E402
 
 from edgespec import ops  # noqa: E402
 from edgespec.ops.moe import BlockFFNScratch  # noqa: E402
@@ -158,14 +157,8 @@ def main() -> int:
                         extra["dense_w4a16_ms"] = round(median(timer(dense_w4, repeats)) * 1e3, 4)
                     if impl.startswith("cuda kernels"):
                         # The torch union path on the same device, for reference (it syncs once per call).
-                        previous = os.environ.get("EDGESPEC_BACKEND")
-                        os.environ["EDGESPEC_BACKEND"] = "torch"
-                        try:
+                        with environment("EDGESPEC_BACKEND", "torch"):
                             extra["torch_path_ms"] = round(median(timer(ours, repeats)) * 1e3, 4)
-                        finally:
-                            os.environ.pop("EDGESPEC_BACKEND")
-                            if previous is not None:
-                                os.environ["EDGESPEC_BACKEND"] = previous
                     bytes_per_weight = 0.5 + 2 * 2 / 128 if kind == "w4" else x.element_size()  # w4: + scales, zeros
                     active_bytes = (e - round(sparsity * e)) * d * h * 2 * bytes_per_weight
                     rows.append({

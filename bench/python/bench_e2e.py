@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import Interruptible, median, time_cpu, write_result  # noqa: E402
+from benchlib import Interruptible, environment, median, time_cpu, write_result  # noqa: E402
 
 import edgespec  # noqa: E402
 from edgespec.loading import default_dtype, resolve_device  # noqa: E402
@@ -51,15 +50,8 @@ def graph_row(graphed: "edgespec.LLM", ids: list[int], n: int, repeats: int, eag
 def invariance_row(run_ours, repeats: int, ours_ms: float) -> dict:
     """The price of the row-invariant kernels (EDGESPEC_ROW_INVARIANT, on by default): the same
     generation with cuBLAS projections and the heuristic attention splits instead."""
-    before = os.environ.get("EDGESPEC_ROW_INVARIANT")
-    os.environ["EDGESPEC_ROW_INVARIANT"] = "0"
-    try:
+    with environment("EDGESPEC_ROW_INVARIANT", "0"):
         seconds = median(time_cpu(run_ours, repeats))
-    finally:
-        if before is None:
-            del os.environ["EDGESPEC_ROW_INVARIANT"]
-        else:
-            os.environ["EDGESPEC_ROW_INVARIANT"] = before
     return {"without_row_invariance_ms": round(seconds * 1e3, 2),
             "row_invariance_cost": round(ours_ms / (seconds * 1e3), 3)}
 

@@ -34,8 +34,6 @@ Exits 77 (nothing measured) without a CUDA GPU or without the compiled extension
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -48,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from bench_attention import Case, Inputs, graph_ms, measure_dram_tbps, sdpa_variants  # noqa: E402
-from benchlib import Interruptible, write_result  # noqa: E402
+from benchlib import Interruptible, environment, write_result  # noqa: E402
 
 from edgespec import ops  # noqa: E402
 from edgespec.models.sparse import parse_sparse_config  # noqa: E402
@@ -146,20 +144,6 @@ class SparseCalls:
         s = self.case.seqlen
         ops.compress_keys(k, self.ck[i], 0, s, cfg.kernel_size, cfg.kernel_stride)
         return ops.sparse_attention(q, k, v, self.scale, self.ck[i], self.positions, cfg, dense_len=0, kv_limit=s)
-
-
-@contextlib.contextmanager
-def environment(name: str, value: str):
-    """The variable set to value inside the block, restored after it."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = previous
 
 
 def torch_path_reference(calls: SparseCalls, i: int) -> torch.Tensor:

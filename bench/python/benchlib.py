@@ -5,6 +5,7 @@ sys.path when run directly).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -84,6 +85,21 @@ def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[floa
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return times
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    """The environment variable set to value inside the block (edgespec reads its switches at each
+    call), restored after it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = previous
 
 
 def median(xs: list[float]) -> float:
