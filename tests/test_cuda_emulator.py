@@ -61,6 +61,21 @@ def test_wgmma_follows_the_documented_layouts_and_completes_at_its_wait(lib) -> 
     operands read through descriptors (csrc/kernels/sm90/gmma_desc.h), A from registers, the
     accumulator layout of csrc/kernels/sm90/wgmma.cuh, and the accumulators unchanged until the
     wait that retires the product."""
+    _check_wgmma(lib)
+
+
+def test_a_launch_that_failed_with_products_in_flight_leaves_nothing_behind(lib) -> None:
+    """The unfenced-wgmma fault stops its threads inside wgmma_wait, with products still queued;
+    the next launch on the same block and threads must not run them (they write into the dead
+    launch's registers)."""
+    floats = torch.zeros(64 * 1024, dtype=torch.float32)
+    for _ in range(2):
+        assert lib.cuemu_selftest_fault(7, None, _ptr(floats)) != 0
+        assert lib.cuemu_selftest_wgmma_wait_only() == 0, _message(lib)  # no stale product runs at its wait
+        _check_wgmma(lib)
+
+
+def _check_wgmma(lib) -> None:
     g = torch.Generator().manual_seed(2)
     a = torch.randn(64, 16, generator=g).to(torch.bfloat16)
     b = torch.randn(16, 64, generator=g).to(torch.bfloat16)

@@ -119,6 +119,7 @@ std::size_t smem_bytes = 0;
 // memory, 1 + the index of the fiber whose cp.async wrote it last, until that fiber runs
 // fence.proxy.async; 0 when no such write is pending.
 std::vector<int> proxy_pending;
+std::uint64_t launches = 0;  // launches started so far
 void* stacks = nullptr;
 std::size_t stacks_count = 0;
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
@@ -404,6 +405,8 @@ std::uint32_t shared_window_address(const void* ptr) {
   return kSharedWindowBase + static_cast<std::uint32_t>(p - smem.data());
 }
 
+std::uint64_t launch_serial() { return launches; }
+
 void fence_proxy_async() {
   const int me = static_cast<int>(current - fibers.data()) + 1;
   for (std::size_t chunk : current->unfenced) {
@@ -475,6 +478,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, std::size_t dynami
   // both launch).
   static std::mutex one_launch;
   const std::lock_guard<std::mutex> hold(one_launch);
+  ++launches;
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64) {
     return launch_error("block shape (" + std::to_string(block.x) + "," + std::to_string(block.y) + "," +

@@ -100,6 +100,10 @@ void cp_async(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
 void cp_async_wait(int pending);
 
+// The number of launches started so far: per-thread state kept outside the runtime (wgmma.cuh's
+// products in flight) belongs to the launch that made it, including one that failed midway.
+std::uint64_t launch_serial();
+
 // Runs `body` once per thread of every block of `grid`.
 cudaError_t launch(const void* kernel, dim3 grid, dim3 block, std::size_t dynamic_smem, const std::function<void()>& body);
 

@@ -147,6 +147,10 @@ __global__ void unfenced_wgmma_kernel(const float* src) {
   edgespec::wgmma_wait<0>();
 }
 
+// One warpgroup that only waits for its (no) products in flight, with no shared memory: a product
+// left queued by an earlier launch would run here and fail, reading outside shared memory.
+__global__ void wgmma_wait_only_kernel() { edgespec::wgmma_wait<0>(); }
+
 // One instance per test case: the opt-in attribute is remembered per kernel.
 template <int kCase>
 __global__ void big_shared_kernel(float* out) {
@@ -223,6 +227,11 @@ int cuemu_selftest_ldmatrix(const std::uint16_t* m, std::uint32_t* out, int tran
 int cuemu_selftest_wgmma(const std::uint16_t* a, const std::uint16_t* bt, const std::uint16_t* v, float* before,
                          float* d, float* e) {
   wgmma_kernel<<<1, 128, 1024 + 8192 + 8192 + 2048>>>(a, bt, v, before, d, e);
+  return cudaGetLastError();
+}
+
+int cuemu_selftest_wgmma_wait_only() {
+  wgmma_wait_only_kernel<<<1, 128>>>();
   return cudaGetLastError();
 }
 

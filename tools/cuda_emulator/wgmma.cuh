@@ -31,7 +31,8 @@ namespace edgespec {
 namespace emulated_wgmma {
 
 struct Pending {
-  unsigned block = 0;  // the block that issued these (a wgmma may not outlive its thread)
+  std::uint64_t launch = 0;  // the launch and block that issued these (a wgmma may not outlive its thread)
+  unsigned block = 0;
   std::vector<std::function<void()>> open;
   std::deque<std::vector<std::function<void()>>> groups;
 };
@@ -43,7 +44,12 @@ inline Pending& mine() {
   const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   if (all.size() <= t) all.resize(t + 1);
   Pending& p = all[t];
-  if (p.block != linear_block()) {
+  if (p.launch != ::cuemu::launch_serial()) {
+    // Whatever an earlier launch left (one that failed with products in flight) is not this one's.
+    p = Pending{};
+    p.launch = ::cuemu::launch_serial();
+    p.block = linear_block();
+  } else if (p.block != linear_block()) {
     if (!p.open.empty() || !p.groups.empty()) ::cuemu::fail("wgmma: a thread exited with products still in flight");
     p.block = linear_block();
   }
