@@ -110,6 +110,37 @@ __device__ __forceinline__ int nth_set_tile(const std::uint64_t* words, int nwor
   return -1;
 }
 
+// Word w of the tiles that the selection rows [first, last] of sel_rows (bw words each) pick:
+// `any` their union, plus every tile from first_tree_tile on (tree slots: the tree mask decides
+// there) and minus every tile from `visible` on (past what those rows can see); `all` their
+// intersection (tiles no row needs to mask by selection).
+struct SelectionWord {
+  std::uint64_t any = 0, all = ~0ull;
+};
+
+__device__ __forceinline__ SelectionWord selection_word(const std::uint64_t* sel_rows, int bw, int first, int last,
+                                                        int w, int first_tree_tile, int visible) {
+  SelectionWord s;
+  for (int u = first; u <= last; ++u) {
+    s.any |= sel_rows[u * bw + w];
+    s.all &= sel_rows[u * bw + w];
+  }
+  s.any = (s.any | ~bits_below(first_tree_tile - w * 64)) & bits_below(visible - w * 64);
+  return s;
+}
+
+// Split `split`'s share of the set tiles of `words`: per_split of them by rank (0: an equal share
+// of `splits`). Returns how many; *first is the first of them.
+__device__ __forceinline__ int split_tiles_by_rank(const std::uint64_t* words, int bw, int split, int splits,
+                                                   int per_split, int* first) {
+  int total = 0;
+  for (int w = 0; w < bw; ++w) total += __popcll(words[w]);
+  if (per_split == 0) per_split = (total + splits - 1) / splits;
+  const int count = max(min(per_split, total - split * per_split), 0);
+  *first = count > 0 ? nth_set_tile(words, bw, split * per_split) : 0;
+  return count;
+}
+
 // kTail (row-invariant tree calls only; attention.h "Row invariance"): the block attends one tree
 // token's tail (blockIdx.x), the gathered tiles from the tree's first tile to the token's own,
 // within one chunk (the tree's first chunk + blockIdx.z), resuming the main kernel's state there.
@@ -242,22 +273,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
     // exactly as for the decoded token (ancestors included).
     const int first_tree_tile = kTree && !kTail ? tree_tile : tiles_total;
     for (int w = tid; w < bw; w += C::kThreads) {
-      std::uint64_t any = 0, all = ~0ull;
-      for (int u = 0; u < span; ++u) {
-        any |= sel_rows[u * bw + w];
-        all &= sel_rows[u * bw + w];
-      }
-      any |= ~bits_below(first_tree_tile - w * 64);
-      sel_any[w] = any & bits_below(tiles_visible - w * 64);
-      sel_all[w] = all;
+      const SelectionWord s = selection_word(sel_rows, bw, 0, span - 1, w, first_tree_tile, tiles_visible);
+      sel_any[w] = s.any;
+      sel_all[w] = s.all;
     }
     __syncthreads();
-    int total = 0;
-    for (int w = 0; w < bw; ++w) total += __popcll(sel_any[w]);
     // Ranked: a fixed number of tiles per split, so a token's splits do not depend on the call.
-    const int per_split = ranked ? p.rank_tiles : (total + p.splits - 1) / p.splits;
-    tile_count = max(min(per_split, total - split * per_split), 0);
-    tile_first = tile_count > 0 ? nth_set_tile(sel_any, bw, split * per_split) : 0;
+    tile_count = split_tiles_by_rank(sel_any, bw, split, p.splits, ranked ? p.rank_tiles : 0, &tile_first);
   }
 
   for (int i = tid; i < C::kBlockM * C::kChunks; i += C::kThreads) {

@@ -38,9 +38,10 @@ namespace edgespec {
 
 namespace sm90_attention {
 
-using attention_detail::bits_below;
 using attention_detail::next_set_tile;
-using attention_detail::nth_set_tile;
+using attention_detail::selection_word;
+using attention_detail::SelectionWord;
+using attention_detail::split_tiles_by_rank;
 
 constexpr int kWarpgroups = 2;               // consumers of every K/V tile
 constexpr int kThreads = 128 * kWarpgroups;
@@ -242,26 +243,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionP
       const int first_row = part == 0 ? m0 : m0 + kRowsPerGroup * (part - 1);
       const int rows = part == 0 ? kBlockM : kRowsPerGroup;
       const int end = visible_tiles(first_row, rows);  // 0 for a warpgroup past the last row
-      const int u_end = end > 0 ? min((first_row + rows - 1) / group, p.tokens - 1) : -1;
-      std::uint64_t any = 0, all = ~0ull;
-      for (int u = first_row / group; u <= u_end; ++u) {
-        any |= sel_rows[(u - tok_first) * bw + w];
-        all &= sel_rows[(u - tok_first) * bw + w];
-      }
-      any = (any | ~bits_below(first_tree_tile - w * 64)) & bits_below(end - w * 64);
+      const int last = end > 0 ? min((first_row + rows - 1) / group, p.tokens - 1) : first_row / group - 1;
+      const SelectionWord s =
+          selection_word(sel_rows, bw, first_row / group - tok_first, last - tok_first, w, first_tree_tile, end);
       if (part == 0) {
-        sel_any[w] = any;
+        sel_any[w] = s.any;
       } else {
-        group_any[(part - 1) * bw + w] = any;
-        group_all[(part - 1) * bw + w] = all;
+        group_any[(part - 1) * bw + w] = s.any;
+        group_all[(part - 1) * bw + w] = s.all;
       }
     }
     __syncthreads();
-    int total = 0;
-    for (int w = 0; w < bw; ++w) total += __popcll(sel_any[w]);
-    const int per_rank = (total + p.splits - 1) / p.splits;
-    tile_count = max(min(per_rank, total - split * per_rank), 0);
-    tile_first = tile_count > 0 ? nth_set_tile(sel_any, bw, split * per_rank) : 0;
+    tile_count = split_tiles_by_rank(sel_any, bw, split, p.splits, 0, &tile_first);
   }
   auto has_tile = [](const std::uint64_t* words, int tile) { return ((words[tile >> 6] >> (tile & 63)) & 1ull) != 0; };
 
