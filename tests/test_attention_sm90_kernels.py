@@ -116,14 +116,20 @@ def test_sm90_takes_a_query_view_of_fused_qkv(hopper, monkeypatch) -> None:
     assert_attention_close(_sm90(view, k, v, 0.1), q, k, v, 0.1, None, monkeypatch, "strided q")
 
 
-def test_sm90_refuses_the_row_invariant_modes(hopper) -> None:
-    """Those run on the generic kernels (their tail blocks hold one token each)."""
+def test_sm90_refuses_the_block_sparse_invariant_mode(hopper) -> None:
+    """rank_tiles runs on the generic kernels only (the dense chunk_tiles mode runs on both:
+    test_invariant_attention_kernels.py); the C++ entry point re-checks."""
+    from edgespec.errors import KernelError
+
     q, k, v = attention_inputs(5, 123, 8, 2, 64, torch.bfloat16, 1, hopper)
     blocks = torch.ones(5, 2, 1, dtype=torch.int64, device=hopper)
     with pytest.raises(ValueError, match="takes neither chunk_tiles nor the sm90 kernels"):
         _kernels.attention(q, k, v, 0.1, block_mask=blocks, sm90=True, rank_tiles=1, splits=1)
-    with pytest.raises(ValueError, match="no sm90 kernels"):
-        _kernels.attention(q, k, v, 0.1, sm90=True, chunk_tiles=1)
+    out = torch.empty_like(q)
+    with pytest.raises(KernelError, match="takes neither chunk_tiles nor the sm90 kernels"):
+        _kernels._run(_kernels._module().attention, _kernels._view(q), _kernels._view(k), _kernels._view(v), None,
+                      _kernels._view(out), None, None, 0.1, 1, _kernels._stream(q), _kernels._view(blocks), None, True,
+                      0, None, 1)
 
 
 def test_sm90_split_plan() -> None:
@@ -164,9 +170,10 @@ def test_emulated_sm90_output_does_not_depend_on_thread_order(case: str, monkeyp
 @pytest.mark.usefixtures("emulated_ops")
 def test_ops_attention_takes_the_sm90_kernels_only_when_asked(monkeypatch) -> None:
     """EDGESPEC_SM90_ATTENTION=1 sends calls of 64 packed rows and more (chunks, trees) to the
-    Hopper kernels; decode steps and small trees keep the generic kernels; without it nothing
-    changes. Trees of a target model (row_invariant, the default) stay on the generic kernels'
-    row-invariant mode."""
+    Hopper kernels; a draft's decode steps and small trees (row_invariant=False) keep the generic
+    kernels; without it nothing changes. A target model's decode steps and trees (row_invariant,
+    the default) all go to the Hopper kernels' row-invariant mode, whatever their size, so that
+    they agree bit for bit."""
     from edgespec import ops
 
     calls = []
@@ -188,10 +195,13 @@ def test_ops_attention_takes_the_sm90_kernels_only_when_asked(monkeypatch) -> No
         calls.clear()
         out = ops.attention(*chunk, 0.1)
         ops.attention(*decode, 0.1)
+        ops.attention(*decode, 0.1, row_invariant=False)
         ops.attention(*small_tree, 0.1, masks[0])
+        ops.attention(*small_tree, 0.1, masks[0], row_invariant=False)
         tree_out = ops.attention(*big_tree, 0.1, masks[1], row_invariant=False)
         ops.attention(*big_tree, 0.1, masks[1])
-        assert calls == [asked == "1", False, False, asked == "1", False]
+        on = asked == "1"
+        assert calls == [on, on, False, on, False, on, on]
         assert_attention_close(out, *chunk, 0.1, None, monkeypatch, f"ops chunk, EDGESPEC_SM90_ATTENTION={asked}")
         assert_attention_close(tree_out, *big_tree, 0.1, masks[1], monkeypatch, f"ops tree, asked={asked}")
     monkeypatch.setenv("EDGESPEC_SM90_ATTENTION", "yes")

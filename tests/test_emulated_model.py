@@ -87,6 +87,29 @@ def test_speculative_greedy_equals_plain_on_the_kernels(tiny_model_dir, tmp_path
     assert kernel_calls["attention"] > 0
 
 
+def test_speculative_greedy_equals_plain_on_the_hopper_kernels(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """EDGESPEC_SM90_ATTENTION=1: the target's decode steps and tree verifications all run the
+    Hopper kernels' row-invariant mode (the draft's small calls stay generic), and greedy
+    speculative output still equals plain output."""
+    path = tiny_model_dir("llama", seed=5, vocab_size=40, hidden_size=128, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2)
+    llm = LLM(load_model(str(path), device="cpu", dtype=torch.bfloat16, max_context=256, with_tokenizer=False))
+    invariant_calls = []
+    real = _kernels.attention
+
+    def spy(*args, sm90=False, chunk_tiles=None, **kwargs):
+        if chunk_tiles is not None:
+            invariant_calls.append(sm90)
+        return real(*args, sm90=sm90, chunk_tiles=chunk_tiles, **kwargs)
+
+    monkeypatch.setattr(_kernels, "attention", spy)
+    monkeypatch.setenv("EDGESPEC_SM90_ATTENTION", "1")
+    plain, result = plain_and_speculative(llm, tmp_path / "head", [1, 5, 9, 3, 17, 22, 8], 24,
+                                          tree_size=16, depth=4, topk=4)
+    assert result.token_ids == plain
+    assert invariant_calls and all(invariant_calls)
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "w4a16"])
 def test_verified_logits_equal_decoded_logits_bitwise(tiny_model_dir, kernel_calls, quantized: bool) -> None:
     """Row invariance through a whole model on the kernels (dense GEMM or W4A16, attention's

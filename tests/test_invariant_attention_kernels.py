@@ -19,6 +19,20 @@ from kernel_checks import assert_attention_close, assert_schedule_independent, a
 from oracle.attention import pack_bits, random_tree, tree_visibility
 
 
+# Both kernel families have the mode: the generic kernels (every GPU) and the Hopper ones (wgmma;
+# EDGESPEC_SM90_ATTENTION=1). Each is invariant on its own; a decode step and a tree that must
+# agree run on the same family.
+KERNELS = pytest.mark.parametrize("sm90", [False, True], ids=["generic", "sm90"])
+
+
+def _needs(kernel_device, sm90: bool) -> None:
+    """Skip the sm90 case where the Hopper kernels do not run (a GPU other than cc 9.0, a build without them)."""
+    if sm90 and kernel_device.type == "cuda":
+        why = _kernels.sm90_attention_rejection(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=kernel_device))
+        if why is not None:
+            pytest.skip(why)
+
+
 def _tree(t: int, seed: int) -> tuple[list[int], torch.Tensor]:
     parents = random_tree(t, torch.Generator().manual_seed(seed))
     return parents, tree_visibility(parents)
@@ -32,13 +46,13 @@ def _path(parents: list[int], node: int) -> list[int]:
     return path[::-1]
 
 
-def _decoded(q, k, v, scale, prefix: int, path: list[int], chunk: int) -> torch.Tensor:
+def _decoded(q, k, v, scale, prefix: int, path: list[int], chunk: int, sm90: bool) -> torch.Tensor:
     """What plain decoding computes for the last node of `path`: its keys in logical order (the
     committed prefix, then its ancestors by depth, then itself), one query token."""
     slots = torch.cat([torch.arange(prefix), prefix + torch.tensor(path)]).to(k.device)
     node = path[-1]
     return _kernels.attention(q[node:node + 1], k.index_select(0, slots), v.index_select(0, slots), scale,
-                              chunk_tiles=chunk)
+                              chunk_tiles=chunk, sm90=sm90)
 
 
 # (T, prefix, Hq, Hkv, D, chunk tiles): tails crossing tile (prefix 60, 120) and chunk boundaries
@@ -52,18 +66,21 @@ TREES = device_cases(
          for d in (64, 128) for c in (1, 3, 16)])
 
 
+@KERNELS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kernel_device, t, prefix, hq, hkv, d, chunk", TREES, indirect=["kernel_device"])
-def test_verified_tree_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, chunk, dtype,
+def test_verified_tree_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, chunk, dtype, sm90,
                                                monkeypatch) -> None:
+    _needs(kernel_device, sm90)
     q, k, v = attention_inputs(t, prefix, hq, hkv, d, dtype, t * 31 + prefix + hq + chunk, kernel_device)
     parents, visible = _tree(t, t + prefix)
     mask = pack_bits(visible).to(kernel_device)
-    verified = _kernels.attention(q, k, v, d ** -0.5, mask, chunk_tiles=chunk)
-    assert_attention_close(verified, q, k, v, d ** -0.5, mask, monkeypatch, f"invariant tree T={t} prefix={prefix}")
+    verified = _kernels.attention(q, k, v, d ** -0.5, mask, chunk_tiles=chunk, sm90=sm90)
+    assert_attention_close(verified, q, k, v, d ** -0.5, mask, monkeypatch,
+                           f"invariant tree T={t} prefix={prefix} sm90={sm90}")
     rows = range(t) if kernel_device.type == "cuda" else sorted({0, t - 1, *range(1, t, max(1, t // 6))})
     for node in rows:
-        decoded = _decoded(q, k, v, d ** -0.5, prefix, _path(parents, node), chunk)
+        decoded = _decoded(q, k, v, d ** -0.5, prefix, _path(parents, node), chunk, sm90)
         assert torch.equal(verified[node:node + 1], decoded), f"node {node} (depth {int(visible[node].sum()) - 1})"
 
 
@@ -116,29 +133,35 @@ CAUSAL = device_cases(emulated=[(7, 57, 8, 2, 128, 1), (19, 120, 16, 1, 64, 2), 
                            for d in (64, 128) for c in (1, 16)])
 
 
+@KERNELS
 @pytest.mark.parametrize("kernel_device, t, prefix, hq, hkv, d, chunk", CAUSAL, indirect=["kernel_device"])
-def test_causal_chunk_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, chunk, monkeypatch) -> None:
+def test_causal_chunk_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, chunk, sm90, monkeypatch) -> None:
     # A chain verified causally (or a chunked prefill) sees its keys in logical order already: the
     # fixed chunks and the whole-tile arithmetic alone make its rows equal decode's.
+    _needs(kernel_device, sm90)
     q, k, v = attention_inputs(t, prefix, hq, hkv, d, torch.bfloat16, t + prefix, kernel_device)
-    chunked = _kernels.attention(q, k, v, 0.1, chunk_tiles=chunk)
-    assert_attention_close(chunked, q, k, v, 0.1, None, monkeypatch, f"invariant causal T={t} prefix={prefix}")
+    chunked = _kernels.attention(q, k, v, 0.1, chunk_tiles=chunk, sm90=sm90)
+    assert_attention_close(chunked, q, k, v, 0.1, None, monkeypatch,
+                           f"invariant causal T={t} prefix={prefix} sm90={sm90}")
     for i in (range(t) if kernel_device.type == "cuda" else (0, t // 2, t - 1)):
-        decoded = _kernels.attention(q[i:i + 1], k[:prefix + i + 1], v[:prefix + i + 1], 0.1, chunk_tiles=chunk)
+        decoded = _kernels.attention(q[i:i + 1], k[:prefix + i + 1], v[:prefix + i + 1], 0.1, chunk_tiles=chunk,
+                                     sm90=sm90)
         assert torch.equal(chunked[i:i + 1], decoded), f"row {i}"
 
 
+@KERNELS
 @pytest.mark.parametrize("tree", [False, True], ids=["decode", "tree"])
-def test_a_device_length_over_a_longer_view_changes_no_bit(kernel_device, tree: bool) -> None:
+def test_a_device_length_over_a_longer_view_changes_no_bit(kernel_device, tree: bool, sm90: bool) -> None:
     # A CUDA graph attends a whole-cache view with the length on the device: the chunks past the
     # length are empty and add exact zeros.
+    _needs(kernel_device, sm90)
     t, prefix = (11, 140) if tree else (1, 140)
     q, k, v = attention_inputs(t, prefix + 300, 8, 2, 64, torch.bfloat16, 5, kernel_device)
     mask = pack_bits(_tree(t, 3)[1]).to(kernel_device) if tree else None
     # The new tokens are the last T of the slots that count.
-    exact = _kernels.attention(q, k[:prefix + t], v[:prefix + t], 0.1, mask, chunk_tiles=1)
+    exact = _kernels.attention(q, k[:prefix + t], v[:prefix + t], 0.1, mask, chunk_tiles=1, sm90=sm90)
     seqlen = torch.tensor([prefix + t], dtype=torch.int32, device=kernel_device)
-    graphed = _kernels.attention(q, k, v, 0.1, mask, seqlen=seqlen, chunk_tiles=1)
+    graphed = _kernels.attention(q, k, v, 0.1, mask, seqlen=seqlen, chunk_tiles=1, sm90=sm90)
     assert torch.equal(exact, graphed)
 
 
@@ -194,7 +217,9 @@ def test_emulated_tail_blocks_do_not_depend_on_thread_order(monkeypatch) -> None
     q, k, v = attention_inputs(20, 60, 8, 2, 64, torch.bfloat16, 9, cpu)
     _, visible = _tree(20, 4)
     mask = pack_bits(visible)
-    assert_schedule_independent(lambda: _kernels.attention(q, k, v, 0.1, mask, chunk_tiles=1), monkeypatch)
+    for sm90 in (False, True):
+        assert_schedule_independent(lambda: _kernels.attention(q, k, v, 0.1, mask, chunk_tiles=1, sm90=sm90),
+                                    monkeypatch)
     # The block-sparse mode's tails also stage their token's selection (after the ancestor table).
     from sparse_cases import random_selection
 

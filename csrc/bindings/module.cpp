@@ -247,6 +247,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_tail_smem_bytes", &attention_tail_smem_bytes, py::arg("head_dim"), py::arg("tokens"),
         py::arg("group"), py::arg("mask_words"), py::arg("block_words") = 0,
         "Shared memory (bytes) of one tail block of a row-invariant tree call (host only).");
+  m.def("attention_sm90_tail_smem_bytes", &attention_sm90_tail_smem_bytes, py::arg("head_dim"), py::arg("tokens"),
+        "Shared memory (bytes) of one Hopper tail block of a row-invariant tree call (host only).");
   m.attr("ATTENTION_MAX_TAIL_GROUP") = kAttentionMaxTailGroup;
   m.attr("ATTENTION_RESUME_EXTRA") = kAttentionResumeExtra;
   m.def("attention_smem_bytes", &attention_smem_bytes, py::arg("head_dim"), py::arg("tokens"), py::arg("group"),

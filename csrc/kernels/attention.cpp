@@ -145,9 +145,10 @@ Status check_attention(const AttentionArgs& a) {
   }
   if (invariant) {
     if (a.chunk_tiles < 0) return Status::invalid("chunk_tiles must be >= 0, got " + std::to_string(a.chunk_tiles));
-    if (a.block_mask != nullptr || a.sm90) {
-      return Status::unsupported(std::string("attention: the row-invariant mode (chunk_tiles > 0) does not take ") +
-                                 (a.sm90 ? "the sm90 kernels" : "a block mask (rank_tiles is its block-sparse twin)"));
+    if (a.block_mask != nullptr) {
+      return Status::unsupported(
+          "attention: the row-invariant mode (chunk_tiles > 0) does not take a block mask (rank_tiles is its "
+          "block-sparse twin)");
     }
     const int chunks = attention_invariant_splits(seqlen, a.chunk_tiles);
     if (a.splits != chunks) {

@@ -141,6 +141,32 @@ __device__ __forceinline__ int split_tiles_by_rank(const std::uint64_t* words, i
   return count;
 }
 
+// The bits of tree token `token`'s mask row: its ancestors and itself, i.e. its depth + 1.
+__device__ __forceinline__ int tree_path_length(const std::uint64_t* tree_mask, int mask_words, int token) {
+  int bits = 0;
+  for (int w = 0; w < mask_words; ++w) bits += __popcll(__ldg(tree_mask + static_cast<std::int64_t>(token) * mask_words + w));
+  return bits;
+}
+
+// A tail block's tree index (row-invariant trees): depth_of[j] for every tree token j and
+// ancestor[d], the tree index of the block's token's ancestor at depth d (itself at its own
+// depth), from the token's mask row `own_row`. Tree token j sits at depth popcount(row j) - 1, and
+// a token's row sets exactly its ancestors and itself, one per depth. All threads of the block
+// call it; it ends with a barrier (the tile loads read the ancestors).
+__device__ __forceinline__ void tail_ancestors(const std::uint64_t* tree_mask, int mask_words, int tokens,
+                                               const std::uint64_t* own_row, short* depth_of, short* ancestor,
+                                               int tid, int threads) {
+  for (int j = tid; j < tokens; j += threads) {
+    ancestor[j] = -1;  // stays -1 only for a malformed mask (a depth the row has no token at)
+    depth_of[j] = static_cast<short>(tree_path_length(tree_mask, mask_words, j) - 1);
+  }
+  __syncthreads();
+  for (int j = tid; j < tokens; j += threads) {
+    if (((own_row[j >> 6] >> (j & 63)) & 1u) && depth_of[j] >= 0) ancestor[depth_of[j]] = static_cast<short>(j);
+  }
+  __syncthreads();
+}
+
 // kTail (row-invariant tree calls only; attention.h "Row invariance"): the block attends one tree
 // token's tail (blockIdx.x), the gathered tiles from the tree's first tile to the token's own,
 // within one chunk (the tree's first chunk + blockIdx.z), resuming the main kernel's state there.
@@ -191,13 +217,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   const int tree_tile = prefix / kBlockN;
   // A tail token's last logical key: its own position (the prefix, then its depth).
   int last_key = 0;
-  if constexpr (kTail) {
-    int bits = 0;
-    for (int w = 0; w < p.mask_words; ++w) {
-      bits += __popcll(__ldg(p.tree_mask + static_cast<std::int64_t>(tok_first) * p.mask_words + w));
-    }
-    last_key = prefix + bits - 1;
-  }
+  if constexpr (kTail) last_key = prefix + tree_path_length(p.tree_mask, p.mask_words, tok_first) - 1;
 
   // This block's keys: its split's run of whole tiles, cut after the last slot any row here sees.
   const int visible_end = kTail ? last_key + 1 : kTree ? seqlen : prefix + tok_last + 1;
@@ -243,21 +263,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kWarpsM, kWarpsN>::kThreads)
   }
 
   if constexpr (kTail) {
-    // Ancestors by depth: tree token j sits at depth popcount(row j) - 1, and the token's row
-    // sets exactly its ancestors and itself, one per depth.
-    for (int j = tid; j < p.tokens; j += C::kThreads) {
-      ancestor[j] = -1;  // stays -1 only for a malformed mask (a depth the row has no token at)
-      int bits = 0;
-      for (int w = 0; w < p.mask_words; ++w) {
-        bits += __popcll(__ldg(p.tree_mask + static_cast<std::int64_t>(j) * p.mask_words + w));
-      }
-      depth_of[j] = static_cast<short>(bits - 1);
-    }
-    __syncthreads();
-    for (int j = tid; j < p.tokens; j += C::kThreads) {
-      if (((mask_rows[j >> 6] >> (j & 63)) & 1u) && depth_of[j] >= 0) ancestor[depth_of[j]] = static_cast<short>(j);
-    }
-    __syncthreads();  // the tile loads below read the ancestors
+    tail_ancestors(p.tree_mask, p.mask_words, p.tokens, mask_rows, depth_of, ancestor, tid, C::kThreads);
   }
 
   if (sparse) {

@@ -54,7 +54,10 @@
 //      leaves each row's online-softmax state (unnormalised, fp32, exact) in `resume`; a tail
 //      kernel with one block per (tree token, KV head, chunk) resumes it over the gathered tiles.
 //      Masked keys and fully masked tiles change nothing, bit for bit (exp2(-inf) = 0, x * 1 = x).
-// Causal calls need only 1 and 2: their keys are in logical order already. Not the sm90 kernels.
+// Causal calls need only 1 and 2: their keys are in logical order already. The sm90 kernels run
+// this mode too, with the same structure on wgmma (csrc/kernels/sm90/attention.cu): rows agree
+// bit for bit within one kernel family, which is why ops.attention sends a generation's decode
+// steps and trees to the same one.
 //
 // Block-sparse calls (InfLLM-v2) are row-invariant by rank instead (rank_tiles > 0): a token
 // visits only the few tiles it selected, so fixed key chunks would leave most chunks empty (a

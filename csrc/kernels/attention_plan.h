@@ -211,16 +211,26 @@ inline std::int64_t attention_tail_smem_bytes(int head_dim, std::int64_t tokens,
 // which one block fits an SM (registers): their splits aim at one block per SM.
 constexpr int kAttentionSm90BlockRows = 128;
 
-// Shared memory of one Hopper block: a Q tile per warpgroup and two stages of K and V tiles (64
-// rows of head_dim 16-bit elements each) plus 1 KB to align them to the 128-byte swizzle's atom;
-// with a block mask also the selection rows of the tokens the block spans, their union and each
-// warpgroup's union and intersection words (at most 166 KB, under every cc 9.0 GPU's 227 KB).
-constexpr int attention_sm90_tile_bytes(int head_dim) { return 6 * 64 * head_dim * 2 + 1024; }
+// Shared memory of one Hopper block of `warpgroups` warpgroups (two; one for a call of at most 64
+// packed rows): a Q tile per warpgroup and two stages of K and V tiles (64 rows of head_dim 16-bit
+// elements each) plus 1 KB to align them to the 128-byte swizzle's atom; with a block mask also the
+// selection rows of the tokens the block spans, their union and each warpgroup's union and
+// intersection words (at most 166 KB, under every cc 9.0 GPU's 227 KB).
+constexpr int attention_sm90_tile_bytes(int head_dim, int warpgroups = 2) {
+  return (warpgroups + 4) * 64 * head_dim * 2 + 1024;
+}
 
-inline int attention_sm90_smem_bytes(int head_dim, std::int64_t tokens, int group, int block_words) {
-  if (block_words <= 0) return attention_sm90_tile_bytes(head_dim);
+inline int attention_sm90_smem_bytes(int head_dim, std::int64_t tokens, int group, int block_words,
+                                     int warpgroups = 2) {
+  if (block_words <= 0) return attention_sm90_tile_bytes(head_dim, warpgroups);
   const int span = mask_tokens_per_block(kAttentionSm90BlockRows, group, static_cast<int>(tokens));
-  return attention_sm90_tile_bytes(head_dim) + (span + 5) * block_words * 8;
+  return attention_sm90_tile_bytes(head_dim, warpgroups) + (span + 5) * block_words * 8;
+}
+
+// Shared memory of one Hopper tail block (row-invariant trees; one warpgroup): its tiles and the
+// tree index (at most 81 KB + 4 KB for 1024 tokens).
+inline int attention_sm90_tail_smem_bytes(int head_dim, std::int64_t tokens) {
+  return attention_sm90_tile_bytes(head_dim, 1) + attention_tail_index_bytes(static_cast<int>(tokens));
 }
 
 inline int attention_sm90_num_splits(std::int64_t tokens, std::int64_t seqlen, int heads_q, int heads_kv,

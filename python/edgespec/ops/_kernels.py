@@ -399,17 +399,19 @@ def invariant_chunk_tiles(span: int, heads_q: int, heads_kv: int, device: torch.
 
 
 def invariant_rejection(q: torch.Tensor, k: torch.Tensor, tree_mask: torch.Tensor | None,
-                        block_words: int = 0) -> str | None:
-    """Why the row-invariant mode cannot take this (otherwise supported) call, or None: a tree with
-    more query heads per KV head than a tail block holds, or whose tail block (with a block mask
-    of block_words words per row) needs more shared memory than the GPU allows."""
+                        block_words: int = 0, sm90: bool = False) -> str | None:
+    """Why the row-invariant mode (sm90: on the Hopper kernels) cannot take this (otherwise
+    supported) call, or None: a tree with more query heads per KV head than a tail block holds, or
+    whose tail block (with a block mask of block_words words per row) needs more shared memory
+    than the GPU allows."""
     if tree_mask is None:
         return None
     t, hq, d = q.shape
     group = hq // k.shape[1]
     if group > _module().ATTENTION_MAX_TAIL_GROUP:
         return f"{group} query heads per KV head; the invariant tree mode takes at most {_module().ATTENTION_MAX_TAIL_GROUP}"
-    need = _module().attention_tail_smem_bytes(d, t, group, tree_mask.shape[1], block_words)
+    need = (_module().attention_sm90_tail_smem_bytes(d, t) if sm90
+            else _module().attention_tail_smem_bytes(d, t, group, tree_mask.shape[1], block_words))
     return _smem_rejection("a tail block", need, q.device)
 
 
@@ -430,12 +432,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     whole cache replays at any length; the number of splits then follows S. With a block mask the
     mask's words cover the tiles of all S slots (those past seqlen are never visited).
     sm90: run the Hopper kernels (wgmma; csrc/kernels/sm90/attention_sm90.h), which take every
-    call but the row-invariant modes, block masks included, on a compute capability 9.0 GPU with a
-    90a-real build (sm90_attention_rejection); splits=None then plans for them.
+    call but the row-invariant block-sparse mode, block masks included, on a compute capability
+    9.0 GPU with a 90a-real build (sm90_attention_rejection); splits=None then plans for them.
     chunk_tiles: None, or the row-invariant mode (csrc/kernels/attention.h "Row invariance"): keys
     cut into chunks of chunk_tiles x 64 at fixed positions (invariant_chunk_tiles; the same value
     for every call of a generation), so a decoded token and the same token verified in a tree get
-    bitwise the same output. Not with a block mask or sm90; splits must be None.
+    bitwise the same output, when both run on the same kernels (sm90 or not). Not with a block
+    mask; splits must be None.
     rank_tiles: None, or the row-invariant block-sparse mode (with a block mask; attention.h): split
     z attends each token's selected tiles of ranks [z * rank_tiles, (z + 1) * rank_tiles), trees as
     per-token tail blocks; splits is then required (rank_splits: the same for every call that must agree).
@@ -462,12 +465,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                              "and splits (rank_splits), and takes neither chunk_tiles nor the sm90 kernels")
         _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask, block_mask.shape[2]))
     elif chunk_tiles is not None:
-        if splits is not None or block_mask is not None or sm90:
+        if splits is not None or block_mask is not None:
             raise ValueError("attention: the row-invariant mode (chunk_tiles) plans its own splits and takes "
-                             "no block mask (rank_tiles is its block-sparse twin) and no sm90 kernels")
+                             "no block mask (rank_tiles is its block-sparse twin)")
         if chunk_tiles < 1:
             raise ValueError(f"attention: chunk_tiles must be >= 1, got {chunk_tiles}")
-        _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask))
+        _require("attention (row-invariant)", invariant_rejection(q, k, tree_mask, sm90=sm90))
         splits = int(_module().attention_invariant_splits(k.shape[0], chunk_tiles))
         if tree_mask is not None:
             resume = _new_output((t * hq, d + _module().ATTENTION_RESUME_EXTRA), torch.float32, q.device)
@@ -500,8 +503,16 @@ def rank_splits(max_tiles: int, rank_tiles: int = RANK_TILES) -> int:
 
 # Calls with this many packed query rows (tokens x query heads per KV head: one warpgroup's wgmma
 # tile) and more take the Hopper kernels when they are asked for; fewer (decode steps, small
-# trees) stay on the generic kernels, whose 16-row tiles fit them.
+# trees) stay on the generic kernels, whose 16-row tiles fit them. Row-invariant calls ignore it
+# (sm90_invariant_requested).
 SM90_MIN_ROWS = 64
+
+
+def _sm90_opted_in() -> bool:
+    value = os.environ.get("EDGESPEC_SM90_ATTENTION", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"EDGESPEC_SM90_ATTENTION must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def sm90_attention_requested(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -509,11 +520,16 @@ def sm90_attention_requested(q: torch.Tensor, k: torch.Tensor) -> bool:
     on the Hopper kernels: EDGESPEC_SM90_ATTENTION=1 (opt-in
     until a GPU session has checked and timed them: bench_attention.py's sm90 columns) and a call
     of at least SM90_MIN_ROWS packed rows that they take."""
-    value = os.environ.get("EDGESPEC_SM90_ATTENTION", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"EDGESPEC_SM90_ATTENTION must be 0 or 1, got {value!r}")
-    return (value == "1" and q.shape[0] * (q.shape[1] // k.shape[1]) >= SM90_MIN_ROWS
+    return (_sm90_opted_in() and q.shape[0] * (q.shape[1] // k.shape[1]) >= SM90_MIN_ROWS
             and sm90_attention_rejection(q) is None)
+
+
+def sm90_invariant_requested(q: torch.Tensor) -> bool:
+    """Whether ops.attention runs a row-invariant call (a decode step or a verified tree) on the
+    Hopper kernels: EDGESPEC_SM90_ATTENTION=1 on a GPU they run on, whatever the call's size. A
+    decode step and a tree must agree on the kernels for their rows to agree bit for bit, so no
+    row threshold applies here: every invariant call of a process goes the same way."""
+    return _sm90_opted_in() and sm90_attention_rejection(q) is None
 
 
 def sm90_attention_rejection(q: torch.Tensor) -> str | None:

@@ -112,7 +112,8 @@ def attention(
     tree_mask: None for causal attention, or packed int64 [T, ceil(T/64)] (module docstring).
     row_invariant: give a decoded token and a verified tree token bitwise the same output (what
     makes greedy speculative output equal plain output): on the CPU attention_rows, on the GPU the
-    kernels' row-invariant mode (csrc/kernels/attention.h). A draft, whose outputs only propose
+    kernels' row-invariant mode (csrc/kernels/attention.h; with EDGESPEC_SM90_ATTENTION=1 on a
+    compute capability 9.0 GPU, the Hopper kernels' version of it). A draft, whose outputs only propose
     tokens, turns it off (one masked SDPA call on the CPU, the heuristic splits on the GPU).
     span: the most cache slots this generation can reach (KVCache.attention_span). The GPU's
     row-invariant mode cuts the keys into chunks sized from it, the same for every step of the
@@ -129,9 +130,11 @@ def attention(
         if _kernels.supports_attention(q, k, v, tree_mask):
             # Decoded and verified tokens need the invariant mode; a prefill does not (and may take sm90).
             invariant = row_invariant and (q.shape[0] == 1 or tree_mask is not None) and backend.row_invariant_kernels()
-            if invariant and _kernels.invariant_rejection(q, k, tree_mask) is None:
+            # Both kinds of row go to the same kernels (sm90 or generic), or their bits would part.
+            sm90 = invariant and _kernels.sm90_invariant_requested(q)
+            if invariant and _kernels.invariant_rejection(q, k, tree_mask, sm90=sm90) is None:
                 chunk = _kernels.invariant_chunk_tiles(span or DEFAULT_SPAN, q.shape[1], k.shape[1], q.device)
-                return _kernels.attention(q, k, v, scale, tree_mask, seqlen=seqlen, chunk_tiles=chunk)
+                return _kernels.attention(q, k, v, scale, tree_mask, seqlen=seqlen, chunk_tiles=chunk, sm90=sm90)
             return _kernels.attention(q, k, v, scale, tree_mask, seqlen=seqlen,
                                       sm90=_kernels.sm90_attention_requested(q, k))
     if seqlen is not None:
