@@ -46,12 +46,14 @@ def test_bench_attention_runs_its_cases_on_the_emulated_kernels(bench_attention,
     case = bench_attention.Case("llama3-8b", phase, 200)
     row = bench_attention.run_case(case, torch.bfloat16, torch.device("cpu"), repeats=1, l2_bytes=1, dram_tbps=3.0)
     assert row["case"] == case.name and "error" not in row, row
-    expected = {"decode": ["pct_measured_bw", "invariant_ms", "invariant_over_ours"],
-                "tree": ["sm90_ms", "sm90_max_abs_diff_vs_ours", "invariant_ms", "invariant_max_abs_diff_vs_ours"],
+    expected = {"decode": ["pct_measured_bw", "invariant_ms", "invariant_over_ours", "sm90_invariant_ms",
+                           "sm90_invariant_bitwise_equals_generic"],
+                "tree": ["sm90_ms", "sm90_max_abs_diff_vs_ours", "invariant_ms", "invariant_max_abs_diff_vs_ours",
+                         "sm90_invariant_ms", "sm90_invariant_max_abs_diff_vs_generic"],
                 "prefill": ["sm90_ms", "sm90_tflops", "sm90_splits", "tflops"]}[phase]
     missing = [key for key in expected if key not in row]
     assert not missing, f"{case.name}: {missing} missing from {sorted(row)}"
-    for key in ("sm90_max_abs_diff_vs_ours", "invariant_max_abs_diff_vs_ours"):
+    for key in ("sm90_max_abs_diff_vs_ours", "invariant_max_abs_diff_vs_ours", "sm90_invariant_max_abs_diff_vs_generic"):
         assert row.get(key, 0) < 0.05, f"{key} = {row[key]}"
 
 

@@ -20,7 +20,11 @@ sm_90a build, prefill and tree rows also time the Hopper wgmma kernels (csrc/ker
 from the generic kernel; tree rows also `sm90_tree_over_decode` against the generic decode).
 Decode and tree rows also time the row-invariant mode the engine's target model runs
 (csrc/kernels/attention.h "Row invariance": `invariant_ms`, `invariant_over_ours`, its chunk
-length for a 32K cache; tree rows `invariant_tree_over_decode` against the invariant decode).
+length for a 32K cache; tree rows `invariant_tree_over_decode` against the invariant decode), and
+on a cc 9.0 GPU the same mode on the Hopper kernels (`sm90_invariant_ms`; tree rows
+`sm90_invariant_tree_over_decode`, the ratio that bounds a speculative step with
+EDGESPEC_SM90_ATTENTION=1; `sm90_invariant_bitwise_equals_generic`: whether wgmma and mma.sync
+gave the same bits on this GPU).
 
     python bench/python/bench_attention.py [--models llama3-8b,minicpm4-8b] [--phases decode,prefill,tree]
         [--dtype bf16|fp16] [--repeats 20] [--quick] [--list]
@@ -272,12 +276,26 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, repeats: int,
         # The row-invariant mode the engine's target model runs (decoded == verified, bitwise),
         # chunked for a cache of INVARIANT_SPAN slots (or the case's length, if longer).
         chunk = _kernels.invariant_chunk_tiles(max(INVARIANT_SPAN, case.seqlen), hq, hkv, device)
-        inv_calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, mask,
-                                                    chunk_tiles=chunk) for i in range(inputs.copies)]
-        inv_diff = (inv_calls[0]().float() - ours_out.float()).abs().max().item()
-        inv_ms, _ = graph_ms(inv_calls, repeats)
+
+        def invariant(sm90: bool) -> tuple[torch.Tensor, float]:
+            calls = [lambda i=i: _kernels.attention(inputs.q[i], inputs.k[i], inputs.v[i], scale, mask,
+                                                    chunk_tiles=chunk, sm90=sm90) for i in range(inputs.copies)]
+            return calls[0](), graph_ms(calls, repeats)[0]
+
+        inv_out, inv_ms = invariant(False)
+        inv_diff = (inv_out.float() - ours_out.float()).abs().max().item()
         row.update(invariant_ms=round(inv_ms, 5), invariant_chunk_tiles=chunk,
                    invariant_over_ours=round(inv_ms / ours_ms, 3), invariant_max_abs_diff_vs_ours=round(inv_diff, 5))
+        if (_kernels.sm90_attention_rejection(inputs.q[0]) is None
+                and _kernels.invariant_rejection(inputs.q[0], inputs.k[0], mask, sm90=True) is None):
+            # The same mode on the Hopper kernels (EDGESPEC_SM90_ATTENTION=1 sends a target's decode
+            # steps and trees there). Whether its bits equal the generic kernels' says whether
+            # wgmma rounds like mma.sync on this GPU (they agree on the emulator, where only the
+            # two instructions can differ): if so, decode could stay generic under sm90 trees.
+            sm90_out, sm90_ms = invariant(True)
+            row.update(sm90_invariant_ms=round(sm90_ms, 5), sm90_invariant_over_ours=round(sm90_ms / ours_ms, 3),
+                       sm90_invariant_bitwise_equals_generic=bool(torch.equal(sm90_out, inv_out)),
+                       sm90_invariant_max_abs_diff_vs_generic=round((sm90_out.float() - inv_out.float()).abs().max().item(), 5))
     if case.phase == "decode":
         row["pct_measured_bw"] = round(100 * row["tbps"] / dram_tbps, 1)
     return row
@@ -322,6 +340,8 @@ def main() -> int:
     decode = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["ours_ms"] for r in rows if r.get("phase") == "decode"}
     decode_invariant = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["invariant_ms"]
                         for r in rows if r.get("phase") == "decode" and "invariant_ms" in r}
+    decode_sm90_invariant = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["sm90_invariant_ms"]
+                             for r in rows if r.get("phase") == "decode" and "sm90_invariant_ms" in r}
     for r in rows:
         if r.get("phase") == "tree":
             key = (r["case"].split()[0], r["seqlen"] - r["tokens"])
@@ -332,6 +352,8 @@ def main() -> int:
                     r["sm90_tree_over_decode"] = round(r["sm90_ms"] / decode[key], 3)
             if key in decode_invariant and "invariant_ms" in r:
                 r["invariant_tree_over_decode"] = round(r["invariant_ms"] / decode_invariant[key], 3)
+            if key in decode_sm90_invariant and "sm90_invariant_ms" in r:
+                r["sm90_invariant_tree_over_decode"] = round(r["sm90_invariant_ms"] / decode_sm90_invariant[key], 3)
     notes = (f"{args.dtype}; ours = edgespec attention kernels via edgespec.ops._kernels.attention (KV-cache layout "
              f"[S, Hkv, D]); baseline = fastest torch SDPA backend that runs the case, native GQA where supported, "
              f"[1, H, S, D] layout; CUDA events around CUDA-graph replays of `copies` calls on distinct inputs "
