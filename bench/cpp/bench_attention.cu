@@ -61,8 +61,9 @@ problem (default: Llama-3.1-8B attention, every phase, contexts 4K..32K)
   --tree-tokens N   tree size for the tree phase                (default 64)
   --dtype T         bf16 | fp16                                 (default bf16)
   --splits N        force the split-KV count (default: the plan for this GPU)
-  --sm90 0|1        prefill and tree phases on the Hopper wgmma kernels (csrc/kernels/sm90; needs a
-                    compute capability 9.0 GPU and a 90a-real build, else nothing is run: exit 77)
+  --sm90 0|1        prefill and tree phases (with --invariant also decode) on the Hopper wgmma
+                    kernels (csrc/kernels/sm90; needs a compute capability 9.0 GPU and a 90a-real
+                    build, else nothing is run: exit 77)
   --invariant SPAN  decode and tree phases in the row-invariant mode (csrc/kernels/attention.h), key
                     chunks planned for a cache of SPAN tokens (e.g. 32K); 0: off (default)
 measurement
@@ -294,8 +295,10 @@ class Bench {
 
  private:
   std::size_t elt() const { return 2; }
-  bool sm90(const Problem& pb) const { return o_.sm90 != 0 && pb.phase != "decode"; }
-  bool invariant(const Problem& pb) const { return o_.invariant > 0 && pb.phase != "prefill" && !sm90(pb); }
+  // Decode steps take the Hopper kernels only in the row-invariant mode (where a tree's rows must
+  // agree with them, so both run on one kernel family).
+  bool invariant(const Problem& pb) const { return o_.invariant > 0 && pb.phase != "prefill"; }
+  bool sm90(const Problem& pb) const { return o_.sm90 != 0 && (pb.phase != "decode" || invariant(pb)); }
 
   template <typename P>
   std::string alloc(P** ptr, std::size_t bytes) {
