@@ -227,3 +227,21 @@ def test_emulated_tail_blocks_do_not_depend_on_thread_order(monkeypatch) -> None
     _, words = random_selection(positions, 2, 2, 64, torch.Generator().manual_seed(2), 0.5)
     assert_schedule_independent(lambda: _kernels.attention(q, k, v, 0.1, mask, block_mask=words, rank_tiles=1,
                                                            splits=2), monkeypatch)
+
+
+@pytest.mark.emulated
+@pytest.mark.usefixtures("emulated_kernels")
+@pytest.mark.parametrize("t, prefix, hq, hkv, d, chunk", [(1, 300, 8, 2, 64, 2), (20, 60, 8, 2, 128, 1),
+                                                          (12, 250, 16, 1, 128, 3)])
+def test_emulated_kernel_families_share_their_arithmetic(t, prefix, hq, hkv, d, chunk) -> None:
+    """The Hopper kernels' row-invariant mode does a row's arithmetic in the generic kernels' order
+    (scale, max, rescale, pairwise sums, the quad's partial sums, the epilogue): on the emulator,
+    where wgmma and mma.sync sum alike, the two families give the same bits. A change to either
+    kernel's order fails here; on a GPU only the MMA units' rounding could still part them
+    (bench_attention.py records whether it does: sm90_invariant_bitwise_equals_generic)."""
+    cpu = torch.device("cpu")
+    q, k, v = attention_inputs(t, prefix, hq, hkv, d, torch.bfloat16, t + prefix, cpu)
+    mask = pack_bits(_tree(t, 8)[1]) if t > 1 else None
+    generic = _kernels.attention(q, k, v, d ** -0.5, mask, chunk_tiles=chunk)
+    hopper = _kernels.attention(q, k, v, d ** -0.5, mask, chunk_tiles=chunk, sm90=True)
+    assert torch.equal(generic, hopper)
