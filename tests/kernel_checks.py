@@ -109,3 +109,15 @@ def fake_view(module, shape: tuple[int, ...], dtype: str = "bf16", slot: int = 0
     for i in range(len(shape) - 2, -1, -1):
         strides[i] = strides[i + 1] * shape[i + 1]
     return module.TensorView((slot + 1) << 24, shape, strides, getattr(module.DType, dtype), 0)
+
+
+def use_attention_family(sm90: bool, device, monkeypatch) -> None:
+    """EDGESPEC_SM90_ATTENTION for a model test on a GPU: sm90 runs a target's decode steps and
+    trees on the Hopper kernels' row-invariant mode (skipped where those kernels do not run)."""
+    if sm90:
+        from edgespec.ops import _kernels
+
+        why = _kernels.sm90_attention_rejection(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=device))
+        if why is not None:
+            pytest.skip(why)
+    monkeypatch.setenv("EDGESPEC_SM90_ATTENTION", "1" if sm90 else "0")

@@ -22,7 +22,8 @@ import torch
 from edgespec import ops
 from edgespec.errors import KernelError
 from edgespec.ops import _kernels
-from kernel_checks import assert_attention_close, assert_schedule_independent, attention_inputs, device_cases
+from kernel_checks import (assert_attention_close, assert_schedule_independent, attention_inputs, device_cases,
+                           use_attention_family)
 from oracle.attention import pack_bits, random_tree, tree_visibility
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -267,11 +268,13 @@ def test_decoder_forward_matches_torch_path(kernel_device, tiny_model_dir, monke
         assert (ours - ref).abs().max().item() <= 2e-2 * scale
 
 
-def test_verified_logits_equal_decoded_logits_on_the_gpu(kernel_device, tiny_model_dir) -> None:
+@pytest.mark.parametrize("sm90", [False, True], ids=["generic", "sm90"])
+def test_verified_logits_equal_decoded_logits_on_the_gpu(kernel_device, tiny_model_dir, sm90, monkeypatch) -> None:
     """Row invariance through a whole bf16 model on the GPU kernels, dense and 4-bit (emulated:
     test_emulated_model.py::test_verified_logits_equal_decoded_logits_bitwise)."""
     if kernel_device.type != "cuda":
         pytest.skip("emulated: test_emulated_model.py")
+    use_attention_family(sm90, kernel_device, monkeypatch)
     from edgespec.loading import load_model
     from test_spec_helpers import assert_tree_rows_decode_alike
 
@@ -282,12 +285,14 @@ def test_verified_logits_equal_decoded_logits_on_the_gpu(kernel_device, tiny_mod
         assert_tree_rows_decode_alike(model, quantized)
 
 
-def test_speculative_greedy_equals_plain_on_the_gpu(kernel_device, tiny_model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("sm90", [False, True], ids=["generic", "sm90"])
+def test_speculative_greedy_equals_plain_on_the_gpu(kernel_device, tiny_model_dir, tmp_path, sm90, monkeypatch) -> None:
     """The speculative invariant on the GPU kernels in bf16: the row-invariant kernels give a
     verified token the bits of a decoded one, so the outputs are equal token for token. Should they
     part, the message says whether plain decoding's top two logits were within rounding there."""
     if kernel_device.type != "cuda":
         pytest.skip("emulated: test_emulated_model.py::test_speculative_greedy_equals_plain_on_the_kernels")
+    use_attention_family(sm90, kernel_device, monkeypatch)
     from edgespec import LLM
     from edgespec.loading import load_model
     from test_spec_helpers import plain_and_speculative

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from edgespec import ops
 from edgespec.models.sparse import parse_sparse_config
 from oracle import sparse_ref
-from kernel_checks import device_cases
+from kernel_checks import device_cases, use_attention_family
 from sparse_cases import MINICPM4_8B, SMALL, allowed_keys, assert_selection_matches_oracle, pack_blocks, params, random_case, random_selection
 
 # Blocks of 16 tokens (the selection kernels take any block_size % kernel_stride == 0): many blocks,
@@ -853,11 +853,15 @@ def test_generation_keeps_old_generated_tokens_selectable(kernel_device, tiny_mo
     assert picked > 0, "no block of tokens generated more than a window ago was ever chosen"
 
 
-def test_sparse_speculation_is_lossless_on_the_gpu(kernel_device, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sm90", [False, True], ids=["generic", "sm90"])
+def test_sparse_speculation_is_lossless_on_the_gpu(kernel_device, tiny_model_dir, tmp_path, sm90, monkeypatch):
     """On the GPU kernels, past dense_len (a one-block window, top-1): every verified tree node's
     logits are bitwise its decoded logits, and greedy speculative output (the model as its own
-    draft) equals plain output (emulated: test_emulated_model.py and test_sparse_cpu.py)."""
+    draft) equals plain output (emulated: test_emulated_model.py and test_sparse_cpu.py). sm90:
+    EDGESPEC_SM90_ATTENTION=1 (rows below dense_len on the Hopper kernels' invariant mode, sparse
+    prefill on them too)."""
     _gpu_only(kernel_device)
+    use_attention_family(sm90, kernel_device, monkeypatch)
     from edgespec import LLM
     from edgespec.loading import load_model
     from edgespec.spec import disable_speculation, enable_speculation
