@@ -373,8 +373,9 @@ __global__ void __launch_bounds__(128 * kWarpgroups, 1) attention_kernel(const A
       const float* src = p.resume + packed_row(row[h]) * kResume;
 #pragma unroll
       for (int i = 0; i < kHeadDim / 8; ++i) {
-        st.o[4 * i + 2 * h] = src[8 * i + 2 * c];
-        st.o[4 * i + 2 * h + 1] = src[8 * i + 2 * c + 1];
+        const float2 o = *reinterpret_cast<const float2*>(src + 8 * i + 2 * c);
+        st.o[4 * i + 2 * h] = o.x;
+        st.o[4 * i + 2 * h + 1] = o.y;
       }
       st.row_max[h] = src[kHeadDim];
       st.row_sum[h] = src[kHeadDim + 1 + c];

@@ -504,32 +504,27 @@ def rank_splits(max_tiles: int, rank_tiles: int = RANK_TILES) -> int:
 # Calls with this many packed query rows (tokens x query heads per KV head: one warpgroup's wgmma
 # tile) and more take the Hopper kernels when they are asked for; fewer (decode steps, small
 # trees) stay on the generic kernels, whose 16-row tiles fit them. Row-invariant calls ignore it
-# (sm90_invariant_requested).
+# (sm90_opted_in).
 SM90_MIN_ROWS = 64
 
 
-def _sm90_opted_in() -> bool:
+def sm90_opted_in(q: torch.Tensor) -> bool:
+    """EDGESPEC_SM90_ATTENTION=1 (opt-in until a GPU session has checked and timed the Hopper
+    kernels: bench_attention.py's sm90 columns) and q's device runs them. ops.attention then sends
+    every row-invariant call there (a target's decode steps and trees, whatever their size: both
+    sides must run one kernel family for their bits to agree) and the others of at least
+    SM90_MIN_ROWS packed rows (sm90_attention_requested)."""
     value = os.environ.get("EDGESPEC_SM90_ATTENTION", "0")
     if value not in ("0", "1"):
         raise ValueError(f"EDGESPEC_SM90_ATTENTION must be 0 or 1, got {value!r}")
-    return value == "1"
+    return value == "1" and sm90_attention_rejection(q) is None
 
 
 def sm90_attention_requested(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ops.attention (and ops.sparse_attention, a prefill's scores included) runs this call
-    on the Hopper kernels: EDGESPEC_SM90_ATTENTION=1 (opt-in
-    until a GPU session has checked and timed them: bench_attention.py's sm90 columns) and a call
-    of at least SM90_MIN_ROWS packed rows that they take."""
-    return (_sm90_opted_in() and q.shape[0] * (q.shape[1] // k.shape[1]) >= SM90_MIN_ROWS
-            and sm90_attention_rejection(q) is None)
-
-
-def sm90_invariant_requested(q: torch.Tensor) -> bool:
-    """Whether ops.attention runs a row-invariant call (a decode step or a verified tree) on the
-    Hopper kernels: EDGESPEC_SM90_ATTENTION=1 on a GPU they run on, whatever the call's size. A
-    decode step and a tree must agree on the kernels for their rows to agree bit for bit, so no
-    row threshold applies here: every invariant call of a process goes the same way."""
-    return _sm90_opted_in() and sm90_attention_rejection(q) is None
+    """Whether ops.attention (and ops.sparse_attention, a prefill's scores included) runs this
+    call, not a row-invariant one, on the Hopper kernels: sm90_opted_in and a call of at least
+    SM90_MIN_ROWS packed rows."""
+    return sm90_opted_in(q) and q.shape[0] * (q.shape[1] // k.shape[1]) >= SM90_MIN_ROWS
 
 
 def sm90_attention_rejection(q: torch.Tensor) -> str | None:

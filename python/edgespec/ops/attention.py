@@ -131,7 +131,7 @@ def attention(
             # Decoded and verified tokens need the invariant mode; a prefill does not (and may take sm90).
             invariant = row_invariant and (q.shape[0] == 1 or tree_mask is not None) and backend.row_invariant_kernels()
             # Both kinds of row go to the same kernels (sm90 or generic), or their bits would part.
-            sm90 = invariant and _kernels.sm90_invariant_requested(q)
+            sm90 = invariant and _kernels.sm90_opted_in(q)
             if invariant and _kernels.invariant_rejection(q, k, tree_mask, sm90=sm90) is None:
                 chunk = _kernels.invariant_chunk_tiles(span or DEFAULT_SPAN, q.shape[1], k.shape[1], q.device)
                 return _kernels.attention(q, k, v, scale, tree_mask, seqlen=seqlen, chunk_tiles=chunk, sm90=sm90)
