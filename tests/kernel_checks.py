@@ -111,13 +111,20 @@ def fake_view(module, shape: tuple[int, ...], dtype: str = "bf16", slot: int = 0
     return module.TensorView((slot + 1) << 24, shape, strides, getattr(module.DType, dtype), 0)
 
 
-def use_attention_family(sm90: bool, device, monkeypatch) -> None:
-    """EDGESPEC_SM90_ATTENTION for a model test on a GPU: sm90 runs a target's decode steps and
-    trees on the Hopper kernels' row-invariant mode (skipped where those kernels do not run)."""
-    if sm90:
+def skip_unless_sm90(device) -> None:
+    """Skip on a GPU where the Hopper kernels do not run (not compute capability 9.0, or a build
+    without them); the emulator (a CPU device) runs them."""
+    if torch.device(device).type == "cuda":
         from edgespec.ops import _kernels
 
         why = _kernels.sm90_attention_rejection(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=device))
         if why is not None:
             pytest.skip(why)
+
+
+def use_attention_family(sm90: bool, device, monkeypatch) -> None:
+    """EDGESPEC_SM90_ATTENTION for a model test on a GPU: sm90 runs a target's decode steps and
+    trees on the Hopper kernels' row-invariant mode (skipped where those kernels do not run)."""
+    if sm90:
+        skip_unless_sm90(device)
     monkeypatch.setenv("EDGESPEC_SM90_ATTENTION", "1" if sm90 else "0")

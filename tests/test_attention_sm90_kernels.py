@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from edgespec.ops import _kernels
-from kernel_checks import assert_attention_close, assert_schedule_independent, attention_inputs, device_cases
+from kernel_checks import (assert_attention_close, assert_schedule_independent, attention_inputs, device_cases,
+                           skip_unless_sm90)
 from oracle.attention import pack_bits, random_tree, tree_visibility
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -24,12 +25,7 @@ MODEL_SHAPES = {"llama3-8b": (32, 8, 128), "minicpm4-8b": (32, 2, 128), "smollm2
 @pytest.fixture
 def hopper(kernel_device):
     """kernel_device, skipping a GPU that is not compute capability 9.0 or a build without sm90."""
-    if kernel_device.type == "cuda":
-        if torch.cuda.get_device_capability(kernel_device) != (9, 0):
-            pytest.skip("the sm90 kernels need a compute capability 9.0 GPU")
-        why = _kernels.sm90_attention_rejection(torch.zeros(64, 1, 64, dtype=torch.bfloat16, device=kernel_device))
-        if why is not None:
-            pytest.skip(why)
+    skip_unless_sm90(kernel_device)
     return kernel_device
 
 

@@ -15,7 +15,8 @@ import torch
 
 from edgespec.errors import KernelError
 from edgespec.ops import _kernels
-from kernel_checks import assert_attention_close, assert_schedule_independent, attention_inputs, device_cases
+from kernel_checks import (assert_attention_close, assert_schedule_independent, attention_inputs, device_cases,
+                           skip_unless_sm90)
 from oracle.attention import pack_bits, random_tree, tree_visibility
 
 
@@ -23,14 +24,6 @@ from oracle.attention import pack_bits, random_tree, tree_visibility
 # EDGESPEC_SM90_ATTENTION=1). Each is invariant on its own; a decode step and a tree that must
 # agree run on the same family.
 KERNELS = pytest.mark.parametrize("sm90", [False, True], ids=["generic", "sm90"])
-
-
-def _needs(kernel_device, sm90: bool) -> None:
-    """Skip the sm90 case where the Hopper kernels do not run (a GPU other than cc 9.0, a build without them)."""
-    if sm90 and kernel_device.type == "cuda":
-        why = _kernels.sm90_attention_rejection(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=kernel_device))
-        if why is not None:
-            pytest.skip(why)
 
 
 def _tree(t: int, seed: int) -> tuple[list[int], torch.Tensor]:
@@ -71,7 +64,8 @@ TREES = device_cases(
 @pytest.mark.parametrize("kernel_device, t, prefix, hq, hkv, d, chunk", TREES, indirect=["kernel_device"])
 def test_verified_tree_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, chunk, dtype, sm90,
                                                monkeypatch) -> None:
-    _needs(kernel_device, sm90)
+    if sm90:
+        skip_unless_sm90(kernel_device)
     q, k, v = attention_inputs(t, prefix, hq, hkv, d, dtype, t * 31 + prefix + hq + chunk, kernel_device)
     parents, visible = _tree(t, t + prefix)
     mask = pack_bits(visible).to(kernel_device)
@@ -138,7 +132,8 @@ CAUSAL = device_cases(emulated=[(7, 57, 8, 2, 128, 1), (19, 120, 16, 1, 64, 2), 
 def test_causal_chunk_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv, d, chunk, sm90, monkeypatch) -> None:
     # A chain verified causally (or a chunked prefill) sees its keys in logical order already: the
     # fixed chunks and the whole-tile arithmetic alone make its rows equal decode's.
-    _needs(kernel_device, sm90)
+    if sm90:
+        skip_unless_sm90(kernel_device)
     q, k, v = attention_inputs(t, prefix, hq, hkv, d, torch.bfloat16, t + prefix, kernel_device)
     chunked = _kernels.attention(q, k, v, 0.1, chunk_tiles=chunk, sm90=sm90)
     assert_attention_close(chunked, q, k, v, 0.1, None, monkeypatch,
@@ -154,7 +149,8 @@ def test_causal_chunk_rows_equal_decoded_rows(kernel_device, t, prefix, hq, hkv,
 def test_a_device_length_over_a_longer_view_changes_no_bit(kernel_device, tree: bool, sm90: bool) -> None:
     # A CUDA graph attends a whole-cache view with the length on the device: the chunks past the
     # length are empty and add exact zeros.
-    _needs(kernel_device, sm90)
+    if sm90:
+        skip_unless_sm90(kernel_device)
     t, prefix = (11, 140) if tree else (1, 140)
     q, k, v = attention_inputs(t, prefix + 300, 8, 2, 64, torch.bfloat16, 5, kernel_device)
     mask = pack_bits(_tree(t, 3)[1]).to(kernel_device) if tree else None
