@@ -46,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import RESULTS_DIR, Interruptible, device_slug, git_commit, write_result  # noqa: E402
+from benchlib import RESULTS_DIR, Interruptible, device_slug, git_commit, target_line, write_result  # noqa: E402
 
 # name -> (hidden, intermediate, query heads, kv heads, head dim, group size)
 MODELS = {"smollm2-135m": (576, 1536, 9, 3, 64, 64),
@@ -216,14 +216,11 @@ def targets(rows: list[dict]) -> list[str]:
         if model == "llama3-8b" and m <= 16:
             goal = 3.5 if r["baseline"] == BF16 else 1.3 if r["baseline"] == TINYGEMM else None
             if goal:
-                lines.append(f"{r['case']} vs {r['baseline']}: {r['speedup']:.2f}x (target {goal}x) "
-                             f"{'met' if r['speedup'] >= goal else 'MISSED'}")
+                lines.append(target_line(f"{r['case']} vs {r['baseline']}", r["speedup"], goal))
             if r["baseline"] == BF16:
-                lines.append(f"{r['case']} bandwidth: {r['pct_peak_bw']:.1f}% (target 85%) "
-                             f"{'met' if r['pct_peak_bw'] >= 85 else 'MISSED'}")
+                lines.append(target_line(f"{r['case']} bandwidth", r["pct_peak_bw"], 85, "%"))
         if model == "llama3-1b" and r["baseline"] == BF16:
-            lines.append(f"{r['case']} vs {BF16}: {r['speedup']:.2f}x (target 2.5x) "
-                         f"{'met' if r['speedup'] >= 2.5 else 'MISSED'}")
+            lines.append(target_line(f"{r['case']} vs {BF16}", r["speedup"], 2.5))
     return lines
 
 

@@ -106,6 +106,13 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def target_line(what: str, value: float, goal: float, unit: str = "x", at_most: bool = False) -> str:
+    """One line of a benchmark's `targets` (an issue's goal for one row: met or MISSED; the GPU
+    session's summary counts the MISSED ones). at_most: the value must not exceed the goal."""
+    met = value <= goal if at_most else value >= goal
+    return f"{what}: {value:.2f}{unit} (target {'<=' if at_most else '>='} {goal:g}{unit}) {'met' if met else 'MISSED'}"
+
+
 def write_result(benchmark: str, device: torch.device | str, rows: list[dict[str, Any]], notes: str,
                  **extra: Any) -> Path:
     """Write bench/results/<benchmark>-<device-slug>.json in the STYLE.md format and return its path."""
