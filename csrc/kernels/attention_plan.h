@@ -32,10 +32,14 @@
 //   default is 12) stay under the decode time with mma.sync. Prefill is compute-bound the same
 //   way: parity with cuDNN/FA3-backed SDPA on Hopper needs wgmma; on A100/Ada mma.sync is the
 //   right instruction.
-//   The engine's target model verifies trees in the row-invariant mode (below), on mma.sync: a
-//   Llama-shape 64-token tree at 32K then sits near the ~2.2x estimate, the price of bitwise
-//   speculative == plain output. EDGESPEC_ROW_INVARIANT=0 with EDGESPEC_SM90_ATTENTION=1 trades
-//   the guarantee for the wgmma tree path; smaller trees (16 tokens) need neither.
+//   The engine's target model verifies trees in the row-invariant mode (below). On mma.sync (the
+//   default) a Llama-shape 64-token tree at 32K sits near the ~2.2x estimate, the price of bitwise
+//   speculative == plain output. With EDGESPEC_SM90_ATTENTION=1 the mode runs on wgmma for the
+//   decode steps and the trees alike (they must share a kernel family to share their bits): the
+//   decode step then computes a 64-row wgmma tile for its G rows (16x the FLOPs of its 4 Llama
+//   rows, ~8 GFLOP at 32K, still under its ~45 us of K/V traffic), and the tree should come to
+//   ~1.2-1.4x it (bench_attention.py's sm90_invariant_tree_over_decode, with sm90_invariant_over_ours
+//   saying what the decode step pays). Smaller trees (16 tokens) need neither.
 //
 // The Hopper kernels (csrc/kernels/sm90/attention.cu, opt-in: EDGESPEC_SM90_ATTENTION=1) take
 // prefill and trees on wgmma with 128-row blocks, one per SM (168 registers x 256 threads), and plan
