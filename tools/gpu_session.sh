@@ -573,13 +573,15 @@ finish_cpp_build   # before any timing: no compiler competes with the benchmarks
 CPP_OK=0   # binaries from this run's cpp_build, or from an earlier run when it did not run
 [[ ${ST[cpp_build]:-ok} == ok && -x $CPP_DIR/bench/cpp/bench_w4a16 ]] && CPP_OK=1
 
+# Attention: each model's trees right after its decode steps (their ratio is issue #4's tree
+# target), before its prefill, in case the stage's limit cuts the run short.
 if [[ $QUICK == 1 ]]; then
-  run_bench bench_attention bench/python/bench_attention.py --quick
+  run_bench bench_attention bench/python/bench_attention.py --quick --phases decode,tree,prefill
   run_bench bench_w4a16 bench/python/bench_w4a16.py --models llama3-1b,llama3-8b --rows 1,16
   run_bench bench_sparse bench/python/bench_sparse.py --quick
   run_bench bench_blockffn bench/python/bench_blockffn.py --device cuda --tokens 1,32 --repeats 20
 else
-  run_bench bench_attention bench/python/bench_attention.py
+  run_bench bench_attention bench/python/bench_attention.py --phases decode,tree,prefill
   W4A16_CPP=()
   [[ $CPP_OK == 1 ]] && W4A16_CPP=(--cpp "$CPP_DIR/bench/cpp/bench_w4a16")
   run_bench bench_w4a16 bench/python/bench_w4a16.py "${W4A16_CPP[@]}"
