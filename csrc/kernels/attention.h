@@ -161,7 +161,7 @@ struct AttentionArgs {
   // Run the Hopper (sm_90a) wgmma kernels instead (csrc/kernels/sm90/attention_sm90.h; plan the
   // splits with attention_sm90_num_splits): an error (kUnsupported) when the build has no sm90
   // kernels, the GPU is not compute capability 9.0 or the call is one they do not take
-  // (attention_sm90_rejection: a row-invariant mode).
+  // (attention_sm90_rejection: the block-sparse row-invariant mode, rank_tiles).
   bool sm90 = false;
 };
 

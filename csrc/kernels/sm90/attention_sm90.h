@@ -1,8 +1,9 @@
-// Hopper (sm_90a) attention kernels on wgmma: causal prefill / chunks and tree verification, split-KV,
-// device-side lengths, InfLLM-v2 block masks and the dense row-invariant mode included. Same contract as attention.h for the calls they take
-// (attention_sm90_rejection says which); csrc/kernels/attention.cpp dispatches to them when
-// AttentionArgs::sm90 asks and the build has them (EDGESPEC_HAS_SM90). Splits:
-// attention_sm90_num_splits (attention_plan.h) plans them for these kernels' 128-row blocks.
+// Hopper (sm_90a) attention kernels on wgmma: causal prefill / chunks and tree verification,
+// split-KV, device-side lengths, InfLLM-v2 block masks and the dense row-invariant mode included.
+// Same contract as attention.h for the calls they take (attention_sm90_rejection says which);
+// csrc/kernels/attention.cpp dispatches to them when AttentionArgs::sm90 asks and the build has
+// them (EDGESPEC_HAS_SM90). Splits: attention_sm90_num_splits (attention_plan.h) plans them for
+// these kernels' 128-row blocks.
 #pragma once
 
 #include <cuda_runtime_api.h>
