@@ -11,7 +11,7 @@ from edgespec import LLM, cuda_graphs, ops
 from edgespec.generation import PlainDecoding
 from edgespec.loading import LoadedModel, load_model
 from edgespec.ops import _kernels
-from kernel_checks import assert_attention_close, attention_inputs
+from kernel_checks import assert_attention_close, attention_inputs, use_attention_family
 
 
 def _model(tiny_model_dir, device="cpu", dtype=torch.float32, max_context=128, **overrides):
@@ -362,9 +362,12 @@ def test_cli_option_turns_graphs_on_for_cuda_models_only(monkeypatch) -> None:
 
 
 @pytest.mark.gpu
-def test_graph_decoding_matches_eager_decoding_on_a_gpu(tiny_model_dir) -> None:
+@pytest.mark.parametrize("sm90", [False, True], ids=["generic", "sm90"])
+def test_graph_decoding_matches_eager_decoding_on_a_gpu(tiny_model_dir, sm90, monkeypatch) -> None:
     """Greedy tokens of 300 graph-replayed steps (crossing from the 256-slot view to the 512-slot
-    one) equal eager decoding's, twice (the graphs are kept per cache and reused)."""
+    one) equal eager decoding's, twice (the graphs are kept per cache and reused); sm90: the
+    decode steps on the Hopper kernels' row-invariant mode, captured."""
+    use_attention_family(sm90, torch.device("cuda"), monkeypatch)
     model = _model(tiny_model_dir, device="cuda", dtype=torch.bfloat16, max_context=640)
     prompt = [5, 17, 23, 42, 8, 99, 150, 3]
     eager = LLM(LoadedModel(model, None, "eager"), strategy=lambda m, c: PlainDecoding(m, c, cuda_graph=False))
@@ -396,12 +399,15 @@ def test_graph_decoding_of_a_blockffn_model_keeps_its_statistics(tmp_path) -> No
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("drafter", ["eagle", "eagle3", "model"])
-def test_graph_speculation_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_path, drafter) -> None:
+@pytest.mark.parametrize("drafter, sm90", [("eagle", False), ("eagle3", False), ("model", False), ("eagle", True)],
+                         ids=["eagle", "eagle3", "model", "eagle-sm90"])
+def test_graph_speculation_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_path, drafter, sm90,
+                                                          monkeypatch) -> None:
     """Speculative generations whose draft rounds and full-tree verifications replay CUDA graphs
     commit the tokens, with the same acceptance, of the same static-buffer steps run eagerly (the
     same kernels and split plans, so the same bits), twice (graphs kept per cache), for greedy and
-    sampled decoding."""
+    sampled decoding; sm90: the target's steps on the Hopper kernels' row-invariant mode."""
+    use_attention_family(sm90, torch.device("cuda"), monkeypatch)
     llm = _speculative_llm(tiny_model_dir, tmp_path, device="cuda", dtype=torch.bfloat16, drafter=drafter)
     prompt = [5, 17, 23, 42, 8, 59, 3]
     kwargs = [dict(max_new_tokens=300, ignore_eos=True), dict(max_new_tokens=60, ignore_eos=True, temperature=0.8, seed=4)]
