@@ -74,3 +74,18 @@ def test_blockffn_targets(bench) -> None:
             {"case": "blockffn-3b T=8 90%", "pct_of_dense": 10.0, "chunk_sparsity": 0.9}]
     lines = targets(rows)
     assert _verdicts(lines) == ["met", "MISSED"] and "chunk sparsity 0.69" in lines[1]
+
+
+def test_tree_rows_get_their_decode_ratios(bench) -> None:
+    module = bench("bench_attention")
+    decode = {"case": "llama3-8b decode 32K", "phase": "decode", "tokens": 1, "seqlen": 32769, "ours_ms": 0.04,
+              "invariant_ms": 0.05}
+    tree = {"case": "llama3-8b tree 32K", "phase": "tree", "tokens": 64, "seqlen": 32832, "ours_ms": 0.08,
+            "sm90_ms": 0.06, "invariant_ms": 0.1, "sm90_invariant_ms": 0.07}
+    other = dict(tree, case="minicpm4-8b tree 32K")  # no decode row of its model: left alone
+    module.pair_trees_with_decodes([decode, tree, other, {"case": "x", "error": "rejected"}])
+    assert tree["decode_ms_same_context"] == 0.04
+    assert (tree["tree_over_decode"], tree["sm90_tree_over_decode"], tree["invariant_tree_over_decode"]) == (2.0, 1.5, 2.0)
+    assert "sm90_invariant_tree_over_decode" not in tree  # the decode row has no sm90 invariant time
+    assert "tree_over_decode" not in other
+    assert module.targets([tree])[1].endswith("MISSED")  # row-invariant: generic invariant at 2.0x

@@ -301,10 +301,32 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, repeats: int,
     return row
 
 
-# Tree / decode ratios a tree row may carry (after main() pairs it with its decode row), by the
-# kernels and mode they time: the engine's target model runs a row-invariant one.
-TREE_RATIOS = {"tree_over_decode": "generic", "sm90_tree_over_decode": "sm90 vs generic decode",
-               "invariant_tree_over_decode": "generic invariant", "sm90_invariant_tree_over_decode": "sm90 invariant"}
+# Tree / decode ratios of a tree row (pair_trees_with_decodes): ratio column -> (the tree row's
+# time, the decode row's time at the same context, what the ratio times). The engine's target
+# model runs a row-invariant one.
+TREE_RATIOS = {"tree_over_decode": ("ours_ms", "ours_ms", "generic"),
+               "sm90_tree_over_decode": ("sm90_ms", "ours_ms", "sm90 vs generic decode"),
+               "invariant_tree_over_decode": ("invariant_ms", "invariant_ms", "generic invariant"),
+               "sm90_invariant_tree_over_decode": ("sm90_invariant_ms", "sm90_invariant_ms", "sm90 invariant")}
+
+
+def row_context(row: dict) -> int:
+    """A row's context: the committed prefix (decode, tree) or the prompt length (prefill)."""
+    return row["seqlen"] if row["phase"] == "prefill" else row["seqlen"] - row["tokens"]
+
+
+def pair_trees_with_decodes(rows: list[dict]) -> None:
+    """Give every tree row the decode step's time at its model and context and the TREE_RATIOS of
+    the columns both rows have."""
+    decodes = {(r["case"].split()[0], row_context(r)): r for r in rows if r.get("phase") == "decode"}
+    for r in rows:
+        decode = decodes.get((r["case"].split()[0], row_context(r))) if r.get("phase") == "tree" else None
+        if decode is None:
+            continue
+        r["decode_ms_same_context"] = decode["ours_ms"]
+        for ratio, (tree_ms, decode_ms, _) in TREE_RATIOS.items():
+            if tree_ms in r and decode_ms in decode:
+                r[ratio] = round(r[tree_ms] / decode[decode_ms], 3)
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -317,8 +339,7 @@ def targets(rows: list[dict]) -> list[str]:
     for r in rows:
         if "error" in r or "ours_ms" not in r:
             continue
-        phase = r["phase"]
-        context = r["seqlen"] if phase == "prefill" else r["seqlen"] - r["tokens"]
+        phase, context = r["phase"], row_context(r)
         if phase == "decode" and 4096 <= context <= 131072 and "baseline_ms" in r:
             lines.append(target_line(f"{r['case']} vs {r['baseline']}", r["baseline_ms"] / r["ours_ms"], 1.3))
             lines.append(target_line(f"{r['case']} bandwidth", r["pct_measured_bw"], 80, "%"))
@@ -328,7 +349,7 @@ def targets(rows: list[dict]) -> list[str]:
             lines.append(target_line(f"{r['case']} ({best} kernels) vs {r['baseline']}",
                                      r["baseline_ms"] / kernels[best], 1.0))
         elif phase == "tree" and 4096 <= context <= 32768 and r["tokens"] == TREE_TOKENS:
-            ratios = {name: r[key] for key, name in TREE_RATIOS.items() if key in r}
+            ratios = {name: r[key] for key, (_, _, name) in TREE_RATIOS.items() if key in r}
             for label, names in (("best", list(ratios)), ("row-invariant", [n for n in ratios if "invariant" in n])):
                 if names:
                     best = min(names, key=ratios.get)
@@ -372,23 +393,7 @@ def main() -> int:
                                        "sm90_ms", "sm90_tflops")
                    if k in row} if "error" not in row else row, flush=True)
             torch.cuda.empty_cache()
-    decode = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["ours_ms"] for r in rows if r.get("phase") == "decode"}
-    decode_invariant = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["invariant_ms"]
-                        for r in rows if r.get("phase") == "decode" and "invariant_ms" in r}
-    decode_sm90_invariant = {(r["case"].split()[0], r["seqlen"] - r["tokens"]): r["sm90_invariant_ms"]
-                             for r in rows if r.get("phase") == "decode" and "sm90_invariant_ms" in r}
-    for r in rows:
-        if r.get("phase") == "tree":
-            key = (r["case"].split()[0], r["seqlen"] - r["tokens"])
-            if key in decode:
-                r["decode_ms_same_context"] = decode[key]
-                r["tree_over_decode"] = round(r["ours_ms"] / decode[key], 3)
-                if "sm90_ms" in r:
-                    r["sm90_tree_over_decode"] = round(r["sm90_ms"] / decode[key], 3)
-            if key in decode_invariant and "invariant_ms" in r:
-                r["invariant_tree_over_decode"] = round(r["invariant_ms"] / decode_invariant[key], 3)
-            if key in decode_sm90_invariant and "sm90_invariant_ms" in r:
-                r["sm90_invariant_tree_over_decode"] = round(r["sm90_invariant_ms"] / decode_sm90_invariant[key], 3)
+    pair_trees_with_decodes(rows)
     notes = (f"{args.dtype}; ours = edgespec attention kernels via edgespec.ops._kernels.attention (KV-cache layout "
              f"[S, Hkv, D]); baseline = fastest torch SDPA backend that runs the case, native GQA where supported, "
              f"[1, H, S, D] layout; CUDA events around CUDA-graph replays of `copies` calls on distinct inputs "

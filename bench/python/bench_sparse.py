@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from bench_attention import Case, Inputs, graph_ms, measure_dram_tbps, sdpa_variants  # noqa: E402
+from bench_attention import Case, Inputs, graph_ms, measure_dram_tbps, row_context, sdpa_variants  # noqa: E402
 from benchlib import Interruptible, environment, target_line, write_result  # noqa: E402
 
 from edgespec import ops  # noqa: E402
@@ -240,8 +240,7 @@ def targets(rows: list[dict]) -> list[str]:
     lines = []
     for case, case_rows in by_case.items():
         r = case_rows[0]
-        context = r["seqlen"] if r["phase"] == "prefill" else r["seqlen"] - r["tokens"]
-        if r["phase"] == "tree" or context < 128 * 1024:
+        if r["phase"] == "tree" or row_context(r) < 128 * 1024:
             continue
         dense = min(case_rows, key=lambda x: x["baseline_ms"])
         timed = ({"heuristic": r["ours_ms"], "row-invariant": r["invariant_ms"]} if r["phase"] == "decode"
