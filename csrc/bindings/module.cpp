@@ -279,11 +279,10 @@ PYBIND11_MODULE(_C, m) {
       "InfLLM-v2 compressed keys for the token range read from `range` on the device. See "
       "csrc/kernels/sparse_attention.h.");
 
-  m.def("sparse_scores_mma_applies", &sparse_scores_mma_applies, py::arg("tokens"), py::arg("group"),
-        py::arg("head_dim"), py::arg("elem_bytes"), py::arg("path"),
+  m.def("sparse_scores_mma_applies", &sparse_scores_mma_applies, py::arg("group"), py::arg("head_dim"),
+        py::arg("elem_bytes"),
         "Whether the tensor-core score kernels take a selection call of these shapes (host only).");
   m.attr("SPARSE_MMA_KERNELS") = kSparseMmaKernels;
-  m.attr("SPARSE_MMA_MIN_TOKENS") = kSparseMmaMinTokens;
   m.def(
       "sparse_select_blocks",
       [](const TensorView& q, const TensorView& ck, const TensorView& positions, const TensorView& kv_limit,

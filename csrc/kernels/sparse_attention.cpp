@@ -167,13 +167,12 @@ Status check_select(const SparseSelectArgs& a, int* splits_out) {
   if (a.sm90) {
     const bool aligned = q.data % 16 == 0 && a.ck.data % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 &&
                          a.ck.stride(0) % 8 == 0 && a.ck.stride(1) % 8 == 0;
-    const bool applies = sparse_scores_mma_applies(static_cast<int>(tokens), static_cast<int>(heads_q / heads_kv),
-                                                   static_cast<int>(dim), dtype_size(q.dtype), a.path != nullptr);
-    if (!applies || a.kernels_per_split % kSparseMmaKernels != 0 || !aligned) {
-      return Status::unsupported("sparse scores (sm90) take what the tensor-core score kernels take: 16-bit q and ck "
-                                 "with 16-byte aligned rows, head dim 64 or 128, a GQA group dividing 16, no tree "
-                                 "path, at least " + std::to_string(kSparseMmaMinTokens) +
-                                 " tokens, kernels_per_split a multiple of " + std::to_string(kSparseMmaKernels));
+    const bool applies = sparse_scores_mma_applies(static_cast<int>(heads_q / heads_kv), static_cast<int>(dim),
+                                                   dtype_size(q.dtype));
+    if (!applies || a.path != nullptr || a.kernels_per_split % kSparseMmaKernels != 0 || !aligned) {
+      return Status::unsupported("sparse scores (sm90) take what the tensor-core score kernels take without a tree "
+                                 "path: 16-bit q and ck with 16-byte aligned rows, head dim 64 or 128, a GQA group "
+                                 "dividing 16, kernels_per_split a multiple of " + std::to_string(kSparseMmaKernels));
     }
   }
   *splits_out = static_cast<int>(splits);

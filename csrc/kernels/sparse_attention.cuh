@@ -179,7 +179,7 @@ Status launch_sparse_scores(const SparseScoreParams<T>& p, cudaStream_t stream) 
   using namespace sparse_detail;
   if (p.tokens == 0) return Status::success();
   if constexpr (!std::is_same_v<T, float>) {
-    if (sparse_scores_mma_applies(p.tokens, p.group, p.head_dim, 2, p.path != nullptr) &&
+    if (sparse_scores_mma_applies(p.group, p.head_dim, 2) &&
         p.kernels_per_split % kSparseMmaKernels == 0 && scores_mma_aligned(p)) {
       return p.head_dim == 64 ? launch_scores_mma<T, 64>(p, stream) : launch_scores_mma<T, 128>(p, stream);
     }

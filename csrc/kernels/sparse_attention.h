@@ -34,12 +34,15 @@
 // num_blocks <= kSparseMaxBlocks.
 //
 // Launch shapes: compress, grid (kernel slots, Hkv) x 128 threads, each thread one or more of the
-// D dims of one compressed key (coalesced rows). Scores: grid (T, Hkv, splits) x 128 threads;
-// each block stages q of the group's G heads and chunks of kSparseScoreChunk compressed keys in
-// shared memory (fp32) and walks its split's run of kernels. Chains of kSparseMmaMinTokens
-// queries and more (prefill chunks) take the tensor-core score kernels where they apply
-// (sparse_scores_mma.cuh: 64 packed query rows per block, logits in registers; on wgmma with
-// SparseSelectArgs::sm90, csrc/kernels/sm90/sparse_scores_sm90.h). Select: grid (T, Hkv) x 256
+// D dims of one compressed key (coalesced rows). Scores: the tensor-core kernels take every call
+// they apply to, decode steps and trees included (sparse_scores_mma.cuh: 64 packed query rows
+// per block, a tree token a warp's 16; logits in registers; prefills on wgmma with
+// SparseSelectArgs::sm90, csrc/kernels/sm90/sparse_scores_sm90.h). The others (fp32, other head
+// dims, G not dividing 16) take the SIMT kernels: grid (T, Hkv, splits) x 128 threads; each block
+// stages q of the group's G heads and chunks of kSparseScoreChunk compressed keys in shared
+// memory (fp32) and walks its split's run of kernels. Decode steps and trees of one generation
+// always meet the same family: it depends on the dtype, head dim and G alone (and on
+// kernels_per_split, fixed per generation, and 16-byte aligned rows). Select: grid (T, Hkv) x 256
 // threads (1024 for at most 64 blocks: decode steps, small trees); the top-k of one (query, KV
 // head) by a radix select over ranking keys in shared memory (sparse_select.cu).
 #pragma once
@@ -58,17 +61,15 @@ constexpr int kSparseMaxGroup = 64;
 // 4096 blocks of 64 tokens: contexts up to 256K tokens (the sort stages 8 bytes per block).
 constexpr int kSparseMaxBlocks = 4096;
 constexpr int kSparseScoreChunk = 32;
-// Calls with this many queries and more (prefill chunks) score on the tensor-core kernels when
-// they take the call (16-bit, head dim 64 or 128, G dividing 16, no tree path; sparse_scores_mma.cuh);
-// their kernels_per_split must then be a multiple of kSparseMmaKernels.
-constexpr int kSparseMmaMinTokens = 16;
+// Calls the tensor-core score kernels take (16-bit, head dim 64 or 128, G dividing 16;
+// sparse_scores_mma.cuh) need a kernels_per_split that is a multiple of kSparseMmaKernels.
 constexpr int kSparseMmaKernels = 64;
 
 // Whether the tensor-core score kernels take a call with these shapes (sparse_scores_mma.cuh;
-// the launcher also needs 16-byte aligned rows of q and ck, else it runs the SIMT kernels).
-inline bool sparse_scores_mma_applies(int tokens, int group, int head_dim, int elem_bytes, bool path) {
-  return elem_bytes == 2 && (head_dim == 64 || head_dim == 128) && group >= 1 && 16 % group == 0 && !path &&
-         tokens >= kSparseMmaMinTokens;
+// the launcher also needs 16-byte aligned rows of q, ck and a tree's path kernels, and a
+// kernels_per_split multiple of kSparseMmaKernels, else it runs the SIMT kernels).
+inline bool sparse_scores_mma_applies(int group, int head_dim, int elem_bytes) {
+  return elem_bytes == 2 && (head_dim == 64 || head_dim == 128) && group >= 1 && 16 % group == 0;
 }
 
 template <typename T>

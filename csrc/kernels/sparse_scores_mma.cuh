@@ -1,18 +1,31 @@
-// Tensor-core block scores of InfLLM-v2 for many queries (prefill chunks): the contract of
-// sparse_attention.cuh's scores_kernel (sparse_attention.h, `sparse_scores`), computed with
-// m16n8k16 mma instead of one query per block. Included by sparse_attention.cuh.
+// Tensor-core block scores of InfLLM-v2: the contract of sparse_attention.cuh's scores_kernel
+// (sparse_attention.h, `sparse_scores`), computed with m16n8k16 mma instead of one query per
+// block. Included by sparse_attention.cuh. They take every 16-bit call with head dim 64 or 128
+// and G dividing 16: prefill chunks, decode steps and speculative trees.
 //
 // Why: a prefill chunk scores every query against every compressed key it sees; the SIMT kernel
 // and the torch GEMM both make that a [T, Hq, C] fp32 logits stream (about 0.5 TB for a 128K
 // MiniCPM4 prefill). Here the logits live in registers: pass 1 keeps each row's running base-2
 // max and sum, pass 2 recomputes them, turns them into probabilities and sums the G rows of each
-// token in registers, so only the [T, Hkv, C] group sums reach memory.
+// token in registers, so only the [T, Hkv, C] group sums reach memory. A decode step gains too:
+// the SIMT kernel's dot products are bound by shared-memory reads (two per multiply-add, about
+// 9 us per pass over MiniCPM4-8B's 8K compressed keys of a 128K context on an H100), the same
+// products here are 64 mma per tile of 64 kernels.
 //
-// One block: kMmaRows = 64 packed rows (row r = token * G + head-in-group, G dividing 16, so
-// that a token's rows never straddle a warp's m16 tile) of one KV head and one split of the
-// kernel range. Q goes to shared memory once and stays in registers as A fragments; tiles of 64
+// One block: kMmaRows = 64 packed rows of one KV head and one split of the kernel range. Without
+// a tree path row r is token r / G, head-in-group r % G (G dividing 16, so that a token's rows
+// never straddle a warp's m16 tile). With one, each token gets a warp's whole m16 tile (rows
+// past G are padding): the kernels its path completes past the committed prefix are its own, so
+// the tiles holding them are loaded per token (each warp's in turn) after the tiles every token
+// shares. Q goes to shared memory once and stays in registers as A fragments; tiles of 64
 // compressed keys (zero-filled past the split's end) stream through two cp.async stages and give
 // S = Q.CK^T as B fragments, as in the attention kernels (csrc/kernels/attention.cuh).
+//
+// Row invariance (a tree token's scores are bitwise its decoded path's): a row's arithmetic does
+// not depend on the other rows of its block. Its tiles start at fixed multiples of 64 within a
+// split, whatever the block's tokens see; a tile it cannot see changes neither its max nor its
+// sum (the masked terms are exact zeros); each element of S is one mma chain over the head dim in
+// a fixed order; a token's G rows sit at the same lanes however the tokens are packed.
 //
 // The product S = Q.CK^T is a policy (MmaScoreProduct below: mma.sync; the Hopper kernels'
 // WgmmaScoreProduct in csrc/kernels/sm90/sparse_scores.cu), the passes around it are shared.
@@ -58,6 +71,7 @@ __device__ __forceinline__ int mma_swizzle(int row, int chunk) {
 template <typename T, int kHeadDim>
 struct MmaScoreProduct {
   static constexpr int kAlign = 16;  // tile alignment in shared memory (what dynamic shared memory has)
+  static constexpr bool kPerWarp = true;  // each warp's product is its own (a tree's per-token tiles)
   __device__ static int offset(int row, int chunk) { return 2 * mma_swizzle<kHeadDim>(row, chunk); }
   __device__ static void landed() {}  // between a thread's cp.async wait and the barrier
 
@@ -103,6 +117,13 @@ __device__ __forceinline__ float token_row_sum(float v, int group) {
   return v;
 }
 
+// Packed query rows per token: its G heads, or for a tree's tokens (path given; only per-warp
+// products take them) a warp's whole m16 tile, since their own kernels make B theirs.
+template <typename Product, typename T>
+__host__ __device__ inline int rows_per_token(const SparseScoreParams<T>& p) {
+  return Product::kPerWarp && p.path != nullptr ? 16 : p.group;
+}
+
 template <typename T, int kHeadDim, bool kProbs, typename Product>
 __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseScoreParams<T> p) {
   constexpr int kChunks = kHeadDim / 8;         // 16-byte chunks per row
@@ -124,18 +145,22 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
   const int lane = tid % 32;
   const int warp = tid / 32;
   const int group = p.group;
-  const int rows = p.tokens * group;
+  const bool tree = Product::kPerWarp && p.path != nullptr;
+  const int per_token = rows_per_token<Product>(p);
   const int row0 = blockIdx.x * kMmaRows;
-  const int tok_first = row0 / group;
-  const int tok_last = min((row0 + kMmaRows - 1) / group, p.tokens - 1);
+  const int tok_first = row0 / per_token;
+  const int tok_last = min((row0 + kMmaRows - 1) / per_token, p.tokens - 1);
   const int kv_limit = *p.kv_limit;
+  const int committed = num_kernels(kv_limit, p.kernel_size, p.kernel_stride);
+  const int path_kernels = tree ? p.path_kernels : -1;
   const std::int64_t part_rows = static_cast<std::int64_t>(p.tokens) * p.heads_q;
+  auto visible_to = [&](int t) {
+    return scored_kernels(p.positions[t], kv_limit, p.kernel_size, p.kernel_stride, p.max_kernels, path_kernels);
+  };
 
   if (tid == 0) {
     int most = 0;
-    for (int t = tok_first; t <= tok_last; ++t) {
-      most = max(most, scored_kernels(p.positions[t], kv_limit, p.kernel_size, p.kernel_stride, p.max_kernels, -1));
-    }
+    for (int t = tok_first; t <= tok_last; ++t) most = max(most, visible_to(t));
     block_visible = most;
   }
   // This thread's two fragment rows (lane / 4 and lane / 4 + 8 of its warp's 16): their token,
@@ -146,12 +171,11 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = row0 + warp * 16 + lane / 4 + 8 * i;
-    row_ok[i] = r < rows;
-    row_tok[i] = row_ok[i] ? r / group : tok_last;
-    const int head = g * group + r % group;
-    row_vis[i] = row_ok[i] ? scored_kernels(p.positions[row_tok[i]], kv_limit, p.kernel_size, p.kernel_stride,
-                                            p.max_kernels, -1)
-                           : 0;
+    const int tok = r / per_token;
+    row_ok[i] = tok < p.tokens && r % per_token < group;
+    row_tok[i] = row_ok[i] ? tok : tok_last;
+    const int head = g * group + (row_ok[i] ? r % per_token : 0);
+    row_vis[i] = row_ok[i] ? visible_to(tok) : 0;
     row_part[i] = static_cast<std::int64_t>(row_tok[i]) * p.heads_q + head;
   }
 
@@ -159,9 +183,11 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
     const int r = i / kChunks;
     const int c = i % kChunks;
     const int row = row0 + r;
-    const bool valid = row < rows;
+    const bool valid = row / per_token < p.tokens && row % per_token < group;
     const T* src = p.q;
-    if (valid) src = p.q + (row / group) * p.q_stride_t + (g * group + row % group) * p.q_stride_h + c * 8;
+    if (valid) {
+      src = p.q + (row / per_token) * p.q_stride_t + (g * group + row % per_token) * p.q_stride_h + c * 8;
+    }
     cp_async_16(q_tile + Product::offset(r, c), src, valid);
   }
   cp_async_commit();
@@ -170,18 +196,28 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
   const int begin = split * p.kernels_per_split;
   const int end = min(begin + p.kernels_per_split, block_visible);
   const int tiles = end > begin ? (end - begin + kMmaKernels - 1) / kMmaKernels : 0;
-  auto load_tile = [&](int tile, int stage) {
+  // A tree's tiles from the first one holding a kernel past the committed prefix are per token.
+  const int shared_tiles = tree ? min(tiles, max(committed - begin, 0) / kMmaKernels) : tiles;
+  // Tile `tile` of this split into stage `stage`: the committed kernels for every token, and with
+  // `token` >= 0 that token's own past them (its path's) up to what it sees.
+  auto load_tile = [&](int tile, int stage, int token) {
     unsigned char* dst = ck_tiles + stage * kTileBytes;
     const int j0 = begin + tile * kMmaKernels;
+    const int stop = token < 0 ? end : min(end, visible_to(token));
     for (int i = tid; i < kMmaKernels * kChunks; i += kMmaThreads) {
       const int r = i / kChunks;
       const int c = i % kChunks;
-      const bool valid = j0 + r < end;
-      const T* src = valid ? p.ck + static_cast<std::int64_t>(j0 + r) * p.ck_stride_c + g * p.ck_stride_h + c * 8 : p.ck;
-      cp_async_16(dst + Product::offset(r, c), src, valid);
+      const int j = j0 + r;
+      const T* src = p.ck;
+      if (j < stop && (token < 0 || j < committed)) {
+        src = p.ck + static_cast<std::int64_t>(j) * p.ck_stride_c + g * p.ck_stride_h + c * 8;
+      } else if (j < stop) {
+        src = p.path + token * p.path_stride_t + (j - committed) * p.path_stride_e + g * p.path_stride_h + c * 8;
+      }
+      cp_async_16(dst + Product::offset(r, c), src, j < stop);
     }
   };
-  if (tiles > 0) load_tile(0, 0);
+  if (shared_tiles > 0) load_tile(0, 0, -1);
   cp_async_commit();
   cp_async_wait<1>();  // Q has landed
   Product::landed();
@@ -210,16 +246,10 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
     }
   }
 
-  for (int it = 0; it < tiles; ++it) {
-    const int stage = it & 1;
-    if (it + 1 < tiles) load_tile(it + 1, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    Product::landed();
-    __syncthreads();
-    float s[kKeyFrags][4];
-    product.product(s, q_tile, ck_tiles + stage * kTileBytes, lane);
-    const int col0 = begin + it * kMmaKernels + (lane % 4) * 2;  // this thread's first column
+  // One tile's S of this warp's rows: pass 1 folds it into the rows' max and sum, pass 2 writes
+  // the tokens' summed probabilities.
+  auto consume = [&](float (&s)[kKeyFrags][4], int tile) {
+    const int col0 = begin + tile * kMmaKernels + (lane % 4) * 2;  // this thread's first column
     if constexpr (!kProbs) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -256,18 +286,48 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
           // row's token sums its own G rows, held by the lanes of its first row.
           const int sums = group == 16 ? 1 : 2;
           if (group == 16) v[0] += v[1];
-          for (int i = 0; i < sums; ++i) v[i] = token_row_sum(v[i], group);
-          if ((lane / 4) % group == 0) {
-            for (int i = 0; i < sums; ++i) {
-              if (!row_ok[i]) continue;
-              float* out = p.scores + (static_cast<std::int64_t>(row_tok[i]) * p.heads_kv + g) * p.score_cols;
-              out[col] = col < row_vis[i] ? v[i] : -INFINITY;
-            }
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {  // unrolled with constant indices: v stays in registers
+            if (i >= sums) continue;
+            v[i] = token_row_sum(v[i], group);
+            if ((lane / 4) % group != 0 || !row_ok[i]) continue;
+            float* out = p.scores + (static_cast<std::int64_t>(row_tok[i]) * p.heads_kv + g) * p.score_cols;
+            out[col] = col < row_vis[i] ? v[i] : -INFINITY;
           }
         }
       }
     }
+  };
+
+  for (int it = 0; it < shared_tiles; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < shared_tiles) load_tile(it + 1, stage ^ 1, -1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    Product::landed();
+    __syncthreads();
+    float s[kKeyFrags][4];
+    product.product(s, q_tile, ck_tiles + stage * kTileBytes, lane);
+    consume(s, it);
     __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  // A tree's last tiles (at most a path's kernels past the committed prefix: usually one), each
+  // token's own in turn: its warp computes while the others wait.
+  if constexpr (Product::kPerWarp) {
+    for (int it = shared_tiles; it < tiles; ++it) {
+      for (int w = 0; w < kMmaWarps && tok_first + w <= tok_last; ++w) {
+        load_tile(it, 0, tok_first + w);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        if (warp == w) {
+          float s[kKeyFrags][4];
+          product.product(s, q_tile, ck_tiles, lane);
+          consume(s, it);
+        }
+        __syncthreads();
+      }
+    }
   }
 
   if constexpr (kProbs) {
@@ -304,8 +364,10 @@ namespace sparse_detail {
 template <typename T>
 bool scores_mma_aligned(const SparseScoreParams<T>& p) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+  const bool path = p.path == nullptr || (aligned(p.path) && p.path_stride_t % 8 == 0 && p.path_stride_e % 8 == 0 &&
+                                          p.path_stride_h % 8 == 0);
   return aligned(p.q) && aligned(p.ck) && p.q_stride_t % 8 == 0 && p.q_stride_h % 8 == 0 && p.ck_stride_c % 8 == 0 &&
-         p.ck_stride_h % 8 == 0;
+         p.ck_stride_h % 8 == 0 && path;
 }
 
 // Launches a score kernel's two passes (log-sum-exp partials, then probabilities), each with
@@ -327,7 +389,8 @@ Status launch_score_passes(void (*lse)(const P), void (*probs)(const P), const P
 // Both passes of the tensor-core score kernels with `Product` (MmaScoreProduct, or the sm90 one).
 template <typename T, int kHeadDim, typename Product = MmaScoreProduct<T, kHeadDim>>
 Status launch_scores_mma(const SparseScoreParams<T>& p, cudaStream_t stream) {
-  const std::int64_t row_tiles = (static_cast<std::int64_t>(p.tokens) * p.group + kMmaRows - 1) / kMmaRows;
+  const std::int64_t row_tiles =
+      (static_cast<std::int64_t>(p.tokens) * rows_per_token<Product>(p) + kMmaRows - 1) / kMmaRows;
   EDGESPEC_RETURN_IF_ERROR(check_fits(row_tiles, 0x7fffffff, "sparse scores: row tiles"));
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.splits));
   return launch_score_passes(scores_mma_kernel<T, kHeadDim, false, Product>,

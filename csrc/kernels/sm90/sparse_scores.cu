@@ -17,6 +17,7 @@ namespace sparse_detail {
 template <typename T, int kHeadDim>
 struct WgmmaScoreProduct {
   static constexpr int kAlign = static_cast<int>(kGmmaSwizzleAtomBytes);
+  static constexpr bool kPerWarp = false;  // one product per warpgroup: no tree paths (the host refuses them)
   __device__ static int offset(int row, int chunk) { return static_cast<int>(sw128_offset(kMmaRows, row, 8 * chunk)); }
   // The cp.async writes, before the async proxy (wgmma) reads them.
   __device__ static void landed() {

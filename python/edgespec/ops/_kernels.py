@@ -663,27 +663,29 @@ def _score_plan(tokens: int, heads_kv: int, readable: int, device: torch.device,
     return max(1, -(-readable // per_split)), per_split
 
 
-def sparse_scores_mma(q: torch.Tensor, ck: torch.Tensor, path: torch.Tensor | None = None) -> bool:
+def sparse_scores_mma(q: torch.Tensor, ck: torch.Tensor) -> bool:
     """Whether a selection call scores on the tensor-core kernels (csrc/kernels/sparse_scores_mma.cuh:
-    prefill chunks of 16-bit queries, head dim 64 or 128, G dividing 16, no tree path)."""
+    16-bit queries, head dim 64 or 128, G dividing 16; prefill chunks, decode steps and trees)."""
     group = q.shape[1] // ck.shape[1]
-    return bool(_module().sparse_scores_mma_applies(q.shape[0], group, q.shape[2], q.element_size(), path is not None))
+    return bool(_module().sparse_scores_mma_applies(group, q.shape[2], q.element_size()))
 
 
 def sparse_scores_sm90_rejection(q: torch.Tensor, ck: torch.Tensor, path: torch.Tensor | None = None) -> str | None:
     """Why the Hopper score kernels cannot take this selection call (None: they can): they need what
-    the sm90 attention kernels need and take the calls the tensor-core score kernels take."""
-    if not sparse_scores_mma(q, ck, path):
-        return ("the tensor-core score kernels take 16-bit q with head dim 64 or 128, a GQA group dividing 16, "
-                f"no tree path and at least {_module().SPARSE_MMA_MIN_TOKENS} tokens, got {q.dtype} {_shape(q)} with ck "
-                f"{_shape(ck)}{' and a path' if path is not None else ''}")
+    the sm90 attention kernels need and take the calls the tensor-core score kernels take, but no
+    tree path (one wgmma per warpgroup cannot give each token its own kernels)."""
+    if not sparse_scores_mma(q, ck) or path is not None:
+        return ("the Hopper score kernels take 16-bit q with head dim 64 or 128, a GQA group dividing 16 and no "
+                f"tree path, got {q.dtype} {_shape(q)} with ck {_shape(ck)}{' and a path' if path is not None else ''}")
     return sm90_attention_rejection(q)
 
 
 def sparse_invariant_per_split(span: int, heads_kv: int, cfg: Any, device: torch.device) -> int:
     """kernels_per_split of the row-invariant selection: the score kernels' plan for one query over
-    a `span`-slot context, one value for a whole generation (as invariant_chunk_tiles is)."""
-    return _score_plan(1, heads_kv, _num_kernels(span, cfg.kernel_size, cfg.kernel_stride), device)[1]
+    a `span`-slot context, one value for a whole generation (as invariant_chunk_tiles is). A multiple
+    of the tensor-core kernels' tile, so that decode steps and trees score on them where they apply."""
+    readable = _num_kernels(span, cfg.kernel_size, cfg.kernel_stride)
+    return _score_plan(1, heads_kv, readable, device, int(_module().SPARSE_MMA_KERNELS))[1]
 
 
 def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Tensor, cfg: Any, scale: float,
@@ -704,7 +706,7 @@ def sparse_select_blocks(q: torch.Tensor, ck: torch.Tensor, positions: torch.Ten
     hkv = ck.shape[1]
     readable = min(ck.shape[0], _num_kernels(num_blocks * cfg.block_size, cfg.kernel_size, cfg.kernel_stride))
     if per_split is None:
-        align = int(_module().SPARSE_MMA_KERNELS) if sparse_scores_mma(q, ck, path) else SPARSE_SCORE_CHUNK
+        align = int(_module().SPARSE_MMA_KERNELS) if sparse_scores_mma(q, ck) else SPARSE_SCORE_CHUNK
         splits, per_split = _score_plan(t, hkv, readable, q.device, align)
     else:
         splits = max(1, -(-readable // per_split))

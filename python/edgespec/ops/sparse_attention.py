@@ -19,9 +19,9 @@ in depth order), and sees an ancestor only where plain decoding would, in a sele
 the ancestor's own position.
 
 Kernel paths (CUDA tensors, `_C` built): compress_keys and the block scores + selection run in
-csrc/kernels/sparse_attention.h (decode steps, trees and short chains one query per block; prefill
-chunks on tensor cores, csrc/kernels/sparse_scores_mma.cuh, else as a torch GEMM) and give a
-bit-packed block mask; the attention over
+csrc/kernels/sparse_attention.h (scored on tensor cores where csrc/kernels/sparse_scores_mma.cuh
+applies, else one query per block, or for long chains as a torch GEMM) and give a bit-packed block
+mask; the attention over
 the selected blocks is the attention kernel family's block-sparse variant
 (csrc/kernels/attention.h), which needs block_size == 64 (its key tile) and bf16/fp16 with head
 dim 64 or 128. Other shapes, and CPU tensors, take the torch path below: masked SDPA a query chunk
@@ -296,9 +296,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ck: torch.Tensor, 
                          f"got {tree_mask.dtype} {tuple(tree_mask.shape)}")
 
 
-# The SIMT selection kernels score one query per block (built for decode and trees); chains of
-# more queries score on the tensor-core kernels where they apply (_kernels.sparse_scores_mma),
-# else as a torch GEMM over query chunks.
+# The selection kernels score on tensor cores where they apply (_kernels.sparse_scores_mma), else
+# with the SIMT kernels, one query per block (built for decode and trees): longer chains then
+# score as a torch GEMM over query chunks.
 _KERNEL_SELECT_MAX_TOKENS = 8
 # fp32 score scratch per selection-kernel call of a long chain: its query chunk follows from it.
 _SCORE_BYTES = 256 << 20
