@@ -16,6 +16,7 @@ import torch
 
 pytestmark = pytest.mark.emulated
 
+COLLECTIVES = 6  # selftest.cu collectives_kernel: ints written per thread
 FAULTS = {  # selftest.cu cuemu_selftest_fault(which): what the error must say
     0: "divergent warp",
     1: "exited",
@@ -105,13 +106,18 @@ def test_ldmatrix_x4_follows_the_documented_layout(lib, trans) -> None:
 
 def test_warp_collectives(lib) -> None:
     threads = 64
-    out = torch.zeros(threads, 5, dtype=torch.int32)
+    out = torch.zeros(threads, COLLECTIVES, dtype=torch.int32)
     assert lib.cuemu_selftest_collectives(_ptr(out), threads) == 0, _message(lib)
+
+    def signed(bits: int) -> int:
+        return bits - (1 << 32 if bits >= 1 << 31 else 0)
+
     ballot = sum(1 << i for i in range(32) if i % 3 == 0)
     for t in range(threads):
         lane = t % 32
         down = lane + 3 if lane + 3 < 32 else lane
-        assert out[t].tolist() == [(lane ^ 5) * 3, 21, down * 3, ballot - (1 << 32 if ballot >= 1 << 31 else 0), 496]
+        match = sum(1 << i for i in range(32) if i % 5 == lane % 5)
+        assert out[t].tolist() == [(lane ^ 5) * 3, 21, down * 3, signed(ballot), 496, signed(match)]
 
 
 @pytest.mark.parametrize("schedule,wait_first,lands", [("forward", 0, False), ("forward", 1, True),
@@ -140,7 +146,7 @@ def test_faults_are_reported_and_the_emulator_recovers(lib, which) -> None:
     floats = torch.zeros(64 * 1024, dtype=torch.float32)
     assert lib.cuemu_selftest_fault(which, _ptr(ints), _ptr(floats)) != 0
     assert FAULTS[which] in _message(lib)
-    out = torch.zeros(32, 5, dtype=torch.int32)
+    out = torch.zeros(32, COLLECTIVES, dtype=torch.int32)
     assert lib.cuemu_selftest_collectives(_ptr(out), 32) == 0, "the next launch must run normally"
 
 

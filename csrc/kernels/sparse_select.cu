@@ -42,7 +42,9 @@ __device__ __forceinline__ std::uint64_t rank_key(float score, int block) {
 // candidates are found by a most-significant-digit-first radix select over their keys (8 bits per
 // pass: a histogram of the digit among the keys that match the prefix found so far, then the digit
 // at which the count from the top reaches k), which costs a dozen barriers where a bitonic sort of
-// every block took ~66.
+// every block took ~66. The histogram is warp-aggregated: block scores span a few binary orders of
+// magnitude, so in the first pass nearly every key has one of two or three digits, and an atomicAdd
+// per key would serialise the block's thousands of keys (2048 at 128K) on those bins.
 __global__ void __launch_bounds__(kSelectThreadsFew) select_kernel(const SparseSelectParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   std::uint64_t* bits = reinterpret_cast<std::uint64_t*>(smem);  // [words]
@@ -55,6 +57,7 @@ __global__ void __launch_bounds__(kSelectThreadsFew) select_kernel(const SparseS
   const int t = blockIdx.x;
   const int g = blockIdx.y;
   const int tid = threadIdx.x;
+  const int lane = tid % 32;
   const int threads = blockDim.x;
   const std::int64_t pos = p.positions[t];
   // Blocks at or before the query's own; a negative position selects nothing.
@@ -107,9 +110,13 @@ __global__ void __launch_bounds__(kSelectThreadsFew) select_kernel(const SparseS
     std::uint64_t found = 0;  // the key bits `prefix` holds so far
     for (int shift = kKeyBits - kRadixBits; shift > -kRadixBits; shift -= kRadixBits) {
       const int s = max(shift, 0);  // the last pass takes the remaining low bits
-      for (int b = tid; b < nb; b += threads) {
-        const std::uint64_t key = keys[b];
-        if (key != 0 && (key & found) == prefix) atomicAdd(&hist[(key >> s) & (kRadixBins - 1)], 1);
+      for (int b0 = tid - lane; b0 < nb; b0 += threads) {  // warp-uniform trips: the match below
+        const int b = b0 + lane;
+        const std::uint64_t key = b < nb ? keys[b] : 0;
+        const bool counts = key != 0 && (key & found) == prefix;
+        const int digit = counts ? static_cast<int>((key >> s) & (kRadixBins - 1)) : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);  // the lanes with this digit
+        if (counts && lane == __ffs(static_cast<int>(peers)) - 1) atomicAdd(&hist[digit], __popc(peers));
       }
       __syncthreads();
       if (tid < 32) {

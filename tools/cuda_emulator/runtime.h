@@ -183,12 +183,30 @@ T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
   return ::cuemu::lane_value<T>(all, src);
 }
 
+namespace cuemu {
+// A warp-wide collective `what` over every lane's `value`: f(lane, its value) for each lane.
+template <typename T, typename F>
+void each_lane(const char* what, unsigned mask, T value, F f) {
+  require_full_mask(mask, what);
+  const auto* all = warp_collective(what, &value, sizeof(T));
+  for (int i = 0; i < kWarpSize; ++i) f(i, lane_value<T>(all, i));
+}
+}  // namespace cuemu
+
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
-  ::cuemu::require_full_mask(mask, "__ballot_sync");
-  const int on = predicate != 0;
-  const auto* all = ::cuemu::warp_collective("__ballot_sync", &on, sizeof(on));
   unsigned bits = 0;
-  for (int i = 0; i < ::cuemu::kWarpSize; ++i) bits |= static_cast<unsigned>(::cuemu::lane_value<int>(all, i)) << i;
+  ::cuemu::each_lane("__ballot_sync", mask, static_cast<int>(predicate != 0),
+                     [&](int i, int on) { bits |= static_cast<unsigned>(on) << i; });
+  return bits;
+}
+
+// The lanes whose value equals this lane's.
+template <typename T>
+unsigned __match_any_sync(unsigned mask, T value) {
+  static_assert(std::is_integral_v<T>, "__match_any_sync takes 32- or 64-bit integers");
+  unsigned bits = 0;
+  ::cuemu::each_lane("__match_any_sync", mask, value,
+                     [&](int i, T other) { bits |= static_cast<unsigned>(other == value) << i; });
   return bits;
 }
 
@@ -198,10 +216,8 @@ inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask,
 template <typename T>
 T __reduce_add_sync(unsigned mask, T value) {
   static_assert(std::is_integral_v<T>, "__reduce_add_sync takes int or unsigned");
-  ::cuemu::require_full_mask(mask, "__reduce_add_sync");
-  const auto* all = ::cuemu::warp_collective("__reduce_add_sync", &value, sizeof(T));
   T sum = 0;
-  for (int i = 0; i < ::cuemu::kWarpSize; ++i) sum += ::cuemu::lane_value<T>(all, i);
+  ::cuemu::each_lane("__reduce_add_sync", mask, value, [&](int, T other) { sum += other; });
   return sum;
 }
 

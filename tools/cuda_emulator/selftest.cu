@@ -62,15 +62,16 @@ __global__ void ldmatrix_kernel(const std::uint16_t* m, std::uint32_t* out, int 
 }
 
 // Per lane: shfl_xor(lane * 3, 5), shfl(lane * 3, 7), shfl_down(lane * 3, 3) (own value past the
-// end), ballot(lane % 3 == 0), reduce_add(lane).
+// end), ballot(lane % 3 == 0), reduce_add(lane), match_any(lane % 5).
 __global__ void collectives_kernel(int* out) {
   const int lane = threadIdx.x % 32;
-  int* o = out + threadIdx.x * 5;
+  int* o = out + threadIdx.x * 6;
   o[0] = __shfl_xor_sync(kFull, lane * 3, 5);
   o[1] = __shfl_sync(kFull, lane * 3, 7);
   o[2] = __shfl_down_sync(kFull, lane * 3, 3);
   o[3] = static_cast<int>(__ballot_sync(kFull, lane % 3 == 0));
   o[4] = __reduce_add_sync(kFull, lane);
+  o[5] = static_cast<int>(__match_any_sync(kFull, lane % 5));
 }
 
 // What a thread reads back from shared memory right after cp.async, before (0) or after (1)
