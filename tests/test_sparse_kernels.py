@@ -747,11 +747,17 @@ def test_kernel_entry_points_reject_bad_inputs(kernel_device):
     with pytest.raises(ValueError, match="path must be"):
         K.sparse_select_blocks(q, ck, pos, cfg, 1.0, 0, 100, 3, path=path.float())
     assert K.sparse_select_blocks(q, ck, pos, cfg, 1.0, 0, 100, 3, path=path, per_split=32).shape == (2, 2, 1)
-    with pytest.raises(KernelError, match="path"):
+
+    def raw_select(partial, path_view):  # the binding, past the Python wrapper's checks
         K._run(K._module().sparse_select_blocks, K._view(q), K._view(ck), K._view(pos), K._view(
-            torch.tensor([100], dtype=torch.int32, device=dev)), K._view(torch.empty(1, 2, 8, 2, device=dev)),
+            torch.tensor([100], dtype=torch.int32, device=dev)), K._view(partial),
             K._view(torch.empty(2, 2, 32, device=dev)), K._view(torch.empty(2, 2, 1, dtype=torch.int64, device=dev)),
-            3, 64, 32, 16, 1, 2, 4, 0, 32, 1.0, K._stream(q), K._view(path[:, :, :1]))
+            3, 64, 32, 16, 1, 2, 4, 0, 32, 1.0, K._stream(q), K._view(path_view))
+
+    with pytest.raises(KernelError, match="path"):
+        raw_select(torch.empty(1, 2, 8, 2, device=dev), path[:, :, :1])
+    with pytest.raises(KernelError, match="8-byte aligned"):  # its (max, sum) pairs are read as float2
+        raw_select(torch.empty(33, device=dev)[1:].view(1, 2, 8, 2), path)
     # Group 64 with head dim 256 is within the group and head-dim bounds but needs 107 KB of score
     # shared memory: rejected here (the op layer then takes its torch path), not by a KernelError.
     big_q = torch.randn(2, 64, 256, device=dev).bfloat16()

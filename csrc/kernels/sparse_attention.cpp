@@ -124,6 +124,9 @@ Status check_select(const SparseSelectArgs& a, int* splits_out) {
   EDGESPEC_RETURN_IF_ERROR(check_size(a.partial, "partial", 1, tokens, "the tokens of q"));
   EDGESPEC_RETURN_IF_ERROR(check_size(a.partial, "partial", 2, heads_q, "the heads of q"));
   EDGESPEC_RETURN_IF_ERROR(check_size(a.partial, "partial", 3, 2, "a max and a sum"));
+  if (a.partial.data % 8 != 0) {
+    return Status::invalid("partial: must start 8-byte aligned (the kernels read its (max, sum) pairs as float2)");
+  }
   EDGESPEC_RETURN_IF_ERROR(check_view(a.scores, "scores", 3));
   EDGESPEC_RETURN_IF_ERROR(check_dtype(a.scores, "scores", DType::kFloat32, "fp32 scratch"));
   EDGESPEC_RETURN_IF_ERROR(check_size(a.scores, "scores", 0, tokens, "the tokens of q"));

@@ -124,8 +124,10 @@ __host__ __device__ inline int rows_per_token(const SparseScoreParams<T>& p) {
   return Product::kPerWarp && p.path != nullptr ? 16 : p.group;
 }
 
+// (One block per SM as the launch bound: ptxas would otherwise stop at 128 registers and spill in
+// the probability pass; up to 156 registers still let three blocks share an SM.)
 template <typename T, int kHeadDim, bool kProbs, typename Product>
-__global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseScoreParams<T> p) {
+__global__ void __launch_bounds__(kMmaThreads, 1) scores_mma_kernel(const SparseScoreParams<T> p) {
   constexpr int kChunks = kHeadDim / 8;         // 16-byte chunks per row
   constexpr int kKeyFrags = kMmaKernels / 8;    // n8 blocks of S
   constexpr int kTileBytes = kMmaRows * kHeadDim * 2;
@@ -229,19 +231,33 @@ __global__ void __launch_bounds__(kMmaThreads) scores_mma_kernel(const SparseSco
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
   // Pass 2: each row's base-2 log-sum-exp over every split (+inf: no kernel, every probability 0).
+  // A decode step over a long context has a hundred splits, whose partials one thread would read
+  // one L2 round trip after another: the row's quad shares the merge (lane c takes splits c, c + 4,
+  // ...), each lane in one online pass over (max, sum) pairs. Which lane merges which split
+  // depends on the split alone, and the empty splits a longer cache adds are skipped, so the merge
+  // keeps a row's bits whatever the call.
   float row_lse[2] = {INFINITY, INFINITY};
   if constexpr (kProbs) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float mx = -INFINITY;
-      for (int z = 0; z < p.splits; ++z) mx = fmaxf(mx, p.partial[(z * part_rows + row_part[i]) * 2]);
       float total = 0.f;
-      if (mx != -INFINITY) {
-        for (int z = 0; z < p.splits; ++z) {
-          const float* st = p.partial + (z * part_rows + row_part[i]) * 2;
-          total += st[1] * exp2f(st[0] - mx);
+      for (int z = lane % 4; z < p.splits; z += 4) {
+        const float2 st = *reinterpret_cast<const float2*>(p.partial + (z * part_rows + row_part[i]) * 2);
+        if (st.x == -INFINITY) continue;  // an empty split (no visible kernel)
+        if (st.x > mx) {
+          total = total * exp2f(mx - st.x) + st.y;
+          mx = st.x;
+        } else {
+          total += st.y * exp2f(st.x - mx);
         }
       }
+      const float lane_max = mx;
+      mx = fmaxf(mx, __shfl_xor_sync(kAllLanes, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(kAllLanes, mx, 2));
+      total = lane_max == -INFINITY ? 0.f : total * exp2f(lane_max - mx);
+      total += __shfl_xor_sync(kAllLanes, total, 1);
+      total += __shfl_xor_sync(kAllLanes, total, 2);
       row_lse[i] = total > 0.f ? mx + log2f(total) : INFINITY;
     }
   }
