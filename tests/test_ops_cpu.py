@@ -333,6 +333,20 @@ def test_logits_to_probs_matches_oracle(temperature: float, top_k: int, top_p: f
             assert int((probs[row] > 0).sum()) <= top_k
 
 
+@pytest.mark.parametrize("scale, kept", [(8.0, (1, 256)), (1.5, (257, 4096)), (0.3, (4097, 6000))])
+def test_nucleus_of_a_large_vocabulary_matches_oracle(scale: float, kept: tuple[int, int]) -> None:
+    """The CPU finds the nucleus among the top 256 tokens, then the top 4096, then by a full sort:
+    peaked, broader and flat distributions over 6000 tokens take each way and keep what the
+    oracle keeps."""
+    logits = scale * randn(4, 6000, seed=43)
+    probs = ops.logits_to_probs(logits, 1.0, top_p=0.9)
+    for row in range(4):
+        expected = ref.sampling_probs(logits[row], 1.0, 0, 0.9)
+        assert torch.equal(probs[row] > 0, expected > 0), "kept token set differs"
+        torch.testing.assert_close(probs[row].double(), expected, rtol=1e-5, atol=1e-7)
+        assert kept[0] <= int((probs[row] > 0).sum()) <= kept[1]
+
+
 def test_one_hot_distributions_sample_exactly() -> None:
     g = torch.Generator().manual_seed(0)
     logits = randn(4, 99, seed=42)
