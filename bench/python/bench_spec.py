@@ -14,6 +14,8 @@ alike. Prompts and topics are disjoint from the head's training prompts.
         [--cuda-graphs]  (GPU: both sides replay their steps as CUDA graphs: plain decode steps,
                           full-depth draft rounds, full-tree verifications and the draft's
                           catch-up; written as spec_graphs-<device>.json)
+        [--temperature 0.8 --top-p 0.9 --seed 0]  (both sides sample, speculation with lossless
+                          rejection sampling; written as spec_sampling-<device>.json)
 
 Heads and tree shapes are chosen on other prompts, never on these: prompts-tuning.jsonl beside this
 file (10 chat, 6 continuations, disjoint from both the benchmark's and the training prompts) is the
@@ -65,22 +67,23 @@ CONTINUATION_PROMPTS = [
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def run_prompt(llm: edgespec.LLM, ids: list[int], n: int, ignore_eos: bool) -> tuple[float, edgespec.GenerationResult]:
+def run_prompt(llm: edgespec.LLM, ids: list[int], n: int, ignore_eos: bool,
+               sampling: dict | None = None) -> tuple[float, edgespec.GenerationResult]:
     t0 = time.perf_counter()
-    res = llm.generate(ids, max_new_tokens=n, ignore_eos=ignore_eos)
+    res = llm.generate(ids, max_new_tokens=n, ignore_eos=ignore_eos, **(sampling or {}))
     return time.perf_counter() - t0, res
 
 
 def measure(llm: edgespec.LLM, prompts: list[tuple[str, list[int]]], n: int, spec: dict,
-            ignore_eos: bool, rows: list[dict]) -> list[dict]:
+            ignore_eos: bool, rows: list[dict], sampling: dict | None = None) -> list[dict]:
     """Alternate plain and speculative generation per prompt; appends one row per prompt to `rows`
-    (so an interrupted run keeps the prompts it finished) and returns it."""
+    (so an interrupted run keeps the prompts it finished) and returns it. With `sampling` (temperature,
+    top_p, seed) both sides sample: their tokens are draws, not compared (same_tokens None)."""
     for kind, ids in prompts:
         enable_speculation(llm, None)
-        plain_s, plain = run_prompt(llm, ids, n, ignore_eos)
+        plain_s, plain = run_prompt(llm, ids, n, ignore_eos, sampling)
         enable_speculation(llm, **spec)
-        spec_s, res = run_prompt(llm, ids, n, ignore_eos)
-        same = sum(a == b for a, b in zip(plain.token_ids, res.token_ids))
+        spec_s, res = run_prompt(llm, ids, n, ignore_eos, sampling)
         first_diff = next((i for i, (a, b) in enumerate(zip(plain.token_ids, res.token_ids)) if a != b), None)
         if first_diff is None and len(plain.token_ids) != len(res.token_ids):
             first_diff = min(len(plain.token_ids), len(res.token_ids))  # one side stopped at end-of-turn
@@ -88,7 +91,8 @@ def measure(llm: edgespec.LLM, prompts: list[tuple[str, list[int]]], n: int, spe
                      "plain_tokens": len(plain.token_ids), "spec_tokens": len(res.token_ids),
                      "accept": res.stats.extra["mean_accepted_length"],
                      "hist": Counter({int(k): v for k, v in res.stats.extra["acceptance_histogram"].items()}),
-                     "same_tokens": first_diff is None, "first_difference": first_diff, "agree": same})
+                     "same_tokens": None if sampling else first_diff is None,
+                     "first_difference": None if sampling else first_diff})
     return rows
 
 
@@ -105,7 +109,8 @@ def aggregate(rows: list[dict]) -> dict:
             "new_tokens": st, "baseline_new_tokens": pt,
             "tokens_per_s": round(st / ss, 2), "baseline_tokens_per_s": round(pt / ps, 2),
             "acceptance_histogram": {str(k): h[k] for k in sorted(h)},
-            "identical_outputs": f"{sum(r['same_tokens'] for r in rows)}/{len(rows)}"}
+            "identical_outputs": (None if rows[0]["same_tokens"] is None  # sampled: draws, not compared
+                                  else f"{sum(r['same_tokens'] for r in rows)}/{len(rows)}")}
 
 
 def main() -> int:
@@ -127,7 +132,11 @@ def main() -> int:
                          "continue), e.g. held-out training prompts")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="both sides replay their target steps as CUDA graphs (EDGESPEC_CUDA_GRAPHS=1)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: both sides sample (default: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both sides")
     args = ap.parse_args()
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.temperature > 0 else None
     if args.cuda_graphs:
         os.environ["EDGESPEC_CUDA_GRAPHS"] = "1"  # read by every strategy the LLM creates
     if args.threads:
@@ -156,7 +165,7 @@ def main() -> int:
             spec = {"draft": args.draft, "tree_size": tree_size, "depth": depth, "topk": topk,
                     "frspec_vocab": args.frspec_vocab}
             rows = []  # filled in place: an interrupt keeps the prompts already measured
-            measure(llm, prompts, args.new_tokens, spec, args.ignore_eos, rows)
+            measure(llm, prompts, args.new_tokens, spec, args.ignore_eos, rows, sampling)
             agg = aggregate(rows)
             print(f"tree {tree_size:3d} depth {depth} topk {topk}: mean accepted length {agg['accept_len']:.2f}, "
                   f"{agg['tokens_per_s']:.1f} vs {agg['baseline_tokens_per_s']:.1f} tok/s, speedup "
@@ -165,7 +174,8 @@ def main() -> int:
         return run.exit_code
     load_after = os.getloadavg()
     n = args.new_tokens
-    name = f"smollm2-135m {str(dtype).removeprefix('torch.')} greedy max_new={n}"
+    decoding = f"T={args.temperature:g} top_p={args.top_p:g}" if sampling else "greedy"
+    name = f"smollm2-135m {str(dtype).removeprefix('torch.')} {decoding} max_new={n}"
     baseline = "edgespec plain decoding, CUDA graphs (same run)" if args.cuda_graphs else "edgespec plain decoding (same run)"
     out_rows = []
     for i, r in enumerate(rows):
@@ -181,7 +191,7 @@ def main() -> int:
         sel = [r for r in rows if kind in ("all", r["kind"])]
         out_rows.append({"case": f"{name} {kind} prompts (all {len(sel)} together)", **aggregate(sel),
                          "baseline": baseline})
-    notes = (f"Wall time of each whole generation (prefill + up to {n} greedy new tokens, "
+    notes = (f"Wall time of each whole generation (prefill + up to {n} {decoding} new tokens, "
              f"{'EOS ignored' if args.ignore_eos else 'stopping at the end-of-turn token'}), plain and "
              f"speculative alternated per prompt, one run each after a warm-up; tokens_per_s = new tokens / wall "
              f"time, speedup = ratio of tokens/s. "
@@ -189,14 +199,19 @@ def main() -> int:
              f"(EAGLE-1/2 head trained with edgespec train-draft), tree_size {shapes[0][0]}, depth {shapes[0][1]}, "
              f"topk {shapes[0][2]}, FR-Spec vocabulary: {args.frspec_vocab or 'the head default'}. "
              f"{torch.get_num_threads()} torch threads; load average before/after {load_before[0]:.2f}/"
-             f"{load_after[0]:.2f} (machine shared with other jobs). same_tokens compares with plain decoding "
-             f"token for token: on the CPU, ops.linear and ops.attention give a verified tree token bitwise the result "
-             f"of decoding it alone (bf16/fp16), so every row should say true."
+             f"{load_after[0]:.2f} (machine shared with other jobs). "
+             + (f"Both sides sample (seed {args.seed}); speculation accepts by lossless rejection sampling, so "
+                "its tokens are other draws from the same distribution: same_tokens is not compared."
+                if sampling else
+                "same_tokens compares with plain decoding token for token: on the CPU, ops.linear and "
+                "ops.attention give a verified tree token bitwise the result of decoding it alone (bf16/fp16), "
+                "so every row should say true.")
              + (" CUDA graphs: plain decode steps, the draft rounds of every full-depth tree, the "
                 "verification of every full tree (tree_size + 1 nodes) and the drafter's catch-up replay "
                 "captured graphs; shorter trees run eagerly."
                 if args.cuda_graphs else ""))
-    path = write_result("spec_graphs" if args.cuda_graphs else "spec", device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
+    benchmark = ("spec_graphs" if args.cuda_graphs else "spec") + ("_sampling" if sampling else "")
+    path = write_result(benchmark, device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
                         dtype=str(dtype), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],
                                                 "topk": shapes[0][2]}, **run.marker(len(rows), len(prompts)))
     print(f"wrote {path}")
