@@ -8,9 +8,9 @@
 // MiniCPM4 prefill). Here the logits live in registers: pass 1 keeps each row's running base-2
 // max and sum, pass 2 recomputes them, turns them into probabilities and sums the G rows of each
 // token in registers, so only the [T, Hkv, C] group sums reach memory. A decode step gains too:
-// the SIMT kernel's dot products are bound by shared-memory reads (two per multiply-add, about
-// 9 us per pass over MiniCPM4-8B's 8K compressed keys of a 128K context on an H100), the same
-// products here are 64 mma per tile of 64 kernels.
+// the SIMT kernel's dot products are bound by shared-memory reads (two per multiply-add: by
+// estimate about 9 us per pass over MiniCPM4-8B's 8K compressed keys of a 128K context on an
+// H100, not yet measured), the same products here are 64 mma per tile of 64 kernels.
 //
 // One block: kMmaRows = 64 packed rows of one KV head and one split of the kernel range. Without
 // a tree path row r is token r / G, head-in-group r % G (G dividing 16, so that a token's rows
