@@ -100,3 +100,22 @@ def test_bench_w4a16_runs_a_case_on_the_emulated_kernels(monkeypatch, zeros):
     assert rows[0]["baseline"] == bench.BF16 and rows[0]["speedup"] > 0 and "edgespec_dense_ms" in rows[0], rows[0]
     # torch's tinygemm may not run on the CPU: then its row says why instead of timing it.
     assert rows[1]["baseline"] == bench.TINYGEMM and ("speedup" in rows[1] or "error" in rows[1]), rows[1]
+
+
+@pytest.mark.emulated
+@pytest.mark.usefixtures("emulated_ops")
+def test_bench_sampling_runs_on_the_emulated_kernels(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench_sampling = __import__("bench_sampling")
+
+    def one_call(fn, repeats):
+        fn()
+        return [1e-3]
+
+    monkeypatch.setattr(bench_sampling, "time_cuda", one_call)
+    monkeypatch.setitem(bench_sampling.VOCABS, "toy", 5003)
+    rows = bench_sampling.measure("toy", 3, repeats=1, device=torch.device("cpu"))
+    assert [r["case"] for r in rows] == ["toy floor R=3", "toy logits_to_probs R=3"]
+    for row in rows:
+        assert row["ours_ms"] == row["baseline_ms"] == 1.0 and row["vocab"] == 5003
+        assert 1 <= row["mean_kept_tokens"] < 5003

@@ -27,7 +27,7 @@ from kernel_checks import assert_matches_oracle, device_cases
 from oracle import ops as oracle_ops
 from oracle import rope as oracle_rope
 from edgespec import errors, ops
-from edgespec.ops import _kernels
+from edgespec.ops import _kernels, sampling
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32]
 ROWS_EMULATED = [1, 19, 99]
@@ -314,6 +314,96 @@ def test_argmax_strided_and_misaligned(kernel_device, dtype: torch.dtype) -> Non
         assert torch.equal(_kernels.argmax(logits), logits.argmax(dim=-1))
 
 
+# --- top-p nucleus floor -------------------------------------------------------------------------
+
+def softmax_rows(rows: int, vocab: int, scale: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Rows of softmax(scale * randn): a large scale gives peaked rows (the floor's exponent holds
+    few tokens, which the kernel stages in shared memory), a small one flat rows (it holds most of
+    the row, which passes 3-4 read again from global memory)."""
+    return torch.softmax(randn(rows, vocab, dtype=torch.float32, seed=seed, device=device, scale=scale), dim=-1)
+
+
+def assert_is_nucleus_floor(probs: torch.Tensor, need: int, floor: torch.Tensor) -> None:
+    """The definition (csrc/kernels/sampling.h), checked row by row in exact fixed-point mass: the
+    tokens strictly above the floor hold less than `need`, those at or above it at least `need`
+    (so the next smaller value is dropped); floor 0 only for a row whose whole mass is short."""
+    mass = sampling._mass(probs.cpu().double()).cpu()
+    for r, (row, f) in enumerate(zip(probs.cpu(), floor.cpu())):
+        if f == 0:
+            assert int(mass[r].sum()) < need, f"row {r}: floor 0 but the row holds the needed mass"
+            continue
+        assert bool((row == f).any()), f"row {r}: the floor {f.item()} is not one of the row's probabilities"
+        assert int(mass[r][row > f].sum()) < need, f"row {r}: the tokens above the floor already hold top_p"
+        assert int(mass[r][row >= f].sum()) >= need, f"row {r}: the kept tokens hold less than top_p"
+
+
+NUCLEUS = device_cases(
+    emulated=[(3, 999, 4.0, 0.9), (2, 16388, 0.02, 0.9), (2, 16388, 6.0, 0.5), (4, 1000, 2.0, 1e-6),
+              (3, 4096, 1.0, 0.999)],
+    gpu=[(r, v, scale, top_p) for r, v in ((1, 128256), (19, 49152), (64, 128256), (989, 1001))
+         for scale, top_p in ((0.3, 0.9), (3.0, 0.9), (8.0, 0.5), (1.0, 0.999))])
+
+
+@pytest.mark.parametrize("kernel_device, rows, vocab, scale, top_p", NUCLEUS, indirect=["kernel_device"])
+def test_nucleus_floor(kernel_device, rows: int, vocab: int, scale: float, top_p: float) -> None:
+    probs = softmax_rows(rows, vocab, scale, seed=rows + vocab, device=kernel_device)
+    need = sampling.nucleus_need(top_p)
+    got = _kernels.nucleus_floor(probs, need)
+    assert got.dtype == torch.float32 and got.shape == (rows,)
+    assert_is_nucleus_floor(probs, need, got)
+    # The torch path's rule, bit for bit: a full sort, and the CPU's top-k shortcut.
+    assert torch.equal(got, sampling._floor_among(torch.sort(probs, descending=True).values, need)[0])
+    assert torch.equal(got.cpu(), sampling._nucleus_floor(probs.cpu(), need))
+
+
+def test_nucleus_floor_ties_and_edge_rows(kernel_device) -> None:
+    vocab = 1000
+    probs = softmax_rows(5, vocab, 1.0, seed=7, device=kernel_device)
+    probs[0] = 1.0 / vocab                                     # all tied: every token stays
+    probs[1] = 0.0
+    probs[1, 5] = 1.0                                          # one-hot
+    probs[2] *= 0.4                                            # mass short of top_p: everything stays
+    probs[3] = 0.0
+    probs[3, [10, 20, 30, 40, 50]] = torch.tensor([0.3, 0.2, 0.2, 0.2, 0.1], device=kernel_device)
+    probs[4] = 0.0
+    probs[4, 900:] = 0.01                                      # 100 tied tokens, one bin in every pass
+    need = sampling.nucleus_need(0.45)
+    got = _kernels.nucleus_floor(probs, need)
+    expected = torch.tensor([1.0 / vocab, 1.0, 0.0, 0.2, 0.01], dtype=torch.float32)
+    assert torch.equal(got.cpu(), expected)                    # row 3: the tie at 0.2 stays whole
+    assert torch.equal(got.cpu(), sampling._nucleus_floor(probs.cpu(), need))
+    assert_is_nucleus_floor(probs, need, got)
+    # Mass landing exactly on top_p (these values are exact in 2^-40 units): a token whose `before`
+    # equals need goes, its predecessor stays.
+    for values, top_p, floor in (([0.5, 0.25, 0.25], 0.5, 0.5), ([0.25] * 4, 0.5, 0.25),
+                                 ([0.5, 0.375, 0.125], 0.875, 0.375)):
+        exact = torch.zeros(1, vocab, device=kernel_device)
+        exact[0, 7:7 + len(values)] = torch.tensor(values, device=kernel_device)
+        assert _kernels.nucleus_floor(exact, sampling.nucleus_need(top_p)).item() == floor, values
+
+
+def test_nucleus_floor_strided_misaligned_and_schedules(kernel_device, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = kernel_device
+    wide = softmax_rows(3, 9001, 5.0, seed=11, device=dev)
+    need = sampling.nucleus_need(0.8)
+    for probs in (wide[:, :9000], wide[:, 1:]):  # a 9001-float row stride; then a misaligned base
+        got = _kernels.nucleus_floor(probs, need)
+        assert torch.equal(got.cpu(), sampling._nucleus_floor(probs.cpu().contiguous(), need))
+    if dev.type == "cpu":
+        # Staging the floor's exponent bin appends from every warp at once: the order must not matter.
+        kernel_checks.assert_schedule_independent(lambda: _kernels.nucleus_floor(wide, need), monkeypatch)
+
+
+def test_logits_to_probs_with_the_kernel_equals_the_torch_path(kernel_device, request: pytest.FixtureRequest) -> None:
+    if kernel_device.type == "cpu":
+        request.getfixturevalue("emulated_ops")  # CPU tensors take the emulated kernels in the op layer
+    logits = randn(7, 4099, dtype=torch.bfloat16, seed=12, device=kernel_device, scale=3.0)
+    for temperature, top_k, top_p in ((0.8, 0, 0.9), (1.0, 50, 0.7), (1.3, 0, 0.999)):
+        got = ops.logits_to_probs(logits, temperature, top_k, top_p)
+        assert torch.equal(got, on_torch_path(ops.logits_to_probs, logits, temperature, top_k, top_p))
+        assert 0 < int((got > 0).sum(dim=-1).min()) and int((got > 0).sum(dim=-1).max()) < 4099
+
+
 # --- error paths ---------------------------------------------------------------------------------
 
 def test_python_validation_names_the_op(kernel_device) -> None:
@@ -329,6 +419,8 @@ def test_python_validation_names_the_op(kernel_device) -> None:
         _kernels.argmax(x.to(torch.int32))
     with pytest.raises(ValueError, match=r"^embedding: .*ids"):
         _kernels.embedding(x[:, 0], x, 1.0)
+    with pytest.raises(ValueError, match=r"^nucleus_floor: .*float32 probabilities"):
+        _kernels.nucleus_floor(x, 1 << 39)
     table = ops.build_rope_table(64, 10000.0, 8, device=dev)
     with pytest.raises(ValueError, match=r"^apply_rope: .*positions"):
         _kernels.apply_rope(x.view(4, 1, 64), x.view(4, 1, 64), torch.arange(3, device=dev), table)
@@ -345,6 +437,16 @@ def test_cpp_rechecks_real_tensors(kernel_device) -> None:
     with pytest.raises(errors.KernelError, match=r"^embedding: invalid argument: out.*\(arguments: ids=int32\[2\]"):
         _kernels._run(C.embedding, _kernels._view(ids), _kernels._view(x), _kernels._view(x[:3]), 1.0,
                       _kernels._stream(x))
+    probs = torch.softmax(x.float(), dim=-1)
+    floor = torch.empty(19, device=kernel_device)
+    words = C.nucleus_floor_workspace_words(19, 576)
+    scratch = torch.empty(words, dtype=torch.int64, device=kernel_device)
+    for need, workspace, message in ((0, scratch, r"need must be in \[1, 2\^40\]"),
+                                     ((1 << 40) + 1, scratch, r"need must be in \[1, 2\^40\]"),
+                                     (1 << 39, scratch[:-1], rf"workspace: {words - 1} words, top-p needs {words}")):
+        with pytest.raises(errors.KernelError, match=r"^nucleus_floor: invalid argument: " + message):
+            _kernels._run(C.nucleus_floor, _kernels._view(probs), need, _kernels._view(floor),
+                          _kernels._view(workspace), _kernels._stream(probs))
 
 
 # --- GPU only: dispatch through the op layer, streams, graphs, devices -------------------------------

@@ -48,8 +48,8 @@ done
 
 # Stages in the order they run; the group is what --only build,tests,bench selects.
 STAGES=(env build cpp_build tests_kernels tests_attention tests_sm90 tests_w4a16 tests_sparse tests_blockffn
-        tests_graphs tests_other bench_attention bench_w4a16 bench_sparse bench_blockffn cpp_bench bench_e2e bench_spec
-        bench_spec_graphs bench_spec_sampling)
+        tests_graphs tests_other bench_attention bench_w4a16 bench_sparse bench_blockffn bench_sampling cpp_bench bench_e2e
+        bench_spec bench_spec_graphs bench_spec_sampling)
 declare -A GROUP=([env]=env [build]=build)
 for s in "${STAGES[@]}"; do
   case $s in tests_*) GROUP[$s]=tests ;; bench_*|cpp_*) GROUP[$s]=bench ;; esac
@@ -67,7 +67,7 @@ done
 declare -A CAP=([env]="60 60" [build]="300 300" [extension]="60 60" [cpp_build]="300 0" [tests_kernels]="100 50"
                 [tests_attention]="100 45" [tests_sm90]="40 25" [tests_w4a16]="60 30" [tests_sparse]="50 25"
                 [tests_blockffn]="50 25" [tests_graphs]="50 25" [tests_other]="40 20" [bench_attention]="90 40"
-                [bench_w4a16]="90 30" [bench_sparse]="75 30" [bench_blockffn]="60 25"
+                [bench_w4a16]="90 30" [bench_sparse]="75 30" [bench_blockffn]="60 25" [bench_sampling]="30 15"
                 [cpp_bench]="45 0" [bench_e2e]="60 25" [bench_spec]="75 35"
                 [bench_spec_graphs]="60 30" [bench_spec_sampling]="45 0")
 TESTS_BUDGET=$(( QUICK ? 100 : 200 ))  # all tests_* stages together
@@ -580,6 +580,7 @@ if [[ $QUICK == 1 ]]; then
   run_bench bench_w4a16 bench/python/bench_w4a16.py --models llama3-1b,llama3-8b --rows 1,16
   run_bench bench_sparse bench/python/bench_sparse.py --quick
   run_bench bench_blockffn bench/python/bench_blockffn.py --device cuda --tokens 1,32 --repeats 20
+  run_bench bench_sampling bench/python/bench_sampling.py --cases llama3 --rows 1,64 --repeats 20
 else
   run_bench bench_attention bench/python/bench_attention.py --phases decode,tree,prefill
   W4A16_CPP=()
@@ -587,6 +588,7 @@ else
   run_bench bench_w4a16 bench/python/bench_w4a16.py "${W4A16_CPP[@]}"
   run_bench bench_sparse bench/python/bench_sparse.py
   run_bench bench_blockffn bench/python/bench_blockffn.py --device cuda
+  run_bench bench_sampling bench/python/bench_sampling.py
   if selected cpp_bench; then
     if [[ $CPP_OK == 1 ]]; then
       touch "$WORK/mark.cpp_bench"

@@ -202,6 +202,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("logits"), py::arg("out"), py::arg("stream"),
       "out[t] = argmax(logits[t]) (lowest index on ties, NaN wins). See csrc/kernels/sampling.h.");
 
+  m.attr("NUCLEUS_MASS_BITS") = kNucleusMassBits;
+  m.def(
+      "nucleus_floor",
+      [](const TensorView& probs, std::uint64_t need, const TensorView& out, const TensorView& workspace,
+         std::uint64_t stream) {
+        raise_if_error("nucleus_floor", nucleus_floor(NucleusFloorArgs{probs, need, out, workspace}, as_stream(stream)),
+                       {{"probs", &probs}, {"out", &out}, {"workspace", &workspace}});
+      },
+      py::arg("probs"), py::arg("need"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+      "out[r] = the smallest probability top-p keeps in row r (mass counted in units of 2^-40). See "
+      "csrc/kernels/sampling.h.");
+  m.def("nucleus_floor_workspace_words", &nucleus_floor_workspace_words, py::arg("rows"), py::arg("vocab"),
+        "int64 scratch words nucleus_floor needs.");
+
   m.attr("ATTENTION_MAX_TREE_TOKENS") = kAttentionMaxTreeTokens;
   m.attr("ATTENTION_MAX_SPLITS") = kAttentionMaxSplits;
   m.def(

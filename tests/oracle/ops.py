@@ -98,9 +98,9 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     1. divide by the temperature (> 0);
     2. top-k (0 = off): keep the tokens whose value is >= the k-th largest (ties at the
        threshold are all kept);
-    3. top-p (1 = off), over the renormalised survivors of top-k: walk tokens from most to least
-       likely and keep a token while the mass of the tokens before it is still < top_p (so the
-       most likely token is always kept);
+    3. top-p (1 = off), over the renormalised survivors of top-k: keep a token when the mass of
+       the tokens strictly more likely than it is < top_p (so the most likely token is always
+       kept, and tokens of equal probability are kept or dropped together);
     4. renormalise over the kept tokens; every other token has probability exactly 0.
     """
     if temperature <= 0:
@@ -115,14 +115,17 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
         top = max(x[i] for i in kept)
         mass = {i: math.exp(x[i] - top) for i in kept}
         total = sum(mass.values())
-        ordered = sorted(kept, key=lambda i: (-x[i], i))
-        before = 0.0
+        ordered = sorted(kept, key=lambda i: -x[i])
         survivors = []
-        for i in ordered:
+        before = 0.0  # the mass of the tokens strictly more likely than the current value
+        running = 0.0
+        for n, i in enumerate(ordered):
+            if n > 0 and x[i] < x[ordered[n - 1]]:
+                before = running
             if before >= top_p:
                 break
             survivors.append(i)
-            before += mass[i] / total
+            running += mass[i] / total
         kept = sorted(survivors)
     top = max(x[i] for i in kept)
     probs = torch.zeros(vocab, dtype=torch.float64)

@@ -31,7 +31,7 @@ from . import backend
 # Storage dtypes every float kernel is compiled for (csrc/common/dispatch.h, kCompiledFloatDtypes).
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
-# argmax scans with int32 indices (csrc/kernels/sampling.cpp).
+# argmax and the top-p kernel scan with int32 indices (csrc/kernels/sampling.cpp).
 MAX_VOCAB = 1 << 30
 
 
@@ -294,6 +294,32 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     _require("argmax", argmax_rejection(logits))
     out = _new_output((logits.shape[0],), torch.int64, logits.device)
     _run(_module().argmax, _view(logits), _view(out), _stream(logits))
+    return out
+
+
+# --- top-p nucleus floor -------------------------------------------------------------------------
+
+def nucleus_floor_rejection(probs: torch.Tensor) -> str | None:
+    if probs.dtype != torch.float32:
+        return f"probs has dtype {probs.dtype}; the kernel reads float32 probabilities"
+    if probs.dim() != 2 or not 1 <= probs.shape[1] <= MAX_VOCAB:
+        return f"probs must be [R, V] with 1 <= V <= {MAX_VOCAB}, got {_shape(probs)}"
+    return _last_dim_contiguous("probs", probs) or _one_cuda_device(probs=probs)
+
+
+def supports_nucleus_floor(probs: torch.Tensor) -> bool:
+    return nucleus_floor_rejection(probs) is None
+
+
+def nucleus_floor(probs: torch.Tensor, need: int) -> torch.Tensor:
+    """Top-p kernel (csrc/kernels/sampling.h, "the nucleus floor"): probs [R, V] fp32 -> fp32 [R],
+    the smallest probability of each row's nucleus; `need` is top_p in units of 2^-40 mass."""
+    _require("nucleus_floor", nucleus_floor_rejection(probs))
+    rows, vocab = probs.shape
+    out = _new_output((rows,), torch.float32, probs.device)
+    # Scratch, fully written by pass 1 before it is read (tests poison it as they poison outputs).
+    workspace = _new_output((_module().nucleus_floor_workspace_words(rows, vocab),), torch.int64, probs.device)
+    _run(_module().nucleus_floor, _view(probs), int(need), _view(out), _view(workspace), _stream(probs))
     return out
 
 

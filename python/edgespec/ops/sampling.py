@@ -55,28 +55,73 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     return x.softmax(dim=-1)
 
 
-# On the CPU a full sort of the vocabulary dominates sampling (about 2 ms per row of 49K tokens, a
-# speculative step sorts one row per tree token); a partial top-k finds the nucleus whenever it
-# lies within the k most likely tokens, which a host check tells. On a GPU that check would be a
-# synchronisation inside a speculative step, and sorting is cheap there: it always sorts.
-_NUCLEUS_TOP_K = (256, 4096)
+# Top-p counts probability mass in fixed point, units of 2^-40: sums are exact, so the nucleus does
+# not depend on the order in which a sort, a scan or a kernel adds the probabilities up, and the
+# CUDA kernel (csrc/kernels/sampling.h, "the nucleus floor") and the torch code below keep the same
+# tokens bit for bit. Rounding moves a row's mass by at most V * 2^-41, 6e-8 for 128K tokens.
+_MASS_BITS = 40
+
+
+def nucleus_need(top_p: float) -> int:
+    """top_p as the fixed-point mass the kept tokens must reach (at least one unit)."""
+    return max(1, round(top_p * 2.0 ** _MASS_BITS))
+
+
+def _mass(probs: torch.Tensor) -> torch.Tensor:
+    """int64 fixed-point mass of each probability (round half to even, as the kernel's rintf)."""
+    return (probs.clamp(0.0, 1.0) * 2.0 ** _MASS_BITS).round().long()
 
 
 def _outside_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """bool [..., V]: the tokens past the nucleus of each row of probs. A token is dropped when the
-    mass of the tokens ranked before it already reaches top_p (the first token is always kept)."""
-    if probs.device.type == "cpu":
+    """bool [..., V]: the tokens outside the top-p nucleus of each row of probs. A token stays when
+    the mass of the tokens strictly more probable than it is below top_p: the most probable token
+    always stays, and tied tokens stay or go together."""
+    rows = probs.reshape(-1, probs.shape[-1])
+    need = nucleus_need(top_p)
+    if backend.use_kernel(rows):
+        from . import _kernels
+
+        if _kernels.supports_nucleus_floor(rows):
+            return probs < _kernels.nucleus_floor(rows, need).view(*probs.shape[:-1], 1)
+    return probs < _nucleus_floor(rows, need).view(*probs.shape[:-1], 1)
+
+
+# On the CPU a full sort of the vocabulary dominates sampling (about 2 ms per row of 49K tokens, a
+# speculative step sorts one row per tree token); a partial top-k finds the nucleus whenever it
+# lies within the k most likely tokens, which a host check tells. On a GPU without the kernel that
+# check would be a synchronisation inside a speculative step: it sorts.
+_NUCLEUS_TOP_K = (256, 4096)
+
+
+def _nucleus_floor(rows: torch.Tensor, need: int) -> torch.Tensor:
+    """[R] the smallest probability each row of rows [R, V] keeps: the kernel's rule in torch."""
+    if rows.device.type == "cpu":
         for k in _NUCLEUS_TOP_K:
-            if k >= probs.shape[-1]:
+            if k >= rows.shape[-1]:
                 break
-            top, order = torch.topk(probs, k, dim=-1)  # sorted, descending
-            before = top.cumsum(dim=-1) - top
-            # Every token past the top k has at least the top k's mass before it.
-            if bool((before[..., -1] + top[..., -1] >= top_p).all()):
-                return torch.ones_like(probs, dtype=torch.bool).scatter(-1, order, before >= top_p)
-    top, order = torch.sort(probs, dim=-1, descending=True)
-    before = top.cumsum(dim=-1) - top
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before >= top_p)
+            floor, settled = _floor_among(torch.topk(rows, k, dim=-1).values, need)
+            if settled:
+                return floor
+    return _floor_among(torch.sort(rows, dim=-1, descending=True).values, need)[0]
+
+
+def _floor_among(top: torch.Tensor, need: int) -> tuple[torch.Tensor, bool]:
+    """The nucleus floor [R] among the most probable tokens of each row, top [R, k] (descending),
+    and whether it is every row's floor: true when no token past the k could stay, or k is all.
+    A row whose whole mass is below need keeps everything: floor 0, as the kernel returns."""
+    mass = _mass(top)
+    before = mass.cumsum(dim=-1) - mass
+    # A token tied with tokens before it has only the mass strictly above their value before it.
+    starts = torch.ones_like(top, dtype=torch.bool)
+    starts[:, 1:] = top[:, 1:] != top[:, :-1]
+    first = torch.where(starts, torch.arange(top.shape[-1], device=top.device), 0).cummax(dim=-1).values
+    before = before.gather(-1, first)
+    kept = (before < need).sum(dim=-1, keepdim=True)  # a prefix: `before` never falls
+    floor = top.gather(-1, kept - 1).squeeze(-1)
+    short = mass.sum(dim=-1) < need  # the listed tokens' mass: the whole row's when k = V
+    # Every token past the top k has at least the k-th token's `before` before it.
+    settled = bool((before[:, -1] >= need).all())
+    return floor.masked_fill(short, 0.0), settled
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
