@@ -45,14 +45,15 @@ __device__ __forceinline__ unsigned long long mass_of(unsigned key) {
   return static_cast<unsigned long long>(rintf(fminf(__uint_as_float(key), 1.f) * kMassUnit));
 }
 
-// Adds each lane's mass (and with kCounts, one token) to bin `digit` of the block's histograms;
-// lanes with digit < 0 add nothing. Called by whole warps. Lanes that share a digit are summed
+// Adds the mass of each lane's key (and with kCounts, one token) to bin `digit` of the block's
+// histograms; lanes with digit < 0 add nothing (a warp with none returns before any mass is made). Called by whole warps. Lanes that share a digit are summed
 // across the warp first: pass 1 puts most of a row on a few exponents, where one shared atomic per
 // token would serialise thousands of tokens on the same bins.
 template <bool kCounts>
 __device__ __forceinline__ void add_to_bins(unsigned long long* mass_bins, unsigned* count_bins, int digit,
-                                            unsigned long long mass) {
+                                            unsigned key) {
   if (__ballot_sync(kFullMask, digit >= 0) == 0) return;
+  const unsigned long long mass = mass_of(key);
   const int lane = threadIdx.x % kWarpSize;
   const unsigned peers = __match_any_sync(kFullMask, digit);  // the lanes holding this lane's digit
   const unsigned leaders = __ballot_sync(kFullMask, digit >= 0 && lane == __ffs(static_cast<int>(peers)) - 1);
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kSplitThreads) nucleus_split_kernel(const Nucl
   const int end = static_cast<int>(min(static_cast<std::int64_t>(begin) + kNucleusSplitTokens,
                                        static_cast<std::int64_t>(p.vocab)));
   scan_row<kVec>(p.probs + r * p.row_stride, begin, end, [&](unsigned key, bool present) {
-    add_to_bins<true>(mass, count, present ? static_cast<int>(key >> kExponentShift) : -1, mass_of(key));
+    add_to_bins<true>(mass, count, present ? static_cast<int>(key >> kExponentShift) : -1, key);
   });
   __syncthreads();
   const std::int64_t out = (r * p.splits + split) * kBins;
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kFloorThreads) nucleus_floor_kernel(const Nucl
     const bool staging = stage && pass == 0;
     auto visit = [&](unsigned key, bool present) {
       const bool match = present && (key & known) == want;
-      add_to_bins<false>(mass, nullptr, match ? static_cast<int>((key >> shift) & digits) : -1, mass_of(key));
+      add_to_bins<false>(mass, nullptr, match ? static_cast<int>((key >> shift) & digits) : -1, key);
       if (staging) {
         const unsigned matches = __ballot_sync(kFullMask, match);
         if (matches != 0) {
