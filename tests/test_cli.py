@@ -126,6 +126,14 @@ def test_bad_model_path_is_a_one_line_error(tmp_path: Path) -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_sampling_settings_fail_before_the_model_loads(tmp_path: Path, command: str) -> None:
+    # The model path does not exist either: the error names top_p, so no load was tried.
+    proc = run_cli(command, "--model", str(tmp_path / "no-such-model"), "--device", "cpu", "--top-p", "0",
+                   *(["hi"] if command == "generate" else []), stdin="hi\n")
+    _assert_one_line_error(proc, "top_p must be in (0, 1], got 0.0")
+
+
 def test_unsupported_model_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     proc = run_cli("chat", "--model", str(tmp_path), "--device", "cpu", stdin="hi\n")

@@ -44,6 +44,7 @@ def _stream(llm: LLM, prompt, args: argparse.Namespace, chat: bool) -> Generatio
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    generation_config(args)  # bad settings fail before the model loads, not seconds after
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     llm = load_llm(args)
     _stream(llm, prompt, args, chat=args.chat)
@@ -51,6 +52,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    generation_config(args)  # bad settings fail before the model loads
     llm = load_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
