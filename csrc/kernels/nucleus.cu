@@ -31,6 +31,8 @@ constexpr int kStagedKeys = 8192;
 // A warp whose lanes hold at most this many distinct digits adds them one digit at a time, summed
 // across the warp; with more, digits are spread enough for one shared atomic per lane.
 constexpr int kMaxDigitGroups = 8;
+// kStagedKeys, kMaxDigitGroups and the split length (kNucleusSplitTokens) are estimates, untuned
+// until bench/python/bench_sampling.py has run on a GPU.
 constexpr float kMassUnit = static_cast<float>(1ull << kNucleusMassBits);
 
 static_assert(kNucleusSplitTokens % 4 == 0, "splits start on 16-byte boundaries");
