@@ -207,6 +207,7 @@ def test_prompt_of_the_wrong_type(llm: LLM) -> None:
 
 
 @pytest.mark.parametrize("settings,field", [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                                            ({"min_p": 1.5}, "min_p"),
                                             ({"max_new_tokens": -1}, "max_new_tokens"),
                                             ({"prefill_chunk": 0}, "prefill_chunk"), ({"stop": [""]}, "stop")])
 def test_bad_generation_settings(llm: LLM, settings: dict, field: str) -> None:

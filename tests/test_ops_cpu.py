@@ -317,16 +317,18 @@ def test_argmax_lowest_index_wins_ties() -> None:
     assert got[1] == 7 and got[3] == 0
 
 
-SAMPLING_SETTINGS = [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.3, 0, 0.9), (0.5, 200, 0.8), (1.0, 5, 0.3), (2.0, 1000, 0.99)]
+SAMPLING_SETTINGS = [(1.0, 0, 1.0, 0.0), (0.7, 50, 1.0, 0.0), (1.3, 0, 0.9, 0.0), (0.5, 200, 0.8, 0.0),
+                     (1.0, 5, 0.3, 0.0), (2.0, 1000, 0.99, 0.0), (1.0, 0, 1.0, 0.05), (0.8, 100, 0.95, 0.2),
+                     (1.5, 0, 0.7, 0.01)]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING_SETTINGS)
-def test_logits_to_probs_matches_oracle(temperature: float, top_k: int, top_p: float) -> None:
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SAMPLING_SETTINGS)
+def test_logits_to_probs_matches_oracle(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
     logits = 3 * randn(3, 1001, seed=41)
-    probs = ops.logits_to_probs(logits, temperature, top_k, top_p)
+    probs = ops.logits_to_probs(logits, temperature, top_k, top_p, min_p)
     assert probs.dtype == torch.float32
     for row in range(3):
-        expected = ref.sampling_probs(logits[row], temperature, top_k, top_p)
+        expected = ref.sampling_probs(logits[row], temperature, top_k, top_p, min_p)
         assert torch.equal(probs[row] > 0, expected > 0), "kept token set differs"
         torch.testing.assert_close(probs[row].double(), expected, rtol=1e-5, atol=1e-7)
         if top_k:
@@ -357,6 +359,9 @@ def test_one_hot_distributions_sample_exactly() -> None:
     # top_p so small that only the most likely token survives.
     tiny_p = ops.logits_to_probs(logits, 1.0, top_p=1e-6)
     assert torch.equal(ops.sample(tiny_p, g), ops.argmax(logits))
+    # min_p = 1 keeps only the tokens as probable as the most likely one.
+    full_min_p = ops.logits_to_probs(logits, 1.3, min_p=1.0)
+    assert torch.equal(ops.sample(full_min_p, g), ops.argmax(logits))
     explicit = torch.zeros(3, 19)
     explicit[0, 18] = explicit[1, 0] = explicit[2, 7] = 1.0
     assert ops.sample(explicit, g).tolist() == [18, 0, 7]
@@ -461,12 +466,13 @@ def test_embedding_out_of_range_names_the_id(bad_id: int) -> None:
         ops.embedding(torch.tensor([3, bad_id, 5]), randn(211, 8, seed=70))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,field", [
-    (-0.1, 0, 1.0, "temperature"), (math.nan, 0, 1.0, "temperature"), (1.0, -1, 1.0, "top_k"),
-    (1.0, 0, 0.0, "top_p"), (1.0, 0, 1.5, "top_p"), (1.0, 0, math.nan, "top_p")])
-def test_bad_sampling_settings(temperature: float, top_k: int, top_p: float, field: str) -> None:
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p,field", [
+    (-0.1, 0, 1.0, 0.0, "temperature"), (math.nan, 0, 1.0, 0.0, "temperature"), (1.0, -1, 1.0, 0.0, "top_k"),
+    (1.0, 0, 0.0, 0.0, "top_p"), (1.0, 0, 1.5, 0.0, "top_p"), (1.0, 0, math.nan, 0.0, "top_p"),
+    (1.0, 0, 1.0, -0.1, "min_p"), (1.0, 0, 1.0, 1.5, "min_p"), (1.0, 0, 1.0, math.nan, "min_p")])
+def test_bad_sampling_settings(temperature: float, top_k: int, top_p: float, min_p: float, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        ops.validate_sampling(temperature, top_k, top_p)
+        ops.validate_sampling(temperature, top_k, top_p, min_p)
 
 
 def test_logits_to_probs_rejects_greedy_temperature() -> None:

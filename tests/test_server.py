@@ -145,14 +145,17 @@ MESSAGES = [[{"role": "user", "content": "hello world, how are you today?"}],
              {"role": "assistant", "content": "the fox jumps over the lazy dog."},
              {"role": "user", "content": "and then?"}]]
 SAMPLING = {"greedy": dict(temperature=0.0),
-            "seeded": dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234)}
+            "seeded": dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234),
+            "min-p": dict(temperature=1.2, min_p=0.1, seed=77)}
+EXTENSIONS = ("top_k", "min_p")  # beyond OpenAI's parameters: the client sends them in extra_body
 
 
 def _api_settings(s: dict[str, Any]) -> dict[str, Any]:
-    """openai-client keyword arguments for GenerationConfig-style settings (top_k is an extension)."""
-    out = {k: v for k, v in s.items() if k != "top_k"}
-    if "top_k" in s:
-        out["extra_body"] = {"top_k": s["top_k"]}
+    """openai-client keyword arguments for GenerationConfig-style settings."""
+    out = {k: v for k, v in s.items() if k not in EXTENSIONS}
+    extra = {k: v for k, v in s.items() if k in EXTENSIONS}
+    if extra:
+        out["extra_body"] = extra
     return out
 
 
@@ -267,6 +270,7 @@ ERROR_CASES = [
     ("temperature-bool", COMP, {"prompt": "hi", "temperature": True}, 400, "temperature", "invalid_type"),
     ("temperature-high", COMP, {"prompt": "hi", "temperature": 2.5}, 400, "temperature", "invalid_value"),
     ("top-p-zero", COMP, {"prompt": "hi", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ("min-p-high", COMP, {"prompt": "hi", "min_p": 1.5}, 400, "min_p", "invalid_value"),
     ("content-int", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "invalid_type"),
     ("prompt-object", COMP, {"prompt": {"text": "hi"}}, 400, "prompt", "invalid_type"),
     ("n-2", CHAT, {"messages": OK_MESSAGES, "n": 2}, 400, "n", "unsupported_parameter"),

@@ -24,12 +24,13 @@ DEFAULT_PREFILL_CHUNK = 512
 
 @dataclass
 class GenerationConfig:
-    """How to generate. temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    """How to generate. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 disable those filters."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
@@ -42,7 +43,7 @@ class GenerationConfig:
     def validate(self) -> "GenerationConfig":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        ops.validate_sampling(self.temperature, self.top_k, self.top_p)
+        ops.validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
         if isinstance(self.stop, str):
@@ -74,7 +75,7 @@ class Sampler:
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """[T, V] logits -> [T, V] sampling distribution (only for temperature > 0)."""
         c = self.config
-        return ops.logits_to_probs(logits, c.temperature, c.top_k, c.top_p)
+        return ops.logits_to_probs(logits, c.temperature, c.top_k, c.top_p, c.min_p)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """[T, V] logits -> [T] int64 tokens."""

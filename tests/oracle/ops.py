@@ -92,7 +92,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0) -> torch.Tensor:
+                   top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """The distribution a sampler draws from, for one row of logits [V] (float64 [V]).
 
     1. divide by the temperature (> 0);
@@ -101,7 +101,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     3. top-p (1 = off), over the renormalised survivors of top-k: keep a token when the mass of
        the tokens strictly more likely than it is < top_p (so the most likely token is always
        kept, and tokens of equal probability are kept or dropped together);
-    4. renormalise over the kept tokens; every other token has probability exactly 0.
+    4. min-p (0 = off): keep the tokens whose probability is at least min_p times the largest;
+    5. renormalise over the kept tokens; every other token has probability exactly 0.
     """
     if temperature <= 0:
         raise ValueError(f"sampling_probs: temperature must be > 0, got {temperature}")
@@ -128,6 +129,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
             running += mass[i] / total
         kept = sorted(survivors)
     top = max(x[i] for i in kept)
+    if min_p > 0.0:
+        kept = [i for i in kept if math.exp(x[i] - top) >= min_p]
     probs = torch.zeros(vocab, dtype=torch.float64)
     for i in kept:
         probs[i] = math.exp(x[i] - top)

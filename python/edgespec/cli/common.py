@@ -32,13 +32,15 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this fraction as probable as the most likely one (0 = off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop)).validate()
+                            top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop)).validate()
 
 
 def load_llm(args: argparse.Namespace) -> LLM:

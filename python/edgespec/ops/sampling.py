@@ -5,6 +5,8 @@ so both go through `logits_to_probs`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import backend
@@ -22,7 +24,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
+def validate_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
     """Raise ValueError for sampling settings outside their domains."""
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
@@ -30,15 +32,20 @@ def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0) -> torch.Tensor:
+                    top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """Sampling distribution over the vocabulary.
 
-    logits: [..., V] float. temperature > 0. top_k = 0 keeps all tokens; top_p = 1 keeps all mass.
-    Returns fp32 probabilities [..., V] that sum to 1 over the kept tokens (others exactly 0).
-    Top-k is applied before top-p, as Hugging Face's default processors do.
+    logits: [..., V] float. temperature > 0. top_k = 0 keeps all tokens; top_p = 1 keeps all mass;
+    min_p = 0 keeps all tokens, else only those at least min_p times as probable as the most
+    probable one. Returns fp32 probabilities [..., V] that sum to 1 over the kept tokens (others
+    exactly 0). Top-k, then top-p, then min-p, as Hugging Face's processors do (min-p compares
+    probabilities with the largest, which top-k and top-p always keep, so its place only matters
+    to top-p's mass).
     """
     if temperature <= 0:
         raise ValueError("logits_to_probs needs temperature > 0; use argmax for greedy decoding")
@@ -52,6 +59,9 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
         x = x.masked_fill(x < kth, float("-inf"))
     if top_p < 1.0:
         x = x.masked_fill(_outside_nucleus(x.softmax(dim=-1), top_p), float("-inf"))
+    if min_p > 0.0:
+        # p_i >= min_p * p_max  <=>  x_i >= x_max + ln(min_p), and x_max = 0 after the shift above.
+        x = x.masked_fill(x < math.log(min_p), float("-inf"))
     return x.softmax(dim=-1)
 
 
