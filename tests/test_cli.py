@@ -126,12 +126,17 @@ def test_bad_model_path_is_a_one_line_error(tmp_path: Path) -> None:
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["generate", "chat"])
-def test_bad_sampling_settings_fail_before_the_model_loads(tmp_path: Path, command: str) -> None:
-    # The model path does not exist either: the error names top_p, so no load was tried.
-    proc = run_cli(command, "--model", str(tmp_path / "no-such-model"), "--device", "cpu", "--top-p", "0",
+@pytest.mark.parametrize("command,option,message", [
+    ("generate", "--top-p=0", "top_p must be in (0, 1], got 0.0"), ("chat", "--top-p=0", "top_p must be in"),
+    ("generate", "--min-p=2", "min_p must be in [0, 1]"),
+    ("generate", "--repetition-penalty=0", "repetition_penalty must be a positive number"),
+    ("chat", "--frequency-penalty=-3", "frequency_penalty must be in [-2, 2]")])
+def test_bad_sampling_settings_fail_before_the_model_loads(tmp_path: Path, command: str, option: str,
+                                                           message: str) -> None:
+    # The model path does not exist either: the error names the setting, so no load was tried.
+    proc = run_cli(command, "--model", str(tmp_path / "no-such-model"), "--device", "cpu", option,
                    *(["hi"] if command == "generate" else []), stdin="hi\n")
-    _assert_one_line_error(proc, "top_p must be in (0, 1], got 0.0")
+    _assert_one_line_error(proc, message)
 
 
 def test_unsupported_model_is_a_one_line_error(tmp_path: Path) -> None:

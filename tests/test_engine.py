@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import write_tiny_hf_model
+from oracle import ops as ref
 from edgespec import LLM, ContextLengthError
 from edgespec.loading import load_model
 
@@ -105,6 +106,26 @@ def test_each_generation_plans_its_attention_span(llm: LLM, monkeypatch) -> None
     for end, span in ((1, 1024), (1024, 1024), (1025, 2048), (4097, 5000)):
         cache.plan_span(end)
         assert cache.attention_span == span, end
+
+
+@pytest.mark.parametrize("settings", [dict(repetition_penalty=1.4), dict(presence_penalty=1.5, frequency_penalty=0.7),
+                                      dict(repetition_penalty=0.8, frequency_penalty=-0.6)])
+def test_penalties_follow_the_sequence_history(llm: LLM, greedy, settings: dict) -> None:
+    """Greedy decoding with penalties against a reference that reruns the whole sequence each
+    step and penalises the last logits with the oracle (prompt and output as plain lists)."""
+    n = 24
+    result = llm.generate(PROMPT, max_new_tokens=n, ignore_eos=True, **settings)
+    model, prompt, out = llm.model, llm.encode(PROMPT), []
+    penalties = dict(repetition=settings.get("repetition_penalty", 1.0),
+                     presence=settings.get("presence_penalty", 0.0), frequency=settings.get("frequency_penalty", 0.0))
+    with torch.inference_mode():
+        for _ in range(n):
+            ids = torch.tensor(prompt + out)
+            hidden = model.forward(ids, torch.arange(ids.numel()), model.new_cache(CONTEXT), 0).hidden
+            logits = model.logits(hidden[-1:])[0]
+            out.append(int(ref.penalised_logits(logits, prompt, out, **penalties).argmax()))
+    assert result.token_ids == out
+    assert result.token_ids != greedy[0][:n], "the penalties changed nothing: the comparison would prove little"
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(llm: LLM) -> None:
@@ -207,7 +228,8 @@ def test_prompt_of_the_wrong_type(llm: LLM) -> None:
 
 
 @pytest.mark.parametrize("settings,field", [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
-                                            ({"min_p": 1.5}, "min_p"),
+                                            ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+                                            ({"presence_penalty": 3.0}, "presence_penalty"),
                                             ({"max_new_tokens": -1}, "max_new_tokens"),
                                             ({"prefill_chunk": 0}, "prefill_chunk"), ({"stop": [""]}, "stop")])
 def test_bad_generation_settings(llm: LLM, settings: dict, field: str) -> None:

@@ -475,6 +475,39 @@ def test_bad_sampling_settings(temperature: float, top_k: int, top_p: float, min
         ops.validate_sampling(temperature, top_k, top_p, min_p)
 
 
+@pytest.mark.parametrize("repetition,presence,frequency", [(1.3, 0.0, 0.0), (0.7, 0.0, 0.0), (1.0, 0.5, 0.0),
+                                                       (1.0, 0.0, -0.8), (1.5, -1.0, 2.0)])
+def test_apply_penalties_matches_oracle(repetition: float, presence: float, frequency: float) -> None:
+    """Rows with histories of their own (as a draft tree's rows have): a prompt shared by all, an
+    output that repeats tokens, some of them also in the prompt."""
+    vocab = 97
+    logits = 3 * randn(3, vocab, seed=44)
+    prompt = [5, 9, 9, 40]
+    outputs = [[], [9, 12, 12, 12, 60], [40, 3, 3, 96, 0]]
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen[prompt] = True
+    counts = torch.zeros(3, vocab, dtype=torch.int32)
+    for row, out in enumerate(outputs):
+        for t in out:
+            counts[row, t] += 1
+    got = ops.apply_penalties(logits, seen, counts, repetition, presence, frequency)
+    assert got.dtype == torch.float32
+    for row, out in enumerate(outputs):
+        expected = ref.penalised_logits(logits[row], prompt, out, repetition, presence, frequency)
+        torch.testing.assert_close(got[row].double(), expected, rtol=1e-6, atol=1e-6)
+        untouched = [t for t in range(vocab) if t not in prompt and t not in out]
+        assert torch.equal(got[row, untouched], logits[row, untouched])
+
+
+@pytest.mark.parametrize("repetition,presence,frequency,field", [
+    (0.0, 0.0, 0.0, "repetition_penalty"), (-1.0, 0.0, 0.0, "repetition_penalty"),
+    (math.inf, 0.0, 0.0, "repetition_penalty"), (math.nan, 0.0, 0.0, "repetition_penalty"),
+    (1.0, 2.5, 0.0, "presence_penalty"), (1.0, 0.0, -2.5, "frequency_penalty"), (1.0, 0.0, math.nan, "frequency")])
+def test_bad_penalties(repetition: float, presence: float, frequency: float, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ops.validate_penalties(repetition, presence, frequency)
+
+
 def test_logits_to_probs_rejects_greedy_temperature() -> None:
     with pytest.raises(ValueError, match="temperature > 0"):
         ops.logits_to_probs(randn(2, 10, seed=71), temperature=0.0)

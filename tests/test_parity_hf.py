@@ -98,12 +98,12 @@ def hf_logits(hf: Any, ids: list[int]) -> torch.Tensor:
         return hf(torch.tensor([ids])).logits[0].float()
 
 
-def hf_greedy(hf: Any, prompt: list[int], new_tokens: int) -> list[int]:
+def hf_greedy(hf: Any, prompt: list[int], new_tokens: int, **settings: Any) -> list[int]:
     # No EOS stopping: edgespec's side runs with ignore_eos=True.
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens)
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens, **settings)
     return out[0, len(prompt):].tolist()
 
 
@@ -167,6 +167,17 @@ def test_greedy_generation_matches_transformers(tiny, name: str) -> None:
     assert ours.finish_reason == "length"
     assert ours.token_ids == theirs
     assert len(set(ours.token_ids)) > 3, "degenerate continuation: the comparison would prove little"
+
+
+@pytest.mark.parametrize("penalty", [1.8, 0.6])
+def test_greedy_generation_with_a_repetition_penalty_matches_transformers(tiny, penalty: float) -> None:
+    """Hugging Face's RepetitionPenaltyLogitsProcessor is the same rule over prompt + output."""
+    case = tiny(GREEDY_VS_HF[0])
+    prompt = _ids(12, case.config["vocab_size"], seed=3)
+    plain = case.llm.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+    ours = case.llm.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, repetition_penalty=penalty)
+    assert ours.token_ids == hf_greedy(case.hf, prompt, NEW_TOKENS, repetition_penalty=penalty)
+    assert ours.token_ids != plain, "the penalty changed nothing: the comparison would prove little"
 
 
 def test_longrope_within_original_length_uses_short_factors_like_transformers(tiny, tmp_path: Path) -> None:

@@ -146,8 +146,10 @@ MESSAGES = [[{"role": "user", "content": "hello world, how are you today?"}],
              {"role": "user", "content": "and then?"}]]
 SAMPLING = {"greedy": dict(temperature=0.0),
             "seeded": dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234),
-            "min-p": dict(temperature=1.2, min_p=0.1, seed=77)}
-EXTENSIONS = ("top_k", "min_p")  # beyond OpenAI's parameters: the client sends them in extra_body
+            "min-p": dict(temperature=1.2, min_p=0.1, seed=77),
+            "penalties": dict(temperature=0.0, presence_penalty=0.8, frequency_penalty=0.4, repetition_penalty=1.3)}
+# Beyond OpenAI's parameters: the client sends them in extra_body.
+EXTENSIONS = ("top_k", "min_p", "repetition_penalty")
 
 
 def _api_settings(s: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +287,10 @@ ERROR_CASES = [
      "unsupported_parameter"),
     ("best-of", COMP, {"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
     ("echo", COMP, {"prompt": "hi", "echo": True}, 400, "echo", "unsupported_parameter"),
-    ("penalty", COMP, {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+    ("presence-penalty-high", COMP, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty",
+     "invalid_value"),
+    ("repetition-penalty-zero", COMP, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty",
+     "invalid_value"),
     ("batch-prompt", COMP, {"prompt": ["a", "b"]}, 400, "prompt", "unsupported_parameter"),
     ("empty-prompt", COMP, {"prompt": ""}, 400, "prompt", None),
     ("token-out-of-range", COMP, {"prompt": [1, 99999]}, 400, "prompt", None),

@@ -114,6 +114,30 @@ def test_large_trees_and_all_depths(targets, tmp_path):
             check_equal(llm, expected, draft=str(head), tree_size=tree_size, depth=depth, topk=topk)
 
 
+PENALTIES = [dict(repetition_penalty=1.5), dict(presence_penalty=1.0, frequency_penalty=0.5),
+             dict(repetition_penalty=0.7, frequency_penalty=-1.0)]
+
+
+@pytest.mark.parametrize("penalties", PENALTIES, ids=["repetition", "presence-frequency", "negative"])
+def test_penalties_keep_speculative_equal_to_plain(targets, tmp_path, penalties):
+    """Each tree row is penalised for its own history, the committed tokens plus its path: with
+    40 tokens, paths repeat tokens often, so a row penalised for the wrong history would pick
+    another argmax somewhere."""
+    d, llm = targets["llama"]
+    disable_speculation(llm)
+    expected = [run(llm, p, NEW_TOKENS, **penalties) for p in PROMPTS]
+    assert expected != plain_outputs(llm), "the penalties changed nothing: the comparison would prove little"
+    head = random_head(llm.model.config, tmp_path / "head", seed=3, std=0.4)
+    accepted = []
+    for tree_size, depth, topk in ((40, 6, 4), (8, 8, 1), (90, 3, 8)):
+        enable_speculation(llm, draft=str(head), tree_size=tree_size, depth=depth, topk=topk)
+        got = [llm.generate(p, max_new_tokens=NEW_TOKENS, ignore_eos=True, **penalties) for p in PROMPTS]
+        disable_speculation(llm)
+        assert [g.token_ids for g in got] == expected, f"speculative != plain with {penalties}, tree {tree_size}"
+        accepted += [int(k) for g in got for k in g.stats.extra["acceptance_histogram"]]
+    assert max(accepted) > 2, "no path of two draft tokens was ever accepted"
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_eagle_heads_with_fused_lower_layers(targets, tmp_path, arch):
     """EAGLE-1/2 heads that fuse lower target layers (captured at prefill and at every verification)."""

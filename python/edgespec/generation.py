@@ -24,13 +24,18 @@ DEFAULT_PREFILL_CHUNK = 512
 
 @dataclass
 class GenerationConfig:
-    """How to generate. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 disable those filters."""
+    """How to generate. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 disable those filters.
+    repetition_penalty 1, presence_penalty 0 and frequency_penalty 0 disable the penalties
+    (ops.apply_penalties), which apply to greedy and sampled decoding alike."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
@@ -44,6 +49,7 @@ class GenerationConfig:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         ops.validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        ops.validate_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
         if isinstance(self.stop, str):
@@ -56,14 +62,26 @@ class GenerationConfig:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 @dataclass
 class Sampler:
-    """Picks the next token from logits with the configured transform and a seeded generator."""
+    """Draws the next tokens of one sequence from logits: the configured penalties, then greedy
+    selection or the sampling transform with a seeded generator.
+
+    With penalties it keeps the sequence's history on the device (the prompt's tokens, and how
+    often each token has been generated): a call adds the tokens it draws, `record` the tokens a
+    strategy commits otherwise (a speculative step's accepted path)."""
 
     config: GenerationConfig
     device: torch.device
+    prompt_ids: Sequence[int] = ()
     generator: torch.Generator = field(init=False)
+    _prompt_seen: torch.Tensor | None = field(init=False, default=None)  # bool [V]
+    _counts: torch.Tensor | None = field(init=False, default=None)       # int32 [V]
 
     def __post_init__(self) -> None:
         seed = self.config.seed
@@ -72,20 +90,46 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
 
+    def penalise(self, logits: torch.Tensor, path_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, V] logits penalised for the history (ops.apply_penalties); path_counts int [N, V]:
+        tokens each row's history holds beyond the committed sequence (a draft tree row's path).
+        Without penalties the logits come back unchanged."""
+        c = self.config
+        if not c.penalised:
+            return logits
+        if self._counts is None:
+            vocab = logits.shape[-1]
+            self._counts = torch.zeros(vocab, dtype=torch.int32, device=logits.device)
+            self._prompt_seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            ids = torch.tensor(list(self.prompt_ids), dtype=torch.int64, device=logits.device)
+            self._prompt_seen[ids] = True
+        counts = self._counts if path_counts is None else self._counts + path_counts
+        return ops.apply_penalties(logits, self._prompt_seen, counts, c.repetition_penalty, c.presence_penalty,
+                                   c.frequency_penalty)
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """Add generated tokens (int64 [n], on the device) to the history."""
+        if self._counts is not None:
+            self._counts.index_put_((tokens,), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """[T, V] logits -> [T, V] sampling distribution (only for temperature > 0)."""
+        """[T, V] (penalised) logits -> [T, V] sampling distribution (only for temperature > 0)."""
         c = self.config
         return ops.logits_to_probs(logits, c.temperature, c.top_k, c.top_p, c.min_p)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """[T, V] logits -> [T] int64 tokens."""
+        """[T, V] logits -> [T] int64 tokens, which join the history (T = 1: the next token)."""
+        logits = self.penalise(logits)
         if self.config.greedy:
-            return ops.argmax(logits)
-        probs = self.probs(logits)
-        # Non-finite logits give NaN probabilities, which the sampler would refuse with an opaque
-        # error: sample such rows from a placeholder and let checked_tokens report the logits.
-        probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
-        return ops.sample(probs, self.generator)
+            tokens = ops.argmax(logits)
+        else:
+            probs = self.probs(logits)
+            # Non-finite logits give NaN probabilities, which the sampler would refuse with an
+            # opaque error: sample such rows from a placeholder and let checked_tokens report them.
+            probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
+            tokens = ops.sample(probs, self.generator)
+        self.record(tokens)
+        return tokens
 
 
 def checked_tokens(tokens: torch.Tensor, logits: torch.Tensor) -> list[int]:
@@ -150,7 +194,7 @@ class PlainDecoding:
         self._graph = cuda_graphs.StepGraphs(model, cache) if cuda_graph else None
 
     def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
-        self.sampler = Sampler(config, self.model.device)
+        self.sampler = Sampler(config, self.model.device, prompt_ids)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.model.device)
         hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk, cancel=config.cancel)
         logits = self.model.logits(hidden)

@@ -91,6 +91,20 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
+def penalised_logits(logits: torch.Tensor, prompt: list[int], output: list[int], repetition: float = 1.0,
+                     presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
+    """One row of logits [V] (float64 [V]) penalised for a sequence's history, token by token:
+    repetition divides a positive logit (multiplies a negative one) of every token in the prompt or
+    the output; presence and frequency subtract presence + frequency * count for the tokens the
+    output holds (count times)."""
+    x = [float(v) for v in logits.to(torch.float64)]
+    for t in set(prompt) | set(output):
+        x[t] = x[t] / repetition if x[t] > 0 else x[t] * repetition
+    for t in set(output):
+        x[t] -= presence + frequency * output.count(t)
+    return torch.tensor(x, dtype=torch.float64)
+
+
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """The distribution a sampler draws from, for one row of logits [V] (float64 [V]).

@@ -36,6 +36,39 @@ def validate_sampling(temperature: float, top_k: int, top_p: float, min_p: float
         raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
 
 
+def validate_penalties(repetition: float, presence: float, frequency: float) -> None:
+    """Raise ValueError for penalties outside their domains (vLLM's and OpenAI's)."""
+    if not repetition > 0.0 or math.isinf(repetition):
+        raise ValueError(f"repetition_penalty must be a positive number (1 disables it), got {repetition}")
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not -2.0 <= value <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+
+
+def apply_penalties(logits: torch.Tensor, prompt_seen: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: float = 1.0, presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
+    """Logits penalised for the tokens already in the sequence, as vLLM does.
+
+    logits: [N, V] float raw logits; prompt_seen: bool [V] (or [N, V]), the tokens of the prompt;
+    output_counts: [N, V] or [V] int, how often each token was generated so far (each row its own
+    history: a speculative tree's rows differ by their paths). Returns fp32 [N, V]:
+      repetition (> 0, 1 = off): a token of the prompt or the output has a positive logit divided
+        by `repetition`, a negative one multiplied by it (Hugging Face's and vLLM's rule);
+      frequency, presence (0 = off): logit - frequency * count - presence * [count > 0], counting
+        generated tokens only (OpenAI's definition, as vLLM implements it).
+    """
+    x = logits.float()
+    counts = output_counts.to(x.dtype)
+    if repetition != 1.0:
+        seen = prompt_seen | (output_counts > 0)
+        x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
+    if frequency != 0.0:
+        x = x - frequency * counts
+    if presence != 0.0:
+        x = x - presence * (counts > 0).to(x.dtype)
+    return x
+
+
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """Sampling distribution over the vocabulary.

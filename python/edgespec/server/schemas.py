@@ -8,9 +8,11 @@ Field policy:
   clients send by default (store, metadata, service_tier, parallel_tool_calls, ...) and that do not
   change what this server generates; refusing them would break those clients.
 * Known fields that would change the output but are not implemented (n > 1, logprobs, tools,
-  penalties, logit_bias, best_of, echo, suffix, JSON response formats, beam search, ...) are
+  logit_bias, best_of, echo, suffix, JSON response formats, beam search, ...) are
   accepted only at their neutral value; anything else is a 400 naming the parameter.
-* Extensions beyond OpenAI, as in vLLM: top_k (0 or -1 = off), min_p (0 = off), ignore_eos, stop_token_ids.
+* Extensions beyond OpenAI, as in vLLM: top_k (0 or -1 = off), min_p (0 = off), repetition_penalty
+  (1 = off), ignore_eos, stop_token_ids. presence_penalty and frequency_penalty count generated
+  tokens only, as vLLM does (edgespec.ops.apply_penalties).
 * `model` may be any string (clients insist on sending one); responses name the served model.
 * /v1/completions takes one prompt: text, a list of token ids, or a one-element batch of either.
 * Defaults follow OpenAI: temperature 1, top_p 1; max_tokens 16 for /v1/completions and "up to the
@@ -73,9 +75,9 @@ class _SamplingRequest(_Strict):
     user: str | None = None
     # Known but only accepted at their neutral value.
     n: int | None = None
-    presence_penalty: float | None = Field(None, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
-    repetition_penalty: float | None = Field(None, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
@@ -84,9 +86,7 @@ class _SamplingRequest(_Strict):
 
     def _check_neutral(self) -> None:
         neutral: list[tuple[str, Any, Any]] = [
-            ("n", self.n, (None, 1)), ("presence_penalty", self.presence_penalty, (None, 0.0)),
-            ("frequency_penalty", self.frequency_penalty, (None, 0.0)),
-            ("repetition_penalty", self.repetition_penalty, (None, 1.0)), ("best_of", self.best_of, (None, 1)),
+            ("n", self.n, (None, 1)), ("best_of", self.best_of, (None, 1)),
             ("min_tokens", self.min_tokens, (None, 0)),
             ("use_beam_search", self.use_beam_search, (None, False)),
         ]
@@ -124,6 +124,9 @@ class _SamplingRequest(_Strict):
         return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=max(0, self.top_k or 0), top_p=1.0 if self.top_p is None else self.top_p,
                                 min_p=self.min_p or 0.0,
+                                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                                presence_penalty=self.presence_penalty or 0.0,
+                                frequency_penalty=self.frequency_penalty or 0.0,
                                 seed=self.seed, stop=self.stop_strings(), stop_token_ids=tuple(stop_ids),
                                 ignore_eos=self.ignore_eos).validate()
 

@@ -67,7 +67,7 @@ class SpeculativeDecoding:
         if self.cache.max_len < need:
             raise ValueError(f"speculative decoding needs a KV cache of {need} slots, this one has "
                              f"{self.cache.max_len}: install it with LLM.set_strategy(..., cache_slack=...)")
-        self.sampler = Sampler(config, dev)
+        self.sampler = Sampler(config, dev, prompt_ids)
         self._budget = max_new_tokens
         self.drafter.reset(need)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
@@ -113,12 +113,13 @@ class SpeculativeDecoding:
             out = model.forward(tokens, positions, cache, n, tree_mask=mask, capture=self.drafter.capture)
             logits, captured = model.logits(out.hidden), out.captured       # [T, V] fp32
         path, path_tokens, bonus = self._accept(tree, logits)
+        committed = path_tokens[1:] + [bonus]
+        committed_t = torch.tensor(committed, dtype=torch.int64, device=dev)
+        self.sampler.record(committed_t)
         path_t = torch.tensor(path, dtype=torch.int64, device=dev)
         cache.compact([n + i for i in path], n)
         cache.length = n + len(path)
-        committed = path_tokens[1:] + [bonus]
         target = TargetStates(captured).rows(path_t)
-        committed_t = torch.tensor(committed, dtype=torch.int64, device=dev)
         if self.graphs is not None and getattr(self.drafter, "graphable", False):
             self._root_logits, self._root_state = self.graphs.catch_up(self.drafter, committed_t, target)
         else:
@@ -133,6 +134,10 @@ class SpeculativeDecoding:
         """(accepted node indices from the root, their tokens, the bonus token)."""
         assert self.sampler is not None
         greedy = self.sampler.config.greedy
+        if self.sampler.config.penalised:
+            # Row i continues the committed sequence with node i's path: its own history.
+            rows = tree if isinstance(tree, DeviceTree) else DeviceTree.from_host(tree, logits.device)
+            logits = self.sampler.penalise(logits, path_token_counts(rows, logits.shape[-1]))
         if isinstance(tree, DeviceTree):  # one host read, for the accepted path
             if greedy:
                 return accept_greedy_on_device(tree, logits)
@@ -157,6 +162,16 @@ class SpeculativeDecoding:
             "acceptance_histogram": {str(k): self.accept_lengths[k] for k in sorted(self.accept_lengths)},
             "mean_tree_size": round(sum(self.tree_sizes) / len(self.tree_sizes), 2) if self.tree_sizes else 0.0,
         }
+
+
+def path_token_counts(tree: DeviceTree, vocab: int) -> torch.Tensor:
+    """int32 [N, V]: how often each token occurs on node i's path below the root, i.e. what row i's
+    history adds to the committed sequence (the root is the last committed token)."""
+    below_root = tree.visible.clone()  # [N, N]: row i true at i and its ancestors
+    below_root[:, 0] = False
+    n = tree.size
+    counts = torch.zeros(n, vocab, dtype=torch.int32, device=tree.tokens.device)
+    return counts.scatter_add_(1, tree.tokens.unsqueeze(0).expand(n, n), below_root.to(torch.int32))
 
 
 def speculative_factory(drafter: Drafter, settings: TreeSettings):
