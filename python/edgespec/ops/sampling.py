@@ -58,14 +58,13 @@ def apply_penalties(logits: torch.Tensor, prompt_seen: torch.Tensor, output_coun
         generated tokens only (OpenAI's definition, as vLLM implements it).
     """
     x = logits.float()
-    counts = output_counts.to(x.dtype)
     if repetition != 1.0:
         seen = prompt_seen | (output_counts > 0)
         x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
     if frequency != 0.0:
-        x = x - frequency * counts
+        x = x - frequency * output_counts.to(x.dtype)
     if presence != 0.0:
-        x = x - presence * (counts > 0).to(x.dtype)
+        x = x - presence * (output_counts > 0).to(x.dtype)
     return x
 
 
@@ -142,16 +141,18 @@ def _nucleus_floor(rows: torch.Tensor, need: int) -> torch.Tensor:
         for k in _NUCLEUS_TOP_K:
             if k >= rows.shape[-1]:
                 break
-            floor, settled = _floor_among(torch.topk(rows, k, dim=-1).values, need)
-            if settled:
+            floor, last_before = _floor_among(torch.topk(rows, k, dim=-1).values, need)
+            # Every token past the top k has at least the k-th token's `before` before it.
+            if bool((last_before >= need).all()):
                 return floor
     return _floor_among(torch.sort(rows, dim=-1, descending=True).values, need)[0]
 
 
-def _floor_among(top: torch.Tensor, need: int) -> tuple[torch.Tensor, bool]:
+def _floor_among(top: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The nucleus floor [R] among the most probable tokens of each row, top [R, k] (descending),
-    and whether it is every row's floor: true when no token past the k could stay, or k is all.
-    A row whose whole mass is below need keeps everything: floor 0, as the kernel returns."""
+    and the mass before the k-th token [R] (when it reaches need, no token past the k stays, and the
+    floor is the row's). A row whose whole mass is below need keeps everything: floor 0, as the
+    kernel returns."""
     mass = _mass(top)
     before = mass.cumsum(dim=-1) - mass
     # A token tied with tokens before it has only the mass strictly above their value before it.
@@ -162,9 +163,7 @@ def _floor_among(top: torch.Tensor, need: int) -> tuple[torch.Tensor, bool]:
     kept = (before < need).sum(dim=-1, keepdim=True)  # a prefix: `before` never falls
     floor = top.gather(-1, kept - 1).squeeze(-1)
     short = mass.sum(dim=-1) < need  # the listed tokens' mass: the whole row's when k = V
-    # Every token past the top k has at least the k-th token's `before` before it.
-    settled = bool((before[:, -1] >= need).all())
-    return floor.masked_fill(short, 0.0), settled
+    return floor.masked_fill(short, 0.0), before[:, -1]
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
