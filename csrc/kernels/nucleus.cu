@@ -19,7 +19,7 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kSplitThreads = 256;
 constexpr int kFloorThreads = 1024;
-constexpr int kBins = 256;
+constexpr int kBins = kNucleusBins;
 constexpr int kExponentShift = 23;  // pass 1's digit: the exponent (bits 30..23; the sign is 0)
 // Passes 2-4: 8-bit digits of the mantissa from the top (bits 22..15, 14..7), the last one short
 // (bits 6..0).

@@ -30,8 +30,8 @@ Status check_argmax(const ArgmaxArgs& a) {
   return check_disjoint(a.out, "out", logits, "logits");
 }
 
-// Pass 1's histograms: 256 uint64 masses and 256 uint32 counts per (row, split).
-constexpr std::int64_t kNucleusWordsPerSplit = 256 + 128;
+// Pass 1's histograms per (row, split): kNucleusBins uint64 masses, then kNucleusBins uint32 counts.
+constexpr std::int64_t kNucleusWordsPerSplit = kNucleusBins + kNucleusBins / 2;
 constexpr std::uint64_t kMaxNeed = std::uint64_t{1} << kNucleusMassBits;
 
 std::int64_t nucleus_splits(std::int64_t vocab) { return (vocab + kNucleusSplitTokens - 1) / kNucleusSplitTokens; }
@@ -86,7 +86,7 @@ Status nucleus_floor(const NucleusFloorArgs& args, cudaStream_t stream) {
   p.splits = static_cast<int>(nucleus_splits(p.vocab));
   p.need = args.need;
   auto* words = args.workspace.ptr<std::int64_t>();
-  const std::int64_t bins = p.rows * p.splits * 256;
+  const std::int64_t bins = p.rows * p.splits * kNucleusBins;
   p.split_mass = reinterpret_cast<unsigned long long*>(words);
   p.split_count = reinterpret_cast<unsigned*>(words + bins);
   return launch_nucleus_floor(p, stream);

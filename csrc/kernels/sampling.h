@@ -81,6 +81,8 @@ Status argmax(const ArgmaxArgs& args, cudaStream_t stream);
 // Tokens per block of pass 1 (a multiple of 4 for the 16-byte loads).
 constexpr std::int64_t kNucleusSplitTokens = 8192;
 constexpr int kNucleusMassBits = 40;
+// Bins of every radix pass (8-bit digits); pass 1's per-split histograms in the workspace have as many.
+constexpr int kNucleusBins = 256;
 
 struct NucleusFloorParams {
   const float* probs = nullptr;
@@ -91,8 +93,8 @@ struct NucleusFloorParams {
   int vocab = 0;
   int splits = 0;                      // ceil(vocab / kNucleusSplitTokens)
   std::uint64_t need = 0;              // fixed-point mass the kept tokens must reach
-  unsigned long long* split_mass = nullptr;  // [rows, splits, 256] pass-1 mass histograms
-  unsigned* split_count = nullptr;           // [rows, splits, 256] pass-1 token counts
+  unsigned long long* split_mass = nullptr;  // [rows, splits, kNucleusBins] pass-1 mass histograms
+  unsigned* split_count = nullptr;           // [rows, splits, kNucleusBins] pass-1 token counts
 };
 
 Status launch_nucleus_floor(const NucleusFloorParams& p, cudaStream_t stream);
