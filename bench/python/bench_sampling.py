@@ -42,8 +42,7 @@ def measure(model: str, rows: int, repeats: int, device: torch.device) -> list[d
     vocab = VOCABS[model]
     g = torch.Generator(device=device).manual_seed(rows * 7 + vocab)
     logits = (torch.randn(rows, vocab, generator=g, device=device) * LOGIT_STD).to(torch.bfloat16)
-    x = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / TEMPERATURE
-    probs = x.softmax(dim=-1)
+    probs = ops.logits_to_probs(logits, TEMPERATURE)  # what top-p sees: the tempered softmax, before any cut
     need = sampling.nucleus_need(TOP_P)
     ours_floor = _kernels.nucleus_floor(probs, need)
     torch_floor = sampling._nucleus_floor(probs, need)
