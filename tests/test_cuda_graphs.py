@@ -191,9 +191,11 @@ def test_plain_steps_through_graph_buffers_give_the_eager_tokens(tiny_model_dir)
         return strategy
 
     prompt = [5, 17, 23, 42, 8, 99, 150, 3]
-    want = LLM(LoadedModel(model, None, "m")).generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids
+    want = LLM(LoadedModel(model, None, "m")).generate(prompt, max_new_tokens=300, ignore_eos=True, logprobs=2)
     llm = LLM(LoadedModel(model, None, "m"), strategy=buffered)
-    assert llm.generate(prompt, max_new_tokens=300, ignore_eos=True).token_ids == want
+    got = llm.generate(prompt, max_new_tokens=300, ignore_eos=True, logprobs=2)
+    assert got.token_ids == want.token_ids
+    assert got.logprobs == want.logprobs  # read from the step's buffer before the next step overwrites it
     span = llm.cache.attention_span  # 8 + 300 slots: min(1024, the cache)
     assert sorted(cuda_graphs._GRAPHS[llm.cache]) == [(256, 1, False, (), None, span), (400, 1, False, (), None, span)]
 
@@ -330,7 +332,8 @@ def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_mode
     short at the end of the generation run eagerly."""
     llm = _speculative_llm(tiny_model_dir, tmp_path, drafter=drafter)
     prompt = [5, 17, 23, 42, 8, 59, 3]
-    kwargs = [dict(max_new_tokens=40, ignore_eos=True), dict(max_new_tokens=40, ignore_eos=True, temperature=0.8, seed=4)]
+    kwargs = [dict(max_new_tokens=40, ignore_eos=True, logprobs=2),
+              dict(max_new_tokens=40, ignore_eos=True, temperature=0.8, seed=4)]
     eager = [llm.generate(prompt, **kw) for kw in kwargs]
     calls: list[tuple[str, int]] = []
     _with_graphs(llm, record=False, calls=calls)
@@ -338,6 +341,7 @@ def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_mode
         got = llm.generate(prompt, **kw)
         # The tokens are the target's whatever the draft proposes; the acceptance shows the drafts.
         assert got.token_ids == want.token_ids
+        assert got.logprobs == want.logprobs  # rows of the verify buffer, gathered before the next step
         assert got.stats.extra["acceptance_histogram"] == want.stats.extra["acceptance_histogram"]
     assert {rows for kind, rows in calls if kind == "verify"} == {13}, calls
     assert sum(kind == "grow" for kind, _ in calls) > 5, calls
@@ -410,7 +414,8 @@ def test_graph_speculation_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_pa
     use_attention_family(sm90, torch.device("cuda"), monkeypatch)
     llm = _speculative_llm(tiny_model_dir, tmp_path, device="cuda", dtype=torch.bfloat16, drafter=drafter)
     prompt = [5, 17, 23, 42, 8, 59, 3]
-    kwargs = [dict(max_new_tokens=300, ignore_eos=True), dict(max_new_tokens=60, ignore_eos=True, temperature=0.8, seed=4)]
+    kwargs = [dict(max_new_tokens=300, ignore_eos=True, logprobs=2),
+              dict(max_new_tokens=60, ignore_eos=True, temperature=0.8, seed=4)]
     _with_graphs(llm, record=False)
     want = [llm.generate(prompt, **kw) for kw in kwargs]
     calls: list[tuple[str, int]] = []
@@ -419,6 +424,7 @@ def test_graph_speculation_matches_its_eager_run_on_a_gpu(tiny_model_dir, tmp_pa
         for kw, ref in zip(kwargs, want):
             got = llm.generate(prompt, **kw)
             assert got.token_ids == ref.token_ids
+            assert got.logprobs == ref.logprobs  # rows of the verify graph's output buffer
             assert got.stats.extra["acceptance_histogram"] == ref.stats.extra["acceptance_histogram"]
     assert {rows for kind, rows in calls if kind == "verify"} == {13}
     assert any(kind == "grow" for kind, _ in calls) and any(kind == "catch-up" for kind, _ in calls)

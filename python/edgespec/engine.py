@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ContextLengthError, GenerationCancelled
-from .generation import DecodingStrategy, GenerationConfig, PlainDecoding
+from .generation import DecodingStrategy, GenerationConfig, PlainDecoding, TokenLogprob, read_logprobs
 from .kv_cache import KVCache
 from .loading import IncrementalDetokenizer, LoadedModel, Tokenizer, load_model
 from .models.decoder import Decoder
@@ -51,6 +51,9 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (stream(cancel=...))
     stats: GenerationStats
+    # One per token of token_ids / of the prompt (its first token has None), when the config asks.
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -60,6 +63,7 @@ class StreamEvent:
     text: str
     token_ids: list[int]
     result: GenerationResult | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the config asks
 
 
 StrategyFactory = Callable[[Decoder, KVCache], DecodingStrategy]
@@ -175,9 +179,10 @@ class LLM:
         stop_ids |= set() if config.ignore_eos else set(self.model.config.eos_token_ids)
         text_out = _TextStopper(self.tokenizer, config.stop)
         generated: list[int] = []
+        logprobs: list[TokenLogprob] | None = [] if config.logprobs is not None else None
         finish = "length"
-        if budget == 0:
-            yield StreamEvent("", [], GenerationResult("", [], finish, stats))
+        if budget == 0 and config.prompt_logprobs is None:
+            yield StreamEvent("", [], GenerationResult("", [], finish, stats, logprobs))
             return
         device = self.model.device
         self.cache.length = 0
@@ -188,13 +193,14 @@ class LLM:
             try:
                 tokens = strategy.begin(prompt_ids, config, budget)
             except GenerationCancelled:
-                yield StreamEvent("", [], GenerationResult("", [], "cancelled", stats))
+                yield StreamEvent("", [], GenerationResult("", [], "cancelled", stats, logprobs))
                 return
+            prompt_logprobs = strategy.prompt_logprobs if config.prompt_logprobs is not None else None
             _synchronize(device)
             stats.prefill_s = time.perf_counter() - t0
             self.model.reset_stats()  # model statistics (BlockFFN sparsity) describe the decode steps
             t0 = time.perf_counter()
-            while True:
+            while budget > 0:  # budget 0: a prompt scored, nothing generated
                 accepted: list[int] = []
                 for tok in tokens:
                     if tok in stop_ids:
@@ -204,11 +210,16 @@ class LLM:
                     if len(generated) + len(accepted) >= budget:
                         break
                 generated.extend(accepted)
+                step_logprobs = [] if logprobs is not None else None
+                if logprobs is not None and accepted:
+                    rows = strategy.token_logits[:len(accepted)]
+                    step_logprobs = read_logprobs(rows, torch.tensor(accepted, device=rows.device), config.logprobs)
+                    logprobs.extend(step_logprobs)
                 delta, stopped = text_out.add(accepted)
                 if stopped:
                     finish = "stop"
                 if delta or accepted:
-                    yield StreamEvent(delta, accepted)
+                    yield StreamEvent(delta, accepted, logprobs=step_logprobs)
                 if finish == "stop" or stopped or len(generated) >= budget:
                     break
                 if config.cancel is not None and config.cancel():
@@ -220,11 +231,11 @@ class LLM:
             stats.decode_s = time.perf_counter() - t0
         tail = text_out.flush()
         if tail:
-            yield StreamEvent(tail, [])
+            yield StreamEvent(tail, [], logprobs=[] if logprobs is not None else None)
         stats.new_tokens = len(generated)
         stats.extra.update(self.model.stats())
         stats.extra.update(getattr(strategy, "stats", lambda: {})())
-        yield StreamEvent("", [], GenerationResult(text_out.text, generated, finish, stats))
+        yield StreamEvent("", [], GenerationResult(text_out.text, generated, finish, stats, logprobs, prompt_logprobs))
 
 
 class _TextStopper:

@@ -40,6 +40,10 @@ class GenerationConfig:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    # Log-probabilities (ops.token_logprobs: the model's raw distribution): None returns none; k
+    # returns each generated (prompt) token's and the k most likely alternatives at its position.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     # Polled between prefill chunks and between decode steps; True stops the generation
     # (LLM.stream(cancel=...) sets it; a server cancels a request whose client went away).
@@ -52,6 +56,11 @@ class GenerationConfig:
         ops.validate_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= ops.MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {ops.MAX_TOP_LOGPROBS}] (the number of "
+                                 f"alternatives per token), got {k!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -132,6 +141,57 @@ class Sampler:
         return tokens
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (ops.token_logprobs) and the `logprobs` most
+    likely tokens at its position as (token id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def read_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """TokenLogprob of tokens [N] (int64, on the logits' device) chosen from logits [N, V]."""
+    return _to_host(tokens, *ops.token_logprobs(logits, tokens, top))
+
+
+def _to_host(tokens: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> list[TokenLogprob]:
+    """ops.token_logprobs' tensors as TokenLogprob, in one host read (ids are exact in float64)."""
+    top = ids.shape[1]
+    rows = torch.cat([tokens.double().unsqueeze(1), chosen.double().unsqueeze(1), values.double(), ids.double()],
+                     dim=1).tolist()
+    return [TokenLogprob(int(r[0]), r[1], tuple((int(i), v) for i, v in zip(r[2 + top:], r[2:2 + top])))
+            for r in rows]
+
+
+class PromptScorer:
+    """Log-probabilities of a prompt's own tokens, taken from the prefill's hidden states chunk by
+    chunk (only one chunk's [chunk, V] logits exist at a time). The token at position i is scored
+    by the logits at position i - 1, so the first token has none."""
+
+    def __init__(self, model: Decoder, ids: torch.Tensor, top: int) -> None:
+        self.model, self.ids, self.top = model, ids, top
+        self._parts: list[tuple[torch.Tensor, ...]] = []
+
+    @classmethod
+    def maybe(cls, model: Decoder, ids: torch.Tensor, config: GenerationConfig) -> "PromptScorer | None":
+        return None if config.prompt_logprobs is None else cls(model, ids, config.prompt_logprobs)
+
+    def __call__(self, start: int, hidden: torch.Tensor) -> None:
+        """hidden: [n, H], the final hidden states at prompt positions [start, start + n)."""
+        n = min(hidden.shape[0], self.ids.numel() - 1 - start)  # the last row predicts a new token
+        if n > 0:
+            logits = self.model.logits(hidden[:n])
+            self._parts.append(ops.token_logprobs(logits, self.ids[start + 1:start + 1 + n], self.top))
+
+    def result(self) -> list[TokenLogprob | None]:
+        if not self._parts:
+            return [None]
+        chosen, values, ids = (torch.cat(t) for t in zip(*self._parts))
+        return [None, *_to_host(self.ids[1:], chosen, values, ids)]
+
+
 def checked_tokens(tokens: torch.Tensor, logits: torch.Tensor) -> list[int]:
     """The chosen tokens as ints, read in one host transfer together with a check of the logits
     they came from: NaN or +inf anywhere raises NumericalError instead of returning the garbage
@@ -147,6 +207,13 @@ def checked_tokens(tokens: torch.Tensor, logits: torch.Tensor) -> list[int]:
 
 
 class DecodingStrategy(Protocol):
+    """begin/step return the committed tokens. When the config asks for them, each call also sets
+    token_logits, the [n, V] raw target logits its n tokens were chosen from (row i: token i's
+    distribution), and begin sets prompt_logprobs (a PromptScorer's result)."""
+
+    token_logits: torch.Tensor | None
+    prompt_logprobs: list[TokenLogprob | None] | None
+
     def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]: ...
 
     def step(self) -> list[int]: ...
@@ -154,6 +221,7 @@ class DecodingStrategy(Protocol):
 
 def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
             capture: tuple[int, ...] = (), cancel: Callable[[], bool] | None = None,
+            on_chunk: Callable[[int, torch.Tensor], None] | None = None,
             ) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
     """Run the prompt through the model in chunks of `chunk` tokens, filling cache slots [0, P).
 
@@ -161,6 +229,7 @@ def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
     [1, H] and, per captured layer, the list of per-chunk [chunk, H] streams (for draft heads).
     cancel: polled before every chunk after the first; True raises GenerationCancelled (a long
     prompt stops within one chunk's time, not after the whole prefill).
+    on_chunk: called with each chunk's start and final hidden states [chunk, H] (PromptScorer).
     """
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
     hidden = None
@@ -172,6 +241,8 @@ def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
         out = model.forward(part, positions, cache, s, capture=capture)
         for i in capture:
             captured[i].append(out.captured[i])
+        if on_chunk is not None:
+            on_chunk(s, out.hidden)
         hidden = out.hidden
     cache.length = ids.numel()
     return hidden[-1:], captured
@@ -189,6 +260,8 @@ class PlainDecoding:
         self.cache = cache
         self.sampler: Sampler | None = None
         self._last: int | None = None
+        self.token_logits: torch.Tensor | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         if cuda_graph is None:
             cuda_graph = cuda_graphs.requested() and model.device.type == "cuda"
         self._graph = cuda_graphs.StepGraphs(model, cache) if cuda_graph else None
@@ -196,10 +269,13 @@ class PlainDecoding:
     def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
         self.sampler = Sampler(config, self.model.device, prompt_ids)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.model.device)
-        hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk, cancel=config.cancel)
+        scorer = PromptScorer.maybe(self.model, ids, config)
+        hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk, cancel=config.cancel, on_chunk=scorer)
+        self.prompt_logprobs = scorer.result() if scorer is not None else None
         logits = self.model.logits(hidden)
         token = checked_tokens(self.sampler(logits), logits)[0]
         self._last = token
+        self.token_logits = logits
         return [token]
 
     def step(self) -> list[int]:
@@ -214,4 +290,5 @@ class PlainDecoding:
         self.cache.length = pos + 1
         token = checked_tokens(self.sampler(logits), logits)[0]
         self._last = token
+        self.token_logits = logits  # a graph's output buffer: valid until the next step
         return [token]

@@ -169,3 +169,25 @@ def _floor_among(top: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tens
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row. probs: [T, V] (rows sum to 1). Returns [T] int64."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the model's own distribution (the log-softmax of raw logits: no
+    penalties, temperature or filters, which only shape how a token is drawn).
+
+    logits: [N, V] float; tokens: [N] int64, the token each row chose; top: 0..MAX_TOP_LOGPROBS.
+    Returns fp32 chosen [N], and the `top` most likely tokens per row, most likely first:
+    top_logprobs fp32 [N, top] and top_ids int64 [N, top]."""
+    if logits.dim() != 2 or tokens.shape != logits.shape[:1]:
+        raise ValueError(f"token_logprobs: logits must be [N, V] and tokens [N], got {tuple(logits.shape)} "
+                         f"and {tuple(tokens.shape)}")
+    if not 0 <= top <= min(MAX_TOP_LOGPROBS, logits.shape[-1]):
+        raise ValueError(f"token_logprobs: top must be in [0, {min(MAX_TOP_LOGPROBS, logits.shape[-1])}], got {top}")
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.view(-1, 1).long()).squeeze(1)
+    values, ids = torch.topk(logprobs, top, dim=-1)
+    return chosen, values, ids

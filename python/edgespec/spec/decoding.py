@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import cuda_graphs
-from ..generation import GenerationConfig, Sampler, checked_tokens, prefill
+from ..generation import GenerationConfig, PromptScorer, Sampler, TokenLogprob, checked_tokens, prefill
 from ..kv_cache import KVCache
 from ..models.decoder import Decoder
 from .accept import accept_greedy, accept_greedy_on_device, accept_sampling, accept_sampling_on_device
@@ -60,6 +60,8 @@ class SpeculativeDecoding:
         self._produced = 0
         self.accept_lengths: Counter[int] = Counter()  # tokens committed per target forward -> steps
         self.tree_sizes: list[int] = []
+        self.token_logits: torch.Tensor | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
         dev = self.model.device
@@ -71,10 +73,13 @@ class SpeculativeDecoding:
         self._budget = max_new_tokens
         self.drafter.reset(need)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
+        scorer = PromptScorer.maybe(self.model, ids, config)
         hidden, captured = prefill(self.model, self.cache, ids, config.prefill_chunk, capture=self.drafter.capture,
-                                   cancel=config.cancel)
+                                   cancel=config.cancel, on_chunk=scorer)
+        self.prompt_logprobs = scorer.result() if scorer is not None else None
         logits = self.model.logits(hidden)
         first = checked_tokens(self.sampler(logits), logits)[0]
+        self.token_logits = logits
         target = TargetStates({i: torch.cat(parts) for i, parts in captured.items()})
         self._root_logits, self._root_state = self.drafter.prefill(ids, first, target)
         self._root = first
@@ -117,6 +122,8 @@ class SpeculativeDecoding:
         committed_t = torch.tensor(committed, dtype=torch.int64, device=dev)
         self.sampler.record(committed_t)
         path_t = torch.tensor(path, dtype=torch.int64, device=dev)
+        # Path node i's row is the distribution committed token i was chosen from (the bonus's: the last node's).
+        self.token_logits = logits.index_select(0, path_t) if self.sampler.config.logprobs is not None else None
         cache.compact([n + i for i in path], n)
         cache.length = n + len(path)
         target = TargetStates(captured).rows(path_t)
