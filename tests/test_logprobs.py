@@ -165,3 +165,13 @@ def test_speculative_logprobs_are_the_target_rows_of_the_accepted_path(demo_llm)
         ref = teacher_forced(demo_llm, prompt + result.token_ids)
         check_against(ref[len(prompt) - 1:-1], result.logprobs, 3)
         check_against(ref[:len(prompt) - 1], result.prompt_logprobs[1:], 1)
+
+
+def test_a_stream_brings_the_prompt_scores_right_after_the_prefill(tiny) -> None:
+    llm, _ = tiny
+    events = list(llm.stream("hello world", max_new_tokens=4, ignore_eos=True, prompt_logprobs=1))
+    first, result = events[0], events[-1].result
+    assert first.prompt_logprobs is not None and first.token_ids == [] and first.text == ""
+    assert first.prompt_logprobs == result.prompt_logprobs
+    assert all(e.prompt_logprobs is None for e in events[1:])
+    assert result.logprobs is None and all(e.logprobs is None for e in events)  # logprobs not asked for

@@ -257,6 +257,80 @@ def test_demo_model(demo_llm):
     assert ref_chat.text.strip()
 
 
+# ---- log-probabilities ----------------------------------------------------------------------------
+
+def _chat_entry(llm: LLM, token: int, logprob: float) -> dict[str, Any]:
+    text = llm.tokenizer.decode([token], skip_special_tokens=False)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("top", [None, 0, 3])
+def test_chat_logprobs_are_the_library_s(tiny_server, tiny_llm, stream, top):
+    messages, settings = MESSAGES[1], SAMPLING["seeded"]
+    ref = tiny_llm.generate(messages, max_new_tokens=20, logprobs=top or 0, **settings)
+    kwargs = dict(model="tiny", messages=messages, max_tokens=20, logprobs=True, **_api_settings(settings))
+    if top is not None:
+        kwargs["top_logprobs"] = top
+    c = client(tiny_server)
+    if stream:
+        chunks = [ch for ch in c.chat.completions.create(stream=True, **kwargs) if ch.choices]
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        content = [e for ch in chunks if ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    else:
+        choice = c.chat.completions.create(**kwargs).choices[0]
+        text, content = choice.message.content, choice.logprobs.content
+    assert text == ref.text
+    want = [{**_chat_entry(tiny_llm, e.token_id, e.logprob),
+             "top_logprobs": [_chat_entry(tiny_llm, t, v) for t, v in e.top]} for e in ref.logprobs]
+    assert [e.model_dump() for e in content] == want  # values exact: JSON round-trips Python floats
+    assert len(content) == len(ref.token_ids) and all(len(e.top_logprobs) == (top or 0) for e in content)
+
+
+def test_no_logprobs_unless_asked_for(tiny_server):
+    c = client(tiny_server)
+    assert c.chat.completions.create(model="tiny", messages=OK_MESSAGES, max_tokens=3).choices[0].logprobs is None
+    assert c.completions.create(model="tiny", prompt="hello", max_tokens=3).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("echo, max_tokens", [(False, 7), (True, 7), (True, 0)])
+def test_completion_logprobs_and_echo_on_the_demo_model(demo_server, demo_llm, stream, echo, max_tokens):
+    """The legacy format: token strings, their log-probabilities, the alternatives and each token's
+    offset into the returned text (slicing the text at the offsets gives the tokens back); echo with
+    max_tokens 0 scores the prompt alone."""
+    prompt = "The capital of France is"
+    ref = demo_llm.generate(prompt, max_new_tokens=max_tokens, temperature=0, logprobs=2,
+                            prompt_logprobs=2 if echo else None)
+    kwargs = dict(model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=2, echo=echo)
+    c = client(demo_server)
+    if stream:
+        chunks = list(c.completions.create(stream=True, **kwargs))
+        text = "".join(ch.choices[0].text for ch in chunks)
+        parts = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs]
+        lp = {key: [v for part in parts for v in getattr(part, key)]
+              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        r = c.completions.create(**kwargs)
+        text, lp = r.choices[0].text, r.choices[0].logprobs.model_dump()
+        assert r.usage.completion_tokens == len(ref.token_ids) == max_tokens
+    ids = (demo_llm.encode(prompt) if echo else []) + ref.token_ids
+    entries = (ref.prompt_logprobs if echo else []) + ref.logprobs
+    assert text == (prompt if echo else "") + ref.text
+    string = lambda t: demo_llm.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    assert lp["tokens"] == [string(t) for t in ids]
+    assert lp["token_logprobs"] == [None if e is None else e.logprob for e in entries]
+    assert lp["top_logprobs"] == [None if e is None else {string(t): v for t, v in e.top} for e in entries]
+    ends = lp["text_offset"][1:] + [len(text)]
+    assert [text[a:b] for a, b in zip(lp["text_offset"], ends)] == lp["tokens"]
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_llm) -> Iterator[str]:
+    with running_server(demo_llm, model_name="smollm2") as base:
+        yield base
+
+
 # ---- errors: OpenAI format, right status, and the server keeps serving ---------------------------
 
 CHAT = "/v1/chat/completions"
@@ -276,7 +350,15 @@ ERROR_CASES = [
     ("content-int", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "invalid_type"),
     ("prompt-object", COMP, {"prompt": {"text": "hi"}}, 400, "prompt", "invalid_type"),
     ("n-2", CHAT, {"messages": OK_MESSAGES, "n": 2}, 400, "n", "unsupported_parameter"),
-    ("logprobs", CHAT, {"messages": OK_MESSAGES, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ("top-logprobs-alone", CHAT, {"messages": OK_MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None),
+    ("top-logprobs-high", CHAT, {"messages": OK_MESSAGES, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs", "invalid_value"),
+    ("logprobs-negative", COMP, {"prompt": "hi", "logprobs": -1}, 400, "logprobs", "invalid_value"),
+    ("logprobs-bool", COMP, {"prompt": "hi", "logprobs": True}, 400, "logprobs", "invalid_type"),
+    ("prompt-logprobs", COMP, {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs",
+     "unsupported_parameter"),
+    ("max-tokens-zero", COMP, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
+    ("chat-max-tokens-zero", CHAT, {"messages": OK_MESSAGES, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
     ("tools", CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools", "unsupported_parameter"),
     ("json-mode", CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "json_object"}}, 400,
@@ -286,7 +368,7 @@ ERROR_CASES = [
     ("tool-role", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role",
      "unsupported_parameter"),
     ("best-of", COMP, {"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
-    ("echo", COMP, {"prompt": "hi", "echo": True}, 400, "echo", "unsupported_parameter"),
+    ("suffix", COMP, {"prompt": "hi", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
     ("presence-penalty-high", COMP, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty",
      "invalid_value"),
     ("repetition-penalty-zero", COMP, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty",

@@ -75,7 +75,8 @@ COMMON_BAD: dict[str, st.SearchStrategy] = {
 CHAT_BAD = {**COMMON_BAD,
             "messages": st.one_of(_not(list), st.just([]), st.lists(_bad_message, min_size=1, max_size=3)),
             "max_completion_tokens": _bad_count,
-            "logprobs": st.one_of(st.just(True), _not(bool)),
+            "logprobs": _not(bool),
+            "top_logprobs": st.one_of(st.integers(), _not(int)),  # bad without logprobs, and out of [0, 20]
             "tools": st.lists(_json, min_size=1, max_size=2),
             "tool_choice": st.one_of(st.text(max_size=8).filter(lambda t: t not in ("none", "auto")),
                                      st.dictionaries(st.text(max_size=4), _json, max_size=2)),
@@ -88,9 +89,9 @@ COMP_BAD = {**COMMON_BAD,
                                 st.lists(st.text(max_size=5), min_size=2, max_size=4),       # a batch
                                 st.lists(st.one_of(st.booleans(), st.floats(), st.dictionaries(st.text(), st.none())),
                                          min_size=1, max_size=3)),
-            "echo": st.just(True),
+            "echo": _not(bool),
             "suffix": st.text(min_size=1, max_size=8),
-            "logprobs": st.one_of(st.integers(), _not(int))}
+            "logprobs": st.one_of(st.integers(max_value=-1), st.integers(min_value=21), _not(int))}
 KNOWN_FIELDS = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
 BASES = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 3,
                                   "stream": False},

@@ -64,6 +64,8 @@ class StreamEvent:
     token_ids: list[int]
     result: GenerationResult | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the config asks
+    # Only on the event that follows the prefill, when the config asks for prompt_logprobs.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 StrategyFactory = Callable[[Decoder, KVCache], DecodingStrategy]
@@ -198,6 +200,9 @@ class LLM:
             prompt_logprobs = strategy.prompt_logprobs if config.prompt_logprobs is not None else None
             _synchronize(device)
             stats.prefill_s = time.perf_counter() - t0
+            if prompt_logprobs is not None:
+                yield StreamEvent("", [], logprobs=[] if logprobs is not None else None,
+                                  prompt_logprobs=prompt_logprobs)
             self.model.reset_stats()  # model statistics (BlockFFN sparsity) describe the decode steps
             t0 = time.perf_counter()
             while budget > 0:  # budget 0: a prompt scored, nothing generated

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import LLM, GenerationResult, StreamEvent
 from .errors import APIError, bad_request
+from .logprobs import LogprobFormatter
 from .schemas import ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
 
@@ -228,18 +229,19 @@ class _API:
                 task.cancel()
             self.worker.cancel(job, "the client went away")  # a no-op when the job has finished
 
-    async def _stream(self, job: Job, chunk: Callable[[str | None, str | None], dict[str, Any]],
+    async def _stream(self, job: Job, chunk: Callable[..., dict[str, Any]],
                       usage: Callable[[GenerationResult], dict[str, int]], include_usage: bool,
                       opening: dict[str, Any] | None) -> AsyncIterator[bytes]:
-        """Server-sent events of one job: chunk(text, finish_reason) builds each event's JSON."""
+        """Server-sent events of one job: chunk(text, finish_reason, event=None) builds each event's
+        JSON (an event whose text is held back still has a chunk when it carries log-probabilities)."""
         try:
             if opening is not None:
                 yield _sse(opening)
             while True:
                 event = await job.events.get()
                 if isinstance(event, StreamEvent):
-                    if event.text:
-                        yield _sse(chunk(event.text, None))
+                    if event.text or event.logprobs or event.prompt_logprobs is not None:
+                        yield _sse(chunk(event.text, None, event))
                     continue
                 if isinstance(event, Finished):
                     yield _sse(chunk(None, event.result.finish_reason))
@@ -266,21 +268,39 @@ class _API:
         return usage
 
     async def _respond(self, request: Request, req: ChatCompletionRequest | CompletionRequest, job: Job,
-                       prompt_ids: list[int], chat: bool) -> Response:
+                       prompt_ids: list[int], chat: bool, prompt_text: str = "") -> Response:
+        """prompt_text: what a completion with echo returns before the generated text."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.settings.model_name, "system_fingerprint": f"edgespec-{__version__}"}
         usage = self._usage(prompt_ids)
+        logprobs = LogprobFormatter(self.llm.tokenizer)
+        echo = not chat and req.echo
+
+        def formatted(token_ids: list[int], entries: list | None, prompt: list | None = None) -> dict[str, Any] | None:
+            if entries is None:
+                return None
+            if chat:
+                return logprobs.chat(entries)
+            if prompt is not None:  # echo: the prompt's tokens come first
+                return logprobs.completion(prompt_ids + token_ids, prompt + entries)
+            return logprobs.completion(token_ids, entries)
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            def chunk(text: str | None, finish: str | None, event: StreamEvent | None = None) -> dict[str, Any]:
+                lp = None
+                if event is not None and event.prompt_logprobs is not None:  # echo: the prompt, once prefilled
+                    text, lp = prompt_text, logprobs.completion(prompt_ids, event.prompt_logprobs)
+                elif event is not None:
+                    lp = formatted(event.token_ids, event.logprobs)
                 if chat:
-                    choice = {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                    choice = {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": lp,
                               "finish_reason": finish}
                 else:
-                    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                    choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
                 out = {**base, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
                 if include_usage:
                     out["usage"] = None
@@ -290,6 +310,8 @@ class _API:
             if chat:
                 opening = chunk("", None)
                 opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            elif echo and req.logprobs is None:  # else the prefill's event brings the prompt and its scores
+                opening = chunk(prompt_text, None)
             # The background task runs however the response ends, even when the client left before
             # the event generator started (its `finally` would then never run).
             return StreamingResponse(self._stream(job, chunk, usage, include_usage, opening),
@@ -298,10 +320,12 @@ class _API:
                                      background=BackgroundTask(self.worker.cancel, job, "the client went away"))
         result = await self._complete(request, job)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                      "finish_reason": result.finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                      "logprobs": formatted(result.token_ids, result.logprobs), "finish_reason": result.finish_reason}
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            lp = formatted(result.token_ids, result.logprobs, result.prompt_logprobs if echo else None)
+            choice = {"index": 0, "text": prompt_text + result.text if echo else result.text, "logprobs": lp,
+                      "finish_reason": result.finish_reason}
         return JSONResponse({**base, "choices": [choice], "usage": usage(result)})
 
     # ---- routes --------------------------------------------------------------------------------
@@ -344,6 +368,11 @@ class _API:
         prompt_ids = await self._encode(prompt, "prompt")
         n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids),
                                  self.settings.completion_default_max_tokens, "prompt")
+        prompt_text = ""
+        if req.echo:  # a text prompt is echoed as sent, token ids as they decode
+            tok = self.llm.tokenizer
+            prompt_text = prompt if isinstance(prompt, str) else (
+                await run_in_threadpool(tok.decode, prompt_ids) if tok is not None else "")
         job = self._admit(prompt_ids, req, n)
-        return await self._respond(request, req, job, prompt_ids, chat=False)
+        return await self._respond(request, req, job, prompt_ids, chat=False, prompt_text=prompt_text)
 

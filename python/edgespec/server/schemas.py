@@ -7,9 +7,12 @@ Field policy:
 * Unknown fields are accepted and ignored (extra="allow"). OpenAI keeps adding optional fields that
   clients send by default (store, metadata, service_tier, parallel_tool_calls, ...) and that do not
   change what this server generates; refusing them would break those clients.
-* Known fields that would change the output but are not implemented (n > 1, logprobs, tools,
-  logit_bias, best_of, echo, suffix, JSON response formats, beam search, ...) are
-  accepted only at their neutral value; anything else is a 400 naming the parameter.
+* Known fields that would change the output but are not implemented (n > 1, tools, logit_bias,
+  best_of, suffix, JSON response formats, beam search, ...) are accepted only at their neutral
+  value; anything else is a 400 naming the parameter.
+* Log-probabilities (server/logprobs.py) are the model's raw distribution (ops.token_logprobs):
+  chat's logprobs + top_logprobs (0-20), completions' logprobs (0-20 alternatives) and echo, which
+  also scores the prompt; max_tokens 0 is allowed with echo (score a text, generate nothing).
 * Extensions beyond OpenAI, as in vLLM: top_k (0 or -1 = off), min_p (0 = off), repetition_penalty
   (1 = off), ignore_eos, stop_token_ids. presence_penalty and frequency_penalty count generated
   tokens only, as vLLM does (edgespec.ops.apply_penalties).
@@ -25,6 +28,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import ops
 from ..generation import GenerationConfig
 from .errors import bad_request, from_validation_error, unsupported
 
@@ -97,9 +101,11 @@ class _SamplingRequest(_Strict):
             raise unsupported("logit_bias", "logit biases are not implemented")
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "prompt_logprobs"):
+        for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
             if getattr(self, key, None) is not None:
-                raise unsupported(key, "constrained decoding and prompt log-probabilities are not implemented")
+                raise unsupported(key, "constrained decoding is not implemented")
+        if getattr(self, "prompt_logprobs", None) is not None:
+            raise unsupported("prompt_logprobs", "send echo with logprobs to /v1/completions for the prompt's")
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -111,12 +117,17 @@ class _SamplingRequest(_Strict):
                                   param="stop")
         return tuple(stop)
 
+    def logprob_settings(self) -> tuple[int | None, int | None]:
+        """(GenerationConfig.logprobs, GenerationConfig.prompt_logprobs) this request asks for."""
+        raise NotImplementedError
+
     def generation_config(self, max_new_tokens: int, vocab_size: int) -> GenerationConfig:
         """The GenerationConfig this request asks for (max_new_tokens already resolved by the caller)."""
         temperature = 1.0 if self.temperature is None else self.temperature
         if temperature < GREEDY_BELOW_TEMPERATURE:
             temperature = 0.0
         stop_ids = list(self.stop_token_ids or [])
+        logprobs, prompt_logprobs = self.logprob_settings()
         bad = [i for i in stop_ids if not 0 <= i < vocab_size]
         if bad:
             raise bad_request(f"stop_token_ids: token id {bad[0]} is out of range for a vocabulary of {vocab_size}",
@@ -128,14 +139,15 @@ class _SamplingRequest(_Strict):
                                 presence_penalty=self.presence_penalty or 0.0,
                                 frequency_penalty=self.frequency_penalty or 0.0,
                                 seed=self.seed, stop=self.stop_strings(), stop_token_ids=tuple(stop_ids),
-                                ignore_eos=self.ignore_eos).validate()
+                                ignore_eos=self.ignore_eos, logprobs=logprobs,
+                                prompt_logprobs=prompt_logprobs).validate()
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=ops.MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
@@ -144,8 +156,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         self._check_neutral()
-        if self.logprobs or self.top_logprobs:
-            raise unsupported("logprobs" if self.logprobs else "top_logprobs", "log-probabilities are not returned")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise unsupported(name, "tool and function calling are not implemented")
@@ -161,6 +173,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprob_settings(self) -> tuple[int | None, int | None]:
+        return ((self.top_logprobs or 0) if self.logprobs else None), None
 
     def chat_messages(self) -> list[dict[str, str]]:
         """[{"role", "content"}] for the chat template: text parts joined, developer mapped to system."""
@@ -190,21 +205,23 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[int], list[str], list[list[int]]]
-    logprobs: int | None = None
-    echo: bool | None = None
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    logprobs: int | None = Field(None, ge=0, le=ops.MAX_TOP_LOGPROBS)
+    echo: bool = False
     suffix: str | None = None
 
     def check_supported(self) -> None:
         self._check_neutral()
-        if self.logprobs is not None:
-            raise unsupported("logprobs", "log-probabilities are not returned")
-        if self.echo:
-            raise unsupported("echo", "echoing the prompt is not implemented")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("'max_tokens' must be at least 1 unless 'echo' is true", param="max_tokens")
         if self.suffix:
             raise unsupported("suffix", "insertion (suffix) is not implemented")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def logprob_settings(self) -> tuple[int | None, int | None]:
+        return self.logprobs, (self.logprobs if self.echo else None)
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of this request: text or token ids (a batch of several is a 400)."""
