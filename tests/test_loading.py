@@ -308,6 +308,69 @@ def test_gguf_corrupt_and_truncated(base: dict, tmp_path: Path) -> None:
         load_model(truncated, with_tokenizer=False)
 
 
+def _header_snapshot(path: Path) -> tuple:
+    """Everything loading reads of a GGUF file through GGUFSource: config, names, tensor types and shapes,
+    raw bytes, dequantised values (the Q4_K and float tensors of the file)."""
+    src = GGUFSource(path)
+    raws = {n: src.raw(n) for n in src.names()}
+    return (src.config, src.names(), {n: (t.tensor_type, t.shape, t.data.dtype, t.data.shape) for n, t in raws.items()},
+            {n: np.asarray(t.data).tobytes() for n, t in raws.items()}, {n: src.tensor(n) for n in src.names()})
+
+
+def _assert_same_snapshot(a: tuple, b: tuple) -> None:
+    assert a[:4] == b[:4]
+    assert all(torch.equal(a[4][n], b[4][n]) for n in a[4])
+
+
+def test_gguf_header_index_serves_later_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first open reads the file with GGUFReader and indexes it; later opens read only the index
+    and the tensors (GGUFReader refused) and see exactly what the first one saw."""
+    import gguf
+
+    from edgespec.loading import gguf_header
+
+    monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path / "cache"))
+    d = write_tiny_hf_model(tmp_path / "hf", "llama", seed=4, hidden_size=256, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    path = write_llama_gguf(tmp_path / "q4k.gguf", json.loads((d / "config.json").read_text()),
+                            load_file(str(d / "model.safetensors")), q4k_linears=True)
+    first = _header_snapshot(path)
+    (index,) = (tmp_path / "cache" / "gguf-index").iterdir()
+    with monkeypatch.context() as m:
+        m.setattr(gguf, "GGUFReader", lambda *a, **k: pytest.fail("the index should have served this open"))
+        _assert_same_snapshot(first, _header_snapshot(path))
+    # An index that does not fit (corrupt, or naming bytes past the end) is ignored and rewritten.
+    for bad in ("{not json", json.dumps({**json.loads(index.read_text()), "tensors": [
+            {"name": "x", "type": 0, "shape": [9], "offset": path.stat().st_size, "dtype": "<f4",
+             "array_shape": [9]}]})):
+        index.write_text(bad)
+        _assert_same_snapshot(first, _header_snapshot(path))
+        assert json.loads(index.read_text())["version"] == gguf_header.INDEX_VERSION
+    # A rewritten file gets a new index (its key covers size, mtime and the bytes at both ends).
+    write_llama_gguf(path, json.loads((d / "config.json").read_text()), load_file(str(d / "model.safetensors")))
+    assert GGUFSource(path).raw("model.layers.0.mlp.up_proj.weight").tensor_type == gguf.GGMLQuantizationType.F32
+    assert len(list(index.parent.iterdir())) == 2
+
+
+def test_gguf_header_index_leaves_the_vocabulary_out(demo_gguf: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo file's index is small (its 49K-token vocabulary and merges stay in the file), and a
+    read-only cache only costs the speed."""
+    from edgespec.loading.gguf_file import _field
+
+    monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path / "cache"))
+    header = GGUFSource(demo_gguf).header
+    (index,) = (tmp_path / "cache" / "gguf-index").iterdir()
+    assert index.stat().st_size < 100_000
+    assert header.fields["tokenizer.ggml.bos_token_id"] == 1
+    with pytest.raises(ModelFormatError, match=r"'tokenizer.ggml.tokens' is unreadable \(an array of 49152 elements"):
+        _field(header, "tokenizer.ggml.tokens")
+    blocked = tmp_path / "a-file"  # a cache "directory" below a file: every write fails (even as root)
+    blocked.write_text("")
+    monkeypatch.setenv("EDGESPEC_CACHE", str(blocked / "cache"))
+    assert GGUFSource(demo_gguf).config == GGUFSource(demo_gguf).config
+
+
 def _unpack_q4_1(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF Q4_1 rows [N, blocks * 20 bytes] -> (q [N, K] in 0..15, scale [N, K/32], min [N, K/32]).
 

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ModelFormatError
 from ..models.config import ModelConfig, config_from_hf
+from .gguf_header import GGUFHeader, Unreadable, read_header
 from .source import dense_linear
 
 # GGUF architecture -> Hugging Face model_type.
@@ -64,14 +65,11 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
              .transpose(1, 2).reshape(w.shape))
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    try:
-        return f.contents()
-    except Exception as exc:  # gguf raises plain Exceptions for malformed fields
-        raise ModelFormatError(f"GGUF metadata field {key!r} is unreadable ({exc})") from None
+def _field(header: GGUFHeader, key: str, default: Any = None) -> Any:
+    value = header.fields.get(key, default)
+    if isinstance(value, Unreadable):
+        raise ModelFormatError(f"GGUF metadata field {key!r} is unreadable ({value.reason})")
+    return value
 
 
 class GGUFSource:
@@ -83,24 +81,24 @@ class GGUFSource:
         self.path = str(path)
         self.gguf = gguf
         try:
-            self.reader = gguf.GGUFReader(self.path)
+            self.header = read_header(self.path)
         except FileNotFoundError:
             raise ModelFormatError(f"{self.path}: file not found") from None
         except Exception as exc:  # GGUFReader raises ValueError/struct.error/... on bad files
             raise ModelFormatError(f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
-        self.arch = _field(self.reader, "general.architecture")
+        self.arch = _field(self.header, "general.architecture")
         if self.arch not in GGUF_ARCHS:
             raise ModelFormatError(
                 f"{self.path}: GGUF architecture {self.arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})")
         self._tensors = {}
-        for t in self.reader.tensors:
+        for t in self.header.tensors:
             name = hf_name(t.name)
             if name is not None:
                 self._tensors[name] = t
         self.config = self._config()
 
     def _config(self) -> ModelConfig:
-        a, r = self.arch, self.reader
+        a, r = self.arch, self.header
         head_count = _field(r, f"{a}.attention.head_count")
         embed = self._tensors.get("model.embed_tokens.weight")
         if head_count is None or embed is None:
@@ -141,7 +139,7 @@ class GGUFSource:
         return name in self._tensors
 
     def raw(self, name: str) -> Any:
-        """The gguf ReaderTensor behind a Hugging Face name (for direct quantized import)."""
+        """The GGUFTensor behind a Hugging Face name (for direct quantized import)."""
         return self._tensors[name]
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -203,7 +203,7 @@ def read_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, 
 
 
 def read_gguf_q4(data: np.ndarray, type_name: str, k: int, n: int, name: str = "gguf") -> Int4Weight:
-    """A GGUF Q4_0/Q4_1/Q4_K tensor. data: uint8 [N, row bytes] (the ReaderTensor's data)."""
+    """A GGUF Q4_0/Q4_1/Q4_K tensor. data: uint8 [N, row bytes] (GGUFTensor.data)."""
     if type_name not in GGUF_4BIT_TYPES:
         raise ModelFormatError(f"{name}: GGUF type {type_name} is not a 4-bit type edgespec imports directly "
                                f"(expected one of {', '.join(GGUF_4BIT_TYPES)})")
