@@ -175,3 +175,21 @@ def test_a_stream_brings_the_prompt_scores_right_after_the_prefill(tiny) -> None
     assert first.prompt_logprobs == result.prompt_logprobs
     assert all(e.prompt_logprobs is None for e in events[1:])
     assert result.logprobs is None and all(e.logprobs is None for e in events)  # logprobs not asked for
+
+
+def test_speculation_drafts_nothing_when_no_step_follows(demo_llm, monkeypatch) -> None:
+    """Scoring a prompt (max_new_tokens 0) or answering one token runs no target step, so the draft
+    model is not prefilled either; the outputs are plain decoding's."""
+    prompt = demo_llm.encode("Hello there", chat=True)
+    enable_speculation(demo_llm, None)
+    plain = demo_llm.generate(prompt, max_new_tokens=1, prompt_logprobs=1, logprobs=0)
+    enable_speculation(demo_llm, draft=str(DEMO_HEAD))
+    try:
+        drafter = demo_llm._strategy_factory.drafter
+        monkeypatch.setattr(drafter, "prefill", lambda *a: pytest.fail("the draft was prefilled for no step"))
+        for n in (0, 1):
+            result = demo_llm.generate(prompt, max_new_tokens=n, prompt_logprobs=1, logprobs=0)
+            assert result.token_ids == plain.token_ids[:n] and result.logprobs == plain.logprobs[:n]
+            assert result.prompt_logprobs == plain.prompt_logprobs
+    finally:
+        enable_speculation(demo_llm, None)

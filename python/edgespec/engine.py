@@ -165,10 +165,10 @@ class LLM:
         prompt_ids = self.encode(prompt, chat=chat)
         if not prompt_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
-        if len(prompt_ids) >= self.max_context:
+        if len(prompt_ids) > self.max_context or (len(prompt_ids) == self.max_context and config.max_new_tokens > 0):
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_context} "
-                f"(at least one position must remain for a new token)")
+                f"(at least one position must remain for a new token, unless max_new_tokens is 0)")
         budget = min(config.max_new_tokens, self.max_context - len(prompt_ids))
         with self._lock:
             yield from self._run(prompt_ids, config, budget)

@@ -8,7 +8,7 @@ import sys
 from ..errors import EdgespecError
 
 # Subcommand modules, in the order `edgespec --help` lists them.
-SUBCOMMANDS = ["generate", "serve", "quantize", "build_vocab", "train_draft"]
+SUBCOMMANDS = ["generate", "serve", "perplexity", "quantize", "build_vocab", "train_draft"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,14 +74,18 @@ class SpeculativeDecoding:
         self.drafter.reset(need)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
         scorer = PromptScorer.maybe(self.model, ids, config)
-        hidden, captured = prefill(self.model, self.cache, ids, config.prefill_chunk, capture=self.drafter.capture,
-                                   cancel=config.cancel, on_chunk=scorer)
+        # With at most one new token no step follows (a scored prompt, a one-token answer): no drafting.
+        drafting = max_new_tokens > 1
+        hidden, captured = prefill(self.model, self.cache, ids, config.prefill_chunk,
+                                   capture=self.drafter.capture if drafting else (), cancel=config.cancel,
+                                   on_chunk=scorer)
         self.prompt_logprobs = scorer.result() if scorer is not None else None
         logits = self.model.logits(hidden)
         first = checked_tokens(self.sampler(logits), logits)[0]
         self.token_logits = logits
-        target = TargetStates({i: torch.cat(parts) for i, parts in captured.items()})
-        self._root_logits, self._root_state = self.drafter.prefill(ids, first, target)
+        if drafting:
+            target = TargetStates({i: torch.cat(parts) for i, parts in captured.items()})
+            self._root_logits, self._root_state = self.drafter.prefill(ids, first, target)
         self._root = first
         self._produced = 1
         return [first]
