@@ -130,7 +130,10 @@ def test_bad_model_path_is_a_one_line_error(tmp_path: Path) -> None:
     ("generate", "--top-p=0", "top_p must be in (0, 1], got 0.0"), ("chat", "--top-p=0", "top_p must be in"),
     ("generate", "--min-p=2", "min_p must be in [0, 1]"),
     ("generate", "--repetition-penalty=0", "repetition_penalty must be a positive number"),
-    ("chat", "--frequency-penalty=-3", "frequency_penalty must be in [-2, 2]")])
+    ("chat", "--frequency-penalty=-3", "frequency_penalty must be in [-2, 2]"),
+    ("generate", "--logit-bias=5", "--logit-bias takes TOKEN=BIAS (a token id and a number), got '5'"),
+    ("generate", "--logit-bias=5=x", "--logit-bias takes TOKEN=BIAS"),
+    ("chat", "--logit-bias=7=150", "the bias of token 7 must be a number in [-100, 100], got 150.0")])
 def test_bad_sampling_settings_fail_before_the_model_loads(tmp_path: Path, command: str, option: str,
                                                            message: str) -> None:
     # The model path does not exist either: the error names the setting, so no load was tried.

@@ -108,11 +108,16 @@ def test_each_generation_plans_its_attention_span(llm: LLM, monkeypatch) -> None
         assert cache.attention_span == span, end
 
 
+BIAS = {t: float(t % 7 - 3) for t in range(0, VOCAB, 3)}
+
+
 @pytest.mark.parametrize("settings", [dict(repetition_penalty=1.4), dict(presence_penalty=1.5, frequency_penalty=0.7),
-                                      dict(repetition_penalty=0.8, frequency_penalty=-0.6)])
+                                      dict(repetition_penalty=0.8, frequency_penalty=-0.6), dict(logit_bias=BIAS),
+                                      dict(logit_bias=BIAS, repetition_penalty=1.6)])
 def test_penalties_follow_the_sequence_history(llm: LLM, greedy, settings: dict) -> None:
-    """Greedy decoding with penalties against a reference that reruns the whole sequence each
-    step and penalises the last logits with the oracle (prompt and output as plain lists)."""
+    """Greedy decoding with a logit bias and penalties against a reference that reruns the whole
+    sequence each step, adds the bias and penalises the last logits with the oracle (prompt and
+    output as plain lists): the bias comes first, as in vLLM."""
     n = 24
     result = llm.generate(PROMPT, max_new_tokens=n, ignore_eos=True, **settings)
     model, prompt, out = llm.model, llm.encode(PROMPT), []
@@ -123,6 +128,8 @@ def test_penalties_follow_the_sequence_history(llm: LLM, greedy, settings: dict)
             ids = torch.tensor(prompt + out)
             hidden = model.forward(ids, torch.arange(ids.numel()), model.new_cache(CONTEXT), 0).hidden
             logits = model.logits(hidden[-1:])[0]
+            for t, bias in settings.get("logit_bias", {}).items():
+                logits[t] += bias
             out.append(int(ref.penalised_logits(logits, prompt, out, **penalties).argmax()))
     assert result.token_ids == out
     assert result.token_ids != greedy[0][:n], "the penalties changed nothing: the comparison would prove little"
@@ -208,6 +215,15 @@ def test_prompt_longer_than_context(llm: LLM) -> None:
         llm.generate(list(range(3, 73)), max_new_tokens=1)
     with pytest.raises(ContextLengthError, match=rf"{CONTEXT} tokens but the context holds {CONTEXT}"):
         llm.generate(list(range(3, 3 + CONTEXT)), max_new_tokens=1)
+
+
+def test_logit_bias_forces_and_bans_tokens(llm: LLM, greedy) -> None:
+    first = greedy[0][0]
+    assert llm.generate(PROMPT, max_new_tokens=4, ignore_eos=True, logit_bias={77: 100}).token_ids == [77] * 4
+    banned = llm.generate(PROMPT, max_new_tokens=8, ignore_eos=True, logit_bias={first: -100}).token_ids
+    assert first not in banned and banned != greedy[0][:8]
+    with pytest.raises(ValueError, match=rf"keys must be token ids \(integers in \[0, {VOCAB}\)\), got {VOCAB}"):
+        llm.generate(PROMPT, logit_bias={VOCAB: 1.0})
 
 
 @pytest.mark.parametrize("bad", [VOCAB, -1, 10**9])

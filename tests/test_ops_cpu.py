@@ -508,6 +508,23 @@ def test_bad_penalties(repetition: float, presence: float, frequency: float, fie
         ops.validate_penalties(repetition, presence, frequency)
 
 
+def test_logit_bias_vector() -> None:
+    vec = ops.logit_bias_vector({3: 1.5, 0: -100.0, 9: 100}, 10, "cpu")
+    assert vec.dtype == torch.float32 and vec.tolist() == [-100.0, 0, 0, 1.5, 0, 0, 0, 0, 0, 100.0]
+    assert torch.equal(ops.logit_bias_vector({}, 4, "cpu"), torch.zeros(4))
+
+
+@pytest.mark.parametrize("bias, vocab, message", [
+    ({-1: 1.0}, None, r"keys must be token ids \(non-negative integers\), got -1"),
+    ({"5": 1.0}, None, r"got '5'"), ({True: 1.0}, None, r"got True"),
+    ({10: 1.0}, 10, r"keys must be token ids \(integers in \[0, 10\)\), got 10"),
+    ({3: 100.5}, None, r"the bias of token 3 must be a number in \[-100, 100\], got 100.5"),
+    ({3: math.nan}, None, r"got nan"), ({3: "1"}, None, r"got '1'")])
+def test_bad_logit_bias(bias, vocab, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ops.validate_logit_bias(bias, vocab)
+
+
 def test_logits_to_probs_rejects_greedy_temperature() -> None:
     with pytest.raises(ValueError, match="temperature > 0"):
         ops.logits_to_probs(randn(2, 10, seed=71), temperature=0.0)

@@ -147,7 +147,9 @@ MESSAGES = [[{"role": "user", "content": "hello world, how are you today?"}],
 SAMPLING = {"greedy": dict(temperature=0.0),
             "seeded": dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234),
             "min-p": dict(temperature=1.2, min_p=0.1, seed=77),
-            "penalties": dict(temperature=0.0, presence_penalty=0.8, frequency_penalty=0.4, repetition_penalty=1.3)}
+            "penalties": dict(temperature=0.0, presence_penalty=0.8, frequency_penalty=0.4, repetition_penalty=1.3),
+            "bias": dict(temperature=0.7, seed=3, logit_bias={t: float(t % 5 - 2) for t in range(5, 110, 2)},
+                         repetition_penalty=1.2)}
 # Beyond OpenAI's parameters: the client sends them in extra_body.
 EXTENSIONS = ("top_k", "min_p", "repetition_penalty")
 
@@ -369,6 +371,9 @@ ERROR_CASES = [
      "unsupported_parameter"),
     ("best-of", COMP, {"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
     ("suffix", COMP, {"prompt": "hi", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
+    ("logit-bias-key", CHAT, {"messages": OK_MESSAGES, "logit_bias": {"the": 5}}, 400, "logit_bias", None),
+    ("logit-bias-range", COMP, {"prompt": "hi", "logit_bias": {"5": 100.5}}, 400, "logit_bias", None),
+    ("logit-bias-vocab", COMP, {"prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias", None),
     ("presence-penalty-high", COMP, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty",
      "invalid_value"),
     ("repetition-penalty-zero", COMP, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty",

@@ -115,14 +115,15 @@ def test_large_trees_and_all_depths(targets, tmp_path):
 
 
 PENALTIES = [dict(repetition_penalty=1.5), dict(presence_penalty=1.0, frequency_penalty=0.5),
-             dict(repetition_penalty=0.7, frequency_penalty=-1.0)]
+             dict(repetition_penalty=0.7, frequency_penalty=-1.0),
+             dict(logit_bias={t: float(t % 5 - 2) for t in range(0, 40, 3)})]
 
 
-@pytest.mark.parametrize("penalties", PENALTIES, ids=["repetition", "presence-frequency", "negative"])
+@pytest.mark.parametrize("penalties", PENALTIES, ids=["repetition", "presence-frequency", "negative", "bias"])
 def test_penalties_keep_speculative_equal_to_plain(targets, tmp_path, penalties):
     """Each tree row is penalised for its own history, the committed tokens plus its path: with
     40 tokens, paths repeat tokens often, so a row penalised for the wrong history would pick
-    another argmax somewhere."""
+    another argmax somewhere. A logit bias (alone, in the last case) applies to every row."""
     d, llm = targets["llama"]
     disable_speculation(llm)
     expected = [run(llm, p, NEW_TOKENS, **penalties) for p in PROMPTS]

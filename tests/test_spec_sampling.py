@@ -46,9 +46,9 @@ def setup(tmp_path_factory):
 
 def exact_distribution(llm, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
                        repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                       frequency_penalty: float = 0.0) -> dict[tuple[int, ...], float]:
-    """P(sequence) under plain sampling, by enumerating every prefix (fp32 logits of the target,
-    penalised by the oracle for the prompt and the prefix generated so far)."""
+                       frequency_penalty: float = 0.0, logit_bias: dict | None = None) -> dict[tuple[int, ...], float]:
+    """P(sequence) under plain sampling, by enumerating every prefix (fp32 logits of the target plus
+    the logit bias, penalised by the oracle for the prompt and the prefix generated so far)."""
     model = llm.model
     probs: dict[tuple[int, ...], torch.Tensor] = {}
     with torch.inference_mode():
@@ -58,6 +58,8 @@ def exact_distribution(llm, temperature: float, top_k: int, top_p: float, min_p:
                 cache = model.new_cache(16)
                 out = model.forward(ids, torch.arange(ids.numel()), cache, 0)
                 logits = model.logits(out.hidden[-1:])
+                for t, bias in (logit_bias or {}).items():
+                    logits[0, t] += bias
                 logits = ref.penalised_logits(logits[0], PROMPT, list(prefix), repetition_penalty, presence_penalty,
                                               frequency_penalty).float().unsqueeze(0)
                 probs[prefix] = ops.logits_to_probs(logits, temperature, top_k, top_p, min_p)[0].double()
@@ -100,12 +102,14 @@ def sample_sequences(llm, n: int, **sampling) -> dict[tuple[int, ...], int]:
 @pytest.mark.slow
 # The second setting's filters each cut: 216 possible sequences, 125 after top-k, 33 after top-p,
 # 13 after min-p. The third one's penalties make each tree row's distribution depend on its own
-# path, which the acceptance must follow.
+# path, which the acceptance must follow; the fourth adds a logit bias (token 2 banned) before them.
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_k=0, top_p=1.0),
                                       dict(temperature=1.0, top_k=5, top_p=0.95, min_p=0.1),
                                       dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=2.0,
-                                           presence_penalty=1.0, frequency_penalty=0.5)],
-                         ids=["plain", "filters", "penalties"])
+                                           presence_penalty=1.0, frequency_penalty=0.5),
+                                      dict(temperature=1.0, top_k=0, top_p=1.0, logit_bias={0: 1.5, 2: -100.0, 4: -0.7},
+                                           presence_penalty=0.8)],
+                         ids=["plain", "filters", "penalties", "bias"])
 def test_speculative_sampling_matches_plain_distribution(setup, sampling):
     llm, head = setup
     dist = exact_distribution(llm, **sampling)

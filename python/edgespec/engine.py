@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import ops
 from .errors import ContextLengthError, GenerationCancelled
 from .generation import DecodingStrategy, GenerationConfig, PlainDecoding, TokenLogprob, read_logprobs
 from .kv_cache import KVCache
@@ -162,6 +163,7 @@ class LLM:
         config = (config or GenerationConfig(**settings)).validate()
         if cancel is not None:
             config = replace(config, cancel=cancel)
+        ops.validate_logit_bias(config.logit_bias, self.model.config.vocab_size)
         prompt_ids = self.encode(prompt, chat=chat)
         if not prompt_ids:
             raise ValueError("the prompt is empty: at least one token is needed")

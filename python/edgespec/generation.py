@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -25,8 +25,9 @@ DEFAULT_PREFILL_CHUNK = 512
 @dataclass
 class GenerationConfig:
     """How to generate. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 disable those filters.
-    repetition_penalty 1, presence_penalty 0 and frequency_penalty 0 disable the penalties
-    (ops.apply_penalties), which apply to greedy and sampled decoding alike."""
+    logit_bias ({token id: bias in [-100, 100]}, added to the logits) and the penalties
+    (ops.apply_penalties; repetition_penalty 1, presence_penalty 0 and frequency_penalty 0 disable
+    them) apply in that order, to greedy and sampled decoding alike."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -36,6 +37,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
@@ -54,6 +56,7 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         ops.validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         ops.validate_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
+        ops.validate_logit_bias(self.logit_bias)
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -75,11 +78,16 @@ class GenerationConfig:
     def penalised(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether Sampler.adjust changes logits (a logit bias or penalties)."""
+        return bool(self.logit_bias) or self.penalised
+
 
 @dataclass
 class Sampler:
-    """Draws the next tokens of one sequence from logits: the configured penalties, then greedy
-    selection or the sampling transform with a seeded generator.
+    """Draws the next tokens of one sequence from logits: the configured logit bias and penalties,
+    then greedy selection or the sampling transform with a seeded generator.
 
     With penalties it keeps the sequence's history on the device (the prompt's tokens, and how
     often each token has been generated): a call adds the tokens it draws, `record` the tokens a
@@ -91,6 +99,7 @@ class Sampler:
     generator: torch.Generator = field(init=False)
     _prompt_seen: torch.Tensor | None = field(init=False, default=None)  # bool [V]
     _counts: torch.Tensor | None = field(init=False, default=None)       # int32 [V]
+    _bias: torch.Tensor | None = field(init=False, default=None)         # fp32 [V]
 
     def __post_init__(self) -> None:
         seed = self.config.seed
@@ -99,11 +108,15 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
 
-    def penalise(self, logits: torch.Tensor, path_counts: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, V] logits penalised for the history (ops.apply_penalties); path_counts int [N, V]:
-        tokens each row's history holds beyond the committed sequence (a draft tree row's path).
-        Without penalties the logits come back unchanged."""
+    def adjust(self, logits: torch.Tensor, path_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, V] logits plus the logit bias, then penalised for the history (ops.apply_penalties);
+        path_counts int [N, V]: tokens each row's history holds beyond the committed sequence (a
+        draft tree row's path). Without either the logits come back unchanged."""
         c = self.config
+        if c.logit_bias:
+            if self._bias is None:
+                self._bias = ops.logit_bias_vector(c.logit_bias, logits.shape[-1], logits.device)
+            logits = logits.float() + self._bias
         if not c.penalised:
             return logits
         if self._counts is None:
@@ -128,7 +141,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """[T, V] logits -> [T] int64 tokens, which join the history (T = 1: the next token)."""
-        logits = self.penalise(logits)
+        logits = self.adjust(logits)
         if self.config.greedy:
             tokens = ops.argmax(logits)
         else:

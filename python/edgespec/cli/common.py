@@ -40,15 +40,28 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="subtract this from the logits of tokens generated so far, in [-2, 2] (0 = off)")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="subtract this times a token's count so far in the output, in [-2, 2] (0 = off)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN=BIAS",
+                   help="add BIAS (-100 to 100) to the logit of token id TOKEN (repeatable; 100 forces, -100 bans)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    bias = {}
+    for item in items:
+        token, _, value = item.partition("=")  # no "=": value is "", which float() refuses
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias takes TOKEN=BIAS (a token id and a number), got {item!r}") from None
+    return bias
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            seed=args.seed, stop=tuple(args.stop)).validate()
+                            logit_bias=_logit_bias(args.logit_bias), seed=args.seed, stop=tuple(args.stop)).validate()
 
 
 def load_llm(args: argparse.Namespace) -> LLM:

@@ -6,6 +6,7 @@ so both go through `logits_to_probs`.
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 
@@ -43,6 +44,28 @@ def validate_penalties(repetition: float, presence: float, frequency: float) -> 
     for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
         if not -2.0 <= value <= 2.0:
             raise ValueError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+
+
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: +-100 forces or bans a token
+
+
+def validate_logit_bias(bias: Mapping[int, float], vocab: int | None = None) -> None:
+    """Raise ValueError for a logit bias that is not {token id: finite bias in [-100, 100]} (ids
+    below `vocab` when it is given)."""
+    for token, value in bias.items():
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0 or (vocab is not None and token >= vocab):
+            ids = f"integers in [0, {vocab})" if vocab is not None else "non-negative integers"
+            raise ValueError(f"logit_bias: keys must be token ids ({ids}), got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: the bias of token {token} must be a number in [-100, 100], got {value!r}")
+
+
+def logit_bias_vector(bias: Mapping[int, float], vocab: int, device: torch.device | str) -> torch.Tensor:
+    """fp32 [vocab]: bias[token] at each biased token, 0 elsewhere (added to every row of logits)."""
+    out = torch.zeros(vocab, dtype=torch.float32)
+    if bias:
+        out[torch.tensor(list(bias), dtype=torch.int64)] = torch.tensor(list(bias.values()), dtype=torch.float32)
+    return out.to(device)
 
 
 def apply_penalties(logits: torch.Tensor, prompt_seen: torch.Tensor, output_counts: torch.Tensor,

@@ -7,8 +7,7 @@ Field policy:
 * Unknown fields are accepted and ignored (extra="allow"). OpenAI keeps adding optional fields that
   clients send by default (store, metadata, service_tier, parallel_tool_calls, ...) and that do not
   change what this server generates; refusing them would break those clients.
-* Known fields that would change the output but are not implemented (n > 1, tools, logit_bias,
-  best_of, suffix, JSON response formats, beam search, ...) are accepted only at their neutral
+* Known fields that would change the output but are not implemented (n > 1, tools, best_of, suffix, JSON response formats, beam search, ...) are accepted only at their neutral
   value; anything else is a 400 naming the parameter.
 * Log-probabilities (server/logprobs.py) are the model's raw distribution (ops.token_logprobs):
   chat's logprobs + top_logprobs (0-20), completions' logprobs (0-20 alternatives) and echo, which
@@ -82,7 +81,7 @@ class _SamplingRequest(_Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # {token id as a string: bias in [-100, 100]}
     best_of: int | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     min_tokens: int | None = None
@@ -97,8 +96,6 @@ class _SamplingRequest(_Strict):
         for name, value, ok in neutral:
             if value not in ok:
                 raise unsupported(name, f"only {ok[1]!r} is implemented, got {value!r}")
-        if self.logit_bias:
-            raise unsupported("logit_bias", "logit biases are not implemented")
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
@@ -121,6 +118,20 @@ class _SamplingRequest(_Strict):
         """(GenerationConfig.logprobs, GenerationConfig.prompt_logprobs) this request asks for."""
         raise NotImplementedError
 
+    def token_biases(self, vocab_size: int) -> dict[int, float]:
+        """logit_bias with OpenAI's string keys read as token ids; a bad key or value is a 400."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise bad_request(f"logit_bias: keys are token ids written as decimal strings, got {key!r}",
+                                  param="logit_bias")
+            bias[int(key)] = value
+        try:
+            ops.validate_logit_bias(bias, vocab_size)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="logit_bias") from None
+        return bias
+
     def generation_config(self, max_new_tokens: int, vocab_size: int) -> GenerationConfig:
         """The GenerationConfig this request asks for (max_new_tokens already resolved by the caller)."""
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -128,6 +139,7 @@ class _SamplingRequest(_Strict):
             temperature = 0.0
         stop_ids = list(self.stop_token_ids or [])
         logprobs, prompt_logprobs = self.logprob_settings()
+        bias = self.token_biases(vocab_size)
         bad = [i for i in stop_ids if not 0 <= i < vocab_size]
         if bad:
             raise bad_request(f"stop_token_ids: token id {bad[0]} is out of range for a vocabulary of {vocab_size}",
@@ -137,7 +149,7 @@ class _SamplingRequest(_Strict):
                                 min_p=self.min_p or 0.0,
                                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                                 presence_penalty=self.presence_penalty or 0.0,
-                                frequency_penalty=self.frequency_penalty or 0.0,
+                                frequency_penalty=self.frequency_penalty or 0.0, logit_bias=bias,
                                 seed=self.seed, stop=self.stop_strings(), stop_token_ids=tuple(stop_ids),
                                 ignore_eos=self.ignore_eos, logprobs=logprobs,
                                 prompt_logprobs=prompt_logprobs).validate()

@@ -145,10 +145,13 @@ class SpeculativeDecoding:
         """(accepted node indices from the root, their tokens, the bonus token)."""
         assert self.sampler is not None
         greedy = self.sampler.config.greedy
-        if self.sampler.config.penalised:
-            # Row i continues the committed sequence with node i's path: its own history.
-            rows = tree if isinstance(tree, DeviceTree) else DeviceTree.from_host(tree, logits.device)
-            logits = self.sampler.penalise(logits, path_token_counts(rows, logits.shape[-1]))
+        if self.sampler.config.adjusts_logits:
+            path_counts = None
+            if self.sampler.config.penalised:
+                # Row i continues the committed sequence with node i's path: its own history.
+                rows = tree if isinstance(tree, DeviceTree) else DeviceTree.from_host(tree, logits.device)
+                path_counts = path_token_counts(rows, logits.shape[-1])
+            logits = self.sampler.adjust(logits, path_counts)
         if isinstance(tree, DeviceTree):  # one host read, for the accepted path
             if greedy:
                 return accept_greedy_on_device(tree, logits)
