@@ -311,6 +311,23 @@ def test_sampling_residual_when_children_hold_all_mass():
     assert seen == {1, 2}
 
 
+def test_sampling_residual_keeps_tokens_only_padding_points_at():
+    """Node 1 has one child (token 9) in a table two wide: its padding slot reads the root's token 3,
+    which the bonus residual must keep (only rejected children leave it)."""
+    tree = DraftTree.from_parents([3, 5, 7, 9], [-1, 0, 0, 1])
+    probs = torch.zeros(4, 12)
+    probs[0, 5] = 1.0                      # node 1 is always accepted
+    probs[1, 3] = probs[1, 9] = 0.5        # then token 9 half the time, else the bonus, which can only be 3
+    probs[2:, 0] = 1.0
+    g = torch.Generator().manual_seed(2)
+    seen = set()
+    for _ in range(200):
+        path, bonus = accept_sampling(tree, probs, g)
+        seen.add((tuple(path), bonus))
+    assert {path for path, _ in seen} == {(0, 1), (0, 1, 3)}
+    assert {bonus for path, bonus in seen if path == (0, 1)} == {3}
+
+
 def test_kv_cache_compact_moves_the_path_and_skips_a_path_in_place() -> None:
     """compact moves the accepted path's K/V (list or tensor slots, overlapping ranges included)
     and leaves the cache untouched, without a device read, when a list path is already in place."""

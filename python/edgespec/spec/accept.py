@@ -105,24 +105,34 @@ def accept_sampling_on_device(tree: DeviceTree, probs: torch.Tensor, generator: 
     n = tree.size
     if probs.dim() != 2 or probs.shape[0] != n:
         raise ValueError(f"accept_sampling: probs must be [{n}, V], one row per tree node, got {tuple(probs.shape)}")
-    children = tree.children_table()                                           # [N, k]
-    residual = probs.clone()                                                   # unnormalised
+    # Siblings hold distinct tokens, so rejecting one zeroes nothing another reads: sibling s sees
+    # its own p(x), and the residual mass is the row's mass less the p(x) of the siblings rejected
+    # before it. All siblings of all nodes are decided at once on [N, k] values, with no copy of
+    # the [N, V] distributions and no loop of small launches.
+    children = tree.children_table()                                          # [N, k], -1 padded
+    valid = children >= 0
+    x = tree.tokens[children.clamp(min=0)]                                     # [N, k]
+    px = torch.where(valid, probs.gather(1, x), 0.0)
+    mass = probs.sum(dim=1, keepdim=True) - (px.cumsum(dim=1) - px)             # residual before sibling s
+    u = torch.rand(children.shape, generator=generator, device=probs.device)
+    # p(x) = 0: rejected with certainty (removing it changes nothing). u * mass < px <=> u <
+    # p_residual(x); a child holding all the remaining mass is accepted outright, so rounding
+    # cannot leave an empty residual. The first sibling that passes is the accepted child; those
+    # before it were all rejected, which is what `mass` assumed.
+    passes = valid & (px > 0) & ((u * mass < px) | (mass - px <= 0))
+    k = children.shape[1]
     accepted_child = torch.full((n,), -1, dtype=torch.int64, device=probs.device)
-    for s in range(children.shape[1]):  # sibling s of every node, in creation order
-        child = children[:, s]
-        x = tree.tokens[child.clamp(min=0)].unsqueeze(1)                       # [N, 1]
-        px = residual.gather(1, x).squeeze(1)
-        mass = residual.sum(dim=1)
-        u = torch.rand(n, generator=generator, device=probs.device)
-        # p(x) = 0: rejected with certainty (removing it changes nothing). u * mass < px <=>
-        # u < p_residual(x); a child holding all the remaining mass is accepted outright, so
-        # rounding cannot leave an empty residual.
-        open_ = (child >= 0) & (accepted_child < 0) & (px > 0)
-        take = open_ & ((u * mass < px) | (mass - px <= 0))
-        accepted_child = torch.where(take, child, accepted_child)
-        residual.scatter_(1, x, torch.where(open_ & ~take, 0.0, px).unsqueeze(1))
-    end = _accepted_path_end(tree, accepted_child)
-    row = residual.index_select(0, end.reshape(1))                            # [1, V]
+    if k > 0:  # a lone root has no children to accept
+        first = torch.where(passes, torch.arange(k, device=probs.device), k).min(dim=1).values    # k: none
+        accepted_child = torch.where(first < k, children.gather(1, first.clamp(max=k - 1).unsqueeze(1)).squeeze(1),
+                                     accepted_child)
+    end = _accepted_path_end(tree, accepted_child).reshape(1)
+    # The walk stopped at `end`: every child of it was rejected, and the bonus token is drawn from
+    # its distribution with all of them removed (scatter_add: padding slots repeat a token id).
+    row = probs.index_select(0, end)                                                          # [1, V]
+    removed = torch.zeros_like(row, dtype=torch.int32).scatter_add_(
+        1, x.index_select(0, end), valid.index_select(0, end).to(torch.int32))
+    row = torch.where(removed > 0, 0.0, row)
     # Non-finite logits make NaN rows: sample from a harmless row instead (no device assert), the
     # read below raises for them.
     row = row.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
