@@ -328,6 +328,23 @@ def test_sampling_residual_keeps_tokens_only_padding_points_at():
     assert {bonus for path, bonus in seen if path == (0, 1)} == {3}
 
 
+def test_sampling_with_a_repeated_sibling_token_matches_the_target():
+    """A tree whose root has token 7 twice (no drafter makes one, but nothing forbids it): the repeat
+    must see its token already removed, so the first committed token still follows p."""
+    p = torch.tensor([0.1, 0.0, 0.2, 0.0, 0.0, 0.3, 0.0, 0.4, 0.0, 0.0, 0.0, 0.0])
+    tree = DraftTree.from_parents([0, 7, 7, 5], [-1, 0, 0, 0])
+    probs = p.expand(4, 12).clone()
+    g = torch.Generator().manual_seed(9)
+    n = 4000
+    counts = torch.zeros(12)
+    for _ in range(n):
+        path, bonus = accept_sampling(tree, probs, g)
+        counts[tree.tokens[path[1]] if len(path) > 1 else bonus] += 1
+    keep = p > 0
+    assert counts[~keep].sum() == 0
+    assert stats.chisquare(counts[keep].numpy(), (p[keep] * n).numpy()).pvalue > 1e-3
+
+
 def test_kv_cache_compact_moves_the_path_and_skips_a_path_in_place() -> None:
     """compact moves the accepted path's K/V (list or tensor slots, overlapping ranges included)
     and leaves the cache untouched, without a device read, when a list path is already in place."""

@@ -105,14 +105,17 @@ def accept_sampling_on_device(tree: DeviceTree, probs: torch.Tensor, generator: 
     n = tree.size
     if probs.dim() != 2 or probs.shape[0] != n:
         raise ValueError(f"accept_sampling: probs must be [{n}, V], one row per tree node, got {tuple(probs.shape)}")
-    # Siblings hold distinct tokens, so rejecting one zeroes nothing another reads: sibling s sees
-    # its own p(x), and the residual mass is the row's mass less the p(x) of the siblings rejected
-    # before it. All siblings of all nodes are decided at once on [N, k] values, with no copy of
-    # the [N, V] distributions and no loop of small launches.
+    # Rejecting a sibling zeroes its token, which no other sibling reads (a drafter's siblings hold
+    # distinct tokens; a repeat finds its token zeroed: p(x) = 0). So sibling s sees its own p(x),
+    # and the residual mass is the row's mass less the p(x) of the siblings rejected before it.
+    # All siblings of all nodes are decided at once on [N, k] values, with no copy of the [N, V]
+    # distributions and no loop of small launches.
     children = tree.children_table()                                          # [N, k], -1 padded
     valid = children >= 0
     x = tree.tokens[children.clamp(min=0)]                                     # [N, k]
-    px = torch.where(valid, probs.gather(1, x), 0.0)
+    earlier = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril(-1)
+    repeat = ((x.unsqueeze(2) == x.unsqueeze(1)) & valid.unsqueeze(1) & earlier).any(dim=2)
+    px = torch.where(valid & ~repeat, probs.gather(1, x), 0.0)
     mass = probs.sum(dim=1, keepdim=True) - (px.cumsum(dim=1) - px)             # residual before sibling s
     u = torch.rand(children.shape, generator=generator, device=probs.device)
     # p(x) = 0: rejected with certainty (removing it changes nothing). u * mass < px <=> u <
