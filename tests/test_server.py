@@ -259,6 +259,88 @@ def test_demo_model(demo_llm):
     assert ref_chat.text.strip()
 
 
+# ---- several choices: n and batches of prompts -------------------------------------------------------
+
+def _seeded(seed: int, i: int) -> int:
+    return seed if i == 0 else seed + i
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_chat_n_choices_are_the_library_s_seeded_generations(tiny_server, tiny_llm, stream):
+    messages, settings = MESSAGES[0], dict(temperature=0.9, top_p=0.95)
+    refs = [tiny_llm.generate(messages, max_new_tokens=15, seed=_seeded(7, i), logprobs=1, **settings)
+            for i in range(3)]
+    assert len({r.text for r in refs}) > 1  # seeded choices differ
+    kwargs = dict(model="tiny", messages=messages, max_tokens=15, n=3, seed=7, logprobs=True, **settings)
+    c = client(tiny_server)
+    if stream:
+        chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        texts, finishes, roles, lps = {}, {}, {}, {}
+        for ch in chunks[:-1]:
+            (choice,) = ch.choices
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            roles[choice.index] = roles.get(choice.index) or choice.delta.role
+            lps.setdefault(choice.index, []).extend(choice.logprobs.content if choice.logprobs else [])
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        order = [ch.choices[0].index for ch in chunks[:-1]]
+        assert order == sorted(order)  # one choice after the other
+        usage = chunks[-1].usage
+        got = [(texts[i], finishes[i], roles[i], [e.logprob for e in lps[i]]) for i in range(3)]
+    else:
+        r = c.chat.completions.create(**kwargs)
+        assert [ch.index for ch in r.choices] == [0, 1, 2]
+        usage = r.usage
+        got = [(ch.message.content, ch.finish_reason, ch.message.role, [e.logprob for e in ch.logprobs.content])
+               for ch in r.choices]
+    assert got == [(r.text, r.finish_reason, "assistant", [e.logprob for e in r.logprobs]) for r in refs]
+    assert usage.prompt_tokens == len(tiny_llm.encode(messages))  # counted once, not n times
+    assert usage.completion_tokens == sum(len(r.token_ids) for r in refs)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_completion_batch_with_n_and_echo(tiny_server, tiny_llm, stream):
+    """Two prompts (token ids, echoed as they decode) x n = 2: choices in prompt order, each echoing
+    its own prompt."""
+    prompts = [[9, 12, 40], [7, 30, 31, 32, 33]]
+    refs = [tiny_llm.generate(p, max_new_tokens=6, seed=_seeded(3, i), temperature=0.8, ignore_eos=True)
+            for p in prompts for i in range(2)]
+    echoed = [tiny_llm.tokenizer.decode(p) for p in prompts]
+    kwargs = dict(model="tiny", prompt=prompts, max_tokens=6, n=2, seed=3, temperature=0.8, echo=True,
+                  extra_body={"ignore_eos": True})
+    c = client(tiny_server)
+    if stream:
+        texts: dict[int, str] = {}
+        for ch in c.completions.create(stream=True, **kwargs):
+            texts[ch.choices[0].index] = texts.get(ch.choices[0].index, "") + ch.choices[0].text
+        got = [texts[i] for i in range(4)]
+    else:
+        r = c.completions.create(**kwargs)
+        assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+        got = [ch.text for ch in r.choices]
+        assert r.usage.prompt_tokens == sum(len(tiny_llm.encode(p)) for p in prompts)
+        assert r.usage.completion_tokens == 4 * 6
+    assert got == [echoed[i // 2] + ref.text for i, ref in enumerate(refs)]
+
+
+def test_a_request_s_generations_are_admitted_together(tiny_llm):
+    """A queue of 3 slots takes a request of 3 generations, refuses one of 4 outright (400: it could
+    never fit), and answers 429 while another request holds a slot (it cannot all fit now)."""
+    with running_server(tiny_llm, max_queue=3, max_tokens_limit=TINY_CONTEXT) as base:
+        c = client(base)
+        assert len(c.completions.create(model="tiny", prompt="hello", max_tokens=2, n=3).choices) == 3
+        resp = httpx.post(base + "/v1/completions", json={"prompt": "hello", "n": 4}, timeout=WAIT_S)
+        assert_openai_error(resp, 400)
+        stream = _long_stream(base)
+        try:
+            wait_until(lambda: health(base)["queue"]["running"], "the long request to start")
+            resp = httpx.post(base + "/v1/completions", json={"prompt": "hello", "n": 3}, timeout=WAIT_S)
+            assert_openai_error(resp, 429)
+        finally:
+            stream.close()
+        wait_until(lambda: health(base)["queue"]["admitted"] == 0, "the slots to be freed")
+
+
 # ---- log-probabilities ----------------------------------------------------------------------------
 
 def _chat_entry(llm: LLM, token: int, logprob: float) -> dict[str, Any]:
@@ -351,7 +433,10 @@ ERROR_CASES = [
     ("min-p-high", COMP, {"prompt": "hi", "min_p": 1.5}, 400, "min_p", "invalid_value"),
     ("content-int", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "invalid_type"),
     ("prompt-object", COMP, {"prompt": {"text": "hi"}}, 400, "prompt", "invalid_type"),
-    ("n-2", CHAT, {"messages": OK_MESSAGES, "n": 2}, 400, "n", "unsupported_parameter"),
+    ("n-0", CHAT, {"messages": OK_MESSAGES, "n": 0}, 400, "n", "invalid_value"),
+    ("n-past-the-queue", CHAT, {"messages": OK_MESSAGES, "n": 65}, 400, "n", None),
+    ("batch-past-the-queue", COMP, {"prompt": ["hi"] * 33, "n": 2}, 400, "n", None),
+    ("best-of-not-n", COMP, {"prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of", "unsupported_parameter"),
     ("top-logprobs-alone", CHAT, {"messages": OK_MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None),
     ("top-logprobs-high", CHAT, {"messages": OK_MESSAGES, "logprobs": True, "top_logprobs": 21}, 400,
      "top_logprobs", "invalid_value"),
@@ -378,7 +463,7 @@ ERROR_CASES = [
      "invalid_value"),
     ("repetition-penalty-zero", COMP, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty",
      "invalid_value"),
-    ("batch-prompt", COMP, {"prompt": ["a", "b"]}, 400, "prompt", "unsupported_parameter"),
+    ("batch-with-an-empty-prompt", COMP, {"prompt": ["a", ""]}, 400, "prompt", None),
     ("empty-prompt", COMP, {"prompt": ""}, 400, "prompt", None),
     ("token-out-of-range", COMP, {"prompt": [1, 99999]}, 400, "prompt", None),
     ("five-stops", COMP, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
@@ -406,8 +491,9 @@ def test_error_responses(tiny_server, case):
 def test_errors_reach_the_openai_client_and_server_keeps_serving(tiny_server):
     c = client(tiny_server)
     with pytest.raises(openai.BadRequestError) as exc:
-        c.chat.completions.create(model="tiny", messages=OK_MESSAGES, n=3)
-    assert exc.value.code == "unsupported_parameter" and exc.value.param == "n"
+        c.chat.completions.create(model="tiny", messages=OK_MESSAGES, tools=[{"type": "function",
+                                                                              "function": {"name": "f"}}])
+    assert exc.value.code == "unsupported_parameter" and exc.value.param == "tools"
     with pytest.raises(openai.BadRequestError) as exc:
         c.completions.create(model="tiny", prompt="hello " * TINY_CONTEXT, max_tokens=5, stream=True)
     assert exc.value.code == "context_length_exceeded"

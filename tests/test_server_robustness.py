@@ -58,7 +58,7 @@ COMMON_BAD: dict[str, st.SearchStrategy] = {
     "seed": st.one_of(_not(int), st.integers(min_value=2 ** 64), st.integers(max_value=-(2 ** 63) - 1)),
     "stop": st.one_of(st.just(""), _not(str, list), st.lists(st.text(min_size=1, max_size=4), min_size=5, max_size=7),
                       st.text(min_size=257, max_size=300), st.lists(_not(str), min_size=1, max_size=3)),
-    "n": st.one_of(st.integers(min_value=2), st.integers(max_value=0), _not(int)),
+    "n": st.one_of(st.integers(min_value=65), st.integers(max_value=0), _not(int)),  # the queue holds 64
     "stream": _not(bool),
     "ignore_eos": _not(bool),
     "presence_penalty": st.one_of(st.floats(min_value=2.001), st.floats(max_value=-2.001), _not(int, float)),
@@ -92,7 +92,8 @@ COMP_BAD = {**COMMON_BAD,
             "prompt": st.one_of(st.just(""), st.just([]), _not(str, list),
                                 st.lists(st.integers(min_value=VOCAB), min_size=1, max_size=3),
                                 st.lists(st.integers(max_value=-1), min_size=1, max_size=3),
-                                st.lists(st.text(max_size=5), min_size=2, max_size=4),       # a batch
+                                st.lists(st.text(max_size=5), max_size=3).map(lambda b: [*b, ""]),  # a batch
+                                # with an empty prompt
                                 st.lists(st.one_of(st.booleans(), st.floats(), st.dictionaries(st.text(), st.none())),
                                          min_size=1, max_size=3)),
             "echo": _not(bool),

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -30,7 +30,7 @@ from .. import __version__
 from ..engine import LLM, GenerationResult, StreamEvent
 from .errors import APIError, bad_request
 from .logprobs import LogprobFormatter
-from .schemas import ChatCompletionRequest, CompletionRequest, parse
+from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
 
 logger = logging.getLogger("edgespec.server")
@@ -128,6 +128,18 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+@dataclass
+class _Choice:
+    """One generation of a request: its index among the response's choices, the prompt it continues
+    (and the text echoed for it), its job and the formatter of its log-probabilities."""
+
+    index: int
+    prompt_ids: list[int]
+    prompt_text: str
+    job: Job
+    logprobs: LogprobFormatter
+
+
 class _API:
     """Route handlers sharing the engine, the settings and the worker."""
 
@@ -194,15 +206,33 @@ class _API:
                               code="context_length_exceeded")
         return requested
 
-    def _admit(self, prompt_ids: list[int], req: ChatCompletionRequest | CompletionRequest,
-               max_new_tokens: int) -> Job:
+    def _admit(self, prompts: list[tuple[list[int], str]], max_new_tokens: list[int],
+               req: ChatCompletionRequest | CompletionRequest) -> list[_Choice]:
+        """Admit the n generations of each prompt (ids, echoed text) at once, or none of them."""
+        n = req.n or 1
+        total = n * len(prompts)
+        if total > self.worker.capacity:
+            raise bad_request(f"the request asks for {total} generations ({len(prompts)} prompt(s), n = {n}) but "
+                              f"this server queues at most {self.worker.capacity}", param="n")
+        vocab = self.llm.model.config.vocab_size
         try:
-            config = req.generation_config(max_new_tokens, self.llm.model.config.vocab_size)
+            configs = [req.generation_config(m, vocab) for m in max_new_tokens]
         except ValueError as exc:
             raise bad_request(str(exc)) from None
-        job = Job(prompt_ids, config, asyncio.get_running_loop())
-        self.worker.submit(job)
-        return job
+        loop = asyncio.get_running_loop()
+        choices = []
+        for p, ((ids, text), config) in enumerate(zip(prompts, configs)):
+            for i in range(n):
+                # Seeded choices differ from each other, and the first is what n = 1 gives.
+                seed = config.seed if config.seed is None or i == 0 else (config.seed + i) % UINT64_END
+                job = Job(ids, replace(config, seed=seed), loop)
+                choices.append(_Choice(p * n + i, ids, text, job, LogprobFormatter(self.llm.tokenizer)))
+        self.worker.submit(*[c.job for c in choices])
+        return choices
+
+    def _cancel(self, choices: list[_Choice], reason: str) -> None:
+        for c in choices:
+            self.worker.cancel(c.job, reason)  # a no-op for a finished job
 
     async def _final(self, job: Job) -> GenerationResult:
         while True:
@@ -215,118 +245,133 @@ class _API:
                 raise APIError(503, f"the request was cancelled: {event.reason}", type="server_error",
                                code="cancelled")
 
-    async def _complete(self, request: Request, job: Job) -> GenerationResult:
-        """Wait for a non-streamed job; a client that disconnects meanwhile cancels it."""
-        result = asyncio.ensure_future(self._final(job))
+    async def _complete(self, request: Request, choices: list[_Choice]) -> list[GenerationResult]:
+        """Wait for a non-streamed request's jobs; a client that disconnects meanwhile, or a job that
+        fails, cancels the rest."""
+        results = asyncio.ensure_future(asyncio.gather(*(self._final(c.job) for c in choices)))
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if result.done():
-                return result.result()
+            await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if results.done():
+                return results.result()
             raise APIError(499, "the client closed the connection", code="client_closed_request")
         finally:
-            for task in (result, gone):
+            for task in (results, gone):
                 task.cancel()
-            self.worker.cancel(job, "the client went away")  # a no-op when the job has finished
+            # A gather cancelled mid-way ends with a CancelledError that asyncio would log as never
+            # retrieved (with a traceback holding the jobs): retrieve it.
+            results.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._cancel(choices, "the client went away")
 
-    async def _stream(self, job: Job, chunk: Callable[..., dict[str, Any]],
-                      usage: Callable[[GenerationResult], dict[str, int]], include_usage: bool,
-                      opening: dict[str, Any] | None) -> AsyncIterator[bytes]:
-        """Server-sent events of one job: chunk(text, finish_reason, event=None) builds each event's
-        JSON (an event whose text is held back still has a chunk when it carries log-probabilities)."""
+    async def _stream(self, choices: list[_Choice], chunk: Callable[..., dict[str, Any]],
+                      opening: Callable[[_Choice], dict[str, Any] | None],
+                      usage: Callable[[list[GenerationResult]], dict[str, int]], include_usage: bool,
+                      ) -> AsyncIterator[bytes]:
+        """Server-sent events of a request's jobs, one choice after the other (the order the worker
+        runs them): chunk(choice, text, finish_reason, event=None) builds each event's JSON (an event
+        whose text is held back still has a chunk when it carries log-probabilities)."""
+        results = []
         try:
-            if opening is not None:
-                yield _sse(opening)
-            while True:
-                event = await job.events.get()
-                if isinstance(event, StreamEvent):
-                    if event.text or event.logprobs or event.prompt_logprobs is not None:
-                        yield _sse(chunk(event.text, None, event))
-                    continue
-                if isinstance(event, Finished):
-                    yield _sse(chunk(None, event.result.finish_reason))
-                    if include_usage:
-                        last = chunk(None, None)
-                        last["choices"] = []
-                        last["usage"] = usage(event.result)
-                        yield _sse(last)
-                else:
+            for c in choices:
+                first = opening(c)
+                if first is not None:
+                    yield _sse(first)
+                while True:
+                    event = await c.job.events.get()
+                    if isinstance(event, StreamEvent):
+                        if event.text or event.logprobs or event.prompt_logprobs is not None:
+                            yield _sse(chunk(c, event.text, None, event))
+                        continue
+                    if isinstance(event, Finished):
+                        results.append(event.result)
+                        yield _sse(chunk(c, None, event.result.finish_reason))
+                        break
                     err = event.error if isinstance(event, Failed) else APIError(
                         503, f"the request was cancelled: {event.reason}", type="server_error", code="cancelled")
                     yield _sse(err.body())
-                yield _sse("[DONE]")
-                return
+                    yield _sse("[DONE]")
+                    return
+            if include_usage:
+                last = chunk(choices[0], None, None)
+                last["choices"] = []
+                last["usage"] = usage(results)
+                yield _sse(last)
+            yield _sse("[DONE]")
         finally:
             # Reached on normal completion and also when Starlette cancels the response because the
-            # client disconnected: free the slot and stop the generation.
-            self.worker.cancel(job, "the client went away")
+            # client disconnected: free the slots and stop the generations.
+            self._cancel(choices, "the client went away")
 
-    def _usage(self, prompt_ids: list[int]) -> Callable[[GenerationResult], dict[str, int]]:
-        def usage(result: GenerationResult) -> dict[str, int]:
-            n = len(result.token_ids)
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
-        return usage
-
-    async def _respond(self, request: Request, req: ChatCompletionRequest | CompletionRequest, job: Job,
-                       prompt_ids: list[int], chat: bool, prompt_text: str = "") -> Response:
-        """prompt_text: what a completion with echo returns before the generated text."""
+    async def _respond(self, request: Request, req: ChatCompletionRequest | CompletionRequest,
+                       choices: list[_Choice], chat: bool) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.settings.model_name, "system_fingerprint": f"edgespec-{__version__}"}
-        usage = self._usage(prompt_ids)
-        logprobs = LogprobFormatter(self.llm.tokenizer)
+        prompt_tokens = sum(len(c.prompt_ids) for c in choices if c.index % (req.n or 1) == 0)  # once per prompt
         echo = not chat and req.echo
 
-        def formatted(token_ids: list[int], entries: list | None, prompt: list | None = None) -> dict[str, Any] | None:
+        def usage(results: list[GenerationResult]) -> dict[str, int]:
+            n = sum(len(r.token_ids) for r in results)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+
+        def formatted(c: _Choice, token_ids: list[int], entries: list | None,
+                      prompt: list | None = None) -> dict[str, Any] | None:
             if entries is None:
                 return None
             if chat:
-                return logprobs.chat(entries)
+                return c.logprobs.chat(entries)
             if prompt is not None:  # echo: the prompt's tokens come first
-                return logprobs.completion(prompt_ids + token_ids, prompt + entries)
-            return logprobs.completion(token_ids, entries)
+                return c.logprobs.completion(c.prompt_ids + token_ids, prompt + entries)
+            return c.logprobs.completion(token_ids, entries)
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            def chunk(text: str | None, finish: str | None, event: StreamEvent | None = None) -> dict[str, Any]:
+            def chunk(c: _Choice, text: str | None, finish: str | None,
+                      event: StreamEvent | None = None) -> dict[str, Any]:
                 lp = None
                 if event is not None and event.prompt_logprobs is not None:  # echo: the prompt, once prefilled
-                    text, lp = prompt_text, logprobs.completion(prompt_ids, event.prompt_logprobs)
+                    text, lp = c.prompt_text, c.logprobs.completion(c.prompt_ids, event.prompt_logprobs)
                 elif event is not None:
-                    lp = formatted(event.token_ids, event.logprobs)
+                    lp = formatted(c, event.token_ids, event.logprobs)
                 if chat:
-                    choice = {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": lp,
+                    choice = {"index": c.index, "delta": {} if text is None else {"content": text}, "logprobs": lp,
                               "finish_reason": finish}
                 else:
-                    choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
+                    choice = {"index": c.index, "text": text or "", "logprobs": lp, "finish_reason": finish}
                 out = {**base, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
                 if include_usage:
                     out["usage"] = None
                 return out
 
-            opening = None
-            if chat:
-                opening = chunk("", None)
-                opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            elif echo and req.logprobs is None:  # else the prefill's event brings the prompt and its scores
-                opening = chunk(prompt_text, None)
+            def opening(c: _Choice) -> dict[str, Any] | None:
+                if chat:
+                    first = chunk(c, "", None)
+                    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                    return first
+                if echo and req.logprobs is None:  # else the prefill's event brings the prompt and its scores
+                    return chunk(c, c.prompt_text, None)
+                return None
+
             # The background task runs however the response ends, even when the client left before
             # the event generator started (its `finally` would then never run).
-            return StreamingResponse(self._stream(job, chunk, usage, include_usage, opening),
+            return StreamingResponse(self._stream(choices, chunk, opening, usage, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(self.worker.cancel, job, "the client went away"))
-        result = await self._complete(request, job)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                      "logprobs": formatted(result.token_ids, result.logprobs), "finish_reason": result.finish_reason}
-        else:
-            lp = formatted(result.token_ids, result.logprobs, result.prompt_logprobs if echo else None)
-            choice = {"index": 0, "text": prompt_text + result.text if echo else result.text, "logprobs": lp,
-                      "finish_reason": result.finish_reason}
-        return JSONResponse({**base, "choices": [choice], "usage": usage(result)})
+                                     background=BackgroundTask(self._cancel, choices, "the client went away"))
+        results = await self._complete(request, choices)
+        out = []
+        for c, result in zip(choices, results):
+            if chat:
+                out.append({"index": c.index, "message": {"role": "assistant", "content": result.text},
+                            "logprobs": formatted(c, result.token_ids, result.logprobs),
+                            "finish_reason": result.finish_reason})
+            else:
+                lp = formatted(c, result.token_ids, result.logprobs, result.prompt_logprobs if echo else None)
+                out.append({"index": c.index, "text": c.prompt_text + result.text if echo else result.text,
+                            "logprobs": lp, "finish_reason": result.finish_reason})
+        return JSONResponse({**base, "choices": out, "usage": usage(results)})
 
     # ---- routes --------------------------------------------------------------------------------
 
@@ -354,25 +399,24 @@ class _API:
         prompt_ids = await self._encode(messages, "messages")
         n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids), self.settings.max_tokens_limit,
                                  "messages")
-        job = self._admit(prompt_ids, req, n)
-        return await self._respond(request, req, job, prompt_ids, chat=True)
+        return await self._respond(request, req, self._admit([(prompt_ids, "")], [n], req), chat=True)
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
         req: CompletionRequest = parse(CompletionRequest, await self._read_body(request))
         req.check_supported()
-        prompt = req.single_prompt()
-        if isinstance(prompt, str) and self.llm.tokenizer is None:
-            raise bad_request("this model was loaded without a tokenizer: send the prompt as token ids",
-                              param="prompt")
-        prompt_ids = await self._encode(prompt, "prompt")
-        n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids),
-                                 self.settings.completion_default_max_tokens, "prompt")
-        prompt_text = ""
-        if req.echo:  # a text prompt is echoed as sent, token ids as they decode
-            tok = self.llm.tokenizer
-            prompt_text = prompt if isinstance(prompt, str) else (
-                await run_in_threadpool(tok.decode, prompt_ids) if tok is not None else "")
-        job = self._admit(prompt_ids, req, n)
-        return await self._respond(request, req, job, prompt_ids, chat=False, prompt_text=prompt_text)
-
+        prompts, max_new = [], []
+        for i, prompt in enumerate(req.prompts()):
+            if isinstance(prompt, str) and self.llm.tokenizer is None:
+                raise bad_request("this model was loaded without a tokenizer: send the prompt as token ids",
+                                  param="prompt")
+            ids = await self._encode(prompt, "prompt")
+            max_new.append(self._max_new_tokens(req.requested_max_tokens(), len(ids),
+                                                self.settings.completion_default_max_tokens, "prompt"))
+            text = ""
+            if req.echo:  # a text prompt is echoed as sent, token ids as they decode
+                tok = self.llm.tokenizer
+                text = prompt if isinstance(prompt, str) else (
+                    await run_in_threadpool(tok.decode, ids) if tok is not None else "")
+            prompts.append((ids, text))
+        return await self._respond(request, req, self._admit(prompts, max_new, req), chat=False)

@@ -7,8 +7,12 @@ Field policy:
 * Unknown fields are accepted and ignored (extra="allow"). OpenAI keeps adding optional fields that
   clients send by default (store, metadata, service_tier, parallel_tool_calls, ...) and that do not
   change what this server generates; refusing them would break those clients.
-* Known fields that would change the output but are not implemented (n > 1, tools, best_of, suffix, JSON response formats, beam search, ...) are accepted only at their neutral
-  value; anything else is a 400 naming the parameter.
+* n > 1 and batches of prompts run their generations one after the other (choices in prompt order,
+  n per prompt; seeded choice i uses seed + i); the queue admits all of a request's generations or
+  none.
+* Known fields that would change the output but are not implemented (tools, best_of != n, suffix,
+  JSON response formats, beam search, ...) are accepted only at their neutral value; anything else
+  is a 400 naming the parameter.
 * Log-probabilities (server/logprobs.py) are the model's raw distribution (ops.token_logprobs):
   chat's logprobs + top_logprobs (0-20), completions' logprobs (0-20 alternatives) and echo, which
   also scores the prompt; max_tokens 0 is allowed with echo (score a text, generate nothing).
@@ -16,7 +20,7 @@ Field policy:
   (1 = off), ignore_eos, stop_token_ids. presence_penalty and frequency_penalty count generated
   tokens only, as vLLM does (edgespec.ops.apply_penalties).
 * `model` may be any string (clients insist on sending one); responses name the served model.
-* /v1/completions takes one prompt: text, a list of token ids, or a one-element batch of either.
+* /v1/completions takes text, a list of token ids, or a batch (list) of either.
 * Defaults follow OpenAI: temperature 1, top_p 1; max_tokens 16 for /v1/completions and "up to the
   server limit / remaining context" for chat. Temperatures in (0, 1e-5) are treated as greedy: the
   sampling distribution is one-hot at such temperatures anyway, and fp32 overflows below ~1e-37.
@@ -76,8 +80,8 @@ class _SamplingRequest(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    n: int | None = Field(None, ge=1)  # generations per prompt (run one after the other)
     # Known but only accepted at their neutral value.
-    n: int | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
@@ -89,8 +93,7 @@ class _SamplingRequest(_Strict):
 
     def _check_neutral(self) -> None:
         neutral: list[tuple[str, Any, Any]] = [
-            ("n", self.n, (None, 1)), ("best_of", self.best_of, (None, 1)),
-            ("min_tokens", self.min_tokens, (None, 0)),
+            ("best_of", self.best_of, (None, self.n or 1)), ("min_tokens", self.min_tokens, (None, 0)),
             ("use_beam_search", self.use_beam_search, (None, False)),
         ]
         for name, value, ok in neutral:
@@ -235,16 +238,15 @@ class CompletionRequest(_SamplingRequest):
     def logprob_settings(self) -> tuple[int | None, int | None]:
         return self.logprobs, (self.logprobs if self.echo else None)
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt of this request: text or token ids (a batch of several is a 400)."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request (text or token ids each): one, or a batch, whose choices come
+        in prompt order, n per prompt."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise unsupported("prompt", f"one prompt per request is implemented, got a batch of {len(p)}")
-            p = p[0]
-        if (isinstance(p, str) and not p) or (isinstance(p, list) and not p):
-            raise bad_request("'prompt' is empty: at least one token is needed", param="prompt")
-        return p
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        for one in batch:
+            if not one:
+                raise bad_request("'prompt' is empty: at least one token is needed", param="prompt")
+        return batch
 
 
 def parse(cls: type[_SamplingRequest], raw: bytes) -> Any:

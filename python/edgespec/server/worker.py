@@ -107,16 +107,17 @@ class GenerationWorker:
         self._thread = threading.Thread(target=self._serve, name="edgespec-generation", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Admit `job` or raise the APIError to answer with (429 queue full, 503 shutting down)."""
+    def submit(self, *jobs: Job) -> None:
+        """Admit all `jobs` (one request's generations, run in this order) or none of them: raise the
+        APIError to answer with (429 queue full, 503 shutting down)."""
         with self._cond:
             if not self._accepting:
                 raise shutting_down()
-            if len(self._admitted) >= self.capacity:
+            if len(self._admitted) + len(jobs) > self.capacity:
                 self.counters["rejected"] += 1
                 raise queue_full(self.capacity)
-            self._admitted.add(job)
-            self._pending.append(job)
+            self._admitted.update(jobs)
+            self._pending.extend(jobs)
             self._cond.notify()
 
     def cancel(self, job: Job, reason: str) -> None:
