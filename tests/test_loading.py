@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_tiny_hf_model
-from edgespec import ModelFormatError, load_model
+from edgespec import LLM, DeviceMemoryError, ModelFormatError, load_model
 from edgespec.errors import DemoModelError
+from edgespec.loading import LoadedModel
 from edgespec.loading import demo as demo_module
 from edgespec.loading import Tokenizer
 from edgespec.loading.gguf_file import GGUFSource
@@ -469,3 +470,68 @@ def test_demo_download_failure_is_explained(tmp_path: Path, monkeypatch: pytest.
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network"))
     with pytest.raises(DemoModelError, match=r"could not download the demo model(.|\n)*no network"):
         demo_module.demo_model_path(progress=False)
+
+
+# --------------------------------------------------------------------------- device memory
+
+def test_kv_bytes_per_position(tmp_path: Path) -> None:
+    from edgespec.loading.memory import kv_bytes_per_position
+
+    d = write_tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=3, num_key_value_heads=2)  # head_dim 16
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        model = load_model(d, device="cpu", dtype=dtype, max_context=64, with_tokenizer=False).model
+        assert kv_bytes_per_position(model) == 3 * 2 * 2 * 16 * size
+        assert model.new_cache().k.element_size() * model.new_cache().k[:, 0].numel() * 2 == kv_bytes_per_position(model)
+
+
+@pytest.fixture
+def tiny_plan(tmp_path: Path):
+    """A tiny fp32 model (512 positions, 384 bytes of K/V per position) and a loader that pretends
+    its device has `free` bytes left after the weights (the CUDA path, on the CPU)."""
+    from edgespec.loading import memory
+
+    d = write_tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=3, num_key_value_heads=2)
+
+    def load(free: int, **kw):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("edgespec.loading.free_device_memory", lambda dev: free)
+            return load_model(d, device="cpu", dtype=torch.float32, with_tokenizer=False, **kw).model
+
+    per = 3 * 2 * 2 * 16 * 4
+    reserve = memory.reserved_bytes(load(1 << 40))
+    return load, per, reserve
+
+
+def test_the_default_context_is_capped_to_the_free_memory(tiny_plan, caplog: pytest.LogCaptureFixture) -> None:
+    from edgespec.loading.memory import KV_SHARE
+
+    load, per, reserve = tiny_plan
+    assert load(1 << 40).max_context == 512  # room for the model's maximum: nothing capped
+    free = reserve + int(300 * per / KV_SHARE) + 1  # KV_SHARE of the rest holds 300 positions
+    with caplog.at_level("WARNING", logger="edgespec"):
+        model = load(free)
+    assert model.max_context == 256 and model.rope.cos.shape[0] == 256  # a multiple of 256, RoPE rebuilt
+    assert "capped at 256 positions (the model allows 512)" in caplog.text
+    llm = LLM(LoadedModel(model, None, "m"))
+    assert llm.cache.max_len == 256 and len(llm.generate([5, 6, 7], max_new_tokens=300).token_ids) == 253
+    with pytest.raises(DeviceMemoryError, match=r"m: .* too little for a KV cache of 256 positions"):
+        load(reserve + 255 * per)
+
+
+def test_an_explicit_context_is_kept_or_refused_before_allocating(tiny_plan) -> None:
+    load, per, reserve = tiny_plan
+    assert load(reserve + 400 * per, max_context=400).max_context == 400  # the whole rest may go to the cache
+    with pytest.raises(DeviceMemoryError, match=r"a context of 401 positions needs .* at most 400 positions fit"):
+        load(reserve + 400 * per, max_context=401)
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = write_tiny_hf_model(tmp_path / "m", "llama")
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 224.00 MiB")
+
+    monkeypatch.setattr("edgespec.loading.build_decoder", oom)
+    with pytest.raises(DeviceMemoryError, match=r"the weights do not fit in the GPU's memory \(CUDA out of memory. "
+                                                r"Tried to allocate 224.00 MiB\); use a smaller or 4-bit model"):
+        load_model(d, device="cpu", with_tokenizer=False)

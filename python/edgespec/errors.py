@@ -28,3 +28,7 @@ class GenerationCancelled(EdgespecError):
 
 class DemoModelError(EdgespecError, RuntimeError):
     """The demo model could not be fetched or verified."""
+
+
+class DeviceMemoryError(EdgespecError, RuntimeError):
+    """A model's weights or its KV cache do not fit in the device's free memory."""

@@ -7,13 +7,14 @@ from typing import Any
 
 import torch
 
-from ..errors import ContextLengthError, ModelFormatError
+from ..errors import ContextLengthError, DeviceMemoryError, ModelFormatError
 from ..models.config import ModelConfig, config_from_hf
 from ..models.decoder import Decoder
 from .build import FFN_BUILDERS, build_decoder
 from .demo import demo_model_path
 from .gguf_file import GGUFSource
 from .hf_dir import HFDirectorySource, read_json
+from .memory import free_device_memory, plan_context
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = ["FFN_BUILDERS", "GGUFSource", "HFDirectorySource", "IncrementalDetokenizer", "LoadedModel",
@@ -103,7 +104,9 @@ def load_model(model: str | Path, device: str | torch.device | None = None, dtyp
                quantized: bool | None = None) -> LoadedModel:
     """Load a model directory, GGUF file or 'demo' onto `device` (default: cuda if present, else cpu).
 
-    max_context: positions the KV cache holds (default: the config's max_position_embeddings).
+    max_context: positions the KV cache holds (default: the config's max_position_embeddings, on CUDA
+    capped to what fits beside the weights; a max_context that cannot fit raises DeviceMemoryError:
+    edgespec.loading.memory).
     quantized: GGUF Q4_0/Q4_1/Q4_K weights become 4-bit QuantLinears (True) or are dequantised (False);
     None decides per device (edgespec.quant.checkpoint.gguf_q4_by_default). GPTQ/AWQ directories
     always load 4-bit.
@@ -115,7 +118,18 @@ def load_model(model: str | Path, device: str | torch.device | None = None, dtyp
     context = int(max_context or config.max_position_embeddings)
     if context <= 0:
         raise ContextLengthError(f"max_context must be positive, got {context}")
-    decoder = build_decoder(config, source, dev, dtype or default_dtype(dev), context, progress=progress)
+    try:
+        decoder = build_decoder(config, source, dev, dtype or default_dtype(dev), context, progress=progress)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise DeviceMemoryError(f"{model}: the weights do not fit in the GPU's memory ({exc}); use a smaller or "
+                                f"4-bit model (GPTQ, AWQ, GGUF Q4)") from None
+    free = free_device_memory(dev)
+    if free is not None:  # a CUDA device: fit the KV cache beside the weights (loading/memory.py)
+        torch.cuda.empty_cache()  # loading's temporaries are not in anybody's way
+        free = free_device_memory(dev)
+        fitted = plan_context(decoder, max_context, free, str(model))
+        if fitted != decoder.max_context:
+            decoder.set_max_context(fitted)
     tokenizer = None
     if with_tokenizer:
         extra = list(config.eos_token_ids) + (_generation_eos(Path(tok_dir)) if tok_gguf is None else [])

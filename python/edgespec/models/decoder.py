@@ -73,16 +73,21 @@ class Decoder:
         self.layers = layers
         self.final_norm = final_norm  # [H]
         self.lm_head = lm_head        # H -> V
-        self.max_context = max_context
-        self.rope: RopeTable = build_rope_table(
-            config.head_dim, config.rope_theta, max_context, config.rope_scaling,
-            config.max_position_embeddings, device=embed.device)
+        self.set_max_context(max_context)
         self.attn_scale = config.head_dim ** -0.5
         # Bitwise-equal attention for decoded and verified tokens (ops.attention); drafts turn it off.
         self.row_invariant_attention = True
         # InfLLM-v2 block-sparse attention (MiniCPM4 sparse_config): None for dense-only models.
         self.sparse: SparseAttention | None = sparse_for_config(
             config.sparse_config, config.num_layers, config.num_kv_heads, config.head_dim)
+
+    def set_max_context(self, max_context: int) -> None:
+        """Serve positions [0, max_context): the RoPE table covers them (LongRoPE's factors depend
+        on the context), KV caches default to that many slots."""
+        cfg = self.config
+        self.max_context = max_context
+        self.rope: RopeTable = build_rope_table(cfg.head_dim, cfg.rope_theta, max_context, cfg.rope_scaling,
+                                                cfg.max_position_embeddings, device=self.embed.device)
 
     @property
     def device(self) -> torch.device:
