@@ -409,6 +409,16 @@ def test_completion_logprobs_and_echo_on_the_demo_model(demo_server, demo_llm, s
     assert [text[a:b] for a, b in zip(lp["text_offset"], ends)] == lp["tokens"]
 
 
+def test_echo_scores_a_prompt_that_fills_the_context(tiny_server, tiny_llm):
+    ids = [7 + i % 90 for i in range(TINY_CONTEXT)]
+    r = client(tiny_server).completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    want = tiny_llm.generate(ids, max_new_tokens=0, prompt_logprobs=0).prompt_logprobs
+    assert r.choices[0].logprobs.token_logprobs == [None if e is None else e.logprob for e in want]
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == TINY_CONTEXT
+    resp = httpx.post(tiny_server + COMP, json={"prompt": ids, "max_tokens": 1}, timeout=WAIT_S)
+    assert assert_openai_error(resp, 400)["code"] == "context_length_exceeded"
+
+
 @pytest.fixture(scope="module")
 def demo_server(demo_llm) -> Iterator[str]:
     with running_server(demo_llm, model_name="smollm2") as base:

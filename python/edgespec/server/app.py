@@ -190,7 +190,7 @@ class _API:
     def _max_new_tokens(self, requested: int | None, prompt_len: int, default: int, param: str) -> int:
         context = self.llm.max_context
         room = context - prompt_len
-        if room < 1:
+        if room < 1 and not (requested == 0 and room == 0):  # scoring a prompt (echo) may fill the context
             raise bad_request(f"the prompt has {prompt_len} tokens but this model's context holds {context} "
                               f"(at least one position must remain for a new token)", param=param,
                               code="context_length_exceeded")
