@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -419,6 +420,46 @@ def test_echo_scores_a_prompt_that_fills_the_context(tiny_server, tiny_llm):
     assert assert_openai_error(resp, 400)["code"] == "context_length_exceeded"
 
 
+# ---- structured output ------------------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_response_format_json_schema(demo_server, demo_llm, stream):
+    pytest.importorskip("llguidance")
+    from edgespec.structured import Grammar
+
+    messages = [{"role": "user", "content": "Describe a person as JSON."}]
+    ref = demo_llm.generate(messages, max_new_tokens=60, temperature=0, grammar=Grammar.json(PERSON))
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    c = client(demo_server)
+    kwargs = dict(model="smollm2", messages=messages, max_tokens=60, temperature=0, response_format=fmt)
+    if stream:
+        text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kwargs)
+                       if ch.choices)
+    else:
+        r = c.chat.completions.create(**kwargs)
+        text = r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+    assert text == ref.text and set(json.loads(text)) == {"name", "age"}
+
+
+def test_guided_choice_and_regex(demo_server, demo_llm):
+    pytest.importorskip("llguidance")
+    c = client(demo_server)
+    r = c.completions.create(model="smollm2", prompt="Is the sky blue? Answer:", max_tokens=10, temperature=0,
+                             extra_body={"guided_choice": [" yes", " no"]})
+    assert r.choices[0].text in (" yes", " no") and r.choices[0].finish_reason == "stop"
+    r = c.completions.create(model="smollm2", prompt="The year the war ended:", max_tokens=10, temperature=0.9, seed=2,
+                             extra_body={"guided_regex": " [12][0-9]{3}"})
+    assert re.fullmatch(r" [12][0-9]{3}", r.choices[0].text)
+    r = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Any JSON, please."}],
+                                  max_tokens=40, temperature=0, response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
 @pytest.fixture(scope="module")
 def demo_server(demo_llm) -> Iterator[str]:
     with running_server(demo_llm, model_name="smollm2") as base:
@@ -458,8 +499,17 @@ ERROR_CASES = [
     ("chat-max-tokens-zero", CHAT, {"messages": OK_MESSAGES, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
     ("tools", CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools", "unsupported_parameter"),
-    ("json-mode", CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "json_object"}}, 400,
+    ("xml-mode", CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "xml"}}, 400,
      "response_format", "unsupported_parameter"),
+    ("json-schema-missing", CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "json_schema"}}, 400,
+     "response_format", None),
+    ("json-schema-bad", CHAT, {"messages": OK_MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format", None),
+    ("two-constraints", COMP, {"prompt": "hi", "guided_regex": "[a-z]+", "guided_choice": ["a", "b"]}, 400,
+     "guided_choice", None),
+    ("guided-grammar", COMP, {"prompt": "hi", "guided_grammar": "root ::= 'a'"}, 400, "guided_grammar",
+     "unsupported_parameter"),
+    ("guided-regex-bad", COMP, {"prompt": "hi", "guided_regex": "("}, 400, "guided_regex", None),
     ("image-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "messages.0.content.0", "unsupported_parameter"),
     ("tool-role", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role",

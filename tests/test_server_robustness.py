@@ -87,7 +87,8 @@ CHAT_BAD = {**COMMON_BAD,
             "tool_choice": st.one_of(st.text(max_size=8).filter(lambda t: t not in ("none", "auto")),
                                      st.dictionaries(st.text(max_size=4), _json, max_size=2)),
             "response_format": st.one_of(_not(dict), st.fixed_dictionaries(
-                {"type": st.text(max_size=10).filter(lambda t: t != "text")}))}
+                {"type": st.text(max_size=12).filter(lambda t: t not in ("text", "json_object"))}))}  # json_schema
+                # without its schema is bad too
 COMP_BAD = {**COMMON_BAD,
             "prompt": st.one_of(st.just(""), st.just([]), _not(str, list),
                                 st.lists(st.integers(min_value=VOCAB), min_size=1, max_size=3),

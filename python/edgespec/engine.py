@@ -139,6 +139,17 @@ class LLM:
             raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}")
         return items
 
+    def _grammar_state(self, config: GenerationConfig) -> Any:
+        from .structured import GrammarState  # noqa: PLC0415 - llguidance only for structured output
+
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("structured output needs the model's tokenizer (this model was loaded without one)")
+        vocab = self.model.config.vocab_size
+        if getattr(tok, "_grammar_tokenizer", None) is None:  # slow to build: once per tokenizer
+            tok._grammar_tokenizer = GrammarState.tokenizer_for(tok.hf, vocab)
+        return GrammarState(config.grammar, tok._grammar_tokenizer)
+
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError("this model was loaded without a tokenizer: pass token ids")
@@ -181,6 +192,11 @@ class LLM:
         if not config.ignore_eos and self.tokenizer is not None:
             stop_ids |= self.tokenizer.stop_token_ids
         stop_ids |= set() if config.ignore_eos else set(self.model.config.eos_token_ids)
+        strategy_factory = self._strategy_factory
+        if config.grammar is not None:
+            # Plain decoding: a speculative tree would need one grammar state per node.
+            config = replace(config, constraint=self._grammar_state(config))
+            strategy_factory = PlainDecoding
         text_out = _TextStopper(self.tokenizer, config.stop)
         generated: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if config.logprobs is not None else None
@@ -191,7 +207,7 @@ class LLM:
         device = self.model.device
         self.cache.length = 0
         self.cache.plan_span(len(prompt_ids) + budget)
-        strategy = self._strategy_factory(self.model, self.cache)
+        strategy = strategy_factory(self.model, self.cache)
         with torch.inference_mode():
             t0 = time.perf_counter()
             try:
@@ -227,6 +243,8 @@ class LLM:
                     finish = "stop"
                 if delta or accepted:
                     yield StreamEvent(delta, accepted, logprobs=step_logprobs)
+                if config.constraint is not None and config.constraint.done:
+                    finish = "stop"  # the grammar is complete and allows no further token
                 if finish == "stop" or stopped or len(generated) >= budget:
                     break
                 if config.cancel is not None and config.cancel():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -18,6 +18,9 @@ from . import cuda_graphs, ops
 from .errors import GenerationCancelled, NumericalError
 from .kv_cache import KVCache
 from .models.decoder import Decoder
+
+if TYPE_CHECKING:
+    from .structured import Grammar, GrammarState
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -46,10 +49,14 @@ class GenerationConfig:
     # returns each generated (prompt) token's and the k most likely alternatives at its position.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Structured output (edgespec.structured): the generated text must match this grammar.
+    grammar: "Grammar | None" = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     # Polled between prefill chunks and between decode steps; True stops the generation
     # (LLM.stream(cancel=...) sets it; a server cancels a request whose client went away).
     cancel: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+    # The grammar's state during one generation (set by the engine; the Sampler masks with it).
+    constraint: "GrammarState | None" = field(default=None, repr=False, compare=False)
 
     def validate(self) -> "GenerationConfig":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -59,6 +66,8 @@ class GenerationConfig:
         ops.validate_logit_bias(self.logit_bias)
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        if self.grammar is not None:
+            self.grammar.validate()
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= ops.MAX_TOP_LOGPROBS):
@@ -140,8 +149,11 @@ class Sampler:
         return ops.logits_to_probs(logits, c.temperature, c.top_k, c.top_p, c.min_p)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """[T, V] logits -> [T] int64 tokens, which join the history (T = 1: the next token)."""
+        """[T, V] logits -> [T] int64 tokens, which join the history (T = 1: the next token; the
+        grammar of a constrained generation masks it, and the strategy feeds the grammar)."""
         logits = self.adjust(logits)
+        if self.config.constraint is not None:
+            logits = self.config.constraint.mask(logits)
         if self.config.greedy:
             tokens = ops.argmax(logits)
         else:
@@ -287,7 +299,7 @@ class PlainDecoding:
         self.prompt_logprobs = scorer.result() if scorer is not None else None
         logits = self.model.logits(hidden)
         token = checked_tokens(self.sampler(logits), logits)[0]
-        self._last = token
+        self._commit(token)
         self.token_logits = logits
         return [token]
 
@@ -302,6 +314,11 @@ class PlainDecoding:
             logits = self.model.logits(out.hidden)
         self.cache.length = pos + 1
         token = checked_tokens(self.sampler(logits), logits)[0]
-        self._last = token
+        self._commit(token)
         self.token_logits = logits  # a graph's output buffer: valid until the next step
         return [token]
+
+    def _commit(self, token: int) -> None:
+        self._last = token
+        if self.sampler.config.constraint is not None:
+            self.sampler.config.constraint.consume([token])

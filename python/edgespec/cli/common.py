@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..engine import LLM
 from ..generation import GenerationConfig
+from ..structured import Grammar
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -42,6 +44,12 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="subtract this times a token's count so far in the output, in [-2, 2] (0 = off)")
     p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN=BIAS",
                    help="add BIAS (-100 to 100) to the logit of token id TOKEN (repeatable; 100 forces, -100 bans)")
+    g = p.add_argument_group("structured output (needs llguidance: pip install \"edgespec[structured]\")")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--json", action="store_true", help="the output is a JSON object")
+    one.add_argument("--json-schema", metavar="SCHEMA", help="the output is JSON valid under SCHEMA (a file or JSON text)")
+    one.add_argument("--regex", metavar="PATTERN", help="the output matches the regular expression PATTERN")
+    one.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these texts (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -57,11 +65,30 @@ def _logit_bias(items: list[str]) -> dict[int, float]:
     return bias
 
 
+def _grammar(args: argparse.Namespace) -> Grammar | None:
+    if args.json:
+        return Grammar.json()
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"--json-schema: {args.json_schema} is neither JSON text nor a readable file ({exc})") from None
+        return Grammar.json(text)
+    if args.regex is not None:
+        return Grammar.regex(args.regex)
+    if args.choice:
+        return Grammar.choice(args.choice)
+    return None
+
+
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            logit_bias=_logit_bias(args.logit_bias), seed=args.seed, stop=tuple(args.stop)).validate()
+                            logit_bias=_logit_bias(args.logit_bias), seed=args.seed, stop=tuple(args.stop),
+                            grammar=_grammar(args)).validate()
 
 
 def load_llm(args: argparse.Namespace) -> LLM:

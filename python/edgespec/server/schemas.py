@@ -10,9 +10,11 @@ Field policy:
 * n > 1 and batches of prompts run their generations one after the other (choices in prompt order,
   n per prompt; seeded choice i uses seed + i); the queue admits all of a request's generations or
   none.
+* Structured output (edgespec.structured): response_format json_object / json_schema, or vLLM's
+  guided_json, guided_regex and guided_choice; at most one per request.
 * Known fields that would change the output but are not implemented (tools, best_of != n, suffix,
-  JSON response formats, beam search, ...) are accepted only at their neutral value; anything else
-  is a 400 naming the parameter.
+  guided_grammar, beam search, ...) are accepted only at their neutral value; anything else is a
+  400 naming the parameter.
 * Log-probabilities (server/logprobs.py) are the model's raw distribution (ops.token_logprobs):
   chat's logprobs + top_logprobs (0-20), completions' logprobs (0-20 alternatives) and echo, which
   also scores the prompt; max_tokens 0 is allowed with echo (score a text, generate nothing).
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
 from ..generation import GenerationConfig
+from ..structured import Grammar
 from .errors import bad_request, from_validation_error, unsupported
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -49,8 +52,15 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
     type: str
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ContentPart(_Strict):
@@ -86,6 +96,7 @@ class _SamplingRequest(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None  # {token id as a string: bias in [-100, 100]}
+    response_format: ResponseFormat | None = None  # text, json_object or json_schema (edgespec.structured)
     best_of: int | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     min_tokens: int | None = None
@@ -101,9 +112,9 @@ class _SamplingRequest(_Strict):
                 raise unsupported(name, f"only {ok[1]!r} is implemented, got {value!r}")
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-            if getattr(self, key, None) is not None:
-                raise unsupported(key, "constrained decoding is not implemented")
+        if getattr(self, "guided_grammar", None) is not None:
+            raise unsupported("guided_grammar", "grammars are taken as response_format, guided_json, guided_regex "
+                                                "or guided_choice")
         if getattr(self, "prompt_logprobs", None) is not None:
             raise unsupported("prompt_logprobs", "send echo with logprobs to /v1/completions for the prompt's")
 
@@ -120,6 +131,40 @@ class _SamplingRequest(_Strict):
     def logprob_settings(self) -> tuple[int | None, int | None]:
         """(GenerationConfig.logprobs, GenerationConfig.prompt_logprobs) this request asks for."""
         raise NotImplementedError
+
+    def grammar(self) -> Grammar | None:
+        """The structured-output grammar this request asks for: response_format (json_object,
+        json_schema) or vLLM's guided_json / guided_regex / guided_choice, at most one of them."""
+        asked = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            if fmt.type == "json_object":
+                asked.append(("response_format", Grammar.json()))
+            elif fmt.type == "json_schema":
+                if fmt.json_schema is None:
+                    raise bad_request("response_format of type 'json_schema' needs 'json_schema'",
+                                      param="response_format")
+                asked.append(("response_format", Grammar.json(fmt.json_schema.schema_)))
+            else:
+                raise unsupported("response_format", f"types are text, json_object and json_schema, got {fmt.type!r}")
+        extra = self.model_extra or {}
+        if extra.get("guided_json") is not None:
+            asked.append(("guided_json", Grammar.json(extra["guided_json"])))
+        if extra.get("guided_regex") is not None:
+            asked.append(("guided_regex", Grammar.regex(extra["guided_regex"])))
+        if extra.get("guided_choice") is not None:
+            choices = extra["guided_choice"]
+            asked.append(("guided_choice", Grammar.choice(choices if isinstance(choices, list) else [choices])))
+        if len(asked) > 1:
+            raise bad_request(f"send one structured-output constraint, got {', '.join(n for n, _ in asked)}",
+                              param=asked[1][0])
+        if not asked:
+            return None
+        param, grammar = asked[0]
+        try:
+            return grammar.validate()
+        except ValueError as exc:
+            raise bad_request(f"{param}: {exc}", param=param) from None
 
     def token_biases(self, vocab_size: int) -> dict[int, float]:
         """logit_bias with OpenAI's string keys read as token ids; a bad key or value is a 400."""
@@ -155,7 +200,7 @@ class _SamplingRequest(_Strict):
                                 frequency_penalty=self.frequency_penalty or 0.0, logit_bias=bias,
                                 seed=self.seed, stop=self.stop_strings(), stop_token_ids=tuple(stop_ids),
                                 ignore_eos=self.ignore_eos, logprobs=logprobs,
-                                prompt_logprobs=prompt_logprobs).validate()
+                                prompt_logprobs=prompt_logprobs, grammar=self.grammar()).validate()
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -167,7 +212,6 @@ class ChatCompletionRequest(_SamplingRequest):
     functions: list[Any] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     function_call: Union[str, dict[str, Any], None] = None
-    response_format: ResponseFormat | None = None
 
     def check_supported(self) -> None:
         self._check_neutral()
@@ -179,8 +223,6 @@ class ChatCompletionRequest(_SamplingRequest):
         for name in ("tool_choice", "function_call"):
             if getattr(self, name) not in (None, "none", "auto"):
                 raise unsupported(name, "tool and function calling are not implemented")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise unsupported("response_format", f"only type 'text' is implemented, got {self.response_format.type!r}")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
             raise bad_request("'max_tokens' and 'max_completion_tokens' disagree; send one of them",
