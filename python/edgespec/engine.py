@@ -145,10 +145,9 @@ class LLM:
         tok = self.tokenizer
         if tok is None:
             raise ValueError("structured output needs the model's tokenizer (this model was loaded without one)")
-        vocab = self.model.config.vocab_size
-        if getattr(tok, "_grammar_tokenizer", None) is None:  # slow to build: once per tokenizer
-            tok._grammar_tokenizer = GrammarState.tokenizer_for(tok.hf, vocab)
-        return GrammarState(config.grammar, tok._grammar_tokenizer)
+        if tok.grammar_tokenizer is None:  # slow to build: once per tokenizer
+            tok.grammar_tokenizer = GrammarState.tokenizer_for(tok.hf, self.model.config.vocab_size)
+        return GrammarState(config.grammar, tok.grammar_tokenizer)
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -21,6 +21,8 @@ class Tokenizer:
         if hf.eos_token_id is not None:
             ids.add(int(hf.eos_token_id))
         self.stop_token_ids = frozenset(ids)
+        # llguidance's view of this tokenizer, built by the first structured output (edgespec.structured).
+        self.grammar_tokenizer: Any = None
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, gguf_file: str | None = None,
