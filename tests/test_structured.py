@@ -4,7 +4,9 @@ unconstrained greedy text); generations are valid and end when the grammar is co
 sampled, with speculation installed, through the CLI and the server."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 
 import pytest
@@ -41,6 +43,16 @@ def tiny(tmp_path_factory):
 def test_bad_grammars_are_refused(grammar, message) -> None:
     with pytest.raises(ValueError, match=message):
         GenerationConfig(grammar=grammar).validate()
+
+
+def test_bitmask_unpacking() -> None:
+    from edgespec.structured import _allowed
+
+    words = torch.tensor([[0b101, -(1 << 31), 1], [0, 0, 0]], dtype=torch.int32)  # tokens 0, 2, 63, 64
+    allowed = _allowed(words, 100)
+    assert allowed.shape == (2, 100) and not allowed[1].any()
+    assert allowed[0].nonzero().flatten().tolist() == [0, 2, 63, 64]
+    assert _allowed(words, 40)[0].nonzero().flatten().tolist() == [0, 2]
 
 
 def test_the_mask_keeps_the_model_s_choice_where_the_grammar_allows_it(demo_llm) -> None:
@@ -81,7 +93,7 @@ def test_structured_output_needs_a_tokenizer(tmp_path) -> None:
 @pytest.mark.slow
 def test_json_from_the_demo_model_with_speculation_installed(demo_llm) -> None:
     """The demo model answers in JSON valid under the schema, greedy and sampled; with its draft head
-    installed the constrained generation runs plain decoding and gives the same text."""
+    installed, speculative decoding gives plain decoding's tokens."""
     messages = [{"role": "user", "content": "Give a JSON object with a name and an age for a person."}]
     enable_speculation(demo_llm, None)
     results = [demo_llm.generate(messages, max_new_tokens=80, grammar=Grammar.json(SCHEMA), **s)
@@ -97,7 +109,8 @@ def test_json_from_the_demo_model_with_speculation_installed(demo_llm) -> None:
         again = demo_llm.generate(messages, max_new_tokens=80, grammar=Grammar.json(SCHEMA))
     finally:
         enable_speculation(demo_llm, None)
-    assert again.text == results[0].text and "draft" not in again.stats.extra
+    # Each tree row masked by its own path: greedy speculation gives plain decoding's text.
+    assert again.token_ids == results[0].token_ids and again.stats.extra["mean_accepted_length"] > 1.3
 
 
 def test_cli_options(tiny, tmp_path, capsys) -> None:
@@ -117,3 +130,62 @@ def test_cli_options(tiny, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):  # one constraint at a time
         parse(["generate", "--model", "m", "--json", "--regex", "a+", "x"])
     capsys.readouterr()
+
+
+def _letters_model(directory):
+    """The spec-sampling test's 6-token random Llama with a tokenizer: tokens a..f are ids 0..5
+    (f, the EOS, is special), pieces joined as they are."""
+    from tokenizers import decoders, models
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import write_tiny_hf_model
+
+    write_tiny_hf_model(directory, "llama", 21, vocab_size=6, num_hidden_layers=2, hidden_size=48,
+                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    raw = RawTokenizer(models.WordLevel({c: i for i, c in enumerate("abcdef")}))
+    raw.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="f").save_pretrained(directory)
+    return LLM(load_model(str(directory), device="cpu", dtype=torch.float32, max_context=64))
+
+
+@pytest.mark.slow
+def test_speculative_sampling_under_a_grammar_keeps_the_masked_distribution(tmp_path) -> None:
+    """Chi-square goodness of fit (as test_spec_sampling) of 3-token speculative samples under the
+    regex [abc][a-e][b-e] against the exact distribution of the model restricted, position by
+    position, to those letters: a tree row masked by the wrong path would move mass."""
+    from edgespec import ops
+    from edgespec.spec import disable_speculation
+    from edgespec.spec.train_head import random_head
+    from test_spec_sampling import chi_square_pvalue
+
+    llm = _letters_model(tmp_path / "letters")
+    prompt, allowed = [1, 3], [{0, 1, 2}, {0, 1, 2, 3, 4}, {1, 2, 3, 4}]
+    model = llm.model
+    probs = {}
+    with torch.inference_mode():
+        for length in range(3):
+            for prefix in itertools.product(range(6), repeat=length):
+                ids = torch.tensor(prompt + list(prefix))
+                logits = model.logits(model.forward(ids, torch.arange(ids.numel()), model.new_cache(16), 0).hidden[-1:])
+                keep = torch.tensor([t in allowed[length] for t in range(6)])
+                probs[prefix] = ops.logits_to_probs(torch.where(keep, logits, float("-inf")), 1.0)[0].double()
+    dist = {seq: math.prod(float(probs[seq[:i]][seq[i]]) for i in range(3))
+            for seq in itertools.product(range(6), repeat=3)}
+    grammar = Grammar.regex("[abc][a-e][b-e]")
+    enable_speculation(llm, draft=str(random_head(model.config, tmp_path / "head", seed=4, std=0.5)),
+                       tree_size=10, depth=3, topk=3)
+    try:
+        counts: dict[tuple[int, ...], int] = {}
+        accepted = 0
+        for seed in range(2000):
+            r = llm.generate(prompt, max_new_tokens=5, ignore_eos=True, temperature=1.0, seed=seed, grammar=grammar)
+            assert r.finish_reason == "stop" and len(r.token_ids) == 3  # the grammar ends it
+            counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
+            accepted += max(int(k) for k in r.stats.extra["acceptance_histogram"])
+    finally:
+        disable_speculation(llm)
+    assert all(dist[s] > 0 for s in counts)
+    assert accepted > 2000  # drafts were accepted, so tree rows beyond the root were used
+    pvalue = chi_square_pvalue(counts, dist, 2000)
+    assert pvalue > 1e-3, f"speculative sampling under a grammar differs from the masked distribution (p = {pvalue:.2e})"

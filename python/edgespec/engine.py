@@ -191,11 +191,8 @@ class LLM:
         if not config.ignore_eos and self.tokenizer is not None:
             stop_ids |= self.tokenizer.stop_token_ids
         stop_ids |= set() if config.ignore_eos else set(self.model.config.eos_token_ids)
-        strategy_factory = self._strategy_factory
         if config.grammar is not None:
-            # Plain decoding: a speculative tree would need one grammar state per node.
             config = replace(config, constraint=self._grammar_state(config))
-            strategy_factory = PlainDecoding
         text_out = _TextStopper(self.tokenizer, config.stop)
         generated: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if config.logprobs is not None else None
@@ -206,7 +203,7 @@ class LLM:
         device = self.model.device
         self.cache.length = 0
         self.cache.plan_span(len(prompt_ids) + budget)
-        strategy = strategy_factory(self.model, self.cache)
+        strategy = self._strategy_factory(self.model, self.cache)
         with torch.inference_mode():
             t0 = time.perf_counter()
             try:

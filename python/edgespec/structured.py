@@ -2,12 +2,13 @@
 schema, a regular expression, or a choice among strings), through llguidance (`pip install
 "edgespec[structured]"`; the server extra includes it).
 
-Each step masks the logits to the tokens the grammar allows after the text so far (-inf elsewhere)
-before penalties' and sampling's choice, so greedy and sampled decoding draw from the model's
+Each step masks the logits (after the logit bias and penalties) to the tokens the grammar allows
+after the text so far, -inf elsewhere, so greedy and sampled decoding draw from the model's
 distribution restricted to valid continuations; the generation ends when the grammar is complete
-and allows nothing more (finish_reason "stop"). Log-probabilities stay the model's raw ones. A
-constrained generation runs plain decoding even where speculation is installed: a draft tree would
-need one grammar state per node.
+and allows nothing more (finish_reason "stop"). Log-probabilities stay the model's raw ones.
+Speculative decoding masks each row of a verified tree by the grammar after that node's path, so
+greedy speculative output still equals plain output and sampling stays lossless; drafts the grammar
+forbids are simply never accepted.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class GrammarState:
         self._lt = lt
         self.matcher = llguidance.LLMatcher(tokenizer, grammar.compiled())
         self._check()
-        self._bitmask = lt.allocate_token_bitmask(1, tokenizer.vocab_size)
+        self._words = lt.get_bitmask_shape(1, tokenizer.vocab_size)[1]
 
     @staticmethod
     def tokenizer_for(hf_tokenizer: Any, vocab: int) -> Any:
@@ -104,19 +105,31 @@ class GrammarState:
         """The text is complete and the grammar allows no further token."""
         return self.matcher.is_stopped()
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [1, V] with every token the grammar forbids next at -inf (a new fp32 tensor)."""
-        self._lt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        self._check()
-        masked = logits.float().clone()  # the raw logits stay as they are (log-probabilities read them)
-        self._lt.apply_token_bitmask_inplace(masked, self._bitmask.to(logits.device))
-        return masked
+    def mask(self, logits: torch.Tensor, paths: Sequence[Sequence[int]] = ((),)) -> torch.Tensor:
+        """logits [N, V] as a new fp32 tensor (the raw ones stay: log-probabilities read them) whose
+        row i has every token the grammar forbids after the text so far plus paths[i] at -inf (a
+        draft tree's rows: each node's tokens below the root). A row whose path the grammar rejects
+        is left unmasked: acceptance never reaches it, its parent's row forbids its token."""
+        bitmask = torch.full((len(paths), self._words), -1, dtype=torch.int32)  # all allowed
+        for i, path in enumerate(paths):
+            consumed = self.matcher.try_consume_tokens(list(path)) if path else 0
+            if consumed == len(path):
+                self._lt.fill_next_token_bitmask(self.matcher, bitmask, i)
+            if consumed:
+                self.matcher.rollback(consumed)
+            self._check()
+        return torch.where(_allowed(bitmask.to(logits.device), logits.shape[-1]), logits.float(), float("-inf"))
 
-    def consume(self, tokens: Sequence[int]) -> None:
-        for t in tokens:
+    def consume(self, tokens: Sequence[int]) -> list[int]:
+        """Feed committed tokens; returns those up to the one that completes the grammar (the rest,
+        which a speculative step may have committed past the end, are dropped)."""
+        for i, t in enumerate(tokens):
             if not self.matcher.consume_token(int(t)):
                 self._check()
                 raise ValueError(f"token {t} does not continue the grammar")
+            if self.done:
+                return list(tokens[:i + 1])
+        return list(tokens)
 
     def _check(self) -> None:
         if self.matcher.is_error():
@@ -138,6 +151,16 @@ class _DecodedTokens:
 
     def __call__(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
+
+
+def _allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [N, vocab] from llguidance's int32 bitmask [N, W] (bit j of word i: token 32 i + j);
+    tokens past the bitmask are not allowed."""
+    bits = (bitmask.unsqueeze(-1).to(torch.int64) >> torch.arange(32, device=bitmask.device)) & 1
+    allowed = bits.view(bitmask.shape[0], -1).bool()
+    if allowed.shape[1] < vocab:
+        allowed = torch.cat([allowed, allowed.new_zeros(allowed.shape[0], vocab - allowed.shape[1])], dim=1)
+    return allowed[:, :vocab]
 
 
 def _llguidance() -> Any:

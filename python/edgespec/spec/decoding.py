@@ -82,6 +82,8 @@ class SpeculativeDecoding:
         self.prompt_logprobs = scorer.result() if scorer is not None else None
         logits = self.model.logits(hidden)
         first = checked_tokens(self.sampler(logits), logits)[0]
+        if config.constraint is not None:
+            config.constraint.consume([first])
         self.token_logits = logits
         if drafting:
             target = TargetStates({i: torch.cat(parts) for i, parts in captured.items()})
@@ -97,8 +99,10 @@ class SpeculativeDecoding:
         # Nodes at depth d sit at position n + d: stay inside the context, and drafting deeper than
         # the tokens still wanted is wasted work.
         max_depth = min(model.max_context - 1 - n, self._budget - self._produced - 1)
+        # A grammar masks each tree row by its node's path, which it reads from a host tree.
+        constrained = self.sampler.config.constraint is not None
         if (self.graphs is not None and max_depth >= self.settings.depth >= 2
-                and getattr(self.drafter, "graphable", False)):
+                and getattr(self.drafter, "graphable", False) and not constrained):
             # Graphed drafting: the tree stays on the device until the acceptance reads its path.
             cands = self.graphs.grow(self.drafter, self.settings, self._root_logits, self._root_state)
             root = torch.full((1,), self._root, dtype=torch.int64, device=dev)
@@ -139,6 +143,8 @@ class SpeculativeDecoding:
         self._produced += len(committed)
         self.accept_lengths[len(committed)] += 1
         self.tree_sizes.append(tree.size - 1)
+        if constrained:  # the grammar follows; tokens a step committed past its end are dropped
+            return self.sampler.config.constraint.consume(committed)
         return committed
 
     def _accept(self, tree: DeviceTree | DraftTree, logits: torch.Tensor) -> tuple[list[int], list[int], int]:
@@ -152,6 +158,9 @@ class SpeculativeDecoding:
                 rows = tree if isinstance(tree, DeviceTree) else DeviceTree.from_host(tree, logits.device)
                 path_counts = path_token_counts(rows, logits.shape[-1])
             logits = self.sampler.adjust(logits, path_counts)
+        if self.sampler.config.constraint is not None:
+            assert isinstance(tree, DraftTree)  # step() drafts on the host for a grammar
+            logits = self.sampler.config.constraint.mask(logits, tree_paths_below_root(tree))
         if isinstance(tree, DeviceTree):  # one host read, for the accepted path
             if greedy:
                 return accept_greedy_on_device(tree, logits)
@@ -176,6 +185,15 @@ class SpeculativeDecoding:
             "acceptance_histogram": {str(k): self.accept_lengths[k] for k in sorted(self.accept_lengths)},
             "mean_tree_size": round(sum(self.tree_sizes) / len(self.tree_sizes), 2) if self.tree_sizes else 0.0,
         }
+
+
+def tree_paths_below_root(tree: DraftTree) -> list[list[int]]:
+    """Each node's tokens from below the root (the last committed token) down to the node itself:
+    what a row of the verification continues the committed text with (the root's is empty)."""
+    paths: list[list[int]] = [[]]
+    for i in range(1, tree.size):
+        paths.append(paths[tree.parents[i]] + [tree.tokens[i]])  # parents come before their children
+    return paths
 
 
 def path_token_counts(tree: DeviceTree, vocab: int) -> torch.Tensor:
