@@ -272,6 +272,16 @@ def test_sampling_with_one_hot_targets_is_exact(argmax, path, bonus):
         assert accept_sampling(ACCEPT_TREE, probs, g) == (path, bonus)
 
 
+def first_token_counts(tree: DraftTree, probs: torch.Tensor, seed: int, n: int) -> torch.Tensor:
+    """How often each token is the first committed one (an accepted child or the bonus) in n draws."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(probs.shape[1])
+    for _ in range(n):
+        path, bonus = accept_sampling(tree, probs, g)
+        counts[tree.tokens[path[1]] if len(path) > 1 else bonus] += 1
+    return counts
+
+
 def test_sampling_first_token_matches_the_target_distribution():
     """Chi-square goodness of fit of the first committed token (children 5 and 7 tried first, then
     the residual) against p itself; 40,000 draws, p-value threshold 1e-3. A test of the test: the
@@ -279,12 +289,8 @@ def test_sampling_first_token_matches_the_target_distribution():
     p = torch.tensor([0.05, 0.1, 0.02, 0.08, 0.0, 0.25, 0.05, 0.3, 0.05, 0.05, 0.03, 0.02])
     probs = p.expand(3, 12).clone()
     tree = DraftTree.from_parents([0, 5, 7], [-1, 0, 0])
-    g = torch.Generator().manual_seed(123)
     n = 40_000
-    counts = torch.zeros(12)
-    for _ in range(n):
-        path, bonus = accept_sampling(tree, probs, g)
-        counts[tree.tokens[path[1]] if len(path) > 1 else bonus] += 1
+    counts = first_token_counts(tree, probs, 123, n)
     keep = p > 0
     assert counts[~keep].sum() == 0  # a zero-probability token is never produced
     pvalue = stats.chisquare(counts[keep].numpy(), (p[keep] * n).numpy()).pvalue
@@ -334,12 +340,8 @@ def test_sampling_with_a_repeated_sibling_token_matches_the_target():
     p = torch.tensor([0.1, 0.0, 0.2, 0.0, 0.0, 0.3, 0.0, 0.4, 0.0, 0.0, 0.0, 0.0])
     tree = DraftTree.from_parents([0, 7, 7, 5], [-1, 0, 0, 0])
     probs = p.expand(4, 12).clone()
-    g = torch.Generator().manual_seed(9)
     n = 4000
-    counts = torch.zeros(12)
-    for _ in range(n):
-        path, bonus = accept_sampling(tree, probs, g)
-        counts[tree.tokens[path[1]] if len(path) > 1 else bonus] += 1
+    counts = first_token_counts(tree, probs, 9, n)
     keep = p > 0
     assert counts[~keep].sum() == 0
     assert stats.chisquare(counts[keep].numpy(), (p[keep] * n).numpy()).pvalue > 1e-3
