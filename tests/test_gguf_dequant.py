@@ -13,45 +13,21 @@ import numpy as np
 import pytest
 import torch
 
+from edgespec import load_model
 from edgespec.errors import ModelFormatError
 from edgespec.loading import gguf_dequant
 from edgespec.loading.gguf_dequant import dequantize, raw_bytes
 from edgespec.loading.gguf_file import GGUFSource
+from gguf_cases import QT, TYPES, random_raw, reference
 
-QT = gguf.GGMLQuantizationType
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-# Byte offsets of each block's fp16 scale fields (gguf/quants.py's layouts): random bytes there would
-# make NaN/inf scales, which would pass a bitwise comparison without checking any arithmetic.
-FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82),
-               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 # (rows, blocks per row); a 3-D case as well: GGUF stores expert stacks that way.
 SHAPES = [(1, 1), (3, 5), (7, 2), (2, 3, 3)]
-
-
-def random_raw(name: str, nblocks: int, seed: int) -> np.ndarray:
-    """uint8 [nblocks, type_size]: random bytes, each fp16 scale field finite and non-zero."""
-    rng = np.random.default_rng(seed)
-    block, size = gguf.GGML_QUANT_SIZES[QT[name]]
-    raw = rng.integers(0, 256, (nblocks, size), dtype=np.uint8)
-    scales = rng.uniform(0.05, 4.0, (nblocks, len(FP16_FIELDS.get(name, ())))) * rng.choice([-1, 1], (nblocks, 1))
-    for i, at in enumerate(FP16_FIELDS.get(name, ())):
-        raw[:, at:at + 2] = scales[:, i:i + 1].astype(np.float16).view(np.uint8)
-    if name == "F16":  # the elements are the fp16 values: random bits, finite (subnormals included)
-        bits = raw.view(np.uint16)
-        bits[(bits & 0x7C00) == 0x7C00] ^= 0x4000  # an all-ones exponent (inf/NaN) loses its top bit
-    return raw
 
 
 def torch_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """A SHAPES entry as a tensor shape: the last dimension counts blocks, scaled to elements."""
     block = gguf.GGML_QUANT_SIZES[QT[name]][0]
     return (*shape[:-1], shape[-1] * block)
-
-
-def reference(raw: np.ndarray, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    rows = math.prod(shape[:-1])
-    return torch.from_numpy(np.array(gguf.quants.dequantize(raw.reshape(rows, -1), QT[name]), dtype=np.float32)
-                            ).reshape(shape)
 
 
 def assert_bit_equal(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -140,7 +116,18 @@ def test_raw_bytes_shares_the_file_view() -> None:
     assert_bit_equal(dequantize(raw, QT.F32, (3, 4)), torch.from_numpy(data.copy()))
 
 
-def test_demo_weights_equal_the_numpy_path(demo_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the demo-model tests: their results do not depend on it, and on a
+    shared 2-core machine OpenMP's spinning threads, competing with another process's, stretched
+    each from ~2 s to over 20 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_weights_equal_the_numpy_path(demo_gguf: Path, monkeypatch: pytest.MonkeyPatch, one_thread) -> None:
     """Every tensor of the demo (Q4_1, Q8_0 and F32; llama Q/K un-permuted) is bit-identical
     through torch and through gguf's numpy decoder (every type sent to the fallback)."""
     source = GGUFSource(demo_gguf)
@@ -149,6 +136,26 @@ def test_demo_weights_equal_the_numpy_path(demo_gguf: Path, monkeypatch: pytest.
     monkeypatch.setattr(gguf_dequant, "_FORMATS", {})
     for name, w in ours.items():
         assert_bit_equal(w, source.tensor(name))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_loader_reads_every_weight_for_its_device(demo_gguf: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  quantized: bool, one_thread) -> None:
+    """load_model names its device to every GGUFSource.tensor call (also through the 4-bit import's
+    wrapper), so a CUDA load decodes on the GPU: a call that left it out would decode on the host."""
+    calls = []
+    tensor = GGUFSource.tensor
+
+    def spy(self, name: str, device=None) -> torch.Tensor:
+        calls.append((name, device))
+        return tensor(self, name, device)
+
+    monkeypatch.setattr(GGUFSource, "tensor", spy)
+    load_model(demo_gguf, device="cpu", dtype=torch.float32, max_context=16, with_tokenizer=False,
+               quantized=quantized)
+    assert any(name == "model.embed_tokens.weight" for name, _ in calls)
+    assert len(calls) > (5 if quantized else 200)
+    assert all(device == torch.device("cpu") for _, device in calls), [c for c in calls if c[1] is None][:3]
 
 
 @pytest.mark.gpu

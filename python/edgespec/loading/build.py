@@ -25,7 +25,7 @@ def _check_features(source: Any, name: str, lin: Any, out_features: int, in_feat
 
 
 def _vector(source: Any, name: str, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    t = require(source, name)
+    t = require(source, name, device)
     if tuple(t.shape) != (size,):
         raise ModelFormatError(f"{source.path}: {name} has shape {tuple(t.shape)}, expected ({size},)")
     return t.to(device=device, dtype=dtype)
@@ -77,7 +77,7 @@ def build_decoder(cfg: ModelConfig, source: Any, device: torch.device | str, dty
                   max_context: int, progress: bool = False) -> Decoder:
     """Read every weight of `cfg` from `source` onto `device` in `dtype` and return the Decoder."""
     device = torch.device(device)
-    embed = require(source, "model.embed_tokens.weight")
+    embed = require(source, "model.embed_tokens.weight", device)
     if tuple(embed.shape) != (cfg.vocab_size, cfg.hidden_size):
         raise ModelFormatError(f"{source.path}: model.embed_tokens.weight has shape {tuple(embed.shape)}, "
                                f"expected ({cfg.vocab_size}, {cfg.hidden_size})")

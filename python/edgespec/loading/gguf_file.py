@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp): metadata -> config, tensors -> Hugging Face names, dequantised.
+"""GGUF files (llama.cpp): metadata -> config, tensors -> Hugging Face names, dequantised
+(gguf_dequant.py, on the load device).
 
 llama.cpp's converter permutes the rows of Llama Q and K projections (it stores the two RoPE
 halves interleaved); `_unpermute` restores the Hugging Face "rotate half" order so the one
@@ -10,11 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import ModelFormatError
 from ..models.config import ModelConfig, config_from_hf
+from .gguf_dequant import dequantize, raw_bytes
 from .gguf_header import GGUFHeader, Unreadable, read_header
 from .source import dense_linear
 
@@ -73,13 +74,11 @@ def _field(header: GGUFHeader, key: str, default: Any = None) -> Any:
 
 
 class GGUFSource:
-    """Tensors of a GGUF file under Hugging Face names, dequantised to float32 on demand."""
+    """Tensors of a GGUF file under Hugging Face names, dequantised to float32 on demand, on the
+    device that asks."""
 
     def __init__(self, path: str | Path) -> None:
-        import gguf  # noqa: PLC0415 - only needed for GGUF input
-
         self.path = str(path)
-        self.gguf = gguf
         try:
             self.header = read_header(self.path)
         except FileNotFoundError:
@@ -142,17 +141,17 @@ class GGUFSource:
         """The GGUFTensor behind a Hugging Face name (for direct quantized import)."""
         return self._tensors[name]
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The named tensor as float32 on `device`, Hugging Face layout (llama Q/K un-permuted).
+
+        The raw block bytes go to `device` and are decoded there (gguf_dequant): a CUDA load moves
+        the 4-bit bytes across PCIe, not float32 weights, and decodes them on the GPU.
+        """
         if name not in self._tensors:
             raise ModelFormatError(f"{self.path}: tensor {name!r} is missing from the GGUF file")
         t = self._tensors[name]
-        try:
-            data = self.gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ModelFormatError(
-                f"{self.path}: tensor {t.name} uses GGUF type {t.tensor_type.name}, which cannot be dequantised") from None
-        shape = tuple(int(s) for s in reversed(t.shape))
-        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # a writable copy
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the fastest dimension first
+        w = dequantize(raw_bytes(t.data).to(device), t.tensor_type, shape, name=f"{self.path}: {t.name}")
         if self.arch == "llama":
             if ".self_attn.q_proj." in name:
                 w = _unpermute(w, self.config.num_heads)

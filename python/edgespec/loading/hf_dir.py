@@ -67,7 +67,9 @@ class HFDirectorySource:
     def has(self, name: str) -> bool:
         return name in self._where or name in self._bin
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        # Read on the host whatever `device` is: dense_linear's one `.to(device, dtype)` then
+        # converts and copies it.
         if name in self._bin:
             return self._bin[name]
         if name not in self._where:

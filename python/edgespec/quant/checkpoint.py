@@ -51,10 +51,10 @@ class _WrappedSource:
     def has(self, name: str) -> bool:
         return self.base.has(name) or (name.endswith(".weight") and self.is_quantized(name.removesuffix(".weight")))
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         if not self.base.has(name) and name.endswith(".weight") and self.is_quantized(name.removesuffix(".weight")):
-            return self.int4(name.removesuffix(".weight")).dequantize()  # fp32 [N, K]
-        return self.base.tensor(name)
+            return self.int4(name.removesuffix(".weight")).dequantize()  # fp32 [N, K] on the host
+        return self.base.tensor(name, device)
 
     def is_quantized(self, prefix: str) -> bool:
         raise NotImplementedError
@@ -65,7 +65,7 @@ class _WrappedSource:
     def linear(self, prefix: str, device: torch.device, dtype: torch.dtype):
         if not self.is_quantized(prefix):
             return dense_linear(self, prefix, device, dtype)
-        bias = self.tensor(prefix + ".bias") if self.has(prefix + ".bias") else None
+        bias = self.tensor(prefix + ".bias", device) if self.has(prefix + ".bias") else None
         return self.int4(prefix).to_linear(bias, device, dtype, name=f"{self.path}: {prefix}")
 
 
