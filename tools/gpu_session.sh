@@ -49,7 +49,7 @@ done
 # Stages in the order they run; the group is what --only build,tests,bench selects.
 STAGES=(env build cpp_build tests_kernels tests_attention tests_sm90 tests_w4a16 tests_sparse tests_blockffn
         tests_graphs tests_other bench_attention bench_w4a16 bench_sparse bench_blockffn cpp_bench bench_e2e bench_spec
-        bench_spec_graphs bench_spec_sampling bench_sampling)
+        bench_spec_graphs bench_spec_sampling bench_sampling bench_gguf_load)
 declare -A GROUP=([env]=env [build]=build)
 for s in "${STAGES[@]}"; do
   case $s in tests_*) GROUP[$s]=tests ;; bench_*|cpp_*) GROUP[$s]=bench ;; esac
@@ -69,7 +69,7 @@ declare -A CAP=([env]="60 60" [build]="300 300" [extension]="60 60" [cpp_build]=
                 [tests_blockffn]="50 25" [tests_graphs]="50 25" [tests_other]="40 20" [bench_attention]="90 40"
                 [bench_w4a16]="90 30" [bench_sparse]="75 30" [bench_blockffn]="60 25" [bench_sampling]="30 15"
                 [cpp_bench]="45 0" [bench_e2e]="60 25" [bench_spec]="75 35"
-                [bench_spec_graphs]="60 30" [bench_spec_sampling]="45 0")
+                [bench_spec_graphs]="60 30" [bench_spec_sampling]="45 0" [bench_gguf_load]="90 30")
 TESTS_BUDGET=$(( QUICK ? 100 : 200 ))  # all tests_* stages together
 TEST_TIMEOUT=$(( QUICK ? 60 : 90 ))    # one test (pytest-timeout)
 RESERVE_S=20                           # kept back for the summary and the tarball
@@ -616,11 +616,21 @@ if [[ -z $DEMO_MISSING ]]; then
     run_bench bench_spec_sampling bench/python/bench_spec.py --device cuda --limit 3 --temperature 0.8 --top-p 0.9
   fi
 fi
-# Last, as no issue's target depends on it: the top-p kernel against the sort it replaced.
+# Last, as no issue's target depends on them: the top-p kernel against the sort it replaced, then
+# GGUF loading.
 if [[ $QUICK == 1 ]]; then
   run_bench bench_sampling bench/python/bench_sampling.py --cases llama3 --rows 1,64 --repeats 20
 else
   run_bench bench_sampling bench/python/bench_sampling.py
+fi
+# GGUF loading: each block type's dequantisation (gguf's numpy on the host vs torch on the GPU) and,
+# where the demo model is here, its whole load.
+GGUF_LOAD_ARGS=(--device cuda)
+[[ -n $DEMO_MISSING ]] && GGUF_LOAD_ARGS+=(--no-load)
+if [[ $QUICK == 1 ]]; then
+  run_bench bench_gguf_load bench/python/bench_gguf_load.py "${GGUF_LOAD_ARGS[@]}" --shapes 4096x4096 --repeats 2
+else
+  run_bench bench_gguf_load bench/python/bench_gguf_load.py "${GGUF_LOAD_ARGS[@]}"
 fi
 
 RC=0
