@@ -22,7 +22,6 @@ weight dequantised; by default the Q4_1 projections import as 4-bit directly).
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 from pathlib import Path
@@ -46,13 +45,24 @@ from edgespec.loading.demo import demo_model_path  # noqa: E402
 SHAPES = "4096x4096,14336x4096"
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median wall-clock ms of fn (GPU work included: synchronised), after one warm-up call."""
-    def synced() -> None:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return median(time_cpu(synced, repeats)) * 1e3
+def alternated(fns: list[Callable[[], Any]], device: torch.device, repeats: int) -> list[float]:
+    """Median wall-clock ms of each fn (GPU work synchronised), after one warm-up call each, the fns
+    called in turn repeat by repeat so that drift in the machine's load hits them alike."""
+    def synced(fn: Callable[[], Any]) -> Callable[[], None]:
+        def call() -> None:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return call
+
+    calls = [synced(fn) for fn in fns]
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, call in zip(times, calls):
+            t += time_cpu(call, 1, warmup=0)
+    return [median(t) * 1e3 for t in times]
 
 
 def dequant_row(name: str, rows: int, cols: int, device: torch.device, repeats: int) -> dict[str, Any]:
@@ -70,7 +80,7 @@ def dequant_row(name: str, rows: int, cols: int, device: torch.device, repeats: 
     def ours() -> torch.Tensor:
         return gguf_dequant.dequantize(torch.from_numpy(raw).to(device), QT[name], shape)
 
-    baseline_ms, ours_ms = timed(baseline, device, repeats), timed(ours, device, repeats)
+    baseline_ms, ours_ms = alternated([baseline, ours], device, repeats)
     row = {"case": f"dequant {name} {rows}x{cols}", "ours_ms": round(ours_ms, 3),
            "baseline": "gguf.quants.dequantize (numpy, host) to float32" + (" + copy to the GPU" if device.type == "cuda" else ""),
            "baseline_ms": round(baseline_ms, 3), "speedup": round(baseline_ms / ours_ms, 3),
@@ -92,21 +102,13 @@ def load_rows(device: torch.device, repeats: int) -> list[dict[str, Any]]:
         def load() -> None:
             edgespec.load_model(path, device=device, dtype=dtype, max_context=256, with_tokenizer=False,
                                 quantized=quantized)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
 
         def numpy_load() -> None:
             with mock.patch.dict(gguf_dequant._FORMATS, clear=True):  # every type to gguf's numpy decoder
                 load()
 
-        load()  # warm-up: header index, page cache, CUDA context
-        numpy_load()
-        ours_t, base_t = [], []
-        for _ in range(repeats):  # alternated, so machine load drifts hit both alike
-            ours_t += time_cpu(load, 1, warmup=0)
-            base_t += time_cpu(numpy_load, 1, warmup=0)
-        ours_ms, base_ms = median(ours_t) * 1e3, median(base_t) * 1e3
+        # The warm-up calls write the header index and bring the file into the page cache.
+        base_ms, ours_ms = alternated([numpy_load, load], device, repeats)
         rows.append({"case": f"load demo (SmolLM2-135M Q4_1) {str(dtype).removeprefix('torch.')} {label}",
                      "ours_ms": round(ours_ms, 1), "baseline": "the same load, gguf.quants numpy dequantisation",
                      "baseline_ms": round(base_ms, 1), "speedup": round(base_ms / ours_ms, 3)})
