@@ -151,7 +151,9 @@ def main() -> int:
     notes = (f"Wall clock (GPU work synchronised), median of {args.repeats} after one warm-up; torch CPU threads "
              f"{threads}, numpy single-threaded. dequant rows: random blocks, float32 out; ours includes the "
              f"raw bytes' copy to the device, decode_ms (CUDA events) excludes it. load rows: load_model of the "
-             f"demo GGUF, baseline with gguf_dequant's table emptied (every type through gguf.quants), alternated.")
+             f"demo GGUF, baseline with gguf_dequant's table emptied (every type through gguf.quants), alternated. "
+             f"F32 is a plain copy on both sides (torch's copy_ is slower than numpy's memcpy on one CPU thread); "
+             f"a quantized GGUF's F32 tensors are its norm vectors.")
     path = write_result("gguf_load", device, rows, notes, threads=threads, **run.marker(len(rows), planned))
     speedups = [row["speedup"] for row in rows if row["case"].startswith("dequant")]
     if speedups:
