@@ -33,12 +33,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("grammar, message", [
-    (Grammar("yaml"), r"grammar kind must be one of json, regex, choice, got 'yaml'"),
+    (Grammar("yaml"), r"grammar kind must be one of json, regex, choice, lark, got 'yaml'"),
     (Grammar.regex("("), r"the regex grammar does not compile: .*unclosed group"),
     (Grammar.json("{not json"), r"the JSON schema is not valid JSON"),
     (Grammar.json({"type": "nonsense"}), r"the json grammar does not compile: .*nonsense"),
     (Grammar.choice([]), r"a choice grammar needs one or more non-empty strings"),
-    (Grammar.regex(5), r"a regex grammar needs the pattern as a string"),
+    (Grammar.regex(5), r"a regex grammar needs its text as a string"),
 ])
 def test_bad_grammars_are_refused(grammar, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -189,3 +189,20 @@ def test_speculative_sampling_under_a_grammar_keeps_the_masked_distribution(tmp_
     assert accepted > 2000  # drafts were accepted, so tree rows beyond the root were used
     pvalue = chi_square_pvalue(counts, dist, 2000)
     assert pvalue > 1e-3, f"speculative sampling under a grammar differs from the masked distribution (p = {pvalue:.2e})"
+
+
+def test_a_grammar_compiles_once(monkeypatch) -> None:
+    # Validation (the config's, the server's) and the matcher share one compilation; a dict schema
+    # is frozen as JSON text, so mutating the caller's dict afterwards changes nothing.
+    import llguidance
+
+    calls = []
+    real = llguidance.LLMatcher.grammar_from_json_schema
+    monkeypatch.setattr(llguidance.LLMatcher, "grammar_from_json_schema",
+                        lambda schema, *a, **k: calls.append(schema) or real(schema, *a, **k))
+    schema = dict(SCHEMA)
+    grammar = Grammar.json(schema)
+    schema["required"] = ["nothing"]
+    GenerationConfig(grammar=grammar).validate()
+    grammar.validate()
+    assert grammar.compiled() and len(calls) == 1 and json.loads(calls[0]) == SCHEMA

@@ -15,21 +15,30 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import torch
 
-KINDS = ("json", "regex", "choice")
+KINDS = ("json", "regex", "choice", "lark")
 
 
 @dataclass(frozen=True)
 class Grammar:
     """What generated text must match. kind "json": JSON text, any object when `spec` is None,
     else valid under the JSON schema `spec` (a dict or its JSON text); "regex": a full match of
-    the regular expression `spec`; "choice": exactly one of the strings `spec`."""
+    the regular expression `spec`; "choice": exactly one of the strings `spec`; "lark": a grammar
+    in llguidance's Lark dialect (edgespec.tool_calls writes these).
+
+    A dict schema is kept as its JSON text, so the grammar cannot change after it is made and
+    compiles once however often it is validated and used."""
 
     kind: str
     spec: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "json" and isinstance(self.spec, dict):
+            object.__setattr__(self, "spec", json.dumps(self.spec))
 
     @classmethod
     def json(cls, schema: dict[str, Any] | str | None = None) -> "Grammar":
@@ -43,35 +52,49 @@ class Grammar:
     def choice(cls, options: Sequence[str]) -> "Grammar":
         return cls("choice", tuple(options))
 
+    @classmethod
+    def lark(cls, grammar: str) -> "Grammar":
+        return cls("lark", grammar)
+
     def validate(self) -> "Grammar":
         """Check the spec's shape and that llguidance compiles it (ValueError naming the problem)."""
         if self.kind not in KINDS:
             raise ValueError(f"grammar kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.kind == "regex" and not isinstance(self.spec, str):
-            raise ValueError(f"a regex grammar needs the pattern as a string, got {type(self.spec).__name__}")
+        if self.kind in ("regex", "lark") and not isinstance(self.spec, str):
+            raise ValueError(f"a {self.kind} grammar needs its text as a string, got {type(self.spec).__name__}")
         if self.kind == "choice" and (not self.spec or not all(isinstance(s, str) and s for s in self.spec)):
             raise ValueError("a choice grammar needs one or more non-empty strings")
-        if self.kind == "json" and self.spec is not None and not isinstance(self.spec, (dict, str)):
+        if self.kind == "json" and self.spec is not None and not isinstance(self.spec, str):
             raise ValueError(f"a JSON schema must be a dict or its JSON text, got {type(self.spec).__name__}")
-        failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(self.compiled())
-        if failed:
-            raise ValueError(f"the {self.kind} grammar does not compile: {'; '.join(' '.join(m.split()) for m in messages)}")
+        if self._problems:
+            raise ValueError(f"the {self.kind} grammar does not compile: {self._problems}")
         return self
 
-    def compiled(self) -> str:
-        """The grammar in llguidance's format."""
+    @cached_property
+    def _problems(self) -> str:
+        """llguidance's complaints about the compiled grammar ("" when it compiles)."""
+        failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(self.compiled())
+        return "; ".join(" ".join(m.split()) for m in messages) if failed else ""
+
+    @cached_property
+    def _compiled(self) -> str:
         llguidance = _llguidance()
         if self.kind == "json":
-            schema = self.spec if self.spec is not None else {"type": "object"}
-            if isinstance(schema, str):
-                try:
-                    schema = json.loads(schema)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"the JSON schema is not valid JSON: {exc}") from None
-            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+            schema = self.spec if self.spec is not None else '{"type": "object"}'
+            try:
+                json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the JSON schema is not valid JSON: {exc}") from None
+            return llguidance.LLMatcher.grammar_from_json_schema(schema)
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.spec)
+        if self.kind == "lark":
+            return llguidance.LLMatcher.grammar_from_lark(self.spec)
         return llguidance.LLMatcher.grammar_from_regex("|".join(re.escape(s) for s in self.spec))
+
+    def compiled(self) -> str:
+        """The grammar in llguidance's format (built once)."""
+        return self._compiled
 
 
 class GrammarState:
