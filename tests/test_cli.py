@@ -146,3 +146,29 @@ def test_unsupported_model_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     proc = run_cli("chat", "--model", str(tmp_path), "--device", "cpu", stdin="hi\n")
     _assert_one_line_error(proc, "model_type 'gpt2'", "not supported")
+
+
+def test_chat_template_option(tmp_path: Path, tiny_dir: Path, tiny_llm: LLM) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<|im_start|> system : be brief <|im_end|> <|im_start|> "
+                        "{{ m['role'] }} : {{ m['content'] }} <|im_end|> {% endfor %}<|im_start|> assistant :")
+    proc = run_cli("generate", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "6",
+                   "--chat", "--chat-template", str(template), "--stats", "hello world")
+    assert proc.returncode == 0, proc.stderr
+    [(text, stats)] = split_replies(proc.stdout)
+    own = tiny_llm.tokenizer.hf.chat_template
+    try:
+        tiny_llm.tokenizer.set_chat_template(template.read_text())
+        expected = tiny_llm.generate("hello world", chat=True, max_new_tokens=6)
+        assert stats["prompt_tokens"] == len(tiny_llm.encode("hello world", chat=True))
+    finally:
+        tiny_llm.tokenizer.hf.chat_template = own
+    assert text == expected.text and stats["prompt_tokens"] != len(tiny_llm.encode("hello world", chat=True))
+    # A missing file fails before the model loads; a template that cannot render fails after.
+    proc = run_cli("generate", "--model", str(tmp_path / "no-such-model"), "--chat-template", str(tmp_path / "nope"), "hi")
+    _assert_one_line_error(proc, "--chat-template: cannot read")
+    template.write_text("{% for m in messages %}")
+    proc = run_cli("generate", "--model", str(tiny_dir), "--device", "cpu", "--chat-template", str(template), "hi")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr  # after the loading progress bar:
+    assert proc.stderr.strip().splitlines()[-1].split("\r")[-1].lstrip().startswith(
+        "edgespec: error: the chat template cannot render a user message"), proc.stderr

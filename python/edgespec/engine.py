@@ -120,17 +120,21 @@ class LLM:
             if self.cache.max_len < self.model.max_context + cache_slack:
                 self.cache = self.model.new_cache(self.model.max_context + cache_slack)
 
-    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+    def encode(self, prompt: Prompt, chat: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt: text (with the chat template when chat=True), chat messages
-        ([{"role", "content"}], always templated) or ids (validated against the vocabulary)."""
+        ([{"role", "content"}], always templated) or ids (validated against the vocabulary).
+        tools: OpenAI function definitions for the chat template (edgespec.tool_calls)."""
+        templated = chat if isinstance(prompt, str) else bool(prompt) and all(isinstance(m, dict) for m in prompt)
+        if tools is not None and not templated:
+            raise ValueError("tools are rendered by the chat template: send chat messages (or chat=True)")
         if isinstance(prompt, str):
             tok = self._need_tokenizer()
             if chat:
-                return tok.apply_chat_template([{"role": "user", "content": prompt}])
+                return tok.apply_chat_template([{"role": "user", "content": prompt}], tools=tools)
             return tok.encode(prompt)
         items = list(prompt)
         if items and all(isinstance(m, dict) for m in items):
-            return self._need_tokenizer().apply_chat_template(items)
+            return self._need_tokenizer().apply_chat_template(items, tools=tools)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
             raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
         vocab = self.model.config.vocab_size

@@ -25,6 +25,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's maximum)")
+    p.add_argument("--chat-template", metavar="FILE", default=None,
+                   help="a Jinja chat template to use instead of the model's (e.g. one that renders tools)")
     for hook in MODEL_OPTION_HOOKS:
         hook(p)
 
@@ -93,7 +95,17 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 def load_llm(args: argparse.Namespace) -> LLM:
     device = None if args.device == "auto" else args.device
+    template = None
+    if args.chat_template is not None:  # read before the (slow) load, so a wrong path fails at once
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--chat-template: cannot read {args.chat_template} ({exc})") from None
     llm = LLM.load(args.model, device=device, dtype=DTYPES[args.dtype], max_context=args.max_context, progress=True)
+    if template is not None:
+        if llm.tokenizer is None:
+            raise ValueError("--chat-template: this model was loaded without a tokenizer")
+        llm.tokenizer.set_chat_template(template)
     for hook in LLM_SETUP_HOOKS:
         hook(llm, args)
     return llm

@@ -59,16 +59,46 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of `messages` ([{"role": ..., "content": ...}]) rendered with the model's template."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of `messages` ([{"role": ..., "content": ...}], plus whatever else the template
+        reads: an assistant's "tool_calls", a tool reply's "tool_call_id") rendered with the model's
+        template; `tools` (OpenAI's function definitions) are passed to the template, which must
+        render them."""
         if not self.has_chat_template:
             raise ModelFormatError(f"{self.source}: the tokenizer has no chat template")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} must be an object with string 'role' and 'content', got {m!r}")
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        if tools is not None and not self.renders_tools:
+            raise ValueError("this model's chat template does not render tools, so the model would never see them "
+                             "(give the server a template that does: --chat-template)")
+        extra = {} if tools is None else {"tools": tools}
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                           **extra)
         # The template already contains the special tokens it needs.
         return self.encode(text, add_special_tokens=False)
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template reads the `tools` variable (offered tools reach the prompt)."""
+        from ..tool_calls import template_renders_tools  # noqa: PLC0415
+
+        return template_renders_tools(self.hf.chat_template if self.has_chat_template else None)
+
+    def set_chat_template(self, template: str) -> None:
+        """Replace the model's chat template (Jinja text, as in tokenizer_config.json). It must
+        render a one-message conversation; if not, the ValueError says why and the old one stays."""
+        import jinja2  # noqa: PLC0415
+
+        old = getattr(self.hf, "chat_template", None)
+        self.hf.chat_template = template
+        try:
+            self.hf.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                        tokenize=False)
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
+            self.hf.chat_template = old
+            raise ValueError(f"the chat template cannot render a user message ({type(exc).__name__}: {exc})") from None
 
 
 def _converted_cache(gguf_path: Path) -> Path | None:
