@@ -497,8 +497,10 @@ ERROR_CASES = [
      "unsupported_parameter"),
     ("max-tokens-zero", COMP, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
     ("chat-max-tokens-zero", CHAT, {"messages": OK_MESSAGES, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
-    ("tools", CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "tools", "unsupported_parameter"),
+    ("tools-not-rendered", CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools", "tools_not_rendered"),
+    ("functions", CHAT, {"messages": OK_MESSAGES, "functions": [{"name": "f"}]}, 400, "functions",
+     "unsupported_parameter"),
     ("xml-mode", CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "xml"}}, 400,
      "response_format", "unsupported_parameter"),
     ("json-schema-missing", CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "json_schema"}}, 400,
@@ -512,7 +514,9 @@ ERROR_CASES = [
     ("guided-regex-bad", COMP, {"prompt": "hi", "guided_regex": "("}, 400, "guided_regex", None),
     ("image-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "messages.0.content.0", "unsupported_parameter"),
-    ("tool-role", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role",
+    ("tool-role-without-id", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.tool_call_id",
+     None),
+    ("unknown-role", CHAT, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role",
      "unsupported_parameter"),
     ("best-of", COMP, {"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
     ("suffix", COMP, {"prompt": "hi", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
@@ -553,7 +557,7 @@ def test_errors_reach_the_openai_client_and_server_keeps_serving(tiny_server):
     with pytest.raises(openai.BadRequestError) as exc:
         c.chat.completions.create(model="tiny", messages=OK_MESSAGES, tools=[{"type": "function",
                                                                               "function": {"name": "f"}}])
-    assert exc.value.code == "unsupported_parameter" and exc.value.param == "tools"
+    assert exc.value.code == "tools_not_rendered" and exc.value.param == "tools"
     with pytest.raises(openai.BadRequestError) as exc:
         c.completions.create(model="tiny", prompt="hello " * TINY_CONTEXT, max_tokens=5, stream=True)
     assert exc.value.code == "context_length_exceeded"

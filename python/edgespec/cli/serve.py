@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..tool_calls import FORMATS
 from .common import add_model_options, load_llm
 
 API_KEY_ENV = "EDGESPEC_API_KEY"
@@ -31,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-request-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may still run after SIGINT/SIGTERM before they are cancelled")
+    s.add_argument("--tool-call-format", default="auto", choices=["auto", *FORMATS],
+                   help="how the model writes tool calls (default: auto, read from its chat template)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run_serve)
 
@@ -58,7 +61,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_name=args.served_model_name or served_name(args.model), api_key=args.api_key,
                               max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
                               max_tokens_limit=args.max_tokens_limit,
-                              shutdown_timeout=args.shutdown_timeout).validate()
+                              shutdown_timeout=args.shutdown_timeout,
+                              tool_call_format=args.tool_call_format).validate()
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"edgespec: warning: serving on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)

@@ -30,6 +30,8 @@ from .. import __version__
 from ..engine import LLM, GenerationResult, StreamEvent
 from .errors import APIError, bad_request
 from .logprobs import LogprobFormatter
+from ..structured import Grammar
+from ..tool_calls import FORMATS, ToolCallFormat, ToolCallStream, ToolUse, detect_format
 from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
 
@@ -47,6 +49,7 @@ class ServerSettings:
     max_tokens_limit: int = 4096          # the largest max_tokens a request may ask for
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
     shutdown_timeout: float = 30.0        # grace for in-flight requests on SIGINT/SIGTERM
+    tool_call_format: str = "auto"        # how the model writes tool calls (edgespec.tool_calls.FORMATS)
 
     def validate(self) -> "ServerSettings":
         for name in ("max_queue", "max_request_bytes", "max_tokens_limit", "completion_default_max_tokens"):
@@ -56,6 +59,9 @@ class ServerSettings:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key must not be empty (omit it to disable authentication)")
+        if self.tool_call_format != "auto" and self.tool_call_format not in FORMATS:
+            raise ValueError(f"tool_call_format must be 'auto' or one of {', '.join(FORMATS)}, "
+                             f"got {self.tool_call_format!r}")
         return self
 
 
@@ -90,6 +96,11 @@ def create_app(llm: LLM, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     return app
+
+
+def _tool_finish(finish: str) -> str:
+    """finish_reason of a reply that holds tool calls: "tool_calls" when the model ended it."""
+    return "tool_calls" if finish == "stop" else finish
 
 
 async def _api_error_response(_: Request, exc: Exception) -> Response:
@@ -138,6 +149,7 @@ class _Choice:
     prompt_text: str
     job: Job
     logprobs: LogprobFormatter
+    tools: ToolCallStream | None = None  # a chat reply that may hold tool calls
 
 
 class _API:
@@ -178,12 +190,13 @@ class _API:
                 raise too_large
         return bytes(body)
 
-    async def _encode(self, prompt: Any, param: str) -> list[int]:
-        """Token ids of text, chat messages or ids, tokenised in the thread pool."""
+    async def _encode(self, prompt: Any, param: str, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of text, chat messages (with the tools the template renders) or ids,
+        tokenised in the thread pool."""
         import jinja2  # noqa: PLC0415 - only needed to recognise chat-template errors
 
         try:
-            return await run_in_threadpool(self.llm.encode, prompt)
+            return await run_in_threadpool(self.llm.encode, prompt, tools=tools)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise bad_request(f"'{param}': {exc}", param=param) from None
 
@@ -206,8 +219,23 @@ class _API:
                               code="context_length_exceeded")
         return requested
 
+    def _tool_format(self) -> ToolCallFormat:
+        """How the served model writes tool calls: the configured format, or the one its chat
+        template shows."""
+        name = self.settings.tool_call_format
+        if name != "auto":
+            return FORMATS[name]
+        tok = self.llm.tokenizer
+        fmt = detect_format(tok.hf.chat_template if tok is not None and tok.has_chat_template else None)
+        if fmt is None:
+            raise bad_request("this model's chat template shows no tool-call format edgespec knows; start the server "
+                              f"with --tool-call-format ({', '.join(FORMATS)})", param="tools",
+                              code="tool_format_unknown")
+        return fmt
+
     def _admit(self, prompts: list[tuple[list[int], str]], max_new_tokens: list[int],
-               req: ChatCompletionRequest | CompletionRequest) -> list[_Choice]:
+               req: ChatCompletionRequest | CompletionRequest, tool_grammar: Grammar | None = None,
+               tools: tuple[ToolUse, ToolCallFormat] | None = None) -> list[_Choice]:
         """Admit the n generations of each prompt (ids, echoed text) at once, or none of them."""
         n = req.n or 1
         total = n * len(prompts)
@@ -216,7 +244,7 @@ class _API:
                               f"this server queues at most {self.worker.capacity}", param="n")
         vocab = self.llm.model.config.vocab_size
         try:
-            configs = [req.generation_config(m, vocab) for m in max_new_tokens]
+            configs = [req.generation_config(m, vocab, tool_grammar) for m in max_new_tokens]
         except ValueError as exc:
             raise bad_request(str(exc)) from None
         loop = asyncio.get_running_loop()
@@ -226,7 +254,8 @@ class _API:
                 # Seeded choices differ from each other, and the first is what n = 1 gives.
                 seed = config.seed if config.seed is None or i == 0 else (config.seed + i) % UINT64_END
                 job = Job(ids, replace(config, seed=seed), loop)
-                choices.append(_Choice(p * n + i, ids, text, job, LogprobFormatter(self.llm.tokenizer)))
+                stream = ToolCallStream(*tools) if tools is not None else None
+                choices.append(_Choice(p * n + i, ids, text, job, LogprobFormatter(self.llm.tokenizer), stream))
         self.worker.submit(*[c.job for c in choices])
         return choices
 
@@ -279,12 +308,27 @@ class _API:
                 while True:
                     event = await c.job.events.get()
                     if isinstance(event, StreamEvent):
-                        if event.text or event.logprobs or event.prompt_logprobs is not None:
-                            yield _sse(chunk(c, event.text, None, event))
+                        # Text that may open a tool call is held back until the reply ends.
+                        text = event.text if c.tools is None else c.tools.feed(event.text)
+                        if text or event.logprobs or event.prompt_logprobs is not None:
+                            yield _sse(chunk(c, text, None, event))
                         continue
                     if isinstance(event, Finished):
                         results.append(event.result)
-                        yield _sse(chunk(c, None, event.result.finish_reason))
+                        finish = event.result.finish_reason
+                        if c.tools is not None:
+                            held, calls = c.tools.finish()
+                            if held:
+                                yield _sse(chunk(c, held, None))
+                            if calls:
+                                # Each call whole in one delta: clients join argument fragments, and
+                                # one fragment is a valid split.
+                                calls_chunk = chunk(c, None, None)
+                                calls_chunk["choices"][0]["delta"] = {"tool_calls": [
+                                    {"index": k, **call.openai()} for k, call in enumerate(calls)]}
+                                yield _sse(calls_chunk)
+                                finish = _tool_finish(finish)
+                        yield _sse(chunk(c, None, finish))
                         break
                     err = event.error if isinstance(event, Failed) else APIError(
                         503, f"the request was cancelled: {event.reason}", type="server_error", code="cancelled")
@@ -364,9 +408,16 @@ class _API:
         out = []
         for c, result in zip(choices, results):
             if chat:
-                out.append({"index": c.index, "message": {"role": "assistant", "content": result.text},
-                            "logprobs": formatted(c, result.token_ids, result.logprobs),
-                            "finish_reason": result.finish_reason})
+                message: dict[str, Any] = {"role": "assistant", "content": result.text}
+                finish = result.finish_reason
+                if c.tools is not None:
+                    content, calls = c.tools.use.parse(c.tools.fmt, result.text)
+                    if calls:
+                        message = {"role": "assistant", "content": content,
+                                   "tool_calls": [call.openai() for call in calls]}
+                        finish = _tool_finish(finish)
+                out.append({"index": c.index, "message": message,
+                            "logprobs": formatted(c, result.token_ids, result.logprobs), "finish_reason": finish})
             else:
                 lp = formatted(c, result.token_ids, result.logprobs, result.prompt_logprobs if echo else None)
                 out.append({"index": c.index, "text": c.prompt_text + result.text if echo else result.text,
@@ -396,10 +447,24 @@ class _API:
         if tok is None or not tok.has_chat_template:
             raise bad_request("this model has no chat template: use /v1/completions with a plain prompt",
                               param="messages", code="chat_template_missing")
-        prompt_ids = await self._encode(messages, "messages")
+        use = req.tool_use()
+        tools, grammar = None, None
+        if use is not None:
+            if not tok.renders_tools:
+                raise bad_request("this model's chat template does not render tools, so the model would never see "
+                                  "them; start the server with a --chat-template that does", param="tools",
+                                  code="tools_not_rendered")
+            fmt = self._tool_format()
+            try:
+                grammar = use.grammar(fmt)
+            except ValueError as exc:
+                raise bad_request(f"tools: {exc}", param="tools") from None
+            tools = (use, fmt)
+        prompt_ids = await self._encode(messages, "messages", [t.openai() for t in use.tools] if use else None)
         n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids), self.settings.max_tokens_limit,
                                  "messages")
-        return await self._respond(request, req, self._admit([(prompt_ids, "")], [n], req), chat=True)
+        choices = self._admit([(prompt_ids, "")], [n], req, grammar, tools)
+        return await self._respond(request, req, choices, chat=True)
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)

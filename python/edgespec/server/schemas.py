@@ -12,7 +12,11 @@ Field policy:
   none.
 * Structured output (edgespec.structured): response_format json_object / json_schema, or vLLM's
   guided_json, guided_regex and guided_choice; at most one per request.
-* Known fields that would change the output but are not implemented (tools, best_of != n, suffix,
+* Tool calling (edgespec.tool_calls): tools with tool_choice auto, required, none or a named
+  function, parallel_tool_calls; assistant messages with tool_calls and "tool" messages in the
+  conversation. The legacy functions / function_call are refused (send tools). parallel_tool_calls
+  false makes a grammar-enforced reply one call; a free "auto" reply keeps every call it writes.
+* Known fields that would change the output but are not implemented (best_of != n, suffix,
   guided_grammar, beam search, ...) are accepted only at their neutral value; anything else is a
   400 naming the parameter.
 * Log-probabilities (server/logprobs.py) are the model's raw distribution (ops.token_logprobs):
@@ -29,6 +33,7 @@ Field policy:
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -36,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import ops
 from ..generation import GenerationConfig
 from ..structured import Grammar
+from ..tool_calls import Tool, ToolUse
 from .errors import bad_request, from_validation_error, unsupported
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -68,11 +74,23 @@ class ContentPart(_Strict):
     text: str | None = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(_Strict):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None                  # which call a "tool" message answers
 
 
 class _SamplingRequest(_Strict):
@@ -180,8 +198,14 @@ class _SamplingRequest(_Strict):
             raise bad_request(str(exc), param="logit_bias") from None
         return bias
 
-    def generation_config(self, max_new_tokens: int, vocab_size: int) -> GenerationConfig:
-        """The GenerationConfig this request asks for (max_new_tokens already resolved by the caller)."""
+    def generation_config(self, max_new_tokens: int, vocab_size: int,
+                          tool_grammar: Grammar | None = None) -> GenerationConfig:
+        """The GenerationConfig this request asks for (max_new_tokens already resolved by the caller;
+        tool_grammar: the grammar its tool_choice imposes, which excludes any other constraint)."""
+        grammar = self.grammar()
+        if tool_grammar is not None and grammar is not None:
+            raise bad_request("a structured-output constraint cannot be combined with tool_choice 'required', a named "
+                              "function or strict tools", param="tool_choice")
         temperature = 1.0 if self.temperature is None else self.temperature
         if temperature < GREEDY_BELOW_TEMPERATURE:
             temperature = 0.0
@@ -200,7 +224,7 @@ class _SamplingRequest(_Strict):
                                 frequency_penalty=self.frequency_penalty or 0.0, logit_bias=bias,
                                 seed=self.seed, stop=self.stop_strings(), stop_token_ids=tuple(stop_ids),
                                 ignore_eos=self.ignore_eos, logprobs=logprobs,
-                                prompt_logprobs=prompt_logprobs, grammar=self.grammar()).validate()
+                                prompt_logprobs=prompt_logprobs, grammar=tool_grammar or grammar).validate()
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -211,22 +235,45 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
     function_call: Union[str, dict[str, Any], None] = None
 
     def check_supported(self) -> None:
         self._check_neutral()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise unsupported(name, "tool and function calling are not implemented")
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none", "auto"):
-                raise unsupported(name, "tool and function calling are not implemented")
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise unsupported(name, "the legacy function calling is not implemented: send 'tools' (and "
+                                        "'tool_choice')")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
             raise bad_request("'max_tokens' and 'max_completion_tokens' disagree; send one of them",
                               param="max_completion_tokens")
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools this request lets the model call and how (None: no tools, or tool_choice "none")."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none", "auto"):
+                raise bad_request("'tool_choice' needs 'tools'", param="tool_choice")
+            return None
+        if choice == "none":
+            return None
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request("'tool_choice' names a function as {'type': 'function', 'function': {'name': ...}}",
+                                  param="tool_choice")
+            choice = fn["name"]
+        elif choice not in (None, "auto", "required"):
+            raise bad_request(f"'tool_choice' is 'none', 'auto', 'required' or a named function, got {choice!r}",
+                              param="tool_choice")
+        try:
+            tools = tuple(Tool.from_openai(t, f"tools.{i}") for i, t in enumerate(self.tools))
+            return ToolUse(tools, choice or "auto", self.parallel_tool_calls is not False)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="tools") from None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -234,30 +281,60 @@ class ChatCompletionRequest(_SamplingRequest):
     def logprob_settings(self) -> tuple[int | None, int | None]:
         return ((self.top_logprobs or 0) if self.logprobs else None), None
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """[{"role", "content"}] for the chat template: text parts joined, developer mapped to system."""
-        out = []
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat templates read it: text parts joined, developer mapped to
+        system, an assistant's tool_calls with their arguments as objects (what templates expect),
+        a tool reply with its tool_call_id and the name of the function it answers."""
+        out: list[dict[str, Any]] = []
+        called: dict[str, str] = {}  # tool call id -> function name
         for i, m in enumerate(self.messages):
             param = f"messages.{i}"
-            if m.role not in ("system", "developer", "user", "assistant"):
-                raise unsupported(f"{param}.role", f"roles are system, developer, user and assistant, got {m.role!r}")
-            if m.tool_calls:
-                raise unsupported(f"{param}.tool_calls", "tool and function calling are not implemented")
-            if m.content is None:
+            if m.role not in ("system", "developer", "user", "assistant", "tool"):
+                raise unsupported(f"{param}.role",
+                                  f"roles are system, developer, user, assistant and tool, got {m.role!r}")
+            if m.tool_calls and m.role != "assistant":
+                raise bad_request(f"'{param}.tool_calls' is only allowed in assistant messages",
+                                  param=f"{param}.tool_calls")
+            if m.content is None and not m.tool_calls:
                 raise bad_request(f"'{param}.content' is required", param=f"{param}.content")
-            if isinstance(m.content, str):
-                text = m.content
-            else:
-                texts = []
-                for j, part in enumerate(m.content):
-                    if part.type != "text" or part.text is None:
-                        raise unsupported(f"{param}.content.{j}",
-                                          f"only text content parts are implemented, got type {part.type!r}")
-                    texts.append(part.text)
-                text = "\n".join(texts)
             # Many chat templates only know "system"; OpenAI's newer "developer" role means the same.
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                                       "content": self._text(m.content, param)}
+            if m.tool_calls:
+                message["tool_calls"] = [self._template_call(call, f"{param}.tool_calls.{j}")
+                                         for j, call in enumerate(m.tool_calls)]
+                called.update((call.id, call.function.name) for call in m.tool_calls)
+            if m.role == "tool":
+                if m.tool_call_id is None:
+                    raise bad_request(f"'{param}.tool_call_id' is required in a tool message",
+                                      param=f"{param}.tool_call_id")
+                message["tool_call_id"] = m.tool_call_id
+                if m.tool_call_id in called:
+                    message["name"] = called[m.tool_call_id]
+            out.append(message)
         return out
+
+    @staticmethod
+    def _text(content: Union[str, list[ContentPart], None], param: str) -> str:
+        if content is None:
+            return ""
+        if isinstance(content, str):
+            return content
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise unsupported(f"{param}.content.{j}", f"only text content parts are implemented, got type {part.type!r}")
+            texts.append(part.text)
+        return "\n".join(texts)
+
+    @staticmethod
+    def _template_call(call: ToolCallMessage, param: str) -> dict[str, Any]:
+        try:
+            arguments = json.loads(call.function.arguments)
+        except json.JSONDecodeError as exc:
+            raise bad_request(f"'{param}.function.arguments' is not JSON text ({exc})",
+                              param=f"{param}.function.arguments") from None
+        return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
 class CompletionRequest(_SamplingRequest):
