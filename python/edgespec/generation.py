@@ -150,20 +150,65 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """[T, V] logits -> [T] int64 tokens, which join the history (T = 1: the next token; the
-        grammar of a constrained generation masks it, and the strategy feeds the grammar)."""
+        grammar of a constrained generation restricts it, and the strategy feeds the grammar)."""
         logits = self.adjust(logits)
-        if self.config.constraint is not None:
-            logits = self.config.constraint.mask(logits)
-        if self.config.greedy:
-            tokens = ops.argmax(logits)
+        constraint = self.config.constraint
+        if constraint is None or full_grammar_masks():
+            tokens = self._draw(logits if constraint is None else constraint.mask(logits))
         else:
-            probs = self.probs(logits)
-            # Non-finite logits give NaN probabilities, which the sampler would refuse with an
-            # opaque error: sample such rows from a placeholder and let checked_tokens report them.
-            probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
-            tokens = ops.sample(probs, self.generator)
+            free = self.unconstrained_draws(logits)
+            tokens = torch.tensor([self.constrained_token(logits, i, (), None if free is None else free[i])
+                                   for i in range(logits.shape[0])], dtype=torch.int64, device=logits.device)
         self.record(tokens)
         return tokens
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, V] (adjusted, masked) logits -> [T] int64: the argmax, or a draw from the sampling
+        distribution."""
+        if self.config.greedy:
+            return ops.argmax(logits)
+        probs = self.probs(logits)
+        # Non-finite logits give NaN probabilities, which the sampler would refuse with an opaque
+        # error: sample such rows from a placeholder and let checked_tokens report them.
+        probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
+        return ops.sample(probs, self.generator)
+
+    def unconstrained_draws(self, logits: torch.Tensor) -> list[int] | None:
+        """Each row's token as if no grammar applied, [N, V] adjusted logits -> N ints (one host read,
+        which also checks the logits: NumericalError): the argmax, or a draw when the sampling
+        transform keeps every token. Where the grammar allows that token, it is also the masked
+        row's argmax, or a draw from the masked distribution: the model's distribution restricted
+        to the allowed tokens is the unmasked one conditioned on them. None under top-k, top-p or
+        min-p, which choose their tokens among the allowed ones, not among all."""
+        c = self.config
+        if not c.greedy and (0 < c.top_k < logits.shape[-1] or c.top_p < 1.0 or c.min_p > 0.0):
+            return None
+        return checked_tokens(self._draw(logits), logits)
+
+    def constrained_token(self, logits: torch.Tensor, row: int, path: Sequence[int], draw: int | None) -> int:
+        """The token chosen from row `row` of [N, V] adjusted logits masked by the grammar after the
+        committed text plus `path`, given the row's unconstrained draw (unconstrained_draws; None:
+        unknown). The row's vocabulary-wide mask is computed only when the grammar is not known to
+        allow the draw (GrammarState.allows), and then the token is drawn afresh from the masked
+        row. Exact for greedy decoding (an allowed argmax is the masked argmax) and lossless for
+        sampling: a token y the grammar allows comes out with p(y) (drawn at once) + (1 - p(A)) *
+        p(y) / p(A) (A's mass missed, then drawn from the masked row) = p(y) / p(A), its masked
+        probability."""
+        constraint = self.config.constraint
+        if draw is not None and constraint.allows(path, draw):
+            return draw
+        masked = constraint.mask(logits[row:row + 1], [path])
+        return checked_tokens(self._draw(masked), masked)[0]
+
+
+def full_grammar_masks() -> bool:
+    """Whether EDGESPEC_GRAMMAR_MASKS asks for the grammar's vocabulary-wide mask on every row
+    (`full`: every decode step, every row of a draft tree; bench_structured.py's baseline) instead
+    of only where the model's own choice is not known to be allowed (`checked`, the default)."""
+    value = os.environ.get("EDGESPEC_GRAMMAR_MASKS", "checked").strip().lower() or "checked"
+    if value not in ("checked", "full"):
+        raise ValueError(f"EDGESPEC_GRAMMAR_MASKS must be checked or full, got {value!r}")
+    return value == "full"
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,9 @@ class GrammarState:
         self.matcher = llguidance.LLMatcher(tokenizer, grammar.compiled())
         self._check()
         self._words = lt.get_bitmask_shape(1, tokenizer.vocab_size)[1]
+        # Vocabulary-wide masks computed so far (one per row `mask` fills): the host work `allows`
+        # saves. Speculation's statistics report it; tests count it.
+        self.full_masks = 0
 
     @staticmethod
     def tokenizer_for(hf_tokenizer: Any, vocab: int) -> Any:
@@ -132,16 +135,47 @@ class GrammarState:
         """logits [N, V] as a new fp32 tensor (the raw ones stay: log-probabilities read them) whose
         row i has every token the grammar forbids after the text so far plus paths[i] at -inf (a
         draft tree's rows: each node's tokens below the root). A row whose path the grammar rejects
-        is left unmasked: acceptance never reaches it, its parent's row forbids its token."""
+        is left unmasked: acceptance never reaches it, its parent's row forbids its token.
+
+        Each row costs a fill of llguidance's bitmask and its unpacking over the vocabulary (tens to
+        hundreds of microseconds for 49K tokens): where the question is only whether one token
+        survives, `allows` answers it for a few microseconds."""
         bitmask = torch.full((len(paths), self._words), -1, dtype=torch.int32)  # all allowed
         for i, path in enumerate(paths):
             consumed = self.matcher.try_consume_tokens(list(path)) if path else 0
             if consumed == len(path):
                 self._lt.fill_next_token_bitmask(self.matcher, bitmask, i)
+                self.full_masks += 1
             if consumed:
                 self.matcher.rollback(consumed)
             self._check()
         return torch.where(_allowed(bitmask.to(logits.device), logits.shape[-1]), logits.float(), float("-inf"))
+
+    def allows(self, path: Sequence[int], token: int) -> bool:
+        """Whether `mask` keeps `token` in the row after `path`, told without computing that mask:
+        a few microseconds of llguidance's parser instead of a vocabulary-wide bitmask.
+
+        llguidance's mask after a text is what its parser accepts next (plus the end token where
+        the text may end), except in two states: where the grammar forces the next bytes, the mask
+        holds only their canonical token (the parser would also take a shorter piece of them), and
+        a stopped grammar's mask allows end tokens the parser no longer takes. In those states this
+        returns False whatever the token. So a caller that computes the row's mask whenever this
+        says False, and then picks from the masked row, ends with the masked row's argmax, or with
+        a token distributed exactly as the masked row's distribution says (False never depends on
+        the token except through the mask itself). A path the grammar rejects leaves its row
+        unmasked (mask's rule): every token is allowed there. (This is how llguidance 1.9 builds its
+        mask; tests/test_structured_spec.py checks it on a 49K-token vocabulary.)"""
+        consumed = self.matcher.try_consume_tokens(list(path)) if path else 0
+        if consumed < len(path):
+            allowed = True
+        elif self.matcher.is_stopped() or self.matcher.compute_ff_bytes():
+            allowed = False
+        else:
+            allowed = self.matcher.validate_tokens([int(token)]) == 1
+        if consumed:
+            self.matcher.rollback(consumed)
+        self._check()
+        return allowed
 
     def consume(self, tokens: Sequence[int]) -> list[int]:
         """Feed committed tokens; returns those up to the one that completes the grammar (the rest,

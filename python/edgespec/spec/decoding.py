@@ -21,10 +21,12 @@ from typing import Any, Sequence
 import torch
 
 from .. import cuda_graphs
-from ..generation import GenerationConfig, PromptScorer, Sampler, TokenLogprob, checked_tokens, prefill
+from ..generation import (GenerationConfig, PromptScorer, Sampler, TokenLogprob, checked_tokens, full_grammar_masks,
+                          prefill)
 from ..kv_cache import KVCache
 from ..models.decoder import Decoder
-from .accept import accept_greedy, accept_greedy_on_device, accept_sampling, accept_sampling_on_device
+from .accept import (accept_constrained, accept_greedy, accept_greedy_on_device, accept_sampling,
+                     accept_sampling_on_device)
 from .drafter import Drafter, TargetStates
 from .tree import DeviceTree, DraftTree, TreeSettings, build_tree, children_bound, select_tree_on_device
 
@@ -160,6 +162,9 @@ class SpeculativeDecoding:
             logits = self.sampler.adjust(logits, path_counts)
         if self.sampler.config.constraint is not None:
             assert isinstance(tree, DraftTree)  # step() drafts on the host for a grammar
+            if not full_grammar_masks():
+                path, bonus = accept_constrained(tree, logits, self.sampler)
+                return path, [tree.tokens[i] for i in path], bonus
             logits = self.sampler.config.constraint.mask(logits, tree_paths_below_root(tree))
         if isinstance(tree, DeviceTree):  # one host read, for the accepted path
             if greedy:
@@ -177,6 +182,9 @@ class SpeculativeDecoding:
         steps = sum(self.accept_lengths.values())
         tokens = sum(k * v for k, v in self.accept_lengths.items())
         s = self.settings
+        constraint = self.sampler.config.constraint if self.sampler is not None else None
+        # A grammar's vocabulary-wide masks over the generation (GrammarState.full_masks).
+        masks = {"grammar_masks": constraint.full_masks} if constraint is not None else {}
         return {
             "draft": self.drafter.name,
             "tree_size": s.tree_size, "depth": s.depth, "topk": s.topk,
@@ -184,6 +192,7 @@ class SpeculativeDecoding:
             "mean_accepted_length": round(tokens / steps, 3) if steps else 0.0,
             "acceptance_histogram": {str(k): self.accept_lengths[k] for k in sorted(self.accept_lengths)},
             "mean_tree_size": round(sum(self.tree_sizes) / len(self.tree_sizes), 2) if self.tree_sizes else 0.0,
+            **masks,
         }
 
 
