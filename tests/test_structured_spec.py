@@ -138,6 +138,32 @@ def test_greedy_tokens_equal_full_masks_everywhere(chat_llm, monkeypatch, patter
     assert spec_full_masks > 3 * spec_masks
 
 
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 1}], ids=["greedy", "sampled"])
+def test_nan_logits_raise_under_a_grammar(chat_llm, speculative, sampling) -> None:
+    """NaN logits raise NumericalError instead of giving a token, at a decode or verification
+    step (as test_engine checks without a grammar), even where the grammar allows the token the
+    NaN makes the argmax, so that no row's mask is computed: the unconstrained choice is read with
+    the check."""
+    from edgespec import NumericalError
+
+    llm, directory = chat_llm
+    if speculative:
+        enable_speculation(llm, draft=str(directory), tree_size=6, depth=3, topk=2)
+    weight = llm.model.lm_head.weight  # the target's alone: the draft model has its own
+    a = llm.tokenizer.encode("a")[0]
+    saved = weight[a].clone()
+    try:
+        events = llm.stream("abc", max_new_tokens=8, grammar=Grammar.regex(r"[a-z]{8}"), **sampling)
+        next(events)  # the first token, from the prefill
+        weight[a] = float("nan")  # token a's logit is NaN at every later position: argmax picks it
+        with pytest.raises(NumericalError, match="non-finite logits"):
+            list(events)
+    finally:
+        weight[a] = saved
+        disable_speculation(llm)
+
+
 LETTERS = "abcdef"  # ids 0..5; f is the end token
 
 

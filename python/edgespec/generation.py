@@ -156,7 +156,7 @@ class Sampler:
         if constraint is None or full_grammar_masks():
             tokens = self._draw(logits if constraint is None else constraint.mask(logits))
         else:
-            free = self.unconstrained_draws(logits)
+            free = self.unconstrained_draws(logits, check=False)  # callers check the logits (checked_tokens)
             tokens = torch.tensor([self.constrained_token(logits, i, (), None if free is None else free[i])
                                    for i in range(logits.shape[0])], dtype=torch.int64, device=logits.device)
         self.record(tokens)
@@ -173,17 +173,18 @@ class Sampler:
         probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
         return ops.sample(probs, self.generator)
 
-    def unconstrained_draws(self, logits: torch.Tensor) -> list[int] | None:
-        """Each row's token as if no grammar applied, [N, V] adjusted logits -> N ints (one host read,
-        which also checks the logits: NumericalError): the argmax, or a draw when the sampling
-        transform keeps every token. Where the grammar allows that token, it is also the masked
-        row's argmax, or a draw from the masked distribution: the model's distribution restricted
-        to the allowed tokens is the unmasked one conditioned on them. None under top-k, top-p or
-        min-p, which choose their tokens among the allowed ones, not among all."""
+    def unconstrained_draws(self, logits: torch.Tensor, check: bool = True) -> list[int] | None:
+        """Each row's token as if no grammar applied, [N, V] adjusted logits -> N ints (one host
+        read, which with `check` also checks the logits: NumericalError): the argmax, or a draw when
+        the sampling transform keeps every token. Where the grammar allows that token, it is also
+        the masked row's argmax, or a draw from the masked distribution: the model's distribution
+        restricted to the allowed tokens is the unmasked one conditioned on them. None under top-k,
+        top-p or min-p, which choose their tokens among the allowed ones, not among all."""
         c = self.config
         if not c.greedy and (0 < c.top_k < logits.shape[-1] or c.top_p < 1.0 or c.min_p > 0.0):
             return None
-        return checked_tokens(self._draw(logits), logits)
+        tokens = self._draw(logits)
+        return checked_tokens(tokens, logits) if check else tokens.tolist()
 
     def constrained_token(self, logits: torch.Tensor, row: int, path: Sequence[int], draw: int | None) -> int:
         """The token chosen from row `row` of [N, V] adjusted logits masked by the grammar after the
