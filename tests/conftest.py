@@ -2,6 +2,8 @@
 and the CPU-emulated kernels (`emulated_kernels`)."""
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import json
 import os
@@ -215,3 +217,17 @@ def kernel_device(request: pytest.FixtureRequest) -> torch.device:
         return torch.device("cpu")
     request.getfixturevalue("poisoned_kernel_outputs")
     return torch.device("cuda")
+
+
+@contextlib.contextmanager
+def full_prefills(*llms):
+    """Prefix caching off for the block: two runs of one prompt then agree bit for bit (a reused
+    prefix prefills the rest in other chunks, which rounds differently)."""
+    before = [llm.prefix_caching for llm in llms]
+    for llm in llms:
+        llm.prefix_caching = False
+    try:
+        yield
+    finally:
+        for llm, value in zip(llms, before):
+            llm.prefix_caching = value

@@ -81,6 +81,7 @@ def main() -> int:
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     gguf = Path(args.model) if args.model else demo_model_path()
     llm = edgespec.LLM.load(str(gguf), device=str(device), dtype=dtype, max_context=2048, draft=None)
+    llm.prefix_caching = False  # every run prefills its whole prompt, as the baseline's does
     graphed = None
     if device.type == "cuda":  # the same weights, decode steps as CUDA graphs (its own cache)
         from edgespec.generation import PlainDecoding
@@ -88,6 +89,7 @@ def main() -> int:
 
         graphed = edgespec.LLM(LoadedModel(llm.model, llm.tokenizer, llm.name),
                                strategy=lambda m, c: PlainDecoding(m, c, cuda_graph=True))
+        graphed.prefix_caching = False
     hf = load_transformers(gguf, dtype, device)
     n = args.new_tokens
     rows = []

@@ -146,6 +146,7 @@ def main() -> int:
         ap.error("--cuda-graphs needs a CUDA device")
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     llm = edgespec.LLM.load("demo", device=str(device), dtype=dtype, max_context=2048, draft=None)
+    llm.prefix_caching = False  # every run prefills its whole prompt, as the baseline's does
     chat = CHAT_PROMPTS[:args.limit]
     cont = CONTINUATION_PROMPTS[:args.limit]
     if args.prompts_file:

@@ -11,7 +11,7 @@ import torch
 from . import ops
 from .errors import ContextLengthError, GenerationCancelled
 from .generation import DecodingStrategy, GenerationConfig, PlainDecoding, TokenLogprob, read_logprobs
-from .kv_cache import KVCache
+from .kv_cache import KVCache, common_prefix
 from .loading import IncrementalDetokenizer, LoadedModel, Tokenizer, load_model
 from .models.decoder import Decoder
 
@@ -25,11 +25,13 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0  # target forward passes after the prefill
+    cached_tokens: int = 0  # prompt tokens whose K/V the previous generation left in the cache
     extra: dict[str, Any] = field(default_factory=dict)  # strategy statistics (speculation, sparsity)
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        # The tokens the prefill computed: the cached ones cost nothing.
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -38,7 +40,7 @@ class GenerationStats:
         return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+        d = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens, "new_tokens": self.new_tokens,
              "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
              "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
              "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4), "steps": self.steps}
@@ -79,7 +81,14 @@ def _synchronize(device: torch.device) -> None:
 
 class LLM:
     """Generate text with one model. Not thread-safe by itself: one generation at a time
-    (a lock enforces it); the server queues requests in front of it."""
+    (a lock enforces it); the server queues requests in front of it.
+
+    Prefix caching (`prefix_caching`, on by default): the K/V of the previous generation's tokens
+    stay in the cache, and a prompt that starts with some of them (the next turn of a chat, the
+    same system prompt or tool list, another choice of the same prompt) prefills only the rest.
+    The result is the one a full prefill gives up to rounding (the prefill's rows are computed in
+    other chunks), as in vLLM and llama.cpp; prompt log-probabilities always take a full prefill.
+    """
 
     def __init__(self, loaded: LoadedModel, strategy: StrategyFactory | None = None, cache_slack: int = 0) -> None:
         self.model: Decoder = loaded.model
@@ -89,6 +98,11 @@ class LLM:
         # Speculative strategies write tree tokens past the committed length: keep room for them.
         self.cache = self.model.new_cache(self.model.max_context + cache_slack)
         self._lock = threading.Lock()
+        self.prefix_caching = True
+        # The tokens whose K/V fill slots [0, len) of self.cache, and what they were computed under
+        # (the cache itself, the sparse attention mode): prefix caching's state.
+        self._cached_ids: list[int] = []
+        self._cached_under: tuple[Any, ...] = ()
 
     @classmethod
     def load(cls, model: str, device: str | None = None, dtype: torch.dtype | None = None,
@@ -119,6 +133,7 @@ class LLM:
             self._strategy_factory = strategy
             if self.cache.max_len < self.model.max_context + cache_slack:
                 self.cache = self.model.new_cache(self.model.max_context + cache_slack)
+                self._cached_ids, self._cached_under = [], ()
 
     def encode(self, prompt: Prompt, chat: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt: text (with the chat template when chat=True), chat messages
@@ -205,62 +220,89 @@ class LLM:
             yield StreamEvent("", [], GenerationResult("", [], finish, stats, logprobs))
             return
         device = self.model.device
-        self.cache.length = 0
+        reuse = self._reusable_prefix(prompt_ids, config)
+        self.cache.length = reuse
         self.cache.plan_span(len(prompt_ids) + budget)
         strategy = self._strategy_factory(self.model, self.cache)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            try:
-                tokens = strategy.begin(prompt_ids, config, budget)
-            except GenerationCancelled:
-                yield StreamEvent("", [], GenerationResult("", [], "cancelled", stats, logprobs))
-                return
-            prompt_logprobs = strategy.prompt_logprobs if config.prompt_logprobs is not None else None
-            _synchronize(device)
-            stats.prefill_s = time.perf_counter() - t0
-            if prompt_logprobs is not None:
-                yield StreamEvent("", [], logprobs=[] if logprobs is not None else None,
-                                  prompt_logprobs=prompt_logprobs)
-            self.model.reset_stats()  # model statistics (BlockFFN sparsity) describe the decode steps
-            t0 = time.perf_counter()
-            while budget > 0:  # budget 0: a prompt scored, nothing generated
-                accepted: list[int] = []
-                for tok in tokens:
-                    if tok in stop_ids:
+        # Every token the strategy commits, in cache order (slot i holds sequence[i]'s K/V for i
+        # below cache.length, whatever ends the generation: a stop, an error, a closed stream).
+        sequence = list(prompt_ids)
+        self._cached_ids = []
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                try:
+                    tokens = strategy.begin(prompt_ids, config, budget, reuse=reuse)
+                except GenerationCancelled:
+                    yield StreamEvent("", [], GenerationResult("", [], "cancelled", stats, logprobs))
+                    return
+                sequence.extend(tokens)
+                stats.cached_tokens = strategy.cached_tokens  # a drafter may keep fewer slots
+                prompt_logprobs = strategy.prompt_logprobs if config.prompt_logprobs is not None else None
+                _synchronize(device)
+                stats.prefill_s = time.perf_counter() - t0
+                if prompt_logprobs is not None:
+                    yield StreamEvent("", [], logprobs=[] if logprobs is not None else None,
+                                      prompt_logprobs=prompt_logprobs)
+                self.model.reset_stats()  # model statistics (BlockFFN sparsity) describe the decode steps
+                t0 = time.perf_counter()
+                while budget > 0:  # budget 0: a prompt scored, nothing generated
+                    accepted: list[int] = []
+                    for tok in tokens:
+                        if tok in stop_ids:
+                            finish = "stop"
+                            break
+                        accepted.append(tok)
+                        if len(generated) + len(accepted) >= budget:
+                            break
+                    generated.extend(accepted)
+                    step_logprobs = [] if logprobs is not None else None
+                    if logprobs is not None and accepted:
+                        rows = strategy.token_logits[:len(accepted)]
+                        step_logprobs = read_logprobs(rows, torch.tensor(accepted, device=rows.device),
+                                                      config.logprobs)
+                        logprobs.extend(step_logprobs)
+                    delta, stopped = text_out.add(accepted)
+                    if stopped:
                         finish = "stop"
+                    if delta or accepted:
+                        yield StreamEvent(delta, accepted, logprobs=step_logprobs)
+                    if config.constraint is not None and config.constraint.done:
+                        finish = "stop"  # the grammar is complete and allows no further token
+                    if finish == "stop" or stopped or len(generated) >= budget:
                         break
-                    accepted.append(tok)
-                    if len(generated) + len(accepted) >= budget:
+                    if config.cancel is not None and config.cancel():
+                        finish = "cancelled"
                         break
-                generated.extend(accepted)
-                step_logprobs = [] if logprobs is not None else None
-                if logprobs is not None and accepted:
-                    rows = strategy.token_logits[:len(accepted)]
-                    step_logprobs = read_logprobs(rows, torch.tensor(accepted, device=rows.device), config.logprobs)
-                    logprobs.extend(step_logprobs)
-                delta, stopped = text_out.add(accepted)
-                if stopped:
-                    finish = "stop"
-                if delta or accepted:
-                    yield StreamEvent(delta, accepted, logprobs=step_logprobs)
-                if config.constraint is not None and config.constraint.done:
-                    finish = "stop"  # the grammar is complete and allows no further token
-                if finish == "stop" or stopped or len(generated) >= budget:
-                    break
-                if config.cancel is not None and config.cancel():
-                    finish = "cancelled"
-                    break
-                tokens = strategy.step()
-                stats.steps += 1
-            _synchronize(device)
-            stats.decode_s = time.perf_counter() - t0
-        tail = text_out.flush()
-        if tail:
-            yield StreamEvent(tail, [], logprobs=[] if logprobs is not None else None)
-        stats.new_tokens = len(generated)
-        stats.extra.update(self.model.stats())
-        stats.extra.update(getattr(strategy, "stats", lambda: {})())
-        yield StreamEvent("", [], GenerationResult(text_out.text, generated, finish, stats, logprobs, prompt_logprobs))
+                    tokens = strategy.step()
+                    sequence.extend(tokens)
+                    stats.steps += 1
+                _synchronize(device)
+                stats.decode_s = time.perf_counter() - t0
+            tail = text_out.flush()
+            if tail:
+                yield StreamEvent(tail, [], logprobs=[] if logprobs is not None else None)
+            stats.new_tokens = len(generated)
+            stats.extra.update(self.model.stats())
+            stats.extra.update(getattr(strategy, "stats", lambda: {})())
+            result = GenerationResult(text_out.text, generated, finish, stats, logprobs, prompt_logprobs)
+            yield StreamEvent("", [], result)
+        finally:
+            self._cached_ids = sequence[:self.cache.length]
+            self._cached_under = self._cache_state()
+
+    def _cache_state(self) -> tuple[Any, ...]:
+        """What cached K/V depend on beyond their tokens: the cache they sit in (set_strategy forgets
+        the state when it replaces the cache, so an id cannot be reused unnoticed), and for an
+        InfLLM-v2 model the attention mode (dense and sparse layers give later layers other K/V)."""
+        return (id(self.cache), self.model.sparse.mode if self.model.sparse is not None else None)
+
+    def _reusable_prefix(self, prompt_ids: list[int], config: GenerationConfig) -> int:
+        """How many leading prompt tokens' K/V the cache already holds (at most all but the last:
+        the prefill must compute the last token's logits)."""
+        if not self.prefix_caching or config.prompt_logprobs is not None or self._cached_under != self._cache_state():
+            return 0
+        return common_prefix(self._cached_ids, prompt_ids[:-1])
 
 
 class _TextStopper:

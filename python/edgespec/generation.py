@@ -284,28 +284,34 @@ class DecodingStrategy(Protocol):
 
     token_logits: torch.Tensor | None
     prompt_logprobs: list[TokenLogprob | None] | None
+    cached_tokens: int  # prompt tokens begin() did not recompute (prefix caching)
 
-    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]: ...
+    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int,
+              reuse: int = 0) -> list[int]:
+        """Prefill the prompt and choose the first token. reuse: the cache's slots [0, reuse)
+        already hold the K/V of the prompt's first `reuse` tokens (LLM's prefix caching)."""
 
     def step(self) -> list[int]: ...
 
 
 def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
             capture: tuple[int, ...] = (), cancel: Callable[[], bool] | None = None,
-            on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+            on_chunk: Callable[[int, torch.Tensor], None] | None = None, start: int = 0,
             ) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
-    """Run the prompt through the model in chunks of `chunk` tokens, filling cache slots [0, P).
+    """Run the prompt through the model in chunks of `chunk` tokens, filling cache slots [start, P)
+    (slots before `start` already hold the K/V of ids[:start]).
 
     ids: [P] int64 on the model's device. Returns the final hidden state of the last prompt token
-    [1, H] and, per captured layer, the list of per-chunk [chunk, H] streams (for draft heads).
+    [1, H] and, per captured layer, the list of per-chunk [chunk, H] streams of positions
+    [start, P) (for draft heads).
     cancel: polled before every chunk after the first; True raises GenerationCancelled (a long
     prompt stops within one chunk's time, not after the whole prefill).
     on_chunk: called with each chunk's start and final hidden states [chunk, H] (PromptScorer).
     """
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
     hidden = None
-    for s in range(0, ids.numel(), chunk):
-        if s > 0 and cancel is not None and cancel():
+    for s in range(start, ids.numel(), chunk):
+        if s > start and cancel is not None and cancel():
             raise GenerationCancelled(f"cancelled after {s} of {ids.numel()} prompt tokens")
         part = ids[s:s + chunk]
         positions = torch.arange(s, s + part.numel(), device=ids.device)
@@ -333,15 +339,21 @@ class PlainDecoding:
         self._last: int | None = None
         self.token_logits: torch.Tensor | None = None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.cached_tokens = 0
         if cuda_graph is None:
             cuda_graph = cuda_graphs.requested() and model.device.type == "cuda"
         self._graph = cuda_graphs.StepGraphs(model, cache) if cuda_graph else None
 
-    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
+    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int,
+              reuse: int = 0) -> list[int]:
         self.sampler = Sampler(config, self.model.device, prompt_ids)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.model.device)
         scorer = PromptScorer.maybe(self.model, ids, config)
-        hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk, cancel=config.cancel, on_chunk=scorer)
+        if scorer is not None and reuse:
+            raise ValueError("prompt log-probabilities need the whole prompt prefilled (reuse must be 0)")
+        self.cached_tokens = reuse
+        hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk, cancel=config.cancel, on_chunk=scorer,
+                            start=reuse)
         self.prompt_logprobs = scorer.result() if scorer is not None else None
         logits = self.model.logits(hidden)
         token = checked_tokens(self.sampler(logits), logits)[0]

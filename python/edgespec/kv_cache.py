@@ -1,6 +1,8 @@
 """Preallocated KV cache for one sequence (batch 1, the latency case)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 # Generations that reach fewer slots than this share one attention plan (plan_span).
@@ -75,3 +77,13 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences (prefix caching)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

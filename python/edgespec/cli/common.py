@@ -25,6 +25,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's maximum)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="prefill every prompt whole (default: reuse the K/V of the previous generation's tokens "
+                        "that the prompt starts with)")
     p.add_argument("--chat-template", metavar="FILE", default=None,
                    help="a Jinja chat template to use instead of the model's (e.g. one that renders tools)")
     for hook in MODEL_OPTION_HOOKS:
@@ -102,6 +105,7 @@ def load_llm(args: argparse.Namespace) -> LLM:
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"--chat-template: cannot read {args.chat_template} ({exc})") from None
     llm = LLM.load(args.model, device=device, dtype=DTYPES[args.dtype], max_context=args.max_context, progress=True)
+    llm.prefix_caching = args.prefix_caching
     if template is not None:
         if llm.tokenizer is None:
             raise ValueError("--chat-template: this model was loaded without a tokenizer")

@@ -355,9 +355,12 @@ class _API:
         prompt_tokens = sum(len(c.prompt_ids) for c in choices if c.index % (req.n or 1) == 0)  # once per prompt
         echo = not chat and req.echo
 
-        def usage(results: list[GenerationResult]) -> dict[str, int]:
+        def usage(results: list[GenerationResult]) -> dict[str, Any]:
             n = sum(len(r.token_ids) for r in results)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            # Prompt tokens the prefix cache supplied, counted once per prompt as prompt_tokens are.
+            cached = sum(r.stats.cached_tokens for c, r in zip(choices, results) if c.index % (req.n or 1) == 0)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n,
+                    "prompt_tokens_details": {"cached_tokens": cached}}
 
         def formatted(c: _Choice, token_ids: list[int], entries: list | None,
                       prompt: list | None = None) -> dict[str, Any] | None:

@@ -64,8 +64,10 @@ class SpeculativeDecoding:
         self.tree_sizes: list[int] = []
         self.token_logits: torch.Tensor | None = None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.cached_tokens = 0
 
-    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int) -> list[int]:
+    def begin(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new_tokens: int,
+              reuse: int = 0) -> list[int]:
         dev = self.model.device
         need = self.model.max_context + cache_slack(self.settings)
         if self.cache.max_len < need:
@@ -76,11 +78,17 @@ class SpeculativeDecoding:
         self.drafter.reset(need)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
         scorer = PromptScorer.maybe(self.model, ids, config)
+        if scorer is not None and reuse:
+            raise ValueError("prompt log-probabilities need the whole prompt prefilled (reuse must be 0)")
         # With at most one new token no step follows (a scored prompt, a one-token answer): no drafting.
         drafting = max_new_tokens > 1
+        # Prefix caching: the drafter keeps the slots it can (never more than the target), and the
+        # target recomputes from there, since the drafter reads its states at those positions.
+        start = min(reuse, self.drafter.reusable(prompt_ids)) if drafting else reuse
+        self.cached_tokens = start
         hidden, captured = prefill(self.model, self.cache, ids, config.prefill_chunk,
                                    capture=self.drafter.capture if drafting else (), cancel=config.cancel,
-                                   on_chunk=scorer)
+                                   on_chunk=scorer, start=start)
         self.prompt_logprobs = scorer.result() if scorer is not None else None
         logits = self.model.logits(hidden)
         first = checked_tokens(self.sampler(logits), logits)[0]
@@ -89,7 +97,9 @@ class SpeculativeDecoding:
         self.token_logits = logits
         if drafting:
             target = TargetStates({i: torch.cat(parts) for i, parts in captured.items()})
-            self._root_logits, self._root_state = self.drafter.prefill(ids, first, target)
+            self.drafter.sequence = []  # until its slots hold this sequence
+            self._root_logits, self._root_state = self.drafter.prefill(ids, first, target, start)
+            self.drafter.sequence = list(prompt_ids) + [first]
         self._root = first
         self._produced = 1
         return [first]
@@ -141,6 +151,7 @@ class SpeculativeDecoding:
             self._root_logits, self._root_state = self.graphs.catch_up(self.drafter, committed_t, target)
         else:
             self._root_logits, self._root_state = self.drafter.advance(committed_t, target)
+        self.drafter.sequence.extend(committed)
         self._root = bonus
         self._produced += len(committed)
         self.accept_lengths[len(committed)] += 1

@@ -1,13 +1,13 @@
 """A standalone small model as the drafter (same tokenizer as the target), chain or tree."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import ModelFormatError
 from ..generation import prefill
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, common_prefix
 from ..models.decoder import Decoder
 from .drafter import TargetStates
 from .frspec import DraftLMHead, dense_weight
@@ -48,6 +48,7 @@ class ModelDrafter:
         self.lm_head = DraftLMHead(w, b, model.config.logit_scale)
         self.cache: KVCache | None = None
         self._committed = 0
+        self.sequence: list[int] = []
 
     @property
     def committed(self) -> int:
@@ -56,14 +57,18 @@ class ModelDrafter:
     def reset(self, max_len: int) -> None:
         if self.cache is None or self.cache.max_len < max_len:
             self.cache = self.model.new_cache(max_len)
-        self._committed = 0
+            self._committed, self.sequence = 0, []
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        return min(self._committed, common_prefix(self.sequence, prompt))  # slot i: tokens 0..i
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden[-1:])[0]
 
-    def prefill(self, prompt: torch.Tensor, first_token: int, target: TargetStates) -> tuple[torch.Tensor, None]:
+    def prefill(self, prompt: torch.Tensor, first_token: int, target: TargetStates,
+                start: int = 0) -> tuple[torch.Tensor, None]:
         ids = torch.cat([prompt, torch.tensor([first_token], dtype=torch.int64, device=prompt.device)])
-        hidden, _ = prefill(self.model, self.cache, ids, self.prefill_chunk)
+        hidden, _ = prefill(self.model, self.cache, ids, self.prefill_chunk, start=start)
         self._committed = ids.numel()
         return self._logits(hidden), None
 

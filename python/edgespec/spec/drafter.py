@@ -6,11 +6,15 @@ position L + d - 1 and are written after L. EAGLE heads consume (token x[i+1], t
 f[i]) pairs at position i, so L equals the target's committed length; a standalone model has
 also processed the root token itself, so L is one more. Either way, `prefill`/`advance` end at
 the root and return the draft distribution for the token after it.
+
+Prefix caching: a drafter's cache outlives a generation. `sequence` records the tokens its
+committed slots were computed from (SpeculativeDecoding keeps it), `reusable` says how many of
+those slots a new prompt can keep, and `prefill(start=...)` computes only the slots after them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -41,18 +45,28 @@ class Drafter(Protocol):
     capture: tuple[int, ...]  # target layers whose input streams the drafter reads
     lm_head: DraftLMHead      # its vocabulary (token_map: target ids) and output projection
 
+    # The committed tokens its cache slots were computed from, in order (SpeculativeDecoding
+    # records them; [] when unknown): what prefix caching compares a new prompt with.
+    sequence: list[int]
+
     @property
     def committed(self) -> int: ...
 
     def reset(self, max_len: int) -> None:
-        """Prepare for a new sequence whose committed length plus a draft tree fits in `max_len`."""
+        """Prepare for a new sequence whose committed length plus a draft tree fits in `max_len`
+        (the committed slots stay, unless the cache has to grow: then `sequence` is emptied)."""
 
-    def prefill(self, prompt: torch.Tensor, first_token: int,
-                target: TargetStates) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Process the prompt ([P] int64) and the first generated token.
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """How many committed slots stay valid for a sequence that starts with `prompt`."""
 
-        target: the target's states at the P prompt positions. Returns the draft logits [Vd] fp32 for
-        the token after `first_token` and the draft state [1, Hs] its children consume (or None).
+    def prefill(self, prompt: torch.Tensor, first_token: int, target: TargetStates,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Process the prompt ([P] int64) and the first generated token, keeping the slots before
+        `start` (at most reusable(prompt)).
+
+        target: the target's states at prompt positions [start, P). Returns the draft logits [Vd]
+        fp32 for the token after `first_token` and the draft state [1, Hs] its children consume
+        (or None).
         """
 
     def advance(self, tokens: torch.Tensor, target: TargetStates) -> tuple[torch.Tensor, torch.Tensor | None]:

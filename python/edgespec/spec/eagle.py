@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .. import ops
 from ..errors import ModelFormatError
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, common_prefix
 from ..loading.hf_dir import HFDirectorySource, read_json
 from ..models.config import ModelConfig, config_from_hf
 from ..models.decoder import Decoder, GatedMLP, device_length
@@ -168,6 +168,7 @@ class EagleDrafter:
         self.prefill_chunk = prefill_chunk
         self.cache: KVCache | None = None
         self._committed = 0
+        self.sequence: list[int] = []
 
     @property
     def lm_head(self) -> DraftLMHead:
@@ -184,7 +185,11 @@ class EagleDrafter:
     def reset(self, max_len: int) -> None:
         if self.cache is None or self.cache.max_len < max_len:
             self.cache = self.head.new_cache(max_len)
-        self._committed = 0
+            self._committed, self.sequence = 0, []
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        # Slot i pairs token i + 1 with the target's state at i: it needs tokens 0..i + 1 unchanged.
+        return max(0, min(self._committed, common_prefix(self.sequence, prompt) - 1))
 
     def _commit(self, tokens: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # tokens [a], states [a, H]: pair i sits at position/slot committed + i.
@@ -198,11 +203,12 @@ class EagleDrafter:
             self._committed += n
         return self.lm_head(hidden[-1:])[0], state[-1:]
 
-    def prefill(self, prompt: torch.Tensor, first_token: int,
-                target: TargetStates) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.head.features(target)                                    # [P, H]
+    def prefill(self, prompt: torch.Tensor, first_token: int, target: TargetStates,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.head.features(target)                                    # [P - start, H]
         nxt = torch.tensor([first_token], dtype=torch.int64, device=prompt.device)
-        return self._commit(torch.cat([prompt[1:], nxt]), feats)
+        self._committed = start
+        return self._commit(torch.cat([prompt[start + 1:], nxt]), feats)
 
     def advance(self, tokens: torch.Tensor, target: TargetStates) -> tuple[torch.Tensor, torch.Tensor]:
         return self._commit(tokens, self.head.features(target))

@@ -1,0 +1,190 @@
+"""Prefix caching (LLM.prefix_caching): a prompt that starts with the previous generation's tokens
+prefills only the rest, and generates what a full prefill generates.
+
+Tiny random fp32 models (plain decoding, EAGLE-1/2 and EAGLE-3 heads, a standalone draft model, an
+InfLLM-v2 sparse model across dense_len) and the demo model with its head in a two-turn chat. The
+reference is always the same LLM with prefix caching off.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import write_tiny_hf_model
+from edgespec import GenerationConfig
+from edgespec.spec import DEMO_HEAD, disable_speculation, enable_speculation
+from edgespec.spec.train_head import random_head
+from test_spec_helpers import eagle3_head, one_thread, tiny_llm  # noqa: F401 (one_thread: autouse fixture)
+
+VOCAB = 40
+FIRST = [1, 5, 9, 3, 17, 22, 8, 30, 2, 11]
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    d = write_tiny_hf_model(tmp_path_factory.mktemp("prefix-target"), "llama", 21, vocab_size=VOCAB,
+                            num_hidden_layers=4)
+    return d, tiny_llm(d)
+
+
+def fresh(llm, prompt, **settings):
+    """What the LLM generates with a full prefill."""
+    llm.prefix_caching = False
+    try:
+        return llm.generate(prompt, **settings)
+    finally:
+        llm.prefix_caching = True
+
+
+def conversation(llm, turns: int = 3, new: int = 9) -> list[tuple[list[int], object]]:
+    """Prompts that each continue the previous prompt and its output with two more tokens, generated
+    with prefix caching; returns (prompt, result) per turn."""
+    out, prompt = [], list(FIRST)
+    for t in range(turns):
+        result = llm.generate(prompt, max_new_tokens=new, ignore_eos=True)
+        out.append((prompt, result))
+        prompt = prompt + result.token_ids + [4 + t, 7 + t]
+    return out
+
+
+def check_conversation(llm) -> list[int]:
+    """Each turn equals a full prefill's output; returns the cached prompt tokens per turn."""
+    llm.generate([2, 2, 2], max_new_tokens=3)  # nothing in common with FIRST
+    turns = conversation(llm)
+    for prompt, result in turns:
+        ref = fresh(llm, prompt, max_new_tokens=9, ignore_eos=True)
+        assert result.token_ids == ref.token_ids and ref.stats.cached_tokens == 0
+    return [r.stats.cached_tokens for _, r in turns]
+
+
+def test_plain_decoding_reuses_the_previous_turn(target):
+    _, llm = target
+    disable_speculation(llm)
+    cached = check_conversation(llm)
+    # Turn t + 1 keeps turn t's prompt and all its output but the last token (never fed back).
+    assert cached[0] == 0
+    previous = conversation(llm)
+    for (prompt, result), (next_prompt, _), n in zip(previous, previous[1:], cached[1:]):
+        assert n == len(prompt) + len(result.token_ids) - 1 < len(next_prompt)
+
+
+def test_the_same_prompt_again_prefills_one_token(target):
+    _, llm = target
+    disable_speculation(llm)
+    a = llm.generate(FIRST, max_new_tokens=5, ignore_eos=True)
+    b = llm.generate(FIRST, max_new_tokens=5, ignore_eos=True)
+    assert b.stats.cached_tokens == len(FIRST) - 1 and a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("draft", ["eagle", "eagle3", "model"])
+def test_speculation_reuses_target_and_drafter(target, tmp_path, draft):
+    d, llm = target
+    if draft == "eagle":
+        path = random_head(llm.model.config, tmp_path / "head", seed=3, std=0.4)
+    elif draft == "eagle3":
+        path = eagle3_head(llm.model.config, tmp_path / "head3", seed=4)
+    else:
+        path = write_tiny_hf_model(tmp_path / "draft", "llama", 22, vocab_size=VOCAB, num_hidden_layers=1)
+    enable_speculation(llm, str(path), tree_size=12, depth=4, topk=3)
+    try:
+        drafter = llm._strategy_factory.drafter
+        cached = check_conversation(llm)
+        assert all(n > len(FIRST) for n in cached[1:]), cached
+        # Drafts never change greedy output, so compare the caches themselves: after a turn that
+        # reused both, every committed slot of the target and of the drafter holds what a full
+        # prefill puts there.
+        # Both a next turn and a prompt that leaves the old one inside it.
+        next_turn = conversation(llm, turns=2)[1][0]
+        for prompt in (next_turn, FIRST[:6] + [33, 34, 35]):
+            llm.generate(FIRST, max_new_tokens=9, ignore_eos=True)
+            assert llm.generate(prompt, max_new_tokens=9, ignore_eos=True).stats.cached_tokens > 0
+            kept = committed_slots(llm.cache, llm.cache.length) + committed_slots(drafter.cache, drafter.committed)
+            fresh(llm, prompt, max_new_tokens=9, ignore_eos=True)
+            full = committed_slots(llm.cache, llm.cache.length) + committed_slots(drafter.cache, drafter.committed)
+            for a, b in zip(kept, full):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        # The drafter's slots follow the target's: a head lags the target by one position.
+        llm.generate(FIRST, max_new_tokens=9, ignore_eos=True)
+        lag = 0 if draft == "model" else 1
+        assert drafter.reusable(FIRST + [3]) == len(FIRST) - lag
+    finally:
+        disable_speculation(llm)
+
+
+def committed_slots(cache, length: int) -> list[torch.Tensor]:
+    return [cache.k[:, :length].clone(), cache.v[:, :length].clone()]
+
+
+def test_what_invalidates_the_cache(target):
+    _, llm = target
+    disable_speculation(llm)
+    llm.generate(FIRST, max_new_tokens=4)
+    # Prompt log-probabilities score every prompt token: a full prefill.
+    r = llm.generate(FIRST + [3], max_new_tokens=2, prompt_logprobs=1)
+    assert r.stats.cached_tokens == 0
+    assert llm.generate(FIRST + [3], max_new_tokens=2).stats.cached_tokens == len(FIRST)
+    # A cache that had to grow for another strategy holds nothing.
+    llm.set_strategy(llm._strategy_factory, cache_slack=llm.cache.max_len)
+    assert llm.generate(FIRST + [3], max_new_tokens=2).stats.cached_tokens == 0
+    llm.prefix_caching = False
+    assert llm.generate(FIRST + [3], max_new_tokens=2).stats.cached_tokens == 0
+    llm.prefix_caching = True
+
+
+def test_an_interrupted_generation_leaves_a_valid_prefix(target):
+    _, llm = target
+    disable_speculation(llm)
+    prompt = FIRST * 4
+    # A stream closed after its first tokens, then a prefill cancelled after its first chunk.
+    stream = llm.stream(prompt, GenerationConfig(max_new_tokens=20, ignore_eos=True))
+    next(stream)
+    stream.close()
+    calls = iter(range(100))
+    cancelled = llm.generate(prompt[:-3] + [6] * 30, GenerationConfig(max_new_tokens=5, prefill_chunk=8),
+                             cancel=lambda: next(calls) >= 1)
+    assert cancelled.finish_reason == "cancelled"
+    again = llm.generate(prompt + [3, 3], max_new_tokens=6, ignore_eos=True)
+    assert 0 < again.stats.cached_tokens <= len(prompt) - 3
+    assert again.token_ids == fresh(llm, prompt + [3, 3], max_new_tokens=6, ignore_eos=True).token_ids
+
+
+def test_sparse_model_across_dense_len(tiny_model_dir):
+    import json
+
+    from edgespec import LLM
+    from edgespec.loading import load_model
+    from sparse_cases import SMALL
+
+    path = tiny_model_dir("llama", seed=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=256,
+                          intermediate_size=256, num_hidden_layers=2, max_position_embeddings=2048, vocab_size=VOCAB)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="minicpm", scale_emb=2.0, scale_depth=1.4, dim_model_base=64,
+                  sparse_config={**SMALL, "dense_len": 128})
+    (path / "config.json").write_text(json.dumps(config))
+    llm = LLM(load_model(str(path), device="cpu", dtype=torch.float32, max_context=400, with_tokenizer=False))
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(1, VOCAB, (100,), generator=g).tolist()  # dense; the second prompt crosses 128
+    r1 = llm.generate(first, max_new_tokens=20, ignore_eos=True)
+    second = first + r1.token_ids + torch.randint(1, VOCAB, (60,), generator=g).tolist()
+    r2 = llm.generate(second, max_new_tokens=30, ignore_eos=True)
+    assert r2.stats.cached_tokens == len(first) + 19
+    assert r2.token_ids == fresh(llm, second, max_new_tokens=30, ignore_eos=True).token_ids
+    # Sparse and dense attention give later layers other K/V: a mode change forgets the cache.
+    llm.model.sparse.mode = "dense"
+    assert llm.generate(second, max_new_tokens=2).stats.cached_tokens == 0
+
+
+def test_demo_chat_with_its_head(demo_llm):
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    enable_speculation(demo_llm, draft=str(DEMO_HEAD))
+    try:
+        first = demo_llm.generate(messages, max_new_tokens=24)
+        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And three colors?"}]
+        second = demo_llm.generate(messages, max_new_tokens=24)
+        ref = fresh(demo_llm, messages, max_new_tokens=24)
+    finally:
+        enable_speculation(demo_llm, None)  # the fixture is shared: leave it as plain decoding
+    assert second.token_ids == ref.token_ids
+    assert second.stats.cached_tokens >= len(demo_llm.encode(messages[:1])) - 1
+    # The head drafted from its kept slots as from recomputed ones: the same trees were accepted.
+    assert second.stats.extra["acceptance_histogram"] == ref.stats.extra["acceptance_histogram"]
