@@ -99,7 +99,10 @@ def main() -> int:
              f"GenerationStats.prefill_s) of each turn of a {len(QUESTIONS)}-turn chat on the demo model whose "
              f"system prompt lists {len(TOOLS)} tools, median of {args.repeats} repeats, runs alternated; each "
              f"run follows a generation of the previous turn's prompt ({n} new tokens). ours: prefix caching on "
-             f"(the default); baseline: off. Speculation: {'the demo EAGLE head' if args.speculation else 'none'}.")
+             f"(the default); baseline: off. Speculation: {'the demo EAGLE head' if args.speculation else 'none'}. "
+             f"same_tokens false means rounding flipped a near tie: the cached run computes the new rows in other "
+             f"prefill chunks, which in bf16 can move a logit by one ulp (in fp32 the last logits of a 331-token "
+             f"prompt agree to 3e-5 for every split point; measured ad hoc), as two chunk sizes of a full prefill do.")
     path = write_result("prefix_cache_spec" if args.speculation else "prefix_cache", device, rows, notes, model="SmolLM2-135M-Instruct (demo)",
                         dtype=str(dtype), speculation=args.speculation, **run.marker(len(rows), len(turns) - 1))
     print(f"wrote {path}")
