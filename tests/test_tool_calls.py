@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("llguidance")
 
 from edgespec.structured import GrammarState  # noqa: E402
+from test_spec_helpers import one_thread  # noqa: E402,F401 (autouse: steadier on a shared 2-core machine)
 from edgespec.tool_calls import (FORMATS, Tool, ToolCallStream, ToolUse, detect_format,  # noqa: E402
                                  template_renders_tools)
 
@@ -385,3 +386,26 @@ def test_set_chat_template_refuses_a_broken_one(demo_llm):
     with pytest.raises(ValueError, match="cannot render a user message"):
         tok.set_chat_template("{% for m in messages %}")
     assert tok.hf.chat_template == original
+
+
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_tool_grammars_under_speculation(demo_llm, choice):
+    """A call forced by its grammar, and strict auto's text-or-call grammar, give the same greedy
+    reply with the demo's draft head as without it."""
+    from edgespec.spec import DEMO_HEAD, enable_speculation
+
+    strict = [{"type": "function", "function": {**t["function"], "strict": True}} for t in (WEATHER, TIME)]
+    use = ToolUse(tools(*strict), choice, parallel=False)
+    with chat_template(demo_llm, HERMES_TEMPLATE):
+        ids = demo_llm.encode(ASK, tools=strict)
+    grammar = use.grammar(FORMATS["hermes"])
+    plain = demo_llm.generate(ids, max_new_tokens=60, grammar=grammar)
+    enable_speculation(demo_llm, draft=str(DEMO_HEAD))
+    try:
+        spec = demo_llm.generate(ids, max_new_tokens=60, grammar=grammar)
+    finally:
+        enable_speculation(demo_llm, None)  # the fixture is shared: leave it as plain decoding
+    assert spec.token_ids == plain.token_ids
+    content, calls = use.parse(FORMATS["hermes"], spec.text)
+    if choice == "required":
+        assert content is None and len(calls) == 1 and spec.finish_reason == "stop"
