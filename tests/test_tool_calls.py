@@ -372,7 +372,8 @@ def test_tools_need_a_template_that_renders_them(demo_llm):
 
 def test_unknown_format_needs_the_option(demo_llm):
     body: dict[str, Any] = {"messages": ASK, "tools": [WEATHER], "max_tokens": 2}
-    with chat_template(demo_llm, "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}{{ tools | length }}{% endif %}"):
+    counts_tools = "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}{{ tools | length }}{% endif %}"
+    with chat_template(demo_llm, counts_tools):
         with running_server(demo_llm, model_name="smollm2") as base:
             err = assert_openai_error(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60), 400)
             assert err["code"] == "tool_format_unknown" and "--tool-call-format" in err["message"]

@@ -103,7 +103,8 @@ def main() -> int:
              f"same_tokens false means rounding flipped a near tie: the cached run computes the new rows in other "
              f"prefill chunks, which in bf16 can move a logit by one ulp (in fp32 the last logits of a 331-token "
              f"prompt agree to 3e-5 for every split point; measured ad hoc), as two chunk sizes of a full prefill do.")
-    path = write_result("prefix_cache_spec" if args.speculation else "prefix_cache", device, rows, notes, model="SmolLM2-135M-Instruct (demo)",
+    path = write_result("prefix_cache_spec" if args.speculation else "prefix_cache", device, rows, notes,
+                        model="SmolLM2-135M-Instruct (demo)",
                         dtype=str(dtype), speculation=args.speculation, **run.marker(len(rows), len(turns) - 1))
     print(f"wrote {path}")
     return run.exit_code

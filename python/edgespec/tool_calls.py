@@ -103,7 +103,8 @@ class ToolUse:
         if len(set(names)) != len(names):
             raise ValueError(f"tool names must be unique, got {names}")
         if self.choice not in ("auto", "required") and self.choice not in names:
-            raise ValueError(f"tool_choice names function {self.choice!r}, which is not among the tools ({', '.join(names)})")
+            raise ValueError(f"tool_choice names function {self.choice!r}, which is not among the tools "
+                             f"({', '.join(names)})")
 
     def constrained(self) -> bool:
         return self.choice != "auto" or any(t.strict for t in self.tools)

@@ -323,7 +323,8 @@ class ChatCompletionRequest(_SamplingRequest):
         texts = []
         for j, part in enumerate(content):
             if part.type != "text" or part.text is None:
-                raise unsupported(f"{param}.content.{j}", f"only text content parts are implemented, got type {part.type!r}")
+                raise unsupported(f"{param}.content.{j}",
+                                  f"only text content parts are implemented, got type {part.type!r}")
             texts.append(part.text)
         return "\n".join(texts)
 
