@@ -64,21 +64,21 @@ def accept_constrained(tree: DraftTree, logits: torch.Tensor, sampler: Sampler) 
     """Greedy or sampled acceptance under the grammar of sampler.config.constraint, which masks each
     row by the committed text plus the row's path, without that mask on every row.
 
-    A vocabulary-wide mask costs more host time than a GPU's target forward over the tree (about
-    0.1 ms a row for 49K tokens, 60 rows in a GPU tree), yet acceptance reads only the rows its
-    walk reaches (accept_walk), and at most of those the target's own choice is one the grammar
-    allows, which llguidance tells in microseconds. So each row's unconstrained choice is drawn at
-    once for the whole tree (one host read, as accept_greedy's), the walk takes it where the
-    grammar allows it after the node's path, and elsewhere masks that row alone and chooses again
-    (Sampler.constrained_token): the masked argmax exactly, a draw from the masked distribution
-    exactly, and never a draft the grammar forbids.
+    A vocabulary-wide mask costs more host time than a GPU's target forward over the tree (0.15 to
+    0.3 ms a row for 49K tokens on a CPU thread, 60 rows in a GPU tree), yet acceptance reads only
+    the rows its walk reaches (accept_walk), and at most of those the target's own choice is one
+    the grammar allows, which llguidance tells in microseconds. So the walk takes the row's
+    unconstrained choice (greedy: every row's argmax in one host read, as accept_greedy's;
+    sampling: a draw from the row when reached) where the grammar allows it after the node's path,
+    and elsewhere masks that row alone and chooses again (Sampler.constrained_token): the masked
+    argmax exactly, a draw from the masked distribution exactly, never a draft the grammar forbids.
 
     logits: [N, V] target logits after the sampler's bias and penalties, row i = after node i.
     Returns (accepted node indices starting with the root, bonus token id).
     """
-    free = sampler.unconstrained_draws(logits)  # N ints, or None under top-k/top-p/min-p
+    best = sampler.unconstrained_choices(logits)  # greedy: N ints; sampling: None (drawn per row reached)
     return accept_walk(tree, lambda node, below: sampler.constrained_token(
-        logits, node, below, None if free is None else free[node]))
+        logits, node, below, None if best is None else best[node]))
 
 
 def _accepted_path_end(tree: DeviceTree, accepted_child: torch.Tensor) -> torch.Tensor:
