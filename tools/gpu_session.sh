@@ -49,7 +49,7 @@ done
 # Stages in the order they run; the group is what --only build,tests,bench selects.
 STAGES=(env build cpp_build tests_kernels tests_attention tests_sm90 tests_w4a16 tests_sparse tests_blockffn
         tests_graphs tests_other bench_attention bench_w4a16 bench_sparse bench_blockffn cpp_bench bench_e2e bench_spec
-        bench_spec_graphs bench_spec_sampling bench_structured bench_sampling bench_gguf_load)
+        bench_spec_graphs bench_spec_sampling bench_structured bench_prefix_cache bench_sampling bench_gguf_load)
 declare -A GROUP=([env]=env [build]=build)
 for s in "${STAGES[@]}"; do
   case $s in tests_*) GROUP[$s]=tests ;; bench_*|cpp_*) GROUP[$s]=bench ;; esac
@@ -70,7 +70,7 @@ declare -A CAP=([env]="60 60" [build]="300 300" [extension]="60 60" [cpp_build]=
                 [bench_w4a16]="90 30" [bench_sparse]="75 30" [bench_blockffn]="60 25" [bench_sampling]="30 15"
                 [cpp_bench]="45 0" [bench_e2e]="60 25" [bench_spec]="75 35"
                 [bench_spec_graphs]="60 30" [bench_spec_sampling]="45 0" [bench_structured]="45 0"
-                [bench_gguf_load]="90 30")
+                [bench_prefix_cache]="40 0" [bench_gguf_load]="90 30")
 TESTS_BUDGET=$(( QUICK ? 100 : 200 ))  # all tests_* stages together
 TEST_TIMEOUT=$(( QUICK ? 60 : 90 ))    # one test (pytest-timeout)
 RESERVE_S=20                           # kept back for the summary and the tarball
@@ -600,7 +600,7 @@ else
 fi
 
 DEMO_MISSING=$(python3 "$HELPER" demo 2>&1 | tail -n 1)
-for n in bench_e2e bench_spec bench_spec_graphs bench_spec_sampling bench_structured; do
+for n in bench_e2e bench_spec bench_spec_graphs bench_spec_sampling bench_structured bench_prefix_cache; do
   if selected "$n" && [[ -n $DEMO_MISSING ]]; then record "$n" skip - 0 "$DEMO_MISSING"; fi
 done
 if [[ -z $DEMO_MISSING ]]; then
@@ -619,6 +619,8 @@ if [[ -z $DEMO_MISSING ]]; then
     # rows masked where acceptance needs them against every row masked (exits 77 without llguidance).
     run_bench bench_structured bench/python/bench_structured.py --device cuda --limit 2 --new-tokens 160 \
       --cases greedy-gpu-tree,sampled-gpu-tree
+    # Prefix caching: each chat turn's time to first token against its whole prefill.
+    run_bench bench_prefix_cache bench/python/bench_prefix_cache.py --device cuda --speculation
   fi
 fi
 # Last, as no issue's target depends on them: the top-p kernel against the sort it replaced, then
