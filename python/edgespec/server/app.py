@@ -28,10 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine import LLM, GenerationResult, StreamEvent
-from .errors import APIError, bad_request
-from .logprobs import LogprobFormatter
 from ..structured import Grammar
 from ..tool_calls import FORMATS, ToolCallFormat, ToolCallStream, ToolUse, detect_format
+from .errors import APIError, bad_request
+from .logprobs import LogprobFormatter
 from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
 
