@@ -253,8 +253,15 @@ class PromptScorer:
         self._parts: list[tuple[torch.Tensor, ...]] = []
 
     @classmethod
-    def maybe(cls, model: Decoder, ids: torch.Tensor, config: GenerationConfig) -> "PromptScorer | None":
-        return None if config.prompt_logprobs is None else cls(model, ids, config.prompt_logprobs)
+    def maybe(cls, model: Decoder, ids: torch.Tensor, config: GenerationConfig,
+              reuse: int = 0) -> "PromptScorer | None":
+        """A scorer when the config asks for prompt log-probabilities, which need every prompt
+        position computed: a prefill that reuses cached slots (reuse > 0) cannot give them."""
+        if config.prompt_logprobs is None:
+            return None
+        if reuse:
+            raise ValueError("prompt log-probabilities need the whole prompt prefilled (reuse must be 0)")
+        return cls(model, ids, config.prompt_logprobs)
 
     def __call__(self, start: int, hidden: torch.Tensor) -> None:
         """hidden: [n, H], the final hidden states at prompt positions [start, start + n)."""
@@ -355,9 +362,7 @@ class PlainDecoding:
               reuse: int = 0) -> list[int]:
         self.sampler = Sampler(config, self.model.device, prompt_ids)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.model.device)
-        scorer = PromptScorer.maybe(self.model, ids, config)
-        if scorer is not None and reuse:
-            raise ValueError("prompt log-probabilities need the whole prompt prefilled (reuse must be 0)")
+        scorer = PromptScorer.maybe(self.model, ids, config, reuse)
         self.cached_tokens = reuse
         hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk, cancel=config.cancel, on_chunk=scorer,
                             start=reuse)

@@ -77,9 +77,7 @@ class SpeculativeDecoding:
         self._budget = max_new_tokens
         self.drafter.reset(need)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
-        scorer = PromptScorer.maybe(self.model, ids, config)
-        if scorer is not None and reuse:
-            raise ValueError("prompt log-probabilities need the whole prompt prefilled (reuse must be 0)")
+        scorer = PromptScorer.maybe(self.model, ids, config, reuse)
         # With at most one new token no step follows (a scored prompt, a one-token answer): no drafting.
         drafting = max_new_tokens > 1
         # Prefix caching: the drafter keeps the slots it can (never more than the target), and the
