@@ -172,3 +172,19 @@ def test_chat_template_option(tmp_path: Path, tiny_dir: Path, tiny_llm: LLM) -> 
     assert proc.returncode == 1 and "Traceback" not in proc.stderr  # after the loading progress bar:
     assert proc.stderr.strip().splitlines()[-1].split("\r")[-1].lstrip().startswith(
         "edgespec: error: the chat template cannot render a user message"), proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option,layer", [("4bit", "QuantLinear"), ("dense", "DenseLinear"), ("auto", "QuantLinear")])
+def test_gguf_weights_option_chooses_the_layers(demo_gguf: Path, option: str, layer: str) -> None:
+    """--gguf-weights reaches the loader: the demo's Q4_1 projections stay 4-bit or become dense
+    (auto, in bf16 on the CPU: 4-bit, torch's int4 kernel runs them)."""
+    from edgespec.cli import build_parser
+    from edgespec.cli.common import load_llm
+    from edgespec.ops import w4a16_cpu
+
+    if option == "auto" and not w4a16_cpu.available():
+        pytest.skip("this torch has no CPU int4 kernel")
+    args = build_parser().parse_args(["generate", "--model", str(demo_gguf), "--device", "cpu", "--dtype", "bf16",
+                                      "--max-context", "256", "--no-draft", "--gguf-weights", option, "hi"])
+    assert type(load_llm(args).model.layers[0].qkv).__name__ == layer

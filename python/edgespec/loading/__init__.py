@@ -108,18 +108,20 @@ def load_model(model: str | Path, device: str | torch.device | None = None, dtyp
     capped to what fits beside the weights; a max_context that cannot fit raises DeviceMemoryError:
     edgespec.loading.memory).
     quantized: GGUF Q4_0/Q4_1/Q4_K weights become 4-bit QuantLinears (True) or are dequantised (False);
-    None decides per device (edgespec.quant.checkpoint.gguf_q4_by_default). GPTQ/AWQ directories
+    None decides per device and dtype (edgespec.quant.checkpoint.gguf_q4_by_default: 4-bit where a
+    4-bit GEMM runs them, the CUDA kernel or the CPU's bf16 int4 kernel). GPTQ/AWQ directories
     always load 4-bit.
     """
     dev = resolve_device(device)
+    dtype = dtype or default_dtype(dev)
     source, config, tok_dir, tok_gguf = open_checkpoint(model)
     if isinstance(source, GGUFSource):
-        source = wrap_gguf(source, dev, quantized)
+        source = wrap_gguf(source, dev, dtype, quantized)
     context = int(max_context or config.max_position_embeddings)
     if context <= 0:
         raise ContextLengthError(f"max_context must be positive, got {context}")
     try:
-        decoder = build_decoder(config, source, dev, dtype or default_dtype(dev), context, progress=progress)
+        decoder = build_decoder(config, source, dev, dtype, context, progress=progress)
     except torch.cuda.OutOfMemoryError as exc:
         raise DeviceMemoryError(f"{model}: the weights do not fit in the GPU's memory ({exc}); use a smaller or "
                                 f"4-bit model (GPTQ, AWQ, GGUF Q4)") from None

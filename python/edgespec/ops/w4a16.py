@@ -8,12 +8,14 @@ with q the 4-bit value (0..15). Every format edgespec reads maps onto this: GPTQ
 integer zero points, GGUF Q4_0 is symmetric, Q4_1's `d * q + m` is z = -m / d and Q4_K's
 `d * sc * q - dmin * mc` is group 32 with s = d * sc, z = dmin * mc / s.
 
-Two paths:
+Three paths:
 * kernel: the fragment-ordered CUDA kernel (`csrc/kernels/w4a16.cuh`) for CUDA tensors in the tile
   layout and the shapes it supports (see `_kernels.supports_w4a16`);
-* torch: dequantise, then one matmul. The dequantised weight is cached on the W4A16Weight while a
-  process-wide byte budget allows (EDGESPEC_W4A16_CACHE_MB; default a quarter of the device's
-  memory), so on CPU a quantized model decodes as fast as a dense one once warm.
+* CPU int4: torch's CPU int4 GEMM on the 4-bit weights (`w4a16_cpu`), for the shapes it takes:
+  a quarter of the bytes per decode step of a dense bf16 weight;
+* torch: dequantise, then one matmul, for everything else. The dequantised weight is cached on
+  the W4A16Weight while a process-wide byte budget allows (EDGESPEC_W4A16_CACHE_MB; default a
+  quarter of the device's memory), so once warm it runs as fast as a dense weight.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import backend
+from . import backend, w4a16_cpu
 from .linear import linear
 
 LAYOUTS = ("plain", "tile")
@@ -52,6 +54,7 @@ class W4A16Weight:
     layout: str = "plain"
     perm: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)      # torch path cache
+    _cpu_int4: tuple | None = field(default=None, repr=False)          # CPU int4 path packing (w4a16_cpu)
 
     def __post_init__(self) -> None:
         k, n, g = self.in_features, self.out_features, self.group_size
@@ -231,5 +234,7 @@ def w4a16_linear(x: torch.Tensor, w: W4A16Weight, bias: torch.Tensor | None = No
 
         if _kernels.supports_w4a16(x, w, bias):
             return _kernels.w4a16_linear(x, w, bias)
+    if x.device.type == "cpu" and w4a16_cpu.rejection(x, w) is None:
+        return w4a16_cpu.linear(x, w, bias)
     # ops.linear: row-invariant on the CPU, like a dense projection (speculative == plain, bitwise).
     return linear(x, dense_weight(w, x.dtype), None if bias is None else bias.to(x.dtype))

@@ -15,6 +15,7 @@ from ..errors import ModelFormatError
 from ..loading.gguf_file import GGUFSource, _unpermute
 from ..loading.hf_dir import HFDirectorySource, read_json
 from ..loading.source import dense_linear
+from ..ops import w4a16_cpu
 from ..ops.w4a16 import kernel_available
 from .formats import GGUF_4BIT_TYPES, Int4Weight, read_awq, read_gguf_q4, read_gptq
 
@@ -147,18 +148,22 @@ class GGUFQ4Source(_WrappedSource):
         return w
 
 
-def gguf_q4_by_default(device: torch.device) -> bool:
+def gguf_q4_by_default(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether GGUF Q4 weights stay 4-bit when the caller does not say.
 
-    Yes on CUDA with the W4A16 kernel built: 4x less weight memory and bandwidth per token. No
-    elsewhere: the torch path dequantises and caches the weights anyway, so keeping them 4-bit on
-    a CPU buys nothing but a slower first step.
+    Yes where a 4-bit GEMM runs them: on CUDA with the W4A16 kernel built, on the CPU with torch's
+    int4 kernel (ops/w4a16_cpu.py, bf16 compute only): 4x less weight memory and bandwidth per
+    token. No elsewhere: the torch path would dequantise and cache the weights anyway, so keeping
+    them 4-bit buys nothing but a slower first step.
     """
+    if device.type == "cpu":
+        return dtype in w4a16_cpu.DTYPES and w4a16_cpu.available()
     return device.type == "cuda" and kernel_available()
 
 
-def wrap_gguf(source: GGUFSource, device: torch.device, quantized: bool | None) -> Any:
-    """`source` itself, or a GGUFQ4Source when Q4_0/Q4_1/Q4_K weights should be imported as 4-bit."""
+def wrap_gguf(source: GGUFSource, device: torch.device, dtype: torch.dtype, quantized: bool | None) -> Any:
+    """`source` itself, or a GGUFQ4Source when Q4_0/Q4_1/Q4_K weights should be imported as 4-bit
+    (`quantized`, or when None gguf_q4_by_default for the device and compute dtype)."""
     if quantized is None:
-        quantized = gguf_q4_by_default(device)
+        quantized = gguf_q4_by_default(device, dtype)
     return GGUFQ4Source(source) if quantized else source

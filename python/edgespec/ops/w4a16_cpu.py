@@ -1,0 +1,118 @@
+"""W4A16 on the CPU: torch's own int4 GEMM (`aten._weight_int4pack_mm_for_cpu`) instead of a
+dequantised copy of the weight.
+
+A decode step on a CPU streams every weight from memory once, so its time is the weight bytes
+over the memory bandwidth: 4-bit weights read a quarter of the bytes of bf16 ones (SmolLM2-135M
+Q4_1 decodes about 2.5x faster than its dequantised bf16 copy on one core,
+bench/python/bench_cpu_w4a16.py), and the model keeps a quarter of the memory.
+
+torch's kernel computes w = (q - 8) * s + m with one scale s and one offset m per group of K
+rows and output column, in the activation dtype. edgespec's weights are w = (q - z) * s
+(ops/w4a16.py), so m = (8 - z) * s, formed in fp32 and rounded once to the activation dtype:
+in fp32 the result is the dequantised matmul to rounding, in bf16/fp16 it differs from it by
+about one rounding of the offset, as a dense bf16 weight differs from its fp32 value.
+
+What the kernel takes (`rejection` says which condition failed): N a multiple of 16; groups of
+32, 64, 128 or 256 rows that tile K. A coarser group whose size is a multiple of 32 (per-channel
+scales, group 1024, a group 128 with K = 576) runs as finer groups with repeated scales, which
+is the same weight. Act-order weights gather the input columns first.
+
+A row's result does not depend on how many rows come with it (checked for 1..512 rows, bf16,
+fp16 and fp32, 1 and 2 threads: tests/test_w4a16_cpu.py), so greedy speculative decoding of a
+4-bit model on the CPU stays token for token the same as plain decoding.
+
+EDGESPEC_CPU_INT4=0 turns the path off (the dequantised torch path runs instead).
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .w4a16 import W4A16Weight
+
+_GROUPS = (256, 128, 64, 32)
+# torch 2.13's kernel is vectorised for bf16 activations only: with fp16 or fp32 it runs 5x-50x
+# slower than the dequantised matmul (measured on SmolLM2 to Llama-8B shapes), so those take the
+# dequantised path.
+DTYPES = (torch.bfloat16,)
+
+
+def _turned_off() -> bool:
+    value = os.environ.get("EDGESPEC_CPU_INT4", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"EDGESPEC_CPU_INT4 must be 0 or 1, got {value!r}")
+    return value == "0"
+
+
+@lru_cache(maxsize=1)
+def _torch_has_it() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") \
+        and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def available() -> bool:
+    """Whether this torch has the CPU int4 kernel and EDGESPEC_CPU_INT4 does not turn it off."""
+    return not _turned_off() and _torch_has_it()
+
+
+def kernel_group(w: "W4A16Weight") -> int | None:
+    """The group size the kernel runs `w` with (its own or a finer one), or None."""
+    for g in _GROUPS:
+        if w.group_size % g == 0 and w.in_features % g == 0:
+            return g
+    return None
+
+
+def rejection(x: torch.Tensor, w: "W4A16Weight") -> str | None:
+    """Why the CPU int4 kernel cannot take x [..., K] times `w`, or None when it can."""
+    if _turned_off():
+        return "EDGESPEC_CPU_INT4=0"
+    if not _torch_has_it():
+        return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+    if x.device.type != "cpu" or w.device.type != "cpu":
+        return f"x is on {x.device} and the weight on {w.device}, not both on the CPU"
+    if x.dtype not in DTYPES:
+        return f"x has dtype {x.dtype}: the kernel is fast for torch.bfloat16 only"
+    if w.out_features % 16:
+        return f"N = {w.out_features} is not a multiple of 16"
+    if kernel_group(w) is None:
+        return (f"group size {w.group_size} with K = {w.in_features}: needs groups of 32, 64, 128 or 256 rows "
+                f"(or a multiple of 32 made of them) that tile K")
+    return None
+
+
+def _packed(w: "W4A16Weight", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(packed weight, scales and offsets [K/g, N, 2] in `dtype`, g), made on first use and kept
+    on `w` (half a byte per weight, beside its own packing; one dtype at a time)."""
+    cached = w._cpu_int4
+    if cached is not None and cached[1].dtype == dtype:
+        return cached
+    g = kernel_group(w)
+    assert g is not None, "rejection() is checked first"
+    q = w.unpacked().t().contiguous().to(torch.int32)                       # [N, K]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)   # the CPU op ignores inner tiles
+    rows = torch.arange(0, w.in_features, g) // w.group_size              # the group of each finer group
+    scales = w.scales.float()[rows]                                        # [K/g, N]
+    zeros = 8.0 if w.zeros is None else w.zeros.float()[rows]
+    offsets = (8.0 - zeros) * scales
+    cached = (packed, torch.stack([scales, offsets], dim=-1).to(dtype).contiguous(), g)
+    w._cpu_int4 = cached
+    return cached
+
+
+def linear(x: torch.Tensor, w: "W4A16Weight", bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias on the CPU int4 kernel; `rejection(x, w)` must be None."""
+    packed, scales_offsets, g = _packed(w, x.dtype)
+    rows = x.reshape(-1, w.in_features)
+    if rows.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], w.out_features)
+    if w.perm is not None:  # stored row j multiplies input feature perm[j]
+        rows = rows.index_select(1, w.perm)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), packed, g, scales_offsets)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], w.out_features)

@@ -1,0 +1,164 @@
+"""W4A16 on the CPU through torch's int4 kernel (edgespec/ops/w4a16_cpu.py): agreement with the
+dequantised oracle, a row's result independent of the row count (what keeps speculative == plain
+for 4-bit models on the CPU), the shapes and dtypes it refuses (which take the dequantised path),
+and the demo model loading 4-bit on the CPU by default."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgespec
+from edgespec.ops import w4a16_cpu
+from edgespec.quant import Int4Weight, QuantLinear
+from edgespec.quant.checkpoint import gguf_q4_by_default
+
+pytestmark = [
+    pytest.mark.cpu_paths,
+    pytest.mark.skipif(not w4a16_cpu.available(), reason="this torch has no CPU int4 kernel"),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weight(k: int, n: int, group: int, sym: bool, seed: int = 0) -> Int4Weight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
+    groups = -(-k // group)
+    scales = torch.rand(groups, n, generator=g) * 0.05 + 0.01
+    zeros = None if sym else torch.rand(groups, n, generator=g) * 15  # GGUF Q4_1/Q4_K zeros are not integers
+    return Int4Weight(q, scales, zeros, group)
+
+
+def _linear(w: Int4Weight, **kwargs) -> QuantLinear:
+    return w.to_linear(dtype=torch.bfloat16, **kwargs)
+
+
+def _bf16_bound(x: torch.Tensor, w_ref: torch.Tensor, ref: torch.Tensor) -> float:
+    """What a dense bf16 matmul of the same weight gets wrong: the yardstick of the int4 path."""
+    dense = (x.to(torch.bfloat16) @ w_ref.to(torch.bfloat16).t()).double()
+    return float((dense - ref).abs().max())
+
+
+@pytest.mark.parametrize("k,n,group,sym", [
+    (576, 960, 32, False),     # SmolLM2 q|k|v, GGUF Q4_1-style groups
+    (1536, 576, 64, True),     # SmolLM2 down
+    (576, 192, 128, False),    # a group 128 that does not tile K = 576: runs as groups of 64
+    (320, 48, 320, False),     # per-channel scales: groups of 64
+    (2048, 64, 1024, True),    # a coarse group: groups of 256
+    (96, 16, 32, False),       # the smallest N
+])
+def test_matches_dequantised_oracle(k: int, n: int, group: int, sym: bool) -> None:
+    w = _weight(k, n, group, sym, seed=k + n)
+    bias = torch.randn(n)
+    lin = _linear(w, bias=bias)
+    w_ref = lin.dequantize().double()            # [N, K]: the stored (bf16) scales and zeros, in fp32
+    for rows in (1, 5, 33):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        y = lin(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+        ref = x.double() @ w_ref.t() + bias.to(torch.bfloat16).double()
+        err = float((y.double() - ref).abs().max())
+        assert err <= 2 * _bf16_bound(x, w_ref, ref - bias.to(torch.bfloat16).double()) + 1e-2, (rows, err)
+    assert lin.weight._cpu_int4 is not None and lin.weight._dense is None  # the int4 path ran, nothing dequantised
+
+
+def test_act_order_gathers_the_input_columns() -> None:
+    k, n, group = 256, 64, 64
+    w = _weight(k, n, group, sym=False, seed=3)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(4))
+    lin = QuantLinear.from_ints(w.q, w.scales, w.zeros, group, perm=perm, dtype=torch.bfloat16)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    ref = x.double() @ lin.dequantize().double().t()                 # dequantize() undoes perm
+    assert float((lin(x).double() - ref).abs().max()) <= 2 * _bf16_bound(x, lin.dequantize().double(), ref) + 1e-2
+    assert lin.weight._cpu_int4 is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rows_result_does_not_depend_on_the_row_count(threads: int) -> None:
+    """Bitwise: a token decoded alone and the same token in a verified draft tree (or a prefill
+    chunk) get the same projections. Checked for every count to 70 and for 300."""
+    torch.set_num_threads(threads)
+    w = _weight(576, 960, 32, sym=False, seed=5)
+    lin = _linear(w)
+    x = torch.randn(300, 576).to(torch.bfloat16)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(70)])
+    for rows in list(range(2, 71)) + [300]:
+        together = lin(x[:rows])
+        assert torch.equal(together[:min(rows, 70)], alone[:rows]), rows
+
+
+def test_refusals_take_the_dequantised_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 96).to(torch.bfloat16)
+    cases = {
+        "not a multiple of 16": _linear(_weight(96, 24, 32, sym=True)),
+        "group size 16": _linear(_weight(96, 32, 16, sym=True)),
+        "group size 48": _linear(_weight(96, 32, 48, sym=True)),
+    }
+    for reason, lin in cases.items():
+        assert reason in w4a16_cpu.rejection(x, lin.weight)
+        y = lin(x)
+        ref = x.double() @ lin.dequantize().double().t()
+        torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+        assert lin.weight._cpu_int4 is None
+    ok = _linear(_weight(96, 32, 32, sym=True))
+    for dtype in (torch.float16, torch.float32):  # the kernel is not vectorised for these: 5-50x slower
+        assert "bfloat16 only" in w4a16_cpu.rejection(x.to(dtype), ok.weight)
+        ok(x.to(dtype))
+        assert ok.weight._cpu_int4 is None
+    monkeypatch.setenv("EDGESPEC_CPU_INT4", "0")
+    assert w4a16_cpu.rejection(x, ok.weight) == "EDGESPEC_CPU_INT4=0" and not w4a16_cpu.available()
+    monkeypatch.setenv("EDGESPEC_CPU_INT4", "yes")
+    with pytest.raises(ValueError, match="EDGESPEC_CPU_INT4 must be 0 or 1"):
+        ok(x)
+
+
+def test_packing_is_made_once_and_empty_inputs_work() -> None:
+    lin = _linear(_weight(64, 32, 32, sym=False))
+    lin(torch.randn(1, 64).to(torch.bfloat16))
+    packed = lin.weight._cpu_int4
+    lin(torch.randn(4, 64).to(torch.bfloat16))
+    assert lin.weight._cpu_int4 is packed
+    assert lin(torch.randn(0, 64).to(torch.bfloat16)).shape == (0, 32)
+    assert lin(torch.randn(2, 3, 64).to(torch.bfloat16)).shape == (2, 3, 32)
+
+
+def test_gguf_q4_stays_4bit_on_the_cpu_for_bf16_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert gguf_q4_by_default(cpu, torch.bfloat16)
+    assert not gguf_q4_by_default(cpu, torch.float32) and not gguf_q4_by_default(cpu, torch.float16)
+    monkeypatch.setenv("EDGESPEC_CPU_INT4", "0")
+    assert not gguf_q4_by_default(cpu, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_demo_model_4bit_speculative_equals_plain_and_tracks_the_dequantised_model(demo_gguf: Path) -> None:
+    """The demo GGUF (Q4_1) loads 4-bit on the CPU in bf16; greedy speculative output equals plain
+    output token for token; its logits stay close to the dequantised model's."""
+    target = edgespec.LLM.load(str(demo_gguf), device="cpu", dtype=torch.bfloat16, max_context=512, draft=None)
+    assert isinstance(target.model.layers[0].qkv, QuantLinear)
+    spec = edgespec.LLM.load(str(demo_gguf), device="cpu", dtype=torch.bfloat16, max_context=512)
+    for llm in (target, spec):
+        llm.prefix_caching = False
+    for prompt in ("Name three colours of the rainbow.", "Write a haiku about rain."):
+        ids = target.encode(prompt, chat=True)
+        plain = target.generate(ids, max_new_tokens=40, ignore_eos=True).token_ids
+        assert spec.generate(ids, max_new_tokens=40, ignore_eos=True).token_ids == plain
+
+    dense = edgespec.LLM.load(str(demo_gguf), device="cpu", dtype=torch.float32, max_context=512,
+                              draft=None, quantized=False).model
+    tokens = torch.tensor(target.encode("The capital of France is", chat=False))
+    with torch.no_grad():
+        ours = target.model.logits(target.model.forward(tokens, torch.arange(tokens.numel()),
+                                                        target.model.new_cache(64), 0).hidden).float()
+        ref = dense.logits(dense.forward(tokens, torch.arange(tokens.numel()), dense.new_cache(64), 0).hidden)
+    # bf16 activations through 30 layers: logits of magnitude ~20 within a few tenths, same ranking at the top.
+    assert float((ours - ref).abs().max()) < 1.0
+    assert torch.equal(ours[-1].topk(3).indices, ref[-1].topk(3).indices)
