@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import Interruptible, environment, median, time_cpu, write_result  # noqa: E402
+from benchlib import GGUF_WEIGHTS, Interruptible, environment, median, projection_weights, time_cpu, write_result  # noqa: E402
 
 import edgespec  # noqa: E402
 from edgespec.loading import default_dtype, resolve_device  # noqa: E402
@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: edgespec's default for the device")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gguf-weights", default="auto", choices=list(GGUF_WEIGHTS),
+                    help="edgespec's Q4 projections 4-bit or dequantised (default: the device's default)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for both engines (default: torch's); 1 is steadier on a shared machine")
     args = ap.parse_args()
@@ -80,7 +82,8 @@ def main() -> int:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     gguf = Path(args.model) if args.model else demo_model_path()
-    llm = edgespec.LLM.load(str(gguf), device=str(device), dtype=dtype, max_context=2048, draft=None)
+    llm = edgespec.LLM.load(str(gguf), device=str(device), dtype=dtype, max_context=2048, draft=None,
+                            quantized=GGUF_WEIGHTS[args.gguf_weights])
     llm.prefix_caching = False  # every run prefills its whole prompt, as the baseline's does
     graphed = None
     if device.type == "cuda":  # the same weights, decode steps as CUDA graphs (its own cache)
@@ -130,6 +133,7 @@ def main() -> int:
              f"tokens_per_s = new tokens / wall time. edgespec plain decoding (no speculation). "
              f"same_tokens: both engines produced identical token ids.")
     path = write_result("e2e_generate", device, rows, notes, model=gguf.name, dtype=str(dtype),
+                        weights=projection_weights(llm.model),
                         **run.marker(len(rows), len(PROMPTS)))
     geo = 1.0
     for r in rows:

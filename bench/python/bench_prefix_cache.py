@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import Interruptible, median, write_result  # noqa: E402
+from benchlib import Interruptible, median, projection_weights, write_result  # noqa: E402
 
 import edgespec  # noqa: E402
 from edgespec.loading import default_dtype, resolve_device  # noqa: E402
@@ -105,7 +105,7 @@ def main() -> int:
              f"prompt agree to 3e-5 for every split point; measured ad hoc), as two chunk sizes of a full prefill do.")
     path = write_result("prefix_cache_spec" if args.speculation else "prefix_cache", device, rows, notes,
                         model="SmolLM2-135M-Instruct (demo)",
-                        dtype=str(dtype), speculation=args.speculation, **run.marker(len(rows), len(turns) - 1))
+                        dtype=str(dtype), weights=projection_weights(llm.model), speculation=args.speculation, **run.marker(len(rows), len(turns) - 1))
     print(f"wrote {path}")
     return run.exit_code
 

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import Interruptible, write_result  # noqa: E402
+from benchlib import GGUF_WEIGHTS, Interruptible, projection_weights, write_result  # noqa: E402
 
 import edgespec  # noqa: E402
 from edgespec.loading import default_dtype, resolve_device  # noqa: E402
@@ -125,6 +125,8 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--topk", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--gguf-weights", default="auto", choices=list(GGUF_WEIGHTS),
+                    help="the demo's Q4_1 projections 4-bit or dequantised (default: the device's default)")
     ap.add_argument("--sweep", default=None, help="space-separated tree_size,depth,topk shapes to compare")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each kind")
     ap.add_argument("--prompts-file", default=None,
@@ -145,7 +147,8 @@ def main() -> int:
     if args.cuda_graphs and device.type != "cuda":
         ap.error("--cuda-graphs needs a CUDA device")
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
-    llm = edgespec.LLM.load("demo", device=str(device), dtype=dtype, max_context=2048, draft=None)
+    llm = edgespec.LLM.load("demo", device=str(device), dtype=dtype, max_context=2048, draft=None,
+                            quantized=GGUF_WEIGHTS[args.gguf_weights])
     llm.prefix_caching = False  # every run prefills its whole prompt, as the baseline's does
     chat = CHAT_PROMPTS[:args.limit]
     cont = CONTINUATION_PROMPTS[:args.limit]
@@ -215,7 +218,7 @@ def main() -> int:
                 if args.cuda_graphs else ""))
     benchmark = ("spec_graphs" if args.cuda_graphs else "spec") + ("_sampling" if sampling else "")
     path = write_result(benchmark, device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
-                        dtype=str(dtype), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],
+                        dtype=str(dtype), weights=projection_weights(llm.model), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],
                                                 "topk": shapes[0][2]}, **run.marker(len(rows), len(prompts)))
     print(f"wrote {path}")
     return run.exit_code

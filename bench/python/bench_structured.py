@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from benchlib import Interruptible, environment, write_result  # noqa: E402
+from benchlib import Interruptible, environment, projection_weights, write_result  # noqa: E402
 
 import edgespec  # noqa: E402
 from edgespec.generation import Sampler  # noqa: E402
@@ -231,7 +231,8 @@ def main() -> int:
              "tokens_per_s is end to end (on a CPU the target forward dominates it). Greedy outputs are identical "
              "in both modes, and complete answers are JSON; sampled ones are draws (both lossless), compared per "
              "step and per token.")
-    path = write_result("structured", device, rows, notes, load_before=load_before, load_after=load_after,
+    path = write_result("structured", device, rows, notes, weights=projection_weights(llm.model),
+                        load_before=load_before, load_after=load_after,
                         **run.marker(len(rows), len(cases)))
     print(f"wrote {path}")
     return run.exit_code

@@ -21,6 +21,9 @@ from typing import Any, Callable
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+# --gguf-weights of the benchmarks that load the demo GGUF: load_model's `quantized` (None: the
+# device's default, 4-bit where a 4-bit GEMM runs the Q4 weights).
+GGUF_WEIGHTS = {"auto": None, "4bit": True, "dense": False}
 
 
 def cpu_name() -> str:
@@ -163,3 +166,9 @@ class Interruptible:
     def exit_code(self) -> int:
         return 130 if self.interrupted else 0  # 128 + SIGINT, as a shell reports it
 
+
+def projection_weights(model: Any) -> str:
+    """What a loaded decoder's projections hold, recorded with results: '4bit' or 'dense'."""
+    from edgespec.quant import QuantLinear  # noqa: PLC0415 - scripts put python/ on sys.path first
+
+    return "4bit" if isinstance(model.layers[0].qkv, QuantLinear) else "dense"
