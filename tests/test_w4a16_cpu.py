@@ -162,3 +162,23 @@ def test_demo_model_4bit_speculative_equals_plain_and_tracks_the_dequantised_mod
     # bf16 activations through 30 layers: logits of magnitude ~20 within a few tenths, same ranking at the top.
     assert float((ours - ref).abs().max()) < 1.0
     assert torch.equal(ours[-1].topk(3).indices, ref[-1].topk(3).indices)
+
+
+def test_default_tree_follows_the_weights_the_cpu_runs() -> None:
+    """4-bit weights on the int4 kernel get the small CPU tree (its cost grows with the rows);
+    4-bit weights the CPU dequantises (fp32 compute) cost what dense ones do: the dense tree."""
+    from types import SimpleNamespace
+
+    from edgespec.ops import DenseLinear
+    from edgespec.spec import DEFAULT_SETTINGS, default_settings
+
+    cpu = torch.device("cpu")
+    quant = _linear(_weight(64, 32, 32, sym=True))
+
+    def model(qkv, dtype):
+        return SimpleNamespace(device=cpu, dtype=dtype, layers=[SimpleNamespace(qkv=qkv)])
+
+    assert default_settings(model(quant, torch.bfloat16)) == DEFAULT_SETTINGS["cpu-quantized"]
+    assert default_settings(model(quant, torch.float32)) == DEFAULT_SETTINGS["cpu"]
+    assert default_settings(model(DenseLinear(torch.randn(32, 64)), torch.bfloat16)) == DEFAULT_SETTINGS["cpu"]
+    assert DEFAULT_SETTINGS["cpu-quantized"].tree_size < DEFAULT_SETTINGS["cpu"].tree_size

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFormatError
+from ..ops import w4a16_cpu
 from ..ops.linear import DenseLinear
 from .decoding import cache_slack, speculative_factory
 from .draft_model import ModelDrafter, check_same_vocabulary
@@ -34,8 +35,18 @@ DEMO_HEAD = DATA_DIR / "smollm2-135m-instruct-eagle"
 # rounds only where the draft is sure of a long run (3.8 rounds per step on average at depth 8
 # against 2.9 at depth 4), so depth 8 buys +0.14 tokens per step for no measurable speed; the
 # size stays where more verified tokens stop paying for themselves.
+#
+# The cpu-quantized entry: 4-bit weights on torch's CPU int4 kernel (ops/w4a16_cpu.py), whose
+# time grows with the row count from a few rows on (SmolLM2 Q4_1, one forward: M=1 26.9 ms, M=4
+# 27.9, M=13 61.7 against 52.1 / 48.3 / 62.6 dense: cpu_w4a16-cpu.json), so a verified token
+# costs several times what it does with dense weights and small trees win. The same sweep with
+# the demo loaded 4-bit: 12,8,4 2.98 / 0.90x; 8,8,4 2.79 / 1.03x; 6,6,3 2.63 / 1.21x; 5,5,2
+# 2.47 / 1.14x; 4,4,2 2.31 / 1.17x; 3,3,2 2.16 / 1.32x, 1.31x; 3,3,1 2.10 / 1.25x; 2,2,1 1.92 /
+# 1.31x (speedups over plain 4-bit decoding, itself about twice as fast as dense: cpu_w4a16-cpu.json);
+# on the benchmark's own prompts 3,3,2 gives 2.04 / 1.24x (spec-cpu.json).
 DEFAULT_SETTINGS = {
     "cpu": TreeSettings(tree_size=12, depth=8, topk=4),
+    "cpu-quantized": TreeSettings(tree_size=3, depth=3, topk=2),
     "cuda": TreeSettings(tree_size=60, depth=6, topk=10),
     "cuda-quantized": TreeSettings(tree_size=24, depth=5, topk=8),
 }
@@ -47,9 +58,11 @@ def _is_quantized(model: "Decoder") -> bool:
 
 def default_settings(model: "Decoder") -> TreeSettings:
     """The default tree shape for a target on its device and precision (DEFAULT_SETTINGS)."""
-    if model.device.type != "cuda":
-        return DEFAULT_SETTINGS["cpu"]
-    return DEFAULT_SETTINGS["cuda-quantized" if _is_quantized(model) else "cuda"]
+    if model.device.type == "cuda":
+        return DEFAULT_SETTINGS["cuda-quantized" if _is_quantized(model) else "cuda"]
+    # 4-bit weights the CPU dequantises (fp16/fp32 compute) cost what dense ones do.
+    int4 = _is_quantized(model) and model.dtype in w4a16_cpu.DTYPES and w4a16_cpu.available()
+    return DEFAULT_SETTINGS["cpu-quantized" if int4 else "cpu"]
 
 
 def _head_frspec(path: Path) -> Path | None:
