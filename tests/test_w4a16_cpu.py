@@ -182,3 +182,15 @@ def test_default_tree_follows_the_weights_the_cpu_runs() -> None:
     assert default_settings(model(quant, torch.float32)) == DEFAULT_SETTINGS["cpu"]
     assert default_settings(model(DenseLinear(torch.randn(32, 64)), torch.bfloat16)) == DEFAULT_SETTINGS["cpu"]
     assert DEFAULT_SETTINGS["cpu-quantized"].tree_size < DEFAULT_SETTINGS["cpu"].tree_size
+
+
+def test_loading_packs_the_projections_before_the_first_call(demo_gguf: Path) -> None:
+    """The loader makes the int4 packing (so the first request does not pay for it); weights the
+    kernel does not run in the model's dtype are left alone."""
+    llm = edgespec.LLM.load(str(demo_gguf), device="cpu", dtype=torch.bfloat16, max_context=64, draft=None)
+    layers = llm.model.layers
+    assert all(lin.weight._cpu_int4 is not None for layer in layers
+               for lin in (layer.qkv, layer.o, layer.ffn.gate_up, layer.ffn.down))
+    fp32 = edgespec.LLM.load(str(demo_gguf), device="cpu", dtype=torch.float32, max_context=64, draft=None,
+                             quantized=True)
+    assert isinstance(fp32.model.layers[0].qkv, QuantLinear) and fp32.model.layers[0].qkv.weight._cpu_int4 is None

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ContextLengthError, DeviceMemoryError, ModelFormatError
 from ..models.config import ModelConfig, config_from_hf
-from ..models.decoder import Decoder
+from ..models.decoder import Decoder, GatedMLP
 from .build import FFN_BUILDERS, build_decoder
 from .demo import demo_model_path
 from .gguf_file import GGUFSource
@@ -99,6 +99,18 @@ def _generation_eos(path: Path) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
 
 
+def _pack_cpu_int4(decoder: Decoder) -> None:
+    """Pack the 4-bit projections that run on torch's CPU int4 kernel at load, not on first use."""
+    from ..ops import w4a16_cpu  # noqa: PLC0415
+    from ..quant import QuantLinear  # noqa: PLC0415
+
+    for layer in decoder.layers:
+        ffn = [layer.ffn.gate_up, layer.ffn.down] if isinstance(layer.ffn, GatedMLP) else []
+        for lin in [layer.qkv, layer.o, *ffn, decoder.lm_head]:
+            if isinstance(lin, QuantLinear):
+                w4a16_cpu.prepare(lin.weight, decoder.dtype)
+
+
 def load_model(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                max_context: int | None = None, with_tokenizer: bool = True, progress: bool = False,
                quantized: bool | None = None) -> LoadedModel:
@@ -132,6 +144,8 @@ def load_model(model: str | Path, device: str | torch.device | None = None, dtyp
         fitted = plan_context(decoder, max_context, free, str(model))
         if fitted != decoder.max_context:
             decoder.set_max_context(fitted)
+    if dev.type == "cpu":
+        _pack_cpu_int4(decoder)
     tokenizer = None
     if with_tokenizer:
         extra = list(config.eos_token_ids) + (_generation_eos(Path(tok_dir)) if tok_gguf is None else [])
