@@ -153,11 +153,18 @@ def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (_f16(b, 0) * sc.float()).reshape(n, 8, 1), (_f16(b, 2) * mc.float()).reshape(n, 8, 1)
 
 
-def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+def q4_k_fields(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks uint8 [n, 144] -> (q uint8 [n, 8, 32], scale, offset float32 [n, 8, 1]):
+    w = scale * q - offset in each 32-element group. Also what edgespec.quant.formats imports
+    Q4_K weights as 4-bit from."""
     n = b.shape[0]
     scale, offset = _k4_scales(b)
-    q = _fields(b[:, 16:144].reshape(n, 4, 32), 4, 2).reshape(n, 8, 32)
-    torch.mul(scale, q.float(), out=out.view(n, 8, 32)).sub_(offset)
+    return _fields(b[:, 16:144].reshape(n, 4, 32), 4, 2).reshape(n, 8, 32), scale, offset
+
+
+def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    q, scale, offset = q4_k_fields(b)
+    torch.mul(scale, q.float(), out=out.view(*q.shape)).sub_(offset)
 
 
 def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelFormatError
+from ..loading.gguf_dequant import q4_k_fields
 from . import layout
 from .linear import QuantLinear
 
@@ -251,18 +252,11 @@ def _fp16(two_bytes: np.ndarray) -> np.ndarray:
 
 def _q4k_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_K super-blocks uint8 [N, S, 144] -> (q [N, 8S, 32], scale [N, 8S], offset [N, 8S])
-    per 32-element sub-block: w = scale * q - offset (layout in the module docstring)."""
+    per 32-element sub-block: w = scale * q - offset (layout in the module docstring), decoded
+    by the GGUF loader's own Q4_K reader (scale and offset exact: 11 x 6 bits)."""
     n, s, _ = blocks.shape
-    d, dmin = _fp16(blocks[..., 0:2]), _fp16(blocks[..., 2:4])               # [N, S]
-    codes = blocks[..., 4:16]
-    lo, hi, mixed = codes[..., 0:4], codes[..., 4:8], codes[..., 8:12]
-    sc = np.concatenate([lo & 0x3F, (mixed & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [N, S, 8]
-    mc = np.concatenate([hi & 0x3F, (mixed >> 4) | ((hi >> 2) & 0x30)], axis=-1)
-    qs = blocks[..., 16:].reshape(n, s, 4, 1, 32)
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=3).reshape(n, s * 8, 32)
-    scale = (d[..., None] * sc.astype(np.float32)).reshape(n, s * 8)         # exact: 11 x 6 bits
-    offset = (dmin[..., None] * mc.astype(np.float32)).reshape(n, s * 8)
-    return q, scale, offset
+    q, scale, offset = q4_k_fields(torch.from_numpy(blocks.reshape(n * s, GGUF_Q4K_BYTES)))
+    return q.reshape(n, s * 8, 32).numpy(), scale.reshape(n, s * 8).numpy(), offset.reshape(n, s * 8).numpy()
 
 
 def write_gguf_q4(w: Int4Weight, type_name: str) -> np.ndarray:
