@@ -9,7 +9,7 @@ Two parts:
   rows at context 256 (what a decode step, a small and the default CPU draft tree, and a prefill
   chunk cost: the int4 kernel's time grows with M sooner than a dense matmul's). Both engines
   alternate per repeat; medians. `weights_mb`: the bytes of the projection weights each engine
-  keeps (4-bit: the int4 packing, scales and offsets, plus the plain packing it is made from).
+  keeps (4-bit: torch's packing, the scales and zeros, the kernel's scales and offsets).
 * gemm: one projection of SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B shapes (q|k|v and gate|up
   fused as edgespec loads them), M = 1, 4, 16, 64, random 4-bit weights with group-32 scales and
   zero points; each side cycles through enough weight copies (> 256 MB of bf16) that the weights
@@ -63,8 +63,9 @@ def projection_bytes(model) -> int:
         for lin in (layer.qkv, layer.o, layer.ffn.gate_up, layer.ffn.down):
             if isinstance(lin, QuantLinear):
                 total += lin.weight.nbytes()
-                packed = lin.weight._cpu_int4
-                total += 0 if packed is None else sum(t.numel() * t.element_size() for t in packed[:2])
+                packed = lin.weight._cpu_int4  # torch's packing (the weight's own in the cpu layout), scales/offsets
+                extra = [] if packed is None else [t for t in packed[:2] if t is not lin.weight.qweight]
+                total += sum(t.numel() * t.element_size() for t in extra)
             elif isinstance(lin, DenseLinear):
                 total += lin.weight.numel() * lin.weight.element_size()
     return total

@@ -100,7 +100,8 @@ def _generation_eos(path: Path) -> list[int]:
 
 
 def _pack_cpu_int4(decoder: Decoder) -> None:
-    """Pack the 4-bit projections that run on torch's CPU int4 kernel at load, not on first use."""
+    """Pack the 4-bit projections that run on torch's CPU int4 kernel at load, not on first use,
+    into torch's layout alone where it allows (w4a16_cpu.prepare)."""
     from ..ops import w4a16_cpu  # noqa: PLC0415
     from ..quant import QuantLinear  # noqa: PLC0415
 
@@ -108,7 +109,7 @@ def _pack_cpu_int4(decoder: Decoder) -> None:
         ffn = [layer.ffn.gate_up, layer.ffn.down] if isinstance(layer.ffn, GatedMLP) else []
         for lin in [layer.qkv, layer.o, *ffn, decoder.lm_head]:
             if isinstance(lin, QuantLinear):
-                w4a16_cpu.prepare(lin.weight, decoder.dtype)
+                lin.weight = w4a16_cpu.prepare(lin.weight, decoder.dtype)
 
 
 def load_model(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,

@@ -912,7 +912,7 @@ def _w4a16_weight_rejection(w: Any, dtype: torch.dtype) -> str | None:
     if dtype not in W4A16_DTYPES:
         return f"x has dtype {dtype}; the W4A16 kernel takes bfloat16 or float16 (tensor cores)"
     if w.layout != "tile":
-        return "the weight is in the plain layout; QuantLinear.to('cuda') repacks it into the kernel's tile layout"
+        return f"the weight is in the {w.layout} layout; QuantLinear.to('cuda') repacks it into the kernel's tile layout"
     for name, t in (("scales", w.scales), ("zeros", w.zeros)):
         if t is not None and t.dtype != dtype:
             return f"{name} has dtype {t.dtype}, x has {dtype}"

@@ -29,14 +29,15 @@ import torch
 from . import backend, w4a16_cpu
 from .linear import linear
 
-LAYOUTS = ("plain", "tile")
+LAYOUTS = ("plain", "tile", "cpu")
 
 
 @dataclass(eq=False)
 class W4A16Weight:
     """The 4-bit weight of one linear with K inputs and N outputs.
 
-    qweight:    int32, plain layout [ceil(K/8), N] or tile layout [K/16, 2N] (edgespec.quant.layout)
+    qweight:    int32, plain layout [ceil(K/8), N] or tile layout [K/16, 2N]; or uint8, torch's CPU
+                int4 layout [N, K/2] (edgespec.quant.layout)
     scales:     [G, N] float (fp32/bf16/fp16, normally the compute dtype), G = ceil(K / group_size)
     zeros:      [G, N] float zero points in units of q, or None for symmetric weights (z = 8)
     group_size: rows of K per group (K itself for per-channel scales)
@@ -64,12 +65,15 @@ class W4A16Weight:
             raise ValueError(f"W4A16Weight: group_size must be positive (K={k} for per-channel), got {g}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"W4A16Weight: layout must be one of {LAYOUTS}, got {self.layout!r}")
-        expected = (-(-k // 8), n) if self.layout == "plain" else (k // 16, 2 * n)
-        if self.qweight.dtype != torch.int32 or tuple(self.qweight.shape) != expected:
-            raise ValueError(f"W4A16Weight: {self.layout} qweight must be int32 {list(expected)} for K={k}, N={n}, "
-                             f"got {self.qweight.dtype} {list(self.qweight.shape)}")
+        expected, dtype = {"plain": ((-(-k // 8), n), torch.int32), "tile": ((k // 16, 2 * n), torch.int32),
+                           "cpu": ((n, k // 2), torch.uint8)}[self.layout]
+        if self.qweight.dtype != dtype or tuple(self.qweight.shape) != expected:
+            raise ValueError(f"W4A16Weight: {self.layout} qweight must be {str(dtype).removeprefix('torch.')} "
+                             f"{list(expected)} for K={k}, N={n}, got {self.qweight.dtype} {list(self.qweight.shape)}")
         if self.layout == "tile" and (k % 16 or n % 64):
             raise ValueError(f"W4A16Weight: the tile layout needs K % 16 == 0 and N % 64 == 0, got K={k}, N={n}")
+        if self.layout == "cpu" and (k % 2 or n % 64):
+            raise ValueError(f"W4A16Weight: the cpu layout needs K % 2 == 0 and N % 64 == 0, got K={k}, N={n}")
         groups = -(-k // g)
         if not self.scales.is_floating_point() or tuple(self.scales.shape) != (groups, n):
             raise ValueError(f"W4A16Weight: scales must be float [{groups}, {n}] (group_size {g}), "
@@ -94,6 +98,8 @@ class W4A16Weight:
 
         if self.layout == "plain":
             return layout.unpack_rows(self.qweight, self.in_features)
+        if self.layout == "cpu":
+            return layout.unpack_cpu(self.qweight, self.in_features, self.out_features)
         return layout.unpack_tile(self.qweight, self.in_features, self.out_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -111,14 +117,15 @@ class W4A16Weight:
     def sub(self, inputs: tuple[int, int] | None = None,
             outputs: tuple[int, int] | None = None) -> "W4A16Weight | None":
         """The weight of input features [k0, k1) and output features [n0, n1), sharing this one's
-        storage (no copy), or None where the packing does not allow the cut: act-order weights;
+        storage (no copy), or None where the packing does not allow the cut: act-order weights; the
+        cpu layout;
         outputs not on 64-column tiles (tile layout); inputs not on 8-row words (plain) or 16-row
         tiles (tile), or cutting a group of scales. BlockFFN's torch path uses it to dequantise only
         a step's active experts when the whole weight is not cached."""
         k, n, g = self.in_features, self.out_features, self.group_size
         k0, k1 = inputs if inputs is not None else (0, k)
         n0, n1 = outputs if outputs is not None else (0, n)
-        if not (0 <= k0 < k1 <= k and 0 <= n0 < n1 <= n) or self.perm is not None:
+        if not (0 <= k0 < k1 <= k and 0 <= n0 < n1 <= n) or self.perm is not None or self.layout == "cpu":
             return None
         row_unit, col_unit = (8, 1) if self.layout == "plain" else (16, 64)
         if k0 % row_unit or (k1 % row_unit and k1 != k) or n0 % col_unit or (n1 % col_unit and n1 != n):

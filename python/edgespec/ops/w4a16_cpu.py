@@ -5,8 +5,9 @@ A decode step on a CPU streams every weight from memory once, so its time is the
 over the memory bandwidth: 4-bit weights with group-32 scales and offsets read 0.625 bytes per
 weight against bf16's 2 (one projection of one row runs 2.6x-3.6x faster than F.linear bf16,
 SmolLM2-135M Q4_1 decodes about 1.9x faster than its dequantised bf16 copy on one core:
-bench/results/cpu_w4a16-cpu.json). The packing is made on a weight's first call and kept beside
-its plain packing (which dequantize/sub/to read): 1.25 bytes per weight in memory. Several rows
+bench/results/cpu_w4a16-cpu.json). The loader stores such weights in torch's packing alone
+(`prepare`); elsewhere the packing is made on a weight's first call and kept beside the weight's
+own. Several rows
 cost more: torch's kernel spends per row what a dense matmul spends per weight byte, so from
 about 16 rows on (prefill, large draft trees) the dense matmul of a dequantised copy is faster.
 
@@ -89,27 +90,42 @@ def rejection(x: torch.Tensor, w: "W4A16Weight") -> str | None:
     return None
 
 
-def prepare(w: "W4A16Weight", dtype: torch.dtype) -> bool:
-    """Make w's packing for activations of `dtype` now (the loader calls it, so a model's first
-    request does not pay for packing every layer: 0.4 s for the demo model on one core, growing with
-the weights). False where
-    the kernel does not take w in that dtype."""
+def prepare(w: "W4A16Weight", dtype: torch.dtype) -> "W4A16Weight":
+    """`w` ready for the kernel with activations of `dtype` (the loader calls it, so a model's first
+    request does not pay for packing every layer: 0.4 s for the demo model on one core, growing
+    with the weights): where N % 64 == 0, the same weight stored in torch's packing alone (the
+    "cpu" layout, edgespec.quant.layout: 0.75 bytes per weight with group-32 scales, zeros and
+    the kernel's scales and offsets, instead of 1.25 with the plain packing kept beside it);
+    otherwise `w` with its packing made. `w` itself where the kernel does not take it."""
+    from ..quant import layout  # noqa: PLC0415 - quant builds on ops; imported on use
+    from .w4a16 import W4A16Weight  # noqa: PLC0415 - w4a16 imports this module
+
     if rejection(torch.empty(0, w.in_features, dtype=dtype), w) is not None:
-        return False
-    _packed(w, dtype)
-    return True
+        return w
+    packed = None if w.layout == "cpu" else layout.pack_cpu(w.unpacked())
+    if packed is None:
+        _packed(w, dtype)
+        return w
+    moved = W4A16Weight(qweight=packed, scales=w.scales, zeros=w.zeros, group_size=w.group_size,
+                        in_features=w.in_features, out_features=w.out_features, layout="cpu", perm=w.perm)
+    _packed(moved, dtype)
+    return moved
 
 
 def _packed(w: "W4A16Weight", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(packed weight, scales and offsets [K/g, N, 2] in `dtype`, g), made on first use and kept
-    on `w` (half a byte per weight, beside its own packing; one dtype at a time)."""
+    on `w` (one dtype at a time). In the cpu layout the packed weight is w's own; otherwise a
+    second packing, half a byte per weight."""
     cached = w._cpu_int4
     if cached is not None and cached[1].dtype == dtype:
         return cached
     g = kernel_group(w)
     assert g is not None, "rejection() is checked first"
-    q = w.unpacked().t().contiguous().to(torch.int32)                       # [N, K]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)   # the CPU op ignores inner tiles
+    if w.layout == "cpu":  # torch's packing already
+        packed = w.qweight
+    else:
+        q = w.unpacked().t().contiguous().to(torch.int32)                   # [N, K]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # the CPU op ignores inner tiles
     rows = torch.arange(0, w.in_features, g) // w.group_size              # the group of each finer group
     scales = w.scales.float()[rows]                                        # [K/g, N]
     zeros = 8.0 if w.zeros is None else w.zeros.float()[rows]

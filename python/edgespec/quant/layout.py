@@ -1,5 +1,5 @@
-"""Bit layouts of 4-bit weights: the plain layout the torch path reads, and the fragment-ordered
-("tile") layout the W4A16 CUDA kernel reads.
+"""Bit layouts of 4-bit weights: the plain layout the torch path reads, the fragment-ordered
+("tile") layout the W4A16 CUDA kernel reads, and torch's CPU int4 kernel's layout ("cpu").
 
 Throughout, `q` is the unpacked weight of a linear y = x @ W.T with W: [N, K], stored transposed
 as uint8 [K, N] (row k = input feature, column n = output feature, values 0..15) because every
@@ -30,6 +30,13 @@ the low/high halves of one register. With the order above those pairs are (e0, e
 
 Concatenating two tile-layout weights along N is a concatenation along dim 1, which is what makes
 fused q|k|v and gate|up projections free in this layout.
+
+CPU layout (`"cpu"`), uint8 [N, K/2] (needs N % 64 == 0 and K even), viewed as [N/64, K, 32]: byte
+j of row k in block b holds q[k, 64b + j] in its low nibble and q[k, 64b + 32 + j] in its high
+one. It is torch's own packing for its CPU int4 kernel (`aten._convert_weight_to_int4pack_for_cpu`,
+which makes it; edgespec/ops/w4a16_cpu.py), not a format edgespec chose: pack_cpu unpacks every
+weight it packs and refuses (None) if torch ever packs differently, so a weight is never stored in
+a layout edgespec cannot read back.
 """
 from __future__ import annotations
 
@@ -121,6 +128,38 @@ def unpack_cols(packed: torch.Tensor, n: int, order: tuple[int, ...] | None = No
             inverse[c] = i
         nib = nib[..., inverse]
     return nib.reshape(packed.shape[0], -1)[:, :n]
+
+
+CPU_BLOCK_N = 64
+
+
+def cpu_layout_ok(k: int, n: int) -> bool:
+    """Whether a [K, N] weight can be stored in the CPU layout."""
+    return k > 0 and n > 0 and k % 2 == 0 and n % CPU_BLOCK_N == 0
+
+
+def pack_cpu(q: torch.Tensor) -> torch.Tensor | None:
+    """q: [K, N] (0..15) -> CPU layout uint8 [N, K/2], made by torch; None when this torch lacks the
+    op or its packing is not the layout above (checked by unpacking it)."""
+    _check_q(q, "pack_cpu")
+    k, n = q.shape
+    if not cpu_layout_ok(k, n) or not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous().to(torch.int32), 2)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2) \
+            or not torch.equal(unpack_cpu(packed, k, n), q.to(torch.uint8)):
+        return None
+    return packed
+
+
+def unpack_cpu(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """CPU layout uint8 [N, K/2] -> uint8 [K, N] (inverse of pack_cpu)."""
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2) or not cpu_layout_ok(k, n):
+        raise ValueError(f"unpack_cpu: expected uint8 [{n}, {k // 2}] with N % {CPU_BLOCK_N} == 0 and K even, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    blocks = packed.reshape(n // CPU_BLOCK_N, k, CPU_BLOCK_N // 2)
+    q = torch.cat([blocks & 0xF, blocks >> 4], dim=2)            # [N/64, K, 64]: columns j, then j + 32
+    return q.permute(1, 0, 2).reshape(k, n)
 
 
 def tile_layout_ok(k: int, n: int) -> bool:

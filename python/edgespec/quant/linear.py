@@ -107,10 +107,11 @@ class QuantLinear:
     def fuse(cls, parts: list["QuantLinear"]):
         """One QuantLinear computing the parts' outputs concatenated (q|k|v, gate|up).
 
-        Fusing is a concatenation along N in either layout, so it is done whenever the parts agree
-        on K, group size, act-order permutation, layout, device and dtype: one launch instead of
+        Fusing is a concatenation along N in the plain and tile layouts, so it is done whenever the
+        parts agree on K, group size, act-order permutation, layout, device and dtype: one launch instead of
         several, and more column tiles for the kernel to spread over the SMs. Parts that disagree
-        fall back to ConcatLinear (called one by one).
+        fall back to ConcatLinear (called one by one), as do weights already in torch's cpu layout
+        (the loader packs them after fusing).
         """
         if not parts:
             raise ValueError("QuantLinear.fuse: no parts given")
@@ -118,12 +119,13 @@ class QuantLinear:
             return parts[0]
         ws = [p.weight for p in parts]
         first = ws[0]
-        same = all(w.in_features == first.in_features and w.group_size == first.group_size
-                   and w.layout == first.layout and w.device == first.device
-                   and w.scales.dtype == first.scales.dtype
-                   and ((w.perm is None and first.perm is None)
-                        or (w.perm is not None and first.perm is not None and torch.equal(w.perm, first.perm)))
-                   for w in ws)
+        same = first.layout != "cpu" and all(
+            w.in_features == first.in_features and w.group_size == first.group_size
+            and w.layout == first.layout and w.device == first.device
+            and w.scales.dtype == first.scales.dtype
+            and ((w.perm is None and first.perm is None)
+                 or (w.perm is not None and first.perm is not None and torch.equal(w.perm, first.perm)))
+            for w in ws)
         if not same:
             return ConcatLinear(list(parts))
         if all(w.zeros is None for w in ws):
