@@ -11,8 +11,8 @@ integer zero points, GGUF Q4_0 is symmetric, Q4_1's `d * q + m` is z = -m / d an
 Three paths:
 * kernel: the fragment-ordered CUDA kernel (`csrc/kernels/w4a16.cuh`) for CUDA tensors in the tile
   layout and the shapes it supports (see `_kernels.supports_w4a16`);
-* CPU int4: torch's CPU int4 GEMM on the 4-bit weights (`w4a16_cpu`), for the shapes it takes:
-  a quarter of the bytes per decode step of a dense bf16 weight;
+* CPU int4: torch's CPU int4 GEMM on the 4-bit weights (`w4a16_cpu`), for bf16 activations and
+  the shapes it takes: under a third of a dense bf16 weight's bytes per decode step;
 * torch: dequantise, then one matmul, for everything else. The dequantised weight is cached on
   the W4A16Weight while a process-wide byte budget allows (EDGESPEC_W4A16_CACHE_MB; default a
   quarter of the device's memory), so once warm it runs as fast as a dense weight.
