@@ -37,8 +37,8 @@ DEMO_HEAD = DATA_DIR / "smollm2-135m-instruct-eagle"
 # size stays where more verified tokens stop paying for themselves.
 #
 # The cpu-quantized entry: 4-bit weights on torch's CPU int4 kernel (ops/w4a16_cpu.py), whose
-# time grows with the row count from a few rows on (SmolLM2 Q4_1, one forward: M=1 26.9 ms, M=4
-# 27.9, M=13 61.7 against 52.1 / 48.3 / 62.6 dense: cpu_w4a16-cpu.json), so a verified token
+# time grows with the row count from a few rows on (SmolLM2 Q4_1, one forward: M=1 29.4 ms, M=4
+# 31.0, M=13 61.0 against 58.1 / 59.3 / 62.9 dense: cpu_w4a16-cpu.json), so a verified token
 # costs several times what it does with dense weights and small trees win. The same sweep with
 # the demo loaded 4-bit: 12,8,4 2.98 / 0.90x; 8,8,4 2.79 / 1.03x; 6,6,3 2.63 / 1.21x; 5,5,2
 # 2.47 / 1.14x; 4,4,2 2.31 / 1.17x; 3,3,2 2.16 / 1.32x, 1.31x; 3,3,1 2.10 / 1.25x; 2,2,1 1.92 /
