@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
+from bench_w4a16 import MODELS  # noqa: E402
 from benchlib import Interruptible, median, time_cpu, write_result  # noqa: E402
 
 import edgespec  # noqa: E402
@@ -49,9 +50,6 @@ PROMPTS = ["Explain why the sky is blue in two sentences.", "Write a short poem 
 LONG_TEXT = ("The lighthouse keeper climbed the spiral stairs each evening, trimmed the wick, polished the lens "
              "and wrote the weather in a leather log before the ships came round the point. ")
 STEP_ROWS = (1, 4, 13, 32)
-# name -> (hidden, intermediate, query heads, kv heads, head dim), as bench_w4a16.py
-MODELS = {"smollm2-135m": (576, 1536, 9, 3, 64), "llama3-1b": (2048, 8192, 32, 8, 64),
-          "llama3-8b": (4096, 14336, 32, 8, 128)}
 GEMM_ROWS = (1, 4, 16, 64)
 STREAM_BYTES = 256 * 2**20
 
@@ -137,7 +135,7 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
 
 def gemm_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for model, (h, inter, hq, hkv, d) in MODELS.items():
+    for model, (h, inter, hq, hkv, d, _) in MODELS.items():  # the GPU benchmark's shapes, group 32 here
         shapes = {"qkv": (h, (hq + 2 * hkv) * d), "o": (hq * d, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
         for layer, (k, n) in shapes.items():
             gen = torch.Generator().manual_seed(k * 7 + n)
