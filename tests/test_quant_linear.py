@@ -21,12 +21,19 @@ from edgespec.quant.checkpoint import detect_quantized_checkpoint
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 
-def _random_int4(k: int, n: int, group: int, sym: bool, seed: int = 0) -> Int4Weight:
+def _random_int4(k: int, n: int, group: int, sym: bool, seed: int = 0, fractional_zeros: bool = False) -> Int4Weight:
+    """Random 4-bit values and scales; zero points integers (GPTQ/AWQ) or, with fractional_zeros, any
+    value in [0, 15) (GGUF Q4_1/Q4_K)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
     groups = -(-k // group)
     scales = torch.rand(groups, n, generator=g) * 0.05 + 0.01
-    zeros = None if sym else torch.randint(0, 16, (groups, n), generator=g).float()
+    if sym:
+        zeros = None
+    elif fractional_zeros:
+        zeros = torch.rand(groups, n, generator=g) * 15
+    else:
+        zeros = torch.randint(0, 16, (groups, n), generator=g).float()
     return Int4Weight(q, scales, zeros, group)
 
 

@@ -13,6 +13,7 @@ import edgespec
 from edgespec.ops import w4a16_cpu
 from edgespec.quant import Int4Weight, QuantLinear, layout
 from edgespec.quant.checkpoint import gguf_q4_by_default
+from test_quant_linear import _random_int4
 
 pytestmark = [
     pytest.mark.cpu_paths,
@@ -29,12 +30,7 @@ def one_thread():
 
 
 def _weight(k: int, n: int, group: int, sym: bool, seed: int = 0) -> Int4Weight:
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
-    groups = -(-k // group)
-    scales = torch.rand(groups, n, generator=g) * 0.05 + 0.01
-    zeros = None if sym else torch.rand(groups, n, generator=g) * 15  # GGUF Q4_1/Q4_K zeros are not integers
-    return Int4Weight(q, scales, zeros, group)
+    return _random_int4(k, n, group, sym, seed, fractional_zeros=True)  # GGUF-like zero points
 
 
 def _linear(w: Int4Weight, **kwargs) -> QuantLinear:
@@ -191,7 +187,8 @@ def test_loading_packs_the_projections_before_the_first_call(demo_gguf: Path) ->
     """The loader makes the int4 packing (so the first request does not pay for it); weights the
     kernel does not run in the model's dtype are left alone."""
     llm = edgespec.LLM.load(str(demo_gguf), device="cpu", dtype=torch.bfloat16, max_context=64, draft=None)
-    weights = [lin.weight for layer in llm.model.layers for lin in (layer.qkv, layer.o, layer.ffn.gate_up, layer.ffn.down)]
+    weights = [lin.weight for layer in llm.model.layers
+               for lin in (layer.qkv, layer.o, layer.ffn.gate_up, layer.ffn.down)]
     # SmolLM2's projections have N % 64 == 0: kept in torch's packing alone.
     assert all(w._cpu_int4 is not None and w.layout == "cpu" and w._cpu_int4[0] is w.qweight for w in weights)
     fp32 = edgespec.LLM.load(str(demo_gguf), device="cpu", dtype=torch.float32, max_context=64, draft=None,
