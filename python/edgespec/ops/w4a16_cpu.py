@@ -64,6 +64,12 @@ def available() -> bool:
     return not _turned_off() and _torch_has_it()
 
 
+def runs_dtype(dtype: torch.dtype) -> bool:
+    """Whether 4-bit weights on the CPU run on this kernel with activations of `dtype` (the shapes
+    aside): what makes keeping a model's weights 4-bit there pay."""
+    return dtype in DTYPES and available()
+
+
 def kernel_group(w: "W4A16Weight") -> int | None:
     """The group size the kernel runs `w` with (its own or a finer one), or None."""
     for g in _GROUPS:

@@ -152,12 +152,12 @@ def gguf_q4_by_default(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether GGUF Q4 weights stay 4-bit when the caller does not say.
 
     Yes where a 4-bit GEMM runs them: on CUDA with the W4A16 kernel built, on the CPU with torch's
-    int4 kernel (ops/w4a16_cpu.py, bf16 compute only): 4x less weight memory and bandwidth per
-    token. No elsewhere: the torch path would dequantise and cache the weights anyway, so keeping
-    them 4-bit buys nothing but a slower first step.
+    int4 kernel (ops/w4a16_cpu.py, bf16 compute only): a quarter to three eighths of the weight
+    memory and bandwidth per token. No elsewhere: the torch path would dequantise and cache the
+    weights anyway, so keeping them 4-bit buys nothing but a slower first step.
     """
     if device.type == "cpu":
-        return dtype in w4a16_cpu.DTYPES and w4a16_cpu.available()
+        return w4a16_cpu.runs_dtype(dtype)
     return device.type == "cuda" and kernel_available()
 
 

@@ -61,7 +61,7 @@ def default_settings(model: "Decoder") -> TreeSettings:
     if model.device.type == "cuda":
         return DEFAULT_SETTINGS["cuda-quantized" if _is_quantized(model) else "cuda"]
     # 4-bit weights the CPU dequantises (fp16/fp32 compute) cost what dense ones do.
-    int4 = _is_quantized(model) and model.dtype in w4a16_cpu.DTYPES and w4a16_cpu.available()
+    int4 = _is_quantized(model) and w4a16_cpu.runs_dtype(model.dtype)
     return DEFAULT_SETTINGS["cpu-quantized" if int4 else "cpu"]
 
 
