@@ -105,11 +105,13 @@ def _pack_cpu_int4(decoder: Decoder) -> None:
     from ..ops import w4a16_cpu  # noqa: PLC0415
     from ..quant import QuantLinear  # noqa: PLC0415
 
+    linears = [decoder.lm_head]
     for layer in decoder.layers:
         ffn = [layer.ffn.gate_up, layer.ffn.down] if isinstance(layer.ffn, GatedMLP) else []
-        for lin in [layer.qkv, layer.o, *ffn, decoder.lm_head]:
-            if isinstance(lin, QuantLinear):
-                lin.weight = w4a16_cpu.prepare(lin.weight, decoder.dtype)
+        linears += [layer.qkv, layer.o, *ffn]
+    for lin in linears:
+        if isinstance(lin, QuantLinear):
+            lin.weight = w4a16_cpu.prepare(lin.weight, decoder.dtype)
 
 
 def load_model(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
