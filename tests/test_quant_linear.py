@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from edgespec import ops
+from edgespec.ops import w4a16_cpu
 from edgespec.loading import load_model
 from edgespec.ops.linear import ConcatLinear
 from edgespec.ops.w4a16 import DEQUANT_BUDGET, W4A16Weight, w4a16_linear
@@ -39,13 +40,19 @@ def _random_int4(k: int, n: int, group: int, sym: bool, seed: int = 0, fractiona
 
 @pytest.mark.parametrize("k,n,group,sym", [(64, 64, 32, True), (96, 200, 32, False), (200, 96, 32, False),
                                            (576, 192, 128, False), (128, 64, 128, True), (40, 24, 40, False)])
-@pytest.mark.parametrize("layout_name", ["plain", "tile"])
+@pytest.mark.parametrize("layout_name", ["plain", "tile", "cpu"])
 def test_quant_linear_matches_oracle(k: int, n: int, group: int, sym: bool, layout_name: str) -> None:
     if layout_name == "tile" and not layout.tile_layout_ok(k, n):
         pytest.skip("shape has no tile layout")
+    if layout_name == "cpu" and not (layout.cpu_layout_ok(k, n) and w4a16_cpu.available()):
+        pytest.skip("shape has no cpu layout, or this torch no CPU int4 kernel")
     w = _random_int4(k, n, group, sym, seed=k + n)
     bias = torch.randn(n)
-    lin = w.to_linear(bias, layout_name=layout_name)
+    if layout_name == "cpu":  # made by the loader's step for the CPU int4 kernel, from the plain layout
+        lin = w.to_linear(bias)
+        lin.weight = w4a16_cpu.prepare(lin.weight, torch.bfloat16)
+    else:
+        lin = w.to_linear(bias, layout_name=layout_name)
     assert lin.weight.layout == layout_name and (lin.in_features, lin.out_features) == (k, n)
     ref_w = w.dequantize()                         # oracle [N, K] fp32 from the format formula
     torch.testing.assert_close(lin.dequantize(), ref_w, rtol=0, atol=0)

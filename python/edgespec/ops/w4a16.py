@@ -103,16 +103,26 @@ class W4A16Weight:
         return layout.unpack_tile(self.qweight, self.in_features, self.out_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W: [N, K] in `dtype`, columns in input-feature order (perm undone). Computed in fp32."""
-        k, g = self.in_features, self.group_size
-        q = self.unpacked().float()                                    # [K, N]
-        s = self.scales.float().repeat_interleave(g, dim=0)[:k]        # [K, N]
-        z = 8.0 if self.zeros is None else self.zeros.float().repeat_interleave(g, dim=0)[:k]
-        w_kn = (q - z) * s
+        """W: [N, K] in `dtype`, columns in input-feature order (perm undone): (q - z) * s in fp32,
+        rounded once to `dtype`. Built in [N, K] order from the start, groups broadcast rather than
+        repeated, in place: the CPU's prefill dequantises every weight of every chunk (w4a16_cpu)."""
+        from ..quant import layout  # noqa: PLC0415 - quant builds on ops; imported on use
+
+        k, n, g, groups = self.in_features, self.out_features, self.group_size, self.num_groups
+        if self.layout == "cpu":
+            q = layout.unpack_cpu_transposed(self.qweight, k, n)      # [N, K]
+        else:
+            q = self.unpacked().t().contiguous()
+        if groups * g != k:  # a last, partial group
+            q = torch.nn.functional.pad(q, (0, groups * g - k))
+        w = q.reshape(n, groups, g).float()
+        w -= 8.0 if self.zeros is None else self.zeros.float().t().unsqueeze(-1)
+        w *= self.scales.float().t().unsqueeze(-1)
+        w = w.view(n, groups * g)[:, :k]
         if self.perm is not None:
-            # Stored row j multiplies input feature perm[j]: scatter the rows back.
-            w_kn = torch.empty_like(w_kn).index_copy_(0, self.perm, w_kn)
-        return w_kn.t().contiguous().to(dtype)
+            # Stored row j multiplies input feature perm[j]: scatter the columns back.
+            w = torch.empty(n, k, device=w.device).index_copy_(1, self.perm, w)
+        return w.to(dtype).contiguous()
 
     def sub(self, inputs: tuple[int, int] | None = None,
             outputs: tuple[int, int] | None = None) -> "W4A16Weight | None":

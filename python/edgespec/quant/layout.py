@@ -154,12 +154,22 @@ def pack_cpu(q: torch.Tensor) -> torch.Tensor | None:
 
 def unpack_cpu(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
     """CPU layout uint8 [N, K/2] -> uint8 [K, N] (inverse of pack_cpu)."""
+    return _unpack_cpu_blocks(packed, k, n, "unpack_cpu").permute(1, 0, 2).reshape(k, n)
+
+
+def unpack_cpu_transposed(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """CPU layout uint8 [N, K/2] -> uint8 [N, K], q transposed: the [N, K] order a dequantised
+    weight takes, made without a [K, N] copy in between."""
+    return _unpack_cpu_blocks(packed, k, n, "unpack_cpu_transposed").transpose(1, 2).reshape(n, k)
+
+
+def _unpack_cpu_blocks(packed: torch.Tensor, k: int, n: int, what: str) -> torch.Tensor:
+    """uint8 [N/64, K, 64]: block b, row k, column j holds q[k, 64b + j]."""
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2) or not cpu_layout_ok(k, n):
-        raise ValueError(f"unpack_cpu: expected uint8 [{n}, {k // 2}] with N % {CPU_BLOCK_N} == 0 and K even, "
+        raise ValueError(f"{what}: expected uint8 [{n}, {k // 2}] with N % {CPU_BLOCK_N} == 0 and K even, "
                          f"got {packed.dtype} {tuple(packed.shape)}")
     blocks = packed.reshape(n // CPU_BLOCK_N, k, CPU_BLOCK_N // 2)
-    q = torch.cat([blocks & 0xF, blocks >> 4], dim=2)            # [N/64, K, 64]: columns j, then j + 32
-    return q.permute(1, 0, 2).reshape(k, n)
+    return torch.cat([blocks & 0xF, blocks >> 4], dim=2)            # columns j, then j + 32
 
 
 def tile_layout_ok(k: int, n: int) -> bool:
