@@ -13,16 +13,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
 from edgespec import ops
+from edgespec.ops.linear import INVARIANT_ROWS
 from oracle import ops as ref
 from oracle import rope as ref_rope
 from oracle.attention import (attention_ref, block_visibility, pack_bits, random_tree, tree_dense_visibility,
                               tree_visibility, unpack_bits, visibility)
 
 K = 4.0  # how many times PyTorch's own rounding error at the tested precision we allow
-UNIT = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8}
+UNIT = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -110,19 +112,24 @@ def test_linear_rows_are_bitwise_independent_of_batch(dtype: torch.dtype, out_f:
     """A row alone gives bitwise what it gives among others (a token decoded alone vs inside a
     verified tree: the speculative invariant in bf16 rests on it), for row counts either side of
     the CPU BLAS's kernel switch at 32 rows (ops.linear splits larger calls) and of a lone row left
-    by the split. (576, 1536) is SmolLM2's down projection, where the single-row bf16 kernel rounds
-    differently. (fp32 GEMMs on the CPU are not row-invariant: fp32 speculative tests guard against
-    near-ties.)"""
+    by the split, up to INVARIANT_ROWS (a tree of 127 tokens and its root). (576, 1536) is SmolLM2's
+    down projection, where the single-row bf16 kernel rounds differently. Past INVARIANT_ROWS (prefill
+    chunks) a call is one GEMM, the same products rounded its own way. (fp32 GEMMs on the CPU are not
+    row-invariant: fp32 speculative tests guard against near-ties.)"""
+    limit = INVARIANT_ROWS
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x = randn(97, in_f, seed=3, dtype=dtype)
+        x = randn(limit + 72, in_f, seed=3, dtype=dtype)
         w, b = randn(out_f, in_f, seed=4, dtype=dtype), randn(out_f, seed=5, dtype=dtype)
-        alone = torch.cat([ops.linear(x[i:i + 1], w, b) for i in range(97)])
+        alone = torch.cat([ops.linear(x[i:i + 1], w, b) for i in range(limit)])
         assert torch.equal(ops.linear(x[5], w, b), alone[5]), "1-D row"
-        for rows in (2, 13, 31, 32, 33, 64, 65, 97):
+        for rows in (2, 13, 31, 32, 33, 64, 65, 97, limit - 1, limit):
             assert torch.equal(ops.linear(x[:rows], w, b), alone[:rows]), f"{rows} rows"
         assert torch.equal(ops.linear(x[:40].view(4, 10, in_f), w, b), alone[:40].view(4, 10, out_f)), "3-D input"
+        chunk = ops.linear(x, w, b)
+        assert torch.equal(chunk, F.linear(x, w, b)), "a prefill chunk is one GEMM"
+        assert_matches_oracle(chunk, ref.linear(x, w, b), ref.linear(x, w, b, dtype=dtype), f"{x.shape[0]} rows")
     finally:
         torch.set_num_threads(before)
 

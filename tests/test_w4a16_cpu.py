@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import edgespec
 from edgespec.ops import w4a16_cpu
+from edgespec.ops.linear import INVARIANT_ROWS
 from edgespec.quant import Int4Weight, QuantLinear, layout
 from edgespec.quant.checkpoint import gguf_q4_by_default
 from test_quant_linear import _random_int4
@@ -82,16 +84,25 @@ def test_act_order_gathers_the_input_columns() -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_rows_result_does_not_depend_on_the_row_count(threads: int) -> None:
-    """Bitwise: a token decoded alone and the same token in a verified draft tree (or a prefill
-    chunk) get the same projections. Checked for every count to 70 and for 300."""
+    """Bitwise: a token decoded alone and the same token in a verified draft tree get the same
+    projections. Checked for every count to 70 and for INVARIANT_ROWS (a tree of 127 tokens and its
+    root). More rows (a prefill chunk) run as the dense GEMM of the dequantised weight."""
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    w = _weight(576, 960, 32, sym=False, seed=5)
-    lin = _linear(w)
-    x = torch.randn(300, 576).to(torch.bfloat16)
-    alone = torch.cat([lin(x[i:i + 1]) for i in range(70)])
-    for rows in list(range(2, 71)) + [300]:
-        together = lin(x[:rows])
-        assert torch.equal(together[:min(rows, 70)], alone[:rows]), rows
+    try:
+        w = _weight(576, 960, 32, sym=False, seed=5)
+        lin = _linear(w)
+        x = torch.randn(300, 576).to(torch.bfloat16)
+        alone = torch.cat([lin(x[i:i + 1]) for i in range(70)])
+        for rows in list(range(2, 71)) + [INVARIANT_ROWS]:
+            together = lin(x[:rows])
+            assert torch.equal(together[:min(rows, 70)], alone[:rows]), rows
+        chunk = lin(x)
+        assert torch.equal(chunk, F.linear(x, lin.dequantize(torch.bfloat16), lin.bias)), "prefill chunk"
+        ref = x.double() @ lin.dequantize().double().t()
+        assert float((chunk.double() - ref).abs().max()) <= 3 * _bf16_bound(x, lin.dequantize().double(), ref) + 1e-2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_refusals_take_the_dequantised_path(monkeypatch: pytest.MonkeyPatch) -> None:

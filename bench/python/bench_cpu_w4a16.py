@@ -5,15 +5,18 @@ dense bf16 (`--gguf-weights dense`: the baseline), in the same run.
 Two parts:
 * model: the demo model (SmolLM2-135M-Instruct, Q4_1) loaded both ways. Rows: greedy decoding of
   --new-tokens tokens after a chat prompt (EOS ignored; wall time of the whole generation);
-  the prefill of a ~1K-token prompt (time to first token); one forward step of M = 1, 4, 13, 32
-  rows at context 256 (what a decode step, a small and the default CPU draft tree, and a prefill
-  chunk cost: the int4 kernel's time grows with M sooner than a dense matmul's). Both engines
-  alternate per repeat; medians. `weights_mb`: the bytes of the projection weights each engine
+  the prefill of a ~1K-token prompt (time to first token: two chunks of more than
+  INVARIANT_ROWS rows, which dequantise the 4-bit weights per call); one forward step of M = 1, 4,
+  13, 32 rows at context 256 (what a decode step, the default CPU draft tree, the default dense
+  tree and a large tree cost: the int4 kernel's time grows with M sooner than a dense matmul's).
+  Both engines alternate per repeat; medians. `weights_mb`: the bytes of the projection weights each engine
   keeps (4-bit: torch's packing, the scales and zeros, the kernel's scales and offsets).
 * gemm: one projection of SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B shapes (q|k|v and gate|up
-  fused as edgespec loads them), M = 1, 4, 16, 64, random 4-bit weights with group-32 scales and
-  zero points; each side cycles through enough weight copies (> 256 MB of bf16) that the weights
-  stream from memory as between the layers of a model.
+  fused as edgespec loads them), M = 1, 4, 16, 64 (the int4 kernel) and 512 (a prefill chunk:
+  past ops.linear.INVARIANT_ROWS rows the weight is dequantised for the call and multiplied in one
+  dense GEMM), random 4-bit weights with group-32 scales and zero points; each side cycles through
+  enough weight copies (> 256 MB of bf16) that the weights stream from memory as between the
+  layers of a model.
 
     python bench/python/bench_cpu_w4a16.py [--threads 1] [--new-tokens 128] [--repeats 3] [--skip-gemm]
 
@@ -50,7 +53,7 @@ PROMPTS = ["Explain why the sky is blue in two sentences.", "Write a short poem 
 LONG_TEXT = ("The lighthouse keeper climbed the spiral stairs each evening, trimmed the wick, polished the lens "
              "and wrote the weather in a leather log before the ships came round the point. ")
 STEP_ROWS = (1, 4, 13, 32)
-GEMM_ROWS = (1, 4, 16, 64)
+GEMM_ROWS = (1, 4, 16, 64, 512)
 STREAM_BYTES = 256 * 2**20
 
 
@@ -163,7 +166,7 @@ def gemm_rows(args: argparse.Namespace) -> list[dict]:
                     state["i"] = (state["i"] + 1) % copies
                     return F.linear(x, dense[state["i"]])
 
-                calls = max(copies, 8)
+                calls = max(copies, 8) if m <= 64 else 4  # a prefill chunk is compute-bound: no need to stream
                 o = median(time_cpu(lambda: [ours() for _ in range(calls)], args.repeats)) / calls
                 b = median(time_cpu(lambda: [base() for _ in range(calls)], args.repeats)) / calls
                 rows.append({"case": f"{model} {layer} M={m}", "ours_ms": round(o * 1e3, 4), "baseline": GEMM_BASELINE,

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import KernelError
 from . import backend
+from .linear import INVARIANT_ROWS
 
 # Storage dtypes every float kernel is compiled for (csrc/common/dispatch.h, kCompiledFloatDtypes).
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -996,7 +997,7 @@ def _w4a16_gemm(x: torch.Tensor, w: Any, bias: torch.Tensor | None, out: torch.T
 # of a second weight read past 64 rows. More rows (prefill chunks, which plain and speculative
 # decoding run alike and which need no invariance) go to cuBLAS.
 DENSE_MAX_ROWS = W4A16_MAX_ROWS
-DENSE_MAX_CHUNKED_ROWS = 128
+DENSE_MAX_CHUNKED_ROWS = INVARIANT_ROWS
 
 
 def dense_rejection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:

@@ -18,6 +18,12 @@ from . import backend
 # rounds differently. fp32 is left alone: its GEMMs change their reduction with the row count, the
 # shape and the thread count alike, so in fp32 decoded and verified tokens agree up to rounding.
 _CPU_ROW_BLOCK = {torch.bfloat16: 32, torch.float16: 32}
+# The most rows a call keeps row-invariant: a draft tree of up to 127 tokens and its root, the
+# bound the GPU's dense kernel keeps too (ops/_kernels.py). Calls with more rows are prefill
+# chunks, which plain and speculative decoding run alike: they take the fastest GEMM, one call on
+# the CPU (32-row blocks made a 512-token SmolLM2 prefill chunk's projections 3x slower and its
+# whole prefill 1.85x slower, bf16, one thread; bench/results/cpu_w4a16-cpu.json).
+INVARIANT_ROWS = 128
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -26,12 +32,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Row-invariant: a row's result does not depend on how many rows come with it, so a token
     decoded alone and the same token inside a verified draft tree get bitwise the same
     projections (with ops.attention's row-invariant path, greedy speculative output equals plain
-    output bit for bit in bf16 and fp16). On the CPU one row runs as two (the same row twice, no
-    copy) and more rows than _CPU_ROW_BLOCK run in blocks of at most that many; neither costs
-    anything measurable for the few rows of a decode or verify step (the weight read, not the row
-    count, sets their time). On the GPU up to 128 rows (decode steps, trees up to 128 tokens) run
-    on csrc/kernels/dense_gemm.h, whose split-K does not depend on the row count, 64 rows per
-    launch; more rows, and EDGESPEC_ROW_INVARIANT=0, run on cuBLAS.
+    output bit for bit in bf16 and fp16), for calls of up to INVARIANT_ROWS rows. On the CPU one
+    row runs as two (the same row twice, no copy) and more rows than _CPU_ROW_BLOCK run in blocks
+    of at most that many; neither costs anything measurable for the few rows of a decode or verify
+    step (the weight read, not the row count, sets their time). On the GPU up to 128 rows (decode
+    steps, trees up to 128 tokens) run on csrc/kernels/dense_gemm.h, whose split-K does not depend
+    on the row count, 64 rows per launch. More rows (prefill chunks), and on the GPU
+    EDGESPEC_ROW_INVARIANT=0, run as one torch GEMM (cuBLAS on the GPU).
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features but weight is {tuple(weight.shape)}")
@@ -42,9 +49,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if _kernels.dense_rejection(x, weight, bias) is None:
             return _kernels.dense_linear(x, weight, bias)
     block = _CPU_ROW_BLOCK.get(x.dtype) if x.device.type == "cpu" else None
-    if block is None:
+    rows = None if block is None else x.reshape(-1, x.shape[-1])
+    if rows is None or rows.shape[0] > INVARIANT_ROWS:
         return F.linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 1:
         return F.linear(rows.expand(2, -1), weight, bias)[:1].reshape(*x.shape[:-1], weight.shape[0])
     if rows.shape[0] <= block:
