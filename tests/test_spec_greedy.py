@@ -220,3 +220,20 @@ def test_speculation_info_and_off(targets, tmp_path):
     disable_speculation(llm)
     assert speculation_info(llm) is None
     assert "mean_accepted_length" not in llm.generate(PROMPTS[0], max_new_tokens=5).stats.as_dict()
+
+
+def test_trees_past_the_row_invariant_bound_are_flagged(targets, tmp_path, caplog):
+    """A tree verifies as tree_size + 1 rows; past INVARIANT_ROWS the projections run as one GEMM
+    (prefill's path), so greedy equality holds only up to rounding, and enabling such a tree says so."""
+    from edgespec.ops.linear import INVARIANT_ROWS
+
+    d, llm = targets["llama"]
+    try:
+        with caplog.at_level("WARNING", logger="edgespec.spec.api"):
+            enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS - 1, depth=4, topk=4)
+            assert not caplog.records
+            enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS, depth=4, topk=4)
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert f"tree_size {INVARIANT_ROWS - 1} or less keeps it token for token" in caplog.records[0].getMessage()
+    finally:
+        disable_speculation(llm)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFormatError
 from ..ops import w4a16_cpu
-from ..ops.linear import DenseLinear
+from ..ops.linear import INVARIANT_ROWS, DenseLinear
 from .decoding import cache_slack, speculative_factory
 from .draft_model import ModelDrafter, check_same_vocabulary
 from .drafter import Drafter
@@ -18,6 +19,8 @@ from .tree import TreeSettings
 if TYPE_CHECKING:
     from ..engine import LLM
     from ..models.decoder import Decoder
+
+logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # The EAGLE head trained for the demo model (SmolLM2-135M-Instruct) with `edgespec train-draft`.
@@ -149,6 +152,11 @@ def enable_speculation(llm: "LLM", draft: Any = "auto", tree_size: int | None = 
                             topk=base.topk if topk is None else topk).validate()
     if settings.tree_size + 1 > llm.max_context:
         raise ValueError(f"tree_size {settings.tree_size} does not fit a context of {llm.max_context}")
+    if settings.tree_size + 1 > INVARIANT_ROWS:
+        logger.warning("tree_size %d: a tree and its root verify as %d rows, more than the %d that the projections "
+                       "keep row-invariant, so greedy output equals plain decoding's only up to rounding (a near tie "
+                       "may go the other way); tree_size %d or less keeps it token for token",
+                       settings.tree_size, settings.tree_size + 1, INVARIANT_ROWS, INVARIANT_ROWS - 1)
     drafter = load_drafter(draft, llm, frspec_vocab)
     llm.set_strategy(speculative_factory(drafter, settings), cache_slack=cache_slack(settings))
     return settings
