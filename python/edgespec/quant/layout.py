@@ -154,22 +154,35 @@ def pack_cpu(q: torch.Tensor) -> torch.Tensor | None:
 
 def unpack_cpu(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
     """CPU layout uint8 [N, K/2] -> uint8 [K, N] (inverse of pack_cpu)."""
-    return _unpack_cpu_blocks(packed, k, n, "unpack_cpu").permute(1, 0, 2).reshape(k, n)
+    blocks = _cpu_byte_blocks(packed, k, n, "unpack_cpu")
+    return _split_nibbles(blocks).permute(1, 0, 2).reshape(k, n)
 
 
-def unpack_cpu_transposed(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """CPU layout uint8 [N, K/2] -> uint8 [N, K], q transposed: the [N, K] order a dequantised
-    weight takes, made without a [K, N] copy in between."""
-    return _unpack_cpu_blocks(packed, k, n, "unpack_cpu_transposed").transpose(1, 2).reshape(n, k)
+def unpack_cpu_transposed(packed: torch.Tensor, k: int, n: int, outputs: tuple[int, int] | None = None,
+                          inputs: tuple[int, int] | None = None) -> torch.Tensor:
+    """CPU layout uint8 [N, K/2] -> q[k0:k1, n0:n1] transposed, uint8 [n1 - n0, k1 - k0]: the [N, K]
+    order of a dequantised weight, made without a [K, N] copy in between, for the output features
+    outputs = (n0, n1) (multiples of 64; default all) and the input features inputs = (k0, k1)."""
+    n0, n1 = outputs if outputs is not None else (0, n)
+    k0, k1 = inputs if inputs is not None else (0, k)
+    if not (0 <= n0 < n1 <= n and n0 % CPU_BLOCK_N == 0 and n1 % CPU_BLOCK_N == 0 and 0 <= k0 < k1 <= k):
+        raise ValueError(f"unpack_cpu_transposed: outputs {n0}..{n1} must be multiples of {CPU_BLOCK_N} within N={n} "
+                         f"and inputs {k0}..{k1} within K={k}")
+    blocks = _cpu_byte_blocks(packed, k, n, "unpack_cpu_transposed")[n0 // CPU_BLOCK_N:n1 // CPU_BLOCK_N, k0:k1]
+    return _split_nibbles(blocks).transpose(1, 2).reshape(n1 - n0, k1 - k0)
 
 
-def _unpack_cpu_blocks(packed: torch.Tensor, k: int, n: int, what: str) -> torch.Tensor:
-    """uint8 [N/64, K, 64]: block b, row k, column j holds q[k, 64b + j]."""
+def _cpu_byte_blocks(packed: torch.Tensor, k: int, n: int, what: str) -> torch.Tensor:
+    """The CPU layout's bytes as [N/64, K, 32] (block, row k, byte j)."""
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2) or not cpu_layout_ok(k, n):
         raise ValueError(f"{what}: expected uint8 [{n}, {k // 2}] with N % {CPU_BLOCK_N} == 0 and K even, "
                          f"got {packed.dtype} {tuple(packed.shape)}")
-    blocks = packed.reshape(n // CPU_BLOCK_N, k, CPU_BLOCK_N // 2)
-    return torch.cat([blocks & 0xF, blocks >> 4], dim=2)            # columns j, then j + 32
+    return packed.reshape(n // CPU_BLOCK_N, k, CPU_BLOCK_N // 2)
+
+
+def _split_nibbles(blocks: torch.Tensor) -> torch.Tensor:
+    """[B, R, 32] bytes -> [B, R, 64] values: byte j holds column j (low nibble) and j + 32 (high)."""
+    return torch.cat([blocks & 0xF, blocks >> 4], dim=2)
 
 
 def tile_layout_ok(k: int, n: int) -> bool:
