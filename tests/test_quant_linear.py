@@ -147,6 +147,29 @@ def test_dequant_cache_respects_budget(monkeypatch) -> None:
     assert DEQUANT_BUDGET.used["cpu"] == before  # released with the weight
 
 
+def test_dequant_cache_leaves_the_gpus_activation_share_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the KV cache was planned into most of the memory the weights leave: a dequantised
+    weight is kept only while GPU_KEEP_FREE bytes stay free beside it (else it is dequantised per
+    call), whatever the budget allows."""
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "4096")
+    gpu = torch.device("cuda")
+    free = {"bytes": w4a16.GPU_KEEP_FREE + 300 * 2**20}
+    asked = []
+
+    def fake_free(device: torch.device) -> int | None:
+        asked.append(device.type)
+        return free["bytes"] if device.type == "cuda" else None
+
+    monkeypatch.setattr(w4a16, "_free_bytes", fake_free)
+    budget = w4a16._DequantBudget()
+    assert budget.reserve(gpu, 200 * 2**20)
+    free["bytes"] -= 200 * 2**20                       # the kept weight now takes that memory
+    assert not budget.reserve(gpu, 200 * 2**20)        # would eat into the activations' share
+    assert budget.reserve(gpu, 100 * 2**20)
+    assert budget.used["cuda"] == 300 * 2**20
+    assert budget.reserve(torch.device("cpu"), 200 * 2**20) and asked[-1] == "cpu"  # host memory is not planned
+
+
 def test_w4a16_bad_inputs() -> None:
     lin = _random_int4(64, 64, 32, sym=True).to_linear()
     with pytest.raises(ValueError, match="x has 32 input features but the weight expects 64"):

@@ -15,7 +15,8 @@ Three paths:
   the shapes it takes: under a third of a dense bf16 weight's bytes per decode step;
 * torch: dequantise, then one matmul, for everything else. The dequantised weight is cached on
   the W4A16Weight while a process-wide byte budget allows (EDGESPEC_W4A16_CACHE_MB; default a
-  quarter of the device's memory), so once warm it runs as fast as a dense weight.
+  quarter of the device's memory; on a GPU also only while GPU_KEEP_FREE stays free), so once warm
+  it runs as fast as a dense weight.
 """
 from __future__ import annotations
 
@@ -183,12 +184,27 @@ class W4A16Weight:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
+# Bytes the dequantised-weight cache leaves free on a GPU: the activations' share that the loader
+# keeps out of the KV cache's plan (loading/memory.py WORKSPACE_BYTES), which sizes the cache to
+# most of the memory the weights leave.
+GPU_KEEP_FREE = 1 << 30
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device; None on the CPU (host memory is not planned)."""
+    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
+
+
 class _DequantBudget:
     """Process-wide bytes of dequantised weights kept, per device type.
 
     First come, first served rather than LRU: a decode step touches every layer once in the same
     order, so an LRU smaller than the model evicts each weight just before it is needed again and
     caches nothing useful; a fixed set of cached layers keeps its speed-up on every step.
+
+    On a GPU a weight is also kept only while GPU_KEEP_FREE bytes stay free beside it: the KV
+    cache was planned to take most of the memory after the weights, and a cache that grew into
+    the activations' share (a long prefill on a small card) would end the run out of memory.
     """
 
     def __init__(self) -> None:
@@ -216,6 +232,9 @@ class _DequantBudget:
         with self._lock:
             used = self.used.get(device.type, 0)
             if used + nbytes > self.limit(device):
+                return False
+            free = _free_bytes(device)
+            if free is not None and free - nbytes < GPU_KEEP_FREE:
                 return False
             self.used[device.type] = used + nbytes
             return True
