@@ -215,12 +215,21 @@ def test_cpu_layout_round_trips(k: int, n: int) -> None:
     packed = layout.pack_cpu(q)
     assert packed is not None and packed.dtype == torch.uint8 and packed.shape == (n, k // 2)
     assert torch.equal(layout.unpack_cpu(packed, k, n), q)
+    assert torch.equal(layout.unpack_cpu_transposed(packed, k, n), q.t())
+    n1, k0 = n // 64 // 2 * 64 + 64, k // 3          # a range of 64-column blocks and any inputs
+    assert torch.equal(layout.unpack_cpu_transposed(packed, k, n, (64 if n > 64 else 0, n1), (k0, k - 1)),
+                       q[k0:k - 1, 64 if n > 64 else 0:n1].t())
 
 
 def test_cpu_layout_refuses_what_it_cannot_hold() -> None:
     assert layout.pack_cpu(torch.randint(0, 16, (64, 48), dtype=torch.uint8)) is None  # N % 64
     with pytest.raises(ValueError, match="unpack_cpu: expected uint8"):
         layout.unpack_cpu(torch.zeros(64, 16, dtype=torch.uint8), 32, 48)
+    packed = torch.zeros(128, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="outputs 32..128 must be multiples of 64"):
+        layout.unpack_cpu_transposed(packed, 32, 128, outputs=(32, 128))
+    with pytest.raises(ValueError, match="inputs 0..33 within K=32"):
+        layout.unpack_cpu_transposed(packed, 32, 128, inputs=(0, 33))
     w = _linear(_weight(64, 64, 32, sym=True)).weight
     from edgespec.ops.w4a16 import W4A16Weight
 

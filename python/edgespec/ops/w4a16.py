@@ -31,9 +31,10 @@ from . import backend, w4a16_cpu
 from .linear import linear
 
 LAYOUTS = ("plain", "tile", "cpu")
-# Weights per tile of W4A16Weight.dequantize on the CPU: 1 MB of fp32 intermediates, about what
-# a core's L2 cache holds.
-DEQUANT_TILE = 2**18
+# Weights per tile of W4A16Weight.dequantize on the CPU: 4 MB of fp32 intermediates, which stay
+# in cache, in few enough tiles that the per-tile Python cost stays near 5% (2^18 and 2^21 measured
+# no better, ad hoc).
+DEQUANT_TILE = 2**20
 
 
 @dataclass(eq=False)
@@ -111,10 +112,10 @@ class W4A16Weight:
         rounded once to `dtype`.
 
         On the CPU it works through tiles of about DEQUANT_TILE weights, whole groups wide, whose
-        fp32 intermediates stay in a core's cache: the prefill dequantises every 4-bit weight for
-        each chunk (w4a16_cpu), and a whole [N, K] fp32 copy took up to 1.7x longer (Llama-1B
-        gate|up, one core, ad hoc) besides its transient 4 bytes per weight (470 MB for Llama-8B's
-        gate|up). A GPU takes the weight as one tile."""
+        fp32 intermediates stay in cache: the prefill dequantises every 4-bit weight for each chunk
+        (w4a16_cpu), and a whole [N, K] fp32 copy took 2.1x-2.4x longer on Llama-1B/8B shapes (one
+        core, ad hoc; about 1.5-2.2 ns a weight tiled) besides its transient 4 bytes per weight
+        (470 MB for Llama-8B's gate|up). A GPU takes the weight as one tile."""
         from ..quant import layout  # noqa: PLC0415 - quant builds on ops; imported on use
 
         k, n, g, groups = self.in_features, self.out_features, self.group_size, self.num_groups
