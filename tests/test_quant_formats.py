@@ -62,6 +62,9 @@ def test_plain_layout_round_trip(k: int, n: int) -> None:
     packed = layout.pack_rows(q)
     assert packed.dtype == torch.int32 and tuple(packed.shape) == (-(-k // 8), n)
     assert torch.equal(layout.unpack_rows(packed, k), q)
+    assert torch.equal(layout.unpack_rows_transposed(packed, k), q.t())
+    k0, k1, n0 = k // 3, k - k // 5, n // 2                       # ranges starting and ending inside words
+    assert torch.equal(layout.unpack_rows_transposed(packed, k, (n0, n), (k0, k1)), q[k0:k1, n0:].t())
 
 
 @pytest.mark.parametrize("order", [None, tuple(AWQ_ORDER)])

@@ -127,15 +127,22 @@ class W4A16Weight:
             rows = max(64, DEQUANT_TILE // cols // 64 * 64)                    # 64-row blocks (cpu layout)
         else:
             cols, rows = groups * g, n
-        q_kn = None if self.layout == "cpu" else self.unpacked()                # [K, N]
+        if self.layout == "cpu":
+            def values(outputs: tuple[int, int], inputs: tuple[int, int]) -> torch.Tensor:
+                return layout.unpack_cpu_transposed(self.qweight, k, n, outputs, inputs)
+        elif self.layout == "plain":
+            def values(outputs: tuple[int, int], inputs: tuple[int, int]) -> torch.Tensor:
+                return layout.unpack_rows_transposed(self.qweight, k, outputs, inputs)
+        else:  # the tile layout is the GPU's, which takes the weight as one tile
+            q_kn = self.unpacked()
+
+            def values(outputs: tuple[int, int], inputs: tuple[int, int]) -> torch.Tensor:
+                return q_kn[slice(*inputs), slice(*outputs)].t().contiguous()
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
             for k0 in range(0, k, cols):
                 k1 = min(k, k0 + cols)
-                if q_kn is None:
-                    q = layout.unpack_cpu_transposed(self.qweight, k, n, (n0, n1), (k0, k1))
-                else:
-                    q = q_kn[k0:k1, n0:n1].t().contiguous()                     # [n1 - n0, k1 - k0]
+                q = values((n0, n1), (k0, k1))                                  # uint8 [n1 - n0, k1 - k0]
                 tile_groups = -(-(k1 - k0) // g)
                 if tile_groups * g != k1 - k0:  # the weight's last, partial group
                     q = torch.nn.functional.pad(q, (0, tile_groups * g - (k1 - k0)))

@@ -75,7 +75,7 @@ def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
     """int32 [...] -> uint8 [..., 8] with element i = bits 4i..4i+3 (inverse of pack_nibbles)."""
-    b = words.to(torch.int32).reshape(-1, 1).view(torch.uint8)  # [words, 4] bytes
+    b = words.to(torch.int32).reshape(-1).view(torch.uint8).reshape(-1, 4)  # [words, 4] bytes
     return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(*words.shape, 8)
 
 
@@ -97,6 +97,26 @@ def unpack_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"unpack_rows: {packed.shape[0]} packed rows cannot hold K={k} (expected {-(-k // 8)})")
     n = packed.shape[1]
     return unpack_nibbles(packed).transpose(1, 2).reshape(-1, n)[:k]
+
+
+def unpack_rows_transposed(packed: torch.Tensor, k: int, outputs: tuple[int, int] | None = None,
+                           inputs: tuple[int, int] | None = None) -> torch.Tensor:
+    """Plain layout int32 [ceil(K/8), N] -> q[k0:k1, n0:n1] transposed, uint8 [n1 - n0, k1 - k0]
+    (contiguous): the [N, K] order of a dequantised weight, for the output features outputs =
+    (n0, n1) and input features inputs = (k0, k1) (default all)."""
+    if packed.dim() != 2 or packed.dtype != torch.int32 or packed.shape[0] != -(-k // 8):
+        raise ValueError(f"unpack_rows_transposed: expected int32 [{-(-k // 8)}, N] for K={k}, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    n = packed.shape[1]
+    n0, n1 = outputs if outputs is not None else (0, n)
+    k0, k1 = inputs if inputs is not None else (0, k)
+    if not (0 <= n0 < n1 <= n and 0 <= k0 < k1 <= k):
+        raise ValueError(f"unpack_rows_transposed: outputs {n0}..{n1} must lie within N={n} and inputs {k0}..{k1} "
+                         f"within K={k}")
+    w0, w1 = k0 // 8, -(-k1 // 8)                                  # the words holding rows k0..k1
+    words = packed[w0:w1, n0:n1].t().contiguous()                  # [n1 - n0, w1 - w0]
+    q = unpack_nibbles(words).reshape(n1 - n0, (w1 - w0) * 8)
+    return q[:, k0 - 8 * w0:k1 - 8 * w0].contiguous()
 
 
 def pack_cols(q: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
