@@ -4,19 +4,19 @@ dense bf16 (`--gguf-weights dense`: the baseline), in the same run.
 
 Two parts:
 * model: the demo model (SmolLM2-135M-Instruct, Q4_1) loaded both ways. Rows: greedy decoding of
-  --new-tokens tokens after a chat prompt (EOS ignored; wall time of the whole generation);
-  the prefill of a ~1K-token prompt (time to first token: two chunks of more than
-  INVARIANT_ROWS rows, which dequantise the 4-bit weights per call); one forward step of M = 1, 4,
-  13, 32 rows at context 256 (what a decode step, the default CPU draft tree, the default dense
-  tree and a large tree cost: the int4 kernel's time grows with M sooner than a dense matmul's).
-  Both engines alternate per repeat; medians. `weights_mb`: the bytes of the projection weights each engine
+  --new-tokens tokens after a chat prompt (EOS ignored; wall time of the whole generation); the
+  prefill of a ~1K-token prompt (time to first token: two chunks of more than INVARIANT_ROWS rows,
+  which dequantise the 4-bit weights per call); one forward step of M = 1, 4, 13, 32 rows at
+  context 256 (what a decode step, the default CPU draft tree, the default dense tree and a large
+  tree cost: the int4 kernel's time grows with M sooner than a dense matmul's). Both engines
+  alternate per repeat; medians. `weights_mb`: the bytes of the projection weights each engine
   keeps (4-bit: torch's packing, the scales and zeros, the kernel's scales and offsets).
 * gemm: one projection of SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B shapes (q|k|v and gate|up
   fused as edgespec loads them), M = 1, 4, 16, 64 (the int4 kernel) and 512 (a prefill chunk:
   past ops.linear.INVARIANT_ROWS rows the weight is dequantised for the call and multiplied in one
-  dense GEMM), random 4-bit weights with group-32 scales and zero points; each side cycles through
-  enough weight copies (> 256 MB of bf16) that the weights stream from memory as between the
-  layers of a model.
+  dense GEMM), random 4-bit weights with group-32 scales and zero points, kept in torch's packing
+  alone as the loader keeps them (w4a16_cpu.prepare); each side cycles through enough weight
+  copies (> 256 MB of bf16) that the weights stream from memory as between the layers of a model.
 
     python bench/python/bench_cpu_w4a16.py [--threads 1] [--new-tokens 128] [--repeats 3] [--skip-gemm]
 
@@ -149,6 +149,7 @@ def gemm_rows(args: argparse.Namespace) -> list[dict]:
                 scales = torch.rand(k // 32, n, generator=gen) * 0.02 + 0.002
                 zeros = torch.rand(k // 32, n, generator=gen) * 15
                 lin = Int4Weight(q, scales, zeros, 32).to_linear(dtype=torch.bfloat16)
+                lin.weight = w4a16_cpu.prepare(lin.weight, torch.bfloat16)  # stored as the loader stores it
                 quant.append(lin)
                 dense.append(lin.dequantize(torch.bfloat16))
             for m in GEMM_ROWS:
