@@ -151,24 +151,24 @@ def test_dequant_cache_respects_budget(monkeypatch) -> None:
 def test_dequant_cache_leaves_the_gpus_activation_share_free(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU the KV cache was planned into most of the memory the weights leave: a dequantised
     weight is kept only while GPU_KEEP_FREE bytes stay free beside it (else it is dequantised per
-    call), whatever the budget allows."""
+    call), whatever the budget allows, and never from inside a CUDA graph capture. (torch.cuda's
+    memory query and capture state are stood in for: no GPU here.)"""
     monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "4096")
     gpu = torch.device("cuda")
-    free = {"bytes": w4a16.GPU_KEEP_FREE + 300 * 2**20}
-    asked = []
-
-    def fake_free(device: torch.device) -> int | None:
-        asked.append(device.type)
-        return free["bytes"] if device.type == "cuda" else None
-
-    monkeypatch.setattr(w4a16, "_free_bytes", fake_free)
+    state = {"free": w4a16.GPU_KEEP_FREE + 300 * 2**20, "capturing": False}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
     budget = w4a16._DequantBudget()
     assert budget.reserve(gpu, 200 * 2**20)
-    free["bytes"] -= 200 * 2**20                       # the kept weight now takes that memory
+    state["free"] -= 200 * 2**20                       # the kept weight now takes that memory
     assert not budget.reserve(gpu, 200 * 2**20)        # would eat into the activations' share
+    state["capturing"] = True
+    assert not budget.reserve(gpu, 100 * 2**20)        # fits, but not from inside a capture
+    state["capturing"] = False
     assert budget.reserve(gpu, 100 * 2**20)
     assert budget.used["cuda"] == 300 * 2**20
-    assert budget.reserve(torch.device("cpu"), 200 * 2**20) and asked[-1] == "cpu"  # host memory is not planned
+    state["free"] = 0
+    assert budget.reserve(torch.device("cpu"), 200 * 2**20)  # host memory is not planned
 
 
 def test_w4a16_bad_inputs() -> None:

@@ -199,8 +199,14 @@ GPU_KEEP_FREE = 1 << 30
 
 
 def _free_bytes(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device; None on the CPU (host memory is not planned)."""
-    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
+    """Free bytes on a CUDA device, or 0 while a CUDA graph is being captured (nothing is kept from
+    inside a capture: its allocations belong to the graph's pool, and the warm-up runs before it
+    keep what fits); None on the CPU (host memory is not planned)."""
+    if device.type != "cuda":
+        return None
+    if torch.cuda.is_current_stream_capturing():
+        return 0
+    return int(torch.cuda.mem_get_info(device)[0])
 
 
 class _DequantBudget:
