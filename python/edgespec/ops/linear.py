@@ -21,8 +21,8 @@ _CPU_ROW_BLOCK = {torch.bfloat16: 32, torch.float16: 32}
 # The most rows a call keeps row-invariant: a draft tree of up to 127 tokens and its root, the
 # bound the GPU's dense kernel keeps too (ops/_kernels.py). Calls with more rows are prefill
 # chunks, which plain and speculative decoding run alike: they take the fastest GEMM, one call on
-# the CPU (32-row blocks made a 512-token SmolLM2 prefill chunk's projections 3x slower and its
-# whole prefill 1.85x slower, bf16, one thread; bench/results/cpu_w4a16-cpu.json).
+# the CPU (32-row blocks made a 512-row SmolLM2 projection 3x slower and the demo's 981-token
+# prefill 1.8x slower, bf16, one thread on a Xeon with AMX; ad hoc).
 INVARIANT_ROWS = 128
 
 

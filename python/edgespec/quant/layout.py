@@ -175,7 +175,8 @@ def pack_cpu(q: torch.Tensor) -> torch.Tensor | None:
 def unpack_cpu(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
     """CPU layout uint8 [N, K/2] -> uint8 [K, N] (inverse of pack_cpu)."""
     blocks = _cpu_byte_blocks(packed, k, n, "unpack_cpu")
-    return _split_nibbles(blocks).permute(1, 0, 2).reshape(k, n)
+    q = torch.cat([blocks & 0xF, blocks >> 4], dim=2)            # [N/64, K, 64]: columns j, then j + 32
+    return q.permute(1, 0, 2).reshape(k, n)
 
 
 def unpack_cpu_transposed(packed: torch.Tensor, k: int, n: int, outputs: tuple[int, int] | None = None,
@@ -201,11 +202,6 @@ def _cpu_byte_blocks(packed: torch.Tensor, k: int, n: int, what: str) -> torch.T
         raise ValueError(f"{what}: expected uint8 [{n}, {k // 2}] with N % {CPU_BLOCK_N} == 0 and K even, "
                          f"got {packed.dtype} {tuple(packed.shape)}")
     return packed.reshape(n // CPU_BLOCK_N, k, CPU_BLOCK_N // 2)
-
-
-def _split_nibbles(blocks: torch.Tensor) -> torch.Tensor:
-    """[B, R, 32] bytes -> [B, R, 64] values: byte j holds column j (low nibble) and j + 32 (high)."""
-    return torch.cat([blocks & 0xF, blocks >> 4], dim=2)
 
 
 def tile_layout_ok(k: int, n: int) -> bool:
