@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import write_tiny_hf_model
-from edgespec import GenerationConfig
+from edgespec import GenerationConfig, prefix_store
+from edgespec.kv_cache import KVCache
 from edgespec.spec import DEMO_HEAD, disable_speculation, enable_speculation
 from edgespec.spec.train_head import random_head
 from test_spec_helpers import eagle3_head, one_thread, tiny_llm  # noqa: F401 (one_thread: autouse fixture)
@@ -188,3 +189,95 @@ def test_demo_chat_with_its_head(demo_llm):
     assert second.stats.cached_tokens >= len(demo_llm.encode(messages[:1])) - 1
     # The head drafted from its kept slots as from recomputed ones: the same trees were accepted.
     assert second.stats.extra["acceptance_histogram"] == ref.stats.extra["acceptance_histogram"]
+
+
+# ------------------------------------------------------------------ parked sequences (prefix_store)
+
+A1 = FIRST * 3                                   # two conversations with nothing in common
+B1 = [3, 8, 13, 18, 23, 28, 33, 38, 6, 16] * 3
+
+
+def turns_in_alternation(llm, new: int = 9) -> list:
+    """A's first turn, B's, A's second, B's second; returns the four results."""
+    ra = llm.generate(A1, max_new_tokens=new, ignore_eos=True)
+    rb = llm.generate(B1, max_new_tokens=new, ignore_eos=True)
+    ra2 = llm.generate(A1 + ra.token_ids + [4, 7], max_new_tokens=new, ignore_eos=True)
+    rb2 = llm.generate(B1 + rb.token_ids + [5, 6], max_new_tokens=new, ignore_eos=True)
+    return [ra, rb, ra2, rb2]
+
+
+def test_two_conversations_in_turns_both_keep_their_cache(target):
+    """A prompt that shares nothing with the live sequence parks it on the host; the next turn of
+    the parked conversation copies it back instead of prefilling it, and generates what a full
+    prefill generates."""
+    d, llm = target
+    disable_speculation(llm)
+    llm.generate([2, 2, 2], max_new_tokens=3)  # nothing in common with A or B, live or parked
+    llm.prefix_store.clear()
+    ra, rb, ra2, rb2 = turns_in_alternation(llm)
+    assert [r.stats.cached_tokens for r in (ra, rb)] == [0, 0]
+    assert ra2.stats.cached_tokens == len(A1) + len(ra.token_ids) - 1
+    assert rb2.stats.cached_tokens == len(B1) + len(rb.token_ids) - 1
+    reference = tiny_llm(d)
+    reference.prefix_caching = False
+    assert [r.token_ids for r in turns_in_alternation(reference)] == [r.token_ids for r in (ra, rb, ra2, rb2)]
+    # Without a store only the live sequence is kept.
+    llm.prefix_store.budget = 0
+    try:
+        llm.generate([2, 2, 2], max_new_tokens=3)
+        llm.prefix_store.clear()
+        assert [r.stats.cached_tokens for r in turns_in_alternation(llm)] == [0, 0, 0, 0]
+    finally:
+        llm.prefix_store.budget = prefix_store.budget_from_env()
+
+
+@pytest.mark.parametrize("draft", ["eagle", "model"])
+def test_parked_sequences_bring_back_the_drafters_slots(target, tmp_path, draft):
+    """Speculation parks the drafter's committed slots with the target's, so a parked conversation's
+    next turn reuses both; every committed slot then holds what a full prefill puts there."""
+    d, llm = target
+    if draft == "eagle":
+        path = random_head(llm.model.config, tmp_path / "head", seed=3, std=0.4)
+    else:
+        path = write_tiny_hf_model(tmp_path / "draft", "llama", 22, vocab_size=VOCAB, num_hidden_layers=1)
+    enable_speculation(llm, str(path), tree_size=12, depth=4, topk=3)
+    try:
+        drafter = llm._strategy_factory.drafter
+        llm.generate([2, 2, 2], max_new_tokens=3)
+        llm.prefix_store.clear()
+        ra, rb, ra2, rb2 = turns_in_alternation(llm)
+        assert ra2.stats.cached_tokens > len(A1) and rb2.stats.cached_tokens > len(B1)
+        prompt = A1 + ra.token_ids + [4, 7]
+        llm.generate(B1, max_new_tokens=9, ignore_eos=True)  # parks A's second turn
+        assert llm.generate(prompt + ra2.token_ids, max_new_tokens=9, ignore_eos=True).stats.cached_tokens > len(prompt)
+        kept = committed_slots(llm.cache, llm.cache.length) + committed_slots(drafter.cache, drafter.committed)
+        fresh(llm, prompt + ra2.token_ids, max_new_tokens=9, ignore_eos=True)
+        full = committed_slots(llm.cache, llm.cache.length) + committed_slots(drafter.cache, drafter.committed)
+        for a, b in zip(kept, full):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    finally:
+        disable_speculation(llm)
+
+
+def test_the_store_keeps_the_most_recent_within_its_budget():
+    cache = KVCache(2, 64, 1, 4, torch.float32, "cpu")
+    cache.k.normal_(), cache.v.normal_()
+    per_token = 2 * 2 * 1 * 4 * 4                       # K and V, 2 layers, 1 head of 4 fp32
+    store = prefix_store.PrefixStore(budget=60 * per_token)
+
+    def entry(ids):
+        return prefix_store.Parked(ids, prefix_store.SlotCopy.of(cache, len(ids)), ("cache",))
+
+    store.park(entry(list(range(20))))
+    store.park(entry([9] * 20))
+    assert store.best([0, 1, 2, 5], ("cache",)) == (0, 3, 3) and store.best([0, 1], ("other",)) == (-1, 0, 0)
+    assert store.best([0, 1, 2, 5], ("cache",), worth=lambda entry, n: n - 1) == (0, 2, 3)
+    store.park(entry(list(range(30))))                  # extends the first: replaces it
+    assert [len(e.ids) for e in store.entries] == [20, 30]
+    store.park(entry([7] * 25))                          # over budget: the least recently used goes
+    assert [e.ids[0] for e in store.entries] == [0, 7]
+    store.park(entry([5] * 61))                          # larger than the whole budget: not kept
+    assert len(store.entries) == 2
+    taken = store.take(0)
+    assert len(taken.ids) == 30 and torch.equal(taken.target.k, cache.k[:, :30])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
@@ -14,6 +15,7 @@ from .generation import DecodingStrategy, GenerationConfig, PlainDecoding, Token
 from .kv_cache import KVCache, common_prefix
 from .loading import IncrementalDetokenizer, LoadedModel, Tokenizer, load_model
 from .models.decoder import Decoder
+from .prefix_store import MIN_GAIN_TOKENS, Parked, PrefixStore, SlotCopy
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
@@ -88,6 +90,8 @@ class LLM:
     same system prompt or tool list, another choice of the same prompt) prefills only the rest.
     The result is the one a full prefill gives up to rounding (the prefill's rows are computed in
     other chunks), as in vLLM and llama.cpp; prompt log-probabilities always take a full prefill.
+    A sequence that a prompt overwrites is parked on the host first (`prefix_store`), and comes
+    back when a later prompt extends it: two conversations served in turns both keep their cache.
     """
 
     def __init__(self, loaded: LoadedModel, strategy: StrategyFactory | None = None, cache_slack: int = 0) -> None:
@@ -103,6 +107,9 @@ class LLM:
         # (the cache itself, the sparse attention mode): prefix caching's state.
         self._cached_ids: list[int] = []
         self._cached_under: tuple[Any, ...] = ()
+        # Sequences a prompt overwrote, kept on the host for a later prompt that extends one of them
+        # (another conversation's next turn): edgespec.prefix_store.
+        self.prefix_store = PrefixStore()
 
     @classmethod
     def load(cls, model: str, device: str | None = None, dtype: torch.dtype | None = None,
@@ -134,6 +141,7 @@ class LLM:
             if self.cache.max_len < self.model.max_context + cache_slack:
                 self.cache = self.model.new_cache(self.model.max_context + cache_slack)
                 self._cached_ids, self._cached_under = [], ()
+                self.prefix_store.clear()
 
     def encode(self, prompt: Prompt, chat: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt: text (with the chat template when chat=True), chat messages
@@ -221,6 +229,8 @@ class LLM:
             return
         device = self.model.device
         reuse = self._reusable_prefix(prompt_ids, config)
+        with torch.inference_mode():  # a drafter's cache is an inference tensor
+            reuse = self._swap_parked(prompt_ids, config, reuse)
         self.cache.length = reuse
         self.cache.plan_span(len(prompt_ids) + budget)
         strategy = self._strategy_factory(self.model, self.cache)
@@ -296,6 +306,43 @@ class LLM:
         the state when it replaces the cache, so an id cannot be reused unnoticed), and for an
         InfLLM-v2 model the attention mode (dense and sparse layers give later layers other K/V)."""
         return (id(self.cache), self.model.sparse.mode if self.model.sparse is not None else None)
+
+    def _swap_parked(self, prompt_ids: list[int], config: GenerationConfig, reuse: int) -> int:
+        """Before this prompt overwrites committed slots, park the live sequence; when a parked one
+        is worth at least MIN_GAIN_TOKENS more prompt tokens than the live one, bring it back
+        instead. A sequence is worth the prompt tokens whose slots it holds, under speculation no
+        more than its drafter keeps (the target recomputes what the drafter must). Returns the prompt
+        tokens whose slots the target's cache then holds. Not for InfLLM-v2 models (their
+        compressed keys follow the live sequence), nor when prefix caching is off."""
+        store = self.prefix_store
+        if not self.prefix_caching or config.prompt_logprobs is not None or store.budget <= 0 \
+                or self.model.sparse is not None:
+            return reuse
+        under = self._cache_state()
+        drafter = getattr(self._strategy_factory, "drafter", None)
+        parks = hasattr(drafter, "park")
+
+        def worth(entry: Parked | None, tokens: int) -> int:
+            if drafter is None:
+                return tokens
+            if parks and entry is not None and entry.drafter is not None and entry.drafter[0]() is drafter:
+                return min(tokens, drafter.parked_reusable(entry.drafter[1], prompt_ids))
+            return min(tokens, drafter.reusable(prompt_ids))  # the drafter keeps its live slots
+
+        index, value, kept = store.best(prompt_ids[:-1], under, worth)
+        entry = store.take(index) if index >= 0 and value >= worth(None, reuse) + MIN_GAIN_TOKENS else None
+        if self._cached_under == under and (len(self._cached_ids) - reuse >= MIN_GAIN_TOKENS or entry is not None):
+            state = drafter.park() if parks else None
+            store.park(Parked(list(self._cached_ids), SlotCopy.of(self.cache, len(self._cached_ids)), under,
+                              None if state is None else (weakref.ref(drafter), state[0]),
+                              0 if state is None else state[1]))
+        if entry is None:
+            return reuse
+        entry.target.restore(self.cache, kept)
+        self._cached_ids = entry.ids[:kept]
+        if parks and entry.drafter is not None and entry.drafter[0]() is drafter:
+            drafter.unpark(entry.drafter[1])
+        return kept
 
     def _reusable_prefix(self, prompt_ids: list[int], config: GenerationConfig) -> int:
         """How many leading prompt tokens' K/V the cache already holds (at most all but the last:

@@ -9,7 +9,7 @@ from ..errors import ModelFormatError
 from ..generation import prefill
 from ..kv_cache import KVCache, common_prefix
 from ..models.decoder import Decoder
-from .drafter import TargetStates
+from .drafter import SlotParking, TargetStates
 from .frspec import DraftLMHead, dense_weight
 from .tree import ExpandBatch
 
@@ -32,7 +32,7 @@ def check_same_vocabulary(target: Decoder, draft: Decoder, target_tok: Any = Non
                                    f"target's; a draft model must use the target's tokenizer")
 
 
-class ModelDrafter:
+class ModelDrafter(SlotParking):
     """Drafter protocol over a Decoder with its own KV cache; it also processes the root token,
     so its committed length is one more than the target's."""
 
@@ -60,7 +60,11 @@ class ModelDrafter:
             self._committed, self.sequence = 0, []
 
     def reusable(self, prompt: Sequence[int]) -> int:
-        return min(self._committed, common_prefix(self.sequence, prompt))  # slot i: tokens 0..i
+        return self._reusable(self._committed, self.sequence, prompt)
+
+    @staticmethod
+    def _reusable(committed: int, sequence: Sequence[int], prompt: Sequence[int]) -> int:
+        return min(committed, common_prefix(sequence, prompt))  # slot i: tokens 0..i
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden[-1:])[0]

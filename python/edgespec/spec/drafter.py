@@ -10,6 +10,8 @@ the root and return the draft distribution for the token after it.
 Prefix caching: a drafter's cache outlives a generation. `sequence` records the tokens its
 committed slots were computed from (SpeculativeDecoding keeps it), `reusable` says how many of
 those slots a new prompt can keep, and `prefill(start=...)` computes only the slots after them.
+A drafter with `park`/`unpark` (SlotParking: both built-in drafters) also follows the sequences
+the engine parks off the KV cache (edgespec.prefix_store).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from ..kv_cache import KVCache
+from ..prefix_store import SlotCopy
 from .frspec import DraftLMHead
 from .tree import ExpandBatch
 
@@ -76,3 +80,38 @@ class Drafter(Protocol):
 
     def expand(self, batch: ExpandBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One draft round: logits [batch.new, Vd] fp32 and states [batch.new, Hs] (or None)."""
+
+
+class SlotParking:
+    """park/unpark for a drafter that keeps `cache`, `_committed` and `sequence` and says how many
+    slots of such a state a prompt keeps (`_reusable(committed, sequence, prompt)`): its committed
+    slots go to the host with the sequence the engine parks, and come back with it."""
+
+    cache: KVCache | None
+    _committed: int
+    sequence: list[int]
+
+    @staticmethod
+    def _reusable(committed: int, sequence: Sequence[int], prompt: Sequence[int]) -> int:
+        raise NotImplementedError
+
+    def parked_reusable(self, state: tuple[SlotCopy, int, list[int]], prompt: Sequence[int]) -> int:
+        """reusable(prompt) once `state` (from park) is back."""
+        _, committed, sequence = state
+        return self._reusable(committed, sequence, prompt)
+
+    def park(self) -> tuple[tuple[SlotCopy, int, list[int]], int] | None:
+        """(state, bytes) of the committed slots and what they were computed from, or None."""
+        if self.cache is None or not self.sequence:
+            return None
+        copy = SlotCopy.of(self.cache, self._committed)
+        return (copy, self._committed, list(self.sequence)), copy.nbytes()
+
+    def unpark(self, state: tuple[SlotCopy, int, list[int]]) -> bool:
+        """Put a parked state back (False, changing nothing, when the cache no longer holds it)."""
+        copy, committed, sequence = state
+        if self.cache is None or self.cache.max_len < committed:
+            return False
+        copy.restore(self.cache, committed)
+        self._committed, self.sequence = committed, list(sequence)
+        return True

@@ -36,7 +36,7 @@ from ..loading.hf_dir import HFDirectorySource, read_json
 from ..models.config import ModelConfig, config_from_hf
 from ..models.decoder import Decoder, GatedMLP, device_length
 from ..ops.linear import DenseLinear, fuse_linears
-from .drafter import TargetStates
+from .drafter import SlotParking, TargetStates
 from .frspec import DraftLMHead, dense_weight
 from .tree import ExpandBatch
 
@@ -154,7 +154,7 @@ class EagleHead:
         return ops.rms_norm(out, self.norm, eps), out
 
 
-class EagleDrafter:
+class EagleDrafter(SlotParking):
     """Drafter protocol over an EagleHead with its own KV cache (one slot per committed position)."""
 
     # Its steps can be CUDA graphs: expand() honours ExpandBatch.committed and catch_up() takes
@@ -188,8 +188,12 @@ class EagleDrafter:
             self._committed, self.sequence = 0, []
 
     def reusable(self, prompt: Sequence[int]) -> int:
+        return self._reusable(self._committed, self.sequence, prompt)
+
+    @staticmethod
+    def _reusable(committed: int, sequence: Sequence[int], prompt: Sequence[int]) -> int:
         # Slot i pairs token i + 1 with the target's state at i: it needs tokens 0..i + 1 unchanged.
-        return max(0, min(self._committed, common_prefix(self.sequence, prompt) - 1))
+        return max(0, min(committed, common_prefix(sequence, prompt) - 1))
 
     def _commit(self, tokens: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # tokens [a], states [a, H]: pair i sits at position/slot committed + i.
