@@ -229,8 +229,10 @@ class LLM:
             return
         device = self.model.device
         reuse = self._reusable_prefix(prompt_ids, config)
+        swap_start = time.perf_counter()
         with torch.inference_mode():  # a drafter's cache is an inference tensor
             reuse = self._swap_parked(prompt_ids, config, reuse)
+        swap_s = time.perf_counter() - swap_start  # part of the time to first token
         self.cache.length = reuse
         self.cache.plan_span(len(prompt_ids) + budget)
         strategy = self._strategy_factory(self.model, self.cache)
@@ -250,7 +252,7 @@ class LLM:
                 stats.cached_tokens = strategy.cached_tokens  # a drafter may keep fewer slots
                 prompt_logprobs = strategy.prompt_logprobs if config.prompt_logprobs is not None else None
                 _synchronize(device)
-                stats.prefill_s = time.perf_counter() - t0
+                stats.prefill_s = time.perf_counter() - t0 + swap_s
                 if prompt_logprobs is not None:
                     yield StreamEvent("", [], logprobs=[] if logprobs is not None else None,
                                       prompt_logprobs=prompt_logprobs)
