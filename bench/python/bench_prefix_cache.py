@@ -8,6 +8,11 @@ turn's generation has left its tokens in the cache (the baseline ignores them). 
 baseline TTFT / cached TTFT; `same_tokens`: both produced identical output ids. With
 --speculation the demo's EAGLE head drafts, so the head's cache is reused too.
 
+A second set of rows ("after another request") puts an unrelated request between two turns (a chat
+front end's title task, with its own system prompt), which overwrites the cache: ours parks the
+previous turn's tokens on the host and copies them back (edgespec.prefix_store, the default); the
+baseline keeps the live sequence only (a store of 0 bytes, EDGESPEC_PREFIX_STORE_MB=0).
+
     python bench/python/bench_prefix_cache.py [--device cpu|cuda] [--new-tokens 32] [--speculation]
 """
 from __future__ import annotations
@@ -46,6 +51,8 @@ QUESTIONS = [
     "And a hotel for four nights, please.",
     "How much is 500 euros in dollars?",
 ]
+OTHER_REQUEST = [{"role": "system", "content": "You write short, catchy titles for chats."},
+                 {"role": "user", "content": "Write a five-word title for a chat about a trip to Lisbon."}]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -81,6 +88,7 @@ def main() -> int:
                 for cached in (True, False):  # alternate so load drift hits both alike
                     llm.prefix_caching = True
                     llm.generate(previous, max_new_tokens=n)  # the previous turn leaves its tokens cached
+                    llm.prefix_store.clear()  # and nothing else: no earlier run's sequence parked
                     llm.prefix_caching = cached
                     result = llm.generate(ids, max_new_tokens=n)
                     (cached_s if cached else full_s).append(result.stats.prefill_s)
@@ -95,6 +103,31 @@ def main() -> int:
                          "prompt_tokens": len(ids), "cached_tokens": cached_n,
                          "same_tokens": outputs[True] == outputs[False]})
             print(rows[-1], flush=True)
+        other = llm.encode(OTHER_REQUEST)
+        store_budget = llm.prefix_store.budget
+        for t in range(1, len(turns)):
+            ids, previous = turns[t], turns[t - 1]
+            times, cached_n, outputs = {True: [], False: []}, 0, {}
+            for _ in range(args.repeats):
+                for parking in (True, False):
+                    llm.prefix_store.budget = store_budget if parking else 0
+                    llm.generate(previous, max_new_tokens=n)
+                    llm.prefix_store.clear()  # only the previous turn's tokens are there to keep
+                    llm.generate(other, max_new_tokens=8)  # the request in between
+                    result = llm.generate(ids, max_new_tokens=n)
+                    times[parking].append(result.stats.prefill_s)
+                    outputs[parking] = result.token_ids
+                    if parking:
+                        cached_n = result.stats.cached_tokens
+            llm.prefix_store.budget = store_budget
+            c, f = median(times[True]), median(times[False])
+            rows.append({"case": f"turn {t + 1} after another request: prompt {len(ids)} tokens, {cached_n} cached",
+                         "ours_ms": round(c * 1e3, 2),
+                         "baseline": "live-sequence prefix caching only (EDGESPEC_PREFIX_STORE_MB=0)",
+                         "baseline_ms": round(f * 1e3, 2), "speedup": round(f / c, 3),
+                         "prompt_tokens": len(ids), "cached_tokens": cached_n,
+                         "same_tokens": outputs[True] == outputs[False]})
+            print(rows[-1], flush=True)
     notes = (f"Time to first token (the prefill, up to and including the first token's choice: "
              f"GenerationStats.prefill_s) of each turn of a {len(QUESTIONS)}-turn chat on the demo model whose "
              f"system prompt lists {len(TOOLS)} tools, median of {args.repeats} repeats, runs alternated; each "
@@ -102,10 +135,13 @@ def main() -> int:
              f"(the default); baseline: off. Speculation: {'the demo EAGLE head' if args.speculation else 'none'}. "
              f"same_tokens false means rounding flipped a near tie: the cached run computes the new rows in other "
              f"prefill chunks, which in bf16 can move a logit by one ulp (in fp32 the last logits of a 331-token "
-             f"prompt agree to 3e-5 for every split point; measured ad hoc), as two chunk sizes of a full prefill do.")
+             f"prompt agree to 3e-5 for every split point; measured ad hoc), as two chunk sizes of a full prefill do. "
+             f"'after another request' rows: a {len(other)}-token unrelated request runs between the previous turn and "
+             f"this one; ours parks and restores the previous turn's tokens (edgespec.prefix_store), the baseline "
+             f"keeps the live sequence only.")
     path = write_result("prefix_cache_spec" if args.speculation else "prefix_cache", device, rows, notes,
                         model="SmolLM2-135M-Instruct (demo)",
-                        dtype=str(dtype), weights=projection_weights(llm.model), speculation=args.speculation, **run.marker(len(rows), len(turns) - 1))
+                        dtype=str(dtype), weights=projection_weights(llm.model), speculation=args.speculation, **run.marker(len(rows), 2 * (len(turns) - 1)))
     print(f"wrote {path}")
     return run.exit_code
 
