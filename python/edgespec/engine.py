@@ -322,28 +322,30 @@ class LLM:
             return reuse
         under = self._cache_state()
         drafter = getattr(self._strategy_factory, "drafter", None)
-        parks = hasattr(drafter, "park")
 
         def worth(entry: Parked | None, tokens: int) -> int:
             if drafter is None:
                 return tokens
-            if parks and entry is not None and entry.drafter is not None and entry.drafter[0]() is drafter:
-                return min(tokens, drafter.parked_reusable(entry.drafter[1], prompt_ids))
+            state = entry.state_of(drafter) if entry is not None else None
+            if state is not None:
+                return min(tokens, drafter.parked_reusable(state, prompt_ids))
             return min(tokens, drafter.reusable(prompt_ids))  # the drafter keeps its live slots
 
         index, value, kept = store.best(prompt_ids[:-1], under, worth)
         entry = store.take(index) if index >= 0 and value >= worth(None, reuse) + MIN_GAIN_TOKENS else None
         if self._cached_under == under and (len(self._cached_ids) - reuse >= MIN_GAIN_TOKENS or entry is not None):
-            state = drafter.park() if parks else None
-            store.park(Parked(list(self._cached_ids), SlotCopy.of(self.cache, len(self._cached_ids)), under,
-                              None if state is None else (weakref.ref(drafter), state[0]),
-                              0 if state is None else state[1]))
+            parked = Parked(list(self._cached_ids), SlotCopy.of(self.cache, len(self._cached_ids)), under)
+            drafted = drafter.park() if hasattr(drafter, "park") else None
+            if drafted is not None:
+                parked.drafter, (parked.drafter_state, parked.drafter_bytes) = weakref.ref(drafter), drafted
+            store.park(parked)
         if entry is None:
             return reuse
         entry.target.restore(self.cache, kept)
         self._cached_ids = entry.ids[:kept]
-        if parks and entry.drafter is not None and entry.drafter[0]() is drafter:
-            drafter.unpark(entry.drafter[1])
+        state = entry.state_of(drafter)
+        if state is not None:
+            drafter.unpark(state)
         return kept
 
     def _reusable_prefix(self, prompt_ids: list[int], config: GenerationConfig) -> int:

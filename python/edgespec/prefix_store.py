@@ -16,6 +16,7 @@ Entries live on the host, least recently used first out, within a byte budget
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -52,10 +53,6 @@ class SlotCopy:
     def of(cls, cache: KVCache, n: int) -> "SlotCopy":
         return cls(cache.k[:, :n].to("cpu", copy=True), cache.v[:, :n].to("cpu", copy=True))
 
-    @property
-    def length(self) -> int:
-        return self.k.shape[1]
-
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
@@ -68,16 +65,22 @@ class SlotCopy:
 @dataclass
 class Parked:
     """One parked sequence: the tokens behind its target slots (`ids`, slots [0, len(ids))), their
-    K/V, what they were computed under (LLM._cache_state), and the drafter's own state or None."""
+    K/V, what they were computed under (LLM._cache_state), and the drafter that parked with it
+    (weakly: a replaced drafter's state is never restored into another) with its state and bytes."""
 
     ids: list[int]
     target: SlotCopy
     under: tuple[Any, ...]
-    drafter: Any = None
+    drafter: weakref.ref | None = None
+    drafter_state: Any = None
     drafter_bytes: int = 0
 
     def nbytes(self) -> int:
         return self.target.nbytes() + self.drafter_bytes
+
+    def state_of(self, drafter: Any) -> Any:
+        """What `drafter` parked with this sequence, or None (another drafter, or none, parked it)."""
+        return self.drafter_state if self.drafter is not None and self.drafter() is drafter else None
 
 
 class PrefixStore:

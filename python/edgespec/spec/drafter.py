@@ -10,8 +10,8 @@ the root and return the draft distribution for the token after it.
 Prefix caching: a drafter's cache outlives a generation. `sequence` records the tokens its
 committed slots were computed from (SpeculativeDecoding keeps it), `reusable` says how many of
 those slots a new prompt can keep, and `prefill(start=...)` computes only the slots after them.
-A drafter with `park`/`unpark` (SlotParking: both built-in drafters) also follows the sequences
-the engine parks off the KV cache (edgespec.prefix_store).
+A drafter with `park`, `unpark` and `parked_reusable` (SlotParking: both built-in drafters) also
+follows the sequences the engine parks off the KV cache (edgespec.prefix_store).
 """
 from __future__ import annotations
 
