@@ -7,6 +7,8 @@ reference is always the same LLM with prefix caching off.
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -258,6 +260,26 @@ def test_parked_sequences_bring_back_the_drafters_slots(target, tmp_path, draft)
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     finally:
         disable_speculation(llm)
+
+
+def test_a_sequence_parked_under_speculation_comes_back_to_plain_decoding(target, tmp_path):
+    """Its drafter's slots stay behind: the drafter is gone (its reference dead) or another one
+    decodes now; the target's slots come back all the same."""
+    d, llm = target
+    enable_speculation(llm, str(random_head(llm.model.config, tmp_path / "head", seed=5, std=0.4)),
+                       tree_size=12, depth=4, topk=3)
+    llm.generate([2, 2, 2], max_new_tokens=3)
+    llm.prefix_store.clear()
+    ra = llm.generate(A1, max_new_tokens=9, ignore_eos=True)
+    llm.generate(B1, max_new_tokens=9, ignore_eos=True)          # parks A with the head's slots
+    assert llm.prefix_store.entries[-1].drafter is not None
+    disable_speculation(llm)
+    gc.collect()
+    assert llm.prefix_store.entries[-1].drafter() is None           # the head is gone
+    prompt = A1 + ra.token_ids + [4, 7]
+    result = llm.generate(prompt, max_new_tokens=9, ignore_eos=True)
+    assert result.stats.cached_tokens == len(A1) + len(ra.token_ids) - 1
+    assert result.token_ids == fresh(llm, prompt, max_new_tokens=9, ignore_eos=True).token_ids
 
 
 def test_the_store_keeps_the_most_recent_within_its_budget():

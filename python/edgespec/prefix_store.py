@@ -79,8 +79,11 @@ class Parked:
         return self.target.nbytes() + self.drafter_bytes
 
     def state_of(self, drafter: Any) -> Any:
-        """What `drafter` parked with this sequence, or None (another drafter, or none, parked it)."""
-        return self.drafter_state if self.drafter is not None and self.drafter() is drafter else None
+        """What `drafter` parked with this sequence, or None (another drafter, or none, parked it;
+        or `drafter` is None: a drafter since collected leaves a dead reference, which gives None too)."""
+        if drafter is None or self.drafter is None:
+            return None
+        return self.drafter_state if self.drafter() is drafter else None
 
 
 class PrefixStore:
