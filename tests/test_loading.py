@@ -535,3 +535,28 @@ def test_weights_that_do_not_fit_are_a_clear_error(tmp_path: Path, monkeypatch: 
     with pytest.raises(DeviceMemoryError, match=r"the weights do not fit in the GPU's memory \(CUDA out of memory. "
                                                 r"Tried to allocate 224.00 MiB\); use a smaller or 4-bit model"):
         load_model(d, device="cpu", with_tokenizer=False)
+
+
+class _ByteTokenizer:
+    """Byte-level ids: token i is byte i, decoded as UTF-8 with replacement characters."""
+
+    @staticmethod
+    def decode(ids) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_incremental_detokenizer_holds_split_characters_and_releases_garbage() -> None:
+    from edgespec.loading import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(_ByteTokenizer())
+    assert detok.add(list(b"caf")) == "caf"
+    assert detok.add([0xC3]) == ""                     # the first byte of "é": held
+    assert detok.add([0xA9]) == "é"
+    text = "naïve 🙂 done".encode()
+    out = "".join(detok.add([b]) for b in text)
+    assert out == "naïve 🙂 done"
+    # Bytes that never form a character are released after MAX_HELD tokens, not held forever.
+    garbage = IncrementalDetokenizer(_ByteTokenizer())
+    released = "".join(garbage.add([0xFF]) for _ in range(3 * IncrementalDetokenizer.MAX_HELD))
+    assert garbage._read > 0 and released == "\ufffd" * garbage._read
+    assert len(garbage.ids) - garbage._read < IncrementalDetokenizer.MAX_HELD

@@ -128,6 +128,10 @@ class IncrementalDetokenizer:
     """Turns a growing list of ids into text deltas, correct across multi-byte characters and
     tokenizers whose pieces depend on their neighbours, in O(new tokens) per call."""
 
+    # Tokens held back while the text ends in an incomplete character: a UTF-8 character spans at
+    # most 4 byte tokens, so past twice that the bytes will not form one and are released as U+FFFD.
+    MAX_HELD = 8
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
