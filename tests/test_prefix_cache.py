@@ -233,6 +233,25 @@ def test_two_conversations_in_turns_both_keep_their_cache(target):
         llm.prefix_store.budget = prefix_store.budget_from_env()
 
 
+def test_a_prompt_logprobs_request_parks_but_restores_nothing(target):
+    """It prefills its whole prompt (every position's logits are asked for), so it takes no parked
+    sequence; but it overwrites the live one, which it parks first."""
+    _, llm = target
+    disable_speculation(llm)
+    llm.generate([2, 2, 2], max_new_tokens=3)
+    llm.prefix_store.clear()
+    ra = llm.generate(A1, max_new_tokens=9, ignore_eos=True)
+    scored = llm.generate(B1, max_new_tokens=2, prompt_logprobs=1)     # parks A
+    assert scored.stats.cached_tokens == 0 and len(llm.prefix_store.entries) == 1
+    prompt = A1 + ra.token_ids + [4, 7]
+    again = llm.generate(prompt, max_new_tokens=2, prompt_logprobs=1)  # parks B; A stays parked
+    assert again.stats.cached_tokens == 0
+    assert sorted(e.ids[0] for e in llm.prefix_store.entries) == sorted([A1[0], B1[0]])
+    rb = llm.generate(B1 + [5, 6], max_new_tokens=9, ignore_eos=True)  # B comes back
+    assert rb.stats.cached_tokens == len(B1)
+    assert rb.token_ids == fresh(llm, B1 + [5, 6], max_new_tokens=9, ignore_eos=True).token_ids
+
+
 @pytest.mark.parametrize("draft", ["eagle", "model"])
 def test_parked_sequences_bring_back_the_drafters_slots(target, tmp_path, draft):
     """Speculation parks the drafter's committed slots with the target's, so a parked conversation's

@@ -315,10 +315,11 @@ class LLM:
         instead. A sequence is worth the prompt tokens whose slots it holds, under speculation no
         more than its drafter keeps (the target recomputes what the drafter must). Returns the prompt
         tokens whose slots the target's cache then holds. Not for InfLLM-v2 models (their
-        compressed keys follow the live sequence), nor when prefix caching is off."""
+        compressed keys follow the live sequence), nor when prefix caching is off. A request for
+        prompt log-probabilities prefills its whole prompt: it parks the live sequence but restores
+        none."""
         store = self.prefix_store
-        if not self.prefix_caching or config.prompt_logprobs is not None or store.budget <= 0 \
-                or self.model.sparse is not None:
+        if not self.prefix_caching or store.budget <= 0 or self.model.sparse is not None:
             return reuse
         under = self._cache_state()
         drafter = getattr(self._strategy_factory, "drafter", None)
@@ -331,8 +332,11 @@ class LLM:
                 return min(tokens, drafter.parked_reusable(state, prompt_ids))
             return min(tokens, drafter.reusable(prompt_ids))  # the drafter keeps its live slots
 
-        index, value, kept = store.best(prompt_ids[:-1], under, worth)
-        entry = store.take(index) if index >= 0 and value >= worth(None, reuse) + MIN_GAIN_TOKENS else None
+        entry = None
+        if config.prompt_logprobs is None:
+            index, value, kept = store.best(prompt_ids[:-1], under, worth)
+            if index >= 0 and value >= worth(None, reuse) + MIN_GAIN_TOKENS:
+                entry = store.take(index)
         if self._cached_under == under and (len(self._cached_ids) - reuse >= MIN_GAIN_TOKENS or entry is not None):
             parked = Parked(list(self._cached_ids), SlotCopy.of(self.cache, len(self._cached_ids)), under)
             drafted = drafter.park() if hasattr(drafter, "park") else None
