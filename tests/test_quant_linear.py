@@ -162,13 +162,52 @@ def test_dequant_cache_leaves_the_gpus_activation_share_free(monkeypatch: pytest
     assert budget.reserve(gpu, 200 * 2**20)
     state["free"] -= 200 * 2**20                       # the kept weight now takes that memory
     assert not budget.reserve(gpu, 200 * 2**20)        # would eat into the activations' share
-    state["capturing"] = True
-    assert not budget.reserve(gpu, 100 * 2**20)        # fits, but not from inside a capture
-    state["capturing"] = False
     assert budget.reserve(gpu, 100 * 2**20)
     assert budget.used["cuda"] == 300 * 2**20
     state["free"] = 0
     assert budget.reserve(torch.device("cpu"), 200 * 2**20)  # host memory is not planned
+    assert not w4a16._capturing(gpu)
+    state["capturing"] = True
+    assert w4a16._capturing(gpu) and not w4a16._capturing(torch.device("cpu"))
+
+
+def test_dequant_cache_keeps_nothing_during_a_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight first met inside a CUDA graph capture is dequantised for that call only, and kept
+    by the next call outside it (the capture is stood in for on a CPU weight)."""
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "64")
+    w = _random_int4(64, 64, 32, sym=True).to_linear()
+    x = torch.randn(2, 64)
+    monkeypatch.setattr(w4a16, "_capturing", lambda device: True)
+    y = w(x)
+    assert w.weight._dense is None
+    monkeypatch.setattr(w4a16, "_capturing", lambda device: False)
+    torch.testing.assert_close(w(x), y)
+    assert w.weight._dense is not None
+
+
+def test_a_refused_weight_asks_again_only_when_something_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every ask is a device memory query: a refusal is remembered until a kept weight is
+    released or the limit changes."""
+    asked = []
+    reserve = DEQUANT_BUDGET.reserve
+    monkeypatch.setattr(DEQUANT_BUDGET, "reserve", lambda device, nbytes: asked.append(nbytes) or reserve(device, nbytes))
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "0")
+    w = _random_int4(64, 64, 32, sym=True).to_linear()
+    x = torch.randn(2, 64)
+    y = w(x)
+    for _ in range(3):
+        torch.testing.assert_close(w(x), y)
+    assert len(asked) == 1 and w.weight._dense is None
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "0.001")  # a new limit (still too small): asks again
+    w(x)
+    w(x)
+    assert len(asked) == 2
+    DEQUANT_BUDGET.release("cpu", 0)                          # a kept weight freed: asks again
+    w(x)
+    assert len(asked) == 3
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "64")
+    w(x)
+    assert len(asked) == 4 and w.weight._dense is not None
 
 
 def test_w4a16_bad_inputs() -> None:

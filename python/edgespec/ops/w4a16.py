@@ -61,6 +61,7 @@ class W4A16Weight:
     perm: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)      # torch path cache
     _cpu_int4: tuple | None = field(default=None, repr=False)          # CPU int4 path packing (w4a16_cpu)
+    _refused: tuple | None = field(default=None, repr=False)           # DEQUANT_BUDGET's last refusal
 
     def __post_init__(self) -> None:
         k, n, g = self.in_features, self.out_features, self.group_size
@@ -199,14 +200,16 @@ GPU_KEEP_FREE = 1 << 30
 
 
 def _free_bytes(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device, or 0 while a CUDA graph is being captured (nothing is kept from
-    inside a capture: its allocations belong to the graph's pool, and the warm-up runs before it
-    keep what fits); None on the CPU (host memory is not planned)."""
+    """Free bytes on a CUDA device; None on the CPU (host memory is not planned)."""
     if device.type != "cuda":
         return None
-    if torch.cuda.is_current_stream_capturing():
-        return 0
     return int(torch.cuda.mem_get_info(device)[0])
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured: nothing is kept from inside a capture (its
+    allocations belong to the graph's pool; the warm-up runs before it keep what fits)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class _DequantBudget:
@@ -223,7 +226,13 @@ class _DequantBudget:
 
     def __init__(self) -> None:
         self.used: dict[str, int] = {}
+        self.releases = 0   # kept weights freed so far: a refusal holds until this or the limit moves
         self._lock = threading.Lock()
+
+    def refusal_key(self, device: torch.device) -> tuple[int, int]:
+        """What a refusal depended on: a weight refused under the same key is refused again, so
+        it need not ask (on a GPU each ask is a device memory query)."""
+        return self.releases, self.limit(device)
 
     @staticmethod
     def limit(device: torch.device) -> int:
@@ -256,6 +265,7 @@ class _DequantBudget:
     def release(self, device_type: str, nbytes: int) -> None:
         with self._lock:
             self.used[device_type] = self.used.get(device_type, 0) - nbytes
+            self.releases += 1
 
 
 DEQUANT_BUDGET = _DequantBudget()
@@ -267,8 +277,12 @@ def cached_dense(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor | None:
     cached = w._dense
     if cached is not None:
         return cached if cached.dtype == dtype else None
+    if _capturing(w.device) or w._refused == DEQUANT_BUDGET.refusal_key(w.device):
+        return None
     nbytes = w.in_features * w.out_features * torch.empty(0, dtype=dtype).element_size()
+    key = DEQUANT_BUDGET.refusal_key(w.device)
     if not DEQUANT_BUDGET.reserve(w.device, nbytes):
+        w._refused = key
         return None
     w._dense = w.dequantize(dtype)
     weakref.finalize(w, DEQUANT_BUDGET.release, w.device.type, nbytes)
