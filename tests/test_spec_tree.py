@@ -63,6 +63,64 @@ def test_eagle2_tree_golden():
     assert b2.tree_mask.tolist() == [[0b0001], [0b0010], [0b0101], [0b1010]]
 
 
+def pick_where(allowed, forced=lambda path: None):
+    """A PickFn from a predicate allowed(path, token) and forced(path) (the token forced after
+    path, or None), recording the paths it was asked about."""
+    asked = []
+
+    def pick(path, drafts, count):
+        asked.append(list(path))
+        if forced(path) is not None:
+            return [forced(path)], True
+        return [t for t in drafts if allowed(path, t)][:count], False
+    return pick, asked
+
+
+def test_picked_drafts_take_the_places_of_refused_ones():
+    # Token 1 refused everywhere. d1 (top 4 of ROOT: 0 1 2 3): 0 (.5), 2 (.1). d2 from {0, 2}:
+    # 0->2 (.31), 0->3 (.08) (0->1 refused), 2->0 (.04), 2->3 (.03). d3 from {0->2, 0->3}:
+    # 2->0 (.124), 2->3 (.093), 3->5 (.02408), 3->4 (.024). The best 5: .5 .31 .124 .1 .093.
+    pick, asked = pick_where(lambda path, token: token != 1)
+    tree = build_tree(99, torch.tensor(ROOT).log(), None, TableDraft(), TreeSettings(5, 3, 2), pick=pick)
+    assert tree.tokens == [99, 0, 2, 2, 0, 3]
+    assert tree.parents == [-1, 0, 0, 1, 3, 3]
+    assert [round(math.exp(s), 4) for s in tree.scores[1:]] == [0.5, 0.1, 0.31, 0.124, 0.093]
+    assert asked == [[], [0], [2], [0, 2], [0, 3]]          # the root, then each round's frontier
+
+
+def test_refused_nodes_rank_last_and_are_left_out_on_the_cpu():
+    # Nothing may follow 0: its two places hold 0->2 and 0->3 at -inf, which nobody expands. d2
+    # from {0, 1}: 1->4 (.21), 1->2 (.045); d3 from {1->4, 1->2}: 4->1 (.126), 4->5 (.0315),
+    # 2->0 (.018), 2->3 (.0135). The best 5: .5 .3 .21 .126 .045 (unpicked, 0->2 .31 would be in).
+    pick, asked = pick_where(lambda path, token: path != [0])
+    tree = build_tree(99, torch.tensor(ROOT).log(), None, TableDraft(), TreeSettings(5, 3, 2), pick=pick)
+    assert tree.tokens == [99, 0, 1, 4, 2, 1] and tree.parents == [-1, 0, 0, 2, 2, 3]
+    assert asked == [[], [0], [1], [1, 4], [1, 2]]
+    # A tree of up to 20 nodes: only the 8 allowed ones (2 + 2 + 4) are verified.
+    tree = build_tree(99, torch.tensor(ROOT).log(), None, TableDraft(), TreeSettings(20, 3, 2), pick=pick)
+    assert tree.size == 9 and 0 not in [tree.tokens[p] for p in tree.parents[1:] if p > 0]
+    assert all(math.isfinite(s) for s in tree.scores)
+    # Without the drop (a GPU keeps its graph's shape) the refused ones fill the places left.
+    from edgespec.spec.tree import grow_candidates, select_tree
+    cands = grow_candidates(torch.tensor(ROOT).log(), None, TableDraft(), TreeSettings(20, 3, 2), None, 3, pick=pick)
+    full = select_tree(99, cands, 20)
+    refused = [i for i, s in enumerate(full.scores) if s == -math.inf]
+    assert full.size == 11 and full.children[1] == refused and [full.tokens[i] for i in refused] == [2, 3]
+    assert select_tree(99, cands, 8).tokens == tree.tokens          # the 8 best are the allowed ones
+
+
+def test_a_forced_token_is_a_sure_child():
+    # After 1 only 3 may come (draft prob .05, outside 1's top 2): 1->3 scores 1's .3, and 1's
+    # best draft, 4 (.21), fills its other place at -inf. d2 from {0, 1}: 0->2 (.31), 0->3 (.08),
+    # 1->3 (.3), 1->4 (refused). d3 from {0->2, 1->3}: 2->0 (.124), 2->3 (.093), 3->5 (.0902),
+    # 3->4 (.0899; NEXT[3] sums to 1.001). The best 7: .5 .31 .3 .3 .124 .093 .0902.
+    pick, asked = pick_where(lambda path, token: True, lambda path: 3 if path == [1] else None)
+    tree = build_tree(99, torch.tensor(ROOT).log(), None, TableDraft(), TreeSettings(7, 3, 2), pick=pick)
+    assert asked == [[], [0], [1], [0, 2], [1, 3]]
+    assert tree.tokens == [99, 0, 1, 2, 3, 0, 3, 5] and tree.parents == [-1, 0, 0, 1, 2, 3, 3, 4]
+    assert [round(math.exp(s), 4) for s in tree.scores[1:]] == [0.5, 0.3, 0.31, 0.3, 0.124, 0.093, 0.0902]
+
+
 def test_tree_size_six_adds_next_best():
     tree, _ = grow(tree_size=6, depth=3, topk=2)
     assert tree.tokens == [99, 0, 1, 2, 4, 0, 1]   # 2->0 (.124) joins, created before 4->1

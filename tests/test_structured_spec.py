@@ -81,6 +81,37 @@ def test_allows_says_what_the_mask_says(demo_llm, grammar, text) -> None:
     assert state.consume(ids) == ids and state.done
 
 
+def test_draft_choices_are_what_the_parser_takes_or_the_forced_token(demo_llm) -> None:
+    """After every prefix of a valid JSON text: where llguidance forces the next token, that token
+    alone (the one its mask allows), drafted or not; elsewhere the drafts its parser takes, in
+    their order (every token the mask allows among them, and the text's own next token), at most
+    `count`. A path the grammar refuses gets none. Both kinds of state occur."""
+    grammar = Grammar.json(SCHEMA)
+    state = demo_llm._grammar_state(GenerationConfig(grammar=grammar))
+    vocab = demo_llm.model.config.vocab_size
+    ids = demo_llm.tokenizer.encode('{"name": "Ann \\"Lee\\"", "age": 42, "tags": ["a b", "c\\n"]}')
+    rng = random.Random(1)
+    kinds = set()
+    for i in range(len(ids)):
+        path = ids[:i]
+        bits = _mask_bits(state, path, vocab)
+        drafts = rng.sample(range(vocab), 200) + bits.nonzero().flatten().tolist()[:50] + [ids[i]]
+        drafts = list(dict.fromkeys(drafts))
+        chosen, forced = state.draft_choices(path, drafts, len(drafts))
+        if forced:
+            kinds.add("forced")
+            assert chosen == bits.nonzero().flatten().tolist() and len(chosen) == 1
+            continue
+        kinds.add("drafts")
+        assert chosen == [t for t in drafts if t in set(chosen)]               # in the drafts' order
+        assert {t for t in drafts if bits[t]} <= set(chosen) and ids[i] in chosen
+        assert state.draft_choices(path, drafts, 3) == (chosen[:3], False)
+    assert kinds == {"forced", "drafts"}
+    refused = demo_llm.tokenizer.encode("]")                                   # no JSON object starts so
+    assert state.draft_choices(refused, list(range(100)), 5) == ([], False)
+    assert state.consume(ids) == ids                                           # asking moved nothing
+
+
 @pytest.fixture(scope="module")
 def chat_llm(tmp_path_factory):
     """The tiny character-level model: its draft model is itself, so every draft is its
@@ -136,6 +167,57 @@ def test_greedy_tokens_equal_full_masks_everywhere(chat_llm, monkeypatch, patter
     assert 0 < plain_masks < tokens            # the grammar both allowed and forbade the model's choice
     assert spec_masks <= tokens + len(prompts)  # at most the rows the walks read
     assert spec_full_masks > 3 * spec_masks
+
+
+def test_draft_trees_hold_only_what_the_grammar_allows(chat_llm, monkeypatch) -> None:
+    """Under a grammar every verified tree node continues the text as the grammar's parser allows
+    (the drafter, the model itself biased towards letters, often proposes forbidden ones), and
+    where the grammar forces the next character (the comma after a fourth word) it is drafted."""
+    from edgespec.spec.decoding import SpeculativeDecoding
+
+    llm, directory = chat_llm
+    tok = llm.tokenizer
+    bias = {tok.encode(c)[0]: 6.0 for c in string.ascii_lowercase}
+    accept = SpeculativeDecoding._accept
+    seen = {"nodes": 0, "forced": 0}
+
+    def checked(self, tree, logits):
+        state = self.sampler.config.constraint
+        for i in range(1, tree.size):
+            path = [tree.tokens[j] for j in _ancestors(tree, i)]
+            taken = state.matcher.try_consume_tokens(path)
+            assert taken == len(path), f"a drafted path the grammar refuses: {tok.decode(path)!r}"
+            state.matcher.rollback(taken)
+        seen["nodes"] += tree.size - 1
+        return accept(self, tree, logits)
+
+    choices = GrammarState.draft_choices
+
+    def counted(self, path, drafts, count):
+        chosen, forced = choices(self, path, drafts, count)
+        seen["forced"] += forced
+        return chosen, forced
+
+    monkeypatch.setattr(SpeculativeDecoding, "_accept", checked)
+    monkeypatch.setattr(GrammarState, "draft_choices", counted)
+    enable_speculation(llm, draft=str(directory), tree_size=16, depth=5, topk=3)
+    try:
+        for prompt in ["The quick brown fox", "hello"]:
+            r = llm.generate(prompt, max_new_tokens=40, grammar=Grammar.regex(r"[a-z]{2,5}( [a-z]{4}){3},[a-z ]{4,9}"),
+                             logit_bias=bias)
+            assert r.finish_reason == "stop"
+    finally:
+        disable_speculation(llm)
+    assert seen["nodes"] > 0 and seen["forced"] > 0
+
+
+def _ancestors(tree: DraftTree, node: int) -> list[int]:
+    """The nodes from below the root down to `node`."""
+    out = []
+    while node > 0:
+        out.append(node)
+        node = tree.parents[node]
+    return out[::-1]
 
 
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])

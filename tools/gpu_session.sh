@@ -618,7 +618,7 @@ if [[ -z $DEMO_MISSING ]]; then
     # Structured output: the grammar's host milliseconds per verification step of the GPU tree,
     # rows masked where acceptance needs them against every row masked (exits 77 without llguidance).
     run_bench bench_structured bench/python/bench_structured.py --device cuda --limit 2 --new-tokens 160 \
-      --cases greedy-gpu-tree,sampled-gpu-tree
+      --cases greedy-gpu-tree,sampled-gpu-tree,drafts-greedy-gpu-tree
     # Prefix caching: each chat turn's time to first token against its whole prefill.
     run_bench bench_prefix_cache bench/python/bench_prefix_cache.py --device cuda --speculation
   fi

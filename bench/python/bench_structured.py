@@ -18,12 +18,19 @@ anything is written). Cases: greedy-cpu-tree, greedy-gpu-tree, sampled-gpu-tree 
 sampled-top-p-gpu-tree (T 0.8, top-p 0.9: every row acceptance reads is masked), greedy-plain
 (plain decoding); sampled-cpu-tree and sampled-top-p-cpu-tree on request.
 
+The drafts-* cases (drafts-greedy-cpu-tree, drafts-greedy-gpu-tree, drafts-sampled-gpu-tree by
+default) measure the draft tree under a grammar instead: trees holding only drafts the grammar
+allows plus the token it forces (GrammarState.draft_choices) against trees of every draft, the
+forbidden ones too, in the same run: tokens committed per verification step (the speedup column:
+ours / baseline), rows verified per step, and the grammar's host time spent choosing the drafts.
+
     python bench/python/bench_structured.py [--device cpu|cuda] [--dtype bf16|fp32] [--threads N]
         [--limit N] [--new-tokens 200] [--cases greedy-cpu-tree,greedy-gpu-tree,...]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -44,6 +51,7 @@ from edgespec.generation import Sampler  # noqa: E402
 from edgespec.loading import default_dtype, resolve_device  # noqa: E402
 from edgespec.spec import DEMO_HEAD, enable_speculation  # noqa: E402
 from edgespec.spec.api import DEFAULT_SETTINGS  # noqa: E402
+from edgespec.spec import decoding  # noqa: E402
 from edgespec.spec.decoding import SpeculativeDecoding  # noqa: E402
 from edgespec.structured import Grammar, GrammarState  # noqa: E402
 
@@ -66,8 +74,10 @@ TREES = {"cpu-tree": DEFAULT_SETTINGS["cpu"], "gpu-tree": DEFAULT_SETTINGS["cuda
 DECODINGS = {"greedy": {}, "sampled": {"temperature": 0.8}, "sampled-top-p": {"temperature": 0.8, "top_p": 0.9}}
 # name -> (decoding, tree shape or None for plain decoding)
 CASES: dict[str, tuple[str, str | None]] = {**{f"{d}-{t}": (d, t) for d in DECODINGS for t in TREES},
-                                            "greedy-plain": ("greedy", None)}
-DEFAULT_CASES = ["greedy-cpu-tree", "greedy-gpu-tree", "sampled-gpu-tree", "sampled-top-p-gpu-tree", "greedy-plain"]
+                                            "greedy-plain": ("greedy", None),
+                                            **{f"drafts-{d}-{t}": (d, t) for d in DECODINGS for t in TREES}}
+DEFAULT_CASES = ["greedy-cpu-tree", "greedy-gpu-tree", "sampled-gpu-tree", "sampled-top-p-gpu-tree", "greedy-plain",
+                 "drafts-greedy-cpu-tree", "drafts-greedy-gpu-tree", "drafts-sampled-gpu-tree"]
 
 
 class Timers:
@@ -103,7 +113,8 @@ def generate(llm: edgespec.LLM, ids: list[int], schema: dict, n: int, sampling: 
         return states[-1]
 
     undo = [timers.wrap(SpeculativeDecoding, "_accept", "accept"), timers.wrap(Sampler, "__call__", "sampler"),
-            timers.wrap(GrammarState, "mask", "grammar"), timers.wrap(GrammarState, "allows", "grammar")]
+            timers.wrap(GrammarState, "mask", "grammar"), timers.wrap(GrammarState, "allows", "grammar"),
+            timers.wrap(GrammarState, "draft_choices", "drafting")]
     edgespec.LLM._grammar_state = recording
     try:
         t0 = time.perf_counter()
@@ -117,7 +128,25 @@ def generate(llm: edgespec.LLM, ids: list[int], schema: dict, n: int, sampling: 
             "accept_s": timers.s.get("accept", 0.0), "accept_calls": timers.calls.get("accept", 0),
             "sampler_s": timers.s.get("sampler", 0.0), "sampler_calls": timers.calls.get("sampler", 0),
             "grammar_s": timers.s.get("grammar", 0.0), "masks": states[0].full_masks,
-            "accept_len": r.stats.extra.get("mean_accepted_length")}
+            "drafting_s": timers.s.get("drafting", 0.0),
+            "accept_len": r.stats.extra.get("mean_accepted_length"),
+            "verified_rows": r.stats.steps * (1 + r.stats.extra.get("mean_tree_size", 0.0))}
+
+
+@contextlib.contextmanager
+def drafts_unpicked():
+    """Draft trees built as without a grammar (the baseline of the drafts-* cases): every draft
+    enters, those the grammar forbids too, and no forced token is added."""
+    build_tree = decoding.build_tree
+
+    def unpicked(*args: Any, pick: Any = None, **kwargs: Any) -> Any:
+        return build_tree(*args, **kwargs)
+
+    decoding.build_tree = unpicked
+    try:
+        yield
+    finally:
+        decoding.build_tree = build_tree
 
 
 def measure_case(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], case: str, n: int) -> dict[str, Any]:
@@ -183,6 +212,51 @@ def measure_case(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], case:
     return row
 
 
+def measure_drafting(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], case: str, n: int) -> dict[str, Any]:
+    """A drafts-* case: draft trees that hold only what the grammar allows, plus the token it
+    forces (GrammarState.draft_choices), against trees of every draft (the baseline), same run."""
+    decoding_name, tree = CASES[case]
+    sampling = DECODINGS[decoding_name]
+    s = TREES[tree]
+    enable_speculation(llm, draft=str(DEMO_HEAD), tree_size=s.tree_size, depth=s.depth, topk=s.topk)
+    runs: dict[str, list[dict[str, Any]]] = {"picked": [], "unpicked": []}
+    for i, (ids, schema) in enumerate(prompts):
+        order = ("unpicked", "picked") if i % 2 == 0 else ("picked", "unpicked")
+        for measured in (False, True):  # the first round warms llguidance's lexer (see measure_case)
+            for mode in order:
+                with drafts_unpicked() if mode == "unpicked" else contextlib.nullcontext():
+                    r = generate(llm, ids, schema, n, sampling)
+                if measured:
+                    runs[mode].append(r)
+    if not sampling:
+        for a, b in zip(runs["unpicked"], runs["picked"]):
+            if a["tokens"] != b["tokens"]:
+                raise AssertionError(f"{case}: greedy tokens differ with picked drafts: {a['text']!r} vs {b['text']!r}")
+
+    def totals(rs: list[dict[str, Any]]) -> dict[str, float]:
+        steps = sum(r["steps"] for r in rs)
+        tokens = sum(len(r["tokens"]) for r in rs)
+        return {"steps": steps, "tokens": tokens, "accept_len": tokens / steps,
+                "rows_per_step": sum(r["verified_rows"] for r in rs) / steps,
+                "drafting_ms_per_step": sum(r["drafting_s"] for r in rs) * 1e3 / steps,
+                "tokens_per_s": tokens / sum(r["wall_s"] for r in rs)}
+
+    ours, base = totals(runs["picked"]), totals(runs["unpicked"])
+    settings = ", ".join(f"{k} {v}" for k, v in sampling.items()) or "greedy"
+    row = {"case": f"{case}: tree {s.tree_size}/{s.depth}/{s.topk}, {settings}",
+           "ours_tokens_per_step": round(ours["accept_len"], 3),
+           "baseline": "every draft in the tree, the grammar's forbidden ones too (the drafter alone), same run",
+           "baseline_tokens_per_step": round(base["accept_len"], 3),
+           "speedup": round(ours["accept_len"] / base["accept_len"], 3),
+           "steps": ours["steps"], "baseline_steps": base["steps"],
+           "new_tokens": ours["tokens"], "baseline_new_tokens": base["tokens"],
+           "rows_per_step": round(ours["rows_per_step"], 2), "baseline_rows_per_step": round(base["rows_per_step"], 2),
+           "drafting_grammar_ms_per_step": round(ours["drafting_ms_per_step"], 4),
+           "tokens_per_s": round(ours["tokens_per_s"], 3), "baseline_tokens_per_s": round(base["tokens_per_s"], 3),
+           "identical_outputs": None if sampling else True}
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -212,6 +286,14 @@ def main() -> int:
     load_before = os.getloadavg()
     with Interruptible() as run:
         for case in cases:
+            if case.startswith("drafts-"):
+                row = measure_drafting(llm, prompts, case, args.new_tokens)
+                rows.append(row)
+                print(f"{row['case']}: {row['ours_tokens_per_step']:.2f} vs {row['baseline_tokens_per_step']:.2f} "
+                      f"tokens/step ({row['speedup']:.2f}x), {row['rows_per_step']:.1f} vs "
+                      f"{row['baseline_rows_per_step']:.1f} rows verified/step, drafting's grammar "
+                      f"{row['drafting_grammar_ms_per_step']:.3f} ms/step", flush=True)
+                continue
             row = measure_case(llm, prompts, case, args.new_tokens)
             rows.append(row)
             print(f"{row['case']}: grammar {row['ours_ms']:.3f} vs {row['baseline_ms']:.3f} ms/step "
@@ -230,7 +312,11 @@ def main() -> int:
              "tree and the host read, the same in both modes (device work on a GPU). speedup = baseline_ms / ours_ms. "
              "tokens_per_s is end to end (on a CPU the target forward dominates it). Greedy outputs are identical "
              "in both modes, and complete answers are JSON; sampled ones are draws (both lossless), compared per "
-             "step and per token.")
+             "step and per token. drafts-* rows compare draft trees instead: only drafts the grammar allows plus "
+             "the token it forces (ours) against every draft (baseline), same run; speedup there = tokens "
+             "committed per verification step, ours / baseline; rows_per_step: tree rows the target verifies (on "
+             "the CPU refused drafts are left out); drafting_grammar_ms_per_step: GrammarState.draft_choices' "
+             "host time.")
     path = write_result("structured", device, rows, notes, weights=projection_weights(llm.model),
                         load_before=load_before, load_after=load_after,
                         **run.marker(len(rows), len(cases)))

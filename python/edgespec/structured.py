@@ -7,8 +7,10 @@ after the text so far, -inf elsewhere, so greedy and sampled decoding draw from 
 distribution restricted to valid continuations; the generation ends when the grammar is complete
 and allows nothing more (finish_reason "stop"). Log-probabilities stay the model's raw ones.
 Speculative decoding masks each row of a verified tree by the grammar after that node's path, so
-greedy speculative output still equals plain output and sampling stays lossless; drafts the grammar
-forbids are simply never accepted.
+greedy speculative output still equals plain output and sampling stays lossless. The draft tree
+itself holds only drafts the grammar's parser takes, and the token it forces where it forces one
+(GrammarState.draft_choices): a forbidden draft would never be accepted, so the next best one
+takes its place.
 """
 from __future__ import annotations
 
@@ -176,6 +178,35 @@ class GrammarState:
             self.matcher.rollback(consumed)
         self._check()
         return allowed
+
+    def draft_choices(self, path: Sequence[int], drafts: Sequence[int], count: int) -> tuple[list[int], bool]:
+        """Which tokens may enter a draft tree after the text so far plus `path` (spec.tree.PickFn):
+        where the grammar forces the next token (llguidance's forced tokens, the one token its mask
+        then allows), that token, forced True; elsewhere the first `count` of `drafts` that its
+        parser takes, in order. A draft the grammar forbids is never accepted, so its place goes to
+        the next best, and a forced token is a sure guess whether the drafter saw it or not.
+
+        The parser is looser than `mask` where forced bytes may still join the next ones (no forced
+        token then, yet a token taking a shorter piece of them passes): such a draft is verified and
+        turned down like any wrong guess. A parser check per draft costs microseconds, where a
+        mask costs a vocabulary-wide fill."""
+        consumed = self.matcher.try_consume_tokens(list(path)) if path else 0
+        chosen: list[int] = []
+        forced = False
+        if consumed == len(path) and not self.matcher.is_stopped():
+            ahead = self.matcher.compute_ff_tokens()
+            if ahead:
+                chosen, forced = [int(ahead[0])], True
+            else:
+                for token in drafts:
+                    if len(chosen) == count:
+                        break
+                    if self.matcher.validate_tokens([int(token)]) == 1:
+                        chosen.append(int(token))
+        if consumed:
+            self.matcher.rollback(consumed)
+        self._check()
+        return chosen, forced
 
     def consume(self, tokens: Sequence[int]) -> list[int]:
         """Feed committed tokens; returns those up to the one that completes the grammar (the rest,

@@ -120,8 +120,10 @@ class SpeculativeDecoding:
             tree: DeviceTree | DraftTree = select_tree_on_device(root, cands, self.settings.tree_size,
                                                                  self.settings.depth, k)
         else:
+            # Under a grammar, drafts it forbids give their places in the tree to ones it allows.
+            pick = self.sampler.config.constraint.draft_choices if constrained else None
             tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
-                              self.drafter.lm_head.token_map, max_depth=max(max_depth, 0))
+                              self.drafter.lm_head.token_map, max_depth=max(max_depth, 0), pick=pick)
         if isinstance(tree, DeviceTree):
             tokens, positions, mask = tree.tokens, tree.positions(n), tree.mask
         else:

@@ -168,6 +168,16 @@ class ExpandBatch:
 # (batch) -> (draft logits [new, Vd] float, draft states [new, Hs] or None)
 ExpandFn = Callable[[ExpandBatch], tuple[torch.Tensor, torch.Tensor | None]]
 
+# pick(path, drafts, count) -> (tokens, forced): which tokens may follow the root and then `path`
+# (the tokens below the root), given the drafts there (target ids, best first): at most `count` of
+# the drafts in their order, or, forced True, the one token that alone may follow, drafted or not.
+# A grammar's (GrammarState.draft_choices): a draft the grammar forbids is never accepted, so its
+# place goes to the next best draft that it allows, and a token it forces is a sure guess.
+PickFn = Callable[[list[int], list[int], int], tuple[list[int], bool]]
+
+# How many of a node's best drafts `pick` looks through, per child it gets (top-k children).
+PICK_WIDTH = 2
+
 
 def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, ties broken towards the lower index (deterministic,
@@ -238,7 +248,7 @@ class DeviceTree:
 
 def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Tensor | None,
                expand: ExpandFn, settings: TreeSettings, token_map: torch.Tensor | None = None,
-               max_depth: int | None = None) -> DraftTree:
+               max_depth: int | None = None, pick: PickFn | None = None) -> DraftTree:
     """Grow an EAGLE-2 dynamic tree below `root_token` (grow_candidates, then select_tree).
 
     root_logits: [Vd] float draft logits for the token after the root (from the catch-up pass).
@@ -247,30 +257,41 @@ def build_tree(root_token: int, root_logits: torch.Tensor, root_state: torch.Ten
     token_map:   [Vd] int64 target id of each draft-vocabulary column (FR-Spec, EAGLE-3 d2t), or
                  None when the draft vocabulary is the target's.
     max_depth:   caps settings.depth (the end of the context or of the token budget).
+    pick:        which drafts may enter the tree (a grammar's; see PickFn), or None for all.
     Growth stops before settings.depth once no deeper node could enter the final top tree_size
     (on the CPU; the tree is the same, the draft rounds are fewer).
     Returns the tree with at most settings.tree_size draft nodes; 0 draft nodes when max_depth is 0.
+    On the CPU, where the target's verification costs per row, nodes that `pick` turned down are
+    left out when too few others fill the tree; a GPU keeps the tree's full size, the shape its
+    CUDA graph was captured for.
     """
     settings.validate()
     depth_limit = settings.depth if max_depth is None else min(settings.depth, max_depth)
     if depth_limit <= 0:
         return DraftTree([root_token], [-1], [0], [0.0])
+    on_cpu = root_logits.device.type == "cpu"
     # The early stop reads scores on the host: free on the CPU, a sync per round on a GPU, where
     # the default trees are wide enough that it would rarely fire (unmeasured there: CPU only).
     cands = grow_candidates(root_logits, root_state, expand, settings, token_map, depth_limit,
-                            stop_early=root_logits.device.type == "cpu")
-    return select_tree(root_token, cands, settings.tree_size, children_bound(settings, root_logits.shape[-1]))
+                            stop_early=on_cpu, pick=pick)
+    return select_tree(root_token, cands, settings.tree_size, children_bound(settings, root_logits.shape[-1]),
+                       drop_refused=pick is not None and on_cpu)
 
 
 def grow_candidates(root_logits: torch.Tensor, root_state: torch.Tensor | None, expand: ExpandFn,
                     settings: TreeSettings, token_map: torch.Tensor | None, depth_limit: int,
                     stop_early: bool = False, committed: torch.Tensor | None = None,
-                    cache_view: int | None = None) -> Candidates:
+                    cache_view: int | None = None, pick: PickFn | None = None) -> Candidates:
     """The draft rounds of build_tree (depth_limit >= 1): every candidate node with its score.
 
-    Without stop_early nothing here is read on the host and every shape follows from (settings,
-    depth_limit, the vocabulary), so the rounds can be captured as one CUDA graph; committed and
-    cache_view are then passed to every ExpandBatch (see there).
+    Without stop_early and pick nothing here is read on the host and every shape follows from
+    (settings, depth_limit, the vocabulary), so the rounds can be captured as one CUDA graph;
+    committed and cache_view are then passed to every ExpandBatch (see there).
+
+    With pick, a node's children are the first k drafts that pick allows among its best
+    k * PICK_WIDTH, or the one token it forces, which scores its parent's score (log-prob 0: the
+    target can choose nothing else there); places left over hold the best of the other drafts at
+    score -inf, so they rank below every allowed node, and no allowed node descends from them.
 
     The expanded nodes of earlier rounds are run through the draft again each round (when topk > 1)
     because the attention op sees every earlier cache slot as prefix: recomputing them under one
@@ -284,16 +305,50 @@ def grow_candidates(root_logits: torch.Tensor, root_state: torch.Tensor | None, 
     def to_target(ids: torch.Tensor) -> torch.Tensor:
         return ids if token_map is None else token_map[ids]
 
-    def top_children(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # For pick, on the host: every candidate's target id, parent and whether pick allowed it.
+    picked_tokens: list[int] = []
+    picked_parents: list[int] = []
+    picked_ok: list[bool] = []
+
+    def path_to(node: int) -> list[int] | None:
+        """The tokens below the root down to candidate `node` (-1: the root), None when pick
+        refused one of them."""
+        path = []
+        while node >= 0:
+            if not picked_ok[node]:
+                return None
+            path.append(picked_tokens[node])
+            node = picked_parents[node]
+        return path[::-1]
+
+    def top_children(logits: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[rows, Vd] draft logits of the nodes `parents` -> the log-probs [rows, k] and target
+        ids [rows, k] of their children, best first."""
         # Log-probs are clamped to <= 0 so a child's cumulative score never exceeds its parent's.
         # NaN (a draft that overflowed, e.g. in fp16) becomes -inf: a NaN sorts above every score,
         # which would keep a child whose parent was cut and break the tree.
         lp = torch.log_softmax(logits.float(), dim=-1).nan_to_num(nan=-math.inf).clamp(max=0.0)
-        top = torch.topk(lp, k, dim=-1)  # sorted: siblings are created in score order
-        return top.values, top.indices
+        if pick is None:
+            top = torch.topk(lp, k, dim=-1)  # sorted: siblings are created in score order
+            return top.values, to_target(top.indices)
+        wide = torch.topk(lp, min(vocab, k * PICK_WIDTH), dim=-1)
+        drafts, draft_lp = to_target(wide.indices).tolist(), wide.values.tolist()
+        tokens, values = [], []
+        for row, parent in enumerate(parents.tolist()):
+            path = path_to(parent)
+            chosen, forced = pick(path, drafts[row], k) if path is not None else ([], False)
+            lps = [0.0] if forced else [draft_lp[row][drafts[row].index(t)] for t in chosen]
+            refused = [t for t in drafts[row] if t not in chosen][:k - len(chosen)]
+            tokens.append(chosen + refused)
+            values.append(lps + [-math.inf] * len(refused))
+            picked_tokens.extend(tokens[-1])
+            picked_parents.extend([parent] * k)
+            picked_ok.extend([True] * len(chosen) + [False] * len(refused))
+        return (torch.tensor(values, dtype=torch.float32, device=device),
+                torch.tensor(tokens, dtype=torch.int64, device=device))
 
-    values, ids = top_children(root_logits.reshape(1, vocab))
-    cand_tokens = [to_target(ids[0])]                                  # per depth: [n_d]
+    values, ids = top_children(root_logits.reshape(1, vocab), torch.full((1,), -1, device=device))
+    cand_tokens = [ids[0]]                                             # per depth: [n_d]
     cand_scores = [values[0]]                                          # per depth: [n_d]
     cand_parents = [torch.full((k,), -1, dtype=torch.int64, device=device)]  # global candidate index
     total = k
@@ -337,9 +392,9 @@ def grow_candidates(root_logits: torch.Tensor, root_state: torch.Tensor | None, 
             batch = ExpandBatch(torch.cat(exp_tokens), torch.cat(exp_states) if exp_states else None,
                                 torch.cat(exp_depths), 0, ops.pack_tree_mask(exp_vis), kf, committed, cache_view)
         logits, states = expand(batch)                                  # [kf, Vd], [kf, Hs]
-        values, ids = top_children(logits)                              # [kf, k]
+        values, ids = top_children(logits, frontier)                    # [kf, k]
         scores = cand_scores[depth - 1][frontier_local].unsqueeze(1) + values   # [kf, k]
-        cand_tokens.append(to_target(ids).reshape(-1))
+        cand_tokens.append(ids.reshape(-1))
         cand_scores.append(scores.reshape(-1))
         cand_parents.append(frontier.repeat_interleave(k))
         chosen = _stable_top(scores.reshape(-1), k)                      # local indices at depth + 1
@@ -357,10 +412,16 @@ def children_bound(settings: TreeSettings, vocab: int) -> int:
     return min(settings.topk, vocab)
 
 
-def select_tree(root_token: int, cands: Candidates, tree_size: int, max_children: int = 0) -> DraftTree:
+def select_tree(root_token: int, cands: Candidates, tree_size: int, max_children: int = 0,
+                drop_refused: bool = False) -> DraftTree:
     """The tree of the best `tree_size` candidates (one host read). A child scores at most its
-    parent and comes after it, so a stable descending sort keeps every kept node's ancestors."""
-    keep = torch.sort(_stable_top(cands.scores, tree_size)).values  # creation order = topological
+    parent and comes after it, so a stable descending sort keeps every kept node's ancestors.
+    drop_refused: leave out candidates scored -inf (those grow_candidates' pick refused), which
+    keeps the rest a tree: every descendant of such a node scores -inf too."""
+    keep = _stable_top(cands.scores, tree_size)
+    if drop_refused:
+        keep = keep[cands.scores[keep] > -math.inf]
+    keep = torch.sort(keep).values  # creation order = topological
     tokens = cands.tokens[keep].tolist()
     parents_global = cands.parents[keep].tolist()
     scores_kept = cands.scores[keep].tolist()
