@@ -113,6 +113,59 @@ def test_json_from_the_demo_model_with_speculation_installed(demo_llm) -> None:
     assert again.token_ids == results[0].token_ids and again.stats.extra["mean_accepted_length"] > 1.3
 
 
+def _one_step_each(monkeypatch) -> None:
+    """Plain decoding as before jump-forward: no forced tokens, one forward per token."""
+    from edgespec.structured import GrammarState
+
+    monkeypatch.setattr(GrammarState, "take_forced", lambda self, limit: [])
+
+
+@pytest.mark.parametrize("grammar, max_new", [
+    (Grammar.json(SCHEMA), 80),
+    (Grammar.json(SCHEMA), 9),                                       # ends inside a forced key
+    (Grammar.regex(r'\{"answer": "(yes|no)", "why": "[a-z ]{1,30}"\}'), 60),
+    (Grammar.choice(["the quick brown fox jumps over the lazy dog"]), 40),  # all forced
+], ids=["json-schema", "json-budget", "regex", "choice"])
+def test_forced_tokens_take_no_step_of_their_own(demo_llm, monkeypatch, grammar, max_new) -> None:
+    """Plain decoding runs the tokens a grammar forces through the model with the last token in
+    one forward: the same tokens and log-probabilities as one step per token, in fewer steps (as
+    many fewer as tokens were forced), within the token budget."""
+    messages = [{"role": "user", "content": "Give a JSON object with a name and an age for a person."}]
+    enable_speculation(demo_llm, None)
+    jumped = demo_llm.generate(messages, max_new_tokens=max_new, grammar=grammar, logprobs=2)
+    with monkeypatch.context() as m:
+        _one_step_each(m)
+        stepped = demo_llm.generate(messages, max_new_tokens=max_new, grammar=grammar, logprobs=2)
+    assert jumped.token_ids == stepped.token_ids and jumped.finish_reason == stepped.finish_reason
+    assert len(jumped.token_ids) <= max_new
+    for a, b in zip(jumped.logprobs, stepped.logprobs):
+        assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    # One step fewer per forced token, but for a step whose forced tokens complete the grammar.
+    forced = jumped.stats.extra["forced_tokens"]
+    assert forced > 0 and stepped.stats.steps - forced <= jumped.stats.steps <= stepped.stats.steps - forced + 1
+    assert stepped.stats.extra["forced_tokens"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forced_tokens_get_a_steps_logits_bit_for_bit(tmp_path, monkeypatch, dtype) -> None:
+    """In bf16 and fp16, where a row's result does not depend on the row count, a forced token's
+    log-probabilities (and so its K/V) are exactly those of a step of its own."""
+    llm = LLM(load_model(write_tiny_chat_model(tmp_path / "m"), device="cpu", dtype=dtype, max_context=64))
+    llm.prefix_caching = False  # both runs prefill the whole prompt alike
+    grammar = Grammar.regex(r"call [0-9]{2} at zzzz, then [a-z]{2,4} now")
+    # The model prefers z, but the four forced ones count against it (frequency penalty): the
+    # tokens chosen after forced ones must see them in the history.
+    z = llm.tokenizer.encode("z")[0]
+    settings = dict(max_new_tokens=40, grammar=grammar, logprobs=1, frequency_penalty=2.0, logit_bias={z: 6.0})
+    jumped = llm.generate("so ", **settings)
+    _one_step_each(monkeypatch)
+    stepped = llm.generate("so ", **settings)
+    assert jumped.token_ids == stepped.token_ids and jumped.stats.extra["forced_tokens"] >= 15
+    assert "zzzz, then z" not in jumped.text
+    assert [(e.logprob, e.top) for e in jumped.logprobs] == [(e.logprob, e.top) for e in stepped.logprobs]
+
+
 def test_cli_options(tiny, tmp_path, capsys) -> None:
     from edgespec.cli import build_parser
     from edgespec.cli.common import generation_config

@@ -120,14 +120,16 @@ def chat_llm(tmp_path_factory):
     return LLM(load_model(d, device="cpu", dtype=torch.float32, max_context=128)), d
 
 
-@pytest.mark.parametrize("pattern", [r"[a-z]{2,5}( [a-z]{1,4}){3},[a-z ]{4,9}", r"([a-z]{2}[0-9]{1,2}){5}"],
+@pytest.mark.parametrize("pattern", [r"[a-z]{2,5}( [a-z]{1,4}){3}[,;][a-z ]{4,9}", r"([a-z]{2}[0-9]{1,2}){5}"],
                          ids=["words", "letters-and-digits"])
 def test_greedy_tokens_equal_full_masks_everywhere(chat_llm, monkeypatch, pattern) -> None:
     """Plain and speculative greedy decoding under a grammar give the same tokens with checked
     rows as with every row fully masked. A logit bias makes the random model prefer letters, so
     its choice is allowed inside words and forbidden where the grammar demands a space, a comma
     or a digit (rarely, then half the time); speculation computes at most one mask per token it
-    commits (the rows its walk reads), far fewer than a mask per tree row."""
+    commits (the rows its walk reads), far fewer than a mask per tree row. Where the grammar leaves
+    one choice (a space after a word of the longest length) plain decoding takes it as a forced
+    token, with no mask and no step of its own."""
     llm, directory = chat_llm
     tok = llm.tokenizer
     bias = {tok.encode(c)[0]: 6.0 for c in string.ascii_lowercase}
@@ -143,7 +145,8 @@ def test_greedy_tokens_equal_full_masks_everywhere(chat_llm, monkeypatch, patter
     monkeypatch.setattr(LLM, "_grammar_state", recording)
 
     def run(speculative: bool, mode: str) -> tuple[list[list[int]], int]:
-        """(token ids per prompt, full masks over the prompts)."""
+        """(token ids per prompt, full masks over the prompts); plain decoding's forced tokens
+        (chosen by no mask) go into forced[mode]."""
         monkeypatch.setenv("EDGESPEC_GRAMMAR_MASKS", mode)
         if speculative:
             enable_speculation(llm, draft=str(directory), tree_size=16, depth=5, topk=3)
@@ -154,17 +157,23 @@ def test_greedy_tokens_equal_full_masks_everywhere(chat_llm, monkeypatch, patter
         masks = [s.full_masks for s in states[-len(prompts):]]
         for r, m in zip(results, masks):
             assert r.finish_reason == "stop" and (not speculative or r.stats.extra["grammar_masks"] == m)
+        if not speculative:
+            forced[mode] = sum(r.stats.extra["forced_tokens"] for r in results)
         return [r.token_ids for r in results], sum(masks)
 
+    forced: dict[str, int] = {}
     plain_full, plain_full_masks = run(False, "full")
     plain, plain_masks = run(False, "checked")
     spec_full, spec_full_masks = run(True, "full")
     spec, spec_masks = run(True, "checked")
     assert plain == plain_full == spec_full == spec
     tokens = sum(len(t) for t in plain)
-    # One mask per token (one more where an end token, which results leave out, was chosen).
-    assert tokens <= plain_full_masks <= tokens + len(prompts)
-    assert 0 < plain_masks < tokens            # the grammar both allowed and forbade the model's choice
+    # One mask per token chosen (one more where an end token, which results leave out, was chosen);
+    # the grammar forced the others (a space after a word of the longest length).
+    chosen = tokens - forced["full"]
+    assert forced["full"] == forced["checked"] and chosen <= plain_full_masks <= chosen + len(prompts)
+    assert (forced["full"] > 0) == ("{1,4}" in pattern)  # only the words pattern has single choices
+    assert 0 < plain_masks < chosen            # the grammar both allowed and forbade the model's choice
     assert spec_masks <= tokens + len(prompts)  # at most the rows the walks read
     assert spec_full_masks > 3 * spec_masks
 

@@ -23,6 +23,9 @@ default) measure the draft tree under a grammar instead: trees holding only draf
 allows plus the token it forces (GrammarState.draft_choices) against trees of every draft, the
 forbidden ones too, in the same run: tokens committed per verification step (the speedup column:
 ours / baseline), rows verified per step, and the grammar's host time spent choosing the drafts.
+forced-greedy-plain measures plain decoding's jump-forward: the tokens a grammar forces run
+through the model in one forward with the last token, against one step per token (same run,
+identical greedy outputs): tokens/s both ways, steps, and how many tokens were forced.
 
     python bench/python/bench_structured.py [--device cpu|cuda] [--dtype bf16|fp32] [--threads N]
         [--limit N] [--new-tokens 200] [--cases greedy-cpu-tree,greedy-gpu-tree,...]
@@ -75,9 +78,10 @@ DECODINGS = {"greedy": {}, "sampled": {"temperature": 0.8}, "sampled-top-p": {"t
 # name -> (decoding, tree shape or None for plain decoding)
 CASES: dict[str, tuple[str, str | None]] = {**{f"{d}-{t}": (d, t) for d in DECODINGS for t in TREES},
                                             "greedy-plain": ("greedy", None),
-                                            **{f"drafts-{d}-{t}": (d, t) for d in DECODINGS for t in TREES}}
+                                            **{f"drafts-{d}-{t}": (d, t) for d in DECODINGS for t in TREES},
+                                            "forced-greedy-plain": ("greedy", None)}
 DEFAULT_CASES = ["greedy-cpu-tree", "greedy-gpu-tree", "sampled-gpu-tree", "sampled-top-p-gpu-tree", "greedy-plain",
-                 "drafts-greedy-cpu-tree", "drafts-greedy-gpu-tree", "drafts-sampled-gpu-tree"]
+                 "drafts-greedy-cpu-tree", "drafts-greedy-gpu-tree", "drafts-sampled-gpu-tree", "forced-greedy-plain"]
 
 
 class Timers:
@@ -129,7 +133,7 @@ def generate(llm: edgespec.LLM, ids: list[int], schema: dict, n: int, sampling: 
             "sampler_s": timers.s.get("sampler", 0.0), "sampler_calls": timers.calls.get("sampler", 0),
             "grammar_s": timers.s.get("grammar", 0.0), "masks": states[0].full_masks,
             "drafting_s": timers.s.get("drafting", 0.0),
-            "accept_len": r.stats.extra.get("mean_accepted_length"),
+            "accept_len": r.stats.extra.get("mean_accepted_length"), "forced": r.stats.extra.get("forced_tokens", 0),
             "verified_rows": r.stats.steps * (1 + r.stats.extra.get("mean_tree_size", 0.0))}
 
 
@@ -257,6 +261,52 @@ def measure_drafting(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], c
     return row
 
 
+@contextlib.contextmanager
+def one_step_each():
+    """Plain decoding without jump-forward (the baseline of forced-greedy-plain): the tokens a
+    grammar forces are chosen one step each, like any other."""
+    take_forced = GrammarState.take_forced
+    GrammarState.take_forced = lambda self, limit: []
+    try:
+        yield
+    finally:
+        GrammarState.take_forced = take_forced
+
+
+def measure_forced(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], case: str, n: int) -> dict[str, Any]:
+    """forced-greedy-plain: plain decoding that runs the tokens a grammar forces through the model
+    in one forward with the last token (jump-forward) against one step per token, same run."""
+    enable_speculation(llm, None)
+    runs: dict[str, list[dict[str, Any]]] = {"jump": [], "stepped": []}
+    forced = 0
+    for i, (ids, schema) in enumerate(prompts):
+        order = ("stepped", "jump") if i % 2 == 0 else ("jump", "stepped")
+        for measured in (False, True):  # the first round warms llguidance's lexer (see measure_case)
+            for mode in order:
+                with one_step_each() if mode == "stepped" else contextlib.nullcontext():
+                    r = generate(llm, ids, schema, n, {})
+                if measured:
+                    runs[mode].append(r)
+                    forced += r["forced"] if mode == "jump" else 0
+    for a, b in zip(runs["stepped"], runs["jump"]):
+        if a["tokens"] != b["tokens"]:
+            raise AssertionError(f"{case}: greedy tokens differ with jump-forward: {a['text']!r} vs {b['text']!r}")
+
+    def totals(rs: list[dict[str, Any]]) -> dict[str, float]:
+        tokens = sum(len(r["tokens"]) for r in rs)
+        return {"steps": sum(r["steps"] for r in rs), "tokens": tokens,
+                "tokens_per_s": tokens / sum(r["wall_s"] for r in rs)}
+
+    ours, base = totals(runs["jump"]), totals(runs["stepped"])
+    return {"case": f"{case}: plain decoding, greedy, forced tokens in one forward with the last token",
+            "ours_tokens_per_s": round(ours["tokens_per_s"], 3),
+            "baseline": "one step per token, forced ones too, same run",
+            "baseline_tokens_per_s": round(base["tokens_per_s"], 3),
+            "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
+            "steps": ours["steps"], "baseline_steps": base["steps"], "new_tokens": ours["tokens"],
+            "forced_tokens": forced, "identical_outputs": True}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -286,6 +336,13 @@ def main() -> int:
     load_before = os.getloadavg()
     with Interruptible() as run:
         for case in cases:
+            if case.startswith("forced-"):
+                row = measure_forced(llm, prompts, case, args.new_tokens)
+                rows.append(row)
+                print(f"{row['case']}: {row['ours_tokens_per_s']:.2f} vs {row['baseline_tokens_per_s']:.2f} tokens/s "
+                      f"({row['speedup']:.2f}x), {row['steps']} vs {row['baseline_steps']} steps for "
+                      f"{row['new_tokens']} tokens, {row['forced_tokens']} forced", flush=True)
+                continue
             if case.startswith("drafts-"):
                 row = measure_drafting(llm, prompts, case, args.new_tokens)
                 rows.append(row)
@@ -316,7 +373,8 @@ def main() -> int:
              "the token it forces (ours) against every draft (baseline), same run; speedup there = tokens "
              "committed per verification step, ours / baseline; rows_per_step: tree rows the target verifies (on "
              "the CPU refused drafts are left out); drafting_grammar_ms_per_step: GrammarState.draft_choices' "
-             "host time.")
+             "host time. forced-greedy-plain: plain decoding with the grammar's forced tokens run in one forward "
+             "with the last token (ours) against one step per token (baseline), speedup = tokens/s ours / baseline.")
     path = write_result("structured", device, rows, notes, weights=projection_weights(llm.model),
                         load_before=load_before, load_after=load_after,
                         **run.marker(len(rows), len(cases)))

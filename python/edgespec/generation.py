@@ -17,6 +17,7 @@ import torch
 from . import cuda_graphs, ops
 from .errors import GenerationCancelled, NumericalError
 from .kv_cache import KVCache
+from .ops.linear import INVARIANT_ROWS
 from .models.decoder import Decoder
 
 if TYPE_CHECKING:
@@ -342,6 +343,12 @@ def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
 class PlainDecoding:
     """One target forward per token: the baseline every speculative strategy must match.
 
+    Under a grammar, the tokens it forces next (GrammarState.take_forced) need no choosing: a step
+    runs them through the model with the last token in one forward (jump-forward) and chooses the
+    token after them. That forward is a verification step's (a chain under a tree mask, at most
+    ops.linear.INVARIANT_ROWS rows), so every token gets the K/V and logits a step of its own would
+    give it: bit for bit in bf16 and fp16, as speculative decoding's verified tokens do.
+
     cuda_graph: replay each decode step as one CUDA graph (edgespec.cuda_graphs; None: as
     EDGESPEC_CUDA_GRAPHS says, and only for a CUDA model).
     """
@@ -354,6 +361,8 @@ class PlainDecoding:
         self.token_logits: torch.Tensor | None = None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.cached_tokens = 0
+        self._room = 0            # tokens the generation may still commit
+        self.forced_tokens = 0    # tokens a grammar forced, committed without a step of their own
         if cuda_graph is None:
             cuda_graph = cuda_graphs.requested() and model.device.type == "cuda"
         self._graph = cuda_graphs.StepGraphs(model, cache) if cuda_graph else None
@@ -364,6 +373,8 @@ class PlainDecoding:
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.model.device)
         scorer = PromptScorer.maybe(self.model, ids, config, reuse)
         self.cached_tokens = reuse
+        self._room = max_new_tokens - 1
+        self.forced_tokens = 0
         hidden, _ = prefill(self.model, self.cache, ids, config.prefill_chunk, cancel=config.cancel, on_chunk=scorer,
                             start=reuse)
         self.prompt_logprobs = scorer.result() if scorer is not None else None
@@ -376,6 +387,13 @@ class PlainDecoding:
     def step(self) -> list[int]:
         pos = self.cache.length
         dev = self.model.device
+        constraint = self.sampler.config.constraint
+        # Room for forced tokens: one place stays for the token chosen after them, and every token
+        # fed sits inside the context.
+        room = min(self._room - 1, self.model.max_context - 2 - pos, INVARIANT_ROWS - 1)
+        forced = constraint.take_forced(room) if constraint is not None and room > 0 else []
+        if forced:
+            return self._jump(pos, forced)
         if self._graph is not None:
             logits = self._graph.decode(self._last, pos)
         else:
@@ -385,8 +403,41 @@ class PlainDecoding:
         self.cache.length = pos + 1
         token = checked_tokens(self.sampler(logits), logits)[0]
         self._commit(token)
+        self._room -= 1
         self.token_logits = logits  # a graph's output buffer: valid until the next step
         return [token]
+
+    def _jump(self, pos: int, forced: list[int]) -> list[int]:
+        """One forward over the last token and the forced ones (which the grammar has taken), then
+        the token after them, unless they complete the grammar. Row i of token_logits is the
+        distribution committed token i came from, as log-probabilities need."""
+        dev = self.model.device
+        done = self.sampler.config.constraint.done
+        fed = [self._last] + (forced[:-1] if done else forced)  # the last token stays out of the cache
+        # A chain under a tree mask: the verification step's attention, whose rows equal decode
+        # steps' (what keeps speculative output equal to plain output).
+        chain = ops.pack_tree_mask(torch.ones(len(fed), len(fed), dtype=torch.bool, device=dev).tril())
+        out = self.model.forward(torch.tensor(fed, device=dev), torch.arange(pos, pos + len(fed), device=dev),
+                                 self.cache, pos, tree_mask=chain)
+        logits = self.model.logits(out.hidden)
+        self.cache.length = pos + len(fed)
+        self.sampler.record(torch.tensor(forced, dtype=torch.int64, device=dev))
+        self.forced_tokens += len(forced)
+        self.token_logits = logits
+        if done:
+            checked_tokens(torch.empty(0, dtype=torch.int64, device=dev), logits)  # NaN: an error here too
+            self._last = forced[-1]
+            self._room -= len(forced)
+            return forced
+        token = checked_tokens(self.sampler(logits[-1:]), logits)[0]
+        self._commit(token)
+        self._room -= len(forced) + 1
+        return forced + [token]
+
+    def stats(self) -> dict[str, int]:
+        """Merged into GenerationStats: under a grammar, the tokens it forced (committed without a
+        step of their own)."""
+        return {"forced_tokens": self.forced_tokens} if self.sampler.config.constraint is not None else {}
 
     def _commit(self, token: int) -> None:
         self._last = token
