@@ -196,9 +196,9 @@ class GrammarState:
         chosen: list[int] = []
         forced = False
         if consumed == len(path) and not self.matcher.is_stopped():
-            ahead = self.matcher.compute_ff_tokens()
-            if ahead:
-                chosen, forced = [int(ahead[0])], True
+            ahead = self._forced_next()
+            if ahead is not None:
+                chosen, forced = [ahead], True
             else:
                 for token in drafts:
                     if len(chosen) == count:
@@ -217,12 +217,18 @@ class GrammarState:
         model in one forward with the last token (jump-forward) instead of one step each."""
         forced: list[int] = []
         while len(forced) < limit and not self.done:
-            ahead = self.matcher.compute_ff_tokens()
-            if not ahead:
+            ahead = self._forced_next()
+            if ahead is None:
                 break
-            forced.extend(self.consume(ahead[:1]))
+            forced.extend(self.consume([ahead]))
         self._check()
         return forced
+
+    def _forced_next(self) -> int | None:
+        """The token the grammar forces next (the first of llguidance's fast-forward tokens, the
+        one token its mask then allows), or None where it leaves a choice."""
+        ahead = self.matcher.compute_ff_tokens()
+        return int(ahead[0]) if ahead else None
 
     def consume(self, tokens: Sequence[int]) -> list[int]:
         """Feed committed tokens; returns those up to the one that completes the grammar (the rest,

@@ -277,10 +277,10 @@ def cached_dense(w: W4A16Weight, dtype: torch.dtype) -> torch.Tensor | None:
     cached = w._dense
     if cached is not None:
         return cached if cached.dtype == dtype else None
-    if _capturing(w.device) or w._refused == DEQUANT_BUDGET.refusal_key(w.device):
+    key = DEQUANT_BUDGET.refusal_key(w.device)
+    if _capturing(w.device) or w._refused == key:
         return None
     nbytes = w.in_features * w.out_features * torch.empty(0, dtype=dtype).element_size()
-    key = DEQUANT_BUDGET.refusal_key(w.device)
     if not DEQUANT_BUDGET.reserve(w.device, nbytes):
         w._refused = key
         return None
