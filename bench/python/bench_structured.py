@@ -153,6 +153,34 @@ def drafts_unpicked():
         decoding.build_tree = build_tree
 
 
+def run_both(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], n: int, sampling: dict,
+             modes: dict[str, Callable[[], Any]], case: str, differ: str) -> dict[str, list[dict[str, Any]]]:
+    """Each prompt generated in both `modes` (name -> context manager factory; baseline first, ours
+    second), measured runs per mode. llguidance builds its lexer's states lazily and keeps them for
+    the grammar: a first generation pays for them, so each mode runs once unmeasured, then once
+    measured, the two alternated in turn so that drift in machine load hits both. Complete answers
+    must be JSON, and greedy tokens the same in both modes (AssertionError naming `differ`)."""
+    names = list(modes)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for i, (ids, schema) in enumerate(prompts):
+        order = names if i % 2 == 0 else names[::-1]
+        for measured in (False, True):
+            for mode in order:
+                with modes[mode]():
+                    r = generate(llm, ids, schema, n, sampling)
+                if measured:
+                    runs[mode].append(r)
+    for rs in runs.values():
+        for r in rs:
+            if r["finish"] == "stop":  # a complete answer is JSON (its schema: llguidance's business)
+                json.loads(r["text"])
+    if not sampling:
+        for a, b in zip(*runs.values()):
+            if a["tokens"] != b["tokens"]:
+                raise AssertionError(f"{case}: greedy tokens differ {differ}: {a['text']!r} vs {b['text']!r}")
+    return runs
+
+
 def measure_case(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], case: str, n: int) -> dict[str, Any]:
     decoding, tree = CASES[case]
     sampling = DECODINGS[decoding]
@@ -162,27 +190,9 @@ def measure_case(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], case:
     else:
         s = TREES[tree]
         enable_speculation(llm, draft=str(DEMO_HEAD), tree_size=s.tree_size, depth=s.depth, topk=s.topk)
-    runs: dict[str, list[dict[str, Any]]] = {"checked": [], "full": []}
-    for i, (ids, schema) in enumerate(prompts):
-        # llguidance builds its lexer's states lazily and keeps them for the grammar: a first
-        # generation pays for them, so each mode runs once unmeasured, then once measured, the two
-        # alternated in turn so that drift in machine load hits both.
-        order = ("full", "checked") if i % 2 == 0 else ("checked", "full")
-        for measured in (False, True):
-            for mode in order:
-                with environment("EDGESPEC_GRAMMAR_MASKS", mode):
-                    r = generate(llm, ids, schema, n, sampling)
-                if measured:
-                    runs[mode].append(r)
-    for mode, rs in runs.items():
-        for r in rs:
-            if r["finish"] == "stop":  # a complete answer is JSON (its schema: llguidance's business)
-                json.loads(r["text"])
-    if not sampling:
-        for a, b in zip(runs["full"], runs["checked"]):
-            if a["tokens"] != b["tokens"]:
-                raise AssertionError(f"{case}: greedy tokens differ between full and checked masks: "
-                                     f"{a['text']!r} vs {b['text']!r}")
+    runs = run_both(llm, prompts, n, sampling, {mode: lambda mode=mode: environment("EDGESPEC_GRAMMAR_MASKS", mode)
+                                                for mode in ("full", "checked")},
+                    case, "between full and checked masks")
 
     def totals(rs: list[dict[str, Any]]) -> dict[str, float]:
         steps = sum(r["sampler_calls"] if plain else r["accept_calls"] for r in rs)
@@ -224,19 +234,8 @@ def measure_drafting(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], c
     sampling = DECODINGS[decoding_name]
     s = TREES[tree]
     enable_speculation(llm, draft=str(DEMO_HEAD), tree_size=s.tree_size, depth=s.depth, topk=s.topk)
-    runs: dict[str, list[dict[str, Any]]] = {"picked": [], "unpicked": []}
-    for i, (ids, schema) in enumerate(prompts):
-        order = ("unpicked", "picked") if i % 2 == 0 else ("picked", "unpicked")
-        for measured in (False, True):  # the first round warms llguidance's lexer (see measure_case)
-            for mode in order:
-                with drafts_unpicked() if mode == "unpicked" else contextlib.nullcontext():
-                    r = generate(llm, ids, schema, n, sampling)
-                if measured:
-                    runs[mode].append(r)
-    if not sampling:
-        for a, b in zip(runs["unpicked"], runs["picked"]):
-            if a["tokens"] != b["tokens"]:
-                raise AssertionError(f"{case}: greedy tokens differ with picked drafts: {a['text']!r} vs {b['text']!r}")
+    runs = run_both(llm, prompts, n, sampling, {"unpicked": drafts_unpicked, "picked": contextlib.nullcontext},
+                    case, "with picked drafts")
 
     def totals(rs: list[dict[str, Any]]) -> dict[str, float]:
         steps = sum(r["steps"] for r in rs)
@@ -278,20 +277,8 @@ def measure_forced(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], cas
     """forced-greedy-plain: plain decoding that runs the tokens a grammar forces through the model
     in one forward with the last token (jump-forward) against one step per token, same run."""
     enable_speculation(llm, None)
-    runs: dict[str, list[dict[str, Any]]] = {"jump": [], "stepped": []}
-    forced = 0
-    for i, (ids, schema) in enumerate(prompts):
-        order = ("stepped", "jump") if i % 2 == 0 else ("jump", "stepped")
-        for measured in (False, True):  # the first round warms llguidance's lexer (see measure_case)
-            for mode in order:
-                with one_step_each() if mode == "stepped" else contextlib.nullcontext():
-                    r = generate(llm, ids, schema, n, {})
-                if measured:
-                    runs[mode].append(r)
-                    forced += r["forced"] if mode == "jump" else 0
-    for a, b in zip(runs["stepped"], runs["jump"]):
-        if a["tokens"] != b["tokens"]:
-            raise AssertionError(f"{case}: greedy tokens differ with jump-forward: {a['text']!r} vs {b['text']!r}")
+    runs = run_both(llm, prompts, n, {}, {"stepped": one_step_each, "jump": contextlib.nullcontext},
+                    case, "with jump-forward")
 
     def totals(rs: list[dict[str, Any]]) -> dict[str, float]:
         tokens = sum(len(r["tokens"]) for r in rs)
@@ -305,7 +292,7 @@ def measure_forced(llm: edgespec.LLM, prompts: list[tuple[list[int], dict]], cas
             "baseline_tokens_per_s": round(base["tokens_per_s"], 3),
             "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
             "steps": ours["steps"], "baseline_steps": base["steps"], "new_tokens": ours["tokens"],
-            "forced_tokens": forced, "identical_outputs": True}
+            "forced_tokens": sum(r["forced"] for r in runs["jump"]), "identical_outputs": True}
 
 
 def main() -> int:
