@@ -17,8 +17,8 @@ pytest.importorskip("llguidance")
 
 from edgespec.structured import GrammarState  # noqa: E402
 from test_spec_helpers import one_thread  # noqa: E402,F401 (autouse: steadier on a shared 2-core machine)
-from edgespec.tool_calls import (FORMATS, Tool, ToolCallStream, ToolUse, detect_format,  # noqa: E402
-                                 template_renders_tools)
+from edgespec.tool_call_stream import ToolCallStream  # noqa: E402
+from edgespec.tool_calls import FORMATS, Tool, ToolUse, detect_format, template_renders_tools  # noqa: E402
 
 HERMES_TEMPLATE = """\
 {%- if tools %}<|im_start|>system
@@ -147,6 +147,32 @@ def test_llama3_json_parses_calls():
 
 # ---- streaming ---------------------------------------------------------------------------------------
 
+def joined(deltas: list[dict]) -> dict[int, dict]:
+    """Tool-call deltas joined as clients join them: per index, the id and type of its first delta
+    (no later delta repeats them), the name and the concatenated argument fragments."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        if d["index"] not in calls:
+            assert d["id"].startswith("call_") and d["type"] == "function" and d["function"]["name"]
+            calls[d["index"]] = {"id": d["id"], "name": d["function"]["name"], "arguments": ""}
+        else:
+            assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+        calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    assert list(calls) == list(range(len(calls))) and len({c["id"] for c in calls.values()}) == len(calls)
+    return calls
+
+
+def stream_in_pieces(use: ToolUse, fmt: str, text: str, step: int) -> tuple[str, list[dict], ToolCallStream]:
+    """(content, call deltas, the stream) of `text` fed `step` characters at a time, then finished."""
+    stream = ToolCallStream(use, FORMATS[fmt])
+    content, deltas = "", []
+    for i in range(0, len(text), step):
+        part, calls = stream.feed(text[i:i + step])
+        content, deltas = content + part, deltas + calls
+    part, calls = stream.finish()
+    return content + part, deltas + calls, stream
+
+
 @pytest.mark.parametrize("fmt, text, streamed", [
     ("hermes", f"Let me check <that>.\n<tool_call>\n{CALL_T}\n</tool_call>", "Let me check <that>.\n"),
     ("hermes", "Text with <tool_ca but no call.", "Text with <tool_ca but no call."),
@@ -154,18 +180,72 @@ def test_llama3_json_parses_calls():
     ("llama3_json", '\n{"name": "get_time", "parameters": {"zone": "UTC"}}', ""),
     ("llama3_json", "\nIt is sunny {really}.", "\nIt is sunny {really}."),
 ])
-def test_stream_holds_back_calls_and_loses_nothing(fmt, text, streamed):
+def test_free_stream_holds_back_calls_and_loses_nothing(fmt, text, streamed):
+    """Free `auto`: text that may open a call is held back, and a well-formed call is sent whole."""
     use = ToolUse(tools(WEATHER, TIME))
     for step in (1, 3, len(text)):  # deltas of several sizes
         stream = ToolCallStream(use, FORMATS[fmt])
-        sent = "".join(stream.feed(text[i:i + step]) for i in range(0, len(text), step))
+        sent = ""
+        for i in range(0, len(text), step):
+            part, calls = stream.feed(text[i:i + step])
+            sent += part
+            assert calls == []
         held, calls = stream.finish()
         if calls:
-            assert sent == streamed and held == "" and [c.name for c in calls] == ["get_time"]
+            assert sent == streamed and held == "" and stream.calls == 1
+            (call,) = calls
+            assert call["index"] == 0 and call["function"]["name"] == "get_time"
+            assert json.loads(call["function"]["arguments"]) == {"zone": "UTC"}
         else:
-            assert sent + held == text == streamed
+            assert sent + held == text == streamed and stream.calls == 0
         if step == 1 and "<tool_call>" in text:  # nothing of the opening tag ever leaks as content
             assert "<" not in sent.replace("<that>", "")
+
+
+# Calls as a grammar would let them through, with brackets, quotes and escapes inside strings.
+TRICKY_W = '{"name": "get_weather", "arguments": {"city": "Pa\\"r{is}] \\\\", "unit": "celsius"}}'
+TRICKY_T = '{"name": "get_time", "arguments": {"zone": "UTC [+1] {\\u00e9} \u00e9"}}'
+
+
+@pytest.mark.parametrize("fmt, choice, text, content", [
+    ("hermes", "required", f"<tool_call>\n{TRICKY_W}\n</tool_call>\n<tool_call>\n{TRICKY_T}\n</tool_call>", ""),
+    ("hermes", "auto", f"Checking {{now}}.\n<tool_call>\n{TRICKY_T}\n</tool_call>", "Checking {now}.\n"),
+    ("hermes", "required", '<tool_call>\n{"arguments": {"zone": "x"}, "name": "get_time"}\n</tool_call>', ""),
+    ("llama3_json", "required", f'{TRICKY_T.replace("arguments", "parameters")}; '
+                                '{"name": "get_time", "parameters": {"zone": "A", "more": [1, {"b": "}"}]}}', ""),
+])
+def test_guaranteed_calls_stream_as_written(fmt, choice, text, content):
+    """Where a grammar guarantees the calls, each streams as written: id and name first, as soon as
+    the name is complete, then the arguments' own text in fragments."""
+    strict = [{"type": "function", "function": {**t["function"], "strict": True}} for t in (WEATHER, TIME)]
+    use = ToolUse(tools(*strict), choice)
+    names = {t.name for t in use.tools}
+    _, expected = FORMATS[fmt].parse(text, names)
+    assert expected  # the premise: the text is well formed
+    for step in (1, 2, 7, len(text)):
+        sent, deltas, stream = stream_in_pieces(use, fmt, text, step)
+        calls = joined(deltas)
+        assert sent == content and stream.calls == len(expected)
+        assert [c["name"] for c in calls.values()] == [c.name for c in expected]
+        assert [json.loads(c["arguments"]) for c in calls.values()] == [c.arguments for c in expected]
+        assert all(c["arguments"] in text for c in calls.values())  # the model's own text, not re-serialised
+        if step == 1 and '{"name"' in text:  # fragments, and each name sent before its arguments end
+            for index in calls:
+                mine = [d for d in deltas if d["index"] == index]
+                assert len(mine) > 3 and "name" in mine[0]["function"]
+
+
+def test_guaranteed_call_cut_short_keeps_its_fragments():
+    use = ToolUse(tools(WEATHER, TIME), "required")
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c'  # max_tokens ends it
+    sent, deltas, stream = stream_in_pieces(use, "hermes", text, 3)
+    (call,) = joined(deltas).values()
+    assert sent == "" and stream.calls == 1
+    assert call["name"] == "get_weather" and call["arguments"] == '{"city": "Paris", "unit": "c'
+    # strict auto that wrote text ending in what might have opened a call: all of it is content
+    strict = [{"type": "function", "function": {**WEATHER["function"], "strict": True}}]
+    sent, deltas, stream = stream_in_pieces(ToolUse(tools(*strict)), "hermes", "Hello <tool_ca", 2)
+    assert sent == "Hello <tool_ca" and deltas == [] and stream.calls == 0
 
 
 # ---- grammars ------------------------------------------------------------------------------------------
@@ -286,18 +366,18 @@ def test_streamed_call_equals_whole(tool_server):
     kwargs = dict(model="smollm2", messages=ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
                   max_tokens=80, temperature=0)
     whole = c.chat.completions.create(**kwargs).choices[0].message.tool_calls
-    content, calls, finish = "", {}, None
+    content, parts, finish = "", [], None
     for chunk in c.chat.completions.create(stream=True, **kwargs):
         if not chunk.choices:
             continue
         delta = chunk.choices[0].delta
         content += delta.content or ""
-        for part in delta.tool_calls or []:  # join the fragments as clients do
-            entry = calls.setdefault(part.index, {"name": "", "arguments": ""})
-            entry["name"] += part.function.name or ""
-            entry["arguments"] += part.function.arguments or ""
+        parts += [part.model_dump(exclude_none=True) for part in delta.tool_calls or []]
         finish = chunk.choices[0].finish_reason or finish
     assert content == "" and finish == "tool_calls"
+    calls = joined(parts)  # as clients join them
+    # The grammar guarantees the call: it streamed as written, not whole at the end.
+    assert len(parts) > 3 and parts[0]["function"] == {"name": "get_weather", "arguments": ""}
     assert [(e["name"], json.loads(e["arguments"])) for e in calls.values()] == [
         (t.function.name, json.loads(t.function.arguments)) for t in whole]
     check_weather_arguments(calls[0]["arguments"])

@@ -19,6 +19,7 @@ How a request's `tool_choice` is honoured:
   calls allowed and "required", one or more) in the model's format, arguments valid under the
   schema; the model chooses the function (required) and every argument.
 * "none": the tools are not rendered and nothing is parsed.
+How calls are streamed: edgespec.tool_call_stream.
 """
 from __future__ import annotations
 
@@ -73,13 +74,17 @@ class Tool:
         return {"type": "function", "function": fn}
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """A call the model wrote: the function's name and its arguments object."""
 
     name: str
     arguments: dict[str, Any]
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = field(default_factory=new_call_id)
 
     def openai(self) -> dict[str, Any]:
         """OpenAI's form: arguments as JSON text."""
@@ -137,6 +142,11 @@ class ToolCallFormat:
     def hold_from(self, text: str) -> int:
         """The offset in a partial reply from which text may belong to a call and must not be
         streamed as content yet (len(text): all of it is content)."""
+        raise NotImplementedError
+
+    def calls_start(self, text: str) -> int | None:
+        """Where the calls of a partial reply begin (their first object is at or after it), or None
+        while it holds none; for replies whose grammar guarantees well-formed calls."""
         raise NotImplementedError
 
     def lark(self, tools: Sequence[Tool], calls_only: bool, parallel: bool) -> str:
@@ -203,6 +213,10 @@ class HermesFormat(ToolCallFormat):
                 return len(text) - k
         return len(text)
 
+    def calls_start(self, text: str) -> int | None:
+        start = text.find(self.OPEN)
+        return None if start < 0 else start + len(self.OPEN)
+
     def lark(self, tools: Sequence[Tool], calls_only: bool, parallel: bool) -> str:
         more = ' ("\\n<tool_call>\\n" call "\\n</tool_call>")*' if parallel else ""
         calls = f'call "\\n</tool_call>"{more}'
@@ -253,6 +267,10 @@ class Llama3JsonFormat(ToolCallFormat):
             return 0
         return len(text)
 
+    def calls_start(self, text: str) -> int | None:
+        body = text.lstrip()
+        return len(text) - len(body) if body.startswith("{") else None
+
     def lark(self, tools: Sequence[Tool], calls_only: bool, parallel: bool) -> str:
         calls = 'call ("; " call)*' if parallel else "call"
         rules = [f"call: %json {self._call_schema(tools)}"]
@@ -281,26 +299,3 @@ def template_renders_tools(chat_template: str | None) -> bool:
     """Whether a chat template reads the `tools` variable at all (if not, offered tools would be
     silently dropped from the prompt)."""
     return bool(chat_template) and re.search(r"\btools\b", chat_template) is not None
-
-
-class ToolCallStream:
-    """The streamed content of a reply that may hold calls: feed() returns each delta's text that is
-    certainly content; finish() parses the whole reply and returns (content not yet sent, calls)."""
-
-    def __init__(self, use: ToolUse, fmt: ToolCallFormat) -> None:
-        self.use, self.fmt = use, fmt
-        self.text = ""
-        self.sent = 0
-
-    def feed(self, delta: str) -> str:
-        self.text += delta
-        hold = self.fmt.hold_from(self.text)
-        if hold <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:hold], hold
-        return out
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        _, calls = self.use.parse(self.fmt, self.text)
-        # Calls: the held-back text is theirs (its content before the first call was sent already).
-        return ("", calls) if calls else (self.text[self.sent:], [])

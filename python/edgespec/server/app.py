@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import LLM, GenerationResult, StreamEvent
 from ..structured import Grammar
-from ..tool_calls import FORMATS, ToolCallFormat, ToolCallStream, ToolUse, detect_format
+from ..tool_call_stream import ToolCallStream
+from ..tool_calls import FORMATS, ToolCallFormat, ToolUse, detect_format
 from .errors import APIError, bad_request
 from .logprobs import LogprobFormatter
 from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
@@ -299,6 +300,11 @@ class _API:
         """Server-sent events of a request's jobs, one choice after the other (the order the worker
         runs them): chunk(choice, text, finish_reason, event=None) builds each event's JSON (an event
         whose text is held back still has a chunk when it carries log-probabilities)."""
+        def calls_chunk(c: _Choice, calls: list[dict[str, Any]]) -> dict[str, Any]:
+            out = chunk(c, None, None)
+            out["choices"][0]["delta"] = {"tool_calls": calls}
+            return out
+
         results = []
         try:
             for c in choices:
@@ -308,10 +314,12 @@ class _API:
                 while True:
                     event = await c.job.events.get()
                     if isinstance(event, StreamEvent):
-                        # Text that may open a tool call is held back until the reply ends.
-                        text = event.text if c.tools is None else c.tools.feed(event.text)
+                        # A reply that may hold tool calls: edgespec.tool_call_stream says what is sent when.
+                        text, calls = (event.text, []) if c.tools is None else c.tools.feed(event.text)
                         if text or event.logprobs or event.prompt_logprobs is not None:
                             yield _sse(chunk(c, text, None, event))
+                        if calls:
+                            yield _sse(calls_chunk(c, calls))
                         continue
                     if isinstance(event, Finished):
                         results.append(event.result)
@@ -321,12 +329,8 @@ class _API:
                             if held:
                                 yield _sse(chunk(c, held, None))
                             if calls:
-                                # Each call whole in one delta: clients join argument fragments, and
-                                # one fragment is a valid split.
-                                calls_chunk = chunk(c, None, None)
-                                calls_chunk["choices"][0]["delta"] = {"tool_calls": [
-                                    {"index": k, **call.openai()} for k, call in enumerate(calls)]}
-                                yield _sse(calls_chunk)
+                                yield _sse(calls_chunk(c, calls))
+                            if c.tools.calls:
                                 finish = _tool_finish(finish)
                         yield _sse(chunk(c, None, finish))
                         break
