@@ -252,6 +252,61 @@ def test_a_prompt_logprobs_request_parks_but_restores_nothing(target):
     assert rb.token_ids == fresh(llm, B1 + [5, 6], max_new_tokens=9, ignore_eos=True).token_ids
 
 
+@pytest.mark.parametrize("draft", [None, "eagle", "model"])
+def test_choices_of_one_prompt_park_only_their_endings(target, tmp_path, draft):
+    """Choices of one prompt (n > 1, a regenerated reply) park one another in turn: each copies to
+    the host only the slots after those it kept of the choice parked before it, and comes back bit
+    for bit as it was live (under speculation the target recomputes the prompt slots its drafter
+    did not keep: those are not shared)."""
+    _, llm = target
+    disable_speculation(llm)
+    if draft == "eagle":
+        enable_speculation(llm, str(random_head(llm.model.config, tmp_path / "head", seed=3, std=0.4)),
+                           tree_size=12, depth=4, topk=3)
+    elif draft == "model":
+        enable_speculation(llm, str(write_tiny_hf_model(tmp_path / "draft", "llama", 22, vocab_size=VOCAB,
+                                                        num_hidden_layers=1)), tree_size=12, depth=4, topk=3)
+    llm.generate([2, 2, 2], max_new_tokens=3)
+    llm.prefix_store.clear()
+    results, live = [], []
+    for seed in range(3):
+        results.append(llm.generate(A1, max_new_tokens=20, ignore_eos=True, temperature=1.0, seed=seed))
+        live.append((list(llm._cached_ids), llm.cache.k.clone(), llm.cache.v.clone()))
+    assert len({tuple(r.token_ids) for r in results}) == 3  # the premise: three endings
+    first, second = llm.prefix_store.entries                # the third is live
+    assert first.ids == live[0][0] and second.ids == live[1][0]
+    # What the second choice kept of the first: the prompt but its last token (prefilled again),
+    # less what a drafter did not keep.
+    shared = results[1].stats.cached_tokens
+    assert shared == len(A1) - 1 if draft is None else 0 < shared <= len(A1) - 1
+    assert [(start, k.shape[1]) for start, k, _ in second.target.segments] == [(0, shared),
+                                                                               (shared, len(second.ids) - shared)]
+    assert second.target.segments[0][1].untyped_storage().data_ptr() in first.target.storages()
+    per_token = first.target.nbytes() // len(first.ids)
+    drafters = first.drafter_bytes + second.drafter_bytes  # the drafter's slots: copied whole
+    assert llm.prefix_store.nbytes() - drafters == per_token * (len(first.ids) + len(second.ids) - shared)
+    for index in (1, 0):  # the next turn after each parked choice
+        ids, k, v = live[index]
+        prompt = A1 + results[index].token_ids + [4, 7]
+        result = llm.generate(prompt, max_new_tokens=4, ignore_eos=True)
+        assert result.stats.cached_tokens == len(ids)
+        n = len(ids)
+        assert torch.equal(llm.cache.k[:, :n], k[:, :n]) and torch.equal(llm.cache.v[:, :n], v[:, :n])
+        assert result.token_ids == fresh(llm, prompt, max_new_tokens=4, ignore_eos=True).token_ids
+    disable_speculation(llm)
+
+
+def test_a_conversation_parked_again_copies_only_its_new_turn(target):
+    _, llm = target
+    disable_speculation(llm)
+    llm.generate([2, 2, 2], max_new_tokens=3)
+    llm.prefix_store.clear()
+    ra, rb, ra2, rb2 = turns_in_alternation(llm)  # A's second turn came back from the host, then B's parked it
+    (a,) = [e for e in llm.prefix_store.entries if e.ids[:len(A1)] == A1]
+    kept = ra2.stats.cached_tokens
+    assert [(start, k.shape[1]) for start, k, _ in a.target.segments] == [(0, kept), (kept, len(a.ids) - kept)]
+
+
 @pytest.mark.parametrize("draft", ["eagle", "model"])
 def test_parked_sequences_bring_back_the_drafters_slots(target, tmp_path, draft):
     """Speculation parks the drafter's committed slots with the target's, so a parked conversation's
@@ -321,4 +376,36 @@ def test_the_store_keeps_the_most_recent_within_its_budget():
     store.park(entry([5] * 61))                          # larger than the whole budget: not kept
     assert len(store.entries) == 2
     taken = store.take(0)
-    assert len(taken.ids) == 30 and torch.equal(taken.target.k, cache.k[:, :30])
+    assert len(taken.ids) == 30 and taken.target.length == 30
+    restored = KVCache(2, 64, 1, 4, torch.float32, "cpu")
+    restored.k.fill_(float("nan"))
+    taken.target.restore(restored, 30)
+    assert torch.equal(restored.k[:, :30], cache.k[:, :30]) and torch.equal(restored.v[:, :30], cache.v[:, :30])
+    assert restored.k[:, 30:].isnan().all()  # the slots after it untouched
+
+
+def test_copies_share_the_slots_they_have_in_common():
+    """A copy made with `share` copies only the slots after the shared copy's; the store counts
+    shared host memory once, and every copy restores its own slots exactly."""
+    cache = KVCache(2, 64, 1, 4, torch.float32, "cpu")
+    cache.k.normal_(), cache.v.normal_()
+    per_token = 2 * 2 * 1 * 4 * 4
+    first = prefix_store.SlotCopy.of(cache, 30)
+    snapshot = cache.k[:, :40].clone(), cache.v[:, :40].clone()
+    cache.k[:, 20:].normal_(), cache.v[:, 20:].normal_()   # slots from 20 on overwritten, as a new ending
+    second = prefix_store.SlotCopy.of(cache, 40, share=first.head(20))
+    assert [(start, k.shape[1]) for start, k, _ in second.segments] == [(0, 20), (20, 20)]
+    assert second.nbytes() == (30 + 20) * per_token    # the whole first copy stays alive through the view
+    store = prefix_store.PrefixStore(budget=10**6)
+    store.park(prefix_store.Parked(list(range(30)), first, ("cache",)))
+    store.park(prefix_store.Parked(list(range(20)) + [9] * 20, second, ("cache",)))
+    assert store.nbytes() == (30 + 20) * per_token
+    for copy, n, (k, v) in [(first, 30, snapshot), (second, 40, (cache.k[:, :40], cache.v[:, :40]))]:
+        restored = KVCache(2, 64, 1, 4, torch.float32, "cpu")
+        copy.restore(restored, n)
+        if copy is first:
+            k, v = k[:, :30], v[:, :30]
+        else:  # shared slots from the first copy, the rest its own
+            k, v = torch.cat([snapshot[0][:, :20], k[:, 20:]], 1), torch.cat([snapshot[1][:, :20], v[:, 20:]], 1)
+        assert torch.equal(restored.k[:, :n], k) and torch.equal(restored.v[:, :n], v)
+    assert prefix_store.SlotCopy.of(cache, 10, share=first).length == 10  # a shorter copy: a view only

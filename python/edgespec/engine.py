@@ -110,6 +110,9 @@ class LLM:
         # Sequences a prompt overwrote, kept on the host for a later prompt that extends one of them
         # (another conversation's next turn): edgespec.prefix_store.
         self.prefix_store = PrefixStore()
+        # A host copy equal to the first slots of self.cache (the sequence parked or restored last,
+        # as far as later prompts kept it): parking the live sequence again copies only what follows.
+        self._live_twin: SlotCopy | None = None
 
     @classmethod
     def load(cls, model: str, device: str | None = None, dtype: torch.dtype | None = None,
@@ -140,7 +143,7 @@ class LLM:
             self._strategy_factory = strategy
             if self.cache.max_len < self.model.max_context + cache_slack:
                 self.cache = self.model.new_cache(self.model.max_context + cache_slack)
-                self._cached_ids, self._cached_under = [], ()
+                self._cached_ids, self._cached_under, self._live_twin = [], (), None
                 self.prefix_store.clear()
 
     def encode(self, prompt: Prompt, chat: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -243,6 +246,9 @@ class LLM:
         try:
             with torch.inference_mode():
                 t0 = time.perf_counter()
+                # This generation writes the slots from those begin() keeps on (at most `reuse`; fewer
+                # where a drafter kept fewer): the twin then holds the live cache's slots below them.
+                twin, self._live_twin = self._live_twin, None
                 try:
                     tokens = strategy.begin(prompt_ids, config, budget, reuse=reuse)
                 except GenerationCancelled:
@@ -250,6 +256,8 @@ class LLM:
                     return
                 sequence.extend(tokens)
                 stats.cached_tokens = strategy.cached_tokens  # a drafter may keep fewer slots
+                if twin is not None and strategy.cached_tokens:
+                    self._live_twin = twin.head(strategy.cached_tokens)
                 prompt_logprobs = strategy.prompt_logprobs if config.prompt_logprobs is not None else None
                 _synchronize(device)
                 stats.prefill_s = time.perf_counter() - t0 + swap_s
@@ -337,15 +345,20 @@ class LLM:
             index, value, kept = store.best(prompt_ids[:-1], under, worth)
             if index >= 0 and value >= worth(None, reuse) + MIN_GAIN_TOKENS:
                 entry = store.take(index)
-        if self._cached_under == under and (len(self._cached_ids) - reuse >= MIN_GAIN_TOKENS or entry is not None):
-            parked = Parked(list(self._cached_ids), SlotCopy.of(self.cache, len(self._cached_ids)), under)
+        if self._cached_under != under:
+            self._live_twin = None
+        elif len(self._cached_ids) - reuse >= MIN_GAIN_TOKENS or entry is not None:
+            copy = SlotCopy.of(self.cache, len(self._cached_ids), share=self._live_twin)
+            parked = Parked(list(self._cached_ids), copy, under)
             drafted = drafter.park() if hasattr(drafter, "park") else None
             if drafted is not None:
                 parked.drafter, (parked.drafter_state, parked.drafter_bytes) = weakref.ref(drafter), drafted
             store.park(parked)
+            self._live_twin = copy
         if entry is None:
             return reuse
         entry.target.restore(self.cache, kept)
+        self._live_twin = entry.target  # _run keeps the slots the generation keeps
         self._cached_ids = entry.ids[:kept]
         state = entry.state_of(drafter)
         if state is not None:

@@ -11,7 +11,9 @@ parked or copied back in about 1 ms, against about 0.4 s to prefill it with 4-bi
 core; ad hoc).
 
 Entries live on the host, least recently used first out, within a byte budget
-(EDGESPEC_PREFIX_STORE_MB, default 1024; 0 parks nothing).
+(EDGESPEC_PREFIX_STORE_MB, default 1024; 0 parks nothing). Entries share the slots they have in
+common with the sequence parked or restored before them (SlotCopy): the choices of one prompt, or
+one conversation parked turn after turn, copy only their new slots.
 """
 from __future__ import annotations
 
@@ -44,22 +46,57 @@ def budget_from_env() -> int:
 
 @dataclass
 class SlotCopy:
-    """Host copies of slots [0, n) of a KVCache: k, v [num_layers, n, Hkv, D]."""
+    """Host copies of slots [0, length) of a KVCache, in segments (start, k, v): k, v [num_layers,
+    len, Hkv, D] hold slots [start, start + len).
 
-    k: torch.Tensor
-    v: torch.Tensor
+    A copy can take its first slots from another copy (`share`) that holds the same K/V: the
+    engine knows which parked copy the live cache's first slots equal (it parked or restored them
+    and has not overwritten them since), so parking a sequence again with another ending (another
+    choice of the same prompt, a regenerated reply) or with a new turn copies only the slots after
+    them. Shared slots are views: the host memory is held once, and counted once (storages())."""
+
+    segments: list[tuple[int, torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def of(cls, cache: KVCache, n: int) -> "SlotCopy":
-        return cls(cache.k[:, :n].to("cpu", copy=True), cache.v[:, :n].to("cpu", copy=True))
+    def of(cls, cache: KVCache, n: int, share: "SlotCopy | None" = None) -> "SlotCopy":
+        head = share.head(n) if share is not None else cls([])
+        m = head.length
+        if n > m:
+            head.segments.append((m, cache.k[:, m:n].to("cpu", copy=True), cache.v[:, m:n].to("cpu", copy=True)))
+        return head
+
+    @property
+    def length(self) -> int:
+        return self.segments[-1][0] + self.segments[-1][1].shape[1] if self.segments else 0
+
+    def head(self, n: int) -> "SlotCopy":
+        """The copy of slots [0, min(n, length)) only (views of this one's tensors)."""
+        out = []
+        for start, k, v in self.segments:
+            if start >= n:
+                break
+            end = min(start + k.shape[1], n)
+            out.append((start, k[:, :end - start], v[:, :end - start]))
+        return SlotCopy(out)
+
+    def storages(self) -> dict[int, int]:
+        """{address: bytes} of the host memory this copy keeps alive (whole storages: a view keeps
+        all of the tensor it was taken from)."""
+        out = {}
+        for _, k, v in self.segments:
+            for t in (k, v):
+                storage = t.untyped_storage()
+                out[storage.data_ptr()] = storage.nbytes()
+        return out
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(self.storages().values())
 
     def restore(self, cache: KVCache, n: int) -> None:
         """Write the first n copied slots back into slots [0, n) of `cache`."""
-        cache.k[:, :n].copy_(self.k[:, :n])
-        cache.v[:, :n].copy_(self.v[:, :n])
+        for start, k, v in self.head(n).segments:
+            cache.k[:, start:start + k.shape[1]].copy_(k)
+            cache.v[:, start:start + v.shape[1]].copy_(v)
 
 
 @dataclass
@@ -94,7 +131,11 @@ class PrefixStore:
         self.entries: list[Parked] = []
 
     def nbytes(self) -> int:
-        return sum(e.nbytes() for e in self.entries)
+        """Host bytes the entries hold (storages that entries share counted once)."""
+        target: dict[int, int] = {}
+        for e in self.entries:
+            target.update(e.target.storages())
+        return sum(target.values()) + sum(e.drafter_bytes for e in self.entries)
 
     def clear(self) -> None:
         self.entries.clear()
