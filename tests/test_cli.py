@@ -174,6 +174,35 @@ def test_chat_template_option(tmp_path: Path, tiny_dir: Path, tiny_llm: LLM) -> 
         "edgespec: error: the chat template cannot render a user message"), proc.stderr
 
 
+def test_chat_template_kwargs_option(tmp_path: Path, tiny_dir: Path, tiny_llm: LLM) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                        "{% if brief %}be brief {% endif %}assistant:")
+    command = ("generate", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "2",
+               "--chat", "--chat-template", str(template), "--stats", "hello world")
+    counts = []
+    for extra in ([], ["--chat-template-kwargs", '{"brief": true}']):
+        proc = run_cli(*command, *extra)
+        assert proc.returncode == 0, proc.stderr
+        [(_, stats)] = split_replies(proc.stdout)
+        counts.append(stats["prompt_tokens"])
+    own = tiny_llm.tokenizer.hf.chat_template
+    try:
+        tiny_llm.tokenizer.set_chat_template(template.read_text())
+        assert counts == [len(tiny_llm.encode("hello world", chat=True)),
+                          len(tiny_llm.encode("hello world", chat=True, template_kwargs={"brief": True}))]
+    finally:
+        tiny_llm.tokenizer.hf.chat_template = own
+    assert counts[0] < counts[1]
+    # Refused before the model loads (the path does not exist).
+    missing = str(tmp_path / "no-such-model")
+    proc = run_cli("generate", "--model", missing, "--chat", "--chat-template-kwargs", '{"tools": []}', "hi")
+    assert proc.returncode == 2 and "chat template variables must be identifiers" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("generate", "--model", missing, "--chat-template-kwargs", '{"brief": true}', "hi")
+    _assert_one_line_error(proc, "--chat-template-kwargs needs --chat")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("option,layer", [("4bit", "QuantLinear"), ("dense", "DenseLinear"), ("auto", "QuantLinear")])
 def test_gguf_weights_option_chooses_the_layers(demo_gguf: Path, option: str, layer: str) -> None:

@@ -146,21 +146,25 @@ class LLM:
                 self._cached_ids, self._cached_under, self._live_twin = [], (), None
                 self.prefix_store.clear()
 
-    def encode(self, prompt: Prompt, chat: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode(self, prompt: Prompt, chat: bool = False, tools: list[dict[str, Any]] | None = None,
+               template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Token ids of a prompt: text (with the chat template when chat=True), chat messages
         ([{"role", "content"}], always templated) or ids (validated against the vocabulary).
-        tools: OpenAI function definitions for the chat template (edgespec.tool_calls)."""
+        tools: OpenAI function definitions for the chat template (edgespec.tool_calls);
+        template_kwargs: other variables it reads (e.g. {"enable_thinking": False} for Qwen3)."""
         templated = chat if isinstance(prompt, str) else bool(prompt) and all(isinstance(m, dict) for m in prompt)
-        if tools is not None and not templated:
-            raise ValueError("tools are rendered by the chat template: send chat messages (or chat=True)")
+        if (tools is not None or template_kwargs) and not templated:
+            raise ValueError("tools and template variables are read by the chat template: send chat messages "
+                             "(or chat=True)")
         if isinstance(prompt, str):
             tok = self._need_tokenizer()
             if chat:
-                return tok.apply_chat_template([{"role": "user", "content": prompt}], tools=tools)
+                return tok.apply_chat_template([{"role": "user", "content": prompt}], tools=tools,
+                                               template_kwargs=template_kwargs)
             return tok.encode(prompt)
         items = list(prompt)
         if items and all(isinstance(m, dict) for m in items):
-            return self._need_tokenizer().apply_chat_template(items, tools=tools)
+            return self._need_tokenizer().apply_chat_template(items, tools=tools, template_kwargs=template_kwargs)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
             raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
         vocab = self.model.config.vocab_size

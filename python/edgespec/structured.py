@@ -35,10 +35,14 @@ class Grammar:
     in llguidance's Lark dialect (edgespec.tool_calls writes these).
 
     A dict schema is kept as its JSON text, so the grammar cannot change after it is made and
-    compiles once however often it is validated and used."""
+    compiles once however often it is validated and used.
+
+    reasoning: whether a reasoning section (<think>...</think>, edgespec.reasoning) comes before the
+    text: None no, False it may, True it must (the prompt opened it). after_reasoning() sets it."""
 
     kind: str
     spec: Any = None
+    reasoning: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "json" and isinstance(self.spec, dict):
@@ -59,6 +63,11 @@ class Grammar:
     @classmethod
     def lark(cls, grammar: str) -> "Grammar":
         return cls("lark", grammar)
+
+    def after_reasoning(self, inside: bool) -> "Grammar":
+        """This grammar for the answer after a thinking model's reasoning section, which the reply
+        must open (inside False: it may) or close (True: the prompt opened it)."""
+        return Grammar(self.kind, self.spec, inside)
 
     def validate(self) -> "Grammar":
         """Check the spec's shape and that llguidance compiles it (ValueError naming the problem)."""
@@ -82,6 +91,14 @@ class Grammar:
 
     @cached_property
     def _compiled(self) -> str:
+        if self.reasoning is None:
+            return self._compiled_text()
+        from .reasoning import after_reasoning  # noqa: PLC0415
+
+        return after_reasoning(self._compiled_text(), self.reasoning)
+
+    def _compiled_text(self) -> str:
+        """The grammar of the text itself."""
         llguidance = _llguidance()
         if self.kind == "json":
             schema = self.spec if self.spec is not None else '{"type": "object"}'

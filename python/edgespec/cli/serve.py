@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds in-flight requests may still run after SIGINT/SIGTERM before they are cancelled")
     s.add_argument("--tool-call-format", default="auto", choices=["auto", *FORMATS],
                    help="how the model writes tool calls (default: auto, read from its chat template)")
+    s.add_argument("--reasoning-format", default="auto", choices=["auto", "think", "none"],
+                   help="think: return a chat reply's <think> section as reasoning_content, apart from the content; "
+                        "none: leave it in the content (default: auto, think when the chat template teaches it)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run_serve)
 
@@ -62,7 +65,8 @@ def run_serve(args: argparse.Namespace) -> int:
                               max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
                               max_tokens_limit=args.max_tokens_limit,
                               shutdown_timeout=args.shutdown_timeout,
-                              tool_call_format=args.tool_call_format).validate()
+                              tool_call_format=args.tool_call_format,
+                              reasoning_format=args.reasoning_format).validate()
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"edgespec: warning: serving on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)

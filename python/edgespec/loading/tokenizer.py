@@ -10,6 +10,24 @@ from typing import Any, Sequence
 
 from ..errors import ModelFormatError
 
+# Names apply_chat_template gives meaning itself: never taken from a request's template variables.
+RESERVED_TEMPLATE_VARIABLES = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+    "chat_template", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def check_template_variables(variables: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of extra chat-template variables (ValueError for a name that is not an identifier or
+    that apply_chat_template gives meaning itself)."""
+    variables = dict(variables or {})
+    bad = sorted(k for k in variables if not isinstance(k, str) or not k.isidentifier())
+    taken = sorted(set(variables) & RESERVED_TEMPLATE_VARIABLES)
+    if bad or taken:
+        raise ValueError(f"chat template variables must be identifiers other than the template's own "
+                         f"({', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))}), got {bad + taken}")
+    return variables
+
 
 class Tokenizer:
     """Text <-> ids, the chat template and the stop tokens of one model."""
@@ -60,11 +78,13 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+                            tools: list[dict[str, Any]] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Token ids of `messages` ([{"role": ..., "content": ...}], plus whatever else the template
-        reads: an assistant's "tool_calls", a tool reply's "tool_call_id") rendered with the model's
-        template; `tools` (OpenAI's function definitions) are passed to the template, which must
-        render them."""
+        reads: an assistant's "tool_calls" or "reasoning_content", a tool reply's "tool_call_id")
+        rendered with the model's template; `tools` (OpenAI's function definitions) are passed to
+        the template, which must render them; `template_kwargs` are further variables the template
+        reads (Qwen3's enable_thinking, as vLLM's chat_template_kwargs)."""
         if not self.has_chat_template:
             raise ModelFormatError(f"{self.source}: the tokenizer has no chat template")
         for i, m in enumerate(messages):
@@ -73,7 +93,9 @@ class Tokenizer:
         if tools is not None and not self.renders_tools:
             raise ValueError("this model's chat template does not render tools, so the model would never see them "
                              "(give the server a template that does: --chat-template)")
-        extra = {} if tools is None else {"tools": tools}
+        extra = check_template_variables(template_kwargs)
+        if tools is not None:
+            extra["tools"] = tools
         text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
                                            **extra)
         # The template already contains the special tokens it needs.

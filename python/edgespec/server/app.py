@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import LLM, GenerationResult, StreamEvent
 from ..structured import Grammar
+from ..reasoning import Reasoning, prompt_opens_thinking, template_thinks
 from ..tool_call_stream import ToolCallStream
 from ..tool_calls import FORMATS, ToolCallFormat, ToolUse, detect_format
 from .errors import APIError, bad_request
@@ -37,6 +38,9 @@ from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
 
 logger = logging.getLogger("edgespec.server")
+
+
+REASONING_FORMATS = ("auto", "think", "none")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ServerSettings:
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
     shutdown_timeout: float = 30.0        # grace for in-flight requests on SIGINT/SIGTERM
     tool_call_format: str = "auto"        # how the model writes tool calls (edgespec.tool_calls.FORMATS)
+    reasoning_format: str = "auto"        # "think": replies' <think> sections as reasoning_content; "none"; "auto": per template
 
     def validate(self) -> "ServerSettings":
         for name in ("max_queue", "max_request_bytes", "max_tokens_limit", "completion_default_max_tokens"):
@@ -63,6 +68,9 @@ class ServerSettings:
         if self.tool_call_format != "auto" and self.tool_call_format not in FORMATS:
             raise ValueError(f"tool_call_format must be 'auto' or one of {', '.join(FORMATS)}, "
                              f"got {self.tool_call_format!r}")
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise ValueError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, "
+                             f"got {self.reasoning_format!r}")
         return self
 
 
@@ -151,6 +159,7 @@ class _Choice:
     job: Job
     logprobs: LogprobFormatter
     tools: ToolCallStream | None = None  # a chat reply that may hold tool calls
+    reasoning: Reasoning | None = None   # a chat reply that may start with a reasoning section
 
 
 class _API:
@@ -191,13 +200,14 @@ class _API:
                 raise too_large
         return bytes(body)
 
-    async def _encode(self, prompt: Any, param: str, tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of text, chat messages (with the tools the template renders) or ids,
-        tokenised in the thread pool."""
+    async def _encode(self, prompt: Any, param: str, tools: list[dict[str, Any]] | None = None,
+                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of text, chat messages (with the tools and variables the template reads) or
+        ids, tokenised in the thread pool."""
         import jinja2  # noqa: PLC0415 - only needed to recognise chat-template errors
 
         try:
-            return await run_in_threadpool(self.llm.encode, prompt, tools=tools)
+            return await run_in_threadpool(self.llm.encode, prompt, tools=tools, template_kwargs=template_kwargs)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise bad_request(f"'{param}': {exc}", param=param) from None
 
@@ -220,6 +230,11 @@ class _API:
                               code="context_length_exceeded")
         return requested
 
+    def _thinks(self) -> bool:
+        """Whether chat replies may open with a reasoning section to be returned apart."""
+        setting = self.settings.reasoning_format
+        return setting == "think" or (setting == "auto" and template_thinks(self.llm.tokenizer.hf.chat_template))
+
     def _tool_format(self) -> ToolCallFormat:
         """How the served model writes tool calls: the configured format, or the one its chat
         template shows."""
@@ -236,8 +251,10 @@ class _API:
 
     def _admit(self, prompts: list[tuple[list[int], str]], max_new_tokens: list[int],
                req: ChatCompletionRequest | CompletionRequest, tool_grammar: Grammar | None = None,
-               tools: tuple[ToolUse, ToolCallFormat] | None = None) -> list[_Choice]:
-        """Admit the n generations of each prompt (ids, echoed text) at once, or none of them."""
+               tools: tuple[ToolUse, ToolCallFormat] | None = None,
+               reasoning: Reasoning | None = None) -> list[_Choice]:
+        """Admit the n generations of each prompt (ids, echoed text) at once, or none of them. With
+        `reasoning`, a grammar constrains the answer after the reasoning section."""
         n = req.n or 1
         total = n * len(prompts)
         if total > self.worker.capacity:
@@ -246,6 +263,9 @@ class _API:
         vocab = self.llm.model.config.vocab_size
         try:
             configs = [req.generation_config(m, vocab, tool_grammar) for m in max_new_tokens]
+            if reasoning is not None:
+                configs = [c if c.grammar is None else replace(c, grammar=c.grammar.after_reasoning(reasoning.inside).validate())
+                           for c in configs]
         except ValueError as exc:
             raise bad_request(str(exc)) from None
         loop = asyncio.get_running_loop()
@@ -256,7 +276,8 @@ class _API:
                 seed = config.seed if config.seed is None or i == 0 else (config.seed + i) % UINT64_END
                 job = Job(ids, replace(config, seed=seed), loop)
                 stream = ToolCallStream(*tools) if tools is not None else None
-                choices.append(_Choice(p * n + i, ids, text, job, LogprobFormatter(self.llm.tokenizer), stream))
+                choices.append(_Choice(p * n + i, ids, text, job, LogprobFormatter(self.llm.tokenizer), stream,
+                                       reasoning))
         self.worker.submit(*[c.job for c in choices])
         return choices
 
@@ -311,27 +332,34 @@ class _API:
                 first = opening(c)
                 if first is not None:
                     yield _sse(first)
+                thinking = c.reasoning.stream() if c.reasoning is not None else None
                 while True:
                     event = await c.job.events.get()
                     if isinstance(event, StreamEvent):
-                        # A reply that may hold tool calls: edgespec.tool_call_stream says what is sent when.
-                        text, calls = (event.text, []) if c.tools is None else c.tools.feed(event.text)
-                        if text or event.logprobs or event.prompt_logprobs is not None:
-                            yield _sse(chunk(c, text, None, event))
+                        # A reply's reasoning section first (edgespec.reasoning), then its content,
+                        # which may hold tool calls (edgespec.tool_call_stream says what is sent when).
+                        thought, text = thinking.feed(event.text) if thinking is not None else ("", event.text)
+                        text, calls = (text, []) if c.tools is None else c.tools.feed(text)
+                        if thought or text or event.logprobs or event.prompt_logprobs is not None:
+                            yield _sse(chunk(c, text, None, event, reasoning=thought))
                         if calls:
                             yield _sse(calls_chunk(c, calls))
                         continue
                     if isinstance(event, Finished):
                         results.append(event.result)
                         finish = event.result.finish_reason
+                        thought, held = thinking.finish() if thinking is not None else ("", "")
+                        calls = []
                         if c.tools is not None:
-                            held, calls = c.tools.finish()
-                            if held:
-                                yield _sse(chunk(c, held, None))
-                            if calls:
-                                yield _sse(calls_chunk(c, calls))
+                            held, calls = c.tools.feed(held)
+                            rest, more = c.tools.finish()
+                            held, calls = held + rest, calls + more
                             if c.tools.calls:
                                 finish = _tool_finish(finish)
+                        if thought or held:
+                            yield _sse(chunk(c, held, None, reasoning=thought))
+                        if calls:
+                            yield _sse(calls_chunk(c, calls))
                         yield _sse(chunk(c, None, finish))
                         break
                     err = event.error if isinstance(event, Failed) else APIError(
@@ -380,15 +408,17 @@ class _API:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             def chunk(c: _Choice, text: str | None, finish: str | None,
-                      event: StreamEvent | None = None) -> dict[str, Any]:
+                      event: StreamEvent | None = None, reasoning: str = "") -> dict[str, Any]:
                 lp = None
                 if event is not None and event.prompt_logprobs is not None:  # echo: the prompt, once prefilled
                     text, lp = c.prompt_text, c.logprobs.completion(c.prompt_ids, event.prompt_logprobs)
                 elif event is not None:
                     lp = formatted(c, event.token_ids, event.logprobs)
                 if chat:
-                    choice = {"index": c.index, "delta": {} if text is None else {"content": text}, "logprobs": lp,
-                              "finish_reason": finish}
+                    delta = {"reasoning_content": reasoning} if reasoning else {}
+                    if text is not None and (text or not reasoning):
+                        delta["content"] = text
+                    choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 else:
                     choice = {"index": c.index, "text": text or "", "logprobs": lp, "finish_reason": finish}
                 out = {**base, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
@@ -415,13 +445,16 @@ class _API:
         out = []
         for c, result in zip(choices, results):
             if chat:
-                message: dict[str, Any] = {"role": "assistant", "content": result.text}
+                thought, text = c.reasoning.split(result.text) if c.reasoning is not None else (None, result.text)
+                # A reply that is all reasoning (cut short, or its answer empty) has no content.
+                message: dict[str, Any] = {"role": "assistant", "content": text if thought is None or text else None}
+                if c.reasoning is not None:
+                    message["reasoning_content"] = thought
                 finish = result.finish_reason
                 if c.tools is not None:
-                    content, calls = c.tools.use.parse(c.tools.fmt, result.text)
+                    content, calls = c.tools.use.parse(c.tools.fmt, text)
                     if calls:
-                        message = {"role": "assistant", "content": content,
-                                   "tool_calls": [call.openai() for call in calls]}
+                        message.update(content=content, tool_calls=[call.openai() for call in calls])
                         finish = _tool_finish(finish)
                 out.append({"index": c.index, "message": message,
                             "logprobs": formatted(c, result.token_ids, result.logprobs), "finish_reason": finish})
@@ -467,10 +500,15 @@ class _API:
             except ValueError as exc:
                 raise bad_request(f"tools: {exc}", param="tools") from None
             tools = (use, fmt)
-        prompt_ids = await self._encode(messages, "messages", [t.openai() for t in use.tools] if use else None)
+        prompt_ids = await self._encode(messages, "messages", [t.openai() for t in use.tools] if use else None,
+                                        req.template_variables())
         n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids), self.settings.max_tokens_limit,
                                  "messages")
-        choices = self._admit([(prompt_ids, "")], [n], req, grammar, tools)
+        reasoning = None
+        if self._thinks():
+            rendered = await run_in_threadpool(tok.decode, prompt_ids, False)
+            reasoning = Reasoning(prompt_opens_thinking(rendered))
+        choices = self._admit([(prompt_ids, "")], [n], req, grammar, tools, reasoning)
         return await self._respond(request, req, choices, chat=True)
 
     async def completions(self, request: Request) -> Response:

@@ -16,6 +16,10 @@ Field policy:
   function, parallel_tool_calls; assistant messages with tool_calls and "tool" messages in the
   conversation. The legacy functions / function_call are refused (send tools). parallel_tool_calls
   false makes a grammar-enforced reply one call; a free "auto" reply keeps every call it writes.
+* Thinking models (edgespec.reasoning): chat_template_kwargs (vLLM's) sets further chat-template
+  variables, e.g. {"enable_thinking": false} for Qwen3; replies of a template that teaches <think>
+  return that section as message.reasoning_content (streamed: delta.reasoning_content), apart from
+  the content; an assistant message's reasoning_content reaches the template.
 * Known fields that would change the output but are not implemented (best_of != n, suffix,
   guided_grammar, beam search, ...) are accepted only at their neutral value; anything else is a
   400 naming the parameter.
@@ -40,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import ops
 from ..generation import GenerationConfig
+from ..loading.tokenizer import check_template_variables
 from ..structured import Grammar
 from ..tool_calls import Tool, ToolUse
 from .errors import bad_request, from_validation_error, unsupported
@@ -91,6 +96,7 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: list[ToolCallMessage] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None                  # which call a "tool" message answers
+    reasoning_content: str | None = None             # an assistant's reasoning, as a reply returned it
 
 
 class _SamplingRequest(_Strict):
@@ -237,6 +243,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool | None = None
     function_call: Union[str, dict[str, Any], None] = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
 
     def check_supported(self) -> None:
         self._check_neutral()
@@ -275,6 +282,13 @@ class ChatCompletionRequest(_SamplingRequest):
         except ValueError as exc:
             raise bad_request(str(exc), param="tools") from None
 
+    def template_variables(self) -> dict[str, Any] | None:
+        """chat_template_kwargs, checked (e.g. {"enable_thinking": false} for Qwen3)."""
+        try:
+            return check_template_variables(self.chat_template_kwargs) or None
+        except ValueError as exc:
+            raise bad_request(str(exc), param="chat_template_kwargs") from None
+
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -300,6 +314,11 @@ class ChatCompletionRequest(_SamplingRequest):
             # Many chat templates only know "system"; OpenAI's newer "developer" role means the same.
             message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                        "content": self._text(m.content, param)}
+            if m.reasoning_content is not None:
+                if m.role != "assistant":
+                    raise bad_request(f"'{param}.reasoning_content' is only allowed in assistant messages",
+                                      param=f"{param}.reasoning_content")
+                message["reasoning_content"] = m.reasoning_content  # templates that show it read it
             if m.tool_calls:
                 message["tool_calls"] = [self._template_call(call, f"{param}.tool_calls.{j}")
                                          for j, call in enumerate(m.tool_calls)]
