@@ -18,7 +18,8 @@ from edgespec.reasoning import Reasoning, prompt_opens_thinking, template_thinks
 # ---- splitting -----------------------------------------------------------------------------------
 
 SPLITS = [
-    (False, "<think>\nhmm </thi nk {x}\n</think>\n\nAnswer <think> kept", ("\nhmm </thi nk {x}\n", "Answer <think> kept")),
+    (False, "<think>\nhmm </thi nk {x}\n</think>\n\nAnswer <think> kept",
+     ("\nhmm </thi nk {x}\n", "Answer <think> kept")),
     (False, "  <think>all reasoning</think>", ("all reasoning", "")),
     (False, "<think>cut short </thi", ("cut short </thi", "")),
     (False, "No thinking at all.", (None, "No thinking at all.")),
@@ -80,7 +81,8 @@ def demo_tokenizer(demo_llm):
     (Grammar.regex("[a-z]{2,5}"), "hello", "Hello"),
     (Grammar.choice(["yes", "no"]), "no", "maybe"),
     (Grammar.lark('start: "A" | "B" "C"'), "BC", "B"),
-    (ToolUse(tools(TIME), "required").grammar(FORMATS["hermes"]), f"<tool_call>\n{CALL_T}\n</tool_call>", "It is noon."),
+    (ToolUse(tools(TIME), "required").grammar(FORMATS["hermes"]), f"<tool_call>\n{CALL_T}\n</tool_call>",
+     "It is noon."),
 ], ids=["json", "regex", "choice", "lark", "tool-call"])
 def test_grammars_after_reasoning(demo_tokenizer, grammar, answer, wrong):
     """The answer the grammar allows, after a reasoning section that the reply may open (and must

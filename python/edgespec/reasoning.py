@@ -16,6 +16,9 @@ import json
 from dataclasses import dataclass
 
 OPEN, CLOSE = "<think>", "</think>"
+# The server's --reasoning-format: "think" splits replies, "none" leaves them whole, "auto" splits
+# those of a chat template that knows <think> (template_thinks).
+REASONING_FORMATS = ("auto", "think", "none")
 # A reasoning section: any text without the closing tag, then the tag and the whitespace after it.
 # One lexeme, so the lexer never has to guess where the reasoning ends.
 _BODY = r'(/(?s:.*)/ & ~/(?s:.*<\/think>.*)/) "</think>" /\s*/'

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..reasoning import REASONING_FORMATS
 from ..tool_calls import FORMATS
 from .common import add_model_options, load_llm
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds in-flight requests may still run after SIGINT/SIGTERM before they are cancelled")
     s.add_argument("--tool-call-format", default="auto", choices=["auto", *FORMATS],
                    help="how the model writes tool calls (default: auto, read from its chat template)")
-    s.add_argument("--reasoning-format", default="auto", choices=["auto", "think", "none"],
+    s.add_argument("--reasoning-format", default="auto", choices=REASONING_FORMATS,
                    help="think: return a chat reply's <think> section as reasoning_content, apart from the content; "
                         "none: leave it in the content (default: auto, think when the chat template teaches it)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import LLM, GenerationResult, StreamEvent
 from ..structured import Grammar
-from ..reasoning import Reasoning, prompt_opens_thinking, template_thinks
+from ..reasoning import REASONING_FORMATS, Reasoning, prompt_opens_thinking, template_thinks
 from ..tool_call_stream import ToolCallStream
 from ..tool_calls import FORMATS, ToolCallFormat, ToolUse, detect_format
 from .errors import APIError, bad_request
@@ -38,9 +38,6 @@ from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
 
 logger = logging.getLogger("edgespec.server")
-
-
-REASONING_FORMATS = ("auto", "think", "none")
 
 
 @dataclass
@@ -55,7 +52,7 @@ class ServerSettings:
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
     shutdown_timeout: float = 30.0        # grace for in-flight requests on SIGINT/SIGTERM
     tool_call_format: str = "auto"        # how the model writes tool calls (edgespec.tool_calls.FORMATS)
-    reasoning_format: str = "auto"        # "think": replies' <think> sections as reasoning_content; "none"; "auto": per template
+    reasoning_format: str = "auto"        # replies' <think> sections as reasoning_content: "think", "none", "auto"
 
     def validate(self) -> "ServerSettings":
         for name in ("max_queue", "max_request_bytes", "max_tokens_limit", "completion_default_max_tokens"):
@@ -263,9 +260,9 @@ class _API:
         vocab = self.llm.model.config.vocab_size
         try:
             configs = [req.generation_config(m, vocab, tool_grammar) for m in max_new_tokens]
-            if reasoning is not None:
-                configs = [c if c.grammar is None else replace(c, grammar=c.grammar.after_reasoning(reasoning.inside).validate())
-                           for c in configs]
+            if reasoning is not None:  # a grammar constrains the answer after the reasoning section
+                configs = [c if c.grammar is None else
+                           replace(c, grammar=c.grammar.after_reasoning(reasoning.inside).validate()) for c in configs]
         except ValueError as exc:
             raise bad_request(str(exc)) from None
         loop = asyncio.get_running_loop()
