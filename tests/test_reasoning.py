@@ -247,6 +247,22 @@ def test_a_prompt_that_opens_the_section(demo_llm):
         assert streamed(c, **kwargs)[:2] == (ref.text, None)
 
 
+def test_a_tag_in_the_conversation_opens_nothing(demo_llm):
+    """Only the template's opening of the reply decides whether the reply starts inside a section:
+    a user who writes <think> does not turn the answer into reasoning."""
+    messages = [{"role": "user", "content": "What does the tag <think> mean?"}]
+    tok = demo_llm.tokenizer
+    with chat_template(demo_llm, QWEN3_LIKE):
+        assert tok.generation_prompt(messages) == "<|im_start|>assistant\n"
+        off = tok.generation_prompt(messages, template_kwargs={"enable_thinking": False})
+        assert off == "<|im_start|>assistant\n<think>\n\n</think>\n\n" and not prompt_opens_thinking(off)
+    with chat_template(demo_llm, R1_LIKE):
+        assert prompt_opens_thinking(tok.generation_prompt(messages))
+    with serving(demo_llm, QWEN3_LIKE) as base, scripted(demo_llm, "It marks reasoning."):
+        message = client(base).chat.completions.create(model="smollm2", messages=messages).choices[0].message
+        assert message.content == "It marks reasoning." and message.model_extra["reasoning_content"] is None
+
+
 def test_enable_thinking_through_chat_template_kwargs(demo_llm):
     with serving(demo_llm, QWEN3_LIKE) as base:
         c = client(base)

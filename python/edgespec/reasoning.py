@@ -30,7 +30,9 @@ def template_thinks(chat_template: str | None) -> bool:
 
 
 def prompt_opens_thinking(prompt_text: str) -> bool:
-    """Whether a rendered prompt leaves a <think> section open, so the reply starts inside it."""
+    """Whether a rendered prompt leaves a <think> section open, so the reply starts inside it. Give
+    it the template's generation prompt (Tokenizer.generation_prompt): a conversation may mention
+    the tag itself."""
     return prompt_text.rfind(OPEN) > prompt_text.rfind(CLOSE)
 
 

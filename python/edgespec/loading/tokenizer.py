@@ -85,6 +85,13 @@ class Tokenizer:
         rendered with the model's template; `tools` (OpenAI's function definitions) are passed to
         the template, which must render them; `template_kwargs` are further variables the template
         reads (Qwen3's enable_thinking, as vLLM's chat_template_kwargs)."""
+        text = self.render_chat(messages, add_generation_prompt, tools, template_kwargs)
+        # The template already contains the special tokens it needs.
+        return self.encode(text, add_special_tokens=False)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        """The text apply_chat_template tokenises."""
         if not self.has_chat_template:
             raise ModelFormatError(f"{self.source}: the tokenizer has no chat template")
         for i, m in enumerate(messages):
@@ -96,10 +103,17 @@ class Tokenizer:
         extra = check_template_variables(template_kwargs)
         if tools is not None:
             extra["tools"] = tools
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
                                            **extra)
-        # The template already contains the special tokens it needs.
-        return self.encode(text, add_special_tokens=False)
+
+    def generation_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                          template_kwargs: dict[str, Any] | None = None) -> str:
+        """The text the template appends to open the assistant's reply (what add_generation_prompt
+        adds), apart from anything the conversation itself says; the whole rendering where the one
+        without it is not a prefix of the one with it."""
+        full = self.render_chat(messages, True, tools, template_kwargs)
+        bare = self.render_chat(messages, False, tools, template_kwargs)
+        return full[len(bare):] if full.startswith(bare) else full
 
     @property
     def renders_tools(self) -> bool:

@@ -497,14 +497,15 @@ class _API:
             except ValueError as exc:
                 raise bad_request(f"tools: {exc}", param="tools") from None
             tools = (use, fmt)
-        prompt_ids = await self._encode(messages, "messages", [t.openai() for t in use.tools] if use else None,
-                                        req.template_variables())
+        offered = [t.openai() for t in use.tools] if use else None
+        variables = req.template_variables()
+        prompt_ids = await self._encode(messages, "messages", offered, variables)
         n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids), self.settings.max_tokens_limit,
                                  "messages")
         reasoning = None
-        if self._thinks():
-            rendered = await run_in_threadpool(tok.decode, prompt_ids, False)
-            reasoning = Reasoning(prompt_opens_thinking(rendered))
+        if self._thinks():  # whether the template's opening of the reply opens the section (not what messages say)
+            opening = await run_in_threadpool(tok.generation_prompt, messages, offered, variables)
+            reasoning = Reasoning(prompt_opens_thinking(opening))
         choices = self._admit([(prompt_ids, "")], [n], req, grammar, tools, reasoning)
         return await self._respond(request, req, choices, chat=True)
 
