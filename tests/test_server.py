@@ -657,6 +657,48 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(tiny_llm):
         assert health(base)["queue"]["rejected"] == 2
 
 
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpx.get(f"{base}/metrics", timeout=WAIT_S)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(resp.text) for sample in family.samples}
+
+
+def test_metrics_count_what_the_responses_report(tiny_llm):
+    """Prometheus metrics (no API key needed, as Prometheus scrapes): tokens and generations agree
+    with the responses' usage, every completed generation has its latencies, and the queue's state
+    and outcome counts are read at the scrape."""
+    pytest.importorskip("prometheus_client")
+    with running_server(tiny_llm, api_key="secret") as base:
+        c = client(base, api_key="secret")
+        chat = c.chat.completions.create(model="tiny", messages=MESSAGES[1], max_tokens=6, temperature=0)
+        two = c.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=5, n=2, seed=3)
+        streamed = list(c.completions.create(model="tiny", prompt="hello world", max_tokens=4, stream=True,
+                                             stream_options={"include_usage": True}))
+        usage = [chat.usage, two.usage, streamed[-1].usage]
+        m = scrape(base)
+        prompt = chat.usage.prompt_tokens + 2 * two.usage.prompt_tokens + streamed[-1].usage.prompt_tokens
+        assert m[("edgespec_prompt_tokens_total", ())] == prompt  # per generation: n = 2 counts its prompt twice
+        assert m[("edgespec_generation_tokens_total", ())] == sum(u.completion_tokens for u in usage)
+        # usage counts a prompt's cached tokens once, for its first choice; the metric every generation's:
+        # the second choice reuses the prompt.
+        cached = sum(u.prompt_tokens_details.cached_tokens for u in usage)
+        assert m[("edgespec_prompt_tokens_cached_total", ())] > cached
+        assert sum(v for (name, _), v in m.items() if name == "edgespec_generations_finished_total") == 4
+        assert m[("edgespec_generations_total", (("outcome", "completed"),))] == 4
+        assert m[("edgespec_generations_total", (("outcome", "rejected"),))] == 0
+        for name in ("queue_wait", "time_to_first_token", "time_per_output_token", "generation_duration"):
+            assert m[(f"edgespec_{name}_seconds_count", ())] == 4, name
+            assert m[(f"edgespec_{name}_seconds_sum", ())] > 0 or name == "queue_wait"
+        assert m[("edgespec_decode_steps_total", ())] > 0
+        assert (m[("edgespec_queue_running", ())], m[("edgespec_queue_waiting", ())]) == (0, 0)
+        assert m[("edgespec_queue_capacity", ())] == 64
+        assert httpx.get(f"{base}/v1/models", timeout=WAIT_S).status_code == 401  # the key still guards /v1
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

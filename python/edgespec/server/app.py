@@ -98,6 +98,7 @@ def create_app(llm: LLM, settings: ServerSettings) -> FastAPI:
     app.add_exception_handler(Exception, _internal_error_response)
 
     app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/metrics", api.metrics, methods=["GET"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
@@ -468,6 +469,12 @@ class _API:
         status = "ok" if state["accepting"] else "shutting_down"
         return JSONResponse({"status": status, "model": self.settings.model_name, "queue": state},
                             status_code=200 if state["accepting"] else 503)
+
+    async def metrics(self) -> Response:
+        """Prometheus metrics (edgespec.server.metrics); like /health, without the API key, as
+        Prometheus scrapes it."""
+        body, content_type = self.worker.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)

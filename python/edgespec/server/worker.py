@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Union
@@ -22,6 +23,7 @@ from typing import Any, Union
 from ..engine import LLM, GenerationResult, StreamEvent
 from ..generation import GenerationConfig
 from .errors import APIError, queue_full, shutting_down
+from .metrics import JobTimes, ServerMetrics
 
 logger = logging.getLogger("edgespec.server")
 
@@ -59,6 +61,7 @@ class Job:
     def __init__(self, prompt_ids: list[int], config: GenerationConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.prompt_ids = prompt_ids
         self.config = config
+        self.submitted = time.monotonic()
         self.events: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._loop = loop
         self._cancel = threading.Event()
@@ -98,6 +101,7 @@ class GenerationWorker:
         self._thread: threading.Thread | None = None
         self._drain_timer: threading.Timer | None = None
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self.metrics = ServerMetrics(self)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -195,12 +199,15 @@ class GenerationWorker:
     def _generate(self, job: Job) -> None:
         final: JobEvent | None = None
         outcome = "completed"
+        started, first_token = time.monotonic(), None
         # The cancel flag also stops a long prefill between its chunks (a client gone, a shutdown).
         stream = self.llm.stream(job.prompt_ids, job.config, cancel=job._cancel.is_set)
         try:
             for event in stream:
                 if job.cancelled:
                     return
+                if first_token is None and event.token_ids:
+                    first_token = time.monotonic()
                 if event.result is not None:
                     # Held back until the bookkeeping below: once the client sees the end, the slot
                     # is already free and a cancel from its side is a no-op.
@@ -226,3 +233,5 @@ class GenerationWorker:
                 final, outcome = Failed(APIError(500, "generation ended without a result", type="server_error")), "failed"
             self.counters[outcome] += 1
             job.post(final)
+        if isinstance(final, Finished):
+            self.metrics.record(final.result, JobTimes(job.submitted, started, first_token, time.monotonic()))
