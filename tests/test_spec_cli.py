@@ -36,6 +36,18 @@ def test_generate_with_draft_options_and_stats(demo_gguf, tmp_path, capsys):
     assert "mean_accepted_length" not in plain and plain["new_tokens"] == spec["new_tokens"] == 6
 
 
+def test_generate_with_prompt_lookup(demo_gguf, capsys):
+    common = ["generate", "--model", str(demo_gguf), "--max-context", "256", "--max-new-tokens", "12", "--stats",
+              "--chat", "Repeat exactly: red green blue red green blue red green blue"]
+    assert main(common + ["--draft", "ngram", "--tree-size", "5"]) == 0
+    out = capsys.readouterr().out
+    spec = stats_line(out)
+    assert spec["draft"] == "ngram:1-4" and spec["tree_size"] == 5 and spec["mean_accepted_length"] > 1.0
+    assert main(common + ["--no-draft"]) == 0
+    plain = capsys.readouterr().out
+    assert plain.splitlines()[:-1] == out.splitlines()[:-1]  # the same text
+
+
 def test_contradicting_or_incomplete_options(demo_gguf, capsys):
     base = ["generate", "--model", str(demo_gguf), "--max-context", "64", "--max-new-tokens", "1", "x"]
     with pytest.raises(SystemExit) as exc:  # rejected by the parser, before any model is loaded

@@ -20,7 +20,7 @@ from scipy import stats
 from edgespec import ops
 from oracle import ops as ref
 from edgespec.spec import accept as accept_mod
-from edgespec.spec import decoding, disable_speculation, enable_speculation
+from edgespec.spec import NgramDrafter, TreeSettings, decoding, disable_speculation, enable_speculation
 from edgespec.spec.train_head import random_head
 from test_spec_helpers import one_thread, run, tiny_llm  # noqa: F401 (one_thread: autouse fixture)
 
@@ -46,7 +46,8 @@ def setup(tmp_path_factory):
 
 def exact_distribution(llm, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
                        repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                       frequency_penalty: float = 0.0, logit_bias: dict | None = None) -> dict[tuple[int, ...], float]:
+                       frequency_penalty: float = 0.0, logit_bias: dict | None = None,
+                       prompt: list[int] = PROMPT) -> dict[tuple[int, ...], float]:
     """P(sequence) under plain sampling, by enumerating every prefix (fp32 logits of the target plus
     the logit bias, penalised by the oracle for the prompt and the prefix generated so far)."""
     model = llm.model
@@ -54,13 +55,13 @@ def exact_distribution(llm, temperature: float, top_k: int, top_p: float, min_p:
     with torch.inference_mode():
         for length in range(NEW):
             for prefix in itertools.product(range(VOCAB), repeat=length):
-                ids = torch.tensor(PROMPT + list(prefix))
-                cache = model.new_cache(16)
+                ids = torch.tensor(prompt + list(prefix))
+                cache = model.new_cache(len(prompt) + NEW)
                 out = model.forward(ids, torch.arange(ids.numel()), cache, 0)
                 logits = model.logits(out.hidden[-1:])
                 for t, bias in (logit_bias or {}).items():
                     logits[0, t] += bias
-                logits = ref.penalised_logits(logits[0], PROMPT, list(prefix), repetition_penalty, presence_penalty,
+                logits = ref.penalised_logits(logits[0], prompt, list(prefix), repetition_penalty, presence_penalty,
                                               frequency_penalty).float().unsqueeze(0)
                 probs[prefix] = ops.logits_to_probs(logits, temperature, top_k, top_p, min_p)[0].double()
     dist = {}
@@ -91,10 +92,10 @@ def chi_square_pvalue(counts: dict[tuple[int, ...], int], dist: dict[tuple[int, 
     return float(stats.chisquare(obs, exp).pvalue)
 
 
-def sample_sequences(llm, n: int, **sampling) -> dict[tuple[int, ...], int]:
+def sample_sequences(llm, n: int, prompt: list[int] = PROMPT, **sampling) -> dict[tuple[int, ...], int]:
     counts: dict[tuple[int, ...], int] = {}
     for seed in range(n):
-        seq = tuple(run(llm, PROMPT, NEW, seed=seed, **sampling))
+        seq = tuple(run(llm, prompt, NEW, seed=seed, **sampling))
         counts[seq] = counts.get(seq, 0) + 1
     return counts
 
@@ -126,6 +127,30 @@ def test_speculative_sampling_matches_plain_distribution(setup, sampling):
     pvalue = chi_square_pvalue(counts, dist, SAMPLES)
     assert pvalue > ALPHA, f"speculative sampling differs from the target distribution (p = {pvalue:.2e})"
     assert stats_["acceptance_histogram"]  # the speculative path really ran
+
+
+@pytest.mark.slow
+def test_prompt_lookup_sampling_matches_plain_distribution(setup):
+    """Prompt lookup (spec.ngram) proposes its drafts with certainty: unigram lookups in a prompt in
+    which every token recurs after different ones make trees of up to three siblings, and the
+    samples keep the target's distribution."""
+    llm, _ = setup
+    prompt = [1, 3, 0, 1, 3, 5, 2, 4, 0, 2, 5, 3, 4, 1]
+    drafter, settings = NgramDrafter(max_n=1), TreeSettings(tree_size=8, depth=3, topk=3)
+    for first in range(VOCAB):  # the premise: whatever the first token, the next step drafts siblings
+        drafter.sequence = prompt + [first]
+        assert len(drafter.draft_tree(first, settings, 1).children[0]) >= 2
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0)
+    dist = exact_distribution(llm, prompt=prompt, **sampling)
+    enable_speculation(llm, draft=drafter, tree_size=8, depth=3, topk=3)
+    try:
+        counts = sample_sequences(llm, SAMPLES, prompt=prompt, **sampling)
+        stats_ = llm.generate(prompt, max_new_tokens=NEW, ignore_eos=True, seed=0, **sampling).stats.extra
+    finally:
+        disable_speculation(llm)
+    assert stats_["draft"] == "ngram:1-1" and stats_["acceptance_histogram"]
+    pvalue = chi_square_pvalue(counts, dist, SAMPLES)
+    assert pvalue > ALPHA, f"prompt-lookup sampling differs from the target distribution (p = {pvalue:.2e})"
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ alike. Prompts and topics are disjoint from the head's training prompts.
                           catch-up; written as spec_graphs-<device>.json)
         [--temperature 0.8 --top-p 0.9 --seed 0]  (both sides sample, speculation with lossless
                           rejection sampling; written as spec_sampling-<device>.json)
+        [--draft ngram --kinds chat,continuation,grounded]  (prompt lookup, no draft model, also on
+                          requests whose answers restate their prompt; written as spec_ngram-<device>.json)
 
 Heads and tree shapes are chosen on other prompts, never on these: prompts-tuning.jsonl beside this
 file (10 chat, 6 continuations, disjoint from both the benchmark's and the training prompts) is the
@@ -64,6 +66,27 @@ CONTINUATION_PROMPTS = [
     "The history of the bicycle starts in the early nineteenth century, when",
     "Dear hiring manager,\n\nI am writing to apply for",
 ]
+# Requests whose answers restate their input (edit, reformat, extract, quote): where prompt lookup
+# (--draft ngram) finds its drafts. Written for this benchmark.
+GROUNDED_PROMPTS = [
+    "Fix the spelling mistakes in this paragraph and return the corrected paragraph:\n\nThe comittee met on "
+    "Tuesday to discus the new budjet. After a long debate, the members agred to increase funding for the "
+    "libary and to repair the roof of the comunity center before winter.",
+    "Convert this list into a JSON array of objects with the keys name and city:\n\n- Alice Moreau, Lyon\n"
+    "- Bob Tanaka, Osaka\n- Carla Diaz, Seville\n- David Okoro, Lagos",
+    "Add a docstring to this Python function and return the whole function:\n\ndef moving_average(values, "
+    "window):\n    if window <= 0:\n        raise ValueError('window must be positive')\n    total = "
+    "sum(values[:window])\n    out = [total / window]\n    for i in range(window, len(values)):\n        "
+    "total += values[i] - values[i - window]\n        out.append(total / window)\n    return out",
+    "Rewrite this email so that it sounds more polite, keeping every detail:\n\nSend me the invoice for "
+    "order 5521 by Friday. The last two invoices had the wrong address. Use 14 Harbour Street, Bristol.",
+    "Quote, word for word, the sentence of this text that mentions the bridge:\n\nThe town grew around its "
+    "market square. In 1852 a stone bridge replaced the old ferry across the river. Today the square hosts "
+    "a farmers market every Saturday morning.",
+    "Rename the variable tmp to count everywhere in this code and return the code:\n\ntmp = 0\nfor line in "
+    "open('log.txt'):\n    if 'ERROR' in line:\n        tmp += 1\nprint('errors:', tmp)",
+]
+KINDS = ("chat", "continuation", "grounded")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -119,7 +142,9 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: edgespec's default for the device")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--ignore-eos", action="store_true", help="always generate --new-tokens tokens")
-    ap.add_argument("--draft", default=str(DEMO_HEAD))
+    ap.add_argument("--draft", default=str(DEMO_HEAD), help="an EAGLE head or draft model, or 'ngram' (prompt lookup)")
+    ap.add_argument("--kinds", default="chat,continuation",
+                    help=f"prompt sets to run, of {', '.join(KINDS)} (grounded: answers that restate the prompt)")
     ap.add_argument("--frspec-vocab", default=None)
     ap.add_argument("--tree-size", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
@@ -156,8 +181,15 @@ def main() -> int:
         items = [json.loads(line) for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         chat = [i["prompt"] for i in items if i.get("chat", True)][:args.limit]
         cont = [i["prompt"] for i in items if not i.get("chat", True)][:args.limit]
-    prompts = [("chat", llm.encode(p, chat=True)) for p in chat] + [("continuation", llm.encode(p)) for p in cont]
-    base = default_settings(llm.model)
+    kinds = args.kinds.split(",")
+    if set(kinds) - set(KINDS):
+        ap.error(f"--kinds takes {', '.join(KINDS)}, got {args.kinds!r}")
+    grounded = GROUNDED_PROMPTS[:args.limit] if "grounded" in kinds else []
+    prompts = ([("chat", llm.encode(p, chat=True)) for p in chat if "chat" in kinds]
+               + [("continuation", llm.encode(p)) for p in cont if "continuation" in kinds]
+               + [("grounded", llm.encode(p, chat=True)) for p in grounded])
+    ngram = args.draft == "ngram"
+    base = default_settings(llm.model, ngram=ngram)
     shapes = [(args.tree_size or base.tree_size, args.depth or base.depth, args.topk or base.topk)]
     if args.sweep:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.sweep.split()]
@@ -193,7 +225,7 @@ def main() -> int:
             "tokens_per_s": round(r["spec_tokens"] / r["spec_s"], 2),
             "baseline_tokens_per_s": round(r["plain_tokens"] / r["plain_s"], 2), "same_tokens": r["same_tokens"],
             "first_difference": r["first_difference"]})
-    for kind in ("chat", "continuation", "all"):
+    for kind in [k for k in KINDS if k in kinds] + ["all"]:
         sel = [r for r in rows if kind in ("all", r["kind"])]
         out_rows.append({"case": f"{name} {kind} prompts (all {len(sel)} together)", **aggregate(sel),
                          "baseline": baseline})
@@ -201,9 +233,13 @@ def main() -> int:
              f"{'EOS ignored' if args.ignore_eos else 'stopping at the end-of-turn token'}), plain and "
              f"speculative alternated per prompt, one run each after a warm-up; tokens_per_s = new tokens / wall "
              f"time, speedup = ratio of tokens/s. "
-             f"accept_len = mean tokens committed per target forward (bonus included). Draft: {Path(args.draft).name} "
-             f"(EAGLE-1/2 head trained with edgespec train-draft), tree_size {shapes[0][0]}, depth {shapes[0][1]}, "
-             f"topk {shapes[0][2]}, FR-Spec vocabulary: {args.frspec_vocab or 'the head default'}. "
+             f"accept_len = mean tokens committed per target forward (bonus included). Draft: "
+             + ("prompt lookup (spec.ngram: continuations of the longest of the last 4..1 tokens seen earlier in "
+                "the prompt or output; no draft model)" if ngram else
+                f"{Path(args.draft).name} (EAGLE-1/2 head trained with edgespec train-draft)")
+             + f", tree_size {shapes[0][0]}, depth {shapes[0][1]}, topk {shapes[0][2]}"
+             + ("" if ngram else f", FR-Spec vocabulary: {args.frspec_vocab or 'the head default'}")
+             + f". Prompt sets: {', '.join(kinds)} (grounded: edit, reformat, extract and quote requests). "
              f"{torch.get_num_threads()} torch threads; load average before/after {load_before[0]:.2f}/"
              f"{load_after[0]:.2f} (machine shared with other jobs). "
              + (f"Both sides sample (seed {args.seed}); speculation accepts by lossless rejection sampling, so "
@@ -216,7 +252,8 @@ def main() -> int:
                 "verification of every full tree (tree_size + 1 nodes) and the drafter's catch-up replay "
                 "captured graphs; shorter trees run eagerly."
                 if args.cuda_graphs else ""))
-    benchmark = ("spec_graphs" if args.cuda_graphs else "spec") + ("_sampling" if sampling else "")
+    benchmark = (("spec_graphs" if args.cuda_graphs else "spec") + ("_ngram" if ngram else "")
+                 + ("_sampling" if sampling else ""))
     path = write_result(benchmark, device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
                         dtype=str(dtype), weights=projection_weights(llm.model), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],
                                                 "topk": shapes[0][2]}, **run.marker(len(rows), len(prompts)))

@@ -14,9 +14,10 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding")
     on_off = g.add_mutually_exclusive_group()
     on_off.add_argument("--draft", default=None,
-                        help="draft for speculative decoding: an EAGLE-1/2/3 head directory or a small model with "
-                             "the same tokenizer (directory, .gguf). Default: the head shipped for --model demo, "
-                             "else none")
+                        help="draft for speculative decoding: an EAGLE-1/2/3 head directory, a small model with "
+                             "the same tokenizer (directory, .gguf), or 'ngram' (prompt lookup: drafts what followed "
+                             "the last few tokens earlier in the prompt or output; no draft model). Default: the head "
+                             "shipped for --model demo, else none")
     on_off.add_argument("--no-draft", action="store_true", help="turn speculative decoding off (plain decoding)")
     g.add_argument("--tree-size", type=int, default=None, help="draft tokens verified per step (default: per device)")
     g.add_argument("--depth", type=int, default=None, help="maximum draft depth (default: per device)")

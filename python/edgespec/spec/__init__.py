@@ -1,5 +1,5 @@
-"""Speculative decoding: EAGLE-1/2/3 heads and draft models, EAGLE-2 trees, lossless verification,
-FR-Spec vocabularies and draft-head training.
+"""Speculative decoding: EAGLE-1/2/3 heads, draft models and prompt lookup (n-gram drafts), EAGLE-2
+trees, lossless verification, FR-Spec vocabularies and draft-head training.
 
     from edgespec import LLM
     from edgespec.spec import enable_speculation
@@ -14,11 +14,12 @@ from .draft_model import ModelDrafter
 from .drafter import Drafter, TargetStates
 from .eagle import EagleDrafter, EagleHead, load_eagle_head
 from .frspec import DraftLMHead, load_vocab
+from .ngram import NgramDrafter
 from .tree import DraftTree, ExpandBatch, TreeSettings, build_tree
 
 __all__ = [
     "DEFAULT_SETTINGS", "DEMO_HEAD", "DraftLMHead", "DraftTree", "Drafter", "EagleDrafter", "EagleHead", "ExpandBatch",
-    "ModelDrafter", "SpeculativeDecoding", "TargetStates", "TreeSettings", "accept_greedy", "accept_sampling",
+    "ModelDrafter", "NgramDrafter", "SpeculativeDecoding", "TargetStates", "TreeSettings", "accept_greedy", "accept_sampling",
     "build_tree", "cache_slack", "default_settings", "disable_speculation", "enable_speculation", "load_drafter",
     "load_eagle_head", "load_vocab", "speculation_info", "speculative_factory",
 ]

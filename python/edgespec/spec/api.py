@@ -14,6 +14,7 @@ from .draft_model import ModelDrafter, check_same_vocabulary
 from .drafter import Drafter
 from .eagle import CONFIG_KEY, EagleDrafter, is_eagle_head, load_eagle_head
 from .frspec import load_vocab
+from .ngram import NgramDrafter
 from .tree import TreeSettings
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+NGRAM = "ngram"  # the `draft` that selects prompt lookup
 # The EAGLE head trained for the demo model (SmolLM2-135M-Instruct) with `edgespec train-draft`.
 DEMO_HEAD = DATA_DIR / "smollm2-135m-instruct-eagle"
 
@@ -55,17 +57,29 @@ DEFAULT_SETTINGS = {
 }
 
 
+# Prompt lookup (spec.ngram) drafts nothing where nothing matched and costs no draft rounds: a
+# chain-like tree of one or two continuations, as deep as a quoted run is likely to go.
+NGRAM_SETTINGS = {
+    "cpu": TreeSettings(tree_size=8, depth=8, topk=1),
+    "cpu-quantized": TreeSettings(tree_size=4, depth=4, topk=1),
+    "cuda": TreeSettings(tree_size=24, depth=12, topk=2),
+    "cuda-quantized": TreeSettings(tree_size=16, depth=8, topk=2),
+}
+
+
 def _is_quantized(model: "Decoder") -> bool:
     return not isinstance(model.layers[0].qkv, DenseLinear)
 
 
-def default_settings(model: "Decoder") -> TreeSettings:
-    """The default tree shape for a target on its device and precision (DEFAULT_SETTINGS)."""
+def default_settings(model: "Decoder", ngram: bool = False) -> TreeSettings:
+    """The default tree shape for a target on its device and precision (DEFAULT_SETTINGS, or
+    NGRAM_SETTINGS for prompt lookup)."""
+    table = NGRAM_SETTINGS if ngram else DEFAULT_SETTINGS
     if model.device.type == "cuda":
-        return DEFAULT_SETTINGS["cuda-quantized" if _is_quantized(model) else "cuda"]
+        return table["cuda-quantized" if _is_quantized(model) else "cuda"]
     # 4-bit weights the CPU dequantises (fp16/fp32 compute) cost what dense ones do.
     int4 = _is_quantized(model) and w4a16_cpu.runs_dtype(model.dtype)
-    return DEFAULT_SETTINGS["cpu-quantized" if int4 else "cpu"]
+    return table["cpu-quantized" if int4 else "cpu"]
 
 
 def _head_frspec(path: Path) -> Path | None:
@@ -94,21 +108,24 @@ def _tokenizer_or_none(model: str) -> Any:
 
 
 def load_drafter(draft: Any, llm: "LLM", frspec_vocab: str | Path | None = None) -> Drafter:
-    """A drafter for llm's model from `draft`: a Drafter, an EAGLE-1/2/3 head directory, or a
-    standalone draft model (directory, .gguf or 'demo') that shares the target's tokenizer.
+    """A drafter for llm's model from `draft`: a Drafter, "ngram" (prompt lookup, spec.ngram), an
+    EAGLE-1/2/3 head directory, or a standalone draft model (directory, .gguf or 'demo') that shares
+    the target's tokenizer.
 
     frspec_vocab: None uses the vocabulary the head's config names (if any), "none" the full draft
     vocabulary, otherwise an FR-Spec vocabulary file restricting the draft LM head.
     """
     target = llm.model
     default_vocab = None
-    if hasattr(draft, "expand") and hasattr(draft, "advance"):
+    if hasattr(draft, "advance") and (hasattr(draft, "expand") or hasattr(draft, "draft_tree")):
         drafter = draft
+    elif draft == NGRAM:
+        drafter = NgramDrafter()
     else:
         path = str(draft)
         if path != "demo" and not Path(path).exists():
             raise FileNotFoundError(f"draft {path!r} not found: pass an EAGLE head directory, a draft model "
-                                    f"(directory or .gguf) or 'demo'")
+                                    f"(directory or .gguf), 'demo' or '{NGRAM}'")
         if path != "demo" and Path(path).is_dir() and is_eagle_head(path):
             head = load_eagle_head(path, target)
             drafter = EagleDrafter(head, name=f"eagle{'3' if head.kind == 'eagle3' else ''}:{Path(path).name}")
@@ -124,6 +141,8 @@ def load_drafter(draft: Any, llm: "LLM", frspec_vocab: str | Path | None = None)
             loaded.model.row_invariant_attention = False
             drafter = ModelDrafter(loaded.model, name=f"model:{Path(path).name}")
     vocab = default_vocab if frspec_vocab is None else (None if str(frspec_vocab).lower() == "none" else frspec_vocab)
+    if vocab is not None and not hasattr(drafter, "lm_head"):
+        raise ValueError(f"an FR-Spec vocabulary restricts a draft's LM head; the {drafter.name} drafter has none")
     if vocab is not None:
         ids = load_vocab(vocab, target.config.vocab_size)
         drafter.lm_head = drafter.lm_head.restrict(ids, where=str(vocab))
@@ -136,7 +155,8 @@ def enable_speculation(llm: "LLM", draft: Any = "auto", tree_size: int | None = 
     """Install speculative decoding on `llm` (its generate/stream then draft and verify trees).
 
     draft: "auto" (the head shipped for the model: the demo model only; otherwise speculation
-    stays off), None (off), a Drafter, an EAGLE head directory or a draft model path.
+    stays off), None (off), "ngram" (prompt lookup: no draft model), a Drafter, an EAGLE head
+    directory or a draft model path.
     tree_size/depth/topk: the tree shape (defaults: default_settings for the target).
     frspec_vocab: see load_drafter.
     Returns the settings in use, or None when speculation is off.
@@ -146,7 +166,7 @@ def enable_speculation(llm: "LLM", draft: Any = "auto", tree_size: int | None = 
     if draft is None:
         disable_speculation(llm)
         return None
-    base = default_settings(llm.model)
+    base = default_settings(llm.model, ngram=draft == NGRAM or isinstance(draft, NgramDrafter))
     settings = TreeSettings(tree_size=base.tree_size if tree_size is None else tree_size,
                             depth=base.depth if depth is None else depth,
                             topk=base.topk if topk is None else topk).validate()

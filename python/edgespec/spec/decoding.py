@@ -3,7 +3,8 @@
 One step, with n committed tokens in the target's cache and the root r (the last committed token,
 not yet run through the target) at position n:
 
-    draft:   the drafter grows an EAGLE-2 tree of up to tree_size tokens below r
+    draft:   the drafter grows an EAGLE-2 tree of up to tree_size tokens below r (or, without a
+             draft model, spec.ngram looks the tree up in the sequence itself)
     verify:  one target forward over [r, tree...] at cache slots [n, n+T), positions n + depth,
              with the bit-packed tree mask                          -> logits [T, V]
     accept:  greedy (longest path of argmax matches) or lossless rejection sampling -> path, bonus
@@ -122,8 +123,11 @@ class SpeculativeDecoding:
         else:
             # Under a grammar, drafts it forbids give their places in the tree to ones it allows.
             pick = self.sampler.config.constraint.draft_choices if constrained else None
-            tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
-                              self.drafter.lm_head.token_map, max_depth=max(max_depth, 0), pick=pick)
+            if hasattr(self.drafter, "draft_tree"):  # a drafter that makes whole trees (spec.ngram)
+                tree = self.drafter.draft_tree(self._root, self.settings, max(max_depth, 0), pick)
+            else:
+                tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
+                                  self.drafter.lm_head.token_map, max_depth=max(max_depth, 0), pick=pick)
         if isinstance(tree, DeviceTree):
             tokens, positions, mask = tree.tokens, tree.positions(n), tree.mask
         else:
