@@ -66,7 +66,12 @@ def test_the_index_follows_a_growing_sequence_and_a_new_one():
         live.append(token)
         assert tree_of(live, drafter=drafter) == tree_of(list(live))
     assert tree_of(live, drafter=drafter) == [(2, 0), (5, 1), (1, 2), (2, 3), (6, 4)]   # "4 1" -> 2 5 1 2 6
-    assert tree_of([9, 9, 9], drafter=drafter) == [(9, 0)]  # a new sequence: the index is rebuilt
+    longer = live + [2, 5, 4, 1]  # a new sequence that continues the indexed one: its index is kept
+    assert tree_of(longer, drafter=drafter) == tree_of(list(longer)) == [(2, 0), (5, 1), (4, 2), (1, 3),
+                                                                         (1, 2), (2, 5), (6, 6)]
+    assert drafter._length == len(longer) and drafter._after[2][(4, 1)] == [2, 9, 13]  # each end once
+    assert tree_of([9, 9, 9], drafter=drafter) == [(9, 0)]  # any other: the index is rebuilt
+    assert tree_of([4, 1, 7, 4, 1], drafter=drafter) == [(7, 0), (4, 1), (1, 2)]
     with pytest.raises(ValueError, match="not the root"):
         drafter.sequence = [1, 2]
         drafter.draft_tree(3, WIDE, 5)

@@ -15,7 +15,8 @@ acceptance treats every draft as proposed with certainty).
 
 The drafter follows `sequence` (the prompt and every committed token, kept by SpeculativeDecoding)
 with an index from each n-gram to the positions after its occurrences, extended as tokens are
-committed and rebuilt when a new sequence starts.
+committed, kept for a new sequence that continues the last (a chat's next turn) and rebuilt for
+any other.
 """
 from __future__ import annotations
 
@@ -104,12 +105,16 @@ class NgramDrafter:
         return DraftTree.from_parents(tokens, parents)
 
     def _index(self) -> list[int]:
-        """The sequence, its n-grams indexed (extended, or rebuilt for a new sequence)."""
+        """The sequence, its n-grams indexed: extended as it grows, kept for a new sequence that
+        starts with the indexed one (the next turn of a chat), rebuilt for any other."""
         seq = self.sequence
-        if seq is not self._indexed or self._length > len(seq):
-            self._indexed, self._length = seq, 0
-            self._after = {n: {} for n in range(self.min_n, self.max_n + 1)}
-        for end in range(max(self._length, 1), len(seq) + 1):
+        if seq is not self._indexed:
+            old, kept = self._indexed, self._length
+            if old is None or len(seq) < kept or seq[:kept] != old[:kept]:
+                kept = 0
+                self._after = {n: {} for n in range(self.min_n, self.max_n + 1)}
+            self._indexed, self._length = seq, kept
+        for end in range(self._length + 1, len(seq) + 1):  # ends 1.._length are indexed
             for n in range(self.min_n, min(self.max_n, end) + 1):
                 self._after[n].setdefault(tuple(seq[end - n:end]), []).append(end)
         self._length = len(seq)
