@@ -21,7 +21,9 @@ alike. Prompts and topics are disjoint from the head's training prompts.
 
 Heads and tree shapes are chosen on other prompts, never on these: prompts-tuning.jsonl beside this
 file (10 chat, 6 continuations, disjoint from both the benchmark's and the training prompts) is the
-set for that (`--prompts-file bench/python/prompts-tuning.jsonl --sweep ...`).
+set for that (`--prompts-file bench/python/prompts-tuning.jsonl --sweep ...`); prompts-tuning-grounded.jsonl
+(5 edit, reformat and quote requests, none of GROUNDED_PROMPTS) is the one prompt lookup's shapes were
+chosen on.
 """
 from __future__ import annotations
 

@@ -58,10 +58,15 @@ DEFAULT_SETTINGS = {
 
 
 # Prompt lookup (spec.ngram) drafts nothing where nothing matched and costs no draft rounds: a
-# chain-like tree of one or two continuations, as deep as a quoted run is likely to go.
+# chain of the most recent continuation on a CPU, a few continuations on a GPU (untuned there).
+# CPU entries: bench_spec.py --draft ngram --sweep on prompts-tuning-grounded.jsonl (5 edit and quote
+# requests, none of the benchmark's), demo, 1 thread, speedup over plain decoding: dense bf16 3,3,1
+# 1.64x; 6,6,1 1.71x; 8,8,1 1.75x; 8,4,2 1.69x. 4-bit (the int4 kernel's time grows with the rows)
+# 2,2,1 1.40x; 3,3,1 1.47x; 4,4,1 1.39x; 6,6,1 1.40x; 8,8,1 1.35x; 6,3,2 1.42x; on prompts-tuning.jsonl
+# (general chat and continuations, 5 of each) 2,2,1 1.28x; 4,4,1 1.17x; 8,8,1 1.06x.
 NGRAM_SETTINGS = {
     "cpu": TreeSettings(tree_size=8, depth=8, topk=1),
-    "cpu-quantized": TreeSettings(tree_size=4, depth=4, topk=1),
+    "cpu-quantized": TreeSettings(tree_size=3, depth=3, topk=1),
     "cuda": TreeSettings(tree_size=24, depth=12, topk=2),
     "cuda-quantized": TreeSettings(tree_size=16, depth=8, topk=2),
 }
