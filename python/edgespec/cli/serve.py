@@ -16,7 +16,7 @@ API_KEY_ENV = "EDGESPEC_API_KEY"
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
-                       description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health. "
+                       description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
                                    "Stops gracefully on SIGINT/SIGTERM.")
     add_model_options(s)
     s.add_argument("--host", default="127.0.0.1",
