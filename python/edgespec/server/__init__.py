@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server: `edgespec serve` (FastAPI + uvicorn, one generation worker thread).
 
-Importing this package needs the `server` extra (fastapi, uvicorn); the rest of edgespec does not.
+Importing this package needs the `server` extra (fastapi, uvicorn, prometheus-client); the rest of edgespec
+does not.
 """
 from .app import ServerSettings, create_app
 from .errors import APIError

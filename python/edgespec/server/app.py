@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI-compatible routes in front of one GenerationWorker.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both streamed as server-sent events or
-not), GET /v1/models, GET /health (never behind the API key, for load balancers and probes).
+not), GET /v1/models, GET /health and GET /metrics (never behind the API key, for load balancers,
+probes and Prometheus).
 
 Everything slow happens off the event loop: tokenisation and chat templates in the thread pool,
 generation on the worker thread. Requests are validated completely (types, unsupported parameters,
