@@ -4,6 +4,7 @@ for 4-bit models on the CPU), the shapes and dtypes it refuses (which take the d
 and the demo model loading 4-bit on the CPU by default."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,61 @@ def test_prepared_weight_computes_the_same_and_still_converts(sym: bool) -> None
     same = w4a16_cpu.prepare(narrow.weight, torch.bfloat16)
     assert same is narrow.weight and same.layout == "plain" and same._cpu_int4 is not None
     assert w4a16_cpu.prepare(lin.weight, torch.float32) is lin.weight  # not the kernel's dtype: untouched
+
+
+def test_a_prefill_of_several_chunks_dequantises_each_weight_once(demo_gguf: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill chunks of more than INVARIANT_ROWS rows run the dense GEMM of each 4-bit weight
+    dequantised: the first chunk's copies serve the later ones (keep_dequantized), the budget they
+    took is given back at the end, and the logits are the same bits as dequantising per chunk."""
+    from edgespec.generation import prefill
+    from edgespec.ops import w4a16
+
+    model = edgespec.LLM.load(str(demo_gguf), device="cpu", dtype=torch.bfloat16, max_context=512, draft=None).model
+    assert isinstance(model.layers[0].qkv, QuantLinear)
+    ids = torch.randint(0, 1000, (3 * INVARIANT_ROWS + 50,), generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+    real = w4a16.W4A16Weight.dequantize
+
+    def counted(self, dtype=torch.float32):
+        calls.append(id(self))
+        return real(self, dtype)
+
+    monkeypatch.setattr(w4a16.W4A16Weight, "dequantize", counted)
+    before = w4a16.DEQUANT_BUDGET.used.get("cpu", 0)
+    results = []
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(w4a16, "keep_dequantized", contextlib.nullcontext)
+        calls.clear()
+        cache = model.new_cache(ids.numel())
+        hidden, _ = prefill(model, cache, ids, INVARIANT_ROWS + 1, start=0)  # 4 chunks of > INVARIANT_ROWS rows
+        results.append((model.logits(hidden), cache.k[:, :ids.numel()].clone(), list(calls)))
+        assert w4a16.DEQUANT_BUDGET.used.get("cpu", 0) == before
+    (kept_logits, kept_k, kept_calls), (each_logits, each_k, each_calls) = results
+    weights = len(set(each_calls))
+    assert len(kept_calls) == len(set(kept_calls)) == weights  # once each, not once per chunk
+    assert len(each_calls) == 3 * weights  # the last chunk (50 rows) runs on the int4 kernel
+    assert torch.equal(kept_logits, each_logits) and torch.equal(kept_k, each_k)
+
+
+def test_keep_dequantized_respects_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgespec.ops import w4a16
+
+    lin = _linear(_weight(256, 64, 32, sym=False))
+    x = torch.randn(INVARIANT_ROWS + 1, 256).to(torch.bfloat16)
+    monkeypatch.setenv("EDGESPEC_W4A16_CACHE_MB", "0")   # nothing may be kept: each call dequantises
+    with w4a16.keep_dequantized():
+        first = w4a16.prefill_dense(lin.weight, torch.bfloat16)
+        assert w4a16.prefill_dense(lin.weight, torch.bfloat16) is not first
+        ref = lin(x)
+    monkeypatch.delenv("EDGESPEC_W4A16_CACHE_MB")
+    with w4a16.keep_dequantized():
+        first = w4a16.prefill_dense(lin.weight, torch.bfloat16)
+        assert w4a16.prefill_dense(lin.weight, torch.bfloat16) is first
+        assert torch.equal(lin(x), ref)
+        with w4a16.keep_dequantized():  # a nested block keeps its own, and gives them back
+            assert w4a16.prefill_dense(lin.weight, torch.bfloat16) is not first
+        assert w4a16.prefill_dense(lin.weight, torch.bfloat16) is first
+    assert w4a16.prefill_dense(lin.weight, torch.bfloat16) is not first  # outside: per call
+    assert w4a16.DEQUANT_BUDGET.used.get("cpu", 0) == 0

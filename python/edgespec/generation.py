@@ -7,6 +7,7 @@ detokenisation, streaming, statistics), so there is one generate loop for every 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from . import cuda_graphs, ops
 from .errors import GenerationCancelled, NumericalError
 from .kv_cache import KVCache
+from .ops import w4a16
 from .ops.linear import INVARIANT_ROWS
 from .models.decoder import Decoder
 
@@ -325,17 +327,20 @@ def prefill(model: Decoder, cache: KVCache, ids: torch.Tensor, chunk: int,
     """
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
     hidden = None
-    for s in range(start, ids.numel(), chunk):
-        if s > start and cancel is not None and cancel():
-            raise GenerationCancelled(f"cancelled after {s} of {ids.numel()} prompt tokens")
-        part = ids[s:s + chunk]
-        positions = torch.arange(s, s + part.numel(), device=ids.device)
-        out = model.forward(part, positions, cache, s, capture=capture)
-        for i in capture:
-            captured[i].append(out.captured[i])
-        if on_chunk is not None:
-            on_chunk(s, out.hidden)
-        hidden = out.hidden
+    # Several chunks: the 4-bit weights a chunk dequantises for the CPU's dense GEMM serve the rest.
+    several = ids.numel() - start > chunk
+    with w4a16.keep_dequantized() if several else contextlib.nullcontext():
+        for s in range(start, ids.numel(), chunk):
+            if s > start and cancel is not None and cancel():
+                raise GenerationCancelled(f"cancelled after {s} of {ids.numel()} prompt tokens")
+            part = ids[s:s + chunk]
+            positions = torch.arange(s, s + part.numel(), device=ids.device)
+            out = model.forward(part, positions, cache, s, capture=capture)
+            for i in capture:
+                captured[i].append(out.captured[i])
+            if on_chunk is not None:
+                on_chunk(s, out.hidden)
+            hidden = out.hidden
     cache.length = ids.numel()
     return hidden[-1:], captured
 

@@ -156,7 +156,9 @@ def linear(x: torch.Tensor, w: "W4A16Weight", bias: torch.Tensor | None = None) 
     if rows.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], w.out_features)
     if rows.shape[0] > INVARIANT_ROWS:
-        return dense_linear(x, w.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        from .w4a16 import prefill_dense  # noqa: PLC0415 - w4a16 imports this module
+
+        return dense_linear(x, prefill_dense(w, x.dtype), None if bias is None else bias.to(x.dtype))
     packed, scales_offsets, g = _packed(w, x.dtype)
     if w.perm is not None:  # stored row j multiplies input feature perm[j]
         rows = rows.index_select(1, w.perm)
