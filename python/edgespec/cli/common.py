@@ -30,7 +30,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="GGUF Q4_0/Q4_1/Q4_K weights: 4bit keeps them 4-bit, dense dequantises them to the compute "
                         "dtype (default auto: 4-bit where a 4-bit GEMM runs them, the CUDA kernel or, in bf16, "
                         "torch's CPU int4 kernel; on a CPU that decodes about 2x faster and prefills long prompts "
-                        "about 1.4x slower than dense)")
+                        "about 1.3x slower than dense)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="prefill every prompt whole (default: reuse the K/V of the previous generation's tokens "
                         "that the prompt starts with)")
