@@ -10,10 +10,11 @@ bench/results/cpu_w4a16-cpu.json). The loader stores such weights in torch's pac
 own. Several rows cost more: torch's kernel spends per row what a dense matmul spends per weight
 byte, so from about 16 rows on the dense matmul of a dequantised copy is faster. A call of more
 than INVARIANT_ROWS rows (ops.linear: a prefill chunk, never a decode or verify step) therefore
-dequantises the weight for that call alone (W4A16Weight.dequantize, in cache-sized tiles) and runs
-one dense GEMM: at 512 rows 0.35x-0.53x F.linear's speed on SmolLM2 to Llama-8B shapes, about 4x
-faster than the int4 kernel's time at 64 rows scaled to 512 (bench/results/cpu_w4a16-cpu.json; one
-core with AMX, where dense GEMMs are fastest), and no dense copy outlives the call.
+dequantises the weight (W4A16Weight.dequantize, in cache-sized tiles) and runs one dense GEMM: at
+512 rows 0.35x-0.53x F.linear's speed on SmolLM2 to Llama-8B shapes, about 4x faster than the
+int4 kernel's time at 64 rows scaled to 512 (bench/results/cpu_w4a16-cpu.json; one core with AMX,
+where dense GEMMs are fastest). The prompt's later chunks reuse the copy (ops.w4a16.prefill_dense,
+within a prefill's keep_dequantized block and DEQUANT_BUDGET); no dense copy outlives the prefill.
 
 torch's kernel computes w = (q - 8) * s + m with one scale s and one offset m per group of K
 rows and output column, in the activation dtype. edgespec's weights are w = (q - z) * s
