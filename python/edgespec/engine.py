@@ -16,6 +16,7 @@ from .kv_cache import KVCache, common_prefix
 from .loading import IncrementalDetokenizer, LoadedModel, Tokenizer, load_model
 from .models.decoder import Decoder
 from .prefix_store import MIN_GAIN_TOKENS, Parked, PrefixStore, SlotCopy
+from .text_stream import partial_suffix
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
@@ -397,12 +398,7 @@ class _TextStopper:
             if idx != -1:
                 self.full = self.full[:idx]
                 return self._emit(len(self.full)), True
-        hold = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.full)), 0, -1):
-                if self.full.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
+        hold = max((partial_suffix(self.full, s) for s in self.stop), default=0)
         return self._emit(len(self.full) - hold), False
 
     def flush(self) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .text_stream import partial_suffix
+
 OPEN, CLOSE = "<think>", "</think>"
 # The server's --reasoning-format: "think" splits replies, "none" leaves them whole, "auto" splits
 # those of a chat template that knows <think> (template_thinks).
@@ -86,7 +88,7 @@ class ReasoningStream:
         if self.phase == "reasoning":
             end = text.find(CLOSE)
             if end < 0:
-                keep = _partial_suffix(text, CLOSE)
+                keep = partial_suffix(text, CLOSE)
                 self.held = text[len(text) - keep:]
                 return text[:len(text) - keep], ""
             reasoning, text = text[:end], text[end + len(CLOSE):]
@@ -105,14 +107,6 @@ class ReasoningStream:
         if self.phase == "start":  # whitespace, or the start of <think> and nothing more
             return "", held
         return "", ""
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
 
 
 def after_reasoning(compiled: str, inside: bool) -> str:

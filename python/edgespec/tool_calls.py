@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .structured import Grammar
+from .text_stream import partial_suffix
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
@@ -207,11 +208,7 @@ class HermesFormat(ToolCallFormat):
         start = text.find(self.OPEN)
         if start >= 0:
             return start
-        # A suffix that could still grow into the opening tag.
-        for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
-            if self.OPEN.startswith(text[-k:]):
-                return len(text) - k
-        return len(text)
+        return len(text) - partial_suffix(text, self.OPEN)  # a suffix may still grow into the opening tag
 
     def calls_start(self, text: str) -> int | None:
         start = text.find(self.OPEN)
