@@ -48,6 +48,19 @@ def test_generate_with_prompt_lookup(demo_gguf, capsys):
     assert plain.splitlines()[:-1] == out.splitlines()[:-1]  # the same text
 
 
+def test_generate_with_a_lookup_chain(demo_gguf, capsys):
+    from edgespec.spec import DEMO_HEAD
+
+    common = ["generate", "--model", str(demo_gguf), "--max-context", "256", "--max-new-tokens", "12", "--stats",
+              "--chat", "Repeat exactly: red green blue red green blue red green blue"]
+    assert main(common + ["--draft", str(DEMO_HEAD), "--lookup", "4"]) == 0
+    out = capsys.readouterr().out
+    spec = stats_line(out)
+    assert spec["draft"].startswith("eagle") and spec["lookup"] == 4 and spec["lookup_accepted_tokens"] >= 0
+    assert main(common + ["--no-draft"]) == 0
+    assert capsys.readouterr().out.splitlines()[:-1] == out.splitlines()[:-1]  # the same text
+
+
 def test_contradicting_or_incomplete_options(demo_gguf, capsys):
     base = ["generate", "--model", str(demo_gguf), "--max-context", "64", "--max-new-tokens", "1", "x"]
     with pytest.raises(SystemExit) as exc:  # rejected by the parser, before any model is loaded
@@ -55,6 +68,10 @@ def test_contradicting_or_incomplete_options(demo_gguf, capsys):
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     assert main(base + ["--tree-size", "4"]) == 1
     assert "need a draft" in capsys.readouterr().err
+    assert main(base + ["--no-draft", "--lookup", "4"]) == 1
+    assert "--no-draft turns speculation off" in capsys.readouterr().err
+    assert main(base + ["--draft", "ngram", "--lookup", "4"]) == 1
+    assert "prompt lookup's already" in capsys.readouterr().err
 
 
 def test_train_draft_rejects_prompt_files_that_would_share_a_cache_tag(tmp_path, capsys):

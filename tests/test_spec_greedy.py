@@ -214,7 +214,7 @@ def test_speculation_info_and_off(targets, tmp_path):
     d, llm = targets["llama"]
     head = random_head(llm.model.config, tmp_path / "head", seed=1)
     enable_speculation(llm, draft=str(head), tree_size=9, depth=3, topk=2)
-    assert speculation_info(llm) == {"draft": "eagle:head", "tree_size": 9, "depth": 3, "topk": 2}
+    assert speculation_info(llm) == {"draft": "eagle:head", "tree_size": 9, "depth": 3, "topk": 2, "lookup": 0}
     stats = llm.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True).stats.as_dict()
     assert stats["mean_accepted_length"] >= 1.0 and sum(stats["acceptance_histogram"].values()) == stats["steps"]
     disable_speculation(llm)
@@ -223,7 +223,7 @@ def test_speculation_info_and_off(targets, tmp_path):
 
 
 def test_trees_past_the_row_invariant_bound_are_flagged(targets, tmp_path, caplog):
-    """A tree verifies as tree_size + 1 rows; past INVARIANT_ROWS the projections run as one GEMM
+    """A tree verifies as up to tree_size + lookup + 1 rows; past INVARIANT_ROWS the projections run as one GEMM
     (prefill's path), so greedy equality holds only up to rounding, and enabling such a tree says so."""
     from edgespec.ops.linear import INVARIANT_ROWS
 
@@ -232,8 +232,12 @@ def test_trees_past_the_row_invariant_bound_are_flagged(targets, tmp_path, caplo
         with caplog.at_level("WARNING", logger="edgespec.spec.api"):
             enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS - 1, depth=4, topk=4)
             assert not caplog.records
+            enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS - 5, depth=4, topk=4, lookup=4)
+            assert not caplog.records
             enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS, depth=4, topk=4)
-        assert [r.levelname for r in caplog.records] == ["WARNING"]
-        assert f"tree_size {INVARIANT_ROWS - 1} or less keeps it token for token" in caplog.records[0].getMessage()
+            enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS - 5, depth=4, topk=4, lookup=5)
+        assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+        assert f"{INVARIANT_ROWS} rows or fewer keep it token for token" in caplog.records[0].getMessage()
+        assert f"lookup 5: a tree and its root verify as up to {INVARIANT_ROWS + 1} rows" in caplog.records[1].getMessage()
     finally:
         disable_speculation(llm)

@@ -21,6 +21,7 @@ from edgespec import ops
 from oracle import ops as ref
 from edgespec.spec import accept as accept_mod
 from edgespec.spec import NgramDrafter, TreeSettings, decoding, disable_speculation, enable_speculation
+from edgespec.spec.ngram import GRAFT_MIN_N
 from edgespec.spec.train_head import random_head
 from test_spec_helpers import one_thread, run, tiny_llm  # noqa: F401 (one_thread: autouse fixture)
 
@@ -151,6 +152,38 @@ def test_prompt_lookup_sampling_matches_plain_distribution(setup):
     assert stats_["draft"] == "ngram:1-1" and stats_["acceptance_histogram"]
     pvalue = chi_square_pvalue(counts, dist, SAMPLES)
     assert pvalue > ALPHA, f"prompt-lookup sampling differs from the target distribution (p = {pvalue:.2e})"
+
+
+@pytest.mark.slow
+def test_lookup_chains_on_draft_trees_keep_the_distribution(setup):
+    """A random head's chains with prompt-lookup chains grafted onto them (TreeSettings.lookup): the
+    lookup's tokens join the head's as further point-mass drafts, siblings where they differ (the
+    first step, whose tree the 3-token budget keeps one deep, has two children where the lookup
+    disagrees with the head), and the samples keep the target's distribution."""
+    llm, head = setup
+    # "1 t" occurs for every token t, so a chain follows whatever the first token is.
+    prompt = [1, 2, 4, 0, 1, 1, 3, 1, 0, 3, 1, 3, 2, 1, 4, 5, 1, 5, 0, 4, 1]
+    lookup = NgramDrafter(min_n=GRAFT_MIN_N)
+    for first in range(VOCAB):  # the premise: whatever the first token, the next step grafts a chain
+        lookup.sequence = prompt + [first]
+        assert lookup.draft_tree(first, TreeSettings(3, 3, 1), 2).size > 1
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0)
+    dist = exact_distribution(llm, prompt=prompt, **sampling)
+
+    def tree_sizes(lookup: int) -> float:  # summed over a few generations
+        return sum(llm.generate(prompt, max_new_tokens=NEW, ignore_eos=True, seed=seed, **sampling)
+                   .stats.extra["mean_tree_size"] for seed in range(20))
+
+    enable_speculation(llm, draft=str(head), tree_size=2, depth=2, topk=1)
+    alone = tree_sizes(0)
+    enable_speculation(llm, draft=str(head), tree_size=2, depth=2, topk=1, lookup=3)
+    try:
+        assert tree_sizes(3) > alone + 2  # the chains add nodes to the head's trees
+        counts = sample_sequences(llm, SAMPLES, prompt=prompt, **sampling)
+    finally:
+        disable_speculation(llm)
+    pvalue = chi_square_pvalue(counts, dist, SAMPLES)
+    assert pvalue > ALPHA, f"sampling with lookup chains differs from the target distribution (p = {pvalue:.2e})"
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ alike. Prompts and topics are disjoint from the head's training prompts.
                           rejection sampling; written as spec_sampling-<device>.json)
         [--draft ngram --kinds chat,continuation,grounded]  (prompt lookup, no draft model, also on
                           requests whose answers restate their prompt; written as spec_ngram-<device>.json)
+        [--lookup N]  (the head's trees plus a prompt-lookup chain of up to N tokens; written as
+                          spec_lookup-<device>.json; --sweep shapes may name it: "12,8,4,8")
 
 Heads and tree shapes are chosen on other prompts, never on these: prompts-tuning.jsonl beside this
 file (10 chat, 6 continuations, disjoint from both the benchmark's and the training prompts) is the
@@ -151,6 +153,7 @@ def main() -> int:
     ap.add_argument("--tree-size", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--topk", type=int, default=None)
+    ap.add_argument("--lookup", type=int, default=0, help="prompt-lookup tokens grafted onto the draft's trees")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gguf-weights", default="auto", choices=list(GGUF_WEIGHTS),
                     help="the demo's Q4_1 projections 4-bit or dequantised (default: the device's default)")
@@ -192,20 +195,20 @@ def main() -> int:
                + [("grounded", llm.encode(p, chat=True)) for p in grounded])
     ngram = args.draft == "ngram"
     base = default_settings(llm.model, ngram=ngram)
-    shapes = [(args.tree_size or base.tree_size, args.depth or base.depth, args.topk or base.topk)]
+    shapes = [(args.tree_size or base.tree_size, args.depth or base.depth, args.topk or base.topk, args.lookup)]
     if args.sweep:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.sweep.split()]
+        shapes = [(tuple(int(x) for x in s.split(",")) + (args.lookup,))[:4] for s in args.sweep.split()]
     load_before = os.getloadavg()
     run_prompt(llm, prompts[0][1], 8, True)  # warm-up (allocations, kernels' first calls)
     rows: list[dict] = []
     with Interruptible() as run:
-        for tree_size, depth, topk in shapes:
+        for tree_size, depth, topk, lookup in shapes:
             spec = {"draft": args.draft, "tree_size": tree_size, "depth": depth, "topk": topk,
-                    "frspec_vocab": args.frspec_vocab}
+                    "frspec_vocab": args.frspec_vocab, **({"lookup": lookup} if lookup else {})}
             rows = []  # filled in place: an interrupt keeps the prompts already measured
             measure(llm, prompts, args.new_tokens, spec, args.ignore_eos, rows, sampling)
             agg = aggregate(rows)
-            print(f"tree {tree_size:3d} depth {depth} topk {topk}: mean accepted length {agg['accept_len']:.2f}, "
+            print(f"tree {tree_size:3d} depth {depth} topk {topk} lookup {lookup}: mean accepted length {agg['accept_len']:.2f}, "
                   f"{agg['tokens_per_s']:.1f} vs {agg['baseline_tokens_per_s']:.1f} tok/s, speedup "
                   f"{agg['speedup']:.2f}x, identical outputs {agg['identical_outputs']}", flush=True)
     if args.sweep or not rows:
@@ -240,6 +243,8 @@ def main() -> int:
                 "the prompt or output; no draft model)" if ngram else
                 f"{Path(args.draft).name} (EAGLE-1/2 head trained with edgespec train-draft)")
              + f", tree_size {shapes[0][0]}, depth {shapes[0][1]}, topk {shapes[0][2]}"
+             + (f", plus a prompt-lookup chain of up to {shapes[0][3]} tokens grafted below the root (spec.ngram "
+                f"index of the prompt and output)" if shapes[0][3] else "")
              + ("" if ngram else f", FR-Spec vocabulary: {args.frspec_vocab or 'the head default'}")
              + f". Prompt sets: {', '.join(kinds)} (grounded: edit, reformat, extract and quote requests). "
              f"{torch.get_num_threads()} torch threads; load average before/after {load_before[0]:.2f}/"
@@ -255,10 +260,12 @@ def main() -> int:
                 "captured graphs; shorter trees run eagerly."
                 if args.cuda_graphs else ""))
     benchmark = (("spec_graphs" if args.cuda_graphs else "spec") + ("_ngram" if ngram else "")
+                 + ("_lookup" if shapes[0][3] else "")
                  + ("_sampling" if sampling else ""))
     path = write_result(benchmark, device, out_rows, notes, model="SmolLM2-135M-Instruct Q4_1 (demo)",
                         dtype=str(dtype), weights=projection_weights(llm.model), tree={"tree_size": shapes[0][0], "depth": shapes[0][1],
-                                                "topk": shapes[0][2]}, **run.marker(len(rows), len(prompts)))
+                                                "topk": shapes[0][2], "lookup": shapes[0][3]},
+                        **run.marker(len(rows), len(prompts)))
     print(f"wrote {path}")
     return run.exit_code
 

@@ -123,7 +123,7 @@ class LLM:
 
         draft: speculative decoding (edgespec.spec.enable_speculation): "auto" uses the draft head
         shipped for the model (the demo model has one), None turns it off, or an EAGLE head
-        directory / draft model path; speculation: tree_size, depth, topk, frspec_vocab.
+        directory / draft model path; speculation: tree_size, depth, topk, lookup, frspec_vocab.
         quantized: GGUF Q4_0/Q4_1/Q4_K weights as 4-bit layers (True), dequantised (False) or per device and dtype (None).
         """
         llm = cls(load_model(model, device=device, dtype=dtype, max_context=max_context, progress=progress,

@@ -156,7 +156,8 @@ def load_drafter(draft: Any, llm: "LLM", frspec_vocab: str | Path | None = None)
 
 
 def enable_speculation(llm: "LLM", draft: Any = "auto", tree_size: int | None = None, depth: int | None = None,
-                       topk: int | None = None, frspec_vocab: str | Path | None = None) -> TreeSettings | None:
+                       topk: int | None = None, frspec_vocab: str | Path | None = None,
+                       lookup: int | None = None) -> TreeSettings | None:
     """Install speculative decoding on `llm` (its generate/stream then draft and verify trees).
 
     draft: "auto" (the head shipped for the model: the demo model only; otherwise speculation
@@ -164,6 +165,8 @@ def enable_speculation(llm: "LLM", draft: Any = "auto", tree_size: int | None = 
     directory or a draft model path.
     tree_size/depth/topk: the tree shape (defaults: default_settings for the target).
     frspec_vocab: see load_drafter.
+    lookup: up to this many prompt-lookup tokens grafted onto a draft model's tree at each step
+    (TreeSettings.lookup; default 0, none).
     Returns the settings in use, or None when speculation is off.
     """
     if draft == "auto":
@@ -171,17 +174,23 @@ def enable_speculation(llm: "LLM", draft: Any = "auto", tree_size: int | None = 
     if draft is None:
         disable_speculation(llm)
         return None
-    base = default_settings(llm.model, ngram=draft == NGRAM or isinstance(draft, NgramDrafter))
+    ngram = draft == NGRAM or isinstance(draft, NgramDrafter)
+    if ngram and lookup:
+        raise ValueError("lookup grafts prompt lookup onto a draft model's trees; with draft='ngram' the trees are "
+                         "prompt lookup's already (size them with tree_size/depth/topk)")
+    base = default_settings(llm.model, ngram=ngram)
     settings = TreeSettings(tree_size=base.tree_size if tree_size is None else tree_size,
                             depth=base.depth if depth is None else depth,
-                            topk=base.topk if topk is None else topk).validate()
-    if settings.tree_size + 1 > llm.max_context:
-        raise ValueError(f"tree_size {settings.tree_size} does not fit a context of {llm.max_context}")
-    if settings.tree_size + 1 > INVARIANT_ROWS:
-        logger.warning("tree_size %d: a tree and its root verify as %d rows, more than the %d that the projections "
-                       "keep row-invariant, so greedy output equals plain decoding's only up to rounding (a near tie "
-                       "may go the other way); tree_size %d or less keeps it token for token",
-                       settings.tree_size, settings.tree_size + 1, INVARIANT_ROWS, INVARIANT_ROWS - 1)
+                            topk=base.topk if topk is None else topk,
+                            lookup=0 if lookup is None else lookup).validate()
+    if settings.verified > llm.max_context:
+        raise ValueError(f"tree_size {settings.tree_size}{f' + lookup {settings.lookup}' if settings.lookup else ''} "
+                         f"does not fit a context of {llm.max_context}")
+    if settings.verified > INVARIANT_ROWS:
+        logger.warning("tree_size %d, lookup %d: a tree and its root verify as up to %d rows, more than the %d that "
+                       "the projections keep row-invariant, so greedy output equals plain decoding's only up to "
+                       "rounding (a near tie may go the other way); %d rows or fewer keep it token for token",
+                       settings.tree_size, settings.lookup, settings.verified, INVARIANT_ROWS, INVARIANT_ROWS)
     drafter = load_drafter(draft, llm, frspec_vocab)
     llm.set_strategy(speculative_factory(drafter, settings), cache_slack=cache_slack(settings))
     return settings
@@ -195,11 +204,11 @@ def disable_speculation(llm: "LLM") -> None:
 
 
 def speculation_info(llm: "LLM") -> dict[str, Any] | None:
-    """{"draft", "tree_size", "depth", "topk"} of the installed speculative strategy, or None."""
+    """{"draft", "tree_size", "depth", "topk", "lookup"} of the installed speculative strategy, or None."""
     factory = llm._strategy_factory
     drafter = getattr(factory, "drafter", None)
     if drafter is None:
         return None
     s: TreeSettings = factory.settings
-    return {"draft": drafter.name, "tree_size": s.tree_size, "depth": s.depth, "topk": s.topk}
+    return {"draft": drafter.name, "tree_size": s.tree_size, "depth": s.depth, "topk": s.topk, "lookup": s.lookup}
 

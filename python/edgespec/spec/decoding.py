@@ -4,7 +4,8 @@ One step, with n committed tokens in the target's cache and the root r (the last
 not yet run through the target) at position n:
 
     draft:   the drafter grows an EAGLE-2 tree of up to tree_size tokens below r (or, without a
-             draft model, spec.ngram looks the tree up in the sequence itself)
+             draft model, spec.ngram looks the tree up in the sequence itself); with
+             settings.lookup, a prompt-lookup chain is grafted onto the draft model's tree
     verify:  one target forward over [r, tree...] at cache slots [n, n+T), positions n + depth,
              with the bit-packed tree mask                          -> logits [T, V]
     accept:  greedy (longest path of argmax matches) or lossless rejection sampling -> path, bonus
@@ -29,13 +30,14 @@ from ..models.decoder import Decoder
 from .accept import (accept_constrained, accept_greedy, accept_greedy_on_device, accept_sampling,
                      accept_sampling_on_device)
 from .drafter import Drafter, TargetStates
+from .ngram import GRAFT_MIN_N, NgramDrafter
 from .tree import DeviceTree, DraftTree, TreeSettings, build_tree, children_bound, select_tree_on_device
 
 
 def cache_slack(settings: TreeSettings) -> int:
-    """Cache slots a step may write past the committed length (the target verifies tree_size + 1
-    tokens; the drafter's recomputed rounds hold at most topk * (depth - 1) rows)."""
-    return max(settings.tree_size + 1, settings.topk * settings.depth) + 1
+    """Cache slots a step may write past the committed length (the target verifies up to
+    settings.verified tokens; the drafter's recomputed rounds hold at most topk * (depth - 1) rows)."""
+    return max(settings.verified, settings.topk * settings.depth) + 1
 
 
 class SpeculativeDecoding:
@@ -43,11 +45,14 @@ class SpeculativeDecoding:
 
     cuda_graph: replay the draft rounds of every full-depth tree, the verification of every full
     tree (tree_size + 1 nodes) and the drafter's catch-up as CUDA graphs (edgespec.cuda_graphs;
-    None: as EDGESPEC_CUDA_GRAPHS says, and only for a CUDA model).
+    None: as EDGESPEC_CUDA_GRAPHS says, and only for a CUDA model). A step that grafts a lookup
+    chain drafts and verifies eagerly.
+    lookup: the prompt-lookup drafter of settings.lookup (kept by the factory across generations,
+    so a chat's next turn keeps its index; None: a new one).
     """
 
     def __init__(self, model: Decoder, cache: KVCache, drafter: Drafter, settings: TreeSettings,
-                 cuda_graph: bool | None = None) -> None:
+                 cuda_graph: bool | None = None, lookup: NgramDrafter | None = None) -> None:
         if cuda_graph is None:
             cuda_graph = cuda_graphs.requested() and model.device.type == "cuda"
         self.graphs = cuda_graphs.StepGraphs(model, cache) if cuda_graph else None
@@ -55,6 +60,11 @@ class SpeculativeDecoding:
         self.cache = cache
         self.drafter = drafter
         self.settings = settings.validate()
+        if settings.lookup and hasattr(drafter, "draft_tree"):
+            raise ValueError(f"settings.lookup grafts prompt lookup onto a draft model's trees; the {drafter.name} "
+                             f"drafter makes its trees without one")
+        self.lookup = (lookup or NgramDrafter(min_n=GRAFT_MIN_N)) if settings.lookup else None
+        self.lookup_tokens = 0  # committed draft tokens that only the lookup chain proposed
         self.sampler: Sampler | None = None
         self._root = -1
         self._root_logits: torch.Tensor | None = None  # [Vd] draft logits after the root
@@ -112,7 +122,9 @@ class SpeculativeDecoding:
         max_depth = min(model.max_context - 1 - n, self._budget - self._produced - 1)
         # A grammar masks each tree row by its node's path, which it reads from a host tree.
         constrained = self.sampler.config.constraint is not None
-        if (self.graphs is not None and max_depth >= self.settings.depth >= 2
+        pick = self.sampler.config.constraint.draft_choices if constrained else None
+        chain = self._lookup_chain(max(max_depth, 0), pick)
+        if (self.graphs is not None and max_depth >= self.settings.depth >= 2 and chain is None
                 and getattr(self.drafter, "graphable", False) and not constrained):
             # Graphed drafting: the tree stays on the device until the acceptance reads its path.
             cands = self.graphs.grow(self.drafter, self.settings, self._root_logits, self._root_state)
@@ -122,12 +134,14 @@ class SpeculativeDecoding:
                                                                  self.settings.depth, k)
         else:
             # Under a grammar, drafts it forbids give their places in the tree to ones it allows.
-            pick = self.sampler.config.constraint.draft_choices if constrained else None
             if hasattr(self.drafter, "draft_tree"):  # a drafter that makes whole trees (spec.ngram)
                 tree = self.drafter.draft_tree(self._root, self.settings, max(max_depth, 0), pick)
             else:
                 tree = build_tree(self._root, self._root_logits, self._root_state, self.drafter.expand, self.settings,
                                   self.drafter.lm_head.token_map, max_depth=max(max_depth, 0), pick=pick)
+        drafted = tree.size  # nodes from here on are the lookup chain's alone
+        if chain is not None:
+            tree = tree.graft(chain)
         if isinstance(tree, DeviceTree):
             tokens, positions, mask = tree.tokens, tree.positions(n), tree.mask
         else:
@@ -158,11 +172,22 @@ class SpeculativeDecoding:
         self.drafter.sequence.extend(committed)
         self._root = bonus
         self._produced += len(committed)
+        self.lookup_tokens += sum(node >= drafted for node in path)
         self.accept_lengths[len(committed)] += 1
         self.tree_sizes.append(tree.size - 1)
         if constrained:  # the grammar follows; tokens a step committed past its end are dropped
             return self.sampler.config.constraint.consume(committed)
         return committed
+
+    def _lookup_chain(self, max_depth: int, pick) -> DraftTree | None:
+        """The prompt-lookup chain below the root (settings.lookup tokens at most), or None when
+        lookup is off or the sequence's end occurred nowhere before."""
+        if self.lookup is None or max_depth < 1:
+            return None
+        self.lookup.sequence = self.drafter.sequence  # the same list: its index grows with it
+        n = self.settings.lookup
+        chain = self.lookup.draft_tree(self._root, TreeSettings(tree_size=n, depth=n, topk=1), max_depth, pick)
+        return chain if chain.size > 1 else None
 
     def _accept(self, tree: DeviceTree | DraftTree, logits: torch.Tensor) -> tuple[list[int], list[int], int]:
         """(accepted node indices from the root, their tokens, the bonus token)."""
@@ -203,6 +228,7 @@ class SpeculativeDecoding:
         return {
             "draft": self.drafter.name,
             "tree_size": s.tree_size, "depth": s.depth, "topk": s.topk,
+            **({"lookup": s.lookup, "lookup_accepted_tokens": self.lookup_tokens} if s.lookup else {}),
             # Tokens committed per target forward (verification steps), the bonus token included.
             "mean_accepted_length": round(tokens / steps, 3) if steps else 0.0,
             "acceptance_histogram": {str(k): self.accept_lengths[k] for k in sorted(self.accept_lengths)},
@@ -233,9 +259,11 @@ def path_token_counts(tree: DeviceTree, vocab: int) -> torch.Tensor:
 def speculative_factory(drafter: Drafter, settings: TreeSettings):
     """A strategy factory for LLM.set_strategy: (model, cache) -> SpeculativeDecoding."""
     settings.validate()
+    # One index for every strategy it makes (a chat's next turn extends it).
+    lookup = NgramDrafter(min_n=GRAFT_MIN_N) if settings.lookup else None
 
     def make(model: Decoder, cache: KVCache) -> SpeculativeDecoding:
-        return SpeculativeDecoding(model, cache, drafter, settings)
+        return SpeculativeDecoding(model, cache, drafter, settings, lookup=lookup)
 
     make.drafter = drafter      # type: ignore[attr-defined]  (introspection: which draft is installed)
     make.settings = settings    # type: ignore[attr-defined]

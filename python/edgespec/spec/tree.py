@@ -42,18 +42,29 @@ class TreeSettings:
     depth:     deepest draft token allowed (at most depth - 1 draft rounds per step after the
                catch-up pass; fewer when no deeper node could enter the tree, see build_tree).
     topk:      tokens proposed per expanded node and nodes expanded per depth (1 = a chain).
+    lookup:    draft tokens a prompt-lookup chain (spec.ngram) may add to a draft model's tree at
+               each step, grafted below the root where the sequence repeats (0: none). The target
+               then verifies up to tree_size + lookup + 1 tokens.
     """
 
     tree_size: int
     depth: int
     topk: int
+    lookup: int = 0
 
     def validate(self) -> "TreeSettings":
         for name in ("tree_size", "depth", "topk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"speculation setting {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lookup, int) or isinstance(self.lookup, bool) or self.lookup < 0:
+            raise ValueError(f"speculation setting lookup must be a non-negative integer, got {self.lookup!r}")
         return self
+
+    @property
+    def verified(self) -> int:
+        """The most tokens one verification runs through the target (the root included)."""
+        return self.tree_size + self.lookup + 1
 
 
 @dataclass
@@ -136,6 +147,31 @@ class DraftTree:
         while self.parents[path[-1]] >= 0:
             path.append(self.parents[path[-1]])
         return path[::-1]
+
+    def graft(self, other: "DraftTree") -> "DraftTree":
+        """This tree with `other`'s nodes added below the same root: a node of `other` whose parent
+        already has a child with its token merges into that child, every other one is appended (so
+        parents still precede their children, siblings still hold distinct tokens, as the
+        acceptance needs, and this tree's nodes keep their indices). Appended nodes score 0.0."""
+        if other.tokens[0] != self.tokens[0]:
+            raise ValueError(f"DraftTree.graft: the trees have different roots ({self.tokens[0]} and {other.tokens[0]})")
+        tokens, parents = list(self.tokens), list(self.parents)
+        depths, scores = list(self.depths), list(self.scores)
+        child = {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
+        where = [0]  # other's node -> node of the result
+        for i in range(1, other.size):
+            parent, token = where[other.parents[i]], other.tokens[i]
+            node = child.get((parent, token))
+            if node is None:
+                node = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                depths.append(depths[parent] + 1)
+                scores.append(0.0)
+                child[(parent, token)] = node
+            where.append(node)
+        # A node may now have more children than the bound; DeviceTree.from_host counts them.
+        return DraftTree(tokens, parents, depths, scores, self.children_bound)
 
 
 @dataclass
