@@ -697,6 +697,19 @@ def test_metrics_count_what_the_responses_report(tiny_llm):
         assert (m[("edgespec_queue_running", ())], m[("edgespec_queue_waiting", ())]) == (0, 0)
         assert m[("edgespec_queue_capacity", ())] == 64
         assert httpx.get(f"{base}/v1/models", timeout=WAIT_S).status_code == 401  # the key still guards /v1
+        # Every response counts, by route and status: the refused ones too.
+        key = {"Authorization": "Bearer secret"}
+        assert httpx.post(f"{base}{COMP}", json={"prompt": "hi", "max_tokens": -1}, headers=key,
+                          timeout=WAIT_S).status_code == 400
+        assert httpx.get(f"{base}/v2/nothing", timeout=WAIT_S).status_code == 404
+        m = scrape(base)
+
+        def responses(route: str, status: int) -> float:
+            return m.get(("edgespec_http_responses_total", (("route", route), ("status", str(status)))), 0)
+
+        assert responses("/v1/chat/completions", 200) == 1 and responses(COMP, 200) == 2
+        assert responses(COMP, 400) == 1 and responses("/v1/models", 401) == 1
+        assert responses("unmatched", 404) == 1 and responses("/metrics", 200) == 1  # the first scrape
 
 
 def _rss_bytes() -> int:

@@ -35,6 +35,7 @@ from ..tool_call_stream import ToolCallStream
 from ..tool_calls import FORMATS, ToolCallFormat, ToolUse, detect_format
 from .errors import APIError, bad_request
 from .logprobs import LogprobFormatter
+from .metrics import ResponseCounter
 from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
 
@@ -97,6 +98,7 @@ def create_app(llm: LLM, settings: ServerSettings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
     app.add_exception_handler(RequestValidationError, _validation_error_response)
     app.add_exception_handler(Exception, _internal_error_response)
+    app.add_middleware(ResponseCounter, metrics=worker.metrics)
 
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/metrics", api.metrics, methods=["GET"])

@@ -5,6 +5,8 @@ cache supplied, generated), its decode steps (generated tokens per step is what 
 its finish reason, and its times as the client lives them: waiting in the queue, to the first token
 (queue and prefill), per output token after the first, and in all. The queue's state and the
 worker's outcome counts (completed, cancelled, failed, rejected with a 429) are read at each scrape.
+Every HTTP response is counted by route and status code (ResponseCounter), so requests refused
+before any generation (400 for a bad field, 401 without the key, 404) show too.
 
 The metrics live in the server's own registry, not prometheus_client's global one: two servers in
 one process (as in the tests) keep theirs apart.
@@ -12,7 +14,7 @@ one process (as in the tests) keep theirs apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -60,6 +62,9 @@ class ServerMetrics:
                                    "Time per generated token after the first", buckets=TOKEN_BUCKETS, registry=r)
         self.duration = Histogram("edgespec_generation_duration_seconds", "From admission to the last token",
                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.responses = Counter("edgespec_http_responses", "HTTP responses by route (the path template; "
+                                 "'unmatched' for paths the server does not serve) and status code",
+                                 ["route", "status"], registry=r)
         r.register(_QueueCollector(worker))
 
     def record(self, result: "GenerationResult", times: JobTimes) -> None:
@@ -80,6 +85,35 @@ class ServerMetrics:
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ResponseCounter:
+    """ASGI middleware counting each HTTP response in ServerMetrics.responses. It only watches the
+    status that the app sends (no wrapping of the body), so streamed responses and the detection of
+    a client that hangs up work as without it; a response the app never started (an unhandled
+    error, answered by the server's outermost layer) counts as 500."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
+                       send: Callable[..., Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = scope.get("route")  # set by the router when a route matched
+            self.metrics.responses.labels(getattr(route, "path", "unmatched"),
+                                          str(status[0]) if status else "500").inc()
 
 
 class _QueueCollector(Collector):
