@@ -213,8 +213,8 @@ def test_context_end_and_token_budget(targets, tmp_path):
 def test_speculation_info_and_off(targets, tmp_path):
     d, llm = targets["llama"]
     head = random_head(llm.model.config, tmp_path / "head", seed=1)
-    enable_speculation(llm, draft=str(head), tree_size=9, depth=3, topk=2)
-    assert speculation_info(llm) == {"draft": "eagle:head", "tree_size": 9, "depth": 3, "topk": 2, "lookup": 0}
+    enable_speculation(llm, draft=str(head), tree_size=9, depth=3, topk=2, lookup=5)
+    assert speculation_info(llm) == {"draft": "eagle:head", "tree_size": 9, "depth": 3, "topk": 2, "lookup": 5}
     stats = llm.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True).stats.as_dict()
     assert stats["mean_accepted_length"] >= 1.0 and sum(stats["acceptance_histogram"].values()) == stats["steps"]
     disable_speculation(llm)
@@ -230,11 +230,11 @@ def test_trees_past_the_row_invariant_bound_are_flagged(targets, tmp_path, caplo
     d, llm = targets["llama"]
     try:
         with caplog.at_level("WARNING", logger="edgespec.spec.api"):
-            enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS - 1, depth=4, topk=4)
+            enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS - 1, depth=4, topk=4, lookup=0)
             assert not caplog.records
             enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS - 5, depth=4, topk=4, lookup=4)
             assert not caplog.records
-            enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS, depth=4, topk=4)
+            enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS, depth=4, topk=4, lookup=0)
             enable_speculation(llm, draft=str(d), tree_size=INVARIANT_ROWS - 5, depth=4, topk=4, lookup=5)
         assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
         assert f"{INVARIANT_ROWS} rows or fewer keep it token for token" in caplog.records[0].getMessage()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgespec.spec import DEMO_HEAD, TreeSettings, disable_speculation, enable_speculation, speculation_info
+from edgespec.spec import (DEMO_HEAD, TreeSettings, default_settings, disable_speculation, enable_speculation,
+                           speculation_info)
 from edgespec.spec.decoding import cache_slack
 from edgespec.spec.train_head import random_head
 from edgespec.spec.tree import DeviceTree, DraftTree
@@ -94,8 +95,10 @@ def test_lookup_is_for_draft_models(tiny):
     with pytest.raises(ValueError, match="does not fit a context"):
         enable_speculation(llm, str(head), tree_size=8, lookup=llm.max_context)
     assert speculation_info(llm) is None
-    enable_speculation(llm, str(head), tree_size=4, depth=2, topk=2)
-    try:
+    try:  # the device's default, unless told
+        enable_speculation(llm, str(head), tree_size=4, depth=2, topk=2)
+        assert speculation_info(llm)["lookup"] == default_settings(llm.model).lookup > 0
+        enable_speculation(llm, str(head), tree_size=4, depth=2, topk=2, lookup=0)
         extra = llm.generate([1, 2, 1, 2], max_new_tokens=6, ignore_eos=True).stats.extra
         assert speculation_info(llm)["lookup"] == 0 and "lookup" not in extra
     finally:

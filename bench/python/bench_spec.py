@@ -18,8 +18,10 @@ alike. Prompts and topics are disjoint from the head's training prompts.
                           rejection sampling; written as spec_sampling-<device>.json)
         [--draft ngram --kinds chat,continuation,grounded]  (prompt lookup, no draft model, also on
                           requests whose answers restate their prompt; written as spec_ngram-<device>.json)
-        [--lookup N]  (the head's trees plus a prompt-lookup chain of up to N tokens; written as
-                          spec_lookup-<device>.json; --sweep shapes may name it: "12,8,4,8")
+        [--lookup N]  (the head's trees plus a prompt-lookup chain of up to N tokens, default the
+                          device's (DEFAULT_SETTINGS); written as spec_lookup-<device>.json, and with
+                          --lookup 0 (the head alone) as spec-<device>.json; --sweep shapes may name
+                          it: "12,8,4,8")
 
 Heads and tree shapes are chosen on other prompts, never on these: prompts-tuning.jsonl beside this
 file (10 chat, 6 continuations, disjoint from both the benchmark's and the training prompts) is the
@@ -153,7 +155,8 @@ def main() -> int:
     ap.add_argument("--tree-size", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--topk", type=int, default=None)
-    ap.add_argument("--lookup", type=int, default=0, help="prompt-lookup tokens grafted onto the draft's trees")
+    ap.add_argument("--lookup", type=int, default=None,
+                    help="prompt-lookup tokens grafted onto the draft's trees (default: the device's default)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gguf-weights", default="auto", choices=list(GGUF_WEIGHTS),
                     help="the demo's Q4_1 projections 4-bit or dequantised (default: the device's default)")
@@ -195,20 +198,21 @@ def main() -> int:
                + [("grounded", llm.encode(p, chat=True)) for p in grounded])
     ngram = args.draft == "ngram"
     base = default_settings(llm.model, ngram=ngram)
-    shapes = [(args.tree_size or base.tree_size, args.depth or base.depth, args.topk or base.topk, args.lookup)]
+    lookup = base.lookup if args.lookup is None else args.lookup
+    shapes = [(args.tree_size or base.tree_size, args.depth or base.depth, args.topk or base.topk, lookup)]
     if args.sweep:
-        shapes = [(tuple(int(x) for x in s.split(",")) + (args.lookup,))[:4] for s in args.sweep.split()]
+        shapes = [(tuple(int(x) for x in s.split(",")) + (lookup,))[:4] for s in args.sweep.split()]
     load_before = os.getloadavg()
     run_prompt(llm, prompts[0][1], 8, True)  # warm-up (allocations, kernels' first calls)
     rows: list[dict] = []
     with Interruptible() as run:
-        for tree_size, depth, topk, lookup in shapes:
+        for tree_size, depth, topk, chain in shapes:
             spec = {"draft": args.draft, "tree_size": tree_size, "depth": depth, "topk": topk,
-                    "frspec_vocab": args.frspec_vocab, **({"lookup": lookup} if lookup else {})}
+                    "frspec_vocab": args.frspec_vocab, **({} if ngram else {"lookup": chain})}
             rows = []  # filled in place: an interrupt keeps the prompts already measured
             measure(llm, prompts, args.new_tokens, spec, args.ignore_eos, rows, sampling)
             agg = aggregate(rows)
-            print(f"tree {tree_size:3d} depth {depth} topk {topk} lookup {lookup}: mean accepted length {agg['accept_len']:.2f}, "
+            print(f"tree {tree_size:3d} depth {depth} topk {topk} lookup {chain}: mean accepted length {agg['accept_len']:.2f}, "
                   f"{agg['tokens_per_s']:.1f} vs {agg['baseline_tokens_per_s']:.1f} tok/s, speedup "
                   f"{agg['speedup']:.2f}x, identical outputs {agg['identical_outputs']}", flush=True)
     if args.sweep or not rows:

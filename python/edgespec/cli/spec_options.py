@@ -24,7 +24,7 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=int, default=None, help="children per expanded node; 1 drafts a chain")
     g.add_argument("--lookup", type=int, default=None, metavar="N",
                    help="with a draft model or head: also draft up to N tokens by prompt lookup at each step, "
-                        "grafted onto its tree where the prompt or output repeats (default 0: off)")
+                        "grafted onto its tree where the prompt or output repeats (default: per device, 0 on a GPU; 0: off)")
     g.add_argument("--frspec-vocab", default=None,
                    help="FR-Spec vocabulary file restricting the draft LM head ('none': full vocabulary; "
                         "default: the one the head names)")
