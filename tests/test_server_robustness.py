@@ -20,6 +20,7 @@ from test_server import (TINY_CONTEXT, WAIT_S, assert_openai_error, client, free
                          one_torch_thread, openai, running_server, tiny_llm, tiny_server, wait_until,
                          write_tiny_chat_model)
 
+from edgespec.server.responses import ResponsesRequest
 from edgespec.server.schemas import ChatCompletionRequest, CompletionRequest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,10 +101,42 @@ COMP_BAD = {**COMMON_BAD,
             "echo": _not(bool),
             "suffix": st.text(min_size=1, max_size=8),
             "logprobs": st.one_of(st.integers(max_value=-1), st.integers(min_value=21), _not(int))}
-KNOWN_FIELDS = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+_bad_item = st.one_of(
+    _not(dict),
+    st.fixed_dictionaries({"role": st.text(max_size=10).filter(
+        lambda r: r not in ("system", "developer", "user", "assistant")), "content": st.text(max_size=10)}),
+    st.fixed_dictionaries({"role": st.just("user"), "content": _not(str, list)}),
+    st.fixed_dictionaries({"role": st.just("user"), "content": st.lists(st.fixed_dictionaries({"type": st.text(
+        max_size=12).filter(lambda t: t not in ("input_text", "output_text", "text"))}), min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"type": st.text(max_size=12).filter(
+        lambda t: t not in ("message", "function_call", "function_call_output", "reasoning"))}),
+    st.fixed_dictionaries({"type": st.just("function_call"), "name": _not(str)}),
+    st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": st.text(max_size=4)}),  # no output
+)
+RESP_BAD = {key: COMMON_BAD[key] for key in ("temperature", "top_p", "stream")}
+RESP_BAD.update({
+    "input": st.one_of(_not(str, list), st.just([]), st.lists(_bad_item, min_size=1, max_size=3)),
+    "max_output_tokens": _bad_count,
+    "instructions": _not(str),
+    "tools": CHAT_BAD["tools"],
+    "tool_choice": CHAT_BAD["tool_choice"],
+    "parallel_tool_calls": _not(bool),
+    "text": st.one_of(_not(dict), st.fixed_dictionaries({"format": st.one_of(_not(dict), st.fixed_dictionaries(
+        {"type": st.text(max_size=12).filter(lambda t: t not in ("text", "json_object"))}))})),
+    "previous_response_id": st.text(max_size=8),
+    "background": st.one_of(st.just(True), _not(bool)),
+    "truncation": st.text(max_size=8).filter(lambda t: t != "disabled"),
+    "reasoning": st.one_of(_not(dict), st.fixed_dictionaries({"effort": st.sampled_from(["low", "medium", "high"])})),
+    "metadata": st.one_of(_not(dict), st.dictionaries(st.text(max_size=4), _not(str), min_size=1, max_size=2)),
+    "include": _not(list),
+})
+KNOWN_FIELDS = (set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+                | set(ResponsesRequest.model_fields))
 BASES = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 3,
                                   "stream": False},
-         "/v1/completions": {"prompt": "hello world", "max_tokens": 3, "stream": False}}
+         "/v1/completions": {"prompt": "hello world", "max_tokens": 3, "stream": False},
+         "/v1/responses": {"input": "hello world", "max_output_tokens": 3, "stream": False}}
+BAD = {"/v1/chat/completions": CHAT_BAD, "/v1/completions": COMP_BAD, "/v1/responses": RESP_BAD}
 
 
 RAW_KINDS = ("not-json", "not-object", "no-prompt")
@@ -126,17 +159,15 @@ def malformed_request(draw, path: str, kind: str) -> bytes:
     extras = draw(st.dictionaries(st.text(max_size=8).filter(lambda k: k not in KNOWN_FIELDS), _json, max_size=3))
     if kind == "no-prompt":
         return json.dumps(extras).encode()
-    bad = CHAT_BAD if path.endswith("chat/completions") else COMP_BAD
-    body = {**extras, **BASES[path], kind: draw(bad[kind])}
+    body = {**extras, **BASES[path], kind: draw(BAD[path][kind])}
     return json.dumps(body).encode()  # NaN/Infinity become non-standard JSON tokens: also invalid
 
 
-FUZZ_CASES = [(path, kind) for path in sorted(BASES)
-              for kind in RAW_KINDS + tuple(sorted(CHAT_BAD if path.endswith("chat/completions") else COMP_BAD))]
+FUZZ_CASES = [(path, kind) for path in sorted(BASES) for kind in RAW_KINDS + tuple(sorted(BAD[path]))]
 
 
 def test_fuzz_malformed_requests_get_4xx_and_server_stays_healthy(tiny_server, tiny_llm):
-    """Every field of both endpoints (and bodies that are not requests at all) gets its own share of
+    """Every field of the three endpoints (and bodies that are not requests at all) gets its own share of
     examples, so rarely drawn fields are not left untested."""
     http = httpx.Client(base_url=tiny_server, timeout=WAIT_S)
     statuses: dict[int, int] = {}

@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI-compatible routes in front of one GenerationWorker.
 
-Routes: POST /v1/chat/completions, POST /v1/completions (both streamed as server-sent events or
-not), GET /v1/models, GET /health and GET /metrics (never behind the API key, for load balancers,
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (OpenAI's Responses
+API, generated as a chat: server/responses.py; all three streamed as server-sent events or not),
+GET /v1/models, GET /health and GET /metrics (never behind the API key, for load balancers,
 probes and Prometheus).
 
 Everything slow happens off the event loop: tokenisation and chat templates in the thread pool,
@@ -36,6 +37,9 @@ from ..tool_calls import FORMATS, ToolCallFormat, ToolUse, detect_format
 from .errors import APIError, bad_request
 from .logprobs import LogprobFormatter
 from .metrics import ResponseCounter
+from .responses import (ResponseEvents, ResponseObject, function_call_item, message_item, parse_responses_request,
+                        reasoning_item, status_of)
+from .responses import usage as responses_usage
 from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
 
@@ -105,6 +109,7 @@ def create_app(llm: LLM, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/v1/responses", api.responses, methods=["POST"])
     return app
 
 
@@ -147,6 +152,21 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+@dataclass
+class _Piece:
+    """What one step of a streamed reply adds (_API._pieces): reasoning text, content text and chat
+    tool-call deltas; `event` the engine's event it came from; the last piece of a reply carries
+    its result and finish reason, or the error that ended it."""
+
+    reasoning: str
+    text: str
+    calls: list[dict[str, Any]]
+    event: StreamEvent | None = None
+    result: GenerationResult | None = None
+    finish: str | None = None
+    error: APIError | Exception | None = None
 
 
 @dataclass
@@ -315,6 +335,34 @@ class _API:
             results.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._cancel(choices, "the client went away")
 
+    async def _pieces(self, c: _Choice) -> AsyncIterator[_Piece]:
+        """One choice's reply as it streams: its reasoning section first (edgespec.reasoning), then
+        its content, which may hold tool calls (edgespec.tool_call_stream says what is sent when);
+        the last piece has the result, or the error that ended the job."""
+        thinking = c.reasoning.stream() if c.reasoning is not None else None
+        while True:
+            event = await c.job.events.get()
+            if isinstance(event, StreamEvent):
+                thought, text = thinking.feed(event.text) if thinking is not None else ("", event.text)
+                text, calls = (text, []) if c.tools is None else c.tools.feed(text)
+                yield _Piece(thought, text, calls, event=event)
+                continue
+            if isinstance(event, Finished):
+                finish = event.result.finish_reason
+                thought, held = thinking.finish() if thinking is not None else ("", "")
+                calls = []
+                if c.tools is not None:
+                    held, calls = c.tools.feed(held)
+                    rest, more = c.tools.finish()
+                    held, calls = held + rest, calls + more
+                    if c.tools.calls:
+                        finish = _tool_finish(finish)
+                yield _Piece(thought, held, calls, result=event.result, finish=finish)
+                return
+            yield _Piece("", "", [], error=event.error if isinstance(event, Failed) else APIError(
+                503, f"the request was cancelled: {event.reason}", type="server_error", code="cancelled"))
+            return
+
     async def _stream(self, choices: list[_Choice], chunk: Callable[..., dict[str, Any]],
                       opening: Callable[[_Choice], dict[str, Any] | None],
                       usage: Callable[[list[GenerationResult]], dict[str, int]], include_usage: bool,
@@ -333,41 +381,20 @@ class _API:
                 first = opening(c)
                 if first is not None:
                     yield _sse(first)
-                thinking = c.reasoning.stream() if c.reasoning is not None else None
-                while True:
-                    event = await c.job.events.get()
-                    if isinstance(event, StreamEvent):
-                        # A reply's reasoning section first (edgespec.reasoning), then its content,
-                        # which may hold tool calls (edgespec.tool_call_stream says what is sent when).
-                        thought, text = thinking.feed(event.text) if thinking is not None else ("", event.text)
-                        text, calls = (text, []) if c.tools is None else c.tools.feed(text)
-                        if thought or text or event.logprobs or event.prompt_logprobs is not None:
-                            yield _sse(chunk(c, text, None, event, reasoning=thought))
-                        if calls:
-                            yield _sse(calls_chunk(c, calls))
-                        continue
-                    if isinstance(event, Finished):
-                        results.append(event.result)
-                        finish = event.result.finish_reason
-                        thought, held = thinking.finish() if thinking is not None else ("", "")
-                        calls = []
-                        if c.tools is not None:
-                            held, calls = c.tools.feed(held)
-                            rest, more = c.tools.finish()
-                            held, calls = held + rest, calls + more
-                            if c.tools.calls:
-                                finish = _tool_finish(finish)
-                        if thought or held:
-                            yield _sse(chunk(c, held, None, reasoning=thought))
-                        if calls:
-                            yield _sse(calls_chunk(c, calls))
-                        yield _sse(chunk(c, None, finish))
-                        break
-                    err = event.error if isinstance(event, Failed) else APIError(
-                        503, f"the request was cancelled: {event.reason}", type="server_error", code="cancelled")
-                    yield _sse(err.body())
-                    yield _sse("[DONE]")
-                    return
+                async for piece in self._pieces(c):
+                    if piece.error is not None:
+                        yield _sse(piece.error.body())
+                        yield _sse("[DONE]")
+                        return
+                    event = piece.event
+                    if piece.reasoning or piece.text or (event is not None and (
+                            event.logprobs or event.prompt_logprobs is not None)):
+                        yield _sse(chunk(c, piece.text, None, event, reasoning=piece.reasoning))
+                    if piece.calls:
+                        yield _sse(calls_chunk(c, piece.calls))
+                    if piece.result is not None:
+                        results.append(piece.result)
+                        yield _sse(chunk(c, None, piece.finish))
             if include_usage:
                 last = chunk(choices[0], None, None)
                 last["choices"] = []
@@ -489,6 +516,71 @@ class _API:
         self._authorize(request)
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await self._read_body(request))
         req.check_supported()
+        choices = await self._chat_choices(req)
+        return await self._respond(request, req, choices, chat=True)
+
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, generated as a chat completion (server/responses.py)."""
+        self._authorize(request)
+        req = parse_responses_request(await self._read_body(request))
+        req.check_supported()
+        chat = req.to_chat()
+        choices = await self._chat_choices(chat)
+        response = ResponseObject(req, self.settings.model_name)
+        prompt_tokens = len(choices[0].prompt_ids)
+        if req.stream:
+            return StreamingResponse(self._response_events(choices[0], response, prompt_tokens),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(self._cancel, choices, "the client went away"))
+        c, (result,) = choices[0], await self._complete(request, choices)
+        thought, text = c.reasoning.split(result.text) if c.reasoning is not None else (None, result.text)
+        output, finish, calls = [], result.finish_reason, []
+        if c.tools is not None:
+            text, calls = c.tools.use.parse(c.tools.fmt, text)
+            finish = _tool_finish(finish) if calls else finish
+        status, incomplete = status_of(finish)
+        cut = "incomplete" if status == "incomplete" else "completed"  # the last item was cut short
+        if thought:
+            output.append(reasoning_item(thought, status=cut if not (text or calls) else "completed"))
+        if text or not calls:
+            output.append(message_item(text, status=cut))
+        output += [function_call_item(call.id, call.name, call.openai()["function"]["arguments"]) for call in calls]
+        used = responses_usage(prompt_tokens, result, self._token_count(thought))
+        return JSONResponse(response.build(status, output, incomplete, used))
+
+    async def _response_events(self, c: _Choice, response: ResponseObject, prompt_tokens: int) -> AsyncIterator[bytes]:
+        """The Responses stream of one reply (ResponseEvents), each event as `event:` and `data:` lines."""
+        def sse(events: list[dict[str, Any]]) -> bytes:
+            return b"".join(f"event: {e['type']}\ndata: {json.dumps(e, ensure_ascii=False)}\n\n".encode()
+                            for e in events)
+
+        events = ResponseEvents(response)
+        try:
+            yield sse(events.start())
+            thought = []
+            async for piece in self._pieces(c):
+                if piece.error is not None:
+                    err = piece.error.body()["error"]
+                    yield sse(events.error(err["message"], err["code"]))
+                    return
+                thought.append(piece.reasoning)
+                out = events.feed(piece.reasoning, piece.text, piece.calls)
+                if piece.result is not None:
+                    used = responses_usage(prompt_tokens, piece.result, self._token_count("".join(thought)))
+                    out += events.finish(piece.finish, used)
+                if out:
+                    yield sse(out)
+        finally:
+            self._cancel([c], "the client went away")
+
+    def _token_count(self, text: str | None) -> int:
+        """Tokens of a reply's reasoning text, as the tokenizer encodes it (usage's reasoning_tokens)."""
+        return len(self.llm.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+    async def _chat_choices(self, req: ChatCompletionRequest) -> list[_Choice]:
+        """Encode a chat request's conversation (with its tools and template variables) and admit
+        its generations."""
         messages = req.chat_messages()
         tok = self.llm.tokenizer
         if tok is None or not tok.has_chat_template:
@@ -516,8 +608,7 @@ class _API:
         if self._thinks():  # whether the template's opening of the reply opens the section (not what messages say)
             opening = await run_in_threadpool(tok.generation_prompt, messages, offered, variables)
             reasoning = Reasoning(prompt_opens_thinking(opening))
-        choices = self._admit([(prompt_ids, "")], [n], req, grammar, tools, reasoning)
-        return await self._respond(request, req, choices, chat=True)
+        return self._admit([(prompt_ids, "")], [n], req, grammar, tools, reasoning)
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
