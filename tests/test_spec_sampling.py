@@ -174,7 +174,7 @@ def test_lookup_chains_on_draft_trees_keep_the_distribution(setup):
         return sum(llm.generate(prompt, max_new_tokens=NEW, ignore_eos=True, seed=seed, **sampling)
                    .stats.extra["mean_tree_size"] for seed in range(20))
 
-    enable_speculation(llm, draft=str(head), tree_size=2, depth=2, topk=1)
+    enable_speculation(llm, draft=str(head), tree_size=2, depth=2, topk=1, lookup=0)
     alone = tree_sizes(0)
     enable_speculation(llm, draft=str(head), tree_size=2, depth=2, topk=1, lookup=3)
     try:
