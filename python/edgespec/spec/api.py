@@ -48,7 +48,8 @@ DEMO_HEAD = DATA_DIR / "smollm2-135m-instruct-eagle"
 # the demo loaded 4-bit: 12,8,4 2.98 / 0.90x; 8,8,4 2.79 / 1.03x; 6,6,3 2.63 / 1.21x; 5,5,2
 # 2.47 / 1.14x; 4,4,2 2.31 / 1.17x; 3,3,2 2.16 / 1.32x, 1.31x; 3,3,1 2.10 / 1.25x; 2,2,1 1.92 /
 # 1.31x (speedups over plain 4-bit decoding, itself about twice as fast as dense: cpu_w4a16-cpu.json);
-# on the benchmark's own prompts 3,3,2 gives 2.04 / 1.24x (spec-cpu.json).
+# on the benchmark's own prompts 3,3,2 gives 1.99 / 1.27x (spec-cpu.json, 24 prompts), and 2.39 / 1.37x
+# with its lookup chains (spec_lookup-cpu.json).
 #
 # lookup (a prompt-lookup chain grafted onto each tree, spec.ngram GRAFT_MIN_N): the same sweeps on
 # prompts-tuning-grounded.jsonl (edits and quotes) / prompts-tuning.jsonl (5 chat + 5 continuations).
