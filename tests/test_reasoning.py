@@ -132,6 +132,20 @@ R1_LIKE = """\
 ASK = [{"role": "user", "content": "Is the sky blue?"}]
 
 
+def test_ids_and_opening_in_two_renderings(demo_llm):
+    """The server reads a thinking template's reply opening and the prompt's ids from one call: the
+    same as apply_chat_template and generation_prompt apart."""
+    tok = demo_llm.tokenizer
+    with chat_template(demo_llm, R1_LIKE):
+        ids, opening = tok.chat_ids_and_opening(ASK)
+        assert ids == tok.apply_chat_template(ASK) and opening == tok.generation_prompt(ASK)
+        assert opening == "<|im_start|>assistant\n<think>\n"
+    with chat_template(demo_llm, QWEN3_LIKE):
+        ids, opening = tok.chat_ids_and_opening(ASK, template_kwargs={"enable_thinking": False})
+        assert ids == tok.apply_chat_template(ASK, template_kwargs={"enable_thinking": False})
+        assert opening.endswith("<think>\n\n</think>\n\n") and not prompt_opens_thinking(opening)
+
+
 def test_template_variables_reach_the_template(demo_llm):
     with chat_template(demo_llm, QWEN3_LIKE):
         thinking = demo_llm.encode(ASK)

@@ -112,8 +112,14 @@ class Tokenizer:
         adds), apart from anything the conversation itself says; the whole rendering where the one
         without it is not a prefix of the one with it."""
         full = self.render_chat(messages, True, tools, template_kwargs)
-        bare = self.render_chat(messages, False, tools, template_kwargs)
-        return full[len(bare):] if full.startswith(bare) else full
+        return _opening(full, self.render_chat(messages, False, tools, template_kwargs))
+
+    def chat_ids_and_opening(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                             template_kwargs: dict[str, Any] | None = None) -> tuple[list[int], str]:
+        """(apply_chat_template's ids, generation_prompt's text) from two renderings, not three."""
+        full = self.render_chat(messages, True, tools, template_kwargs)
+        opening = _opening(full, self.render_chat(messages, False, tools, template_kwargs))
+        return self.encode(full, add_special_tokens=False), opening
 
     @property
     def renders_tools(self) -> bool:
@@ -187,3 +193,9 @@ class IncrementalDetokenizer:
             self._prefix, self._read = self._read, len(self.ids)
             return after[len(before):]
         return ""
+
+
+def _opening(full: str, bare: str) -> str:
+    """What a rendering with the generation prompt adds to the one without it (all of it where the
+    one without is not its prefix)."""
+    return full[len(bare):] if full.startswith(bare) else full

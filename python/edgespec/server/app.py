@@ -222,12 +222,15 @@ class _API:
         return bytes(body)
 
     async def _encode(self, prompt: Any, param: str, tools: list[dict[str, Any]] | None = None,
-                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                      template_kwargs: dict[str, Any] | None = None, opening: bool = False) -> Any:
         """Token ids of text, chat messages (with the tools and variables the template reads) or
-        ids, tokenised in the thread pool."""
+        ids, tokenised in the thread pool; opening (chat messages): (ids, the text the template
+        opens the reply with), Tokenizer.chat_ids_and_opening."""
         import jinja2  # noqa: PLC0415 - only needed to recognise chat-template errors
 
         try:
+            if opening:
+                return await run_in_threadpool(self.llm.tokenizer.chat_ids_and_opening, prompt, tools, template_kwargs)
             return await run_in_threadpool(self.llm.encode, prompt, tools=tools, template_kwargs=template_kwargs)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise bad_request(f"'{param}': {exc}", param=param) from None
@@ -601,13 +604,14 @@ class _API:
             tools = (use, fmt)
         offered = [t.openai() for t in use.tools] if use else None
         variables = req.template_variables()
-        prompt_ids = await self._encode(messages, "messages", offered, variables)
-        n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids), self.settings.max_tokens_limit,
-                                 "messages")
         reasoning = None
         if self._thinks():  # whether the template's opening of the reply opens the section (not what messages say)
-            opening = await run_in_threadpool(tok.generation_prompt, messages, offered, variables)
+            prompt_ids, opening = await self._encode(messages, "messages", offered, variables, opening=True)
             reasoning = Reasoning(prompt_opens_thinking(opening))
+        else:
+            prompt_ids = await self._encode(messages, "messages", offered, variables)
+        n = self._max_new_tokens(req.requested_max_tokens(), len(prompt_ids), self.settings.max_tokens_limit,
+                                 "messages")
         return self._admit([(prompt_ids, "")], [n], req, grammar, tools, reasoning)
 
     async def completions(self, request: Request) -> Response:
