@@ -16,8 +16,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from test_reasoning import QWEN3_LIKE, scripted  # noqa: E402
-from test_server import (MESSAGES, TINY_CONTEXT, assert_openai_error, client, one_torch_thread,  # noqa: E402,F401
-                         running_server, tiny_llm, tiny_server)
+from test_server import (MESSAGES, TINY_CONTEXT, WAIT_S, assert_openai_error, client, health,  # noqa: E402,F401
+                         one_torch_thread, running_server, tiny_llm, tiny_server, wait_until)
 from test_tool_calls import HERMES_TEMPLATE, WEATHER, chat_template, check_weather_arguments  # noqa: E402
 
 from edgespec.structured import Grammar  # noqa: E402
@@ -126,6 +126,24 @@ def test_store_and_include_are_accepted(tiny_server):
     r = client(tiny_server).responses.create(model="tiny", input="hello", max_output_tokens=3, store=True,
                                              include=["reasoning.encrypted_content"], metadata={"k": "v"})
     assert r.store is False and r.metadata == {"k": "v"} and r.output_text is not None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_client_that_hangs_up_cancels_the_generation(tiny_server, stream):
+    before = health(tiny_server)["queue"]
+    body = {"input": "hello", "max_output_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    if stream:
+        events = client(tiny_server).responses.create(model="tiny", stream=True, **{
+            k: v for k, v in body.items() if k != "ignore_eos"}, extra_body={"ignore_eos": True})
+        it = iter(events)
+        assert [next(it).type for _ in range(4)][:2] == ["response.created", "response.in_progress"]
+        events.close()
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{tiny_server}{RESP}", json=body, timeout=httpx.Timeout(WAIT_S, read=0.3))
+    wait_until(lambda: health(tiny_server)["queue"]["cancelled"] == before["cancelled"] + 1, "the cancellation")
+    wait_until(lambda: not health(tiny_server)["queue"]["running"], "the worker to go idle")
+    assert health(tiny_server)["queue"]["admitted"] == 0
 
 
 # ---- the demo model: structured output, tools, reasoning ----------------------------------------------
