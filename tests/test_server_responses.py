@@ -194,6 +194,25 @@ def test_function_calls_whole_and_streamed(demo_server, demo_llm, tool_choice):
     assert [o.type for o in events[-1].response.output] == ["function_call"]
 
 
+def test_free_auto_calls_follow_the_text_before_them(demo_server, demo_llm):
+    """In plain auto the reply's text goes out as it comes and its well-formed calls whole at the end:
+    a message item, closed, then a function_call item per call (a scripted reply, parsed as the
+    chat endpoint parses it)."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    kwargs = dict(model="smollm2", input=ASK, tools=[WEATHER_TOOL], max_output_tokens=60)
+    with scripted(demo_llm, "Let me check.\n" + call):
+        c = client(demo_server)
+        r = c.responses.create(**kwargs)
+        events = events_of(c, **kwargs)
+    assert [o.type for o in r.output] == ["message", "function_call"] and r.output_text == "Let me check."
+    assert (r.output[1].name, json.loads(r.output[1].arguments)) == ("get_weather", {"city": "Paris", "unit": "celsius"})
+    check_event_order(events)
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["message", "function_call"]
+    final = events[-1].response
+    assert final.output_text.strip() == "Let me check." and final.output[1].arguments == r.output[1].arguments
+
+
 def test_a_conversation_with_calls_and_their_outputs(demo_server, demo_llm):
     """function_call and function_call_output items render as an assistant's tool_calls and a tool
     message: the prompt is the chat endpoint's for the same conversation."""
