@@ -114,7 +114,11 @@ def test_sampling_settings_and_extensions_reach_the_generation(tiny_server, tiny
     ({"truncation": "auto"}, "truncation", "disabled"),
     ({"max_output_tokens": 0}, "max_output_tokens", None),
     ({"temperature": 3.0}, "temperature", None),
-    ({"max_output_tokens": TINY_CONTEXT}, "max_tokens", "context holds"),
+    ({"max_output_tokens": TINY_CONTEXT}, "max_output_tokens", "context holds"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", "roles are"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{oops"}]}, "input",
+     "not JSON"),
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "nonsense"}}}}, "text.format", None),
 ])
 def test_refused_fields(tiny_server, body, param, match):
     payload = {"model": "tiny", "input": "hello", **body}

@@ -38,7 +38,7 @@ from .errors import APIError, bad_request
 from .logprobs import LogprobFormatter
 from .metrics import ResponseCounter
 from .responses import (ResponseEvents, ResponseObject, function_call_item, message_item, parse_responses_request,
-                        reasoning_item, status_of)
+                        reasoning_item, responses_param, status_of)
 from .responses import usage as responses_usage
 from .schemas import UINT64_END, ChatCompletionRequest, CompletionRequest, parse
 from .worker import Cancelled, Failed, Finished, GenerationWorker, Job
@@ -527,8 +527,11 @@ class _API:
         self._authorize(request)
         req = parse_responses_request(await self._read_body(request))
         req.check_supported()
-        chat = req.to_chat()
-        choices = await self._chat_choices(chat)
+        try:
+            choices = await self._chat_choices(req.to_chat())
+        except APIError as exc:  # the chat request's field names, as a Responses client knows them
+            exc.param = responses_param(exc.param)
+            raise
         response = ResponseObject(req, self.settings.model_name)
         prompt_tokens = len(choices[0].prompt_ids)
         if req.stream:

@@ -218,6 +218,19 @@ class ResponsesRequest(_Strict):
                 "reasoning": {"effort": None, "summary": None}, "previous_response_id": None, "user": self.user}
 
 
+# The chat request's field names an error may carry, as a Responses client knows them (a message's
+# index is not an input item's: instructions and function calls shift them).
+CHAT_PARAMS = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+               "response_format": "text.format", "messages": "input"}
+
+
+def responses_param(param: str | None) -> str | None:
+    """A chat request's error param as the Responses request's field."""
+    if param is not None and param.startswith("messages."):
+        return "input"
+    return CHAT_PARAMS.get(param, param) if param is not None else None
+
+
 def parse_responses_request(raw: bytes) -> ResponsesRequest:
     try:
         return ResponsesRequest.model_validate_json(raw)
