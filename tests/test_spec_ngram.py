@@ -58,7 +58,27 @@ def test_a_grammar_cuts_what_it_refuses():
     assert tree_of(seq, pick=pick, drafter=NgramDrafter(max_n=3)) == [(3, 0), (1, 0), (2, 2), (0, 3), (7, 4), (8, 5)]
 
 
-def test_the_index_follows_a_growing_sequence_and_a_new_one():
+@pytest.mark.parametrize("min_n, max_n", [(1, 4), (2, 4), (1, 1), (3, 3), (2, 6)])
+def test_matches_equal_a_brute_force_search(min_n, max_n):
+    """The vectorised scan finds what comparing every window finds: the occurrences (their ends) of
+    the longest n-gram in [min_n, max_n] that ends the sequence and occurred before it."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(min_n * 10 + max_n)
+    drafter = NgramDrafter(min_n, max_n)
+    for _ in range(300):
+        seq = [rng.randrange(rng.choice([2, 3, 5])) for _ in range(rng.randrange(1, 70))]
+        want: list[int] = []
+        for n in range(min(max_n, len(seq)), min_n - 1, -1):
+            want = [j + 1 for j in range(n - 1, len(seq) - 1) if seq[j - n + 1:j + 1] == seq[len(seq) - n:]]
+            if want:
+                break
+        assert drafter._match_ends(np.array(seq, dtype=np.int64)).tolist() == want, seq
+
+
+def test_the_copy_follows_a_growing_sequence_and_a_new_one():
     drafter = NgramDrafter()
     seq = [4, 1, 2, 5, 1, 2, 6, 4, 1]
     live: list[int] = []
@@ -66,11 +86,12 @@ def test_the_index_follows_a_growing_sequence_and_a_new_one():
         live.append(token)
         assert tree_of(live, drafter=drafter) == tree_of(list(live))
     assert tree_of(live, drafter=drafter) == [(2, 0), (5, 1), (1, 2), (2, 3), (6, 4)]   # "4 1" -> 2 5 1 2 6
-    longer = live + [2, 5, 4, 1]  # a new sequence that continues the indexed one: its index is kept
+    buffer = drafter._tokens
+    longer = live + [2, 5, 4, 1]  # a new sequence that continues the one held: its copy is extended
     assert tree_of(longer, drafter=drafter) == tree_of(list(longer)) == [(2, 0), (5, 1), (4, 2), (1, 3),
                                                                          (1, 2), (2, 5), (6, 6)]
-    assert drafter._length == len(longer) and drafter._after[2][(4, 1)] == [2, 9, 13]  # each end once
-    assert tree_of([9, 9, 9], drafter=drafter) == [(9, 0)]  # any other: the index is rebuilt
+    assert drafter._array().tolist() == longer and drafter._tokens is buffer
+    assert tree_of([9, 9, 9], drafter=drafter) == [(9, 0)]  # any other: copied anew
     assert tree_of([4, 1, 7, 4, 1], drafter=drafter) == [(7, 0), (4, 1), (1, 2)]
     with pytest.raises(ValueError, match="not the root"):
         drafter.sequence = [1, 2]
