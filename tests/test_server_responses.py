@@ -126,10 +126,15 @@ def test_refused_fields(tiny_server, body, param, match):
     assert err["param"] == param and (match is None or match in err["message"]), err
 
 
-def test_store_and_include_are_accepted(tiny_server):
-    r = client(tiny_server).responses.create(model="tiny", input="hello", max_output_tokens=3, store=True,
-                                             include=["reasoning.encrypted_content"], metadata={"k": "v"})
+def test_store_and_include_are_accepted_and_nothing_is_stored(tiny_server):
+    c = client(tiny_server)
+    r = c.responses.create(model="tiny", input="hello", max_output_tokens=3, store=True,
+                           include=["reasoning.encrypted_content"], metadata={"k": "v"})
     assert r.store is False and r.metadata == {"k": "v"} and r.output_text is not None
+    for call in (c.responses.retrieve, c.responses.delete, c.responses.cancel):
+        with pytest.raises(openai.NotFoundError) as exc:
+            call(r.id)
+        assert exc.value.code == "response_not_found" and "stores no responses" in exc.value.message
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

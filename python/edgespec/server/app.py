@@ -110,6 +110,7 @@ def create_app(llm: LLM, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/responses", api.responses, methods=["POST"])
+    app.add_api_route("/v1/responses/{response_id:path}", api.stored_response, methods=["GET", "DELETE", "POST"])
     return app
 
 
@@ -579,6 +580,12 @@ class _API:
                     yield sse(out)
         finally:
             self._cancel([c], "the client went away")
+
+    async def stored_response(self, request: Request, response_id: str) -> Response:
+        """Retrieving, deleting or cancelling a stored response: none is ever stored."""
+        self._authorize(request)
+        raise APIError(404, f"no response {response_id.split('/')[0]!r}: this server stores no responses (they "
+                            f"are returned once, with store false)", code="response_not_found")
 
     def _token_count(self, text: str | None) -> int:
         """Tokens of a reply's reasoning text, as the tokenizer encodes it (usage's reasoning_tokens)."""
