@@ -384,6 +384,25 @@ def test_the_store_keeps_the_most_recent_within_its_budget():
     assert restored.k[:, 30:].isnan().all()  # the slots after it untouched
 
 
+def test_the_live_copy_counts_in_the_budget_and_goes_last():
+    """The engine's copy of the live sequence (PrefixStore.pinned) is held within the budget: entries
+    make room for it, least recent first, and it goes itself only when they cannot."""
+    cache = KVCache(2, 64, 1, 4, torch.float32, "cpu")
+    cache.k.normal_(), cache.v.normal_()
+    per_token = 2 * 2 * 1 * 4 * 4
+    store = prefix_store.PrefixStore(budget=60 * per_token)
+    for ids in (list(range(20)), [9] * 20):
+        store.park(prefix_store.Parked(ids, prefix_store.SlotCopy.of(cache, len(ids)), ("cache",)))
+    twin = prefix_store.SlotCopy.of(cache, 30)
+    store.pin(twin)                                       # 20 + 20 + 30 > 60: the older entry goes
+    assert [e.ids[0] for e in store.entries] == [9] and store.pinned is twin
+    assert store.nbytes() == (20 + 30) * per_token
+    store.park(prefix_store.Parked([4] * 25, prefix_store.SlotCopy.of(cache, 25), ("cache",)))
+    assert [e.ids[0] for e in store.entries] == [4] and store.pinned is twin   # 25 + 30 fit; 20 more do not
+    store.pin(prefix_store.SlotCopy.of(cache, 61))        # larger than the budget alone
+    assert store.entries == [] and store.pinned is None and store.nbytes() == 0
+
+
 def test_copies_share_the_slots_they_have_in_common():
     """A copy made with `share` copies only the slots after the shared copy's; the store counts
     shared host memory once, and every copy restores its own slots exactly."""

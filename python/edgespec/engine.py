@@ -111,9 +111,17 @@ class LLM:
         # Sequences a prompt overwrote, kept on the host for a later prompt that extends one of them
         # (another conversation's next turn): edgespec.prefix_store.
         self.prefix_store = PrefixStore()
-        # A host copy equal to the first slots of self.cache (the sequence parked or restored last,
-        # as far as later prompts kept it): parking the live sequence again copies only what follows.
-        self._live_twin: SlotCopy | None = None
+
+    @property
+    def _live_twin(self) -> SlotCopy | None:
+        """A host copy equal to the first slots of self.cache (the sequence parked or restored last,
+        as far as later prompts kept it): parking the live sequence again copies only what follows.
+        The prefix store holds it within its budget (and may drop it: then parking copies it all)."""
+        return self.prefix_store.pinned
+
+    @_live_twin.setter
+    def _live_twin(self, copy: SlotCopy | None) -> None:
+        self.prefix_store.pin(copy)
 
     @classmethod
     def load(cls, model: str, device: str | None = None, dtype: torch.dtype | None = None,

@@ -13,7 +13,9 @@ core; ad hoc).
 Entries live on the host, least recently used first out, within a byte budget
 (EDGESPEC_PREFIX_STORE_MB, default 1024; 0 parks nothing). Entries share the slots they have in
 common with the sequence parked or restored before them (SlotCopy): the choices of one prompt, or
-one conversation parked turn after turn, copy only their new slots.
+one conversation parked turn after turn, copy only their new slots. The engine keeps such a copy of
+the live sequence too (`pinned`, so that parking it again copies only what follows); it counts in
+the budget like an entry and goes last, when the entries alone no longer make room.
 """
 from __future__ import annotations
 
@@ -129,16 +131,30 @@ class PrefixStore:
     def __init__(self, budget: int | None = None) -> None:
         self.budget = budget_from_env() if budget is None else budget
         self.entries: list[Parked] = []
+        self.pinned: SlotCopy | None = None  # the engine's host copy of the live sequence
 
     def nbytes(self) -> int:
-        """Host bytes the entries hold (storages that entries share counted once)."""
-        target: dict[int, int] = {}
+        """Host bytes the entries and the pinned copy hold (storages they share counted once)."""
+        target: dict[int, int] = dict(self.pinned.storages()) if self.pinned is not None else {}
         for e in self.entries:
             target.update(e.target.storages())
         return sum(target.values()) + sum(e.drafter_bytes for e in self.entries)
 
+    def pin(self, copy: SlotCopy | None) -> None:
+        """Hold `copy` (None: nothing) as the live sequence's, within the budget."""
+        self.pinned = copy
+        self._evict()
+
+    def _evict(self) -> None:
+        """Least recently used entries out, then the pinned copy, until the bytes fit the budget."""
+        while self.nbytes() > self.budget and self.entries:
+            self.entries.pop(0)
+        if self.nbytes() > self.budget:
+            self.pinned = None
+
     def clear(self) -> None:
         self.entries.clear()
+        self.pinned = None
 
     def best(self, prompt: Sequence[int], under: tuple[Any, ...],
              worth: Callable[[Parked, int], int] | None = None) -> tuple[int, int, int]:
@@ -164,8 +180,7 @@ class PrefixStore:
         self.entries = [e for e in self.entries
                         if not (e.under == entry.under and common_prefix(e.ids, entry.ids) == len(e.ids))]
         self.entries.append(entry)
-        while self.nbytes() > self.budget:
-            self.entries.pop(0)
+        self._evict()
 
     def take(self, index: int) -> Parked:
         """Remove and return entry `index` (it goes back into the live cache)."""
