@@ -349,6 +349,29 @@ def test_speculative_steps_through_graph_buffers_give_the_eager_tokens(tiny_mode
     assert len({n for kind, n in calls if kind == "catch-up"}) > 1, "catch-ups of several lengths"
 
 
+def test_steps_with_a_lookup_chain_leave_the_graphs(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """A step whose prompt-lookup chain matched drafts and verifies eagerly (its tree is larger than
+    the captured one); the others go through the graphs, and the tokens are the eager strategy's."""
+    from edgespec.spec import decoding, enable_speculation
+
+    llm = _speculative_llm(tiny_model_dir, tmp_path)
+    enable_speculation(llm, draft=llm._strategy_factory.drafter, tree_size=12, depth=4, topk=3, lookup=6)
+    prompt = [5, 17, 23, 42, 8, 59, 3] * 3  # repeats: chains to graft
+    eager = llm.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    calls: list[tuple[str, int]] = []
+    _with_graphs(llm, record=False, calls=calls)
+    chains: list = []
+    lookup_chain = decoding.SpeculativeDecoding._lookup_chain
+    monkeypatch.setattr(decoding.SpeculativeDecoding, "_lookup_chain",
+                        lambda self, *a: chains.append(lookup_chain(self, *a)) or chains[-1])
+    got = llm.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    assert got.token_ids == eager.token_ids and got.stats.extra == eager.stats.extra
+    grafted = sum(c is not None for c in chains)
+    grows = sum(kind == "grow" for kind, _ in calls)
+    # Every step either grew its tree through the graphs, grafted a chain, or ran short at the end.
+    assert grafted > 0 and grows > 0 and grows + grafted <= len(chains), (calls, chains)
+
+
 def test_cli_option_turns_graphs_on_for_cuda_models_only(monkeypatch) -> None:
     from types import SimpleNamespace
 

@@ -1,7 +1,7 @@
 """The real demo model (SmolLM2-135M-Instruct) with its shipped, trained EAGLE head: greedy
 speculative output equals greedy plain output on 20 prompts, in bf16 (bit for bit, with the
-weights dequantised and with the Q4_1 weights on torch's CPU int4 kernel, the CPU default) and
-fp32, and the head earns its keep."""
+weights dequantised and with the Q4_1 weights on torch's CPU int4 kernel, the CPU default), and on
+10 of them in fp32, and the head earns its keep."""
 from __future__ import annotations
 
 import pytest
@@ -59,7 +59,9 @@ MIN_ACCEPTED = {"bf16": 2.0, "fp32": 2.0, "bf16_4bit": 1.7}
 @pytest.mark.parametrize("weights", ["bf16", "fp32", "bf16_4bit"])
 def test_demo_greedy_speculative_equals_plain(request, weights):
     llm = request.getfixturevalue({"bf16": "demo_bf16", "fp32": "demo_llm", "bf16_4bit": "demo_bf16_4bit"}[weights])
-    ids = [llm.encode(p, chat=kind == "chat") for kind, p in PROMPTS]
+    # fp32, the slowest here (a third of CI's time in this test) and not the CPU default: every other prompt.
+    prompts = PROMPTS[::2] if weights == "fp32" else PROMPTS
+    ids = [llm.encode(p, chat=kind == "chat") for kind, p in prompts]
     enable_speculation(llm, None)
     plain = [llm.generate(i, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids for i in ids]
     enable_speculation(llm, draft=str(DEMO_HEAD))
@@ -67,7 +69,7 @@ def test_demo_greedy_speculative_equals_plain(request, weights):
         results = [llm.generate(i, max_new_tokens=NEW_TOKENS, ignore_eos=True) for i in ids]
     finally:
         enable_speculation(llm, None)  # the fixture is shared: leave it as plain decoding
-    for (kind, p), want, got in zip(PROMPTS, plain, results):
+    for (kind, p), want, got in zip(prompts, plain, results):
         assert got.token_ids == want, f"speculative output differs from plain output for {p!r}"
     steps = sum(sum(r.stats.extra["acceptance_histogram"].values()) for r in results)
     tokens = sum(int(k) * v for r in results for k, v in r.stats.extra["acceptance_histogram"].items())
