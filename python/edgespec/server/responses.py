@@ -312,9 +312,7 @@ class ResponseEvents:
         events = self._close()
         self.open = item
         shown = {**item, "status": "in_progress"}
-        if item["type"] == "message":
-            shown["content"] = []
-        elif item["type"] == "reasoning":
+        if item["type"] in ("message", "reasoning"):  # their text arrives as deltas
             shown["content"] = []
         events.append(self._event("response.output_item.added", output_index=self._index(), item=shown))
         if item["type"] == "message":

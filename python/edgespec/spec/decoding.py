@@ -48,7 +48,7 @@ class SpeculativeDecoding:
     None: as EDGESPEC_CUDA_GRAPHS says, and only for a CUDA model). A step that grafts a lookup
     chain drafts and verifies eagerly.
     lookup: the prompt-lookup drafter of settings.lookup (kept by the factory across generations,
-    so a chat's next turn keeps its index; None: a new one).
+    so a chat's next turn extends its copy of the sequence; None: a new one).
     """
 
     def __init__(self, model: Decoder, cache: KVCache, drafter: Drafter, settings: TreeSettings,
@@ -184,7 +184,7 @@ class SpeculativeDecoding:
         lookup is off or the sequence's end occurred nowhere before."""
         if self.lookup is None or max_depth < 1:
             return None
-        self.lookup.sequence = self.drafter.sequence  # the same list: its index grows with it
+        self.lookup.sequence = self.drafter.sequence  # the same list: its copy grows with it
         n = self.settings.lookup
         chain = self.lookup.draft_tree(self._root, TreeSettings(tree_size=n, depth=n, topk=1), max_depth, pick)
         return chain if chain.size > 1 else None
@@ -259,7 +259,7 @@ def path_token_counts(tree: DeviceTree, vocab: int) -> torch.Tensor:
 def speculative_factory(drafter: Drafter, settings: TreeSettings):
     """A strategy factory for LLM.set_strategy: (model, cache) -> SpeculativeDecoding."""
     settings.validate()
-    # One index for every strategy it makes (a chat's next turn extends it).
+    # One for every strategy it makes (a chat's next turn extends its copy of the sequence).
     lookup = NgramDrafter(min_n=GRAFT_MIN_N) if settings.lookup else None
 
     def make(model: Decoder, cache: KVCache) -> SpeculativeDecoding:
